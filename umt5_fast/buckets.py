@@ -1,0 +1,48 @@
+"""T5 relative-position buckets: the single definition every backend mirrors.
+
+UMT5 gives each self-attention layer its own table ``relative_attention_bias`` of shape
+``[num_buckets, num_heads]``. The bias added to the score of (query i, key j) is
+``table[bucket(j - i), h]``. Half the buckets (all of them in causal mode) hold exact small
+distances; the rest cover distances up to ``max_distance`` on a log scale, and everything
+further away shares the last bucket.
+
+The Triton kernel (``umt5_fast.kernels.bucket``) and the C++ kernel (``csrc/bucket.h``) compute
+the same integer with the same float32 operations, so the float truncation of the log formula
+matches; ``tests/test_buckets.py`` and the kernel tests hold them equal over every position.
+"""
+import math
+
+import torch
+
+
+def relative_position_bucket(relative_position: torch.Tensor, bidirectional: bool,
+                             num_buckets: int, max_distance: int) -> torch.Tensor:
+    """Bucket of ``relative_position = key_pos - query_pos`` (an integer tensor), as in T5.
+
+    Same arithmetic as transformers' ``UMT5Attention._relative_position_bucket``: the log is taken
+    in float32 and truncated toward zero.
+    """
+    relative_buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        relative_buckets += (relative_position > 0).to(torch.long) * num_buckets
+        relative_position = torch.abs(relative_position)
+    else:
+        relative_position = -torch.min(relative_position, torch.zeros_like(relative_position))
+    max_exact = num_buckets // 2
+    is_small = relative_position < max_exact
+    log_ratio = torch.log(relative_position.float() / max_exact) / math.log(max_distance / max_exact)
+    relative_position_if_large = max_exact + (log_ratio * (num_buckets - max_exact)).to(torch.long)
+    relative_position_if_large = torch.min(
+        relative_position_if_large, torch.full_like(relative_position_if_large, num_buckets - 1))
+    relative_buckets += torch.where(is_small, relative_position, relative_position_if_large)
+    return relative_buckets
+
+
+def position_bias(bias_table: torch.Tensor, query_positions: torch.Tensor, key_length: int,
+                  bidirectional: bool, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """Bias ``[1, H, Lq, Lk]`` for queries at ``query_positions`` (``[Lq]``) and keys ``0..Lk-1``."""
+    key_positions = torch.arange(key_length, dtype=torch.long, device=bias_table.device)
+    relative = key_positions[None, :] - query_positions.to(torch.long)[:, None]
+    buckets = relative_position_bucket(relative, bidirectional, num_buckets, max_distance)
+    return bias_table[buckets].permute(2, 0, 1).unsqueeze(0)

@@ -1,0 +1,100 @@
+"""Decoder KV caches.
+
+Both caches keep, per decoder layer, the self-attention K/V written so far and the
+cross-attention K/V projected once from the encoder output. ``StaticCache`` preallocates
+``[B, H, S_max, D]`` buffers for the longest possible output (generation: no per-step allocation,
+beams reordered by index into a spare buffer); ``DynamicCache`` grows by concatenation (the
+``forward(use_cache=True)`` API, where the final length is unknown).
+"""
+from typing import List, Optional, Tuple
+
+import torch
+
+KV = Tuple[torch.Tensor, torch.Tensor]
+
+
+class DynamicCache:
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.self_kv: List[Optional[KV]] = [None] * num_layers
+        self.cross_kv: List[Optional[KV]] = [None] * num_layers
+        self.length = 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor, start: int) -> KV:
+        """Store K/V ``[B, H, L, D]`` of positions ``start..start+L-1``; return all cached so far."""
+        old = self.self_kv[layer]
+        if old is not None:
+            keys = torch.cat([old[0][:, :, :start], keys], dim=2)
+            values = torch.cat([old[1][:, :, :start], values], dim=2)
+        self.self_kv[layer] = (keys, values)
+        return keys, values
+
+    def reorder(self, index: torch.Tensor):
+        self.self_kv = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.self_kv]
+        self.cross_kv = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.cross_kv]
+
+    def to_legacy_cache(self):
+        """transformers' tuple format: per layer (self_k, self_v, cross_k, cross_v)."""
+        return tuple(tuple(self.self_kv[i]) + (tuple(self.cross_kv[i]) if self.cross_kv[i] else ())
+                     for i in range(self.num_layers))
+
+    @classmethod
+    def from_legacy_cache(cls, legacy) -> "DynamicCache":
+        cache = cls(len(legacy))
+        for i, layer in enumerate(legacy):
+            if len(layer) not in (2, 4):
+                raise ValueError(f"past_key_values[{i}] must hold 2 or 4 tensors (self K/V, cross K/V), "
+                                 f"got {len(layer)}")
+            cache.self_kv[i] = (layer[0], layer[1])
+            if len(layer) == 4:
+                cache.cross_kv[i] = (layer[2], layer[3])
+        cache.length = legacy[0][0].shape[2] if legacy else 0
+        return cache
+
+
+class StaticCache:
+    """Preallocated decoder cache for ``max_length`` positions of ``batch_size`` rows."""
+
+    def __init__(self, num_layers: int, batch_size: int, num_heads: int, max_length: int, d_kv: int,
+                 dtype: torch.dtype, device):
+        shape = (num_layers, batch_size, num_heads, max_length, d_kv)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self._spare: Optional[KV] = None  # reorder target, allocated on the first beam reorder
+        self.cross_kv: List[Optional[KV]] = [None] * num_layers
+        self.num_layers = num_layers
+        self.max_length = max_length
+        self.length = 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor, start: int) -> KV:
+        end = start + keys.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"the decoder sequence ({end} positions) is longer than the cache allows "
+                             f"({self.max_length}); allocate a larger StaticCache")
+        self.keys[layer, :, :, start:end] = keys
+        self.values[layer, :, :, start:end] = values
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def layer_buffers(self, layer: int) -> KV:
+        """The full ``[B, H, S_max, D]`` buffers of a layer (for the decode-attention kernels)."""
+        return self.keys[layer], self.values[layer]
+
+    def reorder(self, index: torch.Tensor):
+        """Rows ``index`` become the new rows (beam search), copied into a spare buffer: no growth.
+
+        ``index`` must keep every row within its source's group of beams."""
+        if self._spare is None:
+            self._spare = (torch.empty_like(self.keys), torch.empty_like(self.values))
+        spare_k, spare_v = self._spare
+        torch.index_select(self.keys, 1, index, out=spare_k)
+        torch.index_select(self.values, 1, index, out=spare_v)
+        self._spare = (self.keys, self.values)
+        self.keys, self.values = spare_k, spare_v
+        # Cross-attention K/V are not reordered: beams only ever move within one source row, whose
+        # beams all hold the same encoder output.

@@ -1,0 +1,217 @@
+"""UMT5Config: reads, validates and writes transformers' ``config.json`` for UMT5 checkpoints."""
+import copy
+import json
+import os
+from pathlib import Path
+
+from umt5_fast.ops.eager import ACTIVATIONS
+
+CONFIG_NAME = "config.json"
+
+# Field -> default, as transformers' UMT5Config (4.x) and PretrainedConfig define them.
+_DEFAULTS = {
+    "vocab_size": 250112,
+    "d_model": 512,
+    "d_kv": 64,
+    "d_ff": 1024,
+    "num_layers": 8,
+    "num_decoder_layers": None,
+    "num_heads": 6,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "dropout_rate": 0.1,
+    "layer_norm_epsilon": 1e-6,
+    "initializer_factor": 1.0,
+    "feed_forward_proj": "gated-gelu",
+    "is_encoder_decoder": True,
+    "use_cache": True,
+    "tie_word_embeddings": True,
+    "scale_decoder_outputs": None,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "decoder_start_token_id": 0,
+    "bos_token_id": None,
+    "classifier_dropout": 0.0,
+    "num_labels": None,
+    "id2label": None,
+    "label2id": None,
+    "problem_type": None,
+    "output_hidden_states": False,
+    "output_attentions": False,
+    "use_return_dict": True,
+    "architectures": None,
+    "torch_dtype": None,
+}
+
+_POSITIVE_INTS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers",
+                  "num_decoder_layers", "relative_attention_num_buckets",
+                  "relative_attention_max_distance")
+# Keys transformers writes that are derived here (and so not kept as separate facts).
+_DERIVED = ("dense_act_fn", "is_gated_act", "model_type", "transformers_version", "return_dict",
+            "dtype")
+
+
+class UMT5Config:
+    """Hyper-parameters of a UMT5 model, with transformers' field names and defaults.
+
+    Unknown keys of a ``config.json`` are kept and written back, so a round trip loses nothing.
+    ``hidden_size``, ``num_attention_heads``, ``num_hidden_layers`` and ``head_dim`` are aliases.
+    """
+    model_type = "umt5"
+    attribute_map = {"hidden_size": "d_model", "num_attention_heads": "num_heads",
+                     "num_hidden_layers": "num_layers", "head_dim": "d_kv"}
+
+    def __init__(self, **kwargs):
+        for alias, field in self.attribute_map.items():
+            if alias in kwargs:
+                kwargs.setdefault(field, kwargs.pop(alias))
+        if "return_dict" in kwargs:
+            kwargs["use_return_dict"] = kwargs["return_dict"]
+        if "dtype" in kwargs and "torch_dtype" not in kwargs:
+            kwargs["torch_dtype"] = kwargs["dtype"]
+        for key, default in _DEFAULTS.items():
+            setattr(self, key, copy.deepcopy(kwargs.pop(key, default)))
+        for key in _DERIVED:
+            kwargs.pop(key, None)
+        self.extra = kwargs  # everything else, preserved for save_pretrained
+        if self.num_decoder_layers is None:
+            self.num_decoder_layers = self.num_layers
+        if self.scale_decoder_outputs is None:
+            # transformers 4.x rescales the decoder output by d_model**-0.5 exactly when the LM head
+            # is tied; transformers 5 writes the flag explicitly.
+            self.scale_decoder_outputs = bool(self.tie_word_embeddings)
+        self._set_labels()
+        self.validate()
+
+    def _set_labels(self):
+        if self.id2label is not None:
+            self.id2label = {int(k): v for k, v in self.id2label.items()}
+            if self.num_labels is None:
+                self.num_labels = len(self.id2label)
+        if self.num_labels is None:
+            self.num_labels = 2
+        if self.id2label is None or len(self.id2label) != self.num_labels:
+            self.id2label = {i: f"LABEL_{i}" for i in range(self.num_labels)}
+        if self.label2id is None or len(self.label2id) != self.num_labels:
+            self.label2id = {v: k for k, v in self.id2label.items()}
+
+    @property
+    def dense_act_fn(self) -> str:
+        if self.feed_forward_proj == "gated-gelu":
+            return "gelu_new"  # T5 v1.1 checkpoints mean the tanh approximation
+        return self.feed_forward_proj.split("-")[-1]
+
+    @property
+    def is_gated_act(self) -> bool:
+        return self.feed_forward_proj.split("-")[0] == "gated"
+
+    def __getattr__(self, name):
+        alias = type(self).attribute_map.get(name)
+        if alias is not None:
+            return getattr(self, alias)
+        raise AttributeError(f"UMT5Config has no attribute {name!r}")
+
+    def __setattr__(self, name, value):
+        super().__setattr__(type(self).attribute_map.get(name, name), value)
+
+    def validate(self):
+        """Raise ValueError naming the first bad field."""
+        for field in _POSITIVE_INTS:
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"UMT5Config.{field} must be a positive integer, got {value!r}")
+        if self.relative_attention_num_buckets < 2:
+            raise ValueError("UMT5Config.relative_attention_num_buckets must be >= 2 (half of them are "
+                             f"per direction in the encoder), got {self.relative_attention_num_buckets}")
+        if self.relative_attention_max_distance < self.relative_attention_num_buckets // 2:
+            raise ValueError(
+                "UMT5Config.relative_attention_max_distance must be >= relative_attention_num_buckets // 2 "
+                f"(the log buckets start there), got {self.relative_attention_max_distance} with "
+                f"{self.relative_attention_num_buckets} buckets")
+        if not isinstance(self.layer_norm_epsilon, (int, float)) or not self.layer_norm_epsilon > 0:
+            raise ValueError(f"UMT5Config.layer_norm_epsilon must be a positive number, got "
+                             f"{self.layer_norm_epsilon!r}")
+        if not isinstance(self.feed_forward_proj, str):
+            raise ValueError(f"UMT5Config.feed_forward_proj must be a string, got {self.feed_forward_proj!r}")
+        parts = self.feed_forward_proj.split("-")
+        if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
+            raise ValueError(f"UMT5Config.feed_forward_proj={self.feed_forward_proj!r} is not valid: use "
+                             "'gated-{ACT}' or '{ACT}', e.g. 'gated-gelu' or 'relu'")
+        if self.dense_act_fn not in ACTIVATIONS:
+            raise ValueError(f"UMT5Config.feed_forward_proj={self.feed_forward_proj!r}: activation "
+                             f"{self.dense_act_fn!r} is not supported (supported: {sorted(ACTIVATIONS)})")
+        for field in ("pad_token_id", "decoder_start_token_id", "bos_token_id"):
+            value = getattr(self, field)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value < self.vocab_size):
+                raise ValueError(f"UMT5Config.{field} must be an id in [0, vocab_size={self.vocab_size}), "
+                                 f"got {value!r}")
+        for eos in self.eos_token_ids:
+            if isinstance(eos, bool) or not isinstance(eos, int) or not 0 <= eos < self.vocab_size:
+                raise ValueError(f"UMT5Config.eos_token_id must be ids in [0, vocab_size={self.vocab_size}), "
+                                 f"got {self.eos_token_id!r}")
+        if not isinstance(self.num_labels, int) or self.num_labels < 1:
+            raise ValueError(f"UMT5Config.num_labels must be a positive integer, got {self.num_labels!r}")
+        if self.classifier_dropout is not None and not 0 <= float(self.classifier_dropout) <= 1:
+            raise ValueError(f"UMT5Config.classifier_dropout must be in [0, 1], got {self.classifier_dropout!r}")
+        if self.problem_type not in (None, "regression", "single_label_classification",
+                                     "multi_label_classification"):
+            raise ValueError(f"UMT5Config.problem_type={self.problem_type!r} is not one of 'regression', "
+                             "'single_label_classification', 'multi_label_classification'")
+
+    @property
+    def eos_token_ids(self) -> list:
+        if self.eos_token_id is None:
+            return []
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        out = {key: copy.deepcopy(getattr(self, key)) for key in _DEFAULTS}
+        out["return_dict"] = out.pop("use_return_dict")
+        out["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        out.update(copy.deepcopy(self.extra))
+        out.update(model_type=self.model_type, dense_act_fn=self.dense_act_fn,
+                   is_gated_act=self.is_gated_act)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict, **overrides) -> "UMT5Config":
+        data = dict(data, **overrides)
+        model_type = data.get("model_type", "umt5")
+        if model_type not in ("umt5", "t5", "mt5"):
+            raise ValueError(f"config model_type={model_type!r} is not a UMT5 (or T5/mT5-shaped) model")
+        return cls(**data)
+
+    @classmethod
+    def from_json_file(cls, path) -> "UMT5Config":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"config file {path} is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides) -> "UMT5Config":
+        path = Path(path)
+        file = path / CONFIG_NAME if path.is_dir() else path
+        config = cls.from_json_file(file)
+        if overrides:
+            config = cls.from_dict(dict(config.to_dict(), **overrides))
+        return config
+
+    def save_pretrained(self, directory):
+        os.makedirs(directory, exist_ok=True)
+        with open(Path(directory) / CONFIG_NAME, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    def __repr__(self):
+        return f"UMT5Config {json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)}"
+
+    def __eq__(self, other):
+        return isinstance(other, UMT5Config) and self.to_dict() == other.to_dict()

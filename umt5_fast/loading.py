@@ -1,0 +1,394 @@
+"""Checkpoints in and out: transformers directories (safetensors single or sharded, safe .bin).
+
+Load path: config.json -> model skeleton on the meta device -> each checkpoint tensor is either
+used in place (a memory-mapped view, when dtype and device already match) or converted once into
+its parameter -> checks (missing / unexpected / mis-shaped keys, all listed in one error).
+"""
+import json
+import mmap
+import os
+import struct
+import sys
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+from umt5_fast.config import CONFIG_NAME, UMT5Config
+
+SAFETENSORS_NAME = "model.safetensors"
+SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
+BIN_NAME = "pytorch_model.bin"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+                "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+# Heads and stacks of other UMT5 task classes: present in a checkpoint of another class, unused here.
+_TASK_PREFIXES = ("encoder.", "decoder.", "lm_head.", "classification_head.", "qa_outputs.", "classifier.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: names every offending tensor."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+class SafetensorsFile:
+    """A memory-mapped .safetensors file; ``tensor(name)`` is a zero-copy view of its bytes."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"checkpoint file not found: {self.path}")
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{self.path} is not a safetensors file (only {size} bytes)")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > size - 8 or header_len > 100_000_000:
+                raise CheckpointError(f"{self.path} is corrupt or truncated: header of {header_len} bytes in a "
+                                      f"{size}-byte file")
+            try:
+                header = json.loads(f.read(header_len))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise CheckpointError(f"{self.path} is corrupt: its header is not valid JSON ({exc})") from exc
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path} is corrupt: header is not a JSON object")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + header_len
+        self.entries = {}
+        for name, info in header.items():
+            try:
+                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+                shape = tuple(int(s) for s in info["shape"])
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"{self.path} is corrupt: bad header entry for tensor {name!r}") from exc
+            nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+            if end - begin != nbytes or begin < 0 or self.data_start + end > size:
+                raise CheckpointError(
+                    f"{self.path} is corrupt or truncated: tensor {name!r} needs bytes [{begin}, {end}) of "
+                    f"the data section ({nbytes} expected) but the file has {size - self.data_start}")
+            self.entries[name] = (dtype, shape, begin)
+        self._map = None
+
+    def keys(self):
+        return self.entries.keys()
+
+    def shape(self, name):
+        return self.entries[name][1]
+
+    def tensor(self, name) -> torch.Tensor:
+        dtype, shape, begin = self.entries[name]
+        count = _numel(shape)
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        if self._map is None:
+            with open(self.path, "rb") as f:  # private copy-on-write map: writable views, file untouched
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return torch.frombuffer(self._map, dtype=dtype, count=count, offset=self.data_start + begin).view(shape)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+class CheckpointReader:
+    """Name -> tensor over every file of a checkpoint directory (or one file)."""
+
+    def __init__(self, path):
+        path = Path(path)
+        self.sources: Dict[str, Callable[[], torch.Tensor]] = {}
+        self.shapes: Dict[str, tuple] = {}
+        if path.is_file():
+            files = [path]
+        elif (path / SAFETENSORS_NAME).is_file():
+            files = [path / SAFETENSORS_NAME]
+        elif (path / SAFETENSORS_INDEX_NAME).is_file():
+            files = self._sharded(path, SAFETENSORS_INDEX_NAME)
+        elif (path / BIN_NAME).is_file():
+            files = [path / BIN_NAME]
+        elif (path / BIN_INDEX_NAME).is_file():
+            files = self._sharded(path, BIN_INDEX_NAME)
+        else:
+            raise FileNotFoundError(f"no weights in {path}: expected {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME}, "
+                                    f"{BIN_NAME} or {BIN_INDEX_NAME}")
+        for file in files:
+            if file.suffix == ".safetensors":
+                st = SafetensorsFile(file)
+                for name in st.keys():
+                    self.sources[name] = (lambda st=st, name=name: st.tensor(name))
+                    self.shapes[name] = st.shape(name)
+            else:
+                state = _load_bin(file)
+                for name, tensor in state.items():
+                    self.sources[name] = (lambda t=tensor: t)
+                    self.shapes[name] = tuple(tensor.shape)
+
+    @staticmethod
+    def _sharded(directory: Path, index_name: str):
+        index_path = directory / index_name
+        try:
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index_path} is corrupt: expected a JSON object with a 'weight_map'") from exc
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (directory / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index_path} lists shard files that are missing: {missing}")
+        return [directory / f for f in files]
+
+
+def _load_bin(file: Path) -> Dict[str, torch.Tensor]:
+    try:  # weights_only: a pickle cannot run code; mmap: no second copy in RAM
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{file} could not be loaded safely ({exc})") from exc
+    except Exception as exc:
+        raise CheckpointError(f"{file} could not be loaded safely ({exc})") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{file} does not hold a state dict of tensors")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a model from tensors
+# ---------------------------------------------------------------------------------------------
+def resolve_dtype(dtype, config: UMT5Config, reader: Optional[CheckpointReader] = None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32  # transformers' default too
+    if dtype == "auto":
+        named = config.torch_dtype
+        if named is None and reader is not None:
+            floats = [reader.sources[k]().dtype for k in list(reader.sources)[:1]]
+            return floats[0] if floats and floats[0].is_floating_point else torch.float32
+        dtype = named or "float32"
+    if isinstance(dtype, str):
+        name = dtype.replace("torch.", "")
+        if name not in _DTYPE_NAMES:
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+        return _DTYPE_NAMES[name]
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
+    return dtype
+
+
+def param_dtype(name: str, dtype: torch.dtype, keep_in_fp32: Iterable[str]) -> torch.dtype:
+    """transformers keeps the FFN output projections ``wo`` in fp32 for fp16 models (T5 overflow)."""
+    if dtype == torch.float16 and any(f".{module}." in f".{name}" for module in keep_in_fp32):
+        return torch.float32
+    return dtype
+
+
+def build_model(cls, config: UMT5Config, sources: Dict[str, Callable[[], torch.Tensor]], shapes: Dict[str, tuple],
+                *, dtype: Optional[torch.dtype] = torch.float32, device="cpu", backend="auto", quantize=None, keep_in_fp32=("wo",),
+                progress: bool = False):
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = cls(config, backend="eager")
+    params = dict(model.named_parameters())  # first name of each tied parameter
+    renamed = _match_names(params, sources, cls)
+    problems = _check(model, params, renamed, shapes, config)
+    if problems:
+        raise CheckpointError(f"checkpoint does not fit {cls.__name__}:\n  " + "\n  ".join(problems))
+    names = list(params)
+    for i, name in enumerate(names):
+        tensor = sources[renamed[name]]()
+        target = tensor.dtype
+        if dtype is not None and tensor.is_floating_point():
+            target = param_dtype(name, dtype, keep_in_fp32)
+        tensor = tensor.to(device=device, dtype=target)  # no copy when both already match
+        _set_param(model, name, nn.Parameter(tensor, requires_grad=False))
+        if progress:
+            print(f"\rloading {i + 1}/{len(names)} tensors", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    if getattr(model, "lm_head", None) is not None and config.tie_word_embeddings:
+        model.lm_head.weight = model.shared.weight
+    if quantize is not None:
+        quantize_model(model, quantize)
+    model.set_backend(backend)
+    return model
+
+
+def _match_names(params, sources, cls) -> Dict[str, str]:
+    """Our parameter name -> checkpoint key, across the ``transformer.`` prefix of wrapped models."""
+    renamed = {}
+    for name in params:
+        candidates = [name]
+        if name.startswith("transformer."):
+            candidates.append(name[len("transformer."):])
+        else:
+            candidates.append("transformer." + name)
+        if name == "shared.weight" or name.endswith(".shared.weight"):  # tied copies may be all that is saved
+            prefix = name[: -len("shared.weight")]
+            candidates += [prefix + "encoder.embed_tokens.weight", prefix + "decoder.embed_tokens.weight"]
+            bare = prefix[len("transformer."):] if prefix.startswith("transformer.") else "transformer." + prefix
+            candidates += [bare + "shared.weight", bare + "encoder.embed_tokens.weight"]
+        for candidate in candidates:
+            if candidate in sources:
+                renamed[name] = candidate
+                break
+    return renamed
+
+
+def _check(model, params, renamed, shapes, config) -> list:
+    problems = []
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    missing = [n for n in params if n not in renamed and n not in tied]
+    if missing:
+        problems.append(f"missing tensors: {missing}")
+    for name, key in renamed.items():
+        expected = tuple(params[name].shape)
+        if tuple(shapes[key]) != expected:
+            problems.append(f"tensor {key!r} has shape {tuple(shapes[key])}, expected {expected}")
+    used = set(renamed.values())
+    aliases = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"}
+    own_prefixes = {name.split(".")[0] + "." for name in params}
+    if "transformer." in own_prefixes:
+        own_prefixes |= {name.split(".")[1] + "." for name in params if name.startswith("transformer.")}
+    unexpected = []
+    for key in shapes:
+        if key in used:
+            continue
+        bare = key[len("transformer."):] if key.startswith("transformer.") else key
+        if bare in aliases or bare.endswith("EncDecAttention.relative_attention_bias.weight"):
+            continue  # tied copies; old T5 exports carry an unused cross-attention bias table
+        if bare.startswith(_TASK_PREFIXES) and not any(bare.startswith(p) for p in own_prefixes):
+            continue  # a stack or head of another task class (e.g. the decoder, for the encoder model)
+        unexpected.append(key)
+    if unexpected:
+        problems.append(f"unexpected tensors (not part of {type(model).__name__} with this config): {unexpected}")
+    return problems
+
+
+def _set_param(model: nn.Module, name: str, param: nn.Parameter):
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    setattr(module, attr, param)
+
+
+def quantize_model(model, mode: str):
+    """Weight-only int8 for every linear layer of the stacks and the LM head."""
+    from umt5_fast.model import Linear
+    if mode != "int8":
+        raise ValueError(f"quantize must be None or 'int8', got {mode!r}")
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and (".block." in name or name.endswith("lm_head")):
+            if module.qweight is None:
+                module.quantize_int8()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+# ---------------------------------------------------------------------------------------------
+def from_pretrained(cls, path, *, dtype=None, torch_dtype=None, device="cpu", backend="auto", quantize=None,
+                    config: Optional[UMT5Config] = None, keep_in_fp32=("wo",), progress=None, **config_overrides):
+    """Load a transformers UMT5 checkpoint directory into ``cls``.
+
+    ``dtype`` (or transformers' ``torch_dtype``): float32 (default), float16, bfloat16 or "auto";
+    ``device``: where the weights live; ``backend``: "auto" | "triton" | "cpu" | "eager";
+    ``quantize="int8"``: weight-only int8 linear layers and LM head.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path does not exist: {path}")
+    if config is None:
+        config_file = path / CONFIG_NAME if path.is_dir() else path.parent / CONFIG_NAME
+        if not config_file.is_file():
+            raise FileNotFoundError(f"config.json not found in {config_file.parent}")
+        config = UMT5Config.from_json_file(config_file)
+    if config_overrides:
+        config = UMT5Config.from_dict(dict(config.to_dict(), **config_overrides))
+    reader = CheckpointReader(path)
+    dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config, reader)
+    total = sum(_numel(s) for s in reader.shapes.values())
+    show = progress if progress is not None else total > 200_000_000
+    model = build_model(cls, config, reader.sources, reader.shapes, dtype=dtype, device=device, backend=backend,
+                        quantize=quantize, keep_in_fp32=keep_in_fp32, progress=show)
+    generation_config = path / "generation_config.json" if path.is_dir() else None
+    if generation_config is not None and generation_config.is_file():
+        model.generation_config = json.loads(generation_config.read_text(encoding="utf-8"))
+    return model
+
+
+def from_hf(cls, hf_model, backend="auto"):
+    """Convert a live transformers UMT5 model: same weights (shared, not copied), our kernels."""
+    config = UMT5Config.from_dict(hf_model.config.to_dict())
+    state = hf_model.state_dict()
+    sources = {k: (lambda t=t: t.detach()) for k, t in state.items()}
+    shapes = {k: tuple(t.shape) for k, t in state.items()}
+    device = next(iter(state.values())).device
+    # dtype=None keeps each weight's own dtype (e.g. wo in fp32 inside an fp16 model)
+    return build_model(cls, config, sources, shapes, dtype=None, device=device, backend=backend)
+
+
+def save_pretrained(model, directory, max_shard_size=None):
+    """Write config.json + safetensors weights that transformers' from_pretrained loads.
+
+    Tied weights are written once (transformers re-ties them); int8 layers are written dequantised.
+    ``max_shard_size`` (bytes, or a string like "200MB") splits the weights into shards plus
+    ``model.safetensors.index.json``.
+    """
+    from safetensors.torch import save_file
+    from umt5_fast.model import Linear
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(directory)
+    state = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()}
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and module.qweight is not None:
+            state[f"{name}.weight"] = module.packed_weight().dequantize().contiguous()
+    shards = _split(state, _parse_size(max_shard_size))
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / SAFETENSORS_NAME), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(directory / file), metadata={"format": "pt"})
+            weight_map.update({k: file for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / SAFETENSORS_INDEX_NAME).write_text(json.dumps(index, indent=2))
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config:
+        (directory / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
+
+
+def _parse_size(size) -> Optional[int]:
+    if size is None or isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    text = str(size).strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda u: -len(u[0])):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    raise ValueError(f"max_shard_size must be bytes or a string like '200MB', got {size!r}")
+
+
+def _split(state: Dict[str, torch.Tensor], limit: Optional[int]):
+    shards, current, current_size = [], {}, 0
+    for name, tensor in state.items():
+        size = tensor.numel() * tensor.element_size()
+        if limit is not None and current and current_size + size > limit:
+            shards.append(current)
+            current, current_size = {}, 0
+        current[name] = tensor
+        current_size += size
+    return shards + [current] if current or not shards else shards

@@ -1,0 +1,775 @@
+"""The UMT5 model, top to bottom: norm, attention, feed-forward, blocks, stacks, task heads.
+
+Module names follow transformers' checkpoint keys (``encoder.block.0.layer.0.SelfAttention.q``),
+so a checkpoint loads by name. Every hot operation goes through ``self.runtime.ops`` (eager, cpu or
+triton, see ``umt5_fast.ops``); the math is the same whichever backend runs it. Inference only:
+there is no dropout and no training path.
+"""
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from umt5_fast import validation
+from umt5_fast.cache import DynamicCache, StaticCache
+from umt5_fast.config import UMT5Config
+from umt5_fast.ops import eager, get_ops
+from umt5_fast.outputs import (BaseModelOutput, BaseModelOutputWithPastAndCrossAttentions,
+                               Seq2SeqLMOutput, Seq2SeqModelOutput,
+                               Seq2SeqQuestionAnsweringModelOutput,
+                               Seq2SeqSequenceClassifierOutput, TokenClassifierOutput)
+from umt5_fast.quant import QuantizedWeight
+
+
+class Runtime:
+    """The ops object shared by every module of one model; ``set_backend`` swaps it in place."""
+
+    def __init__(self, backend: str = "auto", device="cpu"):
+        self.backend = backend
+        self.ops = get_ops(backend, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+class Linear(nn.Module):
+    """``y = x @ W.T (+ b)``; W is a float parameter or, after ``quantize_int8``, int8 + scales."""
+
+    def __init__(self, in_features: int, out_features: int, runtime: Runtime, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.runtime = runtime
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.register_buffer("qweight", None)
+        self.register_buffer("qscale", None)
+
+    def packed_weight(self):
+        if self.qweight is not None:
+            return QuantizedWeight(self.qweight, self.qscale)
+        return self.weight
+
+    def quantize_int8(self):
+        packed = QuantizedWeight.quantize(self.weight)
+        self.weight = None
+        self.qweight, self.qscale = packed.qweight, packed.scale
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return torch.int8 if self.qweight is not None else self.weight.dtype
+
+    def forward(self, x, residual=None):
+        y = self.runtime.ops.linear(x, self.packed_weight(), None if self.bias is not None else residual)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+            if residual is not None:
+                y = residual + y
+        return y
+
+
+class RMSNorm(nn.Module):
+    """T5LayerNorm: scale by the root mean square (fp32 variance); no mean, no bias."""
+
+    def __init__(self, d_model: int, eps: float, runtime: Runtime):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d_model), requires_grad=False)
+        self.eps = eps
+        self.runtime = runtime
+
+    def forward(self, x):
+        return self.runtime.ops.rms_norm(x, self.weight, self.eps)
+
+
+def clamp_fp16(h: torch.Tensor) -> torch.Tensor:
+    """transformers' guard against fp16 overflow in T5 (inf becomes a large finite value)."""
+    if h.dtype != torch.float16:
+        return h
+    max_value = torch.finfo(torch.float16).max
+    clamp_value = torch.where(torch.isinf(h).any(), max_value - 1000, max_value)
+    return torch.clamp(h, min=-clamp_value, max=clamp_value)
+
+
+class Attention(nn.Module):
+    """Multi-head attention without 1/sqrt(d) scaling; self-attention owns a bias table."""
+
+    def __init__(self, config: UMT5Config, runtime: Runtime, has_relative_bias: bool,
+                 bidirectional: bool):
+        super().__init__()
+        self.num_heads, self.d_kv = config.num_heads, config.d_kv
+        inner = config.num_heads * config.d_kv
+        self.q = Linear(config.d_model, inner, runtime)
+        self.k = Linear(config.d_model, inner, runtime)
+        self.v = Linear(config.d_model, inner, runtime)
+        self.o = Linear(inner, config.d_model, runtime)
+        self.relative_attention_bias = (nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
+                                        if has_relative_bias else None)
+        if self.relative_attention_bias is not None:
+            self.relative_attention_bias.weight.requires_grad_(False)
+        self.bidirectional = bidirectional
+        self.num_buckets = config.relative_attention_num_buckets
+        self.max_distance = config.relative_attention_max_distance
+        self.runtime = runtime
+
+    def heads(self, x):
+        """``[B, L, H*D]`` -> ``[B, H, L, D]`` view."""
+        return x.view(x.shape[0], x.shape[1], self.num_heads, self.d_kv).transpose(1, 2)
+
+    def bias_table(self):
+        return None if self.relative_attention_bias is None else self.relative_attention_bias.weight
+
+    def forward(self, x, residual, *, kv_source=None, key_padding_mask=None, causal=False, cache=None,
+                layer_idx=0, past_length=0, want_weights=False, head_mask=None):
+        """Return ``(residual + attention(x), attention probabilities or None)``.
+
+        ``kv_source``: encoder states for cross-attention (K/V cached once per layer in ``cache``).
+        """
+        batch, length = x.shape[:2]
+        q = self.heads(self.q(x))
+        if kv_source is None:
+            k, v = self.heads(self.k(x)), self.heads(self.v(x))
+            if cache is not None:
+                k, v = cache.update(layer_idx, k, v, past_length)
+        elif cache is not None and cache.cross_kv[layer_idx] is not None:
+            k, v = cache.cross_kv[layer_idx]
+        else:
+            k, v = self.heads(self.k(kv_source)), self.heads(self.v(kv_source))
+            if cache is not None:
+                cache.cross_kv[layer_idx] = (k, v)
+        options = dict(bidirectional=self.bidirectional, num_buckets=self.num_buckets,
+                       max_distance=self.max_distance, key_padding_mask=key_padding_mask,
+                       causal=causal, query_offset=past_length)
+        probs = None
+        ops = self.runtime.ops
+        if want_weights or head_mask is not None:
+            # The fused kernels never form the probabilities: this call takes the eager path.
+            probs = eager.attention_probs(q, k, self.bias_table(), **options)
+            if head_mask is not None:
+                probs = probs * head_mask
+            out = torch.matmul(probs, v).transpose(1, 2)
+        elif isinstance(cache, StaticCache) and kv_source is None and length == 1:
+            k_buffer, v_buffer = cache.layer_buffers(layer_idx)
+            out = ops.decode_attention(q, k_buffer, v_buffer, past_length + 1, self.bias_table(),
+                                       num_buckets=self.num_buckets, max_distance=self.max_distance,
+                                       key_padding_mask=key_padding_mask)
+        else:
+            out = ops.attention(q, k, v, self.bias_table(), **options)
+        out = out.reshape(batch, length, self.num_heads * self.d_kv)
+        return self.o(out, residual=residual), (probs if want_weights else None)
+
+
+class SelfAttentionLayer(nn.Module):
+    def __init__(self, config, runtime, bidirectional: bool):
+        super().__init__()
+        self.SelfAttention = Attention(config, runtime, has_relative_bias=True, bidirectional=bidirectional)
+        self.layer_norm = RMSNorm(config.d_model, config.layer_norm_epsilon, runtime)
+
+    def forward(self, h, **kwargs):
+        return self.SelfAttention(self.layer_norm(h), h, **kwargs)
+
+
+class CrossAttentionLayer(nn.Module):
+    def __init__(self, config, runtime):
+        super().__init__()
+        self.EncDecAttention = Attention(config, runtime, has_relative_bias=False, bidirectional=True)
+        self.layer_norm = RMSNorm(config.d_model, config.layer_norm_epsilon, runtime)
+
+    def forward(self, h, **kwargs):
+        return self.EncDecAttention(self.layer_norm(h), h, **kwargs)
+
+
+class FeedForward(nn.Module):
+    """``wo(act(wi_0 x) * wi_1 x)`` (gated) or ``wo(act(wi x))``; ``wo`` may stay fp32 in fp16 models."""
+
+    def __init__(self, config: UMT5Config, runtime: Runtime):
+        super().__init__()
+        self.gated = config.is_gated_act
+        if self.gated:
+            self.wi_0 = Linear(config.d_model, config.d_ff, runtime)
+            self.wi_1 = Linear(config.d_model, config.d_ff, runtime)
+        else:
+            self.wi = Linear(config.d_model, config.d_ff, runtime)
+        self.wo = Linear(config.d_ff, config.d_model, runtime)
+        self.activation = config.dense_act_fn
+        self.runtime = runtime
+
+    def forward(self, x, residual):
+        gate, up = (self.wi_0, self.wi_1) if self.gated else (self.wi, None)
+        h = self.runtime.ops.gated_ffn_in(x, gate.packed_weight(),
+                                          None if up is None else up.packed_weight(), self.activation)
+        wo_dtype = self.wo.weight_dtype
+        if wo_dtype != torch.int8 and h.dtype != wo_dtype:
+            h = h.to(wo_dtype)
+        return self.wo(h, residual=residual)
+
+
+class FeedForwardLayer(nn.Module):
+    def __init__(self, config, runtime):
+        super().__init__()
+        self.DenseReluDense = FeedForward(config, runtime)
+        self.layer_norm = RMSNorm(config.d_model, config.layer_norm_epsilon, runtime)
+
+    def forward(self, h):
+        return self.DenseReluDense(self.layer_norm(h), h)
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, config, runtime):
+        super().__init__()
+        self.layer = nn.ModuleList([SelfAttentionLayer(config, runtime, bidirectional=True),
+                                    FeedForwardLayer(config, runtime)])
+
+    def forward(self, h, key_padding_mask, want_weights, head_mask):
+        h, weights = self.layer[0](h, key_padding_mask=key_padding_mask, want_weights=want_weights,
+                                   head_mask=head_mask)
+        h = clamp_fp16(h)
+        return clamp_fp16(self.layer[1](h)), weights
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, config, runtime):
+        super().__init__()
+        self.layer = nn.ModuleList([SelfAttentionLayer(config, runtime, bidirectional=False),
+                                    CrossAttentionLayer(config, runtime),
+                                    FeedForwardLayer(config, runtime)])
+
+    def forward(self, h, *, self_mask, encoder_states, encoder_mask, cache, layer_idx, past_length,
+                want_weights, head_mask, cross_head_mask):
+        h, self_weights = self.layer[0](h, key_padding_mask=self_mask, causal=True, cache=cache,
+                                        layer_idx=layer_idx, past_length=past_length,
+                                        want_weights=want_weights, head_mask=head_mask)
+        h = clamp_fp16(h)
+        cross_weights = None
+        if encoder_states is not None:
+            h, cross_weights = self.layer[1](h, kv_source=encoder_states, key_padding_mask=encoder_mask,
+                                             cache=cache, layer_idx=layer_idx, want_weights=want_weights,
+                                             head_mask=cross_head_mask)
+            h = clamp_fp16(h)
+        return clamp_fp16(self.layer[2](h)), self_weights, cross_weights
+
+
+def layer_head_masks(head_mask, num_layers: int, num_heads: int, dtype) -> List[Optional[torch.Tensor]]:
+    """transformers' ``get_head_mask``: ``[H]`` or ``[layers, H]`` -> per layer ``[1, H, 1, 1]``."""
+    if head_mask is None:
+        return [None] * num_layers
+    if head_mask.dim() == 1 and head_mask.shape[0] == num_heads:
+        head_mask = head_mask.unsqueeze(0).expand(num_layers, -1)
+    if head_mask.dim() != 2 or tuple(head_mask.shape) != (num_layers, num_heads):
+        raise ValueError(f"head_mask must have shape [num_heads={num_heads}] or [num_layers={num_layers}, "
+                         f"num_heads={num_heads}], got {tuple(head_mask.shape)}")
+    return [m.to(dtype)[None, :, None, None] for m in head_mask]
+
+
+# ---------------------------------------------------------------------------------------------
+# Stacks
+# ---------------------------------------------------------------------------------------------
+class EncoderStack(nn.Module):
+    def __init__(self, config: UMT5Config, embed_tokens: nn.Embedding, runtime: Runtime):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = embed_tokens
+        self.block = nn.ModuleList([EncoderBlock(config, runtime) for _ in range(config.num_layers)])
+        self.final_layer_norm = RMSNorm(config.d_model, config.layer_norm_epsilon, runtime)
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, head_mask=None,
+                output_attentions=False, output_hidden_states=False) -> BaseModelOutput:
+        h = embed(self.embed_tokens, input_ids, inputs_embeds, "input_ids", "inputs_embeds")
+        mask = validation.check_mask("attention_mask", attention_mask, h.shape[:2], h.device)
+        head_masks = layer_head_masks(head_mask, len(self.block), self.config.num_heads, h.dtype)
+        hidden_states, attentions = [], []
+        for block, block_head_mask in zip(self.block, head_masks):
+            if output_hidden_states:
+                hidden_states.append(h)
+            h, weights = block(h, mask, output_attentions, block_head_mask)
+            if output_attentions:
+                attentions.append(weights)
+        h = self.final_layer_norm(h)
+        if output_hidden_states:
+            hidden_states.append(h)
+        return BaseModelOutput(last_hidden_state=h,
+                               hidden_states=tuple(hidden_states) if output_hidden_states else None,
+                               attentions=tuple(attentions) if output_attentions else None)
+
+
+class DecoderStack(nn.Module):
+    def __init__(self, config: UMT5Config, embed_tokens: nn.Embedding, runtime: Runtime):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = embed_tokens
+        self.block = nn.ModuleList([DecoderBlock(config, runtime) for _ in range(config.num_decoder_layers)])
+        self.final_layer_norm = RMSNorm(config.d_model, config.layer_norm_epsilon, runtime)
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, encoder_hidden_states=None,
+                encoder_attention_mask=None, past_key_values=None, use_cache=False, head_mask=None,
+                cross_attn_head_mask=None, output_attentions=False, output_hidden_states=False):
+        h = embed(self.embed_tokens, input_ids, inputs_embeds, "decoder_input_ids", "decoder_inputs_embeds")
+        cache = as_cache(past_key_values, len(self.block))
+        if cache is None and use_cache:
+            cache = DynamicCache(len(self.block))
+        past_length = cache.get_seq_length() if cache is not None else 0
+        batch, length = h.shape[:2]
+        self_mask = validation.check_mask("decoder_attention_mask", attention_mask,
+                                          (batch, past_length + length), h.device)
+        encoder_mask = None
+        if encoder_hidden_states is not None:
+            validation.same_batch("decoder inputs", batch, "encoder outputs", encoder_hidden_states.shape[0])
+            encoder_mask = validation.check_mask("attention_mask", encoder_attention_mask,
+                                                 encoder_hidden_states.shape[:2], h.device)
+        num_layers, num_heads = len(self.block), self.config.num_heads
+        head_masks = layer_head_masks(head_mask, num_layers, num_heads, h.dtype)
+        cross_head_masks = layer_head_masks(cross_attn_head_mask, num_layers, num_heads, h.dtype)
+        hidden_states, attentions, cross_attentions = [], [], []
+        for i, block in enumerate(self.block):
+            if output_hidden_states:
+                hidden_states.append(h)
+            h, self_weights, cross_weights = block(
+                h, self_mask=self_mask, encoder_states=encoder_hidden_states, encoder_mask=encoder_mask,
+                cache=cache, layer_idx=i, past_length=past_length, want_weights=output_attentions,
+                head_mask=head_masks[i], cross_head_mask=cross_head_masks[i])
+            if output_attentions:
+                attentions.append(self_weights)
+                cross_attentions.append(cross_weights)
+        if cache is not None:
+            cache.length = past_length + length
+        h = self.final_layer_norm(h)
+        if output_hidden_states:
+            hidden_states.append(h)
+        return BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=h, past_key_values=cache if use_cache else None,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+            cross_attentions=tuple(cross_attentions) if output_attentions and encoder_hidden_states is not None
+            else None)
+
+
+def embed(table: nn.Embedding, ids, embeds, ids_name: str, embeds_name: str) -> torch.Tensor:
+    if (ids is None) == (embeds is None):
+        raise ValueError(f"pass exactly one of {ids_name} and {embeds_name}")
+    if embeds is not None:
+        validation.check_embeds(embeds_name, embeds, table.embedding_dim, table.weight.device)
+        return embeds
+    validation.check_ids(ids_name, ids, table.num_embeddings, table.weight.device)
+    return F.embedding(ids.long(), table.weight)
+
+
+def as_cache(past_key_values, num_layers: int):
+    """Accept our caches, transformers' legacy tuples, or a transformers Cache object."""
+    if past_key_values is None or isinstance(past_key_values, (DynamicCache, StaticCache)):
+        return past_key_values
+    if hasattr(past_key_values, "to_legacy_cache"):
+        past_key_values = past_key_values.to_legacy_cache()
+    if not isinstance(past_key_values, (tuple, list)) or len(past_key_values) != num_layers:
+        raise ValueError(f"past_key_values must be a cache returned by this model or a tuple of "
+                         f"{num_layers} per-layer tuples")
+    return DynamicCache.from_legacy_cache(past_key_values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Task models
+# ---------------------------------------------------------------------------------------------
+class UMT5PreTrainedModel(nn.Module):
+    """Shared plumbing: config, backend, dtype/device, loading and saving."""
+    config_class = UMT5Config
+
+    def __init__(self, config: UMT5Config, backend: str = "auto"):
+        super().__init__()
+        if not isinstance(config, UMT5Config):
+            raise TypeError(f"config must be a umt5_fast.UMT5Config, got {type(config).__name__}")
+        self.config = config
+        self.runtime = Runtime(backend)
+
+    @property
+    def backend(self) -> str:
+        return self.runtime.ops.name
+
+    def set_backend(self, backend: str):
+        """Switch every module to the ops of ``backend`` ("auto", "triton", "cpu", "eager")."""
+        new = Runtime(backend, self.device)
+        self.runtime.backend, self.runtime.ops = new.backend, new.ops
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        if self.runtime.backend == "auto":  # re-pick the best backend for the new device
+            self.runtime.ops = get_ops("auto", self.device)
+        return result
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p for p in self.parameters() if p.is_floating_point()).dtype
+
+    def get_input_embeddings(self):
+        return self.shared
+
+    def _shift_right(self, input_ids):
+        start, pad = self.config.decoder_start_token_id, self.config.pad_token_id
+        if start is None:
+            raise ValueError("config.decoder_start_token_id has to be defined (UMT5 uses the pad id)")
+        if pad is None:
+            raise ValueError("config.pad_token_id has to be defined")
+        shifted = input_ids.new_zeros(input_ids.shape)
+        shifted[..., 1:] = input_ids[..., :-1].clone()
+        shifted[..., 0] = start
+        shifted.masked_fill_(shifted == -100, pad)
+        return shifted
+
+    def prepare_decoder_input_ids_from_labels(self, labels):
+        return self._shift_right(labels)
+
+    def _flags(self, output_attentions, output_hidden_states, return_dict):
+        cfg = self.config
+        return (cfg.output_attentions if output_attentions is None else output_attentions,
+                cfg.output_hidden_states if output_hidden_states is None else output_hidden_states,
+                cfg.use_return_dict if return_dict is None else return_dict)
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        """Load a transformers checkpoint directory; see ``umt5_fast.loading.from_pretrained``."""
+        from umt5_fast.loading import from_pretrained
+        return from_pretrained(cls, path, **kwargs)
+
+    @classmethod
+    def from_hf(cls, hf_model, backend: str = "auto"):
+        """Convert a live transformers UMT5 model (same weights, our kernels)."""
+        from umt5_fast.loading import from_hf
+        return from_hf(cls, hf_model, backend=backend)
+
+    def save_pretrained(self, directory, max_shard_size=None):
+        from umt5_fast.loading import save_pretrained
+        save_pretrained(self, directory, max_shard_size=max_shard_size)
+
+
+def _encode(model, input_ids, attention_mask, inputs_embeds, head_mask, encoder_outputs,
+            output_attentions, output_hidden_states) -> BaseModelOutput:
+    """Run the encoder, or wrap user-given encoder outputs (a tuple or an output object)."""
+    if encoder_outputs is None:
+        return model.encoder(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                             head_mask=head_mask, output_attentions=output_attentions,
+                             output_hidden_states=output_hidden_states)
+    if isinstance(encoder_outputs, BaseModelOutput):
+        return encoder_outputs
+    if isinstance(encoder_outputs, torch.Tensor):
+        encoder_outputs = (encoder_outputs,)
+    if hasattr(encoder_outputs, "to_tuple"):
+        encoder_outputs = encoder_outputs.to_tuple()
+    return BaseModelOutput(last_hidden_state=encoder_outputs[0],
+                           hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
+                           attentions=encoder_outputs[2] if len(encoder_outputs) > 2 else None)
+
+
+class _EncoderDecoder(UMT5PreTrainedModel):
+    """``shared`` embedding + encoder + decoder, as in UMT5Model / ForConditionalGeneration / QA."""
+
+    def __init__(self, config: UMT5Config, backend: str = "auto"):
+        super().__init__(config, backend)
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.shared.weight.requires_grad_(False)
+        self.encoder = EncoderStack(config, self.shared, self.runtime)
+        self.decoder = DecoderStack(config, self.shared, self.runtime)
+
+    def get_encoder(self):
+        return self.encoder
+
+    def get_decoder(self):
+        return self.decoder
+
+    def _seq2seq(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, head_mask,
+                 decoder_head_mask, cross_attn_head_mask, encoder_outputs, past_key_values, inputs_embeds,
+                 decoder_inputs_embeds, use_cache, output_attentions, output_hidden_states):
+        enc = _encode(self, input_ids, attention_mask, inputs_embeds, head_mask, encoder_outputs,
+                      output_attentions, output_hidden_states)
+        dec = self.decoder(input_ids=decoder_input_ids, attention_mask=decoder_attention_mask,
+                           inputs_embeds=decoder_inputs_embeds, encoder_hidden_states=enc.last_hidden_state,
+                           encoder_attention_mask=attention_mask, past_key_values=past_key_values,
+                           use_cache=use_cache, head_mask=decoder_head_mask,
+                           cross_attn_head_mask=cross_attn_head_mask, output_attentions=output_attentions,
+                           output_hidden_states=output_hidden_states)
+        return enc, dec
+
+
+def _seq2seq_fields(enc: BaseModelOutput, dec: BaseModelOutputWithPastAndCrossAttentions) -> dict:
+    return dict(past_key_values=dec.past_key_values, decoder_hidden_states=dec.hidden_states,
+                decoder_attentions=dec.attentions, cross_attentions=dec.cross_attentions,
+                encoder_last_hidden_state=enc.last_hidden_state, encoder_hidden_states=enc.hidden_states,
+                encoder_attentions=enc.attentions)
+
+
+class UMT5Model(_EncoderDecoder):
+    """Encoder-decoder returning the decoder's last hidden state."""
+
+    @torch.inference_mode()
+    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                head_mask=None, decoder_head_mask=None, cross_attn_head_mask=None, encoder_outputs=None,
+                past_key_values=None, inputs_embeds=None, decoder_inputs_embeds=None, use_cache=None,
+                output_attentions=None, output_hidden_states=None, return_dict=None, cache_position=None):
+        output_attentions, output_hidden_states, return_dict = self._flags(
+            output_attentions, output_hidden_states, return_dict)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        enc, dec = self._seq2seq(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
+                                 head_mask, decoder_head_mask, cross_attn_head_mask, encoder_outputs,
+                                 past_key_values, inputs_embeds, decoder_inputs_embeds, use_cache,
+                                 output_attentions, output_hidden_states)
+        out = Seq2SeqModelOutput(last_hidden_state=dec.last_hidden_state, **_seq2seq_fields(enc, dec))
+        return out if return_dict else out.to_tuple()
+
+
+class UMT5ForConditionalGeneration(_EncoderDecoder):
+    """Encoder-decoder with the LM head (untied in UMT5 checkpoints); ``generate`` decodes."""
+
+    def __init__(self, config: UMT5Config, backend: str = "auto"):
+        super().__init__(config, backend)
+        self.lm_head = Linear(config.d_model, config.vocab_size, self.runtime)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.shared.weight
+
+    def logits(self, decoder_hidden: torch.Tensor) -> torch.Tensor:
+        if self.config.scale_decoder_outputs:
+            decoder_hidden = decoder_hidden * (self.config.d_model ** -0.5)
+        return self.lm_head(decoder_hidden)
+
+    @torch.inference_mode()
+    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                head_mask=None, decoder_head_mask=None, cross_attn_head_mask=None, encoder_outputs=None,
+                past_key_values=None, inputs_embeds=None, decoder_inputs_embeds=None, labels=None,
+                use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
+                cache_position=None):
+        output_attentions, output_hidden_states, return_dict = self._flags(
+            output_attentions, output_hidden_states, return_dict)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if labels is not None:
+            check_labels(labels, decoder_input_ids if decoder_input_ids is not None else None)
+            if decoder_input_ids is None and decoder_inputs_embeds is None:
+                decoder_input_ids = self._shift_right(labels)
+        enc, dec = self._seq2seq(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
+                                 head_mask, decoder_head_mask, cross_attn_head_mask, encoder_outputs,
+                                 past_key_values, inputs_embeds, decoder_inputs_embeds, use_cache,
+                                 output_attentions, output_hidden_states)
+        logits = self.logits(dec.last_hidden_state)
+        loss = None
+        if labels is not None:
+            if tuple(labels.shape) != tuple(logits.shape[:2]):
+                raise ValueError(f"labels must have shape {tuple(logits.shape[:2])} (batch, decoder length), "
+                                 f"got {tuple(labels.shape)}")
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1).long(), ignore_index=-100)
+        out = Seq2SeqLMOutput(loss=loss, logits=logits, **_seq2seq_fields(enc, dec))
+        return out if return_dict else out.to_tuple()
+
+    def generate(self, input_ids=None, **kwargs):
+        """Greedy, beam or sampled decoding with a static KV cache; see ``umt5_fast.generation``."""
+        from umt5_fast.generation import generate
+        return generate(self, input_ids, **kwargs)
+
+
+def check_labels(labels, decoder_input_ids):
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.long, torch.int32):
+        raise TypeError("labels must be an integer torch.Tensor [batch, target_length] (-100 = ignored)")
+    if labels.dim() != 2:
+        raise ValueError(f"labels must have shape [batch, target_length], got {tuple(labels.shape)}")
+    if decoder_input_ids is not None and labels.shape != decoder_input_ids.shape:
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match decoder_input_ids shape "
+                         f"{tuple(decoder_input_ids.shape)}")
+
+
+class UMT5EncoderModel(UMT5PreTrainedModel):
+    """The encoder alone (e.g. the umt5-xxl text encoder of video pipelines)."""
+
+    def __init__(self, config: UMT5Config, backend: str = "auto"):
+        super().__init__(config, backend)
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.shared.weight.requires_grad_(False)
+        self.encoder = EncoderStack(config, self.shared, self.runtime)
+
+    def get_encoder(self):
+        return self.encoder
+
+    @torch.inference_mode()
+    def forward(self, input_ids=None, attention_mask=None, head_mask=None, inputs_embeds=None,
+                output_attentions=None, output_hidden_states=None, return_dict=None):
+        output_attentions, output_hidden_states, return_dict = self._flags(
+            output_attentions, output_hidden_states, return_dict)
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                           head_mask=head_mask, output_attentions=output_attentions,
+                           output_hidden_states=output_hidden_states)
+        return out if return_dict else out.to_tuple()
+
+
+class ClassificationHead(nn.Module):
+    """dense -> tanh -> out_proj over the last <eos> representation."""
+
+    def __init__(self, config: UMT5Config, runtime: Runtime):
+        super().__init__()
+        self.dense = Linear(config.d_model, config.d_model, runtime, bias=True)
+        self.out_proj = Linear(config.d_model, config.num_labels, runtime, bias=True)
+
+    def forward(self, h):
+        return self.out_proj(torch.tanh(self.dense(h)))
+
+
+class UMT5ForSequenceClassification(UMT5PreTrainedModel):
+    def __init__(self, config: UMT5Config, backend: str = "auto"):
+        super().__init__(config, backend)
+        self.transformer = UMT5Model(config, backend)
+        _share_runtime(self.transformer, self.runtime)
+        self.classification_head = ClassificationHead(config, self.runtime)
+
+    def get_encoder(self):
+        return self.transformer.encoder
+
+    @property
+    def shared(self):
+        return self.transformer.shared
+
+    @torch.inference_mode()
+    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                head_mask=None, decoder_head_mask=None, cross_attn_head_mask=None, encoder_outputs=None,
+                inputs_embeds=None, decoder_inputs_embeds=None, labels=None, use_cache=None,
+                output_attentions=None, output_hidden_states=None, return_dict=None):
+        output_attentions, output_hidden_states, return_dict = self._flags(
+            output_attentions, output_hidden_states, return_dict)
+        if labels is not None:
+            use_cache = False
+        if input_ids is None and inputs_embeds is not None:
+            raise NotImplementedError("UMT5ForSequenceClassification needs input_ids (it pools at <eos> tokens)")
+        if input_ids is None:
+            raise ValueError("UMT5ForSequenceClassification needs input_ids")
+        if decoder_input_ids is None and decoder_inputs_embeds is None:
+            decoder_input_ids = self._shift_right(input_ids)
+        out = self.transformer(input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                               decoder_attention_mask=decoder_attention_mask, head_mask=head_mask,
+                               decoder_head_mask=decoder_head_mask, cross_attn_head_mask=cross_attn_head_mask,
+                               encoder_outputs=encoder_outputs, inputs_embeds=inputs_embeds,
+                               decoder_inputs_embeds=decoder_inputs_embeds, use_cache=use_cache,
+                               output_attentions=output_attentions,
+                               output_hidden_states=output_hidden_states, return_dict=True)
+        sequence_output = out.last_hidden_state
+        eos_mask = input_ids.eq(self.config.eos_token_ids[0] if self.config.eos_token_ids else -1)
+        counts = eos_mask.sum(1)
+        if eos_mask.shape != sequence_output.shape[:2]:
+            raise ValueError("UMT5ForSequenceClassification pools the decoder output at the <eos> positions of "
+                             "input_ids, so decoder inputs must have the same length as input_ids")
+        if torch.unique_consecutive(counts).numel() != 1:
+            raise ValueError("All examples must have the same number of <eos> tokens.")
+        if int(counts[0]) < 1:
+            raise ValueError("Each example must contain at least one <eos> token.")
+        batch, _, hidden = sequence_output.shape
+        sentence = sequence_output[eos_mask, :].view(batch, -1, hidden)[:, -1, :]
+        logits = self.classification_head(sentence)
+        loss = None
+        if labels is not None:
+            loss = self._classification_loss(logits, labels)
+        result = Seq2SeqSequenceClassifierOutput(
+            loss=loss, logits=logits, past_key_values=out.past_key_values,
+            decoder_hidden_states=out.decoder_hidden_states, decoder_attentions=out.decoder_attentions,
+            cross_attentions=out.cross_attentions, encoder_last_hidden_state=out.encoder_last_hidden_state,
+            encoder_hidden_states=out.encoder_hidden_states, encoder_attentions=out.encoder_attentions)
+        return result if return_dict else result.to_tuple()
+
+    def _classification_loss(self, logits, labels):
+        num_labels = self.config.num_labels
+        if self.config.problem_type is None:  # decided once, like transformers
+            if num_labels == 1:
+                self.config.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                self.config.problem_type = "single_label_classification"
+            else:
+                self.config.problem_type = "multi_label_classification"
+        if self.config.problem_type == "regression":
+            if num_labels == 1:
+                return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
+            return F.mse_loss(logits, labels.to(logits.dtype))
+        if self.config.problem_type == "single_label_classification":
+            return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1))
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+class UMT5ForTokenClassification(UMT5PreTrainedModel):
+    def __init__(self, config: UMT5Config, backend: str = "auto"):
+        super().__init__(config, backend)
+        self.transformer = UMT5EncoderModel(config, backend)
+        _share_runtime(self.transformer, self.runtime)
+        self.classifier = Linear(config.d_model, config.num_labels, self.runtime, bias=True)
+
+    def get_encoder(self):
+        return self.transformer.encoder
+
+    @property
+    def shared(self):
+        return self.transformer.shared
+
+    @torch.inference_mode()
+    def forward(self, input_ids=None, attention_mask=None, head_mask=None, inputs_embeds=None, labels=None,
+                output_attentions=None, output_hidden_states=None, return_dict=None):
+        output_attentions, output_hidden_states, return_dict = self._flags(
+            output_attentions, output_hidden_states, return_dict)
+        out = self.transformer(input_ids, attention_mask=attention_mask, head_mask=head_mask,
+                               inputs_embeds=inputs_embeds, output_attentions=output_attentions,
+                               output_hidden_states=output_hidden_states, return_dict=True)
+        logits = self.classifier(out.last_hidden_state)
+        loss = None
+        if labels is not None:
+            if tuple(labels.shape) != tuple(logits.shape[:2]):
+                raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
+            loss = F.cross_entropy(logits.view(-1, self.config.num_labels), labels.view(-1))
+        result = TokenClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                       attentions=out.attentions)
+        return result if return_dict else result.to_tuple()
+
+
+class UMT5ForQuestionAnswering(_EncoderDecoder):
+    def __init__(self, config: UMT5Config, backend: str = "auto"):
+        super().__init__(config, backend)
+        self.qa_outputs = Linear(config.d_model, config.num_labels, self.runtime, bias=True)
+
+    @torch.inference_mode()
+    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                head_mask=None, decoder_head_mask=None, cross_attn_head_mask=None, encoder_outputs=None,
+                start_positions=None, end_positions=None, inputs_embeds=None, decoder_inputs_embeds=None,
+                use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None):
+        output_attentions, output_hidden_states, return_dict = self._flags(
+            output_attentions, output_hidden_states, return_dict)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if start_positions is not None and end_positions is not None:
+            use_cache = False
+        if decoder_input_ids is None and decoder_inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("If no decoder_input_ids or decoder_inputs_embeds are passed, input_ids "
+                                 "cannot be None (the decoder reads the shifted input_ids)")
+            decoder_input_ids = self._shift_right(input_ids)
+        enc, dec = self._seq2seq(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
+                                 head_mask, decoder_head_mask, cross_attn_head_mask, encoder_outputs, None,
+                                 inputs_embeds, decoder_inputs_embeds, use_cache, output_attentions,
+                                 output_hidden_states)
+        logits = self.qa_outputs(dec.last_hidden_state)
+        if logits.shape[-1] != 2:
+            raise ValueError(f"UMT5ForQuestionAnswering needs config.num_labels == 2 (start, end), "
+                             f"got {logits.shape[-1]}")
+        start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            if start_positions.dim() > 1:
+                start_positions = start_positions.squeeze(-1)
+            if end_positions.dim() > 1:
+                end_positions = end_positions.squeeze(-1)
+            ignored = start_logits.size(1)
+            start_positions, end_positions = start_positions.clamp(0, ignored), end_positions.clamp(0, ignored)
+            loss = (F.cross_entropy(start_logits, start_positions, ignore_index=ignored)
+                    + F.cross_entropy(end_logits, end_positions, ignore_index=ignored)) / 2
+        out = Seq2SeqQuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
+                                                  **_seq2seq_fields(enc, dec))
+        return out if return_dict else out.to_tuple()
+
+
+def _share_runtime(module: nn.Module, runtime: Runtime):
+    """Point every submodule of a wrapped model at the outer model's runtime."""
+    for sub in module.modules():
+        if hasattr(sub, "runtime"):
+            sub.runtime = runtime
+
+
+MODEL_CLASSES = {cls.__name__: cls for cls in (UMT5Model, UMT5ForConditionalGeneration, UMT5EncoderModel,
+                                               UMT5ForSequenceClassification, UMT5ForTokenClassification,
+                                               UMT5ForQuestionAnswering)}

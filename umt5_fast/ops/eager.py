@@ -1,0 +1,100 @@
+"""Plain-torch ops: the readable specification every kernel is tested against.
+
+Op order and dtypes follow transformers' modeling_umt5.py so that fp32 results agree to rounding.
+"""
+import torch
+import torch.nn.functional as F
+
+from umt5_fast.buckets import position_bias
+from umt5_fast.ops import MASKED_SCORE
+from umt5_fast.quant import QuantizedWeight
+
+name = "eager"
+
+
+def rms_norm(x, weight, eps):
+    variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    x = x * torch.rsqrt(variance + eps)
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        x = x.to(weight.dtype)
+    return weight * x
+
+
+def _gelu_new(x):
+    return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+ACTIVATIONS = {
+    "gelu_new": _gelu_new,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "relu6": F.relu6,
+    "leaky_relu": F.leaky_relu,
+    "mish": F.mish,
+    "linear": lambda x: x,
+}
+
+
+def _weight_as(weight, dtype):
+    if isinstance(weight, QuantizedWeight):
+        return weight.dequantize(dtype)
+    return weight if weight.dtype == dtype else weight.to(dtype)
+
+
+def linear(x, weight, residual=None):
+    y = F.linear(x, _weight_as(weight, x.dtype))
+    return y if residual is None else residual + y
+
+
+def gated_ffn_in(x, w_gate, w_up, activation):
+    h = ACTIVATIONS[activation](linear(x, w_gate))
+    return h if w_up is None else h * linear(x, w_up)
+
+
+def attention_scores(q, k, bias_table, *, bidirectional, num_buckets, max_distance,
+                     key_padding_mask=None, causal=False, query_offset=0, scale=1.0):
+    """Pre-softmax scores ``[B, H, Lq, Lk]`` with bias and masks applied (the eager reference)."""
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    if scale != 1.0:
+        scores = scores * scale
+    lq, lk = q.shape[-2], k.shape[-2]
+    query_positions = torch.arange(lq, device=q.device) + query_offset
+    if bias_table is not None:
+        scores = scores + position_bias(bias_table, query_positions, lk, bidirectional,
+                                        num_buckets, max_distance).to(scores.dtype)
+    masked = None
+    if key_padding_mask is not None:
+        masked = ~key_padding_mask.bool()[:, None, None, :]
+    if causal:
+        future = torch.arange(lk, device=q.device)[None, :] > query_positions[:, None]
+        masked = future[None, None] if masked is None else masked | future[None, None]
+    if masked is not None:
+        scores = scores.float().masked_fill(masked, MASKED_SCORE).to(scores.dtype) \
+            if scores.dtype != torch.float16 else scores.masked_fill(masked, torch.finfo(torch.float16).min)
+    return scores
+
+
+def attention_probs(q, k, bias_table, **kwargs):
+    scores = attention_scores(q, k, bias_table, **kwargs)
+    return F.softmax(scores.float(), dim=-1).type_as(scores)
+
+
+def attention(q, k, v, bias_table, **kwargs):
+    probs = attention_probs(q, k, bias_table, **kwargs)
+    return torch.matmul(probs, v).transpose(1, 2).contiguous()
+
+
+def decode_attention(q, k_cache, v_cache, cache_length, bias_table, *, num_buckets, max_distance,
+                     key_padding_mask=None):
+    length = int(cache_length)
+    mask = None if key_padding_mask is None else key_padding_mask[:, :length]
+    return attention(q, k_cache[:, :, :length], v_cache[:, :, :length], bias_table,
+                     bidirectional=False, num_buckets=num_buckets, max_distance=max_distance,
+                     key_padding_mask=mask, causal=True, query_offset=length - 1)

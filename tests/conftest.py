@@ -1,0 +1,25 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory):
+    """Build (and cache per session) a random transformers checkpoint: returns (dir, hf_model)."""
+    from helpers import make_hf_model, save_hf
+    cache = {}
+
+    def make(class_name="UMT5ForConditionalGeneration", seed=0, **overrides):
+        key = (class_name, seed, tuple(sorted(overrides.items())))
+        if key not in cache:
+            model = make_hf_model(class_name, seed=seed, **overrides)
+            path = tmp_path_factory.mktemp(class_name)
+            cache[key] = (save_hf(model, path), model)
+        return cache[key]
+
+    return make

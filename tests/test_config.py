@@ -1,0 +1,62 @@
+import json
+
+import pytest
+
+from umt5_fast import UMT5Config
+
+
+def test_reads_transformers_config_with_every_field(tmp_path):
+    from transformers import UMT5Config as HFConfig
+    hf = HFConfig(vocab_size=300, d_model=48, d_kv=20, d_ff=96, num_layers=3, num_decoder_layers=5, num_heads=7,
+                  relative_attention_num_buckets=24, relative_attention_max_distance=64, layer_norm_epsilon=1e-5,
+                  feed_forward_proj="gated-silu", tie_word_embeddings=False, pad_token_id=2, eos_token_id=[1, 3],
+                  decoder_start_token_id=2, num_labels=4, classifier_dropout=0.2, custom_field="kept")
+    hf.save_pretrained(tmp_path)
+    ours = UMT5Config.from_pretrained(tmp_path)
+    for field in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
+                  "relative_attention_num_buckets", "relative_attention_max_distance", "layer_norm_epsilon",
+                  "feed_forward_proj", "tie_word_embeddings", "pad_token_id", "eos_token_id",
+                  "decoder_start_token_id", "num_labels", "classifier_dropout", "dense_act_fn", "is_gated_act"):
+        assert getattr(ours, field) == getattr(hf, field), field
+    assert ours.id2label == hf.id2label and ours.hidden_size == 48 and ours.num_attention_heads == 7
+    ours.save_pretrained(tmp_path / "again")
+    assert HFConfig.from_pretrained(tmp_path / "again").custom_field == "kept"
+    assert UMT5Config.from_pretrained(tmp_path / "again") == ours
+
+
+@pytest.mark.parametrize("proj,act,gated", [("relu", "relu", False), ("gelu", "gelu", False),
+                                            ("gated-gelu", "gelu_new", True), ("gated-silu", "silu", True),
+                                            ("gated-relu", "relu", True), ("silu", "silu", False)])
+def test_feed_forward_proj_forms(proj, act, gated):
+    from transformers import UMT5Config as HFConfig
+    ours, hf = UMT5Config(feed_forward_proj=proj), HFConfig(feed_forward_proj=proj)
+    assert (ours.dense_act_fn, ours.is_gated_act) == (hf.dense_act_fn, hf.is_gated_act) == (act, gated)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("num_heads", 0, "num_heads"), ("d_kv", -3, "d_kv"), ("vocab_size", 2.5, "vocab_size"),
+    ("feed_forward_proj", "gated-gelu-x", "feed_forward_proj"), ("feed_forward_proj", "swiglu", "not supported"),
+    ("feed_forward_proj", "fancy-gelu", "feed_forward_proj"), ("layer_norm_epsilon", 0, "layer_norm_epsilon"),
+    ("relative_attention_num_buckets", 1, "relative_attention_num_buckets"),
+    ("relative_attention_max_distance", 3, "relative_attention_max_distance"),
+    ("pad_token_id", 10**9, "pad_token_id"), ("eos_token_id", -1, "eos_token_id"),
+    ("problem_type", "ranking", "problem_type"), ("classifier_dropout", 3, "classifier_dropout")])
+def test_bad_fields_are_named(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        UMT5Config(**{field: value})
+
+
+def test_unequal_heads_times_dkv_is_legal():
+    config = UMT5Config(d_model=40, num_heads=5, d_kv=24)
+    assert config.num_heads * config.d_kv != config.d_model
+
+
+def test_bad_config_files(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        UMT5Config.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{oops")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        UMT5Config.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="model_type"):
+        UMT5Config.from_pretrained(tmp_path)

@@ -1,0 +1,58 @@
+"""Reduced precision follows transformers' rules: fp32 RMSNorm variance, fp16 keeps `wo` in fp32 and
+clamps infinities. Tolerances (relative to the max |reference|): against transformers in the same
+dtype 2e-3 (same math, different kernels' rounding); against fp32 5e-2 for fp16 and 1e-1 for bf16
+(bf16 has 8 bits of mantissa)."""
+import pytest
+import torch
+
+import umt5_fast
+from helpers import assert_close, random_batch
+
+SAME_DTYPE_TOL = 2e-3
+FP32_TOL = {torch.float16: 5e-2, torch.bfloat16: 1e-1}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_follows_transformers(checkpoint_factory, dtype):
+    import transformers
+    path, _ = checkpoint_factory("UMT5ForConditionalGeneration")
+    ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, dtype=dtype, backend="eager")
+    hf = transformers.UMT5ForConditionalGeneration.from_pretrained(path, torch_dtype=dtype).eval()
+    fp32 = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="eager")
+    wo = ours.encoder.block[0].layer[1].DenseReluDense.wo.weight
+    assert wo.dtype == (torch.float32 if dtype == torch.float16 else dtype)
+    assert wo.dtype == hf.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype
+    ids, mask = random_batch(ours.config.vocab_size, 3, 45, 0)
+    dec, _ = random_batch(ours.config.vocab_size, 3, 9, 1, padding=(None,))
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    out = ours(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    assert out.dtype == ref.dtype
+    assert_close(out.float(), ref.float(), SAME_DTYPE_TOL, f"{dtype} vs transformers {dtype}")
+    full = fp32(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    assert_close(out.float(), full, FP32_TOL[dtype], f"{dtype} vs fp32")
+
+
+def test_fp16_overflow_is_clamped_like_transformers(checkpoint_factory, tmp_path):
+    """Scale the FFN so its activations overflow fp16 (T5's known failure): outputs stay finite."""
+    import transformers
+    _, hf32 = checkpoint_factory("UMT5EncoderModel")
+    hf = transformers.UMT5EncoderModel(hf32.config)
+    hf.load_state_dict(hf32.state_dict())
+    with torch.no_grad():
+        for block in hf.encoder.block:
+            block.layer[1].DenseReluDense.wo.weight.mul_(3e4)
+    hf.save_pretrained(tmp_path)
+    ours = umt5_fast.UMT5EncoderModel.from_pretrained(tmp_path, dtype=torch.float16, backend="eager")
+    ref_model = transformers.UMT5EncoderModel.from_pretrained(tmp_path, torch_dtype=torch.float16).eval()
+    ids, mask = random_batch(ours.config.vocab_size, 2, 30, 4)
+    with torch.no_grad():
+        ref = ref_model(ids, attention_mask=mask).last_hidden_state
+        # the overflow is real: the same FFN with an fp16 `wo` produces inf
+        ff = ref_model.encoder.block[0].layer[1].DenseReluDense
+        h = ff.act(ff.wi_0(ref_model.shared(ids))) * ff.wi_1(ref_model.shared(ids))
+        raw = torch.nn.functional.linear(h, ff.wo.weight.half())
+    assert not torch.isfinite(raw).all()
+    out = ours(ids, attention_mask=mask).last_hidden_state
+    assert torch.isfinite(out).all() and torch.isfinite(ref).all()
+    assert_close(out.float(), ref.float(), SAME_DTYPE_TOL, "clamped fp16 encoder")

@@ -1,0 +1,176 @@
+"""Checkpoint formats, key checks, saving and conversion."""
+import json
+
+import pytest
+import torch
+
+import umt5_fast
+from umt5_fast.loading import CheckpointError
+from helpers import assert_close, random_batch
+
+TOL = 1e-5
+
+
+def reference_logits(hf, ids, mask, dec):
+    with torch.no_grad():
+        return hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+
+
+@pytest.fixture
+def seq2seq(checkpoint_factory):
+    return checkpoint_factory("UMT5ForConditionalGeneration")
+
+
+def batch(vocab):
+    ids, mask = random_batch(vocab, 2, 21, 0)
+    dec, _ = random_batch(vocab, 2, 7, 1, padding=(None,))
+    return ids, mask, dec
+
+
+@pytest.mark.parametrize("layout", ["sharded", "bin", "sharded-bin"])
+def test_other_checkpoint_layouts_load(seq2seq, tmp_path, layout):
+    _, hf = seq2seq
+    kwargs = {"sharded": dict(max_shard_size="20KB"), "bin": dict(safe_serialization=False),
+              "sharded-bin": dict(safe_serialization=False, max_shard_size="20KB")}[layout]
+    hf.save_pretrained(tmp_path, **kwargs)
+    names = {p.name for p in tmp_path.iterdir()}
+    expected = {"sharded": "model.safetensors.index.json", "bin": "pytorch_model.bin",
+                "sharded-bin": "pytorch_model.bin.index.json"}[layout]
+    assert expected in names
+    ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(tmp_path, backend="eager")
+    ids, mask, dec = batch(ours.config.vocab_size)
+    assert_close(ours(ids, attention_mask=mask, decoder_input_ids=dec).logits,
+                 reference_logits(hf, ids, mask, dec), TOL, "logits")
+
+
+def _mapped_file(address: int) -> str:
+    """The file backing ``address`` in this process's memory map ('' for anonymous memory)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= address < end:
+                return fields[5] if len(fields) > 5 else ""
+    return ""
+
+
+def test_weights_are_memory_mapped_not_copied(seq2seq):
+    path, _ = seq2seq
+    ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="eager")
+    for weight in (ours.encoder.block[0].layer[0].SelfAttention.q.weight, ours.lm_head.weight):
+        assert _mapped_file(weight.data_ptr()).endswith("model.safetensors")
+    converted = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="eager", dtype=torch.bfloat16)
+    assert not _mapped_file(converted.lm_head.weight.data_ptr()).endswith("model.safetensors")
+
+
+def test_save_pretrained_round_trips_through_transformers(seq2seq, tmp_path):
+    path, hf = seq2seq
+    ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="eager")
+    ours.save_pretrained(tmp_path / "ours")
+    import transformers
+    back = transformers.UMT5ForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
+    ids, mask, dec = batch(ours.config.vocab_size)
+    assert torch.equal(reference_logits(back, ids, mask, dec), reference_logits(hf, ids, mask, dec))
+    ours.save_pretrained(tmp_path / "sharded", max_shard_size="30KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    again = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(tmp_path / "sharded", backend="eager")
+    assert torch.equal(again(ids, attention_mask=mask, decoder_input_ids=dec).logits,
+                       ours(ids, attention_mask=mask, decoder_input_ids=dec).logits)
+
+
+def test_tied_checkpoint_shares_embedding_and_rescales(checkpoint_factory):
+    path, hf = checkpoint_factory("UMT5ForConditionalGeneration", tie_word_embeddings=True)
+    ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="eager")
+    assert ours.lm_head.weight is ours.shared.weight and ours.config.scale_decoder_outputs
+    ids, mask, dec = batch(ours.config.vocab_size)
+    assert_close(ours(ids, attention_mask=mask, decoder_input_ids=dec).logits,
+                 reference_logits(hf, ids, mask, dec), TOL, "tied logits")
+
+
+def test_from_hf_converts_a_live_model(seq2seq):
+    _, hf = seq2seq
+    ours = umt5_fast.UMT5ForConditionalGeneration.from_hf(hf, backend="eager")
+    ids, mask, dec = batch(ours.config.vocab_size)
+    assert_close(ours(ids, attention_mask=mask, decoder_input_ids=dec).logits,
+                 reference_logits(hf, ids, mask, dec), TOL, "from_hf logits")
+
+
+def _rewrite(path, tmp_path, edit):
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(path / "model.safetensors"))
+    edit(state)
+    out = tmp_path / "edited"
+    out.mkdir()
+    (out / "config.json").write_text((path / "config.json").read_text())
+    save_file(state, str(out / "model.safetensors"))
+    return out
+
+
+def test_missing_keys_are_listed(seq2seq, tmp_path):
+    path, _ = seq2seq
+    out = _rewrite(path, tmp_path, lambda s: (s.pop("encoder.block.1.layer.1.DenseReluDense.wo.weight"),
+                                              s.pop("lm_head.weight")))
+    with pytest.raises(CheckpointError, match=r"missing tensors.*encoder\.block\.1\.layer\.1\.DenseReluDense\.wo"
+                                              r"\.weight.*lm_head"):
+        umt5_fast.UMT5ForConditionalGeneration.from_pretrained(out)
+
+
+def test_unexpected_and_misshaped_keys_are_listed(seq2seq, tmp_path):
+    path, _ = seq2seq
+
+    def edit(state):
+        state["encoder.block.7.layer.0.SelfAttention.q.weight"] = torch.zeros(3, 3)
+        state["decoder.final_layer_norm.weight"] = torch.zeros(41)
+
+    out = _rewrite(path, tmp_path, edit)
+    with pytest.raises(CheckpointError) as info:
+        umt5_fast.UMT5ForConditionalGeneration.from_pretrained(out)
+    message = str(info.value)
+    assert "encoder.block.7.layer.0.SelfAttention.q.weight" in message and "unexpected" in message
+    assert "decoder.final_layer_norm.weight" in message and "(41,)" in message
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage-header", "empty"])
+def test_corrupt_safetensors_raise_clear_errors(seq2seq, tmp_path, damage):
+    path, _ = seq2seq
+    data = (path / "model.safetensors").read_bytes()
+    out = tmp_path / damage
+    out.mkdir()
+    (out / "config.json").write_text((path / "config.json").read_text())
+    broken = {"truncate": data[: len(data) // 2], "garbage-header": data[:8] + b"{not json" + data[17:],
+              "empty": b""}[damage]
+    (out / "model.safetensors").write_bytes(broken)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        umt5_fast.UMT5ForConditionalGeneration.from_pretrained(out)
+
+
+def test_missing_files_raise_file_not_found(seq2seq, tmp_path):
+    path, _ = seq2seq
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        umt5_fast.UMT5ForConditionalGeneration.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        umt5_fast.UMT5ForConditionalGeneration.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        umt5_fast.UMT5ForConditionalGeneration.from_pretrained(tmp_path / "nope")
+
+
+def test_head_checkpoint_loads_into_base_model_and_vice_versa_checks(checkpoint_factory):
+    path, hf = checkpoint_factory("UMT5ForSequenceClassification", num_labels=3)
+    base = umt5_fast.UMT5Model.from_pretrained(path, backend="eager")  # strips the transformer. prefix
+    ids, mask = random_batch(base.config.vocab_size, 2, 15, 2)
+    dec = base._shift_right(ids)
+    with torch.no_grad():
+        ref = hf.transformer(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).last_hidden_state
+    assert_close(base(ids, attention_mask=mask, decoder_input_ids=dec).last_hidden_state, ref, TOL, "base")
+    seq_path, _ = checkpoint_factory("UMT5ForConditionalGeneration")
+    with pytest.raises(CheckpointError, match="classification_head"):
+        umt5_fast.UMT5ForSequenceClassification.from_pretrained(seq_path)
+
+
+def test_generation_config_is_read(seq2seq, tmp_path):
+    path, hf = seq2seq
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"max_new_tokens": 7, "num_beams": 2}))
+    ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(tmp_path)
+    assert ours.generation_config["num_beams"] == 2

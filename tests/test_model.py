@@ -1,0 +1,195 @@
+"""The six task classes against transformers' UMT5 (the oracle) on random-weight checkpoints.
+
+fp32 tolerance: relative error <= 1e-5 (max abs difference over max abs reference value).
+"""
+import pytest
+import torch
+
+import umt5_fast
+from helpers import assert_close, random_batch
+
+TOL = 1e-5
+CONFIGS = {
+    # 5 heads x d_kv 24 != d_model 40, 20 buckets, max_distance 40 (inputs are longer), 2+3 layers
+    "odd-untied": dict(),
+    "tied-relu": dict(feed_forward_proj="relu", tie_word_embeddings=True, num_decoder_layers=1),
+    "gated-silu": dict(feed_forward_proj="gated-silu", num_layers=1, num_decoder_layers=2, num_heads=3,
+                       d_kv=16, relative_attention_num_buckets=8, relative_attention_max_distance=16),
+    "gelu-erf": dict(feed_forward_proj="gelu", relative_attention_num_buckets=32,
+                     relative_attention_max_distance=128, num_heads=2, d_kv=20),
+}
+
+
+def load_pair(checkpoint_factory, class_name, config_name, backend="eager", **overrides):
+    path, hf = checkpoint_factory(class_name, **dict(CONFIGS[config_name], **overrides))
+    ours = getattr(umt5_fast, class_name).from_pretrained(path, backend=backend)
+    return ours, hf
+
+
+def inputs(vocab, seed, batch=3, length=53, dec_length=47):
+    ids, mask = random_batch(vocab, batch, length, seed)
+    dec, dec_mask = random_batch(vocab, batch, dec_length, seed + 1, padding=("right", None))
+    return ids, mask, dec, dec_mask
+
+
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+def test_conditional_generation_matches_transformers(checkpoint_factory, config_name):
+    ours, hf = load_pair(checkpoint_factory, "UMT5ForConditionalGeneration", config_name)
+    ids, mask, dec, dec_mask = inputs(ours.config.vocab_size, seed=hash(config_name) % 1000)
+    labels = dec.masked_fill(dec_mask == 0, -100)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, labels=labels, decoder_attention_mask=dec_mask,
+                 output_hidden_states=True)
+    out = ours(input_ids=ids, attention_mask=mask, labels=labels, decoder_attention_mask=dec_mask,
+               output_hidden_states=True)
+    assert_close(out.logits, ref.logits, TOL, "logits")
+    assert_close(out.loss, ref.loss, TOL, "loss")
+    assert_close(out.encoder_last_hidden_state, ref.encoder_last_hidden_state, TOL, "encoder output")
+    assert len(out.encoder_hidden_states) == len(ref.encoder_hidden_states)
+    for ours_h, ref_h in zip(out.encoder_hidden_states + out.decoder_hidden_states,
+                             ref.encoder_hidden_states + ref.decoder_hidden_states):
+        assert_close(ours_h, ref_h, TOL, "hidden states")
+
+
+@pytest.mark.parametrize("config_name", ["odd-untied", "tied-relu"])
+def test_model_and_encoder_match_transformers(checkpoint_factory, config_name):
+    ours, hf = load_pair(checkpoint_factory, "UMT5Model", config_name)
+    ids, mask, dec, dec_mask = inputs(ours.config.vocab_size, seed=7)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+    out = ours(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+    assert_close(out.last_hidden_state, ref.last_hidden_state, TOL, "decoder output")
+
+    enc, hf_enc = load_pair(checkpoint_factory, "UMT5EncoderModel", config_name)
+    with torch.no_grad():
+        ref = hf_enc(input_ids=ids, attention_mask=mask)
+    assert_close(enc(input_ids=ids, attention_mask=mask).last_hidden_state, ref.last_hidden_state, TOL,
+                 "encoder model")
+
+
+def test_encoder_model_loads_seq2seq_checkpoint_reading_only_the_encoder(checkpoint_factory):
+    path, hf = checkpoint_factory("UMT5ForConditionalGeneration", **CONFIGS["odd-untied"])
+    enc = umt5_fast.UMT5EncoderModel.from_pretrained(path, backend="eager")
+    ids, mask = random_batch(enc.config.vocab_size, 2, 30, 3)
+    with torch.no_grad():
+        ref = hf.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert_close(enc(ids, attention_mask=mask).last_hidden_state, ref, TOL, "encoder")
+    assert not any(name.startswith("decoder") for name, _ in enc.named_parameters())
+
+
+@pytest.mark.parametrize("num_labels,label_kind", [(3, "single"), (1, "regression"), (4, "multi")])
+def test_sequence_classification_matches_transformers(checkpoint_factory, num_labels, label_kind):
+    ours, hf = load_pair(checkpoint_factory, "UMT5ForSequenceClassification", "odd-untied", num_labels=num_labels)
+    g = torch.Generator().manual_seed(num_labels)
+    # each row holds exactly one eos (random_batch ends every row with eos before the padding)
+    ids, mask = random_batch(ours.config.vocab_size, 3, 45, seed=11, padding=("right", None))
+    labels = {"single": torch.randint(0, num_labels, (3,), generator=g),
+              "regression": torch.randn(3, generator=g),
+              "multi": torch.randint(0, 2, (3, num_labels), generator=g).float()}[label_kind]
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, labels=labels)
+    out = ours(input_ids=ids, attention_mask=mask, labels=labels)
+    assert_close(out.logits, ref.logits, TOL, "logits")
+    assert_close(out.loss, ref.loss, TOL, "loss")
+    assert ours.config.problem_type == hf.config.problem_type
+
+
+def test_sequence_classification_rejects_unequal_eos_counts(checkpoint_factory):
+    ours, _ = load_pair(checkpoint_factory, "UMT5ForSequenceClassification", "odd-untied", num_labels=2)
+    ids = torch.tensor([[5, 6, 1, 7, 1], [5, 6, 7, 8, 1]])
+    with pytest.raises(ValueError, match="same number of <eos>"):
+        ours(input_ids=ids)
+
+
+def test_token_classification_matches_transformers(checkpoint_factory):
+    ours, hf = load_pair(checkpoint_factory, "UMT5ForTokenClassification", "odd-untied", num_labels=5)
+    ids, mask = random_batch(ours.config.vocab_size, 3, 41, seed=5)
+    labels = torch.randint(0, 5, ids.shape).masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, labels=labels)
+    out = ours(input_ids=ids, attention_mask=mask, labels=labels)
+    assert_close(out.logits, ref.logits, TOL, "logits")
+    assert_close(out.loss, ref.loss, TOL, "loss")
+
+
+def test_question_answering_matches_transformers(checkpoint_factory):
+    ours, hf = load_pair(checkpoint_factory, "UMT5ForQuestionAnswering", "odd-untied", num_labels=2)
+    ids, mask = random_batch(ours.config.vocab_size, 3, 44, seed=9)
+    start, end = torch.tensor([1, 5, 50]), torch.tensor([3, 9, 2])  # 50 is past the end: ignored
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, start_positions=start, end_positions=end)
+    out = ours(input_ids=ids, attention_mask=mask, start_positions=start, end_positions=end)
+    assert_close(out.start_logits, ref.start_logits, TOL, "start logits")
+    assert_close(out.end_logits, ref.end_logits, TOL, "end logits")
+    assert_close(out.loss, ref.loss, TOL, "loss")
+
+
+def test_attentions_and_head_mask_match_transformers(checkpoint_factory):
+    ours, hf = load_pair(checkpoint_factory, "UMT5ForConditionalGeneration", "odd-untied")
+    ids, mask, dec, dec_mask = inputs(ours.config.vocab_size, seed=21, length=23, dec_length=9)
+    g = torch.Generator().manual_seed(0)
+    head_mask = torch.randint(0, 2, (2, 5), generator=g).float()
+    decoder_head_mask = torch.rand(3, 5, generator=g)
+    cross_mask = torch.rand(5, generator=g)
+    kwargs = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, output_attentions=True,
+                  head_mask=head_mask, decoder_head_mask=decoder_head_mask, cross_attn_head_mask=cross_mask)
+    with torch.no_grad():
+        ref = hf(**kwargs)
+    out = ours(**kwargs)
+    assert_close(out.logits, ref.logits, TOL, "logits")
+    for name in ("encoder_attentions", "decoder_attentions", "cross_attentions"):
+        for a, b in zip(getattr(out, name), getattr(ref, name)):
+            assert_close(a, b, TOL, name)
+
+
+def test_incremental_decoding_with_past_key_values_matches_full_pass(checkpoint_factory):
+    ours, hf = load_pair(checkpoint_factory, "UMT5ForConditionalGeneration", "odd-untied")
+    ids, mask, dec, _ = inputs(ours.config.vocab_size, seed=3, length=30, dec_length=12)
+    full = ours(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, use_cache=False).logits
+    enc = ours.get_encoder()(input_ids=ids, attention_mask=mask)
+    out = ours(encoder_outputs=enc, attention_mask=mask, decoder_input_ids=dec[:, :5], use_cache=True)
+    steps = [out.logits]
+    past = out.past_key_values
+    for t in range(5, 12):
+        out = ours(encoder_outputs=enc, attention_mask=mask, decoder_input_ids=dec[:, t:t + 1],
+                   past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        steps.append(out.logits)
+    assert_close(torch.cat(steps, dim=1), full, TOL, "incremental logits")
+    # and the legacy tuple format round-trips
+    legacy = past.to_legacy_cache()
+    assert len(legacy) == ours.config.num_decoder_layers and len(legacy[0]) == 4
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, use_cache=False).logits
+    assert_close(full, ref, TOL, "full logits")
+
+
+def test_inputs_embeds_and_encoder_outputs_and_tuple_outputs(checkpoint_factory):
+    ours, hf = load_pair(checkpoint_factory, "UMT5ForConditionalGeneration", "tied-relu")
+    ids, mask, dec, _ = inputs(ours.config.vocab_size, seed=4, length=19, dec_length=6)
+    embeds = ours.shared.weight[ids]
+    dec_embeds = ours.shared.weight[dec]
+    with torch.no_grad():
+        ref = hf(inputs_embeds=embeds, attention_mask=mask, decoder_inputs_embeds=dec_embeds, return_dict=False)
+    out = ours(inputs_embeds=embeds, attention_mask=mask, decoder_inputs_embeds=dec_embeds, return_dict=False)
+    assert isinstance(out, tuple) and len(out) == len(ref)
+    assert_close(out[0], ref[0], TOL, "logits via tuple")
+    enc = ours.get_encoder()(input_ids=ids, attention_mask=mask)
+    via_tuple = ours(encoder_outputs=(enc.last_hidden_state,), attention_mask=mask, decoder_input_ids=dec)
+    direct = ours(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+    assert torch.equal(via_tuple.logits, direct.logits)
+    assert direct["logits"] is direct.logits and direct[0] is direct.logits
+    assert list(direct.keys())[:2] == ["logits", "past_key_values"]
+
+
+def test_shift_right_matches_transformers(checkpoint_factory):
+    ours, hf = load_pair(checkpoint_factory, "UMT5ForConditionalGeneration", "odd-untied")
+    labels = torch.tensor([[5, 6, -100, -100], [7, -100, 8, 1]])
+    assert torch.equal(ours._shift_right(labels), hf._shift_right(labels))
+
+
+def test_model_properties(checkpoint_factory):
+    ours, _ = load_pair(checkpoint_factory, "UMT5ForConditionalGeneration", "odd-untied")
+    assert ours.dtype == torch.float32 and ours.device.type == "cpu"
+    assert ours.config.num_heads * ours.config.d_kv != ours.config.d_model
+    assert ours.get_encoder() is ours.encoder

@@ -316,29 +316,40 @@ class DecoderStack(nn.Module):
             encoder_mask = validation.check_mask("attention_mask", encoder_attention_mask,
                                                  encoder_hidden_states.shape[:2], h.device)
         num_layers, num_heads = len(self.block), self.config.num_heads
-        head_masks = layer_head_masks(head_mask, num_layers, num_heads, h.dtype)
-        cross_head_masks = layer_head_masks(cross_attn_head_mask, num_layers, num_heads, h.dtype)
+        out = self.run(h, self_mask=self_mask, encoder_states=encoder_hidden_states, encoder_mask=encoder_mask,
+                       cache=cache, past_length=past_length,
+                       head_masks=layer_head_masks(head_mask, num_layers, num_heads, h.dtype),
+                       cross_head_masks=layer_head_masks(cross_attn_head_mask, num_layers, num_heads, h.dtype),
+                       output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        out.past_key_values = cache if use_cache else None
+        return out
+
+    def run(self, h, *, self_mask, encoder_states, encoder_mask, cache, past_length, head_masks=None,
+            cross_head_masks=None, output_attentions=False, output_hidden_states=False):
+        """The layers on validated inputs (embedded ``h``); generation calls this once per step."""
+        head_masks = head_masks or [None] * len(self.block)
+        cross_head_masks = cross_head_masks or [None] * len(self.block)
         hidden_states, attentions, cross_attentions = [], [], []
         for i, block in enumerate(self.block):
             if output_hidden_states:
                 hidden_states.append(h)
             h, self_weights, cross_weights = block(
-                h, self_mask=self_mask, encoder_states=encoder_hidden_states, encoder_mask=encoder_mask,
+                h, self_mask=self_mask, encoder_states=encoder_states, encoder_mask=encoder_mask,
                 cache=cache, layer_idx=i, past_length=past_length, want_weights=output_attentions,
                 head_mask=head_masks[i], cross_head_mask=cross_head_masks[i])
             if output_attentions:
                 attentions.append(self_weights)
                 cross_attentions.append(cross_weights)
         if cache is not None:
-            cache.length = past_length + length
+            cache.length = past_length + h.shape[1]
         h = self.final_layer_norm(h)
         if output_hidden_states:
             hidden_states.append(h)
         return BaseModelOutputWithPastAndCrossAttentions(
-            last_hidden_state=h, past_key_values=cache if use_cache else None,
+            last_hidden_state=h, past_key_values=cache,
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
-            cross_attentions=tuple(cross_attentions) if output_attentions and encoder_hidden_states is not None
+            cross_attentions=tuple(cross_attentions) if output_attentions and encoder_states is not None
             else None)
 
 

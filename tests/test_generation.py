@@ -1,0 +1,205 @@
+"""generate() against transformers' generate: token-for-token in fp32 (greedy and beam)."""
+import types
+
+import pytest
+import torch
+
+import umt5_fast
+from umt5_fast import generation
+from helpers import random_batch
+
+CONFIGS = {
+    # more decoder than encoder layers: transformers' cached generate crashes there, so its
+    # use_cache=False path is the reference
+    "odd": dict(),
+    "tied-shallow-decoder": dict(tie_word_embeddings=True, num_layers=3, num_decoder_layers=1, num_heads=4,
+                                 d_kv=12, feed_forward_proj="gated-silu"),
+}
+
+
+def pair(checkpoint_factory, name):
+    path, hf = checkpoint_factory("UMT5ForConditionalGeneration", **CONFIGS[name])
+    ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="eager")
+    return ours, hf
+
+
+def reference(hf, ids, mask, **kwargs):
+    use_cache = hf.config.num_decoder_layers <= hf.config.num_layers
+    with torch.no_grad():
+        return hf.generate(ids, attention_mask=mask, use_cache=use_cache, **kwargs)
+
+
+def frequent_token(ours, ids, mask):
+    """A token greedy decoding emits often: used as eos so that rows finish at different steps."""
+    out = ours.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None)
+    counts = torch.bincount(out[:, 1:].flatten(), minlength=ours.config.vocab_size)
+    counts[0] = 0
+    return int(counts.argmax())
+
+
+CASES = [
+    dict(max_new_tokens=17),
+    dict(max_length=13),
+    dict(max_new_tokens=15, num_beams=4),
+    dict(max_new_tokens=14, num_beams=3, num_return_sequences=2, length_penalty=0.6),
+    dict(max_new_tokens=12, num_beams=2, early_stopping=True, length_penalty=1.5),
+    dict(max_new_tokens=12, num_beams=3, early_stopping="never"),
+    dict(max_new_tokens=16, repetition_penalty=1.4, no_repeat_ngram_size=2, min_new_tokens=4),
+    dict(max_new_tokens=10, num_beams=2, no_repeat_ngram_size=3, min_length=6),
+]
+
+
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_matches_transformers_generate(checkpoint_factory, config_name, case):
+    ours, hf = pair(checkpoint_factory, config_name)
+    ids, mask = random_batch(ours.config.vocab_size, 4, 45, seed=case)  # right, left and no padding
+    eos = frequent_token(ours, ids, mask)
+    kwargs = dict(CASES[case], eos_token_id=[eos, 1] if case % 2 else eos)
+    expected = reference(hf, ids, mask, **kwargs)
+    got = ours.generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(got, expected), f"\n{got}\n!=\n{expected}"
+
+
+def test_scores_and_sequence_scores_match_transformers(checkpoint_factory):
+    ours, hf = pair(checkpoint_factory, "tied-shallow-decoder")
+    ids, mask = random_batch(ours.config.vocab_size, 2, 20, seed=3)
+    for kwargs in (dict(max_new_tokens=6), dict(max_new_tokens=6, num_beams=3)):
+        ref = reference(hf, ids, mask, return_dict_in_generate=True, output_scores=True, **kwargs)
+        out = ours.generate(ids, attention_mask=mask, return_dict_in_generate=True, output_scores=True, **kwargs)
+        assert torch.equal(out.sequences, ref.sequences)
+        assert len(out.scores) == len(ref.scores)
+        for a, b in zip(out.scores, ref.scores):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        if "num_beams" in kwargs:
+            torch.testing.assert_close(out.sequences_scores, ref.sequences_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_prompt_is_prefilled(checkpoint_factory):
+    ours, hf = pair(checkpoint_factory, "odd")
+    ids, mask = random_batch(ours.config.vocab_size, 3, 30, seed=5)
+    prompt = torch.cat([torch.zeros(3, 1, dtype=torch.long), torch.randint(2, 100, (3, 4))], dim=1)
+    expected = reference(hf, ids, mask, decoder_input_ids=prompt, max_new_tokens=8)
+    assert torch.equal(ours.generate(ids, attention_mask=mask, decoder_input_ids=prompt, max_new_tokens=8),
+                       expected)
+
+
+def test_sampling_is_reproducible_and_follows_transformers(checkpoint_factory):
+    ours, hf = pair(checkpoint_factory, "tied-shallow-decoder")
+    ids, mask = random_batch(ours.config.vocab_size, 2, 25, seed=8)
+    kwargs = dict(do_sample=True, max_new_tokens=12, top_k=20, top_p=0.9, temperature=0.8, num_return_sequences=3)
+    a = ours.generate(ids, attention_mask=mask, seed=123, **kwargs)
+    b = ours.generate(ids, attention_mask=mask, seed=123, **kwargs)
+    c = ours.generate(ids, attention_mask=mask, seed=124, **kwargs)
+    assert torch.equal(a, b) and a.shape == (6, 13) and not torch.equal(a, c)
+    # with the same global RNG state, the eager backend draws exactly what transformers draws
+    torch.manual_seed(7)
+    expected = reference(hf, ids, mask, **kwargs)
+    torch.manual_seed(7)
+    assert torch.equal(ours.generate(ids, attention_mask=mask, **kwargs), expected)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_logits_processors_match_transformers(seed):
+    from transformers.generation import logits_process as lp
+    g = torch.Generator().manual_seed(seed)
+    rows, vocab = 5, 50
+    scores = torch.randn(rows, vocab, generator=g) * 3
+    sequences = torch.randint(0, 8, (rows, 9), generator=g)  # small range: repeated n-grams
+    pairs = [
+        (lambda s: generation.repetition_penalty(sequences, s, 1.7), lp.RepetitionPenaltyLogitsProcessor(1.7)),
+        (lambda s: generation.no_repeat_ngram(sequences, s, 2), lp.NoRepeatNGramLogitsProcessor(2)),
+        (lambda s: generation.no_repeat_ngram(sequences, s, 3), lp.NoRepeatNGramLogitsProcessor(3)),
+        (lambda s: generation.top_k_filter(s, 7), lp.TopKLogitsWarper(7)),
+        (lambda s: generation.top_k_filter(s, 1, 3), lp.TopKLogitsWarper(1, min_tokens_to_keep=3)),
+        (lambda s: generation.top_p_filter(s, 0.6), lp.TopPLogitsWarper(0.6)),
+        (lambda s: generation.top_p_filter(s, 0.05, 2), lp.TopPLogitsWarper(0.05, min_tokens_to_keep=2)),
+        (lambda s: generation.forbid_eos(s, [1, 4]), lp.MinLengthLogitsProcessor(20, [1, 4])),
+        (lambda s: s / 0.7, lp.TemperatureLogitsWarper(0.7)),
+    ]
+    for ours, theirs in pairs:
+        assert torch.equal(ours(scores.clone()), theirs(sequences, scores.clone())), theirs
+
+
+def test_streaming_yields_each_step(checkpoint_factory):
+    ours, _ = pair(checkpoint_factory, "odd")
+    ids, mask = random_batch(ours.config.vocab_size, 3, 20, seed=2)
+    eos = frequent_token(ours, ids, mask)
+    full = ours.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos)
+
+    class Recorder:
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, value):
+            self.puts.append(value)
+
+        def end(self):
+            self.ended = True
+
+    recorder = Recorder()
+    ours.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, streamer=recorder)
+    assert recorder.ended and torch.equal(recorder.puts[0], full[:, :1])
+    assert torch.equal(torch.stack(recorder.puts[1:], dim=1), full[:, 1:])
+    steps = list(generation.generate_stream(ours, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos))
+    assert torch.equal(torch.stack(steps, dim=1), full[:, 1:])
+
+
+def test_generation_config_sources(checkpoint_factory):
+    from transformers import GenerationConfig
+    ours, hf = pair(checkpoint_factory, "tied-shallow-decoder")
+    ids, mask = random_batch(ours.config.vocab_size, 2, 15, seed=4)
+    config = GenerationConfig(max_new_tokens=7, num_beams=2, decoder_start_token_id=0, pad_token_id=0,
+                              eos_token_id=1)
+    expected = reference(hf, ids, mask, generation_config=config)
+    assert torch.equal(ours.generate(ids, attention_mask=mask, generation_config=config), expected)
+    ours.generation_config = {"max_new_tokens": 5, "num_beams": 2}
+    try:
+        assert ours.generate(ids, attention_mask=mask).shape[1] <= 6
+        ours.generation_config = {"num_beam_groups": 2, "diversity_penalty": 0.5}
+        with pytest.raises(ValueError, match="diversity_penalty|num_beam_groups"):
+            ours.generate(ids, attention_mask=mask)
+    finally:
+        ours.generation_config = None
+
+
+def test_static_cache_is_allocated_once_and_decode_reads_it(checkpoint_factory, monkeypatch):
+    ours, _ = pair(checkpoint_factory, "odd")
+    ids, mask = random_batch(ours.config.vocab_size, 2, 20, seed=6)
+    calls = []
+    eager_ops = ours.runtime.ops
+    recording = types.SimpleNamespace(**{k: getattr(eager_ops, k) for k in dir(eager_ops) if not k.startswith("__")})
+
+    def decode_attention(q, k_cache, v_cache, cache_length, *args, **kwargs):
+        calls.append((q.shape, k_cache.data_ptr(), k_cache.shape, int(cache_length)))
+        return eager_ops.decode_attention(q, k_cache, v_cache, cache_length, *args, **kwargs)
+
+    recording.decode_attention = decode_attention
+    monkeypatch.setattr(ours.runtime, "ops", recording)
+    out = ours.generate(ids, attention_mask=mask, max_new_tokens=9, eos_token_id=None)
+    layers = ours.config.num_decoder_layers
+    assert len(calls) == layers * 9  # every step (the start token's too), every layer
+    assert all(shape[2] == 1 for shape, *_ in calls)  # one query row per sequence
+    assert {c[2][2] for c in calls} == {10}  # the preallocated [B, H, max_length, D] buffers
+    assert [c[3] for c in calls[::layers]] == list(range(1, 10))
+    assert len({c[1] for c in calls}) == layers  # the same buffer every step: no reallocation
+    assert out.shape == (2, 10)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(num_beams=0), "num_beams"),
+    (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
+    (dict(do_sample=True, top_p=1.5), "top_p"), (dict(do_sample=True, top_p=0.0), "top_p"),
+    (dict(do_sample=True, temperature=0.0), "temperature"), (dict(eos_token_id=10**6), "eos_token_id"),
+    (dict(max_length=1), "max_length"), (dict(top_k=-1), "top_k")])
+def test_bad_generation_arguments(checkpoint_factory, kwargs, match):
+    ours, _ = pair(checkpoint_factory, "odd")
+    ids, mask = random_batch(ours.config.vocab_size, 2, 10, seed=1)
+    with pytest.raises(ValueError, match=match):
+        ours.generate(ids, attention_mask=mask, **kwargs)
+
+
+def test_unknown_generation_argument(checkpoint_factory):
+    ours, _ = pair(checkpoint_factory, "odd")
+    with pytest.raises(TypeError, match="num_beam_groupz"):
+        ours.generate(torch.tensor([[5, 1]]), num_beam_groupz=2)

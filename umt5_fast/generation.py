@@ -1,0 +1,409 @@
+"""generate(): greedy, sampled and beam decoding with a static KV cache.
+
+The encoder runs once; every decoder layer's cross-attention K/V are projected once into the cache;
+then each step feeds one token per row through ``DecoderStack.run`` (self-attention reads the
+preallocated cache; the bias is computed for the step's query position only) and the LM head of
+that position alone. Results are token-for-token those of transformers' ``generate`` (fp32): the
+logits processors and the beam bookkeeping below follow its definitions.
+"""
+import math
+from dataclasses import dataclass
+from typing import Iterator, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from umt5_fast import validation
+from umt5_fast.cache import StaticCache
+
+# transformers' GenerationConfig defaults for the options we support.
+DEFAULTS = dict(max_length=20, max_new_tokens=None, min_length=0, min_new_tokens=None, do_sample=False,
+                num_beams=1, num_return_sequences=1, temperature=1.0, top_k=50, top_p=1.0,
+                repetition_penalty=1.0, length_penalty=1.0, no_repeat_ngram_size=0, early_stopping=False,
+                eos_token_id=None, pad_token_id=None, decoder_start_token_id=None, output_scores=False,
+                return_dict_in_generate=False)
+# Keys of a generation_config.json that do not change decoding here.
+_IGNORED = {"_from_model_config", "transformers_version", "bos_token_id", "use_cache", "output_attentions",
+            "output_hidden_states", "output_logits", "cache_implementation"}
+
+
+@dataclass
+class GenerateOutput:
+    """``return_dict_in_generate=True``: sequences, per-step processed scores, beam scores."""
+    sequences: torch.Tensor
+    scores: Optional[Tuple[torch.Tensor, ...]] = None
+    sequences_scores: Optional[torch.Tensor] = None
+
+    def __getitem__(self, key):
+        return getattr(self, key) if isinstance(key, str) else (self.sequences, self.scores)[key]
+
+
+def resolve_options(model, generation_config=None, **kwargs) -> dict:
+    """Merge defaults < model config ids < generation_config.json < ``generation_config`` < kwargs.
+
+    A generation config that asks for a feature this engine does not implement (a constraint,
+    a different processor) is refused rather than silently ignored.
+    """
+    cfg = model.config
+    options = dict(DEFAULTS, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+                   decoder_start_token_id=cfg.decoder_start_token_id)
+    if generation_config is not None and not isinstance(generation_config, dict):
+        generation_config = generation_config.to_diff_dict()  # a transformers GenerationConfig
+    layers = (("generation_config.json", getattr(model, "generation_config", None) or {}),
+              ("generation_config", generation_config or {}))
+    for source, layer in layers:
+        for key, value in layer.items():
+            if key in DEFAULTS:
+                if value is not None:
+                    options[key] = value
+            elif key not in _IGNORED and value not in (None, False, 0, 1, [], {}):
+                raise ValueError(f"{source} sets {key}={value!r}, which umt5_fast's generate does not support")
+    for key, value in kwargs.items():
+        if key not in DEFAULTS:
+            raise TypeError(f"generate() got an unexpected argument {key!r}")
+        options[key] = value
+    return options
+
+
+def check_options(o: dict, vocab_size: int):
+    def positive_int(name, minimum=1):
+        value = o[name]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+    positive_int("max_new_tokens")
+    positive_int("max_length")
+    positive_int("num_beams")
+    positive_int("num_return_sequences")
+    positive_int("top_k", 0)
+    positive_int("no_repeat_ngram_size", 0)
+    positive_int("min_length", 0)
+    positive_int("min_new_tokens", 0)
+    if o["num_return_sequences"] > o["num_beams"] and not o["do_sample"]:
+        raise ValueError(f"num_return_sequences ({o['num_return_sequences']}) must be <= num_beams "
+                         f"({o['num_beams']}) unless do_sample=True")
+    if o["do_sample"] and not (isinstance(o["temperature"], (int, float)) and o["temperature"] > 0):
+        raise ValueError(f"temperature must be a number > 0, got {o['temperature']!r}")
+    if not (isinstance(o["top_p"], (int, float)) and 0 < o["top_p"] <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {o['top_p']!r}")
+    if not (isinstance(o["repetition_penalty"], (int, float)) and o["repetition_penalty"] > 0):
+        raise ValueError(f"repetition_penalty must be a number > 0, got {o['repetition_penalty']!r}")
+    if o["early_stopping"] not in (True, False, "never"):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {o['early_stopping']!r}")
+    for name in ("pad_token_id", "decoder_start_token_id"):
+        if o[name] is None or not 0 <= o[name] < vocab_size:
+            raise ValueError(f"{name} must be a token id in [0, {vocab_size}), got {o[name]!r}")
+    eos = o["eos_token_id"]
+    eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    if any(not isinstance(e, int) or not 0 <= e < vocab_size for e in eos):
+        raise ValueError(f"eos_token_id must be token ids in [0, {vocab_size}), got {o['eos_token_id']!r}")
+    o["eos_token_id"] = eos
+
+
+# ---------------------------------------------------------------------------------------------
+# Logits processors (same definitions as transformers' RepetitionPenalty, NoRepeatNGram,
+# MinLength, MinNewTokensLength, Temperature, TopK and TopP processors)
+# ---------------------------------------------------------------------------------------------
+def repetition_penalty(sequences, scores, penalty: float):
+    picked = torch.gather(scores, 1, sequences)
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return scores.scatter(1, sequences, picked)
+
+
+def no_repeat_ngram(sequences, scores, n: int):
+    """Ban every token that would complete an n-gram already present in the row (vectorised)."""
+    length = sequences.shape[1]
+    if length < n:  # no complete n-gram yet
+        return scores
+    if n == 1:
+        return scores.scatter(1, sequences, -math.inf)
+    windows = sequences.unfold(1, n, 1)  # [rows, length - n + 1, n]
+    prefix = sequences[:, length - n + 1:]  # the n-1 last tokens
+    matches = (windows[:, :, :-1] == prefix[:, None, :]).all(-1)
+    # scatter_add: several windows may name the same next token (scatter_ would keep any one write)
+    banned = torch.zeros_like(scores).scatter_add_(1, windows[:, :, -1], matches.to(scores.dtype))
+    return scores.masked_fill(banned > 0, -math.inf)
+
+
+def forbid_eos(scores, eos_ids):
+    scores = scores.clone()
+    scores[:, eos_ids] = -math.inf
+    return scores
+
+
+def top_k_filter(scores, top_k: int, min_tokens_to_keep: int = 1):
+    top_k = min(max(top_k, min_tokens_to_keep), scores.size(-1))
+    return scores.masked_fill(scores < torch.topk(scores, top_k)[0][..., -1, None], -math.inf)
+
+
+def top_p_filter(scores, top_p: float, min_tokens_to_keep: int = 1):
+    sorted_logits, sorted_indices = torch.sort(scores, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= (1 - top_p)
+    remove[..., -min_tokens_to_keep:] = 0
+    return scores.masked_fill(remove.scatter(1, sorted_indices, remove), -math.inf)
+
+
+def process_scores(o: dict, sequences, scores, prompt_length: int, beam: bool):
+    """Apply the configured processors in transformers' order; ``sequences`` = ids so far."""
+    if o["repetition_penalty"] != 1.0:
+        scores = repetition_penalty(sequences, scores, o["repetition_penalty"])
+    if o["no_repeat_ngram_size"]:
+        scores = no_repeat_ngram(sequences, scores, o["no_repeat_ngram_size"])
+    eos = o["eos_token_id"]
+    if eos and o["min_length"] and sequences.shape[1] < o["min_length"]:
+        scores = forbid_eos(scores, eos)
+    if eos and o["min_new_tokens"] and sequences.shape[1] - prompt_length < o["min_new_tokens"]:
+        scores = forbid_eos(scores, eos)
+    if o["do_sample"]:
+        keep = (len(eos) + 1 if eos else 2) if beam else 1
+        if o["temperature"] != 1.0:
+            scores = scores / o["temperature"]
+        if o["top_k"]:
+            scores = top_k_filter(scores, o["top_k"], keep)
+        if o["top_p"] < 1.0:
+            scores = top_p_filter(scores, o["top_p"], keep)
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoding engine
+# ---------------------------------------------------------------------------------------------
+class Decoder:
+    """Encoder output + static cache for ``rows`` decoder rows; ``step`` returns next-token logits."""
+
+    def __init__(self, model, encoder_states, encoder_mask, rows_per_source: int, max_length: int):
+        self.model = model
+        if rows_per_source > 1:
+            encoder_states = encoder_states.repeat_interleave(rows_per_source, dim=0)
+            encoder_mask = None if encoder_mask is None else encoder_mask.repeat_interleave(rows_per_source, dim=0)
+        self.encoder_states, self.encoder_mask = encoder_states, encoder_mask
+        cfg = model.config
+        self.cache = StaticCache(cfg.num_decoder_layers, encoder_states.shape[0], cfg.num_heads, max_length,
+                                 cfg.d_kv, model.shared.weight.dtype, encoder_states.device)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens`` ``[rows, L]`` (the prompt, then one token a step); fp32 logits of the last."""
+        decoder = self.model.decoder
+        h = F.embedding(tokens, decoder.embed_tokens.weight)
+        out = decoder.run(h, self_mask=None, encoder_states=self.encoder_states, encoder_mask=self.encoder_mask,
+                          cache=self.cache, past_length=self.cache.length)
+        return self.model.logits(out.last_hidden_state[:, -1]).float()
+
+
+def prepare(model, input_ids, attention_mask, decoder_input_ids, options):
+    """Validate inputs, run the encoder; return (encoder states, mask, decoder prompt, max_length)."""
+    cfg = model.config
+    validation.check_ids("input_ids", input_ids, cfg.vocab_size, model.device, allow_none=False)
+    mask = validation.check_mask("attention_mask", attention_mask, input_ids.shape, model.device)
+    batch = input_ids.shape[0]
+    if decoder_input_ids is None:
+        prompt = torch.full((batch, 1), options["decoder_start_token_id"], dtype=torch.long, device=model.device)
+    else:
+        validation.check_ids("decoder_input_ids", decoder_input_ids, cfg.vocab_size, model.device, allow_none=False)
+        validation.same_batch("decoder_input_ids", decoder_input_ids.shape[0], "input_ids", batch)
+        prompt = decoder_input_ids.long()
+    prompt_length = prompt.shape[1]
+    if options["max_new_tokens"] is not None:
+        max_length = prompt_length + options["max_new_tokens"]
+    else:
+        max_length = options["max_length"]
+        if max_length <= prompt_length:
+            raise ValueError(f"max_length ({max_length}) leaves no room to generate after the decoder prompt "
+                             f"({prompt_length} tokens); set max_new_tokens")
+    with torch.inference_mode():
+        encoder_states = model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return encoder_states, mask, prompt, max_length
+
+
+def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, options, generator=None,
+                 scores_out=None) -> Iterator[torch.Tensor]:
+    """Greedy or sampled decoding; yields the ``[rows]`` tokens of each step (pad once a row ended).
+
+    Rows whose sequence ended are carried with pad tokens, exactly like transformers.
+    """
+    expand = options["num_return_sequences"] if options["do_sample"] else 1
+    rows = prompt.shape[0] * expand
+    sequences = torch.full((rows, max_length), options["pad_token_id"], dtype=torch.long, device=prompt.device)
+    prompt_length = prompt.shape[1]
+    sequences[:, :prompt_length] = prompt.repeat_interleave(expand, dim=0)
+    decoder = Decoder(model, encoder_states, encoder_mask, expand, max_length)
+    eos = torch.tensor(options["eos_token_id"], dtype=torch.long, device=prompt.device)
+    unfinished = torch.ones(rows, dtype=torch.bool, device=prompt.device)
+    pad = options["pad_token_id"]
+    tokens = sequences[:, :prompt_length]
+    with torch.inference_mode():
+        for length in range(prompt_length, max_length):
+            logits = decoder.step(tokens)
+            scores = process_scores(options, sequences[:, :length], logits, prompt_length, beam=False)
+            if scores_out is not None:
+                scores_out.append(scores)
+            if options["do_sample"]:
+                next_tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+            else:
+                next_tokens = scores.argmax(-1)
+            if len(eos):
+                next_tokens = torch.where(unfinished, next_tokens, pad)
+            sequences[:, length] = next_tokens
+            tokens = sequences[:, length:length + 1]
+            yield next_tokens
+            if len(eos):
+                unfinished &= ~torch.isin(next_tokens, eos)
+                if not bool(unfinished.any()):
+                    return
+
+
+def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options, generator=None,
+                scores_out=None):
+    """transformers' vectorised beam search (its ``_beam_search``), on our static cache.
+
+    Returns ``(sequences [batch * num_return_sequences, T], sequence scores)``.
+    """
+    num_beams, o = options["num_beams"], options
+    batch, prompt_length = prompt.shape
+    vocab = model.config.vocab_size
+    device = prompt.device
+    eos = torch.tensor(o["eos_token_id"], dtype=torch.long, device=device)
+    beams_to_keep = max(2, 1 + len(eos)) * num_beams
+    top_num_beam_mask = torch.arange(beams_to_keep, device=device) < num_beams
+    length_penalty, early_stopping = o["length_penalty"], o["early_stopping"]
+    fill = (o["pad_token_id"] or o["eos_token_id"][0]) if len(eos) else -1  # transformers' fill value
+
+    running = torch.full((batch, num_beams, max_length), fill, dtype=torch.long, device=device)
+    running[:, :, :prompt_length] = prompt[:, None, :]
+    finished = running.clone()
+    running_scores = torch.zeros(batch, num_beams, device=device)
+    running_scores[:, 1:] = -1e9
+    finished_scores = torch.full((batch, num_beams), -1e9, device=device)
+    is_finished = torch.zeros(batch, num_beams, dtype=torch.bool, device=device)
+    improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
+    running_origin = torch.full((batch, num_beams, max_length - prompt_length), -1, dtype=torch.long,
+                                device=device)
+    finished_origin = running_origin.clone()
+    decoder = Decoder(model, encoder_states, encoder_mask, num_beams, max_length)
+    batch_offset = torch.arange(batch, device=device)[:, None] * num_beams
+
+    def gather(tensor, index):
+        while index.dim() < tensor.dim():
+            index = index.unsqueeze(-1)
+        return torch.take_along_dim(tensor, index, dim=1)
+
+    length = prompt_length
+    tokens = running.view(batch * num_beams, max_length)[:, :prompt_length]
+    with torch.inference_mode():
+        while True:
+            flat = running.view(batch * num_beams, max_length)[:, :length]
+            logits = decoder.step(tokens)
+            log_probs = process_scores(o, flat, F.log_softmax(logits, dim=-1), prompt_length, beam=True)
+            if scores_out is not None:
+                scores_out.append(log_probs)
+            log_probs = (log_probs.view(batch, num_beams, vocab) + running_scores[:, :, None]).view(batch, -1)
+            if o["do_sample"]:
+                top_indices = torch.multinomial(log_probs.softmax(-1), beams_to_keep, generator=generator)
+                top_log_probs = torch.gather(log_probs, 1, top_indices)
+            else:
+                top_log_probs, top_indices = torch.topk(log_probs, beams_to_keep)
+            source_beam = top_indices // vocab
+            top_sequences = gather(running, source_beam)
+            top_sequences[:, :, length] = top_indices % vocab
+            top_origin = gather(running_origin, source_beam)
+            top_origin[:, :, length - prompt_length] = source_beam + batch_offset
+            hits_eos = torch.isin(top_sequences[:, :, length], eos) if len(eos) else \
+                torch.zeros_like(top_log_probs, dtype=torch.bool)
+            hits_stop = hits_eos | (length + 1 >= max_length)
+
+            # the best num_beams continuations that did not stop keep running
+            continuing = top_log_probs + hits_stop.float() * -1.0e9
+            keep = torch.topk(continuing, num_beams)[1]
+            running, running_scores, running_origin = (gather(top_sequences, keep), gather(continuing, keep),
+                                                       gather(top_origin, keep))
+
+            # the stopped ones among the top num_beams compete with the finished hypotheses
+            just_finished = hits_stop & top_num_beam_mask[None, :]
+            candidate_scores = top_log_probs / ((length + 1 - prompt_length) ** length_penalty)
+            batch_full = is_finished.all(dim=-1, keepdim=True) & (early_stopping is True)
+            candidate_scores = candidate_scores + batch_full.float() * -1.0e9
+            candidate_scores = candidate_scores + (~improvable).float() * -1.0e9
+            candidate_scores = candidate_scores + (~just_finished).float() * -1.0e9
+            merged_scores = torch.cat([finished_scores, candidate_scores], dim=1)
+            best = torch.topk(merged_scores, num_beams)[1]
+            finished = gather(torch.cat([finished, top_sequences], dim=1), best)
+            finished_scores = gather(merged_scores, best)
+            finished_origin = gather(torch.cat([finished_origin, top_origin], dim=1), best)
+            is_finished = gather(torch.cat([is_finished, just_finished], dim=1), best)
+
+            decoder.cache.reorder(running_origin[:, :, length - prompt_length].reshape(-1))
+            length += 1
+            tokens = running.view(batch * num_beams, max_length)[:, length - 1:length]
+
+            # can a running beam still beat the worst finished one?
+            if early_stopping == "never" and length_penalty > 0.0:
+                best_length = max_length - prompt_length
+            else:
+                best_length = length - prompt_length
+            best_running = running_scores[:, :1] / (best_length ** length_penalty)
+            worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], -1.0e9)
+            improvable = improvable & (best_running > worst_finished).any(dim=-1, keepdim=True)
+            open_beams = ~(is_finished.all() & (early_stopping is True))
+            if not bool(improvable.any() & open_beams & ~hits_stop.all()):
+                break
+
+    n = o["num_return_sequences"]
+    sequences = finished[:, :n].reshape(batch * n, max_length)
+    sequence_scores = finished_scores[:, :n].reshape(-1)
+    origin = finished_origin[:, :n].reshape(batch * n, -1)
+    generated = int((origin + 1).bool().sum(dim=1).max())
+    return sequences[:, :prompt_length + generated], sequence_scores
+
+
+def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=None, generation_config=None,
+             streamer=None, generator: Optional[torch.Generator] = None, seed: Optional[int] = None, **kwargs):
+    """Decode like transformers' ``generate``; returns ids ``[batch * num_return_sequences, T]``.
+
+    Sampling draws from ``generator`` (or a fresh one seeded with ``seed``; else torch's global RNG).
+    ``streamer``: an object with ``put(ids)`` / ``end()`` (transformers' streamer protocol): it
+    receives the decoder prompt, then each step's tokens.
+    """
+    options = resolve_options(model, generation_config, **kwargs)
+    check_options(options, model.config.vocab_size)
+    if seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+    encoder_states, mask, prompt, max_length = prepare(model, input_ids, attention_mask, decoder_input_ids, options)
+    scores = [] if options["output_scores"] and options["return_dict_in_generate"] else None
+    sequence_scores = None
+    if options["num_beams"] > 1:
+        if streamer is not None:
+            raise ValueError("streamer cannot be used with beam search (num_beams > 1)")
+        sequences, sequence_scores = beam_search(model, encoder_states, mask, prompt, max_length, options,
+                                                 generator, scores)
+    else:
+        if streamer is not None:
+            streamer.put(prompt.cpu())
+        steps = []
+        for tokens in sample_steps(model, encoder_states, mask, prompt, max_length, options, generator, scores):
+            steps.append(tokens)
+            if streamer is not None:
+                streamer.put(tokens.cpu())
+        if streamer is not None:
+            streamer.end()
+        expand = options["num_return_sequences"] if options["do_sample"] else 1
+        sequences = torch.cat([prompt.repeat_interleave(expand, dim=0), torch.stack(steps, dim=1)], dim=1)
+    if options["return_dict_in_generate"]:
+        return GenerateOutput(sequences=sequences, scores=tuple(scores) if scores is not None else None,
+                              sequences_scores=sequence_scores if options["output_scores"] else None)
+    return sequences
+
+
+def generate_stream(model, input_ids=None, attention_mask=None, **kwargs) -> Iterator[torch.Tensor]:
+    """Greedy/sampled decoding as an iterator: yields each step's ``[rows]`` tokens (pad after eos)."""
+    generator = kwargs.pop("generator", None)
+    seed = kwargs.pop("seed", None)
+    decoder_input_ids = kwargs.pop("decoder_input_ids", None)
+    options = resolve_options(model, kwargs.pop("generation_config", None), **kwargs)
+    check_options(options, model.config.vocab_size)
+    if options["num_beams"] > 1:
+        raise ValueError("generate_stream supports greedy and sampled decoding (num_beams=1)")
+    if seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+    encoder_states, mask, prompt, max_length = prepare(model, input_ids, attention_mask, decoder_input_ids, options)
+    yield from sample_steps(model, encoder_states, mask, prompt, max_length, options, generator)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
@@ -46,9 +46,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     # `kernels/` holds the Triton kernels; it ships as `umt5_fast.kernels` because a popular PyPI
-    # package is called `kernels` and transformers probes for it.
-    packages=["umt5_fast", "umt5_fast.ops", "umt5_fast.kernels"],
-    package_dir={"umt5_fast": "umt5_fast", "umt5_fast.kernels": "kernels"},
+    # package is called `kernels` and transformers probes for it. `benchmarks/` ships as
+    # `umt5_fast.benchmarks` so that `umt5-fast bench` works from an installed package.
+    packages=find_packages(include=["umt5_fast", "umt5_fast.*"]) + ["umt5_fast.kernels", "umt5_fast.benchmarks"],
+    package_dir={"umt5_fast": "umt5_fast", "umt5_fast.kernels": "kernels", "umt5_fast.benchmarks": "benchmarks"},
     package_data={"umt5_fast": ["assets/*/*"]},
     install_requires=["torch>=2.4", "safetensors>=0.4", "sentencepiece>=0.1.99", "numpy>=1.24"],
     extras_require={

@@ -357,7 +357,7 @@ def embed(table: nn.Embedding, ids, embeds, ids_name: str, embeds_name: str) -> 
     if (ids is None) == (embeds is None):
         raise ValueError(f"pass exactly one of {ids_name} and {embeds_name}")
     if embeds is not None:
-        validation.check_embeds(embeds_name, embeds, table.embedding_dim, table.weight.device)
+        validation.check_embeds(embeds_name, embeds, table.embedding_dim, table.weight.device, table.weight.dtype)
         return embeds
     validation.check_ids(ids_name, ids, table.num_embeddings, table.weight.device)
     return F.embedding(ids.long(), table.weight)

@@ -25,11 +25,13 @@ def check_ids(name: str, ids, vocab_size: int, device=None, allow_none=True):
         raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {vocab_size})")
 
 
-def check_embeds(name: str, embeds, d_model: int, device=None):
+def check_embeds(name: str, embeds, d_model: int, device=None, dtype=None):
     if embeds is None:
         return
     if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point():
         raise TypeError(f"{name} must be a floating-point torch.Tensor")
+    if dtype is not None and embeds.dtype != dtype:
+        raise TypeError(f"{name} has dtype {embeds.dtype} but the model's embeddings are {dtype}")
     if embeds.dim() != 3 or embeds.shape[-1] != d_model:
         raise ValueError(f"{name} must have shape [batch, sequence_length, d_model={d_model}], "
                          f"got {tuple(embeds.shape)}")
@@ -37,6 +39,8 @@ def check_embeds(name: str, embeds, d_model: int, device=None):
         raise ValueError(f"{name} is empty (shape {tuple(embeds.shape)})")
     if device is not None and embeds.device != torch.device(device):
         raise ValueError(f"{name} is on {embeds.device} but the model is on {device}")
+    if not bool(torch.isfinite(embeds).all()):
+        raise ValueError(f"{name} holds NaN or infinite values")
 
 
 def check_mask(name: str, mask, shape, device=None, require_visible=True) -> torch.Tensor:

@@ -1,0 +1,5 @@
+import sys
+
+from umt5_fast.cli import main
+
+sys.exit(main())

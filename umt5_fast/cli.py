@@ -1,0 +1,119 @@
+"""``umt5-fast`` / ``python -m umt5_fast``: generate, encode and bench from the command line."""
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "tiny-umt5"
+
+
+def read_texts(args) -> list:
+    if args.text:
+        return list(args.text)
+    source = open(args.file, encoding="utf-8") if args.file else sys.stdin
+    with source:
+        texts = [line.rstrip("\n") for line in source if line.strip()]
+    if not texts:
+        raise SystemExit("umt5-fast: no input text (pass TEXT arguments, --file, or lines on stdin)")
+    return texts
+
+
+def add_common(parser):
+    parser.add_argument("text", nargs="*", help="input texts (default: --file, else stdin, one per line)")
+    parser.add_argument("--file", help="read one input per line from this file")
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint directory (default: shipped tiny model)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "cpu", "eager", "triton"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=16)
+
+
+def load(cls, args, **kwargs):
+    import torch
+    from umt5_fast.tokenizer import UMT5Tokenizer
+    tokenizer = UMT5Tokenizer.from_pretrained(args.model)
+    model = cls.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device,
+                                backend=args.backend, **kwargs)
+    return tokenizer, model
+
+
+def batches(items, size):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def cmd_generate(args):
+    from umt5_fast import UMT5ForConditionalGeneration
+    from umt5_fast.streamers import TextStreamer
+    texts = read_texts(args)
+    tokenizer, model = load(UMT5ForConditionalGeneration, args, quantize=args.quantize)
+    options = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample)
+    if args.do_sample:
+        options.update(seed=args.seed, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    for chunk in batches(texts, args.batch_size):
+        enc = tokenizer(chunk, padding=True, return_tensors="pt")
+        ids, mask = enc["input_ids"].to(args.device), enc["attention_mask"].to(args.device)
+        if args.stream and len(chunk) == 1 and args.num_beams == 1:
+            model.generate(ids, attention_mask=mask, streamer=TextStreamer(tokenizer), **options)
+            continue
+        out = model.generate(ids, attention_mask=mask, **options)
+        for text in tokenizer.batch_decode(out, skip_special_tokens=True):
+            print(text, flush=True)
+
+
+def cmd_encode(args):
+    import torch
+    from umt5_fast import UMT5EncoderModel
+    texts = read_texts(args)
+    tokenizer, model = load(UMT5EncoderModel, args)
+    pooled = []
+    for chunk in batches(texts, args.batch_size):
+        enc = tokenizer(chunk, padding=True, return_tensors="pt")
+        mask = enc["attention_mask"].to(args.device)
+        hidden = model(enc["input_ids"].to(args.device), attention_mask=mask).last_hidden_state.float()
+        weights = mask.unsqueeze(-1).float()
+        pooled.append((hidden * weights).sum(1) / weights.sum(1))  # mean over real tokens
+    embeddings = torch.cat(pooled).cpu()
+    if args.output:
+        torch.save(embeddings, args.output)
+        print(f"wrote {tuple(embeddings.shape)} mean-pooled embeddings to {args.output}")
+    else:
+        for text, vector in zip(texts, embeddings):
+            head = ", ".join(f"{v:.4f}" for v in vector[:6].tolist())
+            print(f"{text!r}: dim={vector.numel()} norm={vector.norm():.4f} [{head}, ...]")
+
+
+def cmd_bench(argv):
+    from umt5_fast.benchmarks.__main__ import main as bench_main
+    return bench_main(argv)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="umt5-fast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="seq2seq generation (greedy, beam or sampled)")
+    add_common(gen)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--num-beams", type=int, default=1)
+    gen.add_argument("--do-sample", action="store_true")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--quantize", choices=["int8"], default=None)
+    gen.add_argument("--stream", action="store_true", help="print tokens as they are generated (one input)")
+    enc = sub.add_parser("encode", help="encoder embeddings (mean-pooled over real tokens)")
+    add_common(enc)
+    enc.add_argument("--output", help="save the [N, d_model] embeddings here (torch.save)")
+    sub.add_parser("bench", help="benchmark suite (see `umt5-fast bench --help`)", add_help=False)
+    if argv[:1] == ["bench"]:
+        return cmd_bench(argv[1:])
+    args = parser.parse_args(argv)
+    try:
+        return {"generate": cmd_generate, "encode": cmd_encode}[args.command](args)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"umt5-fast: error: {exc}") from exc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

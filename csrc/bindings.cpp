@@ -3,6 +3,25 @@
 
 namespace py = pybind11;
 
+namespace umt5_fast {
+void register_cpu_isa(py::module_& m);
+void register_bucket(py::module_& m);
+void register_attention(py::module_& m);
+void register_decode_attention(py::module_& m);
+void register_rms_norm(py::module_& m);
+void register_gated_act(py::module_& m);
+void register_int8_linear(py::module_& m);
+void register_bf16_linear(py::module_& m);
+}  // namespace umt5_fast
+
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "umt5_fast C++ CPU kernels";
+  m.doc() = "umt5_fast C++ CPU kernels (called through umt5_fast.ops.cpu, which validates inputs)";
+  umt5_fast::register_cpu_isa(m);
+  umt5_fast::register_bucket(m);
+  umt5_fast::register_attention(m);
+  umt5_fast::register_decode_attention(m);
+  umt5_fast::register_rms_norm(m);
+  umt5_fast::register_gated_act(m);
+  umt5_fast::register_int8_linear(m);
+  umt5_fast::register_bf16_linear(m);
 }

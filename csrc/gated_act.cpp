@@ -1,0 +1,54 @@
+// Gated-FFN epilogue: out = act(a) * b (or act(a)), a and b [rows, cols] with row strides, so
+// they may be the two halves of one [rows, 2 * cols] GEMM output; out may alias a.
+#include <stdexcept>
+#include <string>
+
+#include <pybind11/pybind11.h>
+
+#include "kernels.h"
+#include "parallel.h"
+
+namespace py = pybind11;
+
+namespace umt5_fast {
+namespace {
+
+kernels::Activation activation_from_name(const std::string& name) {
+  if (name == "gelu_tanh") return kernels::Activation::gelu_tanh;
+  if (name == "gelu_erf") return kernels::Activation::gelu_erf;
+  if (name == "relu") return kernels::Activation::relu;
+  if (name == "silu") return kernels::Activation::silu;
+  throw std::invalid_argument("activation must be 'gelu_tanh', 'gelu_erf', 'relu' or 'silu', got '" +
+                              name + "'");
+}
+
+}  // namespace
+
+void register_gated_act(py::module_& m) {
+  m.def("gated_activation",
+        [](const std::string& activation, uintptr_t a, int64_t a_row_stride, uintptr_t b,
+           int64_t b_row_stride, uintptr_t out, int64_t out_row_stride, int64_t rows,
+           int64_t cols, int num_threads) {
+          const kernels::Activation act = activation_from_name(activation);
+          py::gil_scoped_release no_gil;
+          void (*apply)(kernels::Activation, const float*, int64_t, const float*, int64_t, float*,
+                        int64_t, int64_t, int64_t) = nullptr;
+          UMT5_DISPATCH_ISA(ISA, apply = &kernels::gated_activation_rows<ISA>);
+          const float* a_data = reinterpret_cast<const float*>(a);
+          const float* b_data = reinterpret_cast<const float*>(b);
+          float* out_data = reinterpret_cast<float*>(out);
+          const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(cols, 1));
+          parallel_for_ranges(rows, grain, num_threads, [&](int64_t begin, int64_t end) {
+            apply(act, a_data + begin * a_row_stride, a_row_stride,
+                  b_data ? b_data + begin * b_row_stride : nullptr, b_row_stride,
+                  out_data + begin * out_row_stride, out_row_stride, end - begin, cols);
+          });
+        },
+        py::kw_only(), py::arg("activation"), py::arg("a"), py::arg("a_row_stride"), py::arg("b"),
+        py::arg("b_row_stride"), py::arg("out"), py::arg("out_row_stride"), py::arg("rows"),
+        py::arg("cols"), py::arg("num_threads"),
+        "out = act(a) * b on fp32 data pointers (b = 0: out = act(a)); activation is "
+        "'gelu_tanh', 'gelu_erf', 'relu' or 'silu'.");
+}
+
+}  // namespace umt5_fast

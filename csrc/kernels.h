@@ -1,0 +1,98 @@
+// The ISA-specific math, declared once and defined in kernels_impl.h. kernels_<isa>.cpp
+// instantiates every kernel for its ISA; op files call them through UMT5_DISPATCH_ISA and own
+// shapes, threading and the Python binding. Kernels assume validated inputs.
+#pragma once
+
+#include <cstdint>
+
+#include "cpu_isa.h"
+
+namespace umt5_fast {
+
+// Score of a masked (query, key) pair (umt5_fast.ops.MASKED_SCORE). Finite, so a query row whose
+// keys are all masked averages V uniformly, as transformers' additive finfo.min mask does.
+constexpr float kMaskedScore = -1.0e30f;
+
+namespace kernels {
+
+// Every vector width divides this; row buffers are padded to it so kernels never branch on
+// a partial vector.
+constexpr int kPad = 16;
+
+inline int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+
+// ---------------------------------------------------------------------------------------------
+// Attention: a block of consecutive query rows of one (batch, head) against a range of keys,
+// tiled over keys with an online softmax.
+constexpr int kAttentionKeyTile = 64;  // keys per softmax step: a K/V tile stays in L1
+constexpr int kAttentionMaxRows = 32;  // query rows per block, all reusing each K/V tile
+
+struct AttentionBlock {
+  const float* q;  // first query row of the block; rows q_row_stride apart
+  int64_t q_row_stride;
+  const float* k;  // key 0 of this (batch, head)
+  int64_t k_row_stride;
+  const float* v;
+  int64_t v_row_stride;
+  float* out;  // output row of the first query; rows out_row_stride apart
+  int64_t out_row_stride;
+  int num_rows;  // <= kAttentionMaxRows
+  int head_dim;
+  float scale;
+  // Keys outside [key_begin, key_end) are masked for every row of the block and are skipped.
+  int64_t key_begin, key_end;
+  // Additive term of (row r, key j): position_term[j - r] (bias of the relative position, or
+  // kMaskedScore for a causally masked pair); nullptr when there is none. Readable up to kPad
+  // entries past the last key.
+  const float* position_term;
+  // Additive term of key j: key_term[j], 0 or kMaskedScore (padding); nullptr when no key is
+  // padded. Readable up to kPad entries past the last key.
+  const float* key_term;
+};
+
+// Floats of per-thread scratch attention_block needs for this head_dim.
+inline int64_t attention_scratch_floats(int head_dim) {
+  const int64_t rows = round_up(kAttentionMaxRows, 4), dim = round_up(head_dim, kPad);
+  return rows * (2 * dim + kAttentionKeyTile + 3);
+}
+
+// Writes softmax(scale * q k^T + terms) v for each row of the block (rows whose keys are all
+// masked come out as a softmax over the processed keys only: the caller overwrites them).
+template <CpuIsa ISA>
+void attention_block(const AttentionBlock& block, float* scratch);
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm rows (T5LayerNorm, fp32): out = weight * (h * rsqrt(mean(h^2) + eps)) with h = x, or
+// h = x + residual (written to hidden) when residual is not null. Rows are contiguous.
+template <CpuIsa ISA>
+void rms_norm_rows(const float* x, const float* residual, const float* weight, float eps,
+                   float* hidden, float* out, int64_t rows, int64_t dim);
+
+// ---------------------------------------------------------------------------------------------
+// Gated activation epilogue: out = act(a) * b, or act(a) when b is null.
+enum class Activation { gelu_tanh, gelu_erf, relu, silu };
+
+template <CpuIsa ISA>
+void gated_activation_rows(Activation activation, const float* a, int64_t a_row_stride,
+                           const float* b, int64_t b_row_stride, float* out,
+                           int64_t out_row_stride, int64_t rows, int64_t cols);
+
+// ---------------------------------------------------------------------------------------------
+// Weight-only linear: y[m, n] = scale[n] * sum_k x[m, k] * w[n, k] (+ residual[m, n]) for the
+// output columns [n_begin, n_end). WeightT is int8_t (scale per output row) or uint16_t holding
+// bf16 bits (scale null). x: [M, K], w: [N, K], y and residual: [M, N], all contiguous.
+template <typename WeightT>
+struct LinearProblem {
+  const float* x;
+  const WeightT* weight;
+  const float* scale;
+  const float* residual;
+  float* y;
+  int64_t rows, in_features, out_features;  // M, K, N
+};
+
+template <CpuIsa ISA, typename WeightT>
+void weight_only_linear(const LinearProblem<WeightT>& problem, int64_t n_begin, int64_t n_end);
+
+}  // namespace kernels
+}  // namespace umt5_fast

@@ -1,0 +1,423 @@
+// Definitions of the kernels declared in kernels.h, written once over Vec<ISA>.
+//
+// Included only by kernels_<isa>.cpp, after the matching vec_<isa>.h, each compiled with its own
+// ISA flags. Helpers live in an anonymous namespace so that no inline function compiled with
+// AVX2 can be picked by the linker for the portable build.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "kernels.h"
+#include "vec.h"
+#include "weight_types.h"
+
+namespace umt5_fast {
+namespace kernels {
+namespace {
+
+// Calls body(offset, lanes) for consecutive vectors covering [0, n); only the last may be partial.
+template <CpuIsa ISA, class Body>
+inline void for_each_vector(int64_t n, Body&& body) {
+  constexpr int W = Vec<ISA>::width;
+  int64_t i = 0;
+  for (; i + W <= n; i += W) body(i, W);
+  if (i < n) body(i, static_cast<int>(n - i));
+}
+
+template <CpuIsa ISA>
+inline typename Vec<ISA>::type load_n(const float* p, int lanes) {
+  using V = Vec<ISA>;
+  return lanes == V::width ? V::load(p) : V::load_partial(p, lanes);
+}
+
+template <CpuIsa ISA>
+inline void store_n(float* p, typename Vec<ISA>::type x, int lanes) {
+  using V = Vec<ISA>;
+  if (lanes == V::width)
+    V::store(p, x);
+  else
+    V::store_partial(p, x, lanes);
+}
+
+// Horizontal sums of N accumulators, four at a time.
+template <CpuIsa ISA, int N>
+inline void reduce_all(const typename Vec<ISA>::type* acc, float* sums) {
+  static_assert(N % 4 == 0, "accumulators come in groups of four");
+  for (int i = 0; i < N; i += 4) Vec<ISA>::reduce4(acc + i, sums + i);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention
+
+// out[r * C + c] = q_rows[r] . k_rows[c] over dim floats. q rows are zero-padded to kPad (read
+// whole vectors); k rows are read exactly.
+template <CpuIsa ISA, int R, int C>
+inline void dot_products(const float* const* q_rows, const float* const* k_rows, int dim,
+                         float* out) {
+  using V = Vec<ISA>;
+  constexpr int W = V::width;
+  typename V::type acc[R * C], k[C];
+  for (auto& a : acc) a = V::zero();
+  int d = 0;
+  for (; d + W <= dim; d += W) {
+    for (int c = 0; c < C; ++c) k[c] = V::load(k_rows[c] + d);
+    for (int r = 0; r < R; ++r) {
+      const auto q = V::load(q_rows[r] + d);
+      for (int c = 0; c < C; ++c) acc[r * C + c] = V::fma(q, k[c], acc[r * C + c]);
+    }
+  }
+  if (d < dim) {
+    for (int c = 0; c < C; ++c) k[c] = V::load_partial(k_rows[c] + d, dim - d);
+    for (int r = 0; r < R; ++r) {
+      const auto q = V::load(q_rows[r] + d);
+      for (int c = 0; c < C; ++c) acc[r * C + c] = V::fma(q, k[c], acc[r * C + c]);
+    }
+  }
+  reduce_all<ISA, R * C>(acc, out);
+}
+
+// Raw scores of the block's rows against keys [first_key, first_key + num_keys): scores row r
+// holds num_keys values (and junk up to the next multiple of 8). Single-row blocks (decoding)
+// take eight keys at a time; others four rows by two keys, so each K vector is reused 4 times.
+template <CpuIsa ISA>
+inline void score_tile(const float* q_scaled, int64_t q_stride, int num_rows, const float* k,
+                       int64_t k_row_stride, int64_t first_key, int num_keys, int dim,
+                       float* scores) {
+  auto key_row = [&](int c) {  // keys past the tile repeat its last key; their scores are junk
+    return k + (first_key + std::min(c, num_keys - 1)) * k_row_stride;
+  };
+  if (num_rows == 1) {
+    for (int c0 = 0; c0 < num_keys; c0 += 8) {
+      const float* keys[8];
+      for (int c = 0; c < 8; ++c) keys[c] = key_row(c0 + c);
+      dot_products<ISA, 1, 8>(&q_scaled, keys, dim, scores + c0);
+    }
+    return;
+  }
+  for (int r0 = 0; r0 < num_rows; r0 += 4) {  // rows past num_rows are zero padding
+    const float* rows[4];
+    for (int r = 0; r < 4; ++r) rows[r] = q_scaled + (r0 + r) * q_stride;
+    for (int c0 = 0; c0 < num_keys; c0 += 2) {
+      const float* keys[2] = {key_row(c0), key_row(c0 + 1)};
+      float dots[8];
+      dot_products<ISA, 4, 2>(rows, keys, dim, dots);
+      for (int r = 0; r < 4; ++r)
+        for (int c = 0; c < 2; ++c) scores[(r0 + r) * kAttentionKeyTile + c0 + c] = dots[r * 2 + c];
+    }
+  }
+}
+
+// Online-softmax step of one row: adds the position and key terms to the raw scores, turns them
+// into exp(score - running max) in place, and updates the running max and sum. Returns the
+// factor by which the row's earlier accumulation must be rescaled.
+template <CpuIsa ISA>
+inline float softmax_step(float* scores, int num_keys, const float* position_term,
+                          const float* key_term, float& running_max, float& running_sum) {
+  using V = Vec<ISA>;
+  constexpr int W = V::width;
+  const int padded_keys = static_cast<int>(round_up(num_keys, W));
+  auto tile_max = V::set1(-std::numeric_limits<float>::infinity());
+  for (int c = 0; c < padded_keys; c += W) {
+    auto s = V::load(scores + c);
+    if (position_term) s = V::add(s, V::load(position_term + c));
+    // A padded key scores kMaskedScore even where the position term masked it too.
+    if (key_term) s = V::max(V::add(s, V::load(key_term + c)), V::set1(kMaskedScore));
+    V::store(scores + c, s);
+  }
+  for (int c = num_keys; c < padded_keys; ++c) scores[c] = -std::numeric_limits<float>::infinity();
+  for (int c = 0; c < padded_keys; c += W) tile_max = V::max(tile_max, V::load(scores + c));
+  const float new_max = std::max(running_max, V::reduce_max(tile_max));
+  const float rescale = std::exp(running_max - new_max);  // 0 on the first tile (max = -inf)
+  auto sum = V::zero();
+  const auto shift = V::set1(new_max);
+  for (int c = 0; c < padded_keys; c += W) {
+    const auto p = V::exp(V::sub(V::load(scores + c), shift));
+    V::store(scores + c, p);
+    sum = V::add(sum, p);
+  }
+  running_max = new_max;
+  running_sum = running_sum * rescale + V::reduce_sum(sum);
+  return rescale;
+}
+
+// acc[r][d0 .. d0 + NV vectors) = acc * rescale[r] + sum_c probs[r][c] * v_c for R rows; the
+// last vector covers `last_lanes` lanes when kPartial (acc rows are padded, V rows are not).
+template <CpuIsa ISA, int R, int NV, bool kPartial>
+inline void accumulate_values(const float* probs, const float* rescale, const float* v,
+                              int64_t v_row_stride, int num_keys, int d0, int last_lanes,
+                              float* acc, int64_t acc_stride) {
+  using V = Vec<ISA>;
+  constexpr int W = V::width;
+  typename V::type sums[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < NV; ++i)
+      sums[r][i] = V::mul(V::load(acc + r * acc_stride + d0 + i * W), V::set1(rescale[r]));
+  for (int c = 0; c < num_keys; ++c) {
+    const float* v_row = v + c * v_row_stride + d0;
+    typename V::type values[NV];
+    for (int i = 0; i < NV; ++i)
+      values[i] = kPartial && i == NV - 1 ? V::load_partial(v_row + i * W, last_lanes)
+                                          : V::load(v_row + i * W);
+    for (int r = 0; r < R; ++r) {
+      const auto p = V::set1(probs[r * kAttentionKeyTile + c]);
+      for (int i = 0; i < NV; ++i) sums[r][i] = V::fma(p, values[i], sums[r][i]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < NV; ++i) V::store(acc + r * acc_stride + d0 + i * W, sums[r][i]);
+}
+
+// accumulate_values over all of head_dim: NV vectors at a time, then single vectors, then the
+// partial one.
+template <CpuIsa ISA, int R, int NV>
+inline void accumulate_values_all(const float* probs, const float* rescale, const float* v,
+                                  int64_t v_row_stride, int num_keys, int dim, float* acc,
+                                  int64_t acc_stride) {
+  constexpr int W = Vec<ISA>::width;
+  int d = 0;
+  for (; d + NV * W <= dim; d += NV * W)
+    accumulate_values<ISA, R, NV, false>(probs, rescale, v, v_row_stride, num_keys, d, W, acc,
+                                         acc_stride);
+  for (; d + W <= dim; d += W)
+    accumulate_values<ISA, R, 1, false>(probs, rescale, v, v_row_stride, num_keys, d, W, acc,
+                                        acc_stride);
+  if (d < dim)
+    accumulate_values<ISA, R, 1, true>(probs, rescale, v, v_row_stride, num_keys, d, dim - d,
+                                       acc, acc_stride);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activations (the formulas of umt5_fast.ops.eager.ACTIVATIONS)
+
+template <CpuIsa ISA, Activation kActivation>
+inline typename Vec<ISA>::type activate(typename Vec<ISA>::type x) {
+  using V = Vec<ISA>;
+  if constexpr (kActivation == Activation::gelu_tanh) {  // transformers' NewGELU
+    const auto inner = V::fma(V::set1(0.044715f), V::mul(V::mul(x, x), x), x);
+    const auto t = V::tanh(V::mul(V::set1(0.7978845608028654f), inner));
+    return V::mul(V::mul(V::set1(0.5f), x), V::add(V::set1(1.0f), t));
+  } else if constexpr (kActivation == Activation::gelu_erf) {
+    const auto e = V::erf(V::mul(x, V::set1(0.70710678118654752f)));
+    return V::mul(V::mul(x, V::set1(0.5f)), V::add(V::set1(1.0f), e));
+  } else if constexpr (kActivation == Activation::relu) {
+    return V::max(x, V::zero());
+  } else {  // silu
+    return V::div(x, V::add(V::set1(1.0f), V::exp(V::sub(V::zero(), x))));
+  }
+}
+
+template <CpuIsa ISA, Activation kActivation>
+void gated_activation_rows_as(const float* a, int64_t a_row_stride, const float* b,
+                              int64_t b_row_stride, float* out, int64_t out_row_stride,
+                              int64_t rows, int64_t cols) {
+  using V = Vec<ISA>;
+  for (int64_t row = 0; row < rows; ++row) {
+    const float* a_row = a + row * a_row_stride;
+    const float* b_row = b ? b + row * b_row_stride : nullptr;
+    float* out_row = out + row * out_row_stride;
+    for_each_vector<ISA>(cols, [&](int64_t i, int lanes) {
+      auto h = activate<ISA, kActivation>(load_n<ISA>(a_row + i, lanes));
+      if (b_row) h = V::mul(h, load_n<ISA>(b_row + i, lanes));
+      store_n<ISA>(out_row + i, h, lanes);
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weight-only linear
+
+// sums[m * NR + n] = x row (m0 + m) . weight row n, for MR x rows and NR weight rows: each
+// widened weight vector is reused MR times, each x vector NR times.
+template <CpuIsa ISA, typename WeightT, int MR, int NR>
+inline void linear_dot_products(const float* x, int64_t in_features, const WeightT* const* w_rows,
+                                float* sums) {
+  using V = Vec<ISA>;
+  constexpr int W = V::width;
+  constexpr int kAcc = (MR * NR + 3) / 4 * 4;
+  typename V::type acc[kAcc], w[NR];
+  for (auto& a : acc) a = V::zero();
+  int64_t k = 0;
+  for (; k + W <= in_features; k += W) {
+    for (int n = 0; n < NR; ++n) w[n] = V::load_weights(w_rows[n] + k);
+    for (int m = 0; m < MR; ++m) {
+      const auto xv = V::load(x + m * in_features + k);
+      for (int n = 0; n < NR; ++n) acc[m * NR + n] = V::fma(xv, w[n], acc[m * NR + n]);
+    }
+  }
+  float reduced[kAcc];
+  reduce_all<ISA, kAcc>(acc, reduced);
+  for (int i = 0; i < MR * NR; ++i) sums[i] = reduced[i];
+  for (; k < in_features; ++k)  // fewer than W left
+    for (int m = 0; m < MR; ++m)
+      for (int n = 0; n < NR; ++n)
+        sums[m * NR + n] += x[m * in_features + k] * widen_weight(w_rows[n][k]);
+}
+
+template <CpuIsa ISA, typename WeightT, int MR>
+inline void linear_row_block(const LinearProblem<WeightT>& p, int64_t m0, int64_t n_begin,
+                             int64_t n_end) {
+  constexpr int NR = 3;  // MR * NR accumulators + NR weights + one x vector fit in 16 registers
+  const int64_t K = p.in_features, N = p.out_features;
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += NR) {
+    const WeightT* w_rows[NR];
+    for (int n = 0; n < NR; ++n)  // rows past n_end repeat the last one; their sums are dropped
+      w_rows[n] = p.weight + std::min(n0 + n, n_end - 1) * K;
+    float sums[MR * NR];
+    linear_dot_products<ISA, WeightT, MR, NR>(p.x + m0 * K, K, w_rows, sums);
+    for (int m = 0; m < MR; ++m)
+      for (int n = 0; n < NR && n0 + n < n_end; ++n) {
+        const int64_t at = (m0 + m) * N + n0 + n;
+        float y = sums[m * NR + n];
+        if (p.scale) y *= p.scale[n0 + n];
+        if (p.residual) y += p.residual[at];
+        p.y[at] = y;
+      }
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+template <CpuIsa ISA>
+void attention_block(const AttentionBlock& b, float* scratch) {
+  using V = Vec<ISA>;
+  constexpr int W = V::width;
+  const int dim = b.head_dim;
+  const int64_t dim_stride = round_up(dim, kPad);
+  const int rows = b.num_rows, padded_rows = static_cast<int>(round_up(rows, 4));
+  float* q_scaled = scratch;                         // [padded_rows, dim_stride]
+  float* acc = q_scaled + padded_rows * dim_stride;  // [padded_rows, dim_stride]
+  float* scores = acc + padded_rows * dim_stride;    // [padded_rows, kAttentionKeyTile]
+  float* running_max = scores + padded_rows * kAttentionKeyTile;
+  float* running_sum = running_max + padded_rows;
+  float* rescale = running_sum + padded_rows;
+
+  // Scale q once here rather than every score; zero padding makes whole-vector reads safe.
+  for (int r = 0; r < padded_rows; ++r)
+    for (int64_t d = 0; d < dim_stride; d += W) {
+      const int lanes = static_cast<int>(std::clamp<int64_t>(dim - d, 0, W));
+      const auto q = r < rows ? V::load_partial(b.q + r * b.q_row_stride + d, lanes) : V::zero();
+      V::store(q_scaled + r * dim_stride + d, V::mul(q, V::set1(b.scale)));
+      V::store(acc + r * dim_stride + d, V::zero());
+    }
+  for (int r = 0; r < padded_rows; ++r) {
+    running_max[r] = -std::numeric_limits<float>::infinity();
+    running_sum[r] = 0.0f;
+    rescale[r] = 1.0f;  // padding rows keep a zero accumulator
+  }
+
+  for (int64_t j0 = b.key_begin; j0 < b.key_end; j0 += kAttentionKeyTile) {
+    const int num_keys = static_cast<int>(std::min<int64_t>(kAttentionKeyTile, b.key_end - j0));
+    score_tile<ISA>(q_scaled, dim_stride, rows, b.k, b.k_row_stride, j0, num_keys, dim, scores);
+    for (int r = 0; r < rows; ++r)
+      rescale[r] = softmax_step<ISA>(scores + r * kAttentionKeyTile, num_keys,
+                                     b.position_term ? b.position_term - r + j0 : nullptr,
+                                     b.key_term ? b.key_term + j0 : nullptr, running_max[r],
+                                     running_sum[r]);
+    const float* v_tile = b.v + j0 * b.v_row_stride;
+    if (rows == 1) {
+      accumulate_values_all<ISA, 1, 4>(scores, rescale, v_tile, b.v_row_stride, num_keys, dim,
+                                       acc, dim_stride);
+    } else {
+      for (int r0 = 0; r0 < rows; r0 += 4)
+        accumulate_values_all<ISA, 4, 2>(scores + r0 * kAttentionKeyTile, rescale + r0, v_tile,
+                                         b.v_row_stride, num_keys, dim, acc + r0 * dim_stride,
+                                         dim_stride);
+    }
+  }
+
+  for (int r = 0; r < rows; ++r) {
+    const auto inverse_sum = V::set1(1.0f / running_sum[r]);
+    const float* acc_row = acc + r * dim_stride;
+    float* out_row = b.out + r * b.out_row_stride;
+    for_each_vector<ISA>(dim, [&](int64_t d, int lanes) {
+      store_n<ISA>(out_row + d, V::mul(V::load(acc_row + d), inverse_sum), lanes);
+    });
+  }
+}
+
+template <CpuIsa ISA>
+void rms_norm_rows(const float* x, const float* residual, const float* weight, float eps,
+                   float* hidden, float* out, int64_t rows, int64_t dim) {
+  using V = Vec<ISA>;
+  for (int64_t row = 0; row < rows; ++row) {
+    const float* source = x + row * dim;
+    auto square_sum = V::zero();
+    if (residual) {
+      const float* residual_row = residual + row * dim;
+      float* hidden_row = hidden + row * dim;
+      for_each_vector<ISA>(dim, [&](int64_t i, int lanes) {
+        const auto h = V::add(load_n<ISA>(source + i, lanes), load_n<ISA>(residual_row + i, lanes));
+        store_n<ISA>(hidden_row + i, h, lanes);
+        square_sum = V::fma(h, h, square_sum);
+      });
+      source = hidden_row;
+    } else {
+      for_each_vector<ISA>(dim, [&](int64_t i, int lanes) {
+        const auto h = load_n<ISA>(source + i, lanes);
+        square_sum = V::fma(h, h, square_sum);
+      });
+    }
+    const float variance = V::reduce_sum(square_sum) / static_cast<float>(dim);
+    const auto inverse_rms = V::set1(1.0f / std::sqrt(variance + eps));
+    float* out_row = out + row * dim;
+    for_each_vector<ISA>(dim, [&](int64_t i, int lanes) {  // eager's order: weight * (h * rsqrt)
+      const auto normed = V::mul(load_n<ISA>(source + i, lanes), inverse_rms);
+      store_n<ISA>(out_row + i, V::mul(load_n<ISA>(weight + i, lanes), normed), lanes);
+    });
+  }
+}
+
+template <CpuIsa ISA>
+void gated_activation_rows(Activation activation, const float* a, int64_t a_row_stride,
+                           const float* b, int64_t b_row_stride, float* out,
+                           int64_t out_row_stride, int64_t rows, int64_t cols) {
+  switch (activation) {
+#define UMT5_ACTIVATION_CASE(NAME)                                                            \
+  case Activation::NAME:                                                                      \
+    return gated_activation_rows_as<ISA, Activation::NAME>(a, a_row_stride, b, b_row_stride, \
+                                                           out, out_row_stride, rows, cols);
+    UMT5_ACTIVATION_CASE(gelu_tanh)
+    UMT5_ACTIVATION_CASE(gelu_erf)
+    UMT5_ACTIVATION_CASE(relu)
+    UMT5_ACTIVATION_CASE(silu)
+#undef UMT5_ACTIVATION_CASE
+  }
+}
+
+// Rows of x in blocks of up to four, so each weight row is read from memory once per chunk of
+// columns (the caller keeps chunks small enough to stay in cache) and reused by every x row.
+template <CpuIsa ISA, typename WeightT>
+void weight_only_linear(const LinearProblem<WeightT>& problem, int64_t n_begin, int64_t n_end) {
+  int64_t m0 = 0;
+  for (; m0 + 4 <= problem.rows; m0 += 4)
+    linear_row_block<ISA, WeightT, 4>(problem, m0, n_begin, n_end);
+  switch (problem.rows - m0) {
+    case 3: return linear_row_block<ISA, WeightT, 3>(problem, m0, n_begin, n_end);
+    case 2: return linear_row_block<ISA, WeightT, 2>(problem, m0, n_begin, n_end);
+    case 1: return linear_row_block<ISA, WeightT, 1>(problem, m0, n_begin, n_end);
+    default: return;
+  }
+}
+
+}  // namespace kernels
+}  // namespace umt5_fast
+
+// Every kernel of kernels.h, instantiated for ISA (one use per kernels_<isa>.cpp).
+#define UMT5_INSTANTIATE_KERNELS(ISA)                                                          \
+  namespace umt5_fast {                                                                       \
+  namespace kernels {                                                                         \
+  template void attention_block<ISA>(const AttentionBlock&, float*);                          \
+  template void rms_norm_rows<ISA>(const float*, const float*, const float*, float, float*,   \
+                                   float*, int64_t, int64_t);                                 \
+  template void gated_activation_rows<ISA>(Activation, const float*, int64_t, const float*,   \
+                                           int64_t, float*, int64_t, int64_t, int64_t);       \
+  template void weight_only_linear<ISA, int8_t>(const LinearProblem<int8_t>&, int64_t,        \
+                                                int64_t);                                     \
+  template void weight_only_linear<ISA, uint16_t>(const LinearProblem<uint16_t>&, int64_t,    \
+                                                  int64_t);                                   \
+  }                                                                                           \
+  }

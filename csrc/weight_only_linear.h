@@ -1,0 +1,28 @@
+// Driver shared by int8_linear.cpp and bf16_linear.cpp: y = x @ dequant(weight)^T for fp32 x
+// and int8 / bf16 weights, parallel over output columns.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "kernels.h"
+#include "parallel.h"
+
+namespace umt5_fast {
+
+template <typename WeightT>
+void run_weight_only_linear(const kernels::LinearProblem<WeightT>& problem, int num_threads) {
+  void (*linear)(const kernels::LinearProblem<WeightT>&, int64_t, int64_t) = nullptr;
+  UMT5_DISPATCH_ISA(ISA, linear = &kernels::weight_only_linear<ISA, WeightT>);
+  const int64_t K = std::max<int64_t>(problem.in_features, 1);
+  // Columns whose weight rows fill about 16 KiB: they stay in L1 while every x row uses them.
+  const int64_t cached_columns =
+      std::max<int64_t>(8, (int64_t{16} << 10) / (K * static_cast<int64_t>(sizeof(WeightT))));
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (K * std::max<int64_t>(problem.rows, 1)));
+  parallel_for_ranges(problem.out_features, grain, num_threads, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; n += cached_columns)
+      linear(problem, n, std::min(n + cached_columns, end));
+  });
+}
+
+}  // namespace umt5_fast

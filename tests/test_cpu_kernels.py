@@ -1,0 +1,315 @@
+"""The C++ CPU kernels (umt5_fast.ops.cpu over umt5_fast._C) against umt5_fast.ops.eager.
+
+Every kernel runs on each instruction set this CPU supports (the portable "generic" build and
+"avx2"), on odd shapes with fresh random inputs. Tolerances, fp32 throughout:
+- attention / decode attention: rtol 1e-5, atol 1e-5 (online softmax and a polynomial exp
+  reorder the sums; outputs are O(1));
+- RMSNorm and the activations: rtol 1e-5, atol 1e-6 (1e-6 absorbs 1 + tanh(x) cancelling for very
+  negative x, where torch's own tanh differs from libm just as much);
+- int8 / bf16 linear: rtol 1e-5, atol 1e-5 against eager's dequantised fp32 GEMM (the kernel
+  applies the int8 scale after the dot product instead of before).
+"""
+import pytest
+import torch
+
+_C = pytest.importorskip("umt5_fast._C", reason="the C++ extension umt5_fast._C is not built")
+
+from umt5_fast.buckets import relative_position_bucket  # noqa: E402
+from umt5_fast.ops import cpu, eager  # noqa: E402
+from umt5_fast.quant import QuantizedWeight  # noqa: E402
+
+ATTENTION_TOL = dict(rtol=1e-5, atol=1e-5)
+POINTWISE_TOL = dict(rtol=1e-5, atol=1e-6)
+LINEAR_TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(params=_C.supported_cpu_isas(), autouse=True)
+def isa(request):
+    """Run the test with the kernels of one instruction set, then restore the default."""
+    default = _C.cpu_isa()
+    _C.set_cpu_isa(request.param)
+    yield request.param
+    _C.set_cpu_isa(default)
+
+
+@pytest.fixture
+def generator():
+    return torch.Generator().manual_seed(1234)
+
+
+def randn(*shape, generator):
+    return torch.randn(*shape, generator=generator)
+
+
+# ----------------------------------------------------------------------------------------------
+# Buckets
+
+@pytest.mark.parametrize("num_buckets,max_distance", [(32, 128), (20, 40), (8, 16), (64, 256)])
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_bucket_equals_torch_definition_everywhere(num_buckets, max_distance, bidirectional):
+    first, last = -8192, 8192
+    expected = relative_position_bucket(torch.arange(first, last + 1), bidirectional, num_buckets,
+                                        max_distance)
+    got = torch.tensor(_C.relative_position_bucket_table(first, last, bidirectional, num_buckets,
+                                                         max_distance))
+    mismatches = (got != expected).nonzero().flatten() + first
+    assert mismatches.numel() == 0, f"buckets differ at relative positions {mismatches[:10].tolist()}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+
+SHAPES = [  # batch, heads, query length, key length, head dim
+    (2, 3, 1, 1, 24),
+    (3, 5, 7, 33, 80),
+    (2, 3, 33, 70, 64),
+    (2, 5, 70, 7, 24),
+    (3, 3, 200, 200, 64),
+    (2, 3, 40, 40, 80),  # longer than max_distance=16: exercises the log buckets and the last one
+]
+
+
+def padding_mask(batch, length, side, generator):
+    """Keep-mask [batch, length]: row b loses a random number of keys on `side`; row 0 keeps all."""
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    for b in range(1, batch):
+        padded = int(torch.randint(1, max(2, length), (1,), generator=generator))
+        if side == "left":
+            mask[b, :padded] = False
+        else:
+            mask[b, length - padded:] = False
+    return mask
+
+
+def attention_inputs(batch, heads, query_length, key_length, head_dim, generator):
+    # q scaled so scores are O(1) as in trained models: raw randn scores reach +-30 at D = 64,
+    # where one rounding of a score already moves the output by 1e-5.
+    q = randn(batch, heads, query_length, head_dim, generator=generator) * head_dim ** -0.5
+    k = randn(batch, heads, key_length, head_dim, generator=generator)
+    v = randn(batch, heads, key_length, head_dim, generator=generator)
+    return q, k, v
+
+
+def check_attention(q, k, v, bias_table, **kwargs):
+    got = cpu.attention(q, k, v, bias_table, **kwargs)
+    expected = eager.attention(q, k, v, bias_table, **kwargs)
+    assert got.shape == expected.shape and got.is_contiguous()
+    torch.testing.assert_close(got, expected, **ATTENTION_TOL)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("padding", [None, "left", "right"])
+@pytest.mark.parametrize("num_buckets,max_distance", [(32, 128), (8, 16)])
+def test_bidirectional_attention(shape, padding, num_buckets, max_distance, generator):
+    batch, heads, query_length, key_length, head_dim = shape
+    q, k, v = attention_inputs(*shape, generator)
+    table = randn(num_buckets, heads, generator=generator)
+    mask = None if padding is None else padding_mask(batch, key_length, padding, generator)
+    check_attention(q, k, v, table, bidirectional=True, num_buckets=num_buckets,
+                    max_distance=max_distance, key_padding_mask=mask)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("padding", [None, "left", "right"])
+def test_causal_attention_with_query_offset(shape, padding, generator):
+    """Queries are the last Lq of Lk positions (a decoder continuing a prefix); a left-padded row
+    has queries whose every visible key is padding: they must average V uniformly."""
+    batch, heads, query_length, key_length, head_dim = shape
+    q, k, v = attention_inputs(*shape, generator)
+    table = randn(16, heads, generator=generator)
+    mask = None if padding is None else padding_mask(batch, key_length, padding, generator)
+    for query_offset in sorted({0, max(0, key_length - query_length)}):
+        check_attention(q, k, v, table, bidirectional=False, num_buckets=16, max_distance=20,
+                        key_padding_mask=mask, causal=True, query_offset=query_offset)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_attention_without_bias(shape, generator):
+    """Cross-attention: no position bias, padded encoder keys, a scale."""
+    batch, heads, query_length, key_length, head_dim = shape
+    q, k, v = attention_inputs(*shape, generator)
+    mask = padding_mask(batch, key_length, "right", generator)
+    check_attention(q, k, v, None, bidirectional=True, num_buckets=32, max_distance=128,
+                    key_padding_mask=mask, scale=0.125)
+    check_attention(q, k, v, None, bidirectional=False, num_buckets=32, max_distance=128,
+                    causal=True)
+
+
+def test_attention_all_keys_masked_averages_values(generator):
+    q, k, v = attention_inputs(2, 3, 7, 33, 24, generator)
+    table = randn(32, 3, generator=generator)
+    mask = torch.ones(2, 33, dtype=torch.bool)
+    mask[1] = False
+    check_attention(q, k, v, table, bidirectional=True, num_buckets=32, max_distance=128,
+                    key_padding_mask=mask)
+    got = cpu.attention(q, k, v, table, bidirectional=True, num_buckets=32, max_distance=128,
+                        key_padding_mask=mask)
+    torch.testing.assert_close(got[1], v[1].mean(dim=1)[None].expand(7, 3, 24), **ATTENTION_TOL)
+
+
+def test_attention_on_strided_views(generator):
+    """q/k/v as the model makes them: heads split from [B, L, H * D] projections, not copied."""
+    batch, heads, length, head_dim = 3, 5, 33, 24
+    qkv = randn(batch, length, 3, heads, head_dim, generator=generator)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    assert not q.is_contiguous()
+    table = randn(32, heads, generator=generator)
+    mask = padding_mask(batch, length, "left", generator)
+    check_attention(q, k, v, table, bidirectional=True, num_buckets=32, max_distance=128,
+                    key_padding_mask=mask, scale=0.5)
+
+
+def test_attention_uint8_mask_and_fp16_table(generator):
+    q, k, v = attention_inputs(2, 3, 7, 33, 64, generator)
+    table = randn(32, 3, generator=generator).half()
+    mask = padding_mask(2, 33, "right", generator).to(torch.uint8)
+    check_attention(q, k, v, table, bidirectional=True, num_buckets=32, max_distance=128,
+                    key_padding_mask=mask)
+
+
+def test_attention_falls_back_to_eager_for_bf16(generator):
+    q, k, v = (t.bfloat16() for t in attention_inputs(2, 3, 7, 33, 64, generator))
+    table = randn(32, 3, generator=generator)
+    kwargs = dict(bidirectional=True, num_buckets=32, max_distance=128)
+    torch.testing.assert_close(cpu.attention(q, k, v, table, **kwargs),
+                               eager.attention(q, k, v, table, **kwargs), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode attention
+
+@pytest.mark.parametrize("cache_length", [1, 7, 33, 50])
+@pytest.mark.parametrize("padding", [None, "left"])
+@pytest.mark.parametrize("batch,heads,head_dim", [(2, 3, 24), (3, 5, 80), (2, 3, 64)])
+def test_decode_attention(cache_length, padding, batch, heads, head_dim, generator):
+    max_length = 50
+    q = randn(batch, heads, 1, head_dim, generator=generator)
+    k_cache = randn(batch, heads, max_length, head_dim, generator=generator)
+    v_cache = randn(batch, heads, max_length, head_dim, generator=generator)
+    table = randn(16, heads, generator=generator)
+    mask = None if padding is None else padding_mask(batch, max_length, padding, generator)
+    kwargs = dict(num_buckets=16, max_distance=20, key_padding_mask=mask)
+    expected = eager.decode_attention(q, k_cache, v_cache, cache_length, table, **kwargs)
+    for length in (cache_length, torch.tensor(cache_length)):
+        got = cpu.decode_attention(q, k_cache, v_cache, length, table, **kwargs)
+        assert got.shape == (batch, 1, heads, head_dim)
+        torch.testing.assert_close(got, expected, **ATTENTION_TOL)
+
+
+# ----------------------------------------------------------------------------------------------
+# RMSNorm
+
+@pytest.mark.parametrize("shape", [(1, 512), (3, 7, 80), (5, 1), (17, 77)], ids=str)
+def test_rms_norm(shape, generator):
+    x = randn(*shape, generator=generator) * 3
+    weight = randn(shape[-1], generator=generator)
+    torch.testing.assert_close(cpu.rms_norm(x, weight, 1e-6), eager.rms_norm(x, weight, 1e-6),
+                               **POINTWISE_TOL)
+
+
+@pytest.mark.parametrize("shape", [(1, 512), (3, 7, 80), (17, 77)], ids=str)
+def test_add_rms_norm(shape, generator):
+    x, residual = randn(*shape, generator=generator), randn(*shape, generator=generator)
+    weight = randn(shape[-1], generator=generator)
+    hidden, normed = cpu.add_rms_norm(x, residual, weight, 1e-6)
+    torch.testing.assert_close(hidden, residual + x, rtol=0, atol=0)
+    torch.testing.assert_close(normed, eager.rms_norm(residual + x, weight, 1e-6), **POINTWISE_TOL)
+
+
+def test_rms_norm_half_weight_falls_back_to_eager(generator):
+    x, weight = randn(3, 80, generator=generator), randn(80, generator=generator).bfloat16()
+    got = cpu.rms_norm(x, weight, 1e-6)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, eager.rms_norm(x, weight, 1e-6), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gated FFN and activations
+
+ACTIVATIONS = ["gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu"]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_activation_pointwise_over_wide_range(activation):
+    """Through an identity projection: act(x) itself, from deep saturation to 0."""
+    x = torch.linspace(-12, 12, 20001).reshape(-1, 3)
+    identity = torch.eye(3)
+    torch.testing.assert_close(cpu.gated_ffn_in(x, identity, None, activation),
+                               eager.ACTIVATIONS[activation](x), **POINTWISE_TOL)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("weights", ["fp32", "int8", "bf16"])
+def test_gated_ffn_in(activation, gated, weights, generator):
+    x = randn(3, 7, 40, generator=generator)
+    w_gate, w_up = randn(67, 40, generator=generator), randn(67, 40, generator=generator)
+    if weights == "int8":
+        w_gate, w_up = QuantizedWeight.quantize(w_gate), QuantizedWeight.quantize(w_up)
+    elif weights == "bf16":
+        w_gate, w_up = w_gate.bfloat16(), w_up.bfloat16()
+    w_up = w_up if gated else None
+    torch.testing.assert_close(cpu.gated_ffn_in(x, w_gate, w_up, activation),
+                               eager.gated_ffn_in(x, w_gate, w_up, activation), **LINEAR_TOL)
+
+
+def test_unknown_activation_falls_back_to_eager(generator):
+    x, w = randn(3, 40, generator=generator), randn(67, 40, generator=generator)
+    torch.testing.assert_close(cpu.gated_ffn_in(x, w, w, "quick_gelu"),
+                               eager.gated_ffn_in(x, w, w, "quick_gelu"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight-only linear
+
+@pytest.mark.parametrize("rows", [1, 3, 17, 64])
+@pytest.mark.parametrize("out_features,in_features", [(71, 133), (257, 64), (5, 7)])
+@pytest.mark.parametrize("weights", ["int8", "bf16"])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_weight_only_linear(rows, out_features, in_features, weights, with_residual, generator):
+    x = randn(rows, in_features, generator=generator)
+    weight = randn(out_features, in_features, generator=generator)
+    weight = QuantizedWeight.quantize(weight) if weights == "int8" else weight.bfloat16()
+    residual = randn(rows, out_features, generator=generator) if with_residual else None
+    torch.testing.assert_close(cpu.linear(x, weight, residual), eager.linear(x, weight, residual),
+                               **LINEAR_TOL)
+
+
+def test_weight_only_linear_keeps_leading_dims(generator):
+    x = randn(2, 3, 133, generator=generator)
+    weight = QuantizedWeight.quantize(randn(71, 133, generator=generator))
+    got = cpu.linear(x, weight)
+    assert got.shape == (2, 3, 71)
+    torch.testing.assert_close(got, eager.linear(x, weight), **LINEAR_TOL)
+
+
+def test_float_linear_matches_eager(generator):
+    x, weight = randn(3, 7, 40, generator=generator), randn(67, 40, generator=generator)
+    residual = randn(3, 7, 67, generator=generator)
+    torch.testing.assert_close(cpu.linear(x, weight, residual), eager.linear(x, weight, residual))
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks: never a pointer to the wrong thing
+
+def test_wrong_arguments_raise_naming_them(generator):
+    q, k, v = attention_inputs(2, 3, 7, 33, 24, generator)
+    table = randn(32, 3, generator=generator)
+    kwargs = dict(bidirectional=True, num_buckets=32, max_distance=128)
+    with pytest.raises(TypeError, match="q"):
+        cpu.attention(q.numpy(), k, v, table, **kwargs)
+    with pytest.raises(ValueError, match="k and v"):
+        cpu.attention(q, k, v[:, :, :5], table, **kwargs)
+    with pytest.raises(ValueError, match="bias_table"):
+        cpu.attention(q, k, v, table[:, :2], **kwargs)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        cpu.attention(q, k, v, table, key_padding_mask=torch.ones(2, 5, dtype=torch.bool), **kwargs)
+    with pytest.raises(ValueError, match="cache_length"):
+        cpu.decode_attention(q[:, :, :1], k, v, 34, table, num_buckets=32, max_distance=128)
+    with pytest.raises(ValueError, match="weight"):
+        cpu.rms_norm(randn(3, 8, generator=generator), randn(9, generator=generator), 1e-6)
+    with pytest.raises(ValueError, match="x.shape"):
+        cpu.linear(randn(3, 8, generator=generator), QuantizedWeight.quantize(randn(4, 9, generator=generator)))
+    with pytest.raises(TypeError, match="qweight"):
+        cpu.linear(randn(3, 8, generator=generator),
+                   QuantizedWeight(torch.zeros(4, 8, dtype=torch.int16), torch.ones(4)))

@@ -1,0 +1,284 @@
+"""The ``cpu`` backend: C++ kernels from ``csrc/`` (the ``umt5_fast._C`` extension).
+
+Same functions and semantics as ``umt5_fast.ops.eager``; importing this module raises ImportError
+when the extension is not built, which is how ``umt5_fast.ops`` decides whether "cpu" exists.
+
+What runs where (fp32 activations):
+
+- ``rms_norm`` / ``add_rms_norm``: C++, fp32 variance.
+- ``attention`` / ``decode_attention``: one fused C++ kernel with in-kernel bucketing, masks and
+  an online softmax; no ``[B, H, Lq, Lk]`` tensor is built.
+- ``linear``: a float weight of ``x``'s dtype goes to torch (its MKL / oneDNN GEMM is already the
+  best CPU GEMM); a ``QuantizedWeight`` (int8) or bf16 weight goes to the C++ weight-only kernels,
+  which widen the weights in registers, so decoding reads 4x / 2x fewer bytes than fp32.
+- ``gated_ffn_in``: the projections through ``linear``, then ``act(a) * b`` by one C++ pass in
+  place.
+
+Fallbacks to eager (same result, plain torch speed): activations (or q/k/v) that are not fp32;
+``rms_norm`` with an fp16/bf16 weight; activation names other than ``gelu_new``,
+``gelu_pytorch_tanh``, ``gelu``, ``relu``, ``silu`` and ``swish``; a float weight of another dtype
+than ``x`` other than bf16 with fp32 ``x``; a residual whose shape or dtype differs from the
+output's; empty inputs.
+
+Wrong arguments (types, devices, shapes) raise TypeError/ValueError naming the argument before
+any pointer reaches C++. The kernels use ``torch.get_num_threads()`` threads.
+"""
+import torch
+import torch.nn.functional as F
+
+import umt5_fast._C as _C
+from umt5_fast.ops import eager
+from umt5_fast.quant import QuantizedWeight
+
+name = "cpu"
+
+# Activation names of the contract (transformers' ACT2FN) -> the C++ kernel's activation.
+_KERNEL_ACTIVATIONS = {
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu": "gelu_erf",
+    "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
+}
+
+
+def _check_tensor(arg_name, value, dim=None):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{arg_name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.device.type != "cpu":
+        raise ValueError(f"{arg_name} must be on the CPU for backend 'cpu', got {value.device}")
+    if dim is not None and value.dim() != dim:
+        raise ValueError(f"{arg_name} must have {dim} dimensions, got shape {tuple(value.shape)}")
+
+
+def _all_fp32(*tensors):
+    return all(t is None or t.dtype == torch.float32 for t in tensors)
+
+
+def _rows_contiguous(t):
+    """``t`` with a contiguous last dimension (other strides are passed to the kernel)."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _threads():
+    return torch.get_num_threads()
+
+
+def _ptr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+# ----------------------------------------------------------------------------------------------
+# RMSNorm
+
+def _check_norm_args(x, weight):
+    _check_tensor("x", x)
+    _check_tensor("weight", weight, dim=1)
+    if x.dim() == 0 or x.shape[-1] != weight.shape[0]:
+        raise ValueError(f"weight must have x.shape[-1] elements: x {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)}")
+
+
+def rms_norm(x, weight, eps):
+    _check_norm_args(x, weight)
+    if not _all_fp32(x, weight) or x.numel() == 0:
+        return eager.rms_norm(x, weight, eps)
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _C.rms_norm(x=x.data_ptr(), weight=weight.contiguous().data_ptr(), eps=float(eps),
+                out=out.data_ptr(), rows=x.numel() // x.shape[-1], dim=x.shape[-1],
+                num_threads=_threads())
+    return out
+
+
+def add_rms_norm(x, residual, weight, eps):
+    """``hidden = residual + x`` and ``rms_norm(hidden, weight, eps)`` in one pass.
+
+    Returns ``(hidden, normed)``: the new residual stream and the next sublayer's input.
+    """
+    _check_norm_args(x, weight)
+    _check_tensor("residual", residual)
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have the shape of x {tuple(x.shape)}, "
+                         f"got {tuple(residual.shape)}")
+    if not _all_fp32(x, residual, weight) or x.numel() == 0:
+        hidden = residual + x
+        return hidden, eager.rms_norm(hidden, weight, eps)
+    x, residual = x.contiguous(), residual.contiguous()
+    hidden, out = torch.empty_like(x), torch.empty_like(x)
+    _C.add_rms_norm(x=x.data_ptr(), residual=residual.data_ptr(),
+                    weight=weight.contiguous().data_ptr(), eps=float(eps), hidden=hidden.data_ptr(),
+                    out=out.data_ptr(), rows=x.numel() // x.shape[-1], dim=x.shape[-1],
+                    num_threads=_threads())
+    return hidden, out
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+
+def _check_bucket_args(bias_table, heads, bidirectional, num_buckets, max_distance):
+    if bias_table is None:
+        return None
+    _check_tensor("bias_table", bias_table, dim=2)
+    if tuple(bias_table.shape) != (num_buckets, heads):
+        raise ValueError(f"bias_table must be [num_buckets, heads] = [{num_buckets}, {heads}], "
+                         f"got {tuple(bias_table.shape)}")
+    max_exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
+    if max_exact < 1 or max_distance <= max_exact:
+        raise ValueError(f"num_buckets={num_buckets}, max_distance={max_distance} leave no log-scale "
+                         f"buckets (need {'4' if bidirectional else '2'} <= num_buckets and "
+                         f"max_distance > {max_exact})")
+    return bias_table.to(torch.float32).contiguous()
+
+
+def _check_key_padding_mask(key_padding_mask, batch, min_length):
+    """The mask as 0/nonzero bytes with contiguous rows, or None."""
+    if key_padding_mask is None:
+        return None
+    _check_tensor("key_padding_mask", key_padding_mask, dim=2)
+    if key_padding_mask.shape[0] != batch or key_padding_mask.shape[1] < min_length:
+        raise ValueError(f"key_padding_mask must be [batch, keys] = [{batch}, {min_length}], "
+                         f"got {tuple(key_padding_mask.shape)}")
+    if key_padding_mask.dtype not in (torch.bool, torch.uint8):
+        key_padding_mask = key_padding_mask.bool()
+    return _rows_contiguous(key_padding_mask)
+
+
+def _check_qkv(q, k, v, k_name, v_name):
+    _check_tensor("q", q, dim=4)
+    _check_tensor(k_name, k, dim=4)
+    _check_tensor(v_name, v, dim=4)
+    if k.shape != v.shape:
+        raise ValueError(f"{k_name} and {v_name} must have one shape, got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and {k_name} {tuple(k.shape)} must agree on batch, "
+                         "heads and head_dim")
+
+
+def attention(q, k, v, bias_table, *, bidirectional, num_buckets, max_distance,
+              key_padding_mask=None, causal=False, query_offset=0, scale=1.0):
+    _check_qkv(q, k, v, "k", "v")
+    batch, heads, query_length, head_dim = q.shape
+    key_length = k.shape[2]
+    table = _check_bucket_args(bias_table, heads, bidirectional, num_buckets, max_distance)
+    mask = _check_key_padding_mask(key_padding_mask, batch, key_length)
+    if mask is not None and mask.shape[1] != key_length:
+        raise ValueError(f"key_padding_mask must have {key_length} keys, got {mask.shape[1]}")
+    if not _all_fp32(q, k, v) or min(q.numel(), k.numel()) == 0:
+        return eager.attention(q, k, v, bias_table, bidirectional=bidirectional,
+                               num_buckets=num_buckets, max_distance=max_distance,
+                               key_padding_mask=key_padding_mask, causal=causal,
+                               query_offset=query_offset, scale=scale)
+    q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
+    out = torch.empty(batch, query_length, heads, head_dim, dtype=q.dtype)
+    _C.attention(q=q.data_ptr(), q_strides=q.stride()[:3], k=k.data_ptr(), k_strides=k.stride()[:3],
+                 v=v.data_ptr(), v_strides=v.stride()[:3], out=out.data_ptr(), batch=batch,
+                 heads=heads, query_length=query_length, key_length=key_length, head_dim=head_dim,
+                 bias_table=_ptr(table), num_buckets=num_buckets, max_distance=max_distance,
+                 bidirectional=bool(bidirectional), key_padding_mask=_ptr(mask),
+                 mask_batch_stride=0 if mask is None else mask.stride(0), causal=bool(causal),
+                 query_offset=int(query_offset), scale=float(scale), num_threads=_threads())
+    return out
+
+
+def decode_attention(q, k_cache, v_cache, cache_length, bias_table, *, num_buckets, max_distance,
+                     key_padding_mask=None):
+    _check_qkv(q, k_cache, v_cache, "k_cache", "v_cache")
+    batch, heads, query_length, head_dim = q.shape
+    if query_length != 1:
+        raise ValueError(f"q must hold one query row per sequence, got shape {tuple(q.shape)}")
+    length = int(cache_length)
+    if not 1 <= length <= k_cache.shape[2]:
+        raise ValueError(f"cache_length must be in [1, {k_cache.shape[2]}] (the cache size), "
+                         f"got {length}")
+    table = _check_bucket_args(bias_table, heads, False, num_buckets, max_distance)
+    mask = _check_key_padding_mask(key_padding_mask, batch, length)
+    if not _all_fp32(q, k_cache, v_cache) or q.numel() == 0:
+        return eager.decode_attention(q, k_cache, v_cache, length, bias_table,
+                                      num_buckets=num_buckets, max_distance=max_distance,
+                                      key_padding_mask=key_padding_mask)
+    q, k_cache, v_cache = _rows_contiguous(q), _rows_contiguous(k_cache), _rows_contiguous(v_cache)
+    out = torch.empty(batch, 1, heads, head_dim, dtype=q.dtype)
+    _C.decode_attention(q=q.data_ptr(), q_strides=q.stride()[:3], k_cache=k_cache.data_ptr(),
+                        k_strides=k_cache.stride()[:3], v_cache=v_cache.data_ptr(),
+                        v_strides=v_cache.stride()[:3], out=out.data_ptr(), batch=batch,
+                        heads=heads, cache_length=length, head_dim=head_dim,
+                        bias_table=_ptr(table), num_buckets=num_buckets, max_distance=max_distance,
+                        key_padding_mask=_ptr(mask),
+                        mask_batch_stride=0 if mask is None else mask.stride(0),
+                        num_threads=_threads())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear layers
+
+def _check_linear_args(x, weight):
+    _check_tensor("x", x)
+    if isinstance(weight, QuantizedWeight):
+        _check_tensor("weight.qweight", weight.qweight, dim=2)
+        _check_tensor("weight.scale", weight.scale, dim=1)
+        if weight.qweight.dtype != torch.int8:
+            raise TypeError(f"weight.qweight must be int8, got {weight.qweight.dtype}")
+        if weight.scale.shape[0] != weight.qweight.shape[0]:
+            raise ValueError(f"weight.scale must have one entry per output row "
+                             f"({weight.qweight.shape[0]}), got {tuple(weight.scale.shape)}")
+        in_features = weight.qweight.shape[1]
+    else:
+        _check_tensor("weight", weight, dim=2)
+        in_features = weight.shape[1]
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"x.shape[-1] must equal weight's in_features {in_features}, "
+                         f"got x {tuple(x.shape)}")
+
+
+def linear(x, weight, residual=None):
+    _check_linear_args(x, weight)
+    if residual is not None:
+        _check_tensor("residual", residual)
+    quantized = isinstance(weight, QuantizedWeight)
+    if not quantized and weight.dtype == x.dtype:
+        y = F.linear(x, weight)
+        if residual is None:
+            return y
+        return y.add_(residual) if residual.shape == y.shape and residual.dtype == y.dtype \
+            else residual + y
+    out_features = weight.shape[0]
+    out_shape = (*x.shape[:-1], out_features)
+    kernel_weight = quantized or weight.dtype == torch.bfloat16
+    residual_fits = residual is None or (residual.shape == out_shape and residual.dtype == x.dtype)
+    if not (kernel_weight and x.dtype == torch.float32 and residual_fits) or x.numel() == 0:
+        return eager.linear(x, weight, residual)
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    residual = None if residual is None else residual.contiguous()
+    y = torch.empty(out_shape, dtype=x.dtype)
+    sizes = dict(rows=x2.shape[0], in_features=x2.shape[1], out_features=out_features,
+                 num_threads=_threads())
+    if quantized:
+        _C.int8_linear(x=x2.data_ptr(), qweight=weight.qweight.contiguous().data_ptr(),
+                       scale=weight.scale.to(torch.float32).contiguous().data_ptr(),
+                       residual=_ptr(residual), y=y.data_ptr(), **sizes)
+    else:
+        _C.bf16_linear(x=x2.data_ptr(), weight=weight.contiguous().data_ptr(),
+                       residual=_ptr(residual), y=y.data_ptr(), **sizes)
+    return y
+
+
+def gated_ffn_in(x, w_gate, w_up, activation):
+    kernel_activation = _KERNEL_ACTIVATIONS.get(activation)
+    if kernel_activation is None or x.dtype != torch.float32:
+        return eager.gated_ffn_in(x, w_gate, w_up, activation)
+    h = linear(x, w_gate).contiguous()
+    up = None if w_up is None else linear(x, w_up).contiguous()
+    if up is not None and up.shape != h.shape:
+        raise ValueError(f"w_gate and w_up must have one shape, got {tuple(w_gate.shape)} and "
+                         f"{tuple(w_up.shape)}")
+    if h.numel() == 0:
+        return h
+    cols = h.shape[-1]
+    _C.gated_activation(activation=kernel_activation, a=h.data_ptr(), a_row_stride=cols,
+                        b=_ptr(up), b_row_stride=cols, out=h.data_ptr(), out_row_stride=cols,
+                        rows=h.numel() // cols, cols=cols, num_threads=_threads())
+    return h

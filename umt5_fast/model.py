@@ -81,6 +81,12 @@ class RMSNorm(nn.Module):
         return self.runtime.ops.rms_norm(x, self.weight, self.eps)
 
 
+def frozen_embedding(num_embeddings: int, dim: int) -> nn.Embedding:
+    """An embedding table left uninitialised: weights always come from a checkpoint (and random
+    initialisation on the meta device would pull in torch's decomposition machinery, ~150 MB)."""
+    return nn.Embedding(num_embeddings, dim, _weight=torch.empty(num_embeddings, dim), _freeze=True)
+
+
 def clamp_fp16(h: torch.Tensor) -> torch.Tensor:
     """transformers' guard against fp16 overflow in T5 (inf becomes a large finite value)."""
     if h.dtype != torch.float16:
@@ -102,10 +108,8 @@ class Attention(nn.Module):
         self.k = Linear(config.d_model, inner, runtime)
         self.v = Linear(config.d_model, inner, runtime)
         self.o = Linear(inner, config.d_model, runtime)
-        self.relative_attention_bias = (nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
+        self.relative_attention_bias = (frozen_embedding(config.relative_attention_num_buckets, config.num_heads)
                                         if has_relative_bias else None)
-        if self.relative_attention_bias is not None:
-            self.relative_attention_bias.weight.requires_grad_(False)
         self.bidirectional = bidirectional
         self.num_buckets = config.relative_attention_num_buckets
         self.max_distance = config.relative_attention_max_distance
@@ -477,8 +481,7 @@ class _EncoderDecoder(UMT5PreTrainedModel):
 
     def __init__(self, config: UMT5Config, backend: str = "auto"):
         super().__init__(config, backend)
-        self.shared = nn.Embedding(config.vocab_size, config.d_model)
-        self.shared.weight.requires_grad_(False)
+        self.shared = frozen_embedding(config.vocab_size, config.d_model)
         self.encoder = EncoderStack(config, self.shared, self.runtime)
         self.decoder = DecoderStack(config, self.shared, self.runtime)
 
@@ -590,8 +593,7 @@ class UMT5EncoderModel(UMT5PreTrainedModel):
 
     def __init__(self, config: UMT5Config, backend: str = "auto"):
         super().__init__(config, backend)
-        self.shared = nn.Embedding(config.vocab_size, config.d_model)
-        self.shared.weight.requires_grad_(False)
+        self.shared = frozen_embedding(config.vocab_size, config.d_model)
         self.encoder = EncoderStack(config, self.shared, self.runtime)
 
     def get_encoder(self):

@@ -123,10 +123,12 @@ class UMT5Config:
         if self.relative_attention_num_buckets < 2:
             raise ValueError("UMT5Config.relative_attention_num_buckets must be >= 2 (half of them are "
                              f"per direction in the encoder), got {self.relative_attention_num_buckets}")
-        if self.relative_attention_max_distance < self.relative_attention_num_buckets // 2:
+        if self.relative_attention_max_distance <= self.relative_attention_num_buckets // 2:
+            # the decoder's log buckets span (num_buckets // 2, max_distance): an empty span divides
+            # by log(1) = 0 and turns transformers' buckets into undefined float->int casts
             raise ValueError(
-                "UMT5Config.relative_attention_max_distance must be >= relative_attention_num_buckets // 2 "
-                f"(the log buckets start there), got {self.relative_attention_max_distance} with "
+                "UMT5Config.relative_attention_max_distance must be > relative_attention_num_buckets // 2 "
+                f"(where the causal log buckets start), got {self.relative_attention_max_distance} with "
                 f"{self.relative_attention_num_buckets} buckets")
         if not isinstance(self.layer_norm_epsilon, (int, float)) or not self.layer_norm_epsilon > 0:
             raise ValueError(f"UMT5Config.layer_norm_epsilon must be a positive number, got "

@@ -19,7 +19,7 @@ from umt5_fast.outputs import (BaseModelOutput, BaseModelOutputWithPastAndCrossA
                                Seq2SeqLMOutput, Seq2SeqModelOutput,
                                Seq2SeqQuestionAnsweringModelOutput,
                                Seq2SeqSequenceClassifierOutput, TokenClassifierOutput)
-from umt5_fast.quant import QuantizedWeight
+from umt5_fast.quant import PackedWeight, QuantizedWeight
 
 
 class Runtime:
@@ -34,7 +34,8 @@ class Runtime:
 # Building blocks
 # ---------------------------------------------------------------------------------------------
 class Linear(nn.Module):
-    """``y = x @ W.T (+ b)``; W is a float parameter or, after ``quantize_int8``, int8 + scales."""
+    """``y = x @ W.T (+ b)``; W is a float parameter or a packed 8-bit weight (``umt5_fast.quant``):
+    int8 + scales after ``quantize_int8``, or fp8 / GGUF Q8_0 as a checkpoint stores them."""
 
     def __init__(self, in_features: int, out_features: int, runtime: Runtime, bias: bool = False):
         super().__init__()
@@ -44,23 +45,37 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.register_buffer("qweight", None)
         self.register_buffer("qscale", None)
+        self.packed_format = QuantizedWeight  # the PackedWeight class that qweight + qscale make up
 
     def packed_weight(self):
         if self.qweight is not None:
-            return QuantizedWeight(self.qweight, self.qscale)
+            return self.packed_format(self.qweight, self.qscale)
         return self.weight
 
-    def quantize_int8(self):
-        packed = QuantizedWeight.quantize(self.weight)
+    def load_packed(self, packed: PackedWeight):
+        """Hold ``packed`` in place of the float weight (buffers, so ``.to(device)`` moves it)."""
         self.weight = None
+        self.packed_format = type(packed)
         self.qweight, self.qscale = packed.qweight, packed.scale
+
+    def quantize_int8(self):
+        self.load_packed(QuantizedWeight.quantize(self.weight))
+
+    def kernel_weight(self, dtype: torch.dtype):
+        """The weight as the ops take it: a float tensor or an int8 ``QuantizedWeight`` (both in the
+        ops contract); other packed formats are expanded to ``dtype`` here, one layer at a time, so
+        no backend has to know them."""
+        weight = self.packed_weight()
+        if isinstance(weight, (torch.Tensor, QuantizedWeight)):
+            return weight
+        return weight.dequantize(dtype)
 
     @property
     def weight_dtype(self) -> torch.dtype:
-        return torch.int8 if self.qweight is not None else self.weight.dtype
+        return self.qweight.dtype if self.qweight is not None else self.weight.dtype
 
     def forward(self, x, residual=None):
-        y = self.runtime.ops.linear(x, self.packed_weight(), None if self.bias is not None else residual)
+        y = self.runtime.ops.linear(x, self.kernel_weight(x.dtype), None if self.bias is not None else residual)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
             if residual is not None:
@@ -199,11 +214,10 @@ class FeedForward(nn.Module):
 
     def forward(self, x, residual):
         gate, up = (self.wi_0, self.wi_1) if self.gated else (self.wi, None)
-        h = self.runtime.ops.gated_ffn_in(x, gate.packed_weight(),
-                                          None if up is None else up.packed_weight(), self.activation)
-        wo_dtype = self.wo.weight_dtype
-        if wo_dtype != torch.int8 and h.dtype != wo_dtype:
-            h = h.to(wo_dtype)
+        h = self.runtime.ops.gated_ffn_in(x, gate.kernel_weight(x.dtype),
+                                          None if up is None else up.kernel_weight(x.dtype), self.activation)
+        if self.wo.weight_dtype == torch.float32 and h.dtype != torch.float32:
+            h = h.float()  # transformers' fp16 rule: `wo` kept in fp32 computes in fp32
         return self.wo(h, residual=residual)
 
 

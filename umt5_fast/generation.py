@@ -188,6 +188,7 @@ class Decoder:
         h = F.embedding(tokens, decoder.embed_tokens.weight)
         out = decoder.run(h, self_mask=None, encoder_states=self.encoder_states, encoder_mask=self.encoder_mask,
                           cache=self.cache, past_length=self.cache.length)
+        self.cache.length += tokens.shape[1]
         return self.model.logits(out.last_hidden_state[:, -1]).float()
 
 

@@ -339,12 +339,17 @@ class DecoderStack(nn.Module):
                        head_masks=layer_head_masks(head_mask, num_layers, num_heads, h.dtype),
                        cross_head_masks=layer_head_masks(cross_attn_head_mask, num_layers, num_heads, h.dtype),
                        output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        if cache is not None:
+            cache.length = past_length + length
         out.past_key_values = cache if use_cache else None
         return out
 
     def run(self, h, *, self_mask, encoder_states, encoder_mask, cache, past_length, head_masks=None,
             cross_head_masks=None, output_attentions=False, output_hidden_states=False):
-        """The layers on validated inputs (embedded ``h``); generation calls this once per step."""
+        """The layers on validated inputs (embedded ``h``); generation calls this once per step.
+
+        Writes K/V of positions ``past_length..`` into ``cache``; the caller advances ``cache.length``
+        (``past_length`` may be a device tensor when a CUDA graph replays the step)."""
         head_masks = head_masks or [None] * len(self.block)
         cross_head_masks = cross_head_masks or [None] * len(self.block)
         hidden_states, attentions, cross_attentions = [], [], []
@@ -358,8 +363,6 @@ class DecoderStack(nn.Module):
             if output_attentions:
                 attentions.append(self_weights)
                 cross_attentions.append(cross_weights)
-        if cache is not None:
-            cache.length = past_length + h.shape[1]
         h = self.final_layer_norm(h)
         if output_hidden_states:
             hidden_states.append(h)

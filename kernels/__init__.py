@@ -10,10 +10,20 @@ import os
 
 
 def interpreted() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``).
-
-    Kernel modules read this at import time, as ``triton.jit`` does: under the interpreter each
-    program instance runs as numpy code, so they use one small fixed launch configuration instead
-    of autotuning over GPU-sized ones.
-    """
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def launch_configs(tuned, default, interpreter):
+    """The autotuning candidates of a kernel, read once when its module is imported (as ``triton.jit``
+    reads ``TRITON_INTERPRET``).
+
+    ``interpreter`` alone under the interpreter, where each program runs as numpy code and block
+    sizes only need to exercise the tails; ``default`` alone when ``UMT5_FAST_AUTOTUNE=0`` (test
+    runs on a GPU, where tuning every shape would cost minutes of compiles); else ``tuned``.
+    """
+    if interpreted():
+        return [interpreter]
+    if os.environ.get("UMT5_FAST_AUTOTUNE", "1") == "0":
+        return [default]
+    return tuned

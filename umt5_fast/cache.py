@@ -56,10 +56,14 @@ class DynamicCache:
 
 
 class StaticCache:
-    """Preallocated decoder cache for ``max_length`` positions of ``batch_size`` rows."""
+    """Preallocated decoder cache for ``max_length`` positions of ``batch_size`` rows.
+
+    ``fixed_buffers=True`` keeps the same storage for the cache's whole life (beam reorders copy
+    back instead of swapping buffers), which a captured CUDA graph needs.
+    """
 
     def __init__(self, num_layers: int, batch_size: int, num_heads: int, max_length: int, d_kv: int,
-                 dtype: torch.dtype, device):
+                 dtype: torch.dtype, device, fixed_buffers: bool = False):
         shape = (num_layers, batch_size, num_heads, max_length, d_kv)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
@@ -67,12 +71,19 @@ class StaticCache:
         self.cross_kv: List[Optional[KV]] = [None] * num_layers
         self.num_layers = num_layers
         self.max_length = max_length
+        self.fixed_buffers = fixed_buffers
         self.length = 0
 
     def get_seq_length(self) -> int:
         return self.length
 
-    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor, start: int) -> KV:
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor, start) -> KV:
+        if isinstance(start, torch.Tensor):
+            # position on the device (a CUDA graph replays this): scatter, no host-side bound check
+            positions = start + torch.arange(keys.shape[2], device=keys.device)
+            self.keys[layer].index_copy_(2, positions, keys)
+            self.values[layer].index_copy_(2, positions, values)
+            return self.keys[layer], self.values[layer]
         end = start + keys.shape[2]
         if end > self.max_length:
             raise ValueError(f"the decoder sequence ({end} positions) is longer than the cache allows "
@@ -94,6 +105,10 @@ class StaticCache:
         spare_k, spare_v = self._spare
         torch.index_select(self.keys, 1, index, out=spare_k)
         torch.index_select(self.values, 1, index, out=spare_v)
+        if self.fixed_buffers:
+            self.keys.copy_(spare_k)
+            self.values.copy_(spare_v)
+            return
         self._spare = (self.keys, self.values)
         self.keys, self.values = spare_k, spare_v
         # Cross-attention K/V are not reordered: beams only ever move within one source row, whose

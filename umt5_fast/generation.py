@@ -6,6 +6,7 @@ preallocated cache; the bias is computed for the step's query position only) and
 that position alone. Results are token-for-token those of transformers' ``generate`` (fp32): the
 logits processors and the beam bookkeeping below follow its definitions.
 """
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Iterator, Optional, Tuple
@@ -191,6 +192,27 @@ class Decoder:
         self.cache.length += tokens.shape[1]
         return self.model.logits(out.last_hidden_state[:, -1]).float()
 
+    def reorder(self, index: torch.Tensor):
+        self.cache.reorder(index)
+
+    def close(self):
+        pass
+
+
+def make_decoder(model, encoder_states, encoder_mask, rows_per_source: int, max_length: int, use_cuda_graph=None):
+    """A ``Decoder``, or on CUDA with the Triton kernels one whose steps replay a CUDA graph."""
+    if use_cuda_graph is None:
+        use_cuda_graph = encoder_states.is_cuda and model.backend == "triton"
+    if not use_cuda_graph:
+        return Decoder(model, encoder_states, encoder_mask, rows_per_source, max_length)
+    if not encoder_states.is_cuda:
+        raise ValueError("use_cuda_graph=True needs the model on a CUDA device")
+    from umt5_fast.cuda_graph import GraphedDecoder
+    if rows_per_source > 1:
+        encoder_states = encoder_states.repeat_interleave(rows_per_source, dim=0)
+        encoder_mask = None if encoder_mask is None else encoder_mask.repeat_interleave(rows_per_source, dim=0)
+    return GraphedDecoder(model, encoder_states, encoder_mask, max_length)
+
 
 def prepare(model, input_ids, attention_mask, decoder_input_ids, options):
     """Validate inputs, run the encoder; return (encoder states, mask, decoder prompt, max_length)."""
@@ -218,7 +240,7 @@ def prepare(model, input_ids, attention_mask, decoder_input_ids, options):
 
 
 def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, options, generator=None,
-                 scores_out=None) -> Iterator[torch.Tensor]:
+                 scores_out=None, use_cuda_graph=None) -> Iterator[torch.Tensor]:
     """Greedy or sampled decoding; yields the ``[rows]`` tokens of each step (pad once a row ended).
 
     Rows whose sequence ended are carried with pad tokens, exactly like transformers.
@@ -228,12 +250,12 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
     sequences = torch.full((rows, max_length), options["pad_token_id"], dtype=torch.long, device=prompt.device)
     prompt_length = prompt.shape[1]
     sequences[:, :prompt_length] = prompt.repeat_interleave(expand, dim=0)
-    decoder = Decoder(model, encoder_states, encoder_mask, expand, max_length)
+    decoder = make_decoder(model, encoder_states, encoder_mask, expand, max_length, use_cuda_graph)
     eos = torch.tensor(options["eos_token_id"], dtype=torch.long, device=prompt.device)
     unfinished = torch.ones(rows, dtype=torch.bool, device=prompt.device)
     pad = options["pad_token_id"]
     tokens = sequences[:, :prompt_length]
-    with torch.inference_mode():
+    with torch.inference_mode(), contextlib.closing(decoder):
         for length in range(prompt_length, max_length):
             logits = decoder.step(tokens)
             scores = process_scores(options, sequences[:, :length], logits, prompt_length, beam=False)
@@ -255,7 +277,7 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
 
 
 def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options, generator=None,
-                scores_out=None):
+                scores_out=None, use_cuda_graph=None):
     """transformers' vectorised beam search (its ``_beam_search``), on our static cache.
 
     Returns ``(sequences [batch * num_return_sequences, T], sequence scores)``.
@@ -281,7 +303,7 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
     running_origin = torch.full((batch, num_beams, max_length - prompt_length), -1, dtype=torch.long,
                                 device=device)
     finished_origin = running_origin.clone()
-    decoder = Decoder(model, encoder_states, encoder_mask, num_beams, max_length)
+    decoder = make_decoder(model, encoder_states, encoder_mask, num_beams, max_length, use_cuda_graph)
     batch_offset = torch.arange(batch, device=device)[:, None] * num_beams
 
     def gather(tensor, index):
@@ -291,7 +313,7 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
 
     length = prompt_length
     tokens = running.view(batch * num_beams, max_length)[:, :prompt_length]
-    with torch.inference_mode():
+    with torch.inference_mode(), contextlib.closing(decoder):
         while True:
             flat = running.view(batch * num_beams, max_length)[:, :length]
             logits = decoder.step(tokens)
@@ -333,7 +355,7 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
             finished_origin = gather(torch.cat([finished_origin, top_origin], dim=1), best)
             is_finished = gather(torch.cat([is_finished, just_finished], dim=1), best)
 
-            decoder.cache.reorder(running_origin[:, :, length - prompt_length].reshape(-1))
+            decoder.reorder(running_origin[:, :, length - prompt_length].reshape(-1))
             length += 1
             tokens = running.view(batch * num_beams, max_length)[:, length - 1:length]
 
@@ -358,10 +380,13 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
 
 
 def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=None, generation_config=None,
-             streamer=None, generator: Optional[torch.Generator] = None, seed: Optional[int] = None, **kwargs):
+             streamer=None, generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
+             use_cuda_graph: Optional[bool] = None, **kwargs):
     """Decode like transformers' ``generate``; returns ids ``[batch * num_return_sequences, T]``.
 
     Sampling draws from ``generator`` (or a fresh one seeded with ``seed``; else torch's global RNG).
+    ``use_cuda_graph`` (default: on CUDA with the Triton backend) replays single-token steps from a
+    captured CUDA graph.
     ``streamer``: an object with ``put(ids)`` / ``end()`` (transformers' streamer protocol): it
     receives the decoder prompt, then each step's tokens.
     """
@@ -376,12 +401,13 @@ def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=No
         if streamer is not None:
             raise ValueError("streamer cannot be used with beam search (num_beams > 1)")
         sequences, sequence_scores = beam_search(model, encoder_states, mask, prompt, max_length, options,
-                                                 generator, scores)
+                                                 generator, scores, use_cuda_graph)
     else:
         if streamer is not None:
             streamer.put(prompt.cpu())
         steps = []
-        for tokens in sample_steps(model, encoder_states, mask, prompt, max_length, options, generator, scores):
+        for tokens in sample_steps(model, encoder_states, mask, prompt, max_length, options, generator, scores,
+                                   use_cuda_graph):
             steps.append(tokens)
             if streamer is not None:
                 streamer.put(tokens.cpu())
@@ -400,6 +426,7 @@ def generate_stream(model, input_ids=None, attention_mask=None, **kwargs) -> Ite
     generator = kwargs.pop("generator", None)
     seed = kwargs.pop("seed", None)
     decoder_input_ids = kwargs.pop("decoder_input_ids", None)
+    use_cuda_graph = kwargs.pop("use_cuda_graph", None)
     options = resolve_options(model, kwargs.pop("generation_config", None), **kwargs)
     check_options(options, model.config.vocab_size)
     if options["num_beams"] > 1:
@@ -407,4 +434,5 @@ def generate_stream(model, input_ids=None, attention_mask=None, **kwargs) -> Ite
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
     encoder_states, mask, prompt, max_length = prepare(model, input_ids, attention_mask, decoder_input_ids, options)
-    yield from sample_steps(model, encoder_states, mask, prompt, max_length, options, generator)
+    yield from sample_steps(model, encoder_states, mask, prompt, max_length, options, generator,
+                            use_cuda_graph=use_cuda_graph)

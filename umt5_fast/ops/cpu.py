@@ -46,7 +46,7 @@ _KERNEL_ACTIVATIONS = {
 def _check_tensor(arg_name, value, dim=None):
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{arg_name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.device.type != "cpu":
+    if not value.is_cpu:
         raise ValueError(f"{arg_name} must be on the CPU for backend 'cpu', got {value.device}")
     if dim is not None and value.dim() != dim:
         raise ValueError(f"{arg_name} must have {dim} dimensions, got shape {tuple(value.shape)}")
@@ -245,24 +245,26 @@ def linear(x, weight, residual=None):
             return y
         return y.add_(residual) if residual.shape == y.shape and residual.dtype == y.dtype \
             else residual + y
-    out_features = weight.shape[0]
+    out_features, in_features = weight.shape
     out_shape = (*x.shape[:-1], out_features)
     kernel_weight = quantized or weight.dtype == torch.bfloat16
     residual_fits = residual is None or (residual.shape == out_shape and residual.dtype == x.dtype)
     if not (kernel_weight and x.dtype == torch.float32 and residual_fits) or x.numel() == 0:
         return eager.linear(x, weight, residual)
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    x = x.contiguous()
     residual = None if residual is None else residual.contiguous()
-    y = torch.empty(out_shape, dtype=x.dtype)
-    sizes = dict(rows=x2.shape[0], in_features=x2.shape[1], out_features=out_features,
-                 num_threads=_threads())
+    y = x.new_empty(out_shape)
     if quantized:
-        _C.int8_linear(x=x2.data_ptr(), qweight=weight.qweight.contiguous().data_ptr(),
-                       scale=weight.scale.to(torch.float32).contiguous().data_ptr(),
-                       residual=_ptr(residual), y=y.data_ptr(), **sizes)
+        scale = weight.scale if weight.scale.dtype == torch.float32 else weight.scale.float()
+        _C.int8_linear(x=x.data_ptr(), qweight=weight.qweight.contiguous().data_ptr(),
+                       scale=scale.contiguous().data_ptr(), residual=_ptr(residual),
+                       y=y.data_ptr(), rows=x.numel() // in_features, in_features=in_features,
+                       out_features=out_features, num_threads=_threads())
     else:
-        _C.bf16_linear(x=x2.data_ptr(), weight=weight.contiguous().data_ptr(),
-                       residual=_ptr(residual), y=y.data_ptr(), **sizes)
+        _C.bf16_linear(x=x.data_ptr(), weight=weight.contiguous().data_ptr(),
+                       residual=_ptr(residual), y=y.data_ptr(), rows=x.numel() // in_features,
+                       in_features=in_features, out_features=out_features,
+                       num_threads=_threads())
     return y
 
 

@@ -60,8 +60,9 @@ def test_seq2seq_logits_match_transformers(checkpoint_factory, backend, config_n
 @pytest.mark.parametrize("backend", backends())
 def test_generation_matches_transformers(checkpoint_factory, backend):
     ours, hf, device = load(checkpoint_factory, "odd", "UMT5ForConditionalGeneration", backend)
-    ids, mask = random_batch(ours.config.vocab_size, 3, 30, seed=3)
-    steps = 10 if backend == "cpu" else 4
+    interpreted = backend == "triton" and device == "cpu"  # the Triton interpreter is slow
+    ids, mask = random_batch(ours.config.vocab_size, 2 if interpreted else 3, 20 if interpreted else 30, seed=3)
+    steps = 3 if interpreted else 10
     for kwargs in (dict(max_new_tokens=steps), dict(max_new_tokens=steps, num_beams=3)):
         with torch.no_grad():
             expected = hf.generate(ids, attention_mask=mask, use_cache=False, **kwargs)

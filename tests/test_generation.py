@@ -203,3 +203,22 @@ def test_unknown_generation_argument(checkpoint_factory):
     ours, _ = pair(checkpoint_factory, "odd")
     with pytest.raises(TypeError, match="num_beam_groupz"):
         ours.generate(torch.tensor([[5, 1]]), num_beam_groupz=2)
+
+
+def test_finished_rows_stop_costing_work_in_greedy_decoding(checkpoint_factory, monkeypatch):
+    ours, hf = pair(checkpoint_factory, "odd")
+    ids, mask = random_batch(ours.config.vocab_size, 4, 30, seed=11)
+    eos = frequent_token(ours, ids, mask)
+    rows_per_step = []
+    original = generation.Decoder.step
+
+    def counting_step(self, tokens):
+        rows_per_step.append(tokens.shape[0])
+        return original(self, tokens)
+
+    monkeypatch.setattr(generation.Decoder, "step", counting_step)
+    got = ours.generate(ids, attention_mask=mask, max_new_tokens=20, eos_token_id=eos)
+    assert torch.equal(got, reference(hf, ids, mask, max_new_tokens=20, eos_token_id=eos))
+    finished_early = (got[:, 1:-1] == eos).any(dim=1).sum()
+    assert finished_early >= 1, "the test needs a row that ends before the others"
+    assert min(rows_per_step) < 4 and rows_per_step == sorted(rows_per_step, reverse=True)

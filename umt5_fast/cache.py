@@ -92,6 +92,12 @@ class StaticCache:
         self.values[layer, :, :, start:end] = values
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
+    def keep_rows(self, index: torch.Tensor):
+        """Shrink to rows ``index`` (one copy of the live cache; the dropped rows' memory is freed)."""
+        self.keys, self.values = self.keys[:, index], self.values[:, index]
+        self._spare = None
+        self.cross_kv = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.cross_kv]
+
     def layer_buffers(self, layer: int) -> KV:
         """The full ``[B, H, S_max, D]`` buffers of a layer (for the decode-attention kernels)."""
         return self.keys[layer], self.values[layer]

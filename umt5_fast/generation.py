@@ -195,6 +195,12 @@ class Decoder:
     def reorder(self, index: torch.Tensor):
         self.cache.reorder(index)
 
+    def keep_rows(self, index: torch.Tensor):
+        """Continue with rows ``index`` only (finished rows stop costing work)."""
+        self.encoder_states = self.encoder_states[index]
+        self.encoder_mask = None if self.encoder_mask is None else self.encoder_mask[index]
+        self.cache.keep_rows(index)
+
     def close(self):
         pass
 
@@ -243,7 +249,10 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
                  scores_out=None, use_cuda_graph=None) -> Iterator[torch.Tensor]:
     """Greedy or sampled decoding; yields the ``[rows]`` tokens of each step (pad once a row ended).
 
-    Rows whose sequence ended are carried with pad tokens, exactly like transformers.
+    Finished rows read pad tokens, exactly like transformers. In greedy decoding they also stop
+    costing work: once a quarter of the computed rows have finished, the decoder drops them (the
+    choice of the other rows does not depend on them). Sampling keeps every row so that its random
+    draws, and ``output_scores``, stay those of transformers.
     """
     expand = options["num_return_sequences"] if options["do_sample"] else 1
     rows = prompt.shape[0] * expand
@@ -254,26 +263,32 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
     eos = torch.tensor(options["eos_token_id"], dtype=torch.long, device=prompt.device)
     unfinished = torch.ones(rows, dtype=torch.bool, device=prompt.device)
     pad = options["pad_token_id"]
+    may_drop_rows = not options["do_sample"] and scores_out is None and isinstance(decoder, Decoder)
+    computed = torch.arange(rows, device=prompt.device)  # rows the decoder still runs
     tokens = sequences[:, :prompt_length]
     with torch.inference_mode(), contextlib.closing(decoder):
         for length in range(prompt_length, max_length):
             logits = decoder.step(tokens)
-            scores = process_scores(options, sequences[:, :length], logits, prompt_length, beam=False)
+            scores = process_scores(options, sequences[computed, :length], logits, prompt_length, beam=False)
             if scores_out is not None:
                 scores_out.append(scores)
             if options["do_sample"]:
-                next_tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+                picked = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
             else:
-                next_tokens = scores.argmax(-1)
-            if len(eos):
-                next_tokens = torch.where(unfinished, next_tokens, pad)
+                picked = scores.argmax(-1)
+            next_tokens = torch.full((rows,), pad, dtype=torch.long, device=prompt.device)
+            next_tokens[computed] = torch.where(unfinished[computed], picked, pad) if len(eos) else picked
             sequences[:, length] = next_tokens
-            tokens = sequences[:, length:length + 1]
             yield next_tokens
             if len(eos):
                 unfinished &= ~torch.isin(next_tokens, eos)
                 if not bool(unfinished.any()):
                     return
+                if may_drop_rows and 4 * int((~unfinished[computed]).sum()) >= len(computed):
+                    keep = unfinished[computed].nonzero().squeeze(1)
+                    decoder.keep_rows(keep)
+                    computed = computed[keep]
+            tokens = sequences[computed, length:length + 1]
 
 
 def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options, generator=None,

@@ -1,0 +1,114 @@
+"""Per-kernel CPU micro-benchmarks (pytest-benchmark): each C++ op beside its torch reference.
+
+``pytest benchmarks/`` times every op of ``umt5_fast.ops.cpu`` (skipped when the extension does
+not import) and the same call of ``umt5_fast.ops.eager`` (plain torch, the reference), on
+umt5-small shapes. Results are grouped per op and shape, so each table row pair reads "kernel vs
+torch". Each cpu benchmark first checks its result against the reference.
+
+Useful options: ``--benchmark-columns=median,iqr,ops``, ``--benchmark-json=micro.json``,
+``--benchmark-disable`` (run once, as a test), ``-k attention``.
+"""
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("pytest_benchmark")
+
+from umt5_fast.ops import eager  # noqa: E402
+from umt5_fast.quant import QuantizedWeight  # noqa: E402
+
+try:
+    from umt5_fast.ops import cpu as cpu_ops
+    CPU_MISSING = None
+except ImportError as exc:
+    cpu_ops, CPU_MISSING = None, f"umt5_fast.ops.cpu does not import ({exc})"
+
+# umt5-small
+D_MODEL, HEADS, D_KV, D_FF = 512, 6, 64, 1024
+NUM_BUCKETS, MAX_DISTANCE, EPS = 32, 128, 1e-6
+LM_HEAD_ROWS = 32768  # a slice of the 256384-row LM head: 64 MB in fp32, far beyond the caches
+
+OPS = [pytest.param(eager, id="eager"),
+       pytest.param(cpu_ops, id="cpu", marks=pytest.mark.skipif(cpu_ops is None, reason=CPU_MISSING or ""))]
+
+
+def randn(*shape, seed=0, scale=1.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def bench(benchmark, ops, group, fn, reference, tol):
+    """Time ``fn(ops)`` in ``group``; for the kernel, first check it against ``reference(eager)``."""
+    benchmark.group = group
+    benchmark.extra_info["backend"] = ops.name
+    if ops is not eager:
+        out, ref = fn(ops).float(), reference(eager).float()
+        err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+        assert err <= tol, f"{group}: {ops.name} differs from eager by {err:.3g} (> {tol:g})"
+    benchmark(fn, ops)
+
+
+@pytest.mark.parametrize("rows", [1, 512])
+@pytest.mark.parametrize("ops", OPS)
+def test_rms_norm(benchmark, ops, rows):
+    x, weight = randn(rows, D_MODEL), randn(D_MODEL, seed=1).abs() + 0.5
+
+    def call(o):
+        return o.rms_norm(x, weight, EPS)
+    bench(benchmark, ops, f"rms_norm rows={rows}", call, call, 1e-5)
+
+
+@pytest.mark.parametrize("length", [128, 512, 2048])
+@pytest.mark.parametrize("ops", OPS)
+def test_attention(benchmark, ops, length):
+    """Encoder self-attention: bidirectional relative bias, all keys valid."""
+    q, k, v = (randn(1, length, HEADS, D_KV, seed=s).transpose(1, 2) for s in (1, 2, 3))
+    table = randn(NUM_BUCKETS, HEADS, seed=4)
+
+    def call(o):
+        return o.attention(q, k, v, table, bidirectional=True, num_buckets=NUM_BUCKETS, max_distance=MAX_DISTANCE)
+    bench(benchmark, ops, f"attention L={length}", call, call, 1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 512])
+@pytest.mark.parametrize("ops", OPS)
+def test_gated_ffn(benchmark, ops, rows):
+    """``gelu_new(x @ wi_0.T) * (x @ wi_1.T)``: the FFN's input half."""
+    x = randn(rows, D_MODEL)
+    w_gate, w_up = randn(D_FF, D_MODEL, seed=1, scale=0.05), randn(D_FF, D_MODEL, seed=2, scale=0.05)
+
+    def call(o):
+        return o.gated_ffn_in(x, w_gate, w_up, "gelu_new")
+    bench(benchmark, ops, f"gated_ffn rows={rows}", call, call, 1e-4)
+
+
+@pytest.mark.parametrize("cache_length", [64, 512])
+@pytest.mark.parametrize("ops", OPS)
+def test_decode_step_attention(benchmark, ops, cache_length):
+    """One decode step's self-attention for 16 rows against a static cache of 1024 slots."""
+    batch, slots = 16, 1024
+    q = randn(batch, HEADS, 1, D_KV)
+    k_cache, v_cache = randn(batch, HEADS, slots, D_KV, seed=1), randn(batch, HEADS, slots, D_KV, seed=2)
+    table = randn(NUM_BUCKETS, HEADS, seed=3)
+
+    def call(o):
+        return o.decode_attention(q, k_cache, v_cache, cache_length, table, num_buckets=NUM_BUCKETS,
+                                  max_distance=MAX_DISTANCE)
+    bench(benchmark, ops, f"decode_attention b16 cache={cache_length}", call, call, 1e-4)
+
+
+def lm_head_weight(kind):
+    weight = randn(LM_HEAD_ROWS, D_MODEL, seed=5, scale=0.05)
+    if kind == "int8":
+        return QuantizedWeight.quantize(weight)
+    return weight.to(torch.bfloat16) if kind == "bf16" else weight
+
+
+@pytest.mark.parametrize("weight_kind", ["fp32", "int8", "bf16"])
+@pytest.mark.parametrize("ops", OPS)
+def test_decode_step_linear(benchmark, ops, weight_kind):
+    """The decode step's bound: one row times an LM-head-sized weight (bandwidth, not FLOPs)."""
+    x, weight = randn(1, D_MODEL), lm_head_weight(weight_kind)
+
+    def call(o):
+        return o.linear(x, weight)
+    tol = 1e-4 if weight_kind == "fp32" else 1e-3
+    bench(benchmark, ops, f"linear 1x{D_MODEL} @ {LM_HEAD_ROWS}x{D_MODEL} {weight_kind}", call, call, tol)

@@ -10,12 +10,13 @@ import os
 import struct
 import sys
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Collection, Dict, Iterable, Optional
 
 import torch
 import torch.nn as nn
 
 from umt5_fast.config import CONFIG_NAME, UMT5Config
+from umt5_fast.quant import PackedWeight
 
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
@@ -196,7 +197,10 @@ def param_dtype(name: str, dtype: torch.dtype, keep_in_fp32: Iterable[str]) -> t
 
 def build_model(cls, config: UMT5Config, sources: Dict[str, Callable[[], torch.Tensor]], shapes: Dict[str, tuple],
                 *, dtype: Optional[torch.dtype] = torch.float32, device="cpu", backend="auto", quantize=None, keep_in_fp32=("wo",),
-                progress: bool = False):
+                progress: bool = False, packed: Collection[str] = ()):
+    """``packed``: checkpoint keys whose sources return packed weights (``dequantize(dtype)``) instead of
+    tensors; a linear layer keeps a ``quant.PackedWeight`` as is, anything else is dequantised here."""
+    from umt5_fast.model import Linear
     device = torch.device(device)
     with torch.device("meta"):
         model = cls(config, backend="eager")
@@ -207,12 +211,20 @@ def build_model(cls, config: UMT5Config, sources: Dict[str, Callable[[], torch.T
         raise CheckpointError(f"checkpoint does not fit {cls.__name__}:\n  " + "\n  ".join(problems))
     names = list(params)
     for i, name in enumerate(names):
-        tensor = sources[renamed[name]]()
-        target = tensor.dtype
-        if dtype is not None and tensor.is_floating_point():
-            target = param_dtype(name, dtype, keep_in_fp32)
-        tensor = tensor.to(device=device, dtype=target)  # no copy when both already match
-        _set_param(model, name, nn.Parameter(tensor, requires_grad=False))
+        key = renamed[name]
+        tensor = sources[key]()
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if key in packed and isinstance(tensor, PackedWeight) and isinstance(owner, Linear) and attr == "weight":
+            owner.load_packed(tensor.to(device))  # stays 8-bit; expanded per call
+        else:
+            if key in packed:  # e.g. an fp8 embedding or a K-quant weight: expanded once, here
+                tensor = tensor.dequantize(param_dtype(name, dtype or torch.float32, keep_in_fp32))
+            target = tensor.dtype
+            if dtype is not None and tensor.is_floating_point():
+                target = param_dtype(name, dtype, keep_in_fp32)
+            tensor = tensor.to(device=device, dtype=target)  # no copy when both already match
+            _set_param(model, name, nn.Parameter(tensor, requires_grad=False))
         if progress:
             print(f"\rloading {i + 1}/{len(names)} tensors", end="", file=sys.stderr, flush=True)
     if progress:
@@ -309,29 +321,44 @@ def quantize_model(model, mode: str):
 # Public entry points
 # ---------------------------------------------------------------------------------------------
 def from_pretrained(cls, path, *, dtype=None, torch_dtype=None, device="cpu", backend="auto", quantize=None,
-                    config: Optional[UMT5Config] = None, keep_in_fp32=("wo",), progress=None, **config_overrides):
-    """Load a transformers UMT5 checkpoint directory into ``cls``.
+                    config: Optional[UMT5Config] = None, keep_in_fp32=("wo",), progress=None, gguf_file=None,
+                    **config_overrides):
+    """Load a UMT5 checkpoint (a transformers directory, or one file) into ``cls``.
 
     ``dtype`` (or transformers' ``torch_dtype``): float32 (default), float16, bfloat16 or "auto";
     ``device``: where the weights live; ``backend``: "auto" | "triton" | "cpu" | "eager";
     ``quantize="int8"`` / ``"bf16"``: weight-only int8 / bf16 linear layers and LM head.
+
+    ``path`` may also be one file: a ComfyUI / transformers-named ``.safetensors``, a ``.gguf``
+    (``gguf_file=``: a file name inside the directory ``path``, as in transformers) or Wan's ``.pth``
+    (``umt5_fast.formats``); a config.json next to it wins over the config inferred from the file.
     """
-    path = Path(path)
+    path = Path(path) if gguf_file is None else Path(path) / gguf_file
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path does not exist: {path}")
     if config is None:
         config_file = path / CONFIG_NAME if path.is_dir() else path.parent / CONFIG_NAME
-        if not config_file.is_file():
+        if config_file.is_file():
+            config = UMT5Config.from_json_file(config_file)
+        elif path.is_dir():
             raise FileNotFoundError(f"config.json not found in {config_file.parent}")
-        config = UMT5Config.from_json_file(config_file)
+    if path.is_dir():
+        reader = CheckpointReader(path)
+        sources, shapes, packed = reader.sources, reader.shapes, ()
+    else:
+        from umt5_fast import formats
+        reader = None  # "auto" dtype then comes from the config (formats infer it from the file)
+        config, sources, shapes, packed = formats.read(path, config)
     if config_overrides:
         config = UMT5Config.from_dict(dict(config.to_dict(), **config_overrides))
-    reader = CheckpointReader(path)
     dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config, reader)
-    total = sum(_numel(s) for s in reader.shapes.values())
+    total = sum(_numel(s) for s in shapes.values())
     show = progress if progress is not None else total > 200_000_000
-    model = build_model(cls, config, reader.sources, reader.shapes, dtype=dtype, device=device, backend=backend,
-                        quantize=quantize, keep_in_fp32=keep_in_fp32, progress=show)
+    try:
+        model = build_model(cls, config, sources, shapes, dtype=dtype, device=device, backend=backend,
+                            quantize=quantize, keep_in_fp32=keep_in_fp32, progress=show, packed=packed)
+    except CheckpointError as exc:  # name the checkpoint (tensor names are transformers', as mapped)
+        raise CheckpointError(f"{path}: {exc}") from None
     generation_config = path / "generation_config.json" if path.is_dir() else None
     if generation_config is not None and generation_config.is_file():
         model.generation_config = json.loads(generation_config.read_text(encoding="utf-8"))

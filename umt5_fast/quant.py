@@ -1,24 +1,26 @@
-"""Weight-only int8 quantisation: per-output-channel symmetric scales, float activations."""
+"""Packed 8-bit linear weights: kept compressed in memory, expanded one layer at a time.
+
+``QuantizedWeight``: our weight-only int8 (per-output-channel symmetric scales), read as is by the
+int8 kernels. ``Float8Weight`` and ``Q8_0Weight`` hold checkpoint formats as stored (fp8
+safetensors, GGUF Q8_0 blocks); ``Linear`` expands them to the activations' dtype right before
+each call. All share one interface: ``dequantize(dtype)``, ``shape``, ``device``, ``dtype``,
+``to(device)``, and are made of two tensors, ``qweight`` and ``scale`` (the buffers ``Linear``
+stores).
+"""
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 
 @dataclass
-class QuantizedWeight:
-    """``weight ~= qweight.float() * scale[:, None]``; ``qweight`` int8 ``[out, in]``, ``scale`` fp32 ``[out]``."""
+class PackedWeight:
+    """A ``[out, in]`` weight stored as ``qweight`` (8-bit) plus an optional ``scale`` tensor."""
     qweight: torch.Tensor
-    scale: torch.Tensor
-
-    @classmethod
-    def quantize(cls, weight: torch.Tensor) -> "QuantizedWeight":
-        w = weight.float()
-        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-        qweight = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-        return cls(qweight.contiguous(), scale.contiguous())
+    scale: Optional[torch.Tensor]
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        return (self.qweight.float() * self.scale[:, None]).to(dtype)
+        raise NotImplementedError
 
     @property
     def shape(self):
@@ -30,7 +32,64 @@ class QuantizedWeight:
 
     @property
     def dtype(self):
-        return torch.int8
+        return self.qweight.dtype
 
     def to(self, device):
-        return QuantizedWeight(self.qweight.to(device), self.scale.to(device))
+        return type(self)(self.qweight.to(device), None if self.scale is None else self.scale.to(device))
+
+
+@dataclass
+class QuantizedWeight(PackedWeight):
+    """``weight ~= qweight.float() * scale[:, None]``; ``qweight`` int8 ``[out, in]``, ``scale`` fp32 ``[out]``."""
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor) -> "QuantizedWeight":
+        w = weight.float()
+        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+        qweight = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        return cls(qweight.contiguous(), scale.contiguous())
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return (self.qweight.float() * self.scale[:, None]).to(dtype)
+
+
+@dataclass
+class Float8Weight(PackedWeight):
+    """fp8 weights (``float8_e4m3fn`` / ``float8_e5m2``) ``[out, in]`` and an optional per-tensor fp32
+    ``scale`` (ComfyUI's "scaled fp8"): ``weight = qweight.float() * scale``, else ``qweight`` itself.
+
+    Every fp8 value is exact in fp16/bf16/fp32, so an unscaled weight expands without rounding;
+    a scaled one is multiplied in fp32 and rounded once to the target dtype.
+    """
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        if self.scale is None:
+            return self.qweight.to(dtype)
+        return (self.qweight.float() * self.scale.float()).to(dtype)
+
+
+@dataclass
+class Q8_0Weight(PackedWeight):
+    """ggml's Q8_0 (llama.cpp ``block_q8_0``: an fp16 scale ``d`` then 32 int8 values, 34 bytes):
+    ``weight[r, 32 * b + j] = d[r, b] * q[r, b, j]``.
+
+    ``qweight`` int8 ``[out, in / 32, 32]`` and ``scale`` fp16 ``[out, in / 32, 1]``; built by
+    ``from_blocks`` they are zero-copy views of the file's blocks (e.g. a memory-mapped GGUF).
+    """
+    BLOCK_SIZE = 32
+    BLOCK_BYTES = 2 + BLOCK_SIZE
+
+    @classmethod
+    def from_blocks(cls, blocks: torch.Tensor) -> "Q8_0Weight":
+        """``blocks``: uint8 ``[out, in / 32 * 34]``, each row a run of 34-byte Q8_0 blocks."""
+        split = blocks.view(blocks.shape[0], -1, cls.BLOCK_BYTES)
+        return cls(split[..., 2:].view(torch.int8), split[..., :2].view(torch.float16))
+
+    @property
+    def shape(self):
+        rows, blocks, block_size = self.qweight.shape
+        return torch.Size((rows, blocks * block_size))
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        # int8 * fp16 is exact in fp32 (at most 7 + 11 significant bits): one rounding, to dtype.
+        return (self.qweight.float() * self.scale.float()).reshape(self.shape).to(dtype)

@@ -37,11 +37,11 @@ class Engine:
 
     @property
     def activation_bytes(self) -> int:
-        return 2 if self.precision == "bf16" else 4  # int8 engines keep float32 activations
+        return 4  # int8 and bf16 are weight-only: activations stay float32
 
     @property
     def gemm_dtype(self) -> str:
-        return "bfloat16" if self.precision == "bf16" else "float32"
+        return "float32"  # weight-only formats widen weights to fp32 before multiplying
 
     def unsupported_reason(self, workload) -> Optional[str]:
         return self.missing
@@ -66,9 +66,8 @@ class UMT5FastEngine(Engine):
 
     def load_options(self) -> dict:
         import torch
-        if self.precision == "bf16":
-            return dict(dtype=torch.bfloat16)
-        return dict(dtype=torch.float32, quantize="int8" if self.precision == "int8" else None)
+        # int8 / bf16 are weight-only (fp32 activations): what the C++ kernels are built for
+        return dict(dtype=torch.float32, quantize=self.precision if self.precision in ("int8", "bf16") else None)
 
     def load(self, checkpoint_dir, ctranslate2_dir, kind, threads):
         import umt5_fast

@@ -2,10 +2,12 @@
 
 Op order and dtypes follow transformers' modeling_umt5.py so that fp32 results agree to rounding.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
-from umt5_fast.buckets import position_bias
+from umt5_fast.buckets import position_bias, relative_position_bucket
 from umt5_fast.ops import MASKED_SCORE
 from umt5_fast.quant import QuantizedWeight
 
@@ -93,6 +95,20 @@ def attention(q, k, v, bias_table, **kwargs):
 
 def decode_attention(q, k_cache, v_cache, cache_length, bias_table, *, num_buckets, max_distance,
                      key_padding_mask=None):
+    if isinstance(cache_length, torch.Tensor):
+        # length on the device (a CUDA graph replays this): mask the whole buffer, no host sync
+        positions = torch.arange(k_cache.shape[2], device=q.device)
+        query_offset = cache_length - 1
+        scores = torch.matmul(q, k_cache.transpose(-1, -2))
+        if bias_table is not None:
+            buckets = relative_position_bucket(positions - query_offset, False, num_buckets, max_distance)
+            scores = scores + bias_table[buckets].t()[None, :, None, :].to(scores.dtype)
+        if key_padding_mask is not None:
+            padded = ~key_padding_mask[:, :k_cache.shape[2]].bool()
+            scores = scores.masked_fill(padded[:, None, None, :], MASKED_SCORE)
+        scores = scores.masked_fill(positions >= cache_length, -math.inf)  # not written yet: no weight
+        probs = F.softmax(scores.float(), dim=-1).type_as(scores)
+        return torch.matmul(probs, v_cache).transpose(1, 2).contiguous()
     length = int(cache_length)
     mask = None if key_padding_mask is None else key_padding_mask[:, :length]
     return attention(q, k_cache[:, :, :length], v_cache[:, :, :length], bias_table,

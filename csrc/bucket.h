@@ -28,6 +28,10 @@ inline int relative_position_bucket(int64_t relative_position, bool bidirectiona
   }
   const int max_exact = num_buckets / 2;
   if (relative_position < max_exact) return bucket + static_cast<int>(relative_position);
+  // From max_distance on, the formula below yields at least max_exact + (num_buckets - max_exact)
+  // * (1 - ulp), truncated to >= num_buckets - 1, and logf is monotone: the last bucket. Saying
+  // so skips the log for the long tail of distances (decode steps compute one per cached key).
+  if (relative_position >= max_distance) return bucket + num_buckets - 1;
   const float log_ratio =
       std::log(static_cast<float>(relative_position) / static_cast<float>(max_exact)) /
       static_cast<float>(std::log(static_cast<double>(max_distance) / max_exact));

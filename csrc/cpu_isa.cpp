@@ -13,8 +13,13 @@ namespace py = pybind11;
 namespace umt5_fast {
 namespace {
 
+constexpr CpuIsa kAllIsas[] = {CpuIsa::generic, CpuIsa::avx2, CpuIsa::avx512};  // portable first
+
 CpuIsa best_supported_isa() {
-  return cpu_supports(CpuIsa::avx2) ? CpuIsa::avx2 : CpuIsa::generic;
+  CpuIsa best = CpuIsa::generic;
+  for (CpuIsa isa : kAllIsas)
+    if (cpu_supports(isa)) best = isa;
+  return best;
 }
 
 std::atomic<CpuIsa>& selected_isa() {
@@ -24,6 +29,7 @@ std::atomic<CpuIsa>& selected_isa() {
 
 const char* isa_name(CpuIsa isa) {
   switch (isa) {
+    case CpuIsa::avx512: return "avx512";
     case CpuIsa::avx2: return "avx2";
     case CpuIsa::generic: return "generic";
   }
@@ -31,17 +37,18 @@ const char* isa_name(CpuIsa isa) {
 }
 
 CpuIsa isa_from_name(const std::string& name) {
-  for (CpuIsa isa : {CpuIsa::generic, CpuIsa::avx2})
+  for (CpuIsa isa : kAllIsas)
     if (name == isa_name(isa)) return isa;
-  throw std::invalid_argument("isa must be 'generic' or 'avx2', got '" + name + "'");
+  throw std::invalid_argument("isa must be 'generic', 'avx2' or 'avx512', got '" + name + "'");
 }
 
 }  // namespace
 
 bool cpu_supports(CpuIsa isa) {
   switch (isa) {
-    case CpuIsa::avx2:
-      // kernels_avx2.cpp is built with -mavx2 -mfma -mf16c.
+    case CpuIsa::avx512:  // kernels_avx512.cpp is built with -mavx512f -mavx2 -mfma -mf16c
+      return __builtin_cpu_supports("avx512f") && cpu_supports(CpuIsa::avx2);
+    case CpuIsa::avx2:  // kernels_avx2.cpp is built with -mavx2 -mfma -mf16c
       return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
              __builtin_cpu_supports("f16c");
     case CpuIsa::generic:
@@ -63,7 +70,7 @@ void register_cpu_isa(py::module_& m) {
         "Instruction set the kernels currently run with.");
   m.def("supported_cpu_isas", [] {
     std::vector<std::string> names;
-    for (CpuIsa isa : {CpuIsa::generic, CpuIsa::avx2})
+    for (CpuIsa isa : kAllIsas)
       if (cpu_supports(isa)) names.push_back(isa_name(isa));
     return names;
   }, "Instruction sets this CPU can run, portable first.");

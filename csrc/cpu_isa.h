@@ -8,7 +8,7 @@
 
 namespace umt5_fast {
 
-enum class CpuIsa { generic, avx2 };
+enum class CpuIsa { generic, avx2, avx512 };
 
 // The ISA kernels run with: the best one this CPU supports, unless set_cpu_isa chose another.
 CpuIsa cpu_isa();
@@ -21,9 +21,14 @@ bool cpu_supports(CpuIsa isa);
 
 }  // namespace umt5_fast
 
-// Runs STATEMENTS with `constexpr CpuIsa ISA` bound to the selected instruction set.
+// Runs the statements with `constexpr CpuIsa ISA` bound to the selected instruction set.
 #define UMT5_DISPATCH_ISA(ISA, ...)                                      \
   switch (::umt5_fast::cpu_isa()) {                                      \
+    case ::umt5_fast::CpuIsa::avx512: {                                  \
+      constexpr ::umt5_fast::CpuIsa ISA = ::umt5_fast::CpuIsa::avx512;   \
+      __VA_ARGS__;                                                       \
+      break;                                                             \
+    }                                                                    \
     case ::umt5_fast::CpuIsa::avx2: {                                    \
       constexpr ::umt5_fast::CpuIsa ISA = ::umt5_fast::CpuIsa::avx2;     \
       __VA_ARGS__;                                                       \

@@ -169,23 +169,23 @@ inline void accumulate_values(const float* probs, const float* rescale, const fl
     for (int i = 0; i < NV; ++i) V::store(acc + r * acc_stride + d0 + i * W, sums[r][i]);
 }
 
-// accumulate_values over all of head_dim: NV vectors at a time, then single vectors, then the
-// partial one.
+// accumulate_values over head_dim columns [d, dim): NV vectors at a time, then NV / 2, ... 1,
+// then the partial vector, so every vector width keeps as many accumulators as the row allows.
 template <CpuIsa ISA, int R, int NV>
 inline void accumulate_values_all(const float* probs, const float* rescale, const float* v,
-                                  int64_t v_row_stride, int num_keys, int dim, float* acc,
+                                  int64_t v_row_stride, int num_keys, int d, int dim, float* acc,
                                   int64_t acc_stride) {
   constexpr int W = Vec<ISA>::width;
-  int d = 0;
   for (; d + NV * W <= dim; d += NV * W)
     accumulate_values<ISA, R, NV, false>(probs, rescale, v, v_row_stride, num_keys, d, W, acc,
                                          acc_stride);
-  for (; d + W <= dim; d += W)
-    accumulate_values<ISA, R, 1, false>(probs, rescale, v, v_row_stride, num_keys, d, W, acc,
-                                        acc_stride);
-  if (d < dim)
+  if constexpr (NV > 1) {
+    accumulate_values_all<ISA, R, NV / 2>(probs, rescale, v, v_row_stride, num_keys, d, dim, acc,
+                                          acc_stride);
+  } else if (d < dim) {
     accumulate_values<ISA, R, 1, true>(probs, rescale, v, v_row_stride, num_keys, d, dim - d,
                                        acc, acc_stride);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -333,13 +333,13 @@ void attention_block(const AttentionBlock& b, float* scratch) {
                                      b.key_term ? b.key_term + j0 : nullptr, running_max[r],
                                      running_sum[r]);
     const float* v_tile = b.v + j0 * b.v_row_stride;
-    if (rows == 1) {
-      accumulate_values_all<ISA, 1, 4>(scores, rescale, v_tile, b.v_row_stride, num_keys, dim,
+    if (rows == 1) {  // up to eight accumulators: one row has few FMA chains to hide latency
+      accumulate_values_all<ISA, 1, 8>(scores, rescale, v_tile, b.v_row_stride, num_keys, 0, dim,
                                        acc, dim_stride);
     } else {
       for (int r0 = 0; r0 < rows; r0 += 4)
         accumulate_values_all<ISA, 4, 2>(scores + r0 * kAttentionKeyTile, rescale + r0, v_tile,
-                                         b.v_row_stride, num_keys, dim, acc + r0 * dim_stride,
+                                         b.v_row_stride, num_keys, 0, dim, acc + r0 * dim_stride,
                                          dim_stride);
     }
   }

@@ -1,7 +1,7 @@
 """The C++ CPU kernels (umt5_fast.ops.cpu over umt5_fast._C) against umt5_fast.ops.eager.
 
-Every kernel runs on each instruction set this CPU supports (the portable "generic" build and
-"avx2"), on odd shapes with fresh random inputs. Tolerances, fp32 throughout:
+Every kernel runs on each instruction set this CPU supports (the portable "generic" build,
+"avx2", "avx512"), on odd shapes with fresh random inputs. Tolerances, fp32 throughout:
 - attention / decode attention: rtol 1e-5, atol 1e-5 (online softmax and a polynomial exp
   reorder the sums; outputs are O(1));
 - RMSNorm and the activations: rtol 1e-5, atol 1e-6 (1e-6 absorbs 1 + tanh(x) cancelling for very

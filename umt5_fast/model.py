@@ -157,7 +157,7 @@ class Attention(nn.Module):
                 cache.cross_kv[layer_idx] = (k, v)
         options = dict(bidirectional=self.bidirectional, num_buckets=self.num_buckets,
                        max_distance=self.max_distance, key_padding_mask=key_padding_mask,
-                       causal=causal, query_offset=past_length)
+                       causal=causal, query_offset=past_length if kv_source is None else 0)
         probs = None
         ops = self.runtime.ops
         if want_weights or head_mask is not None:

@@ -63,6 +63,7 @@ struct KeyTerms {
     if (!p.key_padding_mask) return;
     row_length = p.key_length + kernels::kPad;
     values.assign(p.batch * row_length, 0.0f);
+    bool any_padded = false;
     for (int64_t b = 0; b < p.batch; ++b) {
       const uint8_t* keep = p.key_padding_mask + b * p.mask_batch_stride;
       first_kept[b] = p.key_length;
@@ -70,12 +71,14 @@ struct KeyTerms {
       for (int64_t j = 0; j < p.key_length; ++j) {
         if (!keep[j]) {
           values[b * row_length + j] = kMaskedScore;
+          any_padded = true;
         } else {
           first_kept[b] = std::min(first_kept[b], j);
           last_kept[b] = j;
         }
       }
     }
+    if (!any_padded) values.clear();  // an all-ones mask: no per-score term to add
   }
 
   const float* for_batch(int64_t b) const {
@@ -108,7 +111,7 @@ void run_attention(const AttentionProblem& p) {
   void (*attend)(const kernels::AttentionBlock&, float*) = nullptr;
   UMT5_DISPATCH_ISA(ISA, attend = &kernels::attention_block<ISA>);
 
-#pragma omp parallel num_threads(p.num_threads)
+#pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(p.num_threads, tasks)))
   {
     std::vector<float> scratch(kernels::attention_scratch_floats(p.head_dim));
     // Causal blocks differ in work: hand them out dynamically.

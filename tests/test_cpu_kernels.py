@@ -147,6 +147,13 @@ def test_attention_all_keys_masked_averages_values(generator):
     torch.testing.assert_close(got[1], v[1].mean(dim=1)[None].expand(7, 3, 24), **ATTENTION_TOL)
 
 
+def test_attention_all_ones_mask(generator):
+    q, k, v = attention_inputs(2, 3, 33, 70, 24, generator)
+    table = randn(32, 3, generator=generator)
+    check_attention(q, k, v, table, bidirectional=True, num_buckets=32, max_distance=128,
+                    key_padding_mask=torch.ones(2, 70, dtype=torch.bool))
+
+
 def test_attention_on_strided_views(generator):
     """q/k/v as the model makes them: heads split from [B, L, H * D] projections, not copied."""
     batch, heads, length, head_dim = 3, 5, 33, 24

@@ -26,6 +26,7 @@ any pointer reaches C++. The kernels use ``torch.get_num_threads()`` threads.
 import torch
 import torch.nn.functional as F
 
+# After torch: the extension then shares torch's bundled OpenMP runtime (one thread pool).
 import umt5_fast._C as _C
 from umt5_fast.ops import eager
 from umt5_fast.quant import QuantizedWeight

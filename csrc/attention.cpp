@@ -108,10 +108,11 @@ void run_attention(const AttentionProblem& p) {
   const int64_t rows_per_block = (p.query_length + blocks_per_head - 1) / blocks_per_head;
   const int64_t tasks = p.batch * p.heads * blocks_per_head;
   const int64_t out_row_stride = p.heads * p.head_dim;
+  const int threads = static_cast<int>(std::clamp<int64_t>(tasks, 1, std::max(p.num_threads, 1)));
   void (*attend)(const kernels::AttentionBlock&, float*) = nullptr;
   UMT5_DISPATCH_ISA(ISA, attend = &kernels::attention_block<ISA>);
 
-#pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(p.num_threads, tasks)))
+#pragma omp parallel num_threads(threads)
   {
     std::vector<float> scratch(kernels::attention_scratch_floats(p.head_dim));
     // Causal blocks differ in work: hand them out dynamically.

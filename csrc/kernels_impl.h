@@ -1,8 +1,9 @@
 // Definitions of the kernels declared in kernels.h, written once over Vec<ISA>.
 //
 // Included only by kernels_<isa>.cpp, after the matching vec_<isa>.h, each compiled with its own
-// ISA flags. Helpers live in an anonymous namespace so that no inline function compiled with
-// AVX2 can be picked by the linker for the portable build.
+// ISA flags. Helpers live in an anonymous namespace so that no inline function compiled for a
+// wider ISA can be picked by the linker for the portable build (each object exports only its
+// own ISA's kernel instantiations).
 #pragma once
 
 #include <algorithm>
@@ -79,7 +80,7 @@ inline void dot_products(const float* const* q_rows, const float* const* k_rows,
 }
 
 // Raw scores of the block's rows against keys [first_key, first_key + num_keys): scores row r
-// holds num_keys values (and junk up to the next multiple of 8). Single-row blocks (decoding)
+// holds num_keys values, then junk that softmax_step overwrites. Single-row blocks (decoding)
 // take eight keys at a time; others four rows by two keys, so each K vector is reused 4 times.
 template <CpuIsa ISA>
 inline void score_tile(const float* q_scaled, int64_t q_stride, int num_rows, const float* k,
@@ -276,6 +277,7 @@ inline void linear_row_block(const LinearProblem<WeightT>& p, int64_t m0, int64_
     const WeightT* w_rows[NR];
     for (int n = 0; n < NR; ++n)  // rows past n_end repeat the last one; their sums are dropped
       w_rows[n] = p.weight + std::min(n0 + n, n_end - 1) * K;
+    // The next block of the matrix, wherever it lies (another chunk, another thread's range).
     const bool next_block_exists = n0 + 2 * NR <= N;
     const char* next_block =
         next_block_exists ? reinterpret_cast<const char*>(p.weight + (n0 + NR) * K) : nullptr;

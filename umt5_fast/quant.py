@@ -15,11 +15,24 @@ import torch
 
 @dataclass
 class PackedWeight:
-    """A ``[out, in]`` weight stored as ``qweight`` (8-bit) plus an optional ``scale`` tensor."""
+    """A ``[out, in]`` weight stored as ``qweight`` (8-bit) plus an optional ``scale`` tensor.
+
+    Subclasses expand rows to fp32 (``_dequantize_rows``); ``dequantize`` runs them over blocks of
+    rows and rounds each block once to ``dtype``, so the fp32 scratch stays small whatever the matrix
+    (e.g. a 1B-entry embedding).
+    """
     qweight: torch.Tensor
     scale: Optional[torch.Tensor]
+    CHUNK_ELEMENTS = 1 << 22  # fp32 scratch per block of rows: 16 MiB
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=dtype, device=self.device)
+        step = max(1, self.CHUNK_ELEMENTS // self.shape[1])
+        for start in range(0, self.shape[0], step):
+            out[start:start + step] = self._dequantize_rows(slice(start, start + step))
+        return out
+
+    def _dequantize_rows(self, rows: slice) -> torch.Tensor:
         raise NotImplementedError
 
     @property
@@ -49,8 +62,8 @@ class QuantizedWeight(PackedWeight):
         qweight = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
         return cls(qweight.contiguous(), scale.contiguous())
 
-    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        return (self.qweight.float() * self.scale[:, None]).to(dtype)
+    def _dequantize_rows(self, rows):
+        return self.qweight[rows].float() * self.scale[rows, None]
 
 
 @dataclass
@@ -65,7 +78,13 @@ class Float8Weight(PackedWeight):
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         if self.scale is None:
             return self.qweight.to(dtype)
-        return (self.qweight.float() * self.scale.float()).to(dtype)
+        if self.qweight.device.type == "cpu":
+            # A 0-d CPU scale enters the multiply as an fp32 scalar: one rounding, and no fp32 scratch.
+            return self.qweight.to(dtype).mul_(self.scale.float())
+        return super().dequantize(dtype)  # fp32 blocks of rows: one rounding on any device
+
+    def _dequantize_rows(self, rows):
+        return self.qweight[rows].float() * self.scale.float()
 
 
 @dataclass
@@ -90,6 +109,6 @@ class Q8_0Weight(PackedWeight):
         rows, blocks, block_size = self.qweight.shape
         return torch.Size((rows, blocks * block_size))
 
-    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+    def _dequantize_rows(self, rows):
         # int8 * fp16 is exact in fp32 (at most 7 + 11 significant bits): one rounding, to dtype.
-        return (self.qweight.float() * self.scale.float()).reshape(self.shape).to(dtype)
+        return (self.qweight[rows].float() * self.scale[rows].float()).flatten(1)

@@ -8,29 +8,36 @@ each call. All share one interface: ``dequantize(dtype)``, ``shape``, ``device``
 stores).
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 
+ROW_BLOCK_ELEMENTS = 1 << 22  # fp32 scratch of one block of rows: 16 MiB
+
+
+def expand_in_row_blocks(shape, dtype: torch.dtype, rows_fn: Callable[[slice], torch.Tensor],
+                         device=None) -> torch.Tensor:
+    """A ``shape`` tensor of ``dtype`` filled from ``rows_fn(rows) -> fp32 rows`` (rows of the 2-D
+    ``[-1, shape[-1]]`` view), one block of rows at a time: each value is rounded once, and the fp32
+    scratch stays small whatever the matrix (e.g. a 1B-entry embedding)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    rows = out.view(-1, shape[-1])
+    step = max(1, ROW_BLOCK_ELEMENTS // shape[-1])
+    for start in range(0, rows.shape[0], step):
+        rows[start:start + step] = rows_fn(slice(start, start + step))
+    return out
+
+
 @dataclass
 class PackedWeight:
-    """A ``[out, in]`` weight stored as ``qweight`` (8-bit) plus an optional ``scale`` tensor.
-
-    Subclasses expand rows to fp32 (``_dequantize_rows``); ``dequantize`` runs them over blocks of
-    rows and rounds each block once to ``dtype``, so the fp32 scratch stays small whatever the matrix
-    (e.g. a 1B-entry embedding).
-    """
+    """A ``[out, in]`` weight stored as ``qweight`` (8-bit) plus an optional ``scale`` tensor;
+    subclasses give the fp32 values of a block of rows (``_dequantize_rows``)."""
     qweight: torch.Tensor
     scale: Optional[torch.Tensor]
-    CHUNK_ELEMENTS = 1 << 22  # fp32 scratch per block of rows: 16 MiB
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        out = torch.empty(self.shape, dtype=dtype, device=self.device)
-        step = max(1, self.CHUNK_ELEMENTS // self.shape[1])
-        for start in range(0, self.shape[0], step):
-            out[start:start + step] = self._dequantize_rows(slice(start, start + step))
-        return out
+        return expand_in_row_blocks(self.shape, dtype, self._dequantize_rows, self.device)
 
     def _dequantize_rows(self, rows: slice) -> torch.Tensor:
         raise NotImplementedError

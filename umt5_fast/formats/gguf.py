@@ -25,7 +25,7 @@ import gguf
 
 from umt5_fast.formats import common
 from umt5_fast.loading import CheckpointError
-from umt5_fast.quant import Q8_0Weight
+from umt5_fast.quant import Q8_0Weight, expand_in_row_blocks
 
 NAME = "gguf"
 ARCHITECTURE = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.T5ENCODER]  # "t5encoder"
@@ -61,7 +61,6 @@ CONFIG_KEYS = {
 TOKEN_ID_KEYS = {gguf.Keys.Tokenizer.EOS_ID: "eos_token_id", gguf.Keys.Tokenizer.PAD_ID: "pad_token_id"}
 
 _FLOAT_TYPES = {gguf.GGMLQuantizationType.F32: torch.float32, gguf.GGMLQuantizationType.F16: torch.float16}
-_DEQUANTIZE_CHUNK_ELEMENTS = 1 << 22  # bounds the fp32 scratch of load-time dequantisation (16 MiB)
 
 
 def open_file(path) -> gguf.GGUFReader:
@@ -73,24 +72,22 @@ def open_file(path) -> gguf.GGUFReader:
 
 class GGMLQuantized:
     """A GGML-quantised tensor that is dequantised at load (not a ``PackedWeight``, so it is never
-    kept packed): ``dequantize(dtype)`` converts a bounded number of rows at a time."""
+    kept packed), by ``gguf.quants.dequantize`` one block of rows at a time."""
 
     def __init__(self, name: str, blocks: np.ndarray, qtype, shape: tuple):
         self.name, self.blocks, self.qtype, self.shape = name, blocks, qtype, shape
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        out = torch.empty(self.shape, dtype=dtype)
-        rows = out.view(-1, self.shape[-1])
-        blocks = self.blocks.reshape(rows.shape[0], -1)
-        step = max(1, _DEQUANTIZE_CHUNK_ELEMENTS // self.shape[-1])
-        for start in range(0, rows.shape[0], step):
+        blocks = self.blocks.reshape(-1, self.blocks.shape[-1])  # one row of blocks per output row
+
+        def rows_fn(rows):
             try:
-                chunk = gguf.quants.dequantize(blocks[start:start + step], self.qtype)
+                return torch.from_numpy(gguf.quants.dequantize(blocks[rows], self.qtype))
             except NotImplementedError as exc:
                 raise CheckpointError(f"tensor {self.name!r} is {self.qtype.name}, which gguf "
                                       f"{gguf.__version__} cannot dequantise") from exc
-            rows[start:start + step] = torch.from_numpy(chunk)
-        return out
+
+        return expand_in_row_blocks(self.shape, dtype, rows_fn)
 
 
 def read(path, reader: gguf.GGUFReader, config=None) -> common.FormatCheckpoint:

@@ -2,7 +2,7 @@
 
 Peers: the eager op (materialises [B, H, L, L] scores), torch SDPA given the bias + mask as a
 precomputed [B, H, L, L] tensor (its build is not timed: a lower bound for that approach), and
-FlexAttention with a score_mod that computes the bucket per score. Prints p50 time and TFLOP/s
+FlexAttention with a score_mod that computes the bucket per score. Prints p50 GPU time and TFLOP/s
 and appends one row per (case, implementation) to benchmarks/results/kernels.csv.
 
     python -m benchmarks.bench_attention
@@ -21,9 +21,11 @@ HEADS, HEAD_DIM, NUM_BUCKETS, MAX_DISTANCE = 64, 64, 32, 128
 
 
 def measure(fn):
-    """p20, p50, p80 of ``fn``'s time in ms (CUDA events, L2 flushed between runs)."""
-    from triton.testing import do_bench
-    return do_bench(fn, quantiles=[0.2, 0.5, 0.8])
+    """p20, p50, p80 of ``fn``'s GPU time in ms, replayed from a CUDA graph: at these sizes python
+    launch overhead (tens of microseconds a launch) would otherwise hide the kernels, and the model
+    replays its steps from graphs too. ``fn`` runs once uncaptured first (autotuning happens there)."""
+    from triton.testing import do_bench_cudagraph
+    return do_bench_cudagraph(fn, quantiles=[0.2, 0.5, 0.8])
 
 
 def result_row(kernel, case, implementation, dtype, times_ms, tflops=None, gbps=None):

@@ -8,6 +8,12 @@ contract.
 """
 import os
 
+import torch
+
+# Shared memory the autotuning candidates may plan for (H100 allows 227 KB a block, A100 163 KB);
+# a candidate that still overflows fails to launch and the autotuner skips it.
+SHARED_MEMORY_BUDGET = 192 * 1024
+
 
 def interpreted() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
@@ -27,3 +33,9 @@ def launch_configs(tuned, default, interpreter):
     if os.environ.get("UMT5_FAST_AUTOTUNE", "1") == "0":
         return [default]
     return tuned
+
+
+def input_precision(dtype) -> str:
+    """``tl.dot``'s precision: fp32 operands multiply in true fp32 ("ieee"), as torch does by
+    default, not in TF32; half-precision operands ignore it."""
+    return "ieee" if dtype == torch.float32 else "tf32"

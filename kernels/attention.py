@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from umt5_fast.kernels import launch_configs
+from umt5_fast.kernels import SHARED_MEMORY_BUDGET, input_precision, launch_configs
 from umt5_fast.kernels.bucket import relative_position_bias
 from umt5_fast.ops import MASKED_SCORE
 
@@ -95,16 +95,24 @@ _ATTENTION_CONFIGS = launch_configs(
     tuned=[triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
            for block_m, block_n, warps, stages in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
                                                    (64, 64, 4, 3), (64, 128, 4, 2), (128, 32, 4, 4), (64, 32, 4, 4)]],
-    default=triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+    # Fits shared memory for every dtype and head size (fp32 with 128-wide heads needs 131 KB).
+    default=triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
     # BLOCK_M != BLOCK_N so the tests exercise query and key blocks that do not line up.
     interpreter=triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1))
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    # With 128-wide heads a [128, 128] score tile and the accumulator spill registers.
-    if kwargs["HEAD_DIM_PADDED"] > 64:
-        configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 128] or configs
-    return configs
+    head_dim, element_size = kwargs["HEAD_DIM_PADDED"], named_args["q_ptr"].element_size()
+
+    def fits(config):
+        block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+        # With 128-wide heads a [128, 128] score tile and the accumulator spill registers.
+        if head_dim > 64 and block_m * block_n >= 128 * 128:
+            return False
+        # The q tile plus num_stages K and V tiles in shared memory (fp32 128-wide heads overflow).
+        return element_size * head_dim * (block_m + 2 * block_n * config.num_stages) <= SHARED_MEMORY_BUDGET
+
+    return [c for c in configs if fits(c)] or configs
 
 
 # Sequence lengths stay out of the key: one tuning per head size and mode, not one per length.
@@ -239,8 +247,3 @@ def attention(q, k, v, bias_table, *, bidirectional, num_buckets, max_distance, 
         HAS_KEY_MASK=key_padding_mask is not None, IS_CAUSAL=causal,
         INPUT_PRECISION=input_precision(q.dtype))
     return out
-
-
-def input_precision(dtype):
-    """fp32 inputs multiply in true fp32 ("ieee"), as torch does by default, not in TF32."""
-    return "ieee" if dtype == torch.float32 else "tf32"

@@ -11,6 +11,8 @@ small kernel merges. With one split the first kernel writes the output itself.
 replays every step unchanged; the launch grid depends only on ``S_max``. The chunk size is
 derived from the length in-kernel, so all splits share the work whatever the length.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -105,11 +107,15 @@ def _decode_attention_merge_kernel(partial_out_ptr, partial_max_ptr, partial_sum
              mask=offs_d < HEAD_DIM)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def default_num_splits(batch_heads: int, max_length: int, device: torch.device) -> int:
     """Splits per (batch, head) row: enough programs for two waves over the SMs, each split at least
     ``_MIN_KEYS_PER_SPLIT`` keys of the longest possible cache, a power of two (the merge's width)."""
-    sm_count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    splits = min(triton.cdiv(2 * sm_count, batch_heads), triton.cdiv(max_length, _MIN_KEYS_PER_SPLIT))
+    splits = min(triton.cdiv(2 * _sm_count(device), batch_heads), triton.cdiv(max_length, _MIN_KEYS_PER_SPLIT))
     return 1 << (max(splits, 1).bit_length() - 1)
 
 

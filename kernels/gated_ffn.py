@@ -14,8 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from umt5_fast.kernels import launch_configs
-from umt5_fast.kernels.attention import input_precision
+from umt5_fast.kernels import SHARED_MEMORY_BUDGET, input_precision, launch_configs
 
 # transformers ACT2FN names -> the kernel's epilogue. gelu_new and gelu_pytorch_tanh are the same
 # function (tanh approximation), gelu is the exact erf form.
@@ -42,21 +41,31 @@ def _activation(x, ACTIVATION: tl.constexpr):
 _MATMUL_CONFIGS = launch_configs(
     tuned=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w)
            for m, n, k, s, w in [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps)
-               (128, 128, 64, 3, 8), (128, 128, 32, 4, 8), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-               (64, 64, 64, 4, 4), (64, 256, 32, 3, 8),
-               # decode steps: a handful of rows, so tall-K tiles stream the weights with many programs
-               (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4)]],
-    default=triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+               (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 3, 8), (128, 128, 32, 4, 8),
+               (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
+               # decode steps: a handful of rows, so narrow tall-K tiles stream the weights with
+               # enough programs to cover every SM even for d_model-wide outputs
+               (16, 32, 256, 3, 4), (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4)]],
+    # Fits shared memory for every dtype, gated or not.
+    default=triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=4),
     # GROUP_M=2 and uneven tiles so the tests exercise the swizzle and every tail.
     interpreter=triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4, num_stages=1))
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    rows = kwargs["ROWS_CLASS"]
-    fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, rows)]
-    if kwargs["GATED"]:  # two fp32 accumulators: keep the tile at most 128 x 128
-        fitting = [c for c in fitting if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
-    return fitting or configs
+    rows, gated, element_size = kwargs["ROWS_CLASS"], kwargs["GATED"], named_args["x_ptr"].element_size()
+
+    def fits(config):
+        block_m, block_n, block_k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+        if block_m > max(16, rows):
+            return False
+        if gated and block_m * block_n > 128 * 128:  # two fp32 accumulators in registers
+            return False
+        # num_stages x and weight tiles in shared memory
+        stage_bytes = element_size * block_k * (block_m + block_n * (2 if gated else 1))
+        return stage_bytes * config.num_stages <= SHARED_MEMORY_BUDGET
+
+    return [c for c in configs if fits(c)] or configs
 
 
 @triton.autotune(configs=_MATMUL_CONFIGS, key=["N", "K", "ROWS_CLASS", "ACTIVATION", "GATED", "HAS_RESIDUAL"],

@@ -101,7 +101,11 @@ def main():
         case = f"B={batch} L={length} H={HEADS} D={HEAD_DIM} {'causal' if causal else 'bidirectional'}"
         print(case)
         for name, fn in implementations.items():
-            times = measure(fn)
+            try:
+                times = measure(fn)
+            except Exception as exc:  # e.g. a compiled peer that cannot be captured in a CUDA graph
+                print(f"  {name:16s} failed: {type(exc).__name__}: {exc}")
+                continue
             tflops = flops / (times[1] * 1e-3) / 1e12
             print(f"  {name:16s} {times[1]:8.3f} ms  {tflops:6.1f} TFLOP/s")
             rows.append(result_row("attention", case, name, dtype, times, tflops=tflops))

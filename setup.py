@@ -53,7 +53,10 @@ setup(
     package_data={"umt5_fast": ["assets/*/*"]},
     install_requires=["torch>=2.4", "safetensors>=0.4", "sentencepiece>=0.1.99", "numpy>=1.24"],
     extras_require={
-        "test": ["transformers>=4.45,<5", "protobuf", "pytest", "pytest-benchmark", "hypothesis"],
+        # transformers 4.x is the oracle (5.x forces tied embeddings for UMT5); diffusers 0.35 is the
+        # newest that works beside it (the WanPipeline drop-in test)
+        "test": ["transformers>=4.45,<5", "protobuf", "pytest", "pytest-benchmark", "hypothesis",
+                 "diffusers>=0.33,<0.36", "ftfy", "accelerate"],
         "triton": ["triton>=3.0"],
         "bench": ["matplotlib", "ctranslate2>=4.0"],
         "formats": ["gguf>=0.10"],

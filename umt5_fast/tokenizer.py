@@ -1,0 +1,520 @@
+"""UMT5Tokenizer: sentencepiece tokenization that gives the same ids as transformers' T5Tokenizer.
+
+UMT5 checkpoints ship a sentencepiece `spiece.model` and, when saved by transformers,
+`tokenizer_config.json` / `special_tokens_map.json`. This module reads those files itself (transformers
+is not imported) and reproduces the slow `T5Tokenizer`'s behaviour, quirks included, because a drop-in
+replacement must produce the ids the model was trained on:
+
+* `</s>` is appended (unless the ids already end with it) and counts towards `max_length`.
+* "Added tokens" (`<pad>`, `</s>`, `<unk>` and the `<extra_id_N>` sentinels) are cut out of the text
+  before sentencepiece sees it. Sentinels strip the whitespace on both sides of them.
+* `<extra_id_N>` has id `sentencepiece_size - 1 + extra_ids - N`: the sentinels count down from the top.
+* With `legacy=True` (T5Tokenizer's default) each piece of text between added tokens gets
+  sentencepiece's dummy-prefix space; with `legacy=False` only the start of the text does.
+* Decoding rebuilds the text piece run by piece run, with a space before special tokens, the way
+  `T5Tokenizer.convert_tokens_to_string` and `PreTrainedTokenizer._decode` do.
+"""
+import json
+import re
+import shutil
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import sentencepiece as spm
+
+SENTENCEPIECE_FILE = "spiece.model"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+SPIECE_UNDERLINE = "\u2581"
+
+# transformers writes int(1e30) as model_max_length when a model has no length limit, and treats
+# anything above 1e20 as "no limit" (padding or truncating to it is skipped).
+NO_MAX_LENGTH = int(1e30)
+_LIMITLESS_ABOVE = int(1e20)
+
+_PADDING_CHOICES = {False: None, "do_not_pad": None, True: "longest", "longest": "longest",
+                    "max_length": "max_length"}
+# A single sequence truncates the same under every strategy that may touch the first sequence.
+_TRUNCATION_CHOICES = {None: False, False: False, "do_not_truncate": False, True: True,
+                       "longest_first": True, "only_first": True}
+_CLEANUP_REPLACEMENTS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
+                         (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+@dataclass(frozen=True)
+class AddedToken:
+    """A token matched in the text before sentencepiece runs (transformers' AddedToken fields).
+
+    `lstrip`/`rstrip`: the token swallows the whitespace on its left/right. `single_word`: it only
+    matches as a whole word. `normalized` is kept only to write configs transformers can read.
+    """
+    content: str
+    lstrip: bool = False
+    rstrip: bool = False
+    single_word: bool = False
+    normalized: bool = False
+    special: bool = True
+
+    @classmethod
+    def from_config(cls, value):
+        """A token as written in tokenizer configs: a plain string or a dict of AddedToken fields."""
+        if isinstance(value, AddedToken):
+            return value
+        if isinstance(value, str):
+            return cls(value)
+        if isinstance(value, dict) and isinstance(value.get("content"), str):
+            fields = {k: value[k] for k in ("lstrip", "rstrip", "single_word", "normalized", "special")
+                      if k in value}
+            return cls(value["content"], **fields)
+        raise ValueError(f"cannot read a token from {value!r}: expected a string or a dict with 'content'")
+
+    def to_config(self, with_special=True):
+        fields = asdict(self)
+        if not with_special:
+            del fields["special"]
+        return fields
+
+
+class BatchEncoding(dict):
+    """The tokenizer's output: a dict of model inputs that also allows `enc.input_ids` and `enc.to(device)`."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"no {name!r} in this encoding (keys: {list(self)})") from None
+
+    def to(self, device):
+        return BatchEncoding({k: v.to(device) if hasattr(v, "to") else v for k, v in self.items()})
+
+
+def _load_sentencepiece(path, legacy):
+    """Load `path`; with `legacy=False` switch off the dummy prefix, as T5Tokenizer(legacy=False) does."""
+    if not path.is_file():
+        raise FileNotFoundError(f"sentencepiece model not found: {path}")
+    proto = path.read_bytes()
+    try:
+        if not legacy:
+            from sentencepiece import sentencepiece_model_pb2
+
+            model = sentencepiece_model_pb2.ModelProto.FromString(proto)
+            model.normalizer_spec.add_dummy_prefix = False
+            proto = model.SerializeToString()
+        processor = spm.SentencePieceProcessor()
+        processor.LoadFromSerializedProto(proto)
+    except Exception as error:  # sentencepiece raises RuntimeError, protobuf DecodeError
+        raise ValueError(f"{path} is not a valid sentencepiece model: {error}") from error
+    return processor
+
+
+def _read_json(path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read tokenizer file {path}: {error}") from error
+
+
+def _to_python_ids(ids):
+    """Accept ints, lists, numpy arrays and torch tensors of token ids."""
+    return ids.tolist() if hasattr(ids, "tolist") else ids
+
+
+class UMT5Tokenizer:
+    """Tokenizer for UMT5 (and T5) checkpoints, equivalent to transformers' slow T5Tokenizer."""
+
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def __init__(self, vocab_file, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=100,
+                 additional_special_tokens=None, legacy=True, add_prefix_space=True,
+                 model_max_length=NO_MAX_LENGTH, clean_up_tokenization_spaces=False,
+                 padding_side="right", truncation_side="right", added_tokens_decoder=None):
+        for name, side in (("padding_side", padding_side), ("truncation_side", truncation_side)):
+            if side not in ("right", "left"):
+                raise ValueError(f"{name} must be 'right' or 'left', got {side!r}")
+        self.vocab_file = Path(vocab_file)
+        self.legacy = bool(legacy)
+        self.add_prefix_space = bool(add_prefix_space)
+        self.model_max_length = int(model_max_length)
+        self.clean_up_tokenization_spaces = bool(clean_up_tokenization_spaces)
+        self.padding_side = padding_side
+        self.truncation_side = truncation_side
+        self.extra_ids = int(extra_ids)
+        self._sp = _load_sentencepiece(self.vocab_file, self.legacy)
+
+        self._eos = AddedToken.from_config(eos_token)
+        self._unk = AddedToken.from_config(unk_token)
+        self._pad = AddedToken.from_config(pad_token)
+        self._additional, self._added_by_id = self._sentinel_layout(additional_special_tokens)
+        for token_id, token in (added_tokens_decoder or {}).items():
+            self._added_by_id[int(token_id)] = AddedToken.from_config(token)
+        self._register_special_tokens()
+
+        self.all_special_tokens = list(dict.fromkeys(
+            t.content for t in (self._eos, self._unk, self._pad, *self._additional)))
+        self._all_special_set = frozenset(self.all_special_tokens)
+        self.all_special_ids = self.convert_tokens_to_ids(self.all_special_tokens)
+        self._all_special_id_set = frozenset(self.all_special_ids)
+        # Added tokens that decode as separate words (sentinels above the sentencepiece range and
+        # added non-special tokens), cf. PreTrainedTokenizer._decode's "legacy_added_tokens".
+        self._standalone_tokens = (set(self._added_by_content) - self._all_special_set) | {
+            t.content for t in self._additional if self.convert_tokens_to_ids(t.content) >= self.vocab_size}
+        # Longest first, so "<extra_id_10>" wins over a shorter token that is a prefix of it.
+        contents = sorted(self._added_by_content, key=len, reverse=True)
+        self._added_token_pattern = re.compile("(" + "|".join(map(re.escape, contents)) + ")") if contents else None
+        self._unk_piece_count = len(self._sp.encode(self._unk.content))
+
+    def _sentinel_layout(self, additional_special_tokens):
+        """T5Tokenizer's additional special tokens, and the ids it reserves for the sentinels.
+
+        <extra_id_N> gets id sentencepiece_size - 1 + extra_ids - N, counting down from the top.
+        """
+        generated = [AddedToken(f"<extra_id_{i}>") for i in range(self.extra_ids)]
+        if additional_special_tokens is None:
+            additional, sentinel_count = generated, self.extra_ids
+        else:
+            additional = [AddedToken.from_config(t) for t in additional_special_tokens]
+            sentinel_count = sum("<extra_id_" in t.content for t in additional)
+            if sentinel_count == 0:
+                # T5Tokenizer then appends the sentinels without reserving ids for them: they are
+                # registered like any other special token, after the vocabulary.
+                additional += generated
+            elif self.extra_ids > 0 and self.extra_ids != sentinel_count:
+                raise ValueError(f"extra_ids={self.extra_ids} but additional_special_tokens holds {sentinel_count} "
+                                 "<extra_id_N> tokens; they must agree (or set extra_ids=0)")
+        top = self._sp.get_piece_size() - 1 + self.extra_ids
+        reserved = {top - i: AddedToken(f"<extra_id_{i}>", lstrip=True, rstrip=True) for i in range(sentinel_count)}
+        return additional, reserved
+
+    def _register_special_tokens(self):
+        """Give every special token an id, as PreTrainedTokenizer._add_tokens does.
+
+        A token that is not an added token yet takes its sentencepiece id if it is a piece, otherwise
+        the next id after the whole vocabulary.
+        """
+        self._added_by_content = {t.content: i for i, t in self._added_by_id.items()}
+        vocabulary = self.get_vocab()
+        next_id = len(vocabulary)
+        for token in (self._eos, self._unk, self._pad, *self._additional):
+            if not token.content or token.content in self._added_by_content:
+                continue
+            if token.content in vocabulary:
+                token_id = vocabulary[token.content]
+            else:
+                token_id = vocabulary[token.content] = next_id
+                next_id += 1
+            self._added_by_id[token_id] = token
+            self._added_by_content[token.content] = token_id
+        self._length = len(vocabulary)
+
+    # --- loading and saving --------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, directory, **overrides):
+        """Load `directory`/spiece.model plus, if present, tokenizer_config.json and special_tokens_map.json.
+
+        Keyword arguments override the saved settings (e.g. legacy=False, padding_side="left").
+        """
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"tokenizer directory not found: {directory}")
+        config_path = directory / TOKENIZER_CONFIG_FILE
+        config = _read_json(config_path) if config_path.is_file() else {}
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_path} must hold a JSON object")
+        special_map_path = directory / SPECIAL_TOKENS_MAP_FILE
+        # As in transformers: special_tokens_map.json only counts when the config does not list
+        # every added token itself.
+        if "added_tokens_decoder" not in config and special_map_path.is_file():
+            for key, value in _read_json(special_map_path).items():
+                if key == "additional_special_tokens":
+                    merged = list(config.get(key) or [])
+                    merged += [t for t in value if t not in merged]
+                    config[key] = merged
+                elif key in ("eos_token", "unk_token", "pad_token"):
+                    config[key] = value
+        if config.get("sp_model_kwargs"):
+            raise ValueError(f"{config_path}: sp_model_kwargs={config['sp_model_kwargs']} (sampling) is not supported")
+        settings = {key: config[key] for key in (
+            "eos_token", "unk_token", "pad_token", "extra_ids", "additional_special_tokens", "legacy",
+            "add_prefix_space", "model_max_length", "clean_up_tokenization_spaces", "padding_side",
+            "truncation_side", "added_tokens_decoder") if config.get(key) is not None}
+        settings.update(overrides)
+        return cls(directory / SENTENCEPIECE_FILE, **settings)
+
+    def save_pretrained(self, directory):
+        """Write spiece.model, tokenizer_config.json and special_tokens_map.json (loadable by transformers)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / SENTENCEPIECE_FILE
+        if target.resolve() != self.vocab_file.resolve():
+            shutil.copyfile(self.vocab_file, target)
+        named = {"eos_token": self._eos, "pad_token": self._pad, "unk_token": self._unk}
+        additional = [t.content for t in self._additional]
+        config = {
+            "add_prefix_space": self.add_prefix_space,
+            "added_tokens_decoder": {str(i): self._added_by_id[i].to_config() for i in sorted(self._added_by_id)},
+            "additional_special_tokens": additional,
+            "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces,
+            **{name: token.content for name, token in named.items()},
+            "extra_ids": self.extra_ids,
+            "legacy": self.legacy,
+            "model_max_length": self.model_max_length,
+            "padding_side": self.padding_side,
+            "sp_model_kwargs": {},
+            "tokenizer_class": "T5Tokenizer",
+            "truncation_side": self.truncation_side,
+        }
+        special_map = {"additional_special_tokens": additional,
+                       **{name: token.to_config(with_special=False) for name, token in named.items()}}
+        for name, content in ((TOKENIZER_CONFIG_FILE, config), (SPECIAL_TOKENS_MAP_FILE, special_map)):
+            (directory / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return directory
+
+    # --- vocabulary ----------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self):
+        """Pieces in the sentencepiece model (sentinels and other added tokens not counted), as in T5Tokenizer."""
+        return self._sp.get_piece_size()
+
+    def get_vocab(self):
+        vocabulary = {self._id_to_token(i): i for i in range(self.vocab_size)}
+        vocabulary.update(self._added_by_content)
+        return vocabulary
+
+    def __len__(self):
+        """Size of the full vocabulary, sentinels included (what the model's embedding must cover)."""
+        return self._length
+
+    eos_token = property(lambda self: self._eos.content)
+    unk_token = property(lambda self: self._unk.content)
+    pad_token = property(lambda self: self._pad.content)
+    eos_token_id = property(lambda self: self.convert_tokens_to_ids(self._eos.content))
+    unk_token_id = property(lambda self: self.convert_tokens_to_ids(self._unk.content))
+    pad_token_id = property(lambda self: self.convert_tokens_to_ids(self._pad.content))
+    additional_special_tokens = property(lambda self: [t.content for t in self._additional])
+
+    def _token_to_id(self, token):
+        added_id = self._added_by_content.get(token)
+        return added_id if added_id is not None else self._sp.piece_to_id(token)
+
+    def _id_to_token(self, token_id):
+        added = self._added_by_id.get(token_id)
+        if added is not None:
+            return added.content
+        if not 0 <= token_id < self.vocab_size:
+            raise IndexError(f"token id {token_id} is neither a sentencepiece id (0..{self.vocab_size - 1}) "
+                             "nor the id of an added token")
+        return self._sp.id_to_piece(token_id)
+
+    def convert_tokens_to_ids(self, tokens):
+        if isinstance(tokens, str):
+            return self._token_to_id(tokens)
+        return [self._token_to_id(t) for t in tokens]
+
+    def convert_ids_to_tokens(self, ids, skip_special_tokens=False):
+        ids = _to_python_ids(ids)
+        if isinstance(ids, int):
+            return self._id_to_token(ids)
+        return [self._id_to_token(int(i)) for i in ids
+                if not (skip_special_tokens and int(i) in self._all_special_id_set)]
+
+    # --- encoding ------------------------------------------------------------------------------
+
+    def tokenize(self, text):
+        """Text to pieces: added tokens cut out first, the text between them through sentencepiece."""
+        if not self.legacy and text:
+            text = text.replace(SPIECE_UNDERLINE, " ")
+            if self.add_prefix_space:
+                text = SPIECE_UNDERLINE + text
+        chunks = self._split_on_added_tokens(text)
+        pieces = []
+        for chunk in chunks:
+            if chunk in self._added_by_content:
+                pieces.append(chunk)
+            elif chunk:
+                pieces.extend(self._sentencepiece_pieces(chunk))
+        if not self.legacy and len(pieces) > 1 and pieces[0] == SPIECE_UNDERLINE and pieces[1] in self._all_special_set:
+            pieces = pieces[1:]  # T5Tokenizer drops the lone prefix space before a leading special token
+        return pieces
+
+    def _split_on_added_tokens(self, text):
+        """Split around added tokens and apply their strip rules (PreTrainedTokenizer.tokenize)."""
+        if self._added_token_pattern is None:
+            return [text]
+        chunks = [c for c in self._added_token_pattern.split(text) if c]
+        for i, chunk in enumerate(chunks):
+            token_id = self._added_by_content.get(chunk)
+            if token_id is None:
+                continue
+            token = self._added_by_id[token_id]
+            left = chunks[i - 1] if i > 0 else None
+            right = chunks[i + 1] if i < len(chunks) - 1 else None
+            if token.rstrip and right:
+                chunks[i + 1] = right.lstrip()
+            if token.lstrip and left:
+                chunks[i - 1] = left.rstrip()
+            if token.single_word and left and left[-1] != " ":
+                chunks[i - 1] += chunk
+                chunks[i] = ""
+            elif token.single_word and right and right[0] != " ":
+                chunks[i + 1] = chunk + chunks[i + 1]
+                chunks[i] = ""
+        return chunks
+
+    def _sentencepiece_pieces(self, text):
+        if self.legacy or not text.startswith((SPIECE_UNDERLINE, " ")):
+            return self._sp.encode(text, out_type=str)
+        # Without the dummy prefix, sentencepiece drops a leading space; encoding after "<unk>" and
+        # removing its pieces keeps it (T5Tokenizer._tokenize's trick).
+        pieces = self._sp.encode(self._unk.content + text, out_type=str)
+        return pieces[self._unk_piece_count:] if len(pieces) >= self._unk_piece_count else pieces
+
+    def _encode_one(self, text, add_special_tokens, truncate_to):
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a string or a list of strings, got an item of type {type(text).__name__}")
+        ids = self.convert_tokens_to_ids(self.tokenize(text))
+        special_count = 1 if add_special_tokens else 0
+        excess = len(ids) + special_count - truncate_to if truncate_to else 0
+        if excess > 0:
+            if excess >= len(ids):
+                raise ValueError(f"max_length={truncate_to} leaves no room for text next to the "
+                                 f"{special_count} special token(s) added to each sequence")
+            ids = ids[:-excess] if self.truncation_side == "right" else ids[excess:]
+        if add_special_tokens:
+            if ids and ids[-1] == self.eos_token_id:
+                warnings.warn(f"This sequence already ends with {self.eos_token}; not adding a second one "
+                              "(T5Tokenizer behaviour).", stacklevel=2)
+            else:
+                ids = ids + [self.eos_token_id]
+        return ids
+
+    def _resolve_lengths(self, padding, truncation, max_length):
+        """(padding mode, truncation length) as transformers derives them from the call's arguments."""
+        if padding not in _PADDING_CHOICES:
+            raise ValueError(f"padding must be one of {list(_PADDING_CHOICES)}, got {padding!r}")
+        if truncation not in _TRUNCATION_CHOICES:
+            raise ValueError(f"truncation must be one of {list(_TRUNCATION_CHOICES)}, got {truncation!r}")
+        if max_length is not None and padding is False and truncation is None:
+            truncation = True  # transformers truncates when only max_length is given
+        pad_mode, truncate = _PADDING_CHOICES[padding], _TRUNCATION_CHOICES[truncation]
+        if max_length is None and (pad_mode == "max_length" or truncate):
+            if self.model_max_length > _LIMITLESS_ABOVE:
+                warnings.warn("No max_length given and the tokenizer has no model_max_length: "
+                              "not padding to / truncating at a maximum length.", stacklevel=3)
+                pad_mode = None if pad_mode == "max_length" else pad_mode
+                truncate = False
+            else:
+                max_length = self.model_max_length
+        return pad_mode, max_length if truncate else None, max_length
+
+    def __call__(self, text, padding=False, truncation=None, max_length=None, return_tensors=None,
+                 add_special_tokens=True, padding_side=None, return_attention_mask=True):
+        """Encode a string or a list of strings into input_ids (+ attention_mask).
+
+        A single string gives flat lists (or a batch of one with return_tensors="pt").
+        """
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
+        padding_side = padding_side or self.padding_side
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        is_batch = isinstance(text, (list, tuple))
+        if not is_batch and not isinstance(text, str):
+            raise TypeError(f"text must be a string or a list of strings, got {type(text).__name__}")
+        pad_mode, truncate_to, max_length = self._resolve_lengths(padding, truncation, max_length)
+
+        sequences = [self._encode_one(t, add_special_tokens, truncate_to) for t in (text if is_batch else [text])]
+        masks = [[1] * len(s) for s in sequences]
+        if pad_mode is not None and sequences:
+            width = max_length if pad_mode == "max_length" else max(len(s) for s in sequences)
+            for i, ids in enumerate(sequences):
+                fill = width - len(ids)
+                if fill > 0:
+                    if padding_side == "right":
+                        sequences[i], masks[i] = ids + [self.pad_token_id] * fill, masks[i] + [0] * fill
+                    else:
+                        sequences[i], masks[i] = [self.pad_token_id] * fill + ids, [0] * fill + masks[i]
+
+        encoding = BatchEncoding(input_ids=sequences if is_batch else sequences[0])
+        if return_attention_mask:
+            encoding["attention_mask"] = masks if is_batch else masks[0]
+        if return_tensors == "pt":
+            encoding = self._as_tensors(encoding, is_batch)
+        return encoding
+
+    @staticmethod
+    def _as_tensors(encoding, is_batch):
+        import torch  # only needed for return_tensors="pt"
+
+        lengths = {len(row) for row in encoding["input_ids"]} if is_batch else set()
+        if len(lengths) > 1:
+            raise ValueError("cannot make one tensor from sequences of different lengths "
+                             f"({sorted(lengths)}); pass padding=True (and truncation=True if needed)")
+        return BatchEncoding({key: torch.tensor(value if is_batch else [value], dtype=torch.long)
+                              for key, value in encoding.items()})
+
+    def encode(self, text, add_special_tokens=True, truncation=None, max_length=None, padding=False,
+               return_tensors=None):
+        """Ids of one string (a [1, length] tensor with return_tensors="pt")."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes one string, got {type(text).__name__}; call the tokenizer for batches")
+        return self(text, padding=padding, truncation=truncation, max_length=max_length,
+                    return_tensors=return_tensors, add_special_tokens=add_special_tokens)["input_ids"]
+
+    # --- decoding ------------------------------------------------------------------------------
+
+    def convert_tokens_to_string(self, tokens):
+        """T5Tokenizer.convert_tokens_to_string: sentencepiece decodes the runs between special tokens."""
+        if not tokens:
+            return ""
+        if tokens[0].startswith(SPIECE_UNDERLINE) and self.add_prefix_space:
+            tokens = [tokens[0][1:], *tokens[1:]]
+        text, run, previous_was_special = "", [], False
+        for token in tokens:
+            if token in self._all_special_set:
+                if not previous_was_special:
+                    text += " "
+                text += (self._sp.decode_pieces(run) if run else "") + token  # runs of <pad> are common
+                previous_was_special, run = True, []
+            else:
+                run.append(token)
+                previous_was_special = False
+        return (text + self._sp.decode_pieces(run)).strip()
+
+    def decode(self, token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=None,
+               spaces_between_special_tokens=True):
+        """Ids back to text, exactly as T5Tokenizer.decode does (sentinels become separate words)."""
+        tokens = self.convert_ids_to_tokens(token_ids, skip_special_tokens=skip_special_tokens)
+        if isinstance(tokens, str):
+            tokens = [tokens]
+        parts, run = [], []
+        for token in tokens:
+            if skip_special_tokens and token in self._all_special_set:
+                continue
+            if token in self._standalone_tokens:
+                if run:
+                    text = self.convert_tokens_to_string(run)
+                    if text:
+                        parts.append(text)
+                    run = []
+                parts.append(token)
+            else:
+                run.append(token)
+        if run:
+            parts.append(self.convert_tokens_to_string(run))
+        text = (" " if spaces_between_special_tokens else "").join(parts)
+        if clean_up_tokenization_spaces is None:
+            clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
+        if clean_up_tokenization_spaces:
+            for old, new in _CLEANUP_REPLACEMENTS:
+                text = text.replace(old, new)
+        return text
+
+    def batch_decode(self, sequences, **decode_options):
+        return [self.decode(ids, **decode_options) for ids in _to_python_ids(sequences)]
+
+    def __repr__(self):
+        return (f"UMT5Tokenizer(vocab_file={str(self.vocab_file)!r}, vocab_size={self.vocab_size}, "
+                f"len={len(self)}, legacy={self.legacy})")

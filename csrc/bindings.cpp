@@ -11,7 +11,7 @@ void register_decode_attention(py::module_& m);
 void register_rms_norm(py::module_& m);
 void register_gated_act(py::module_& m);
 void register_int8_linear(py::module_& m);
-void register_bf16_linear(py::module_& m);
+void register_float_weight_linear(py::module_& m);
 }  // namespace umt5_fast
 
 PYBIND11_MODULE(_C, m) {
@@ -23,5 +23,5 @@ PYBIND11_MODULE(_C, m) {
   umt5_fast::register_rms_norm(m);
   umt5_fast::register_gated_act(m);
   umt5_fast::register_int8_linear(m);
-  umt5_fast::register_bf16_linear(m);
+  umt5_fast::register_float_weight_linear(m);
 }

@@ -436,5 +436,6 @@ void weight_only_linear(const LinearProblem<WeightT>& problem, int64_t n_begin, 
                                                 int64_t);                                     \
   template void weight_only_linear<ISA, uint16_t>(const LinearProblem<uint16_t>&, int64_t,    \
                                                   int64_t);                                   \
+  template void weight_only_linear<ISA, float>(const LinearProblem<float>&, int64_t, int64_t);  \
   }                                                                                           \
   }

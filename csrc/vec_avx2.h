@@ -127,6 +127,7 @@ struct Vec<CpuIsa::avx2> {
     const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
   }
+  static type load_weights(const float* p) { return _mm256_loadu_ps(p); }
 
  private:
   static __m256i first_lanes(int n) {

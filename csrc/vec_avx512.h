@@ -118,6 +118,7 @@ struct Vec<CpuIsa::avx512> {
     const __m256i halves = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
   }
+  static type load_weights(const float* p) { return _mm512_loadu_ps(p); }
 
  private:
   static __mmask16 first_lanes(int n) {

@@ -41,6 +41,7 @@ struct Vec<CpuIsa::generic> {
   static type erf(type x) { return std::erf(x); }
   static type load_weights(const int8_t* p) { return widen_weight(*p); }
   static type load_weights(const uint16_t* p) { return widen_weight(*p); }
+  static type load_weights(const float* p) { return *p; }
 };
 
 }  // namespace umt5_fast

@@ -1,4 +1,4 @@
-// Scalar widening of the stored weight types to float (int8 values, bf16 bit patterns).
+// Scalar widening of the stored weight types to float (int8 values, bf16 bit patterns, fp32).
 // `static`: each translation unit keeps its own copy, compiled with its own ISA flags.
 #pragma once
 
@@ -8,6 +8,8 @@
 namespace umt5_fast {
 
 static inline float widen_weight(int8_t w) { return static_cast<float>(w); }
+
+static inline float widen_weight(float w) { return w; }
 
 static inline float widen_weight(uint16_t bf16_bits) {  // bf16 is the high half of a float32
   const uint32_t bits = static_cast<uint32_t>(bf16_bits) << 16;

@@ -271,12 +271,13 @@ def test_unknown_activation_falls_back_to_eager(generator):
 
 @pytest.mark.parametrize("rows", [1, 3, 17, 64])
 @pytest.mark.parametrize("out_features,in_features", [(71, 133), (257, 64), (5, 7)])
-@pytest.mark.parametrize("weights", ["int8", "bf16"])
+@pytest.mark.parametrize("weights", ["int8", "bf16", "fp32"])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_weight_only_linear(rows, out_features, in_features, weights, with_residual, generator):
+    """int8 / bf16 weights always take the C++ kernel; fp32 weights up to FP32_KERNEL_MAX_ROWS rows."""
     x = randn(rows, in_features, generator=generator)
     weight = randn(out_features, in_features, generator=generator)
-    weight = QuantizedWeight.quantize(weight) if weights == "int8" else weight.bfloat16()
+    weight = {"int8": QuantizedWeight.quantize, "bf16": torch.Tensor.bfloat16, "fp32": lambda w: w}[weights](weight)
     residual = randn(rows, out_features, generator=generator) if with_residual else None
     torch.testing.assert_close(cpu.linear(x, weight, residual), eager.linear(x, weight, residual),
                                **LINEAR_TOL)
@@ -288,6 +289,16 @@ def test_weight_only_linear_keeps_leading_dims(generator):
     got = cpu.linear(x, weight)
     assert got.shape == (2, 3, 71)
     torch.testing.assert_close(got, eager.linear(x, weight), **LINEAR_TOL)
+
+
+def test_fp32_decode_rows_take_the_kernel(generator, monkeypatch):
+    calls = []
+    kernel = _C.f32_linear
+    monkeypatch.setattr(cpu._C, "f32_linear", lambda **kw: calls.append(kw["rows"]) or kernel(**kw))
+    x, weight = randn(2, 3, 40, generator=generator), randn(67, 40, generator=generator)
+    torch.testing.assert_close(cpu.linear(x, weight), eager.linear(x, weight), **LINEAR_TOL)
+    cpu.linear(randn(cpu.FP32_KERNEL_MAX_ROWS + 1, 40, generator=generator), weight)  # torch's GEMM
+    assert calls == [6]
 
 
 def test_float_linear_matches_eager(generator):

@@ -8,9 +8,10 @@ What runs where (fp32 activations):
 - ``rms_norm`` / ``add_rms_norm``: C++, fp32 variance.
 - ``attention`` / ``decode_attention``: one fused C++ kernel with in-kernel bucketing, masks and
   an online softmax; no ``[B, H, Lq, Lk]`` tensor is built.
-- ``linear``: a float weight of ``x``'s dtype goes to torch (its MKL / oneDNN GEMM is already the
-  best CPU GEMM); a ``QuantizedWeight`` (int8) or bf16 weight goes to the C++ weight-only kernels,
-  which widen the weights in registers, so decoding reads 4x / 2x fewer bytes than fp32.
+- ``linear``: a float weight of ``x``'s dtype goes to torch's GEMM, except fp32 weights for up to
+  ``FP32_KERNEL_MAX_ROWS`` rows (decode steps), which take the C++ GEMV; a ``QuantizedWeight``
+  (int8) or bf16 weight goes to the C++ weight-only kernels, which widen the weights in registers,
+  so decoding reads 4x / 2x fewer bytes than fp32.
 - ``gated_ffn_in``: the projections through ``linear``, then ``act(a) * b`` by one C++ pass in
   place.
 
@@ -235,12 +236,21 @@ def _check_linear_args(x, weight):
                          f"got x {tuple(x.shape)}")
 
 
+# Up to this many rows (decode steps, small batches) an fp32 weight goes to the C++ GEMV, which
+# streams each weight row once at memory bandwidth; torch's BLAS can run 2-4x slower there (MKL on
+# AMD CPUs), while for larger GEMMs it is the better choice.
+FP32_KERNEL_MAX_ROWS = 32
+
+
 def linear(x, weight, residual=None):
     _check_linear_args(x, weight)
     if residual is not None:
         _check_tensor("residual", residual)
     quantized = isinstance(weight, QuantizedWeight)
-    if not quantized and weight.dtype == x.dtype:
+    rows = x.numel() // x.shape[-1] if x.dim() else 0
+    small_fp32 = (not quantized and weight.dtype == x.dtype == torch.float32
+                  and 0 < rows <= FP32_KERNEL_MAX_ROWS)
+    if not quantized and weight.dtype == x.dtype and not small_fp32:
         y = F.linear(x, weight)
         if residual is None:
             return y
@@ -248,24 +258,22 @@ def linear(x, weight, residual=None):
             else residual + y
     out_features, in_features = weight.shape
     out_shape = (*x.shape[:-1], out_features)
-    kernel_weight = quantized or weight.dtype == torch.bfloat16
+    kernel_weight = quantized or weight.dtype in (torch.bfloat16, torch.float32)
     residual_fits = residual is None or (residual.shape == out_shape and residual.dtype == x.dtype)
     if not (kernel_weight and x.dtype == torch.float32 and residual_fits) or x.numel() == 0:
         return eager.linear(x, weight, residual)
     x = x.contiguous()
     residual = None if residual is None else residual.contiguous()
     y = x.new_empty(out_shape)
+    sizes = dict(residual=_ptr(residual), y=y.data_ptr(), rows=rows, in_features=in_features,
+                 out_features=out_features, num_threads=_threads())
     if quantized:
         scale = weight.scale if weight.scale.dtype == torch.float32 else weight.scale.float()
         _C.int8_linear(x=x.data_ptr(), qweight=weight.qweight.contiguous().data_ptr(),
-                       scale=scale.contiguous().data_ptr(), residual=_ptr(residual),
-                       y=y.data_ptr(), rows=x.numel() // in_features, in_features=in_features,
-                       out_features=out_features, num_threads=_threads())
+                       scale=scale.contiguous().data_ptr(), **sizes)
     else:
-        _C.bf16_linear(x=x.data_ptr(), weight=weight.contiguous().data_ptr(),
-                       residual=_ptr(residual), y=y.data_ptr(), rows=x.numel() // in_features,
-                       in_features=in_features, out_features=out_features,
-                       num_threads=_threads())
+        float_linear = _C.f32_linear if weight.dtype == torch.float32 else _C.bf16_linear
+        float_linear(x=x.data_ptr(), weight=weight.contiguous().data_ptr(), **sizes)
     return y
 
 

@@ -63,6 +63,8 @@ GENERATE_CASES = [
     (dict(num_beams=0), "num_beams"), (dict(num_beams=2, num_return_sequences=4), "num_return_sequences"),
     (dict(do_sample=True, top_p=0.0), "top_p"), (dict(do_sample=True, top_p=1.01), "top_p"),
     (dict(do_sample=True, temperature=0), "temperature"), (dict(do_sample=True, temperature=-1.0), "temperature"),
+    (dict(do_sample=True, temperature=1e-300), "temperature.*overflow"),
+    (dict(do_sample=True, num_beams=2, temperature=1e-300), "temperature.*overflow"),
     (dict(decoder_start_token_id=10**6), "decoder_start_token_id"),
 ]
 

@@ -160,6 +160,9 @@ def process_scores(o: dict, sequences, scores, prompt_length: int, beam: bool):
         keep = (len(eos) + 1 if eos else 2) if beam else 1
         if o["temperature"] != 1.0:
             scores = scores / o["temperature"]
+            if not bool(torch.isfinite(scores.max(dim=-1).values).all()):
+                raise ValueError(f"temperature={o['temperature']!r} is so small that the scaled scores "
+                                 "overflow; use a larger temperature or greedy decoding (do_sample=False)")
         if o["top_k"]:
             scores = top_k_filter(scores, o["top_k"], keep)
         if o["top_p"] < 1.0:

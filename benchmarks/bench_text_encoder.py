@@ -129,13 +129,8 @@ def write_files(directory: Path, config):
 def write_gguf_q8_0(path: Path, config, tensors, normal):
     """llama.cpp's t5encoder layout (see umt5_fast/formats/gguf.py): Q8_0 matrices, F32 norms, F16 bias tables."""
     import gguf
+    from umt5_fast.formats.gguf import TENSOR_NAMES
     T = gguf.GGMLQuantizationType
-    names = {"shared.weight": "token_embd.weight", "encoder.final_layer_norm.weight": "enc.output_norm.weight"}
-    parts = {"layer.0.layer_norm": "attn_norm", "layer.0.SelfAttention.q": "attn_q", "layer.0.SelfAttention.k": "attn_k",
-             "layer.0.SelfAttention.v": "attn_v", "layer.0.SelfAttention.o": "attn_o",
-             "layer.0.SelfAttention.relative_attention_bias": "attn_rel_b", "layer.1.layer_norm": "ffn_norm",
-             "layer.1.DenseReluDense.wi_0": "ffn_gate", "layer.1.DenseReluDense.wi_1": "ffn_up",
-             "layer.1.DenseReluDense.wo": "ffn_down"}
     q8_row = gguf.quants.quantize(normal[: 1 << 16].reshape(1, -1), T.Q8_0).reshape(-1)  # 2048 blocks
     writer = gguf.GGUFWriter(str(path), "t5encoder")
     writer.add_context_length(512)
@@ -150,11 +145,7 @@ def write_gguf_q8_0(path: Path, config, tensors, normal):
     writer.add_relative_attn_buckets_count(config.relative_attention_num_buckets)
     makers = []
     for name, shape in tensors:
-        if name in names:
-            gguf_name = names[name]
-        else:
-            block, rest = name[len("encoder.block."):].split(".", 1)
-            gguf_name = f"enc.blk.{block}.{parts[rest[: -len('.weight')]]}.weight"
+        gguf_name = TENSOR_NAMES.theirs(name)
         if len(shape) == 1:
             array = lambda shape=shape: np.ones(shape, np.float32)  # noqa: E731
             writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), 4 * shape[0])

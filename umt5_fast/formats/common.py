@@ -42,20 +42,32 @@ class FormatCheckpoint(NamedTuple):
     packed: Set[str]
 
 
+def _block_pattern(template: str):
+    return re.compile(re.escape(template).replace(r"\{i\}", r"(\d+)"))
+
+
+def _translate(patterns, name: str) -> Optional[str]:
+    for pattern, target in patterns:
+        match = pattern.fullmatch(name)
+        if match:
+            return target.format(i=match.group(1)) if match.groups() else target
+    return None
+
+
 class NameTable:
     """A format's tensor names -> ours, from ``{their pattern: our pattern}`` (``{i}``: block index)."""
 
     def __init__(self, table: Dict[str, str]):
         self.table = table
-        self._patterns = [(re.compile(re.escape(theirs).replace(r"\{i\}", r"(\d+)")), ours)
-                          for theirs, ours in table.items()]
+        self._patterns = [(_block_pattern(theirs), ours) for theirs, ours in table.items()]
+        self._inverse = [(_block_pattern(ours), theirs) for theirs, ours in table.items()]
 
     def ours(self, name: str) -> Optional[str]:
-        for pattern, ours in self._patterns:
-            match = pattern.fullmatch(name)
-            if match:
-                return ours.format(i=match.group(1)) if match.groups() else ours
-        return None
+        return _translate(self._patterns, name)
+
+    def theirs(self, our_name: str) -> Optional[str]:
+        """Our name -> the format's (for writers of the format, e.g. the benchmark's files)."""
+        return _translate(self._inverse, our_name)
 
     def rename(self, names) -> Dict[str, str]:
         """Their name -> our name; names the table does not know keep their own."""

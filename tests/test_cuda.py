@@ -13,9 +13,10 @@ def checkpoint(checkpoint_factory):
     return checkpoint_factory("UMT5ForConditionalGeneration", num_heads=4, d_kv=32, d_model=64, d_ff=96)
 
 
-def test_cuda_graph_generation_equals_eager_steps_and_transformers(checkpoint):
+@pytest.mark.parametrize("backend", ["eager", "triton"])  # eager separates the graph logic from the kernels
+def test_cuda_graph_generation_equals_eager_steps_and_transformers(checkpoint, backend):
     path, hf = checkpoint
-    model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, device="cuda", backend="triton")
+    model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, device="cuda", backend=backend)
     ids, mask = random_batch(model.config.vocab_size, 3, 40, seed=0)
     ids, mask = ids.cuda(), mask.cuda()
     for kwargs in (dict(max_new_tokens=12), dict(max_new_tokens=10, num_beams=3)):

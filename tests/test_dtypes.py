@@ -56,3 +56,12 @@ def test_fp16_overflow_is_clamped_like_transformers(checkpoint_factory, tmp_path
     out = ours(ids, attention_mask=mask).last_hidden_state
     assert torch.isfinite(out).all() and torch.isfinite(ref).all()
     assert_close(out.float(), ref.float(), SAME_DTYPE_TOL, "clamped fp16 encoder")
+
+
+def test_auto_dtype_takes_the_checkpoint_dtype(checkpoint_factory, tmp_path):
+    import transformers
+    path, _ = checkpoint_factory("UMT5EncoderModel")
+    transformers.UMT5EncoderModel.from_pretrained(path, torch_dtype=torch.bfloat16).save_pretrained(tmp_path)
+    model = umt5_fast.UMT5EncoderModel.from_pretrained(tmp_path, dtype="auto", backend="eager")
+    assert model.dtype == torch.bfloat16
+    assert umt5_fast.UMT5EncoderModel.from_pretrained(tmp_path, backend="eager").dtype == torch.float32

@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import umt5_fast
 from umt5_fast.ops import available_backends

@@ -6,7 +6,6 @@ its parameter -> checks (missing / unexpected / mis-shaped keys, all listed in o
 """
 import json
 import mmap
-import os
 import struct
 import sys
 from pathlib import Path
@@ -173,10 +172,11 @@ def resolve_dtype(dtype, config: UMT5Config, reader: Optional[CheckpointReader] 
     if dtype is None:
         return torch.float32  # transformers' default too
     if dtype == "auto":
+        # like transformers: the config's torch_dtype, else the dtype of the first float weight
         named = config.torch_dtype
         if named is None and reader is not None:
-            floats = [reader.sources[k]().dtype for k in list(reader.sources)[:1]]
-            return floats[0] if floats and floats[0].is_floating_point else torch.float32
+            first = next((reader.sources[k]() for k in reader.sources), None)
+            return first.dtype if first is not None and first.dtype.is_floating_point else torch.float32
         dtype = named or "float32"
     if isinstance(dtype, str):
         name = dtype.replace("torch.", "")

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from umt5_fast.buckets import position_bias, relative_position_bucket
+from umt5_fast.buckets import position_bias
 from umt5_fast.ops import MASKED_SCORE
 from umt5_fast.quant import QuantizedWeight
 
@@ -83,9 +83,12 @@ def attention_scores(q, k, bias_table, *, bidirectional, num_buckets, max_distan
     return scores
 
 
-def attention_probs(q, k, bias_table, **kwargs):
-    scores = attention_scores(q, k, bias_table, **kwargs)
+def _softmax(scores):
     return F.softmax(scores.float(), dim=-1).type_as(scores)
+
+
+def attention_probs(q, k, bias_table, **kwargs):
+    return _softmax(attention_scores(q, k, bias_table, **kwargs))
 
 
 def attention(q, k, v, bias_table, **kwargs):
@@ -96,18 +99,14 @@ def attention(q, k, v, bias_table, **kwargs):
 def decode_attention(q, k_cache, v_cache, cache_length, bias_table, *, num_buckets, max_distance,
                      key_padding_mask=None):
     if isinstance(cache_length, torch.Tensor):
-        # length on the device (a CUDA graph replays this): mask the whole buffer, no host sync
-        positions = torch.arange(k_cache.shape[2], device=q.device)
-        query_offset = cache_length - 1
-        scores = torch.matmul(q, k_cache.transpose(-1, -2))
-        if bias_table is not None:
-            buckets = relative_position_bucket(positions - query_offset, False, num_buckets, max_distance)
-            scores = scores + bias_table[buckets].t()[None, :, None, :].to(scores.dtype)
-        if key_padding_mask is not None:
-            padded = ~key_padding_mask[:, :k_cache.shape[2]].bool()
-            scores = scores.masked_fill(padded[:, None, None, :], MASKED_SCORE)
-        scores = scores.masked_fill(positions >= cache_length, -math.inf)  # not written yet: no weight
-        probs = F.softmax(scores.float(), dim=-1).type_as(scores)
+        # length on the device (a CUDA graph replays this): score the whole buffer, no host sync;
+        # positions not written yet get no weight at all
+        scores = attention_scores(q, k_cache, bias_table, bidirectional=False, num_buckets=num_buckets,
+                                  max_distance=max_distance, query_offset=cache_length - 1,
+                                  key_padding_mask=None if key_padding_mask is None
+                                  else key_padding_mask[:, :k_cache.shape[2]])
+        unwritten = torch.arange(k_cache.shape[2], device=q.device) >= cache_length
+        probs = _softmax(scores.masked_fill(unwritten, -math.inf))
         return torch.matmul(probs, v_cache).transpose(1, 2).contiguous()
     length = int(cache_length)
     mask = None if key_padding_mask is None else key_padding_mask[:, :length]

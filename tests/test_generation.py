@@ -199,6 +199,12 @@ def test_bad_generation_arguments(checkpoint_factory, kwargs, match):
         ours.generate(ids, attention_mask=mask, **kwargs)
 
 
+def test_cuda_graphs_need_a_cuda_model(checkpoint_factory):
+    ours, _ = pair(checkpoint_factory, "odd")
+    with pytest.raises(ValueError, match="use_cuda_graph=True needs the model on a CUDA device"):
+        ours.generate(torch.tensor([[5, 1]]), max_new_tokens=2, use_cuda_graph=True)
+
+
 def test_unknown_generation_argument(checkpoint_factory):
     ours, _ = pair(checkpoint_factory, "odd")
     with pytest.raises(TypeError, match="num_beam_groupz"):

@@ -11,9 +11,9 @@ cross-attention K/V) and multi-token prompts run eagerly on the same buffers.
 import threading
 
 import torch
-import torch.nn.functional as F
 
 from umt5_fast.cache import StaticCache
+from umt5_fast.generation import next_token_logits
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -40,11 +40,8 @@ class GraphedStep:
         self.in_use = threading.Lock()
 
     def forward(self, tokens, past_length):
-        decoder = self.model.decoder
-        h = F.embedding(tokens, decoder.embed_tokens.weight)
-        out = decoder.run(h, self_mask=None, encoder_states=self.encoder_states, encoder_mask=self.encoder_mask,
-                          cache=self.cache, past_length=past_length)
-        return self.model.logits(out.last_hidden_state[:, -1]).float()
+        return next_token_logits(self.model, tokens, self.encoder_states, self.encoder_mask, self.cache,
+                                 past_length)
 
     def prefill(self, tokens):
         """Eager step from position 0: (re)projects the cross-attention K/V into the graph's tensors."""

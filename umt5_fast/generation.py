@@ -173,14 +173,21 @@ def process_scores(o: dict, sequences, scores, prompt_length: int, beam: bool):
 # ---------------------------------------------------------------------------------------------
 # The decoding engine
 # ---------------------------------------------------------------------------------------------
-class Decoder:
-    """Encoder output + static cache for ``rows`` decoder rows; ``step`` returns next-token logits."""
+def next_token_logits(model, tokens, encoder_states, encoder_mask, cache, past_length) -> torch.Tensor:
+    """One decoder pass over ``tokens`` ``[rows, L]`` at ``past_length`` (an int, or a device tensor
+    when a CUDA graph replays it); fp32 logits of the last position only."""
+    decoder = model.decoder
+    h = F.embedding(tokens, decoder.embed_tokens.weight)
+    out = decoder.run(h, self_mask=None, encoder_states=encoder_states, encoder_mask=encoder_mask, cache=cache,
+                      past_length=past_length)
+    return model.logits(out.last_hidden_state[:, -1]).float()
 
-    def __init__(self, model, encoder_states, encoder_mask, rows_per_source: int, max_length: int):
+
+class Decoder:
+    """Encoder output + static cache for its rows; ``step`` returns next-token logits."""
+
+    def __init__(self, model, encoder_states, encoder_mask, max_length: int):
         self.model = model
-        if rows_per_source > 1:
-            encoder_states = encoder_states.repeat_interleave(rows_per_source, dim=0)
-            encoder_mask = None if encoder_mask is None else encoder_mask.repeat_interleave(rows_per_source, dim=0)
         self.encoder_states, self.encoder_mask = encoder_states, encoder_mask
         cfg = model.config
         self.cache = StaticCache(cfg.num_decoder_layers, encoder_states.shape[0], cfg.num_heads, max_length,
@@ -188,12 +195,10 @@ class Decoder:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed ``tokens`` ``[rows, L]`` (the prompt, then one token a step); fp32 logits of the last."""
-        decoder = self.model.decoder
-        h = F.embedding(tokens, decoder.embed_tokens.weight)
-        out = decoder.run(h, self_mask=None, encoder_states=self.encoder_states, encoder_mask=self.encoder_mask,
-                          cache=self.cache, past_length=self.cache.length)
+        logits = next_token_logits(self.model, tokens, self.encoder_states, self.encoder_mask, self.cache,
+                                   self.cache.length)
         self.cache.length += tokens.shape[1]
-        return self.model.logits(out.last_hidden_state[:, -1]).float()
+        return logits
 
     def reorder(self, index: torch.Tensor):
         self.cache.reorder(index)
@@ -208,16 +213,18 @@ class Decoder:
         pass
 
 
-def make_decoder(model, encoder_states, encoder_mask, rows_per_source: int, max_length: int, use_cuda_graph=None):
-    """A ``Decoder``, or (``use_cuda_graph``) one whose single-token steps replay a CUDA graph."""
-    if not use_cuda_graph:  # opt-in until the captured path has passed tests/test_cuda.py on a GPU
-        return Decoder(model, encoder_states, encoder_mask, rows_per_source, max_length)
-    if not encoder_states.is_cuda:
-        raise ValueError("use_cuda_graph=True needs the model on a CUDA device")
-    from umt5_fast.cuda_graph import GraphedDecoder
+def make_decoder(model, encoder_states, encoder_mask, rows_per_source: int, max_length: int,
+                 use_cuda_graph: bool = False):
+    """A ``Decoder`` for ``rows_per_source`` rows per source (beams, returned sequences), or with
+    ``use_cuda_graph`` one whose single-token steps replay a CUDA graph."""
     if rows_per_source > 1:
         encoder_states = encoder_states.repeat_interleave(rows_per_source, dim=0)
         encoder_mask = None if encoder_mask is None else encoder_mask.repeat_interleave(rows_per_source, dim=0)
+    if not use_cuda_graph:  # opt-in until the captured path has passed tests/test_cuda.py on a GPU
+        return Decoder(model, encoder_states, encoder_mask, max_length)
+    if not encoder_states.is_cuda:
+        raise ValueError("use_cuda_graph=True needs the model on a CUDA device")
+    from umt5_fast.cuda_graph import GraphedDecoder
     return GraphedDecoder(model, encoder_states, encoder_mask, max_length)
 
 
@@ -247,7 +254,7 @@ def prepare(model, input_ids, attention_mask, decoder_input_ids, options):
 
 
 def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, options, generator=None,
-                 scores_out=None, use_cuda_graph=None) -> Iterator[torch.Tensor]:
+                 scores_out=None, use_cuda_graph=False) -> Iterator[torch.Tensor]:
     """Greedy or sampled decoding; yields the ``[rows]`` tokens of each step (pad once a row ended).
 
     Finished rows read pad tokens, exactly like transformers. In greedy decoding they also stop
@@ -293,7 +300,7 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
 
 
 def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options, generator=None,
-                scores_out=None, use_cuda_graph=None):
+                scores_out=None, use_cuda_graph=False):
     """transformers' vectorised beam search (its ``_beam_search``), on our static cache.
 
     Returns ``(sequences [batch * num_return_sequences, T], sequence scores)``.
@@ -397,7 +404,7 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
 
 def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=None, generation_config=None,
              streamer=None, generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
-             use_cuda_graph: Optional[bool] = None, **kwargs):
+             use_cuda_graph: bool = False, **kwargs):
     """Decode like transformers' ``generate``; returns ids ``[batch * num_return_sequences, T]``.
 
     Sampling draws from ``generator`` (or a fresh one seeded with ``seed``; else torch's global RNG).
@@ -441,7 +448,7 @@ def generate_stream(model, input_ids=None, attention_mask=None, **kwargs) -> Ite
     generator = kwargs.pop("generator", None)
     seed = kwargs.pop("seed", None)
     decoder_input_ids = kwargs.pop("decoder_input_ids", None)
-    use_cuda_graph = kwargs.pop("use_cuda_graph", None)
+    use_cuda_graph = kwargs.pop("use_cuda_graph", False)
     options = resolve_options(model, kwargs.pop("generation_config", None), **kwargs)
     check_options(options, model.config.vocab_size)
     if options["num_beams"] > 1:

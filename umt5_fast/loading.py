@@ -205,8 +205,8 @@ def build_model(cls, config: UMT5Config, sources: Dict[str, Callable[[], torch.T
     with torch.device("meta"):
         model = cls(config, backend="eager")
     params = dict(model.named_parameters())  # first name of each tied parameter
-    renamed = _match_names(params, sources, cls)
-    problems = _check(model, params, renamed, shapes, config)
+    renamed = _match_names(params, sources)
+    problems = _check(model, params, renamed, shapes)
     if problems:
         raise CheckpointError(f"checkpoint does not fit {cls.__name__}:\n  " + "\n  ".join(problems))
     names = list(params)
@@ -224,7 +224,7 @@ def build_model(cls, config: UMT5Config, sources: Dict[str, Callable[[], torch.T
             if dtype is not None and tensor.is_floating_point():
                 target = param_dtype(name, dtype, keep_in_fp32)
             tensor = tensor.to(device=device, dtype=target)  # no copy when both already match
-            _set_param(model, name, nn.Parameter(tensor, requires_grad=False))
+            setattr(owner, attr, nn.Parameter(tensor, requires_grad=False))
         if progress:
             print(f"\rloading {i + 1}/{len(names)} tensors", end="", file=sys.stderr, flush=True)
     if progress:
@@ -237,7 +237,7 @@ def build_model(cls, config: UMT5Config, sources: Dict[str, Callable[[], torch.T
     return model
 
 
-def _match_names(params, sources, cls) -> Dict[str, str]:
+def _match_names(params, sources) -> Dict[str, str]:
     """Our parameter name -> checkpoint key, across the ``transformer.`` prefix of wrapped models."""
     renamed = {}
     for name in params:
@@ -258,10 +258,10 @@ def _match_names(params, sources, cls) -> Dict[str, str]:
     return renamed
 
 
-def _check(model, params, renamed, shapes, config) -> list:
+def _check(model, params, renamed, shapes) -> list:
+    """``params`` lists a tied LM head once (as ``shared.weight``), so it is never missing."""
     problems = []
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    missing = [n for n in params if n not in renamed and n not in tied]
+    missing = [n for n in params if n not in renamed]
     if missing:
         problems.append(f"missing tensors: {missing}")
     for name, key in renamed.items():
@@ -286,12 +286,6 @@ def _check(model, params, renamed, shapes, config) -> list:
     if unexpected:
         problems.append(f"unexpected tensors (not part of {type(model).__name__} with this config): {unexpected}")
     return problems
-
-
-def _set_param(model: nn.Module, name: str, param: nn.Parameter):
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name) if module_name else model
-    setattr(module, attr, param)
 
 
 def quantize_model(model, mode: str):

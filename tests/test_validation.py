@@ -53,6 +53,16 @@ def test_forward_rejects_bad_input(model, kwargs, error, match):
         model(**kwargs)
 
 
+def test_token_classification_labels_are_checked(checkpoint_factory):
+    path, _ = checkpoint_factory("UMT5ForTokenClassification", num_labels=3)
+    tagger = umt5_fast.UMT5ForTokenClassification.from_pretrained(path)
+    with pytest.raises(ValueError, match=r"labels must have shape \(2, 4\)"):
+        tagger(input_ids=GOOD, labels=torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(TypeError, match="labels"):
+        tagger(input_ids=GOOD, labels=torch.zeros(2, 4))
+    assert torch.isfinite(tagger(input_ids=GOOD, labels=torch.zeros(2, 4, dtype=torch.int32)).loss)
+
+
 def test_inputs_on_another_device_are_rejected(model):
     with pytest.raises(ValueError, match=r"input_ids is on meta"):
         model(input_ids=GOOD.to("meta"), decoder_input_ids=DEC)

@@ -572,8 +572,10 @@ class UMT5ForConditionalGeneration(_EncoderDecoder):
             output_attentions, output_hidden_states, return_dict)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if labels is not None:
-            check_labels(labels, decoder_input_ids if decoder_input_ids is not None else None)
-            if decoder_input_ids is None and decoder_inputs_embeds is None:
+            decoder_shape = (decoder_input_ids.shape if decoder_input_ids is not None
+                             else None if decoder_inputs_embeds is None else decoder_inputs_embeds.shape[:2])
+            validation.check_labels(labels, decoder_shape)
+            if decoder_shape is None:
                 decoder_input_ids = self._shift_right(labels)
         enc, dec = self._seq2seq(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
                                  head_mask, decoder_head_mask, cross_attn_head_mask, encoder_outputs,
@@ -582,9 +584,6 @@ class UMT5ForConditionalGeneration(_EncoderDecoder):
         logits = self.logits(dec.last_hidden_state)
         loss = None
         if labels is not None:
-            if tuple(labels.shape) != tuple(logits.shape[:2]):
-                raise ValueError(f"labels must have shape {tuple(logits.shape[:2])} (batch, decoder length), "
-                                 f"got {tuple(labels.shape)}")
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1).long(), ignore_index=-100)
         out = Seq2SeqLMOutput(loss=loss, logits=logits, **_seq2seq_fields(enc, dec))
         return out if return_dict else out.to_tuple()
@@ -593,16 +592,6 @@ class UMT5ForConditionalGeneration(_EncoderDecoder):
         """Greedy, beam or sampled decoding with a static KV cache; see ``umt5_fast.generation``."""
         from umt5_fast.generation import generate
         return generate(self, input_ids, **kwargs)
-
-
-def check_labels(labels, decoder_input_ids):
-    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.long, torch.int32):
-        raise TypeError("labels must be an integer torch.Tensor [batch, target_length] (-100 = ignored)")
-    if labels.dim() != 2:
-        raise ValueError(f"labels must have shape [batch, target_length], got {tuple(labels.shape)}")
-    if decoder_input_ids is not None and labels.shape != decoder_input_ids.shape:
-        raise ValueError(f"labels shape {tuple(labels.shape)} does not match decoder_input_ids shape "
-                         f"{tuple(decoder_input_ids.shape)}")
 
 
 class UMT5EncoderModel(UMT5PreTrainedModel):
@@ -735,15 +724,16 @@ class UMT5ForTokenClassification(UMT5PreTrainedModel):
                 output_attentions=None, output_hidden_states=None, return_dict=None):
         output_attentions, output_hidden_states, return_dict = self._flags(
             output_attentions, output_hidden_states, return_dict)
+        if labels is not None:
+            inputs = input_ids if input_ids is not None else inputs_embeds
+            validation.check_labels(labels, None if inputs is None else inputs.shape[:2])
         out = self.transformer(input_ids, attention_mask=attention_mask, head_mask=head_mask,
                                inputs_embeds=inputs_embeds, output_attentions=output_attentions,
                                output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.classifier(out.last_hidden_state)
         loss = None
         if labels is not None:
-            if tuple(labels.shape) != tuple(logits.shape[:2]):
-                raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
-            loss = F.cross_entropy(logits.view(-1, self.config.num_labels), labels.view(-1))
+            loss = F.cross_entropy(logits.view(-1, self.config.num_labels), labels.view(-1).long())
         result = TokenClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
                                        attentions=out.attentions)
         return result if return_dict else result.to_tuple()

@@ -62,6 +62,17 @@ def check_mask(name: str, mask, shape, device=None, require_visible=True) -> tor
     return keep
 
 
+def check_labels(labels, expected_shape=None):
+    """Integer ``[batch, length]`` labels (-100 = ignored), of ``expected_shape`` when it is known."""
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.long, torch.int32):
+        raise TypeError("labels must be an integer torch.Tensor [batch, length] (-100 = ignored)")
+    if labels.dim() != 2:
+        raise ValueError(f"labels must have shape [batch, length], got {tuple(labels.shape)}")
+    if expected_shape is not None and tuple(labels.shape) != tuple(expected_shape):
+        raise ValueError(f"labels must have shape {tuple(expected_shape)} (matching the inputs), "
+                         f"got {tuple(labels.shape)}")
+
+
 def same_batch(name_a: str, a: int, name_b: str, b: int):
     if a != b:
         raise ValueError(f"{name_a} has batch size {a} but {name_b} has batch size {b}")

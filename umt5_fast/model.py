@@ -5,6 +5,8 @@ so a checkpoint loads by name. Every hot operation goes through ``self.runtime.o
 triton, see ``umt5_fast.ops``); the math is the same whichever backend runs it. Inference only:
 there is no dropout and no training path.
 """
+import math
+import threading
 from typing import List, Optional
 
 import torch
@@ -25,9 +27,30 @@ from umt5_fast.quant import PackedWeight, QuantizedWeight
 class Runtime:
     """The ops object shared by every module of one model; ``set_backend`` swaps it in place."""
 
+    # Packed weights expand into one reused buffer per thread: a fresh allocation of a layer's
+    # expanded weight costs more in page faults than the expansion itself. Bigger ones (an 8-bit
+    # LM head) are allocated per call rather than kept resident.
+    EXPANSION_BUFFER_MAX_BYTES = 256 << 20
+
     def __init__(self, backend: str = "auto", device="cpu"):
         self.backend = backend
         self.ops = get_ops(backend, device)
+        self._thread_state = threading.local()
+
+    def expansion_buffer(self, shape, dtype: torch.dtype, device, slot: int = 0) -> Optional[torch.Tensor]:
+        """A contiguous ``shape`` x ``dtype`` tensor to expand a packed weight into, valid until the
+        next call for the same ``slot`` from this thread (weights used together take different
+        slots); None when it would exceed ``EXPANSION_BUFFER_MAX_BYTES``."""
+        numel = math.prod(shape)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if nbytes > self.EXPANSION_BUFFER_MAX_BYTES:
+            return None
+        device = torch.device(device)
+        buffers = self._thread_state.__dict__.setdefault("buffers", {})
+        buffer = buffers.get(slot)
+        if buffer is None or buffer.device != device or buffer.numel() < nbytes:
+            buffer = buffers[slot] = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        return buffer[:nbytes].view(dtype).view(shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,14 +84,14 @@ class Linear(nn.Module):
     def quantize_int8(self):
         self.load_packed(QuantizedWeight.quantize(self.weight))
 
-    def kernel_weight(self, dtype: torch.dtype):
+    def kernel_weight(self, dtype: torch.dtype, slot: int = 0):
         """The weight as the ops take it: a float tensor or an int8 ``QuantizedWeight`` (both in the
         ops contract); other packed formats are expanded to ``dtype`` here, one layer at a time, so
-        no backend has to know them."""
+        no backend has to know them (into the runtime's reused buffer ``slot``)."""
         weight = self.packed_weight()
         if isinstance(weight, (torch.Tensor, QuantizedWeight)):
             return weight
-        return weight.dequantize(dtype)
+        return weight.dequantize(dtype, out=self.runtime.expansion_buffer(weight.shape, dtype, weight.device, slot))
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -215,7 +238,7 @@ class FeedForward(nn.Module):
     def forward(self, x, residual):
         gate, up = (self.wi_0, self.wi_1) if self.gated else (self.wi, None)
         h = self.runtime.ops.gated_ffn_in(x, gate.kernel_weight(x.dtype),
-                                          None if up is None else up.kernel_weight(x.dtype), self.activation)
+                                          None if up is None else up.kernel_weight(x.dtype, slot=1), self.activation)
         if self.wo.weight_dtype == torch.float32 and h.dtype != torch.float32:
             h = h.float()  # transformers' fp16 rule: `wo` kept in fp32 computes in fp32
         return self.wo(h, residual=residual)

@@ -12,6 +12,11 @@ from typing import Callable, Optional
 
 import torch
 
+try:  # the C++ expansion (csrc/expand_weights.cpp); torch expressions below are the fallback
+    import umt5_fast._C as _C
+except ImportError:
+    _C = None
+
 
 ROW_BLOCK_ELEMENTS = 1 << 22  # fp32 scratch of one block of rows: 16 MiB
 
@@ -29,6 +34,35 @@ def expand_in_row_blocks(shape, dtype: torch.dtype, rows_fn: Callable[[slice], t
     return out
 
 
+def _uses_cpu_kernels(qweight: torch.Tensor, dtype: torch.dtype) -> bool:
+    return _C is not None and qweight.device.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
+
+
+def _output(shape, dtype, out: Optional[torch.Tensor]) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=dtype)
+    if out.shape != shape or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(shape)}, "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    return out
+
+
+def _into(out: Optional[torch.Tensor], value: torch.Tensor) -> torch.Tensor:
+    return value if out is None else out.copy_(value)
+
+
+def _expand_int8_blocks(qweight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``qweight * scale`` for int8 ``qweight`` ``[rows, blocks, block]`` (any strides but a
+    contiguous last dimension: GGUF blocks are read in place) and ``scale`` ``[rows, blocks]``."""
+    if qweight.stride(-1) != 1:
+        qweight = qweight.contiguous()
+    scale = scale.to(torch.float32).contiguous()
+    _C.expand_int8(q=qweight.data_ptr(), row_stride=qweight.stride(0), block_stride=qweight.stride(1),
+                   scale=scale.data_ptr(), rows=out.shape[0], cols=out.shape[1], block=qweight.shape[2],
+                   dst=out.data_ptr(), to_bf16=out.dtype == torch.bfloat16, num_threads=torch.get_num_threads())
+    return out
+
+
 @dataclass
 class PackedWeight:
     """A ``[out, in]`` weight stored as ``qweight`` (8-bit) plus an optional ``scale`` tensor;
@@ -36,8 +70,15 @@ class PackedWeight:
     qweight: torch.Tensor
     scale: Optional[torch.Tensor]
 
-    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        return expand_in_row_blocks(self.shape, dtype, self._dequantize_rows, self.device)
+    def dequantize(self, dtype=torch.float32, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The float weight; written into ``out`` (contiguous, of ``shape`` and ``dtype``) when given."""
+        if _uses_cpu_kernels(self.qweight, dtype):
+            return self._expand_on_cpu(_output(self.shape, dtype, out))
+        return _into(out, expand_in_row_blocks(self.shape, dtype, self._dequantize_rows, self.device))
+
+    def _expand_on_cpu(self, out: torch.Tensor) -> torch.Tensor:
+        """``dequantize`` by the C++ kernels into ``out``: same values, one pass (CPU, bf16 / fp32)."""
+        raise NotImplementedError
 
     def _dequantize_rows(self, rows: slice) -> torch.Tensor:
         raise NotImplementedError
@@ -72,6 +113,9 @@ class QuantizedWeight(PackedWeight):
     def _dequantize_rows(self, rows):
         return self.qweight[rows].float() * self.scale[rows, None]
 
+    def _expand_on_cpu(self, out):
+        return _expand_int8_blocks(self.qweight.unsqueeze(1), self.scale, out)
+
 
 @dataclass
 class Float8Weight(PackedWeight):
@@ -82,16 +126,22 @@ class Float8Weight(PackedWeight):
     a scaled one is multiplied in fp32 and rounded once to the target dtype.
     """
 
-    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        if self.scale is None:
-            return self.qweight.to(dtype)
-        if self.qweight.device.type == "cpu":
-            # A 0-d CPU scale enters the multiply as an fp32 scalar: one rounding, and no fp32 scratch.
-            return self.qweight.to(dtype).mul_(self.scale.float())
-        return super().dequantize(dtype)  # fp32 blocks of rows: one rounding on any device
+    def dequantize(self, dtype=torch.float32, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.scale is None and not _uses_cpu_kernels(self.qweight, dtype):
+            return _into(out, self.qweight.to(dtype))
+        return super().dequantize(dtype, out)  # fp32 products: one rounding on any device
 
     def _dequantize_rows(self, rows):
         return self.qweight[rows].float() * self.scale.float()
+
+    def _expand_on_cpu(self, out):
+        # 256 codes: torch computes each value once (as _dequantize_rows does), the kernel looks them up.
+        codes = torch.arange(256, dtype=torch.uint8).view(self.qweight.dtype)
+        table = codes.to(out.dtype) if self.scale is None else (codes.float() * self.scale.float()).to(out.dtype)
+        _C.expand_by_table(src=self.qweight.contiguous().data_ptr(), n=out.numel(),
+                           table=table.data_ptr(), element_bytes=table.element_size(),
+                           dst=out.data_ptr(), num_threads=torch.get_num_threads())
+        return out
 
 
 @dataclass
@@ -115,6 +165,9 @@ class Q8_0Weight(PackedWeight):
     def shape(self):
         rows, blocks, block_size = self.qweight.shape
         return torch.Size((rows, blocks * block_size))
+
+    def _expand_on_cpu(self, out):
+        return _expand_int8_blocks(self.qweight, self.scale, out)
 
     def _dequantize_rows(self, rows):
         # int8 * fp16 is exact in fp32 (at most 7 + 11 significant bits): one rounding, to dtype.

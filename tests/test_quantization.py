@@ -1,8 +1,9 @@
-"""Weight-only int8 / bf16 (reduced-precision weights, fp32 activations) for memory-bound decoding.
+"""Weight-only int8 / bf16 (reduced-precision weights, fp32 activations) for memory-bound decoding,
+and W8A8 (int8 weights and per-row int8 activations, integer GEMM) for compute-bound batches.
 
 Accuracy against the fp32 model on the same random checkpoint, teacher-forced over every decoder
-position: top-1 agreement >= 0.95 (measured: int8 0.97-0.99, bf16 0.97-1.0) and logits relative
-error <= 5e-2 (int8) / 2e-2 (bf16). The C++ kernels equal the eager dequantised reference to 1e-5.
+position: top-1 agreement >= 0.95 (measured: int8 0.97-0.99, w8a8 0.97-0.99, bf16 0.97-1.0) and
+logits relative error <= 5e-2 (int8) / 8e-2 (w8a8; measured 0.03-0.04) / 2e-2 (bf16). The C++ kernels equal the eager dequantised reference to 1e-5.
 """
 import pytest
 import torch
@@ -12,7 +13,7 @@ from umt5_fast.model import Linear
 from umt5_fast.ops import available_backends
 from helpers import random_batch, rel_err
 
-MAX_REL_ERR = {"int8": 5e-2, "bf16": 2e-2}
+MAX_REL_ERR = {"int8": 5e-2, "w8a8": 8e-2, "bf16": 2e-2}
 SHAPES = {"odd": dict(), "wider": dict(vocab_size=2000, d_model=128, d_kv=32, num_heads=4, d_ff=256)}
 
 
@@ -22,7 +23,7 @@ def teacher_forced(model, vocab, seed=0):
     return model(ids, attention_mask=mask, decoder_input_ids=dec).logits
 
 
-@pytest.mark.parametrize("mode", ["int8", "bf16"])
+@pytest.mark.parametrize("mode", ["int8", "w8a8", "bf16"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_accuracy_against_fp32(checkpoint_factory, mode, shape):
     path, _ = checkpoint_factory("UMT5ForConditionalGeneration", **SHAPES[shape])
@@ -37,12 +38,12 @@ def test_accuracy_against_fp32(checkpoint_factory, mode, shape):
     assert rel_err(got, expected) <= MAX_REL_ERR[mode]
 
 
-@pytest.mark.parametrize("mode", ["int8", "bf16"])
+@pytest.mark.parametrize("mode", ["int8", "w8a8", "bf16"])
 def test_weights_are_stored_reduced_and_the_head_untied(checkpoint_factory, mode):
     path, _ = checkpoint_factory("UMT5ForConditionalGeneration", tie_word_embeddings=True)
     model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, quantize=mode)
     linears = [m for name, m in model.named_modules() if isinstance(m, Linear)]
-    assert all(m.weight_dtype == (torch.int8 if mode == "int8" else torch.bfloat16) for m in linears)
+    assert all(m.weight_dtype == (torch.bfloat16 if mode == "bf16" else torch.int8) for m in linears)
     assert model.shared.weight.dtype == torch.float32  # embeddings and activations stay fp32
     ids, mask = random_batch(model.config.vocab_size, 2, 12, 0)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=5)
@@ -50,6 +51,9 @@ def test_weights_are_stored_reduced_and_the_head_untied(checkpoint_factory, mode
 
 
 @pytest.mark.skipif("cpu" not in available_backends(), reason="C++ extension not built")
+# Not "w8a8": rounding activations to 127 levels turns the backends' 1e-7 differences in other ops
+# into whole quantisation steps; its kernel equals the eager reference bit for bit
+# (tests/test_w8a8_linear.py) and the model is held to the fp32 accuracy bounds above.
 @pytest.mark.parametrize("mode", ["int8", "bf16"])
 def test_cpu_kernels_equal_eager_dequantised_reference(checkpoint_factory, mode):
     path, _ = checkpoint_factory("UMT5ForConditionalGeneration")

@@ -100,7 +100,7 @@ def main(argv=None):
     gen.add_argument("--temperature", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=50)
     gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--quantize", choices=["int8"], default=None)
+    gen.add_argument("--quantize", choices=["int8", "w8a8", "bf16"], default=None)
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated (one input)")
     enc = sub.add_parser("encode", help="encoder embeddings (mean-pooled over real tokens)")
     add_common(enc)

@@ -12,6 +12,9 @@ What runs where (fp32 activations):
   ``FP32_KERNEL_MAX_ROWS`` rows (decode steps), which take the C++ GEMV; a ``QuantizedWeight``
   (int8) or bf16 weight goes to the C++ weight-only kernels, which widen the weights in registers,
   so decoding reads 4x / 2x fewer bytes than fp32.
+- ``linear`` with a ``W8A8Weight``: the activations are quantised to int8 per row and multiplied
+  in integers (AVX512-VNNI ``vpdpbusd`` where the CPU has it, a portable loop with the same
+  results elsewhere).
 - ``gated_ffn_in``: the projections through ``linear``, then ``act(a) * b`` by one C++ pass in
   place.
 
@@ -30,7 +33,7 @@ import torch.nn.functional as F
 # After torch: the extension then shares torch's bundled OpenMP runtime (one thread pool).
 import umt5_fast._C as _C
 from umt5_fast.ops import eager
-from umt5_fast.quant import QuantizedWeight
+from umt5_fast.quant import QuantizedWeight, W8A8Weight
 
 name = "cpu"
 
@@ -260,7 +263,9 @@ def linear(x, weight, residual=None):
     out_shape = (*x.shape[:-1], out_features)
     kernel_weight = quantized or weight.dtype in (torch.bfloat16, torch.float32)
     residual_fits = residual is None or (residual.shape == out_shape and residual.dtype == x.dtype)
-    if not (kernel_weight and x.dtype == torch.float32 and residual_fits) or x.numel() == 0:
+    # W8A8 sums of more than 65536 products could overflow the kernels' int32 accumulators.
+    int32_fits = not isinstance(weight, W8A8Weight) or in_features <= 65536
+    if not (kernel_weight and x.dtype == torch.float32 and residual_fits and int32_fits) or x.numel() == 0:
         return eager.linear(x, weight, residual)
     x = x.contiguous()
     residual = None if residual is None else residual.contiguous()
@@ -269,8 +274,9 @@ def linear(x, weight, residual=None):
                  out_features=out_features, num_threads=_threads())
     if quantized:
         scale = weight.scale if weight.scale.dtype == torch.float32 else weight.scale.float()
-        _C.int8_linear(x=x.data_ptr(), qweight=weight.qweight.contiguous().data_ptr(),
-                       scale=scale.contiguous().data_ptr(), **sizes)
+        int8_kernel = _C.w8a8_linear if isinstance(weight, W8A8Weight) else _C.int8_linear
+        int8_kernel(x=x.data_ptr(), qweight=weight.qweight.contiguous().data_ptr(),
+                    scale=scale.contiguous().data_ptr(), **sizes)
     else:
         float_linear = _C.f32_linear if weight.dtype == torch.float32 else _C.bf16_linear
         float_linear(x=x.data_ptr(), weight=weight.contiguous().data_ptr(), **sizes)

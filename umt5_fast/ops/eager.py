@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from umt5_fast.buckets import position_bias
 from umt5_fast.ops import MASKED_SCORE
-from umt5_fast.quant import QuantizedWeight
+from umt5_fast.quant import QuantizedWeight, W8A8Weight
 
 name = "eager"
 
@@ -51,7 +51,10 @@ def _weight_as(weight, dtype):
 
 
 def linear(x, weight, residual=None):
-    y = F.linear(x, _weight_as(weight, x.dtype))
+    if isinstance(weight, W8A8Weight):
+        y = weight.linear(x).to(x.dtype)
+    else:
+        y = F.linear(x, _weight_as(weight, x.dtype))
     return y if residual is None else residual + y
 
 

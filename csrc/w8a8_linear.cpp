@@ -1,0 +1,120 @@
+// W8A8 linear (see w8a8_linear.h): per-row symmetric quantisation of the activations, then the
+// integer GEMM by the AVX512-VNNI kernel where the CPU has it and the selected ISA is avx512, else
+// by the portable kernel below (same results, bit for bit).
+#include "w8a8_linear.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <vector>
+
+#include <pybind11/pybind11.h>
+
+#include "cpu_isa.h"
+#include "parallel.h"
+
+namespace py = pybind11;
+
+namespace umt5_fast {
+namespace {
+
+struct QuantisedRows {
+  std::vector<int8_t> q;
+  std::vector<int32_t> sums;
+  std::vector<float> scales;
+};
+
+// q = round_half_even(x * (127 / amax)) in [-127, 127], scale = amax / 127; a zero row gives zeros.
+QuantisedRows quantise_rows(const float* x, int64_t rows, int64_t k, int64_t k_padded,
+                            int threads) {
+  const int64_t rows_padded = (rows + kW8A8TileRows - 1) / kW8A8TileRows * kW8A8TileRows;
+  QuantisedRows out{std::vector<int8_t>(rows_padded * k_padded, 0),
+                    std::vector<int32_t>(rows_padded, 0), std::vector<float>(rows_padded, 0.0f)};
+  parallel_for_ranges(rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(k, 1)), threads,
+                      [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float* row = x + m * k;
+      float amax = 0.0f;
+      bool finite = true;
+      for (int64_t i = 0; i < k; ++i) {
+        amax = std::max(amax, std::fabs(row[i]));
+        finite &= std::isfinite(row[i]);
+      }
+      if (!finite) {
+        out.scales[m] = NAN;  // NaN outputs, as the eager reference gives
+        continue;
+      }
+      if (amax == 0.0f) continue;
+      const float inverse = 127.0f / amax;
+      out.scales[m] = amax / 127.0f;
+      int8_t* q = out.q.data() + m * k_padded;
+      int32_t sum = 0;
+      for (int64_t i = 0; i < k; ++i) {
+        const float v = std::clamp(std::nearbyint(row[i] * inverse), -127.0f, 127.0f);
+        q[i] = static_cast<int8_t>(v);
+        sum += q[i];
+      }
+      out.sums[m] = sum;
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+void w8a8_columns_portable(const W8A8Problem& p, int64_t n_begin, int64_t n_end) {
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const int8_t* w = p.w + n * p.in_features;
+    for (int64_t m = 0; m < p.rows; ++m) {
+      const int8_t* q = p.q + m * p.k_padded;
+      int32_t acc = 0;
+      for (int64_t k = 0; k < p.in_features; ++k) acc += static_cast<int32_t>(q[k]) * w[k];
+      float value = static_cast<float>(acc) * (p.x_scale[m] * p.w_scale[n]);
+      if (p.residual) value = value + p.residual[m * p.out_features + n];
+      p.y[m * p.out_features + n] = value;
+    }
+  }
+}
+
+bool cpu_supports_avx512_vnni() {
+  return cpu_supports(CpuIsa::avx512) && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+
+void register_w8a8_linear(py::module_& m) {
+  m.def("w8a8_linear",
+        [](uintptr_t x, uintptr_t qweight, uintptr_t scale, uintptr_t residual, uintptr_t y,
+           int64_t rows, int64_t in_features, int64_t out_features, int num_threads) {
+          if (in_features < 1 || in_features > kW8A8MaxK)
+            throw std::invalid_argument("w8a8_linear: in_features must be in [1, 65536]");
+          py::gil_scoped_release no_gil;
+          const int64_t k_padded = (in_features + kW8A8KPad - 1) / kW8A8KPad * kW8A8KPad;
+          const QuantisedRows a = quantise_rows(reinterpret_cast<const float*>(x), rows,
+                                                in_features, k_padded, num_threads);
+          const W8A8Problem problem{a.q.data(), a.sums.data(), a.scales.data(),
+                                    reinterpret_cast<const int8_t*>(qweight),
+                                    reinterpret_cast<const float*>(scale),
+                                    reinterpret_cast<const float*>(residual),
+                                    reinterpret_cast<float*>(y), rows, in_features, k_padded,
+                                    out_features};
+          const bool vnni = cpu_isa() == CpuIsa::avx512 && cpu_supports_avx512_vnni();
+          auto* columns = vnni ? &w8a8_columns_vnni : &w8a8_columns_portable;
+          // Blocks of 64 columns: their weight rows stay in cache while every row block uses them.
+          constexpr int64_t kColumnBlock = 64;
+          const int64_t blocks = (out_features + kColumnBlock - 1) / kColumnBlock;
+          const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / (in_features * kColumnBlock * std::max<int64_t>(rows, 1)));
+          parallel_for_ranges(blocks, grain, num_threads, [&](int64_t begin, int64_t end) {
+            for (int64_t b = begin; b < end; ++b)
+              columns(problem, b * kColumnBlock, std::min(out_features, (b + 1) * kColumnBlock));
+          });
+        },
+        py::kw_only(), py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("residual"),
+        py::arg("y"), py::arg("rows"), py::arg("in_features"), py::arg("out_features"),
+        py::arg("num_threads"),
+        "y = int8(x) @ qweight^T, rescaled (+ residual): x quantised per row at run time; fp32 "
+        "data pointers except int8 qweight (residual = 0: none).");
+  m.def("has_avx512_vnni", &cpu_supports_avx512_vnni,
+        "Whether w8a8_linear can use the AVX512-VNNI kernel on this CPU.");
+}
+
+}  // namespace umt5_fast

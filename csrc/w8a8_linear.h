@@ -1,0 +1,35 @@
+// W8A8 linear: int8 weights (per-output-row scales) times activations quantised to int8 per row at
+// run time, multiplied in integers: what CTranslate2 calls int8 compute. Shared between
+// w8a8_linear.cpp (quantisation, portable kernel, dispatch) and w8a8_vnni.cpp (AVX512-VNNI).
+#pragma once
+
+#include <cstdint>
+
+namespace umt5_fast {
+
+// Rows of the activation buffer come in multiples of this; K is padded to kW8A8KPad bytes.
+constexpr int kW8A8TileRows = 4;
+constexpr int kW8A8KPad = 64;
+// (w + 128) * q summed over K must fit int32: 255 * 127 * 65536 < 2^31.
+constexpr int64_t kW8A8MaxK = 65536;
+
+struct W8A8Problem {
+  const int8_t* q;        // [rows_padded, k_padded] quantised activations, zero padded
+  const int32_t* q_sums;  // [rows_padded] sum over k of q
+  const float* x_scale;   // [rows_padded] x ~= q * x_scale (NaN for a row with inf / NaN)
+  const int8_t* w;        // [out_features, in_features]
+  const float* w_scale;   // [out_features]
+  const float* residual;  // [rows, out_features] or nullptr
+  float* y;               // [rows, out_features]
+  int64_t rows, in_features, k_padded, out_features;
+};
+
+// y[m, n] = float(sum_k q[m, k] * w[n, k]) * (x_scale[m] * w_scale[n]) (+ residual[m, n]) for
+// output columns [n_begin, n_end) and all rows: the same fp32 operations in every kernel, so all
+// give identical bits.
+void w8a8_columns_portable(const W8A8Problem& p, int64_t n_begin, int64_t n_end);
+void w8a8_columns_vnni(const W8A8Problem& p, int64_t n_begin, int64_t n_end);
+
+bool cpu_supports_avx512_vnni();
+
+}  // namespace umt5_fast

@@ -1,0 +1,67 @@
+"""The W8A8 linear (csrc/w8a8_linear.cpp, w8a8_vnni.cpp) against its torch reference
+(``W8A8Weight.linear``: per-row quantised activations, products summed exactly in fp64): equal bit for
+bit on every instruction set the CPU runs (the VNNI kernel under avx512, the portable one otherwise),
+on shapes that leave partial tiles and a partial last 64-byte chunk."""
+import pytest
+import torch
+
+import umt5_fast.ops.cpu as cpu_ops
+from umt5_fast.ops import eager
+from umt5_fast.quant import W8A8Weight
+
+_C = pytest.importorskip("umt5_fast._C")
+
+
+@pytest.fixture(params=_C.supported_cpu_isas(), autouse=True)
+def isa(request):
+    default = _C.cpu_isa()
+    _C.set_cpu_isa(request.param)
+    yield request.param
+    _C.set_cpu_isa(default)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 17])
+@pytest.mark.parametrize("in_features,out_features", [(64, 16), (77, 33), (512, 19), (1030, 65)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_equals_reference(rows, in_features, out_features, with_residual):
+    generator = torch.Generator().manual_seed(rows * 1000 + in_features + out_features)
+    x = torch.randn(rows, in_features, generator=generator) * 3
+    weight = W8A8Weight.quantize(torch.randn(out_features, in_features, generator=generator))
+    residual = torch.randn(rows, out_features, generator=generator) if with_residual else None
+    expected = eager.linear(x, weight, residual)
+    got = cpu_ops.linear(x, weight, residual)
+    assert torch.equal(got, expected)
+
+
+def test_zero_and_non_finite_rows():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 100, generator=generator)
+    x[1] = 0
+    x[2, 7] = float("inf")
+    x[3, 9] = float("nan")
+    weight = W8A8Weight.quantize(torch.randn(10, 100, generator=generator))
+    got = cpu_ops.linear(x, weight)
+    assert torch.equal(got[1], torch.zeros(10))
+    assert got[2:].isnan().all() and got[0].isfinite().all()
+    assert torch.equal(got[:2], weight.linear(x)[:2])
+
+
+def test_quantisation_error_is_bounded():
+    """Against the fp32 product of the dequantised weights: activation rounding only (<= half a step
+    of 127 per element), here well under 2% of the output scale."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 512, generator=generator)
+    weight = W8A8Weight.quantize(torch.randn(300, 512, generator=generator))
+    exact = x @ weight.dequantize().T
+    error = (cpu_ops.linear(x, weight) - exact).abs().max() / exact.abs().max()
+    assert 0 < error < 2e-2
+
+
+def test_leading_dims_and_wide_inputs_fall_back_exactly():
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 40, generator=generator)
+    weight = W8A8Weight.quantize(torch.randn(7, 40, generator=generator))
+    assert torch.equal(cpu_ops.linear(x, weight), weight.linear(x))
+    with pytest.raises(ValueError, match="in_features"):  # the kernel itself refuses int32 overflow
+        _C.w8a8_linear(x=0, qweight=0, scale=0, residual=0, y=0, rows=1, in_features=70000,
+                       out_features=1, num_threads=1)

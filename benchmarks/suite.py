@@ -37,7 +37,8 @@ class SweepPreset:
     time_budget_s: float = 60.0  # per measurement: fewer repeats (>= MIN_REPEATS) when runs are slow
 
 
-CPU_TARGET_ENGINES = ("umt5_fast-cpu-fp32", "umt5_fast-cpu-int8", "umt5_fast-cpu-bf16", REFERENCE_ENGINE,
+CPU_TARGET_ENGINES = ("umt5_fast-cpu-fp32", "umt5_fast-cpu-int8", "umt5_fast-cpu-w8a8", "umt5_fast-cpu-bf16",
+                      REFERENCE_ENGINE,
                       "ctranslate2-fp32", "ctranslate2-int8")
 PRESETS = {
     "sweep": SweepPreset("every model, workload and engine", models=("umt5-small", "umt5-base")),
@@ -47,7 +48,7 @@ PRESETS = {
     "generation": SweepPreset("issue 4: greedy bs=1 / bs=16 and beam 4, 64 source tokens, 32 new tokens",
                               models=("umt5-small",), workloads=("greedy-b1", "greedy-b16", "beam4-b1"),
                               new_tokens=32),
-    "cpu-targets": SweepPreset("issue 6: fp32 / int8 / bf16 at bs=1 and 16, encoder 8x128 and 1x4096",
+    "cpu-targets": SweepPreset("issue 6: fp32 / int8 / w8a8 / bf16 at bs=1 and 16, encoder 8x128 and 1x4096",
                                models=("umt5-small",),
                                workloads=("greedy-b1", "greedy-b16", "enc-8x128", "enc-1x4096"),
                                engines=CPU_TARGET_ENGINES, new_tokens=32),
@@ -208,8 +209,9 @@ def measured_row(row: dict, result: dict, workload: Workload, floor_s: float) ->
 
 
 def ctranslate2_counterpart(precision: str) -> str:
-    """The CTranslate2 engine an engine of ``precision`` is compared with (bf16: CT2 has none on CPU)."""
-    return "ctranslate2-int8" if precision == "int8" else "ctranslate2-fp32"
+    """The CTranslate2 engine an engine of ``precision`` is compared with (bf16: CT2 has none on CPU;
+    CT2's int8 quantises activations too, as w8a8 does)."""
+    return "ctranslate2-int8" if precision in ("int8", "w8a8") else "ctranslate2-fp32"
 
 
 def add_speedups(rows: list):

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 BASE_SHAPE = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12,
@@ -54,3 +55,47 @@ def test_loading_base_shaped_checkpoint_peaks_below_1_2x_its_size(tmp_path):
     ratio = peak_growth / file_bytes
     print(f"peak RSS growth {peak_growth / 2**20:.0f} MiB for {file_bytes / 2**20:.0f} MiB of weights: {ratio:.2f}x")
     assert ratio <= 1.2, f"loading took {ratio:.2f}x the checkpoint size in peak RSS"
+
+
+EMBEDDING_PROBE = textwrap.dedent("""
+    import os, sys, torch
+    import umt5_fast
+
+    def rss_file_bytes():  # memory-mapped file pages this process has mapped in
+        line = next(l for l in open("/proc/self/status") if l.startswith("RssFile:"))
+        return int(line.split()[1]) * 1024
+
+    model = umt5_fast.UMT5EncoderModel.from_pretrained(sys.argv[1], backend="eager")
+    model(input_ids=torch.tensor([[3, 1]]))  # map in the small weights first
+    # Evict the file's other pages from the page cache, as for a checkpoint not read lately: the
+    # lookups then fault them in from disk, with or without read-ahead.
+    fd = os.open(sys.argv[1] + "/model.safetensors", os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    before = rss_file_bytes()
+    ids = torch.randint(0, model.config.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0))
+    model.get_input_embeddings()(ids)
+    print(rss_file_bytes() - before)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RssFile and posix_fadvise are Linux's")
+def test_embedding_lookups_map_in_only_the_rows_they_read(tmp_path):
+    """512 random rows of a 64 MiB memory-mapped embedding: at most 2 pages each, not the read-ahead
+    neighbourhood of every row (without MADV_RANDOM: 27 MiB here; with it: 2 MiB)."""
+    from safetensors.torch import save_file
+    import umt5_fast
+    config = umt5_fast.UMT5Config(vocab_size=65536, d_model=256, d_kv=16, num_heads=2, d_ff=32, num_layers=1,
+                                  num_decoder_layers=1, tie_word_embeddings=False)
+    with torch.device("meta"):
+        skeleton = umt5_fast.UMT5EncoderModel(config, backend="eager")
+    state = {name: torch.randn(p.shape) * 0.05 for name, p in skeleton.named_parameters()}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    result = subprocess.run([sys.executable, "-c", EMBEDDING_PROBE, str(tmp_path)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    growth = int(result.stdout.strip().splitlines()[-1])
+    print(f"mapped in {growth / 2**20:.1f} MiB for 512 lookups into a 64 MiB embedding")
+    assert 0 < growth <= 512 * 2 * 4096

@@ -114,6 +114,7 @@ COLUMNS = (  # (title, cell function, right-aligned)
     ("ms/tok", lambda r: _number(r.get("ms_per_token")), True),
     ("mem MB", lambda r: _number(r.get("footprint_mb")), True),
     ("+peak MB", lambda r: _number(r.get("peak_extra_mb")), True),
+    ("+call MB", lambda r: _number(r.get("call_extra_mb")), True),
     ("vs HF", lambda r: _ratio(r.get("speedup_vs_transformers")), True),
     ("vs CT2", lambda r: _ratio(r.get("speedup_vs_ctranslate2")), True),
     ("/floor", lambda r: _ratio(r.get("time_over_floor")), True),
@@ -124,8 +125,9 @@ LEGEND = """\
 median ms / p20-p80 ms: wall time of one whole call (encoder forward, or generate incl. its encoder)
 tok/s: generated tokens (encoder: input tokens) per second; ms/tok: median / new tokens (encoder: / tokens)
 mem MB: peak RSS during the workload minus the RSS before loading (weights + work memory; memory-mapped
-  weights count once touched); +peak MB: that peak minus the RSS right after loading
-vs HF / vs CT2: that engine's median / this median (>1: faster); int8 rows compare with ctranslate2-int8,
+  weights count once touched); +peak MB: that peak minus the RSS right after loading; +call MB: the
+  peak of the timed calls minus the RSS before them (after the warm-up): one call's working memory
+vs HF / vs CT2: that engine's median / this median (>1: faster); int8 and w8a8 rows compare with ctranslate2-int8,
   the others with ctranslate2-fp32
 /floor: median / floor (weights+KV bytes over measured bandwidth, or FLOPs over measured GEMM rate)
 correct: generation: ids identical to transformers (yes), else no + mean fraction of tokens before

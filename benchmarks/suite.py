@@ -157,13 +157,19 @@ def measure(job: Job) -> dict:
         output = run()
         one_run = time.perf_counter() - start
         repeats = max(MIN_REPEATS, min(job.repeats, int(job.time_budget_s / max(one_run, 1e-9))))
+    # Steady state: weights that loading only mapped are resident after the warm-up, so the peak of
+    # the timed calls over the RSS before them is one call's working memory, whatever the loading style.
+    peak_through_warmup, rss_warm = machine.peak_rss_mb(), machine.current_rss_mb()
+    call_peak_is_separate = machine.reset_peak_rss()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         output = run()
         times.append(time.perf_counter() - start)
+    peak_of_calls = machine.peak_rss_mb()
     return dict(times_s=times, output=output, load_s=load_s, rss_start_mb=rss_start, rss_loaded_mb=rss_loaded,
-                peak_rss_mb=machine.peak_rss_mb(), peak_is_per_workload=peak_is_per_workload)
+                peak_rss_mb=max(peak_through_warmup, peak_of_calls), peak_is_per_workload=peak_is_per_workload,
+                call_extra_mb=peak_of_calls - rss_warm if call_peak_is_separate else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,6 +210,7 @@ def measured_row(row: dict, result: dict, workload: Workload, floor_s: float) ->
                 load_mb=result["rss_loaded_mb"] - result["rss_start_mb"], peak_rss_mb=result["peak_rss_mb"],
                 footprint_mb=result["peak_rss_mb"] - result["rss_start_mb"],
                 peak_extra_mb=result["peak_rss_mb"] - result["rss_loaded_mb"],
+                call_extra_mb=result.get("call_extra_mb"),
                 peak_is_per_workload=result["peak_is_per_workload"],
                 floor_ms=floor_s * 1e3, time_over_floor=median / (floor_s * 1e3))
 

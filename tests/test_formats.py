@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 import umt5_fast
 from umt5_fast import formats
 from umt5_fast.loading import CheckpointError, build_model
+from umt5_fast.model import PackedEmbedding
 from umt5_fast.quant import Float8Weight, Q8_0Weight
 from helpers import assert_close, hf_config, make_hf_model, random_batch
 
@@ -216,7 +217,26 @@ def test_gguf_files_match_transformers(hf_gguf_encoder, tmp_path, qtype):
     assert ours.config.layer_norm_epsilon == pytest.approx(1e-5)  # from t5encoder.attention.layer_norm_epsilon
     kinds = {type(m.packed_weight()) for m in linears(ours).values()}
     assert kinds == ({Q8_0Weight} if qtype == "Q8_0" else {torch.nn.Parameter})  # K-quants: dequantised at load
+    # A Q8_0 token embedding stays Q8_0 too (rows expanded per lookup), in the encoder as in `shared`.
+    assert isinstance(ours.shared, PackedEmbedding) == (qtype == "Q8_0")
+    assert ours.encoder.embed_tokens is ours.shared
     assert_matches(ours, transformers_with(weights, **GGUF_CONFIG))
+
+
+def test_q8_0_embedding_rows_and_save_pretrained(hf_gguf_encoder, tmp_path):
+    path = tmp_path / "umt5-xxl-encoder-Q8_0.gguf"
+    weights = gguf_file(hf_gguf_encoder, path, "Q8_0")
+    ours = umt5_fast.UMT5EncoderModel.from_pretrained(path, dtype=torch.bfloat16)
+    assert ours.shared.qweight.dtype == torch.int8
+    ids = torch.randint(0, ours.config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(5))
+    looked_up = ours.get_input_embeddings()(ids)
+    assert looked_up.dtype == torch.bfloat16 and looked_up.shape == (3, 11, ours.config.d_model)
+    assert torch.equal(looked_up, weights["shared.weight"].to(torch.bfloat16)[ids])
+    with pytest.raises(ValueError, match="input_ids"):
+        ours(input_ids=torch.tensor([[ours.config.vocab_size]]))
+    ours.save_pretrained(tmp_path / "saved")
+    reloaded = umt5_fast.UMT5EncoderModel.from_pretrained(tmp_path / "saved", dtype=torch.bfloat16)
+    assert torch.equal(reloaded.shared.weight, weights["shared.weight"].to(torch.bfloat16))
 
 
 def test_gguf_of_another_architecture_is_refused(hf_gguf_encoder, tmp_path):

@@ -202,7 +202,7 @@ def build_model(cls, config: UMT5Config, sources: Dict[str, Callable[[], torch.T
                 progress: bool = False, packed: Collection[str] = ()):
     """``packed``: checkpoint keys whose sources return packed weights (``dequantize(dtype)``) instead of
     tensors; a linear layer keeps a ``quant.PackedWeight`` as is, anything else is dequantised here."""
-    from umt5_fast.model import Linear
+    from umt5_fast.model import Linear, PackedEmbedding
     device = torch.device(device)
     with torch.device("meta"):
         model = cls(config, backend="eager")
@@ -219,6 +219,10 @@ def build_model(cls, config: UMT5Config, sources: Dict[str, Callable[[], torch.T
         owner = model.get_submodule(owner_name)
         if key in packed and isinstance(tensor, PackedWeight) and isinstance(owner, Linear) and attr == "weight":
             owner.load_packed(tensor.to(device))  # stays 8-bit; expanded per call
+        elif key in packed and isinstance(tensor, PackedWeight) and name == "shared.weight" \
+                and hasattr(model, "set_packed_embedding"):  # stays 8-bit; rows expanded per lookup
+            model.set_packed_embedding(PackedEmbedding(tensor.to(device), param_dtype(name, dtype or torch.float32,
+                                                                                       keep_in_fp32)))
         else:
             if key in packed:  # e.g. an fp8 embedding or a K-quant weight: expanded once, here
                 tensor = tensor.dequantize(param_dtype(name, dtype or torch.float32, keep_in_fp32))
@@ -233,7 +237,7 @@ def build_model(cls, config: UMT5Config, sources: Dict[str, Callable[[], torch.T
         print(file=sys.stderr)
     if getattr(model, "lm_head", None) is not None and config.tie_word_embeddings:
         model.lm_head.weight = model.shared.weight
-    else:
+    elif isinstance(model.shared, nn.Embedding):
         advise_random_reads(model.shared.weight)
     if quantize is not None:
         quantize_model(model, quantize)
@@ -407,13 +411,13 @@ def save_pretrained(model, directory, max_shard_size=None):
     ``model.safetensors.index.json``.
     """
     from safetensors.torch import save_file
-    from umt5_fast.model import Linear
+    from umt5_fast.model import Linear, PackedEmbedding
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(directory)
     state = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()}
     for name, module in model.named_modules():
-        if isinstance(module, Linear) and module.qweight is not None:
+        if isinstance(module, (Linear, PackedEmbedding)) and module.qweight is not None:
             state[f"{name}.weight"] = module.packed_weight().dequantize().contiguous()
     shards = _split(state, _parse_size(max_shard_size))
     if len(shards) == 1:

@@ -126,6 +126,34 @@ def frozen_embedding(num_embeddings: int, dim: int) -> nn.Embedding:
     return nn.Embedding(num_embeddings, dim, _weight=torch.empty(num_embeddings, dim), _freeze=True)
 
 
+class PackedEmbedding(nn.Module):
+    """A token embedding kept as a checkpoint stores it in 8 bits (a GGUF Q8_0 ``token_embd``: half the
+    bytes of bf16 for umt5-xxl's 256384 x 4096 table); a lookup expands only the rows it reads, to
+    ``dtype``. Same interface as the ``nn.Embedding`` it replaces, except that there is no ``weight``."""
+
+    def __init__(self, packed: PackedWeight, dtype: torch.dtype):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = packed.shape
+        self.packed_format = type(packed)
+        self.register_buffer("qweight", packed.qweight)
+        self.register_buffer("qscale", packed.scale)
+        self.dtype = dtype
+
+    def packed_weight(self) -> PackedWeight:
+        return self.packed_format(self.qweight, self.qscale)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.packed_weight().rows(ids.reshape(-1)).dequantize(self.dtype)
+        return rows.view(*ids.shape, self.embedding_dim)
+
+
+def table_device_dtype(table) -> tuple:
+    """Device and dtype of the vectors an ``nn.Embedding`` or a ``PackedEmbedding`` returns."""
+    if isinstance(table, PackedEmbedding):
+        return table.qweight.device, table.dtype
+    return table.weight.device, table.weight.dtype
+
+
 def clamp_fp16(h: torch.Tensor) -> torch.Tensor:
     """transformers' guard against fp16 overflow in T5 (inf becomes a large finite value)."""
     if h.dtype != torch.float16:
@@ -401,11 +429,12 @@ class DecoderStack(nn.Module):
 def embed(table: nn.Embedding, ids, embeds, ids_name: str, embeds_name: str) -> torch.Tensor:
     if (ids is None) == (embeds is None):
         raise ValueError(f"pass exactly one of {ids_name} and {embeds_name}")
+    device, dtype = table_device_dtype(table)
     if embeds is not None:
-        validation.check_embeds(embeds_name, embeds, table.embedding_dim, table.weight.device, table.weight.dtype)
+        validation.check_embeds(embeds_name, embeds, table.embedding_dim, device, dtype)
         return embeds
-    validation.check_ids(ids_name, ids, table.num_embeddings, table.weight.device)
-    return F.embedding(ids.long(), table.weight)
+    validation.check_ids(ids_name, ids, table.num_embeddings, device)
+    return table(ids.long())
 
 
 def as_cache(past_key_values, num_layers: int):
@@ -628,6 +657,10 @@ class UMT5EncoderModel(UMT5PreTrainedModel):
 
     def get_encoder(self):
         return self.encoder
+
+    def set_packed_embedding(self, embedding: PackedEmbedding):
+        """Use an 8-bit token embedding as stored (an encoder alone reads it by rows only)."""
+        self.shared = self.encoder.embed_tokens = embedding
 
     @torch.inference_mode()
     def forward(self, input_ids=None, attention_mask=None, head_mask=None, inputs_embeds=None,

@@ -70,6 +70,11 @@ class PackedWeight:
     qweight: torch.Tensor
     scale: Optional[torch.Tensor]
 
+    def rows(self, index: torch.Tensor) -> "PackedWeight":
+        """The rows ``index`` (1-D) as a packed weight of the same format (a per-tensor scale is shared)."""
+        scale = self.scale if self.scale is None or self.scale.dim() == 0 else self.scale[index]
+        return type(self)(self.qweight[index], scale)
+
     def dequantize(self, dtype=torch.float32, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The float weight; written into ``out`` (contiguous, of ``shape`` and ``dtype``) when given."""
         if _uses_cpu_kernels(self.qweight, dtype):

@@ -41,7 +41,9 @@ FILES = {  # engine -> file (relative to the shape's directory)
     "umt5_fast fp8": "umt5_xxl_fp8_e4m3fn.safetensors",
     "umt5_fast fp8 scaled": "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
     "umt5_fast gguf Q8_0": "umt5-xxl-encoder-Q8_0.gguf",
+    "umt5_fast w8a8": "model.safetensors",  # the bf16 file, quantised to int8 at load (quantize="w8a8")
 }
+QUANTIZE = {"umt5_fast w8a8": "w8a8"}
 FP8_SCALE = 1 / 4096  # the scaled file stores weight / FP8_SCALE (random weights ~0.02: well inside e4m3's range)
 
 
@@ -180,7 +182,8 @@ def measure(engine: str, path: str, vocab_size: int, threads: int) -> dict:
         import umt5_fast
 
         def load():
-            return umt5_fast.UMT5EncoderModel.from_pretrained(path, dtype=torch.bfloat16, progress=False)
+            return umt5_fast.UMT5EncoderModel.from_pretrained(path, dtype=torch.bfloat16, progress=False,
+                                                              quantize=QUANTIZE.get(engine))
     before = current_rss_mb()
     start = time.perf_counter()
     model = load()

@@ -65,3 +65,17 @@ def test_leading_dims_and_wide_inputs_fall_back_exactly():
     with pytest.raises(ValueError, match="in_features"):  # the kernel itself refuses int32 overflow
         _C.w8a8_linear(x=0, qweight=0, scale=0, residual=0, y=0, rows=1, in_features=70000,
                        out_features=1, num_threads=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_activations_take_the_kernel_with_reference_results(dtype, monkeypatch):
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 70, generator=generator).to(dtype)
+    weight = W8A8Weight.quantize(torch.randn(9, 70, generator=generator))
+    residual = torch.randn(5, 9, generator=generator).to(dtype)
+    expected = eager.linear(x, weight, residual)
+    calls = []
+    kernel = _C.w8a8_linear
+    monkeypatch.setattr(cpu_ops._C, "w8a8_linear", lambda **kw: calls.append(1) or kernel(**kw))
+    got = cpu_ops.linear(x, weight, residual)
+    assert calls and got.dtype == dtype and torch.equal(got, expected)

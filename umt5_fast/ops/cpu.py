@@ -265,6 +265,11 @@ def linear(x, weight, residual=None):
     residual_fits = residual is None or (residual.shape == out_shape and residual.dtype == x.dtype)
     # W8A8 sums of more than 65536 products could overflow the kernels' int32 accumulators.
     int32_fits = not isinstance(weight, W8A8Weight) or in_features <= 65536
+    if isinstance(weight, W8A8Weight) and x.dtype != torch.float32 and int32_fits and x.numel():
+        # The activations are quantised to int8 anyway: a bf16 / fp16 model takes the integer kernel
+        # through fp32 (exactly what the eager reference does), not the fp64 reference.
+        y = linear(x.float(), weight).to(x.dtype)
+        return y if residual is None else residual + y
     if not (kernel_weight and x.dtype == torch.float32 and residual_fits and int32_fits) or x.numel() == 0:
         return eager.linear(x, weight, residual)
     x = x.contiguous()
@@ -286,7 +291,7 @@ def linear(x, weight, residual=None):
 def gated_ffn_in(x, w_gate, w_up, activation):
     kernel_activation = _KERNEL_ACTIVATIONS.get(activation)
     if kernel_activation is None or x.dtype != torch.float32:
-        return eager.gated_ffn_in(x, w_gate, w_up, activation)
+        return eager.gated_ffn_in(x, w_gate, w_up, activation, linear=linear)
     h = linear(x, w_gate).contiguous()
     up = None if w_up is None else linear(x, w_up).contiguous()
     if up is not None and up.shape != h.shape:

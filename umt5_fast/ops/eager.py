@@ -58,7 +58,9 @@ def linear(x, weight, residual=None):
     return y if residual is None else residual + y
 
 
-def gated_ffn_in(x, w_gate, w_up, activation):
+def gated_ffn_in(x, w_gate, w_up, activation, linear=linear):
+    """``act(x @ w_gate.T) * (x @ w_up.T)``; ``linear``: another backend's linear, for a backend that
+    keeps this op's activation math but runs the projections itself."""
     h = ACTIVATIONS[activation](linear(x, w_gate))
     return h if w_up is None else h * linear(x, w_up)
 

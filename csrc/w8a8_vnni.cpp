@@ -9,6 +9,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdint>
 
 #include "w8a8_linear.h"
 
@@ -40,16 +41,22 @@ void columns_in_tiles(const W8A8Problem& p, int64_t n_begin, int64_t n_end) {
   const __m512i sign_flip = _mm512_set1_epi8(static_cast<char>(0x80));
   // Activation rows per block: about 256 KiB of them stay in L2 while the columns pass.
   const int64_t row_block = std::max<int64_t>(kW8A8TileRows, (int64_t{256} << 10) / p.k_padded);
-  alignas(64) int32_t corrections[16];
-  alignas(64) float scales[16];
-  alignas(64) float out[16];
+  // Lane l of the result tile: row l / C, column l % C.
+  alignas(64) int32_t lane_rows[16];
+  for (int l = 0; l < 16; ++l) lane_rows[l] = l / C;
+  const __m512i row_of_lane = _mm512_load_si512(lane_rows);
+  const __mmask16 tile_rows = static_cast<__mmask16>((1u << R) - 1);
 
   for (int64_t m0 = 0; m0 < p.rows; m0 += row_block) {
     const int64_t m_end = std::min(p.rows, m0 + row_block);
     for (int64_t n = n_begin; n < n_end; n += C) {
       const int columns = static_cast<int>(std::min<int64_t>(C, n_end - n));
       const int8_t* w[C];  // a partial tile repeats its last column, which is not stored
+      alignas(64) float lane_w_scales[16];
       for (int j = 0; j < C; ++j) w[j] = p.w + (n + std::min(j, columns - 1)) * K;
+      for (int l = 0; l < 16; ++l) lane_w_scales[l] = p.w_scale[n + std::min(l % C, columns - 1)];
+      const __m512 w_scales = _mm512_load_ps(lane_w_scales);
+      const __mmask16 row_columns = static_cast<__mmask16>((1u << columns) - 1);
       for (int64_t m = m0; m < m_end; m += R) {  // rows past p.rows: zero padding of q
         const int8_t* q = p.q + m * p.k_padded;
         __m512i acc[16];
@@ -73,19 +80,23 @@ void columns_in_tiles(const W8A8Problem& p, int64_t n_begin, int64_t n_end) {
         accumulate((chunks - 1) * kW8A8KPad, tail_mask);
         // Lane i * C + j: row m + i, column n + j. Masked-off weight bytes load as 0 and flip to
         // 128, but meet zero padding in q, so the correction is 128 * q_sums alone.
-        for (int i = 0; i < R; ++i)
-          for (int j = 0; j < C; ++j) {
-            corrections[i * C + j] = 128 * p.q_sums[m + i];
-            scales[i * C + j] = p.x_scale[m + i] * p.w_scale[n + std::min(j, columns - 1)];
-          }
-        const __m512i total = _mm512_sub_epi32(sum_lanes_of_16(acc), _mm512_load_si512(corrections));
-        _mm512_store_ps(out, _mm512_mul_ps(_mm512_cvtepi32_ps(total), _mm512_load_ps(scales)));
+        // The same fp32 operations as the portable kernel: float(sum) * (x_scale * w_scale) + residual.
+        const __m512i q_sums = _mm512_permutexvar_epi32(row_of_lane, _mm512_maskz_loadu_epi32(tile_rows, p.q_sums + m));
+        const __m512 x_scales = _mm512_permutexvar_ps(row_of_lane, _mm512_maskz_loadu_ps(tile_rows, p.x_scale + m));
+        const __m512i total = _mm512_sub_epi32(sum_lanes_of_16(acc), _mm512_slli_epi32(q_sums, 7));
+        const __m512 values = _mm512_mul_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(x_scales, w_scales));
         const int rows_here = static_cast<int>(std::min<int64_t>(R, p.rows - m));
-        for (int i = 0; i < rows_here; ++i)
-          for (int j = 0; j < columns; ++j) {
-            const int64_t index = (m + i) * p.out_features + n + j;
-            p.y[index] = p.residual ? out[i * C + j] + p.residual[index] : out[i * C + j];
-          }
+        for (int i = 0; i < rows_here; ++i) {
+          // Lanes i * C .. i * C + columns - 1 go to row m + i from column n: a masked store from a
+          // base i * C floats earlier (masked-off lanes are neither read nor written).
+          const __mmask16 lanes = static_cast<__mmask16>(row_columns << (i * C));
+          const int64_t first = (m + i) * p.out_features + n - i * C;
+          __m512 row = values;
+          if (p.residual)
+            row = _mm512_add_ps(row, _mm512_maskz_loadu_ps(lanes, reinterpret_cast<const float*>(
+                                         reinterpret_cast<intptr_t>(p.residual) + first * 4)));
+          _mm512_mask_storeu_ps(reinterpret_cast<float*>(reinterpret_cast<intptr_t>(p.y) + first * 4), lanes, row);
+        }
       }
     }
   }

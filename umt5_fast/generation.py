@@ -127,7 +127,8 @@ def no_repeat_ngram(sequences, scores, n: int):
 
 
 def forbid_eos(scores, eos_ids):
-    scores = scores.clone()
+    """In place (min_length / min_new_tokens): a copy of [rows, vocab] scores per step cost more than the
+    rest of the processors; ``process_scores`` owns the scores it is given."""
     scores[:, eos_ids] = -math.inf
     return scores
 
@@ -146,7 +147,8 @@ def top_p_filter(scores, top_p: float, min_tokens_to_keep: int = 1):
 
 
 def process_scores(o: dict, sequences, scores, prompt_length: int, beam: bool):
-    """Apply the configured processors in transformers' order; ``sequences`` = ids so far."""
+    """Apply the configured processors in transformers' order; ``sequences`` = ids so far. ``scores``
+    belongs to this call (a decoder step's fresh logits, or their log-softmax) and may be modified."""
     if o["repetition_penalty"] != 1.0:
         scores = repetition_penalty(sequences, scores, o["repetition_penalty"])
     if o["no_repeat_ngram_size"]:

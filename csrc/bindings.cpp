@@ -14,6 +14,7 @@ void register_int8_linear(py::module_& m);
 void register_float_weight_linear(py::module_& m);
 void register_expand_weights(py::module_& m);
 void register_w8a8_linear(py::module_& m);
+void register_argmax(py::module_& m);
 }  // namespace umt5_fast
 
 PYBIND11_MODULE(_C, m) {
@@ -28,4 +29,5 @@ PYBIND11_MODULE(_C, m) {
   umt5_fast::register_float_weight_linear(m);
   umt5_fast::register_expand_weights(m);
   umt5_fast::register_w8a8_linear(m);
+  umt5_fast::register_argmax(m);
 }

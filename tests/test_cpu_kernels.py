@@ -9,6 +9,8 @@ Every kernel runs on each instruction set this CPU supports (the portable "gener
 - int8 / bf16 linear: rtol 1e-5, atol 1e-5 against eager's dequantised fp32 GEMM (the kernel
   applies the int8 scale after the dot product instead of before).
 """
+import math
+
 import pytest
 import torch
 
@@ -331,3 +333,17 @@ def test_wrong_arguments_raise_naming_them(generator):
     with pytest.raises(TypeError, match="qweight"):
         cpu.linear(randn(3, 8, generator=generator),
                    QuantizedWeight(torch.zeros(4, 8, dtype=torch.int16), torch.ones(4)))
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (1, 1001), (3, 7), (16, 5000)])
+def test_argmax_equals_torch_with_ties_inf_and_nan(rows, cols, generator):
+    scores = torch.randn(rows, cols, generator=generator).round()  # integers: many ties
+    scores[0, ::3] = -math.inf
+    if rows > 1:
+        scores[1, cols // 2:] = math.nan  # NaN counts as the maximum: the first one wins
+        scores[-1] = -math.inf  # every token banned: index 0
+    assert torch.equal(cpu.argmax(scores), scores.argmax(-1))
+    wide = torch.randn(rows, cols + 5, generator=generator)[:, 2:2 + cols]  # strided rows
+    assert torch.equal(cpu.argmax(wide), wide.argmax(-1))
+    with pytest.raises(ValueError, match="scores must have 2 dimensions"):
+        cpu.argmax(scores[0])

@@ -285,7 +285,7 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
             if options["do_sample"]:
                 picked = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
             else:
-                picked = scores.argmax(-1)
+                picked = model.runtime.ops.argmax(scores)
             next_tokens = torch.full((rows,), pad, dtype=torch.long, device=prompt.device)
             next_tokens[computed] = torch.where(unfinished[computed], picked, pad) if len(eos) else picked
             sequences[:, length] = next_tokens

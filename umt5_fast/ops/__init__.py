@@ -36,6 +36,10 @@ Contract (shapes; every tensor on one device; inputs were validated at the API b
     (non-gated FFN). ``activation`` is a transformers ACT2FN name (``gelu_new``, ``gelu``,
     ``relu``, ``silu``, ...). ``x``: ``[..., d_model]``, weights ``[d_ff, d_model]``.
 
+``argmax(scores) -> ids``
+    ``scores.argmax(-1)`` of ``[rows, vocab]`` scores (greedy decoding's pick): first maximum on ties,
+    NaN counts as the maximum, as in torch.
+
 ``linear(x, weight, residual=None) -> y``
     ``x @ weight.T (+ residual)``; ``weight`` may be a ``QuantizedWeight`` (int8 + per-row
     scales) or a float tensor of another dtype than ``x`` (computed in ``x``'s dtype unless the

@@ -218,6 +218,19 @@ def decode_attention(q, k_cache, v_cache, cache_length, bias_table, *, num_bucke
 
 
 # ----------------------------------------------------------------------------------------------
+# Greedy pick
+
+def argmax(scores):
+    _check_tensor("scores", scores, dim=2)
+    if scores.dtype != torch.float32 or scores.stride(1) != 1 or scores.numel() == 0:
+        return eager.argmax(scores)
+    out = torch.empty(scores.shape[0], dtype=torch.long)
+    _C.argmax_rows(x=scores.data_ptr(), rows=scores.shape[0], cols=scores.shape[1],
+                   row_stride=scores.stride(0), out=out.data_ptr(), num_threads=_threads())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Linear layers
 
 def _check_linear_args(x, weight):

@@ -58,6 +58,10 @@ def linear(x, weight, residual=None):
     return y if residual is None else residual + y
 
 
+def argmax(scores):
+    return scores.argmax(-1)
+
+
 def gated_ffn_in(x, w_gate, w_up, activation, linear=linear):
     """``act(x @ w_gate.T) * (x @ w_up.T)``; ``linear``: another backend's linear, for a backend that
     keeps this op's activation math but runs the projections itself."""

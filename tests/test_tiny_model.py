@@ -53,7 +53,7 @@ def test_cli_generate_and_encode():
 
 
 def test_quantized_weights_agree_with_fp32_on_the_tiny_model():
-    """Top-1 agreement of the weight-only formats with fp32 on real (trained) weights."""
+    """Top-1 agreement of the reduced-precision modes with fp32 on real (trained) weights."""
     from umt5_fast.tokenizer import UMT5Tokenizer
     tokenizer = UMT5Tokenizer.from_pretrained(TINY)
     examples = heldout()[:100]
@@ -61,7 +61,7 @@ def test_quantized_weights_agree_with_fp32_on_the_tiny_model():
     labels = tokenizer([e["target"] for e in examples], padding=True, return_tensors="pt")["input_ids"]
     reference = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(TINY)
     expected = reference(**batch, labels=labels).logits.argmax(-1)
-    for mode in ("int8", "bf16"):
+    for mode in ("int8", "w8a8", "bf16"):
         model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(TINY, quantize=mode)
         got = model(**batch, labels=labels).logits.argmax(-1)
         agreement = (got == expected)[labels != 0].float().mean().item()

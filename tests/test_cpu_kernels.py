@@ -176,12 +176,19 @@ def test_attention_uint8_mask_and_fp16_table(generator):
                     key_padding_mask=mask)
 
 
-def test_attention_falls_back_to_eager_for_bf16(generator):
-    q, k, v = (t.bfloat16() for t in attention_inputs(2, 3, 7, 33, 64, generator))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_attention_runs_the_fp32_kernel(dtype, generator):
+    """bf16 / fp16 q, k, v: the fused kernel on fp32 copies, output rounded once to the input dtype."""
+    q, k, v = (t.to(dtype) for t in attention_inputs(2, 3, 7, 33, 64, generator))
     table = randn(32, 3, generator=generator)
-    kwargs = dict(bidirectional=True, num_buckets=32, max_distance=128)
-    torch.testing.assert_close(cpu.attention(q, k, v, table, **kwargs),
-                               eager.attention(q, k, v, table, **kwargs), rtol=0, atol=0)
+    mask = torch.ones(2, 33, dtype=torch.bool)
+    mask[1, :5] = False
+    kwargs = dict(bidirectional=True, num_buckets=32, max_distance=128, key_padding_mask=mask)
+    got = cpu.attention(q, k, v, table, **kwargs)
+    assert got.dtype == dtype
+    assert torch.equal(got, cpu.attention(q.float(), k.float(), v.float(), table, **kwargs).to(dtype))
+    exact = eager.attention(q.double(), k.double(), v.double(), table.double(), **kwargs)
+    assert (got.double() - exact).abs().max() <= torch.finfo(dtype).eps * exact.abs().max()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -65,3 +65,32 @@ def test_auto_dtype_takes_the_checkpoint_dtype(checkpoint_factory, tmp_path):
     model = umt5_fast.UMT5EncoderModel.from_pretrained(tmp_path, dtype="auto", backend="eager")
     assert model.dtype == torch.bfloat16
     assert umt5_fast.UMT5EncoderModel.from_pretrained(tmp_path, backend="eager").dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_backend_half_precision_is_as_accurate_as_transformers(checkpoint_factory, dtype):
+    """The cpu backend runs bf16 / fp16 attention in fp32 (one rounding of its output), so it is not
+    bit-compatible with transformers' half-precision scores; held instead to the fp32 model: no
+    further from it than transformers in the same dtype (RMS error within 1.25x of its), and within
+    FP32_TOL (max error)."""
+    import transformers
+    from umt5_fast.ops import available_backends
+    if "cpu" not in available_backends():
+        pytest.skip("C++ extension not built")
+    path, _ = checkpoint_factory("UMT5ForConditionalGeneration")
+    ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, dtype=dtype, backend="cpu")
+    hf = transformers.UMT5ForConditionalGeneration.from_pretrained(path, torch_dtype=dtype).eval()
+    fp32 = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="eager")
+    ids, mask = random_batch(ours.config.vocab_size, 3, 45, 2)
+    dec, _ = random_batch(ours.config.vocab_size, 3, 9, 3, padding=(None,))
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits.float()
+    full = fp32(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    out = ours(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    assert out.dtype == dtype
+    def rms_error(x):  # over all logits: stabler than the max, which one element decides
+        return ((x - full).pow(2).mean().sqrt() / full.pow(2).mean().sqrt()).item()
+    ours_error, their_error = rms_error(out.float()), rms_error(theirs)
+    print(f"{dtype} vs fp32: umt5_fast cpu {ours_error:.2e}, transformers {their_error:.2e}")
+    assert ours_error <= max(1.25 * their_error, 1e-3)
+    assert_close(out.float(), full, FP32_TOL[dtype], f"{dtype} vs fp32")

@@ -61,6 +61,11 @@ def _all_fp32(*tensors):
     return all(t is None or t.dtype == torch.float32 for t in tensors)
 
 
+def _half_precision(*tensors):
+    return all(t.dtype == tensors[0].dtype for t in tensors) and tensors[0].dtype in (torch.bfloat16,
+                                                                                     torch.float16)
+
+
 def _rows_contiguous(t):
     """``t`` with a contiguous last dimension (other strides are passed to the kernel)."""
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
@@ -171,6 +176,13 @@ def attention(q, k, v, bias_table, *, bidirectional, num_buckets, max_distance,
     mask = _check_key_padding_mask(key_padding_mask, batch, key_length)
     if mask is not None and mask.shape[1] != key_length:
         raise ValueError(f"key_padding_mask must have {key_length} keys, got {mask.shape[1]}")
+    if _half_precision(q, k, v) and min(q.numel(), k.numel()) > 0:
+        # bf16 / fp16 models: the fused kernel on fp32 copies (O(L * D) each) instead of eager's
+        # [B, H, Lq, Lk] scores; scores and softmax in fp32, then one rounding of the output.
+        return attention(q.float(), k.float(), v.float(), bias_table, bidirectional=bidirectional,
+                         num_buckets=num_buckets, max_distance=max_distance,
+                         key_padding_mask=key_padding_mask, causal=causal, query_offset=query_offset,
+                         scale=scale).to(q.dtype)
     if not _all_fp32(q, k, v) or min(q.numel(), k.numel()) == 0:
         return eager.attention(q, k, v, bias_table, bidirectional=bidirectional,
                                num_buckets=num_buckets, max_distance=max_distance,

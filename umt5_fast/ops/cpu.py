@@ -7,7 +7,10 @@ What runs where (fp32 activations):
 
 - ``rms_norm`` / ``add_rms_norm``: C++, fp32 variance.
 - ``attention`` / ``decode_attention``: one fused C++ kernel with in-kernel bucketing, masks and
-  an online softmax; no ``[B, H, Lq, Lk]`` tensor is built.
+  an online softmax; no ``[B, H, Lq, Lk]`` tensor is built. ``attention`` on bf16 / fp16 q, k, v
+  runs the same kernel on fp32 copies and rounds its output once (more accurate than half-precision
+  scores, so not bit-equal to eager in those dtypes).
+- ``argmax``: greedy decoding's pick, one C++ pass over the rows.
 - ``linear``: a float weight of ``x``'s dtype goes to torch's GEMM, except fp32 weights for up to
   ``FP32_KERNEL_MAX_ROWS`` rows (decode steps), which take the C++ GEMV; a ``QuantizedWeight``
   (int8) or bf16 weight goes to the C++ weight-only kernels, which widen the weights in registers,
@@ -18,7 +21,8 @@ What runs where (fp32 activations):
 - ``gated_ffn_in``: the projections through ``linear``, then ``act(a) * b`` by one C++ pass in
   place.
 
-Fallbacks to eager (same result, plain torch speed): activations (or q/k/v) that are not fp32;
+Fallbacks to eager (same result, plain torch speed): activations that are not fp32 (except as
+above: W8A8 linears and attention);
 ``rms_norm`` with an fp16/bf16 weight; activation names other than ``gelu_new``,
 ``gelu_pytorch_tanh``, ``gelu``, ``relu``, ``silu`` and ``swish``; a float weight of another dtype
 than ``x`` other than bf16 with fp32 ``x``; a residual whose shape or dtype differs from the

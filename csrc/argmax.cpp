@@ -8,6 +8,8 @@
 
 #include <pybind11/pybind11.h>
 
+#include "parallel.h"
+
 namespace py = pybind11;
 
 namespace umt5_fast {
@@ -43,12 +45,13 @@ void register_argmax(py::module_& m) {
           // Each row in as many column chunks as it takes to give every thread work.
           const int64_t chunks = std::max<int64_t>(1, (num_threads + rows - 1) / rows);
           std::vector<Best> partial(rows * chunks);
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-          for (int64_t task = 0; task < rows * chunks; ++task) {
-            const int64_t row = task / chunks, chunk = task % chunks;
-            partial[task] = best_of(scores + row * row_stride, cols * chunk / chunks,
-                                    cols * (chunk + 1) / chunks);
-          }
+          parallel_for_ranges(rows * chunks, 1, num_threads, [&](int64_t begin, int64_t end) {
+            for (int64_t task = begin; task < end; ++task) {
+              const int64_t row = task / chunks, chunk = task % chunks;
+              partial[task] = best_of(scores + row * row_stride, cols * chunk / chunks,
+                                      cols * (chunk + 1) / chunks);
+            }
+          });
           for (int64_t row = 0; row < rows; ++row) {  // chunks in order: the first NaN / maximum
             Best best{0.0f, -1, false};
             for (int64_t chunk = 0; chunk < chunks; ++chunk) {

@@ -105,7 +105,8 @@ void register_w8a8_linear(py::module_& m) {
           // Blocks of 64 columns: their weight rows stay in cache while every row block uses them.
           constexpr int64_t kColumnBlock = 64;
           const int64_t blocks = (out_features + kColumnBlock - 1) / kColumnBlock;
-          const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / (in_features * kColumnBlock * std::max<int64_t>(rows, 1)));
+          const int64_t block_work = in_features * kColumnBlock * std::max<int64_t>(rows, 1);
+          const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / block_work);
           parallel_for_ranges(blocks, grain, num_threads, [&](int64_t begin, int64_t end) {
             for (int64_t b = begin; b < end; ++b)
               columns(problem, b * kColumnBlock, std::min(out_features, (b + 1) * kColumnBlock));

@@ -11,6 +11,25 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _cpu_isas():
+    try:
+        import umt5_fast._C as extension
+    except ImportError:  # the modules using every_cpu_isa skip themselves then
+        return ["none"]
+    return extension.supported_cpu_isas()
+
+
+@pytest.fixture(params=_cpu_isas())
+def every_cpu_isa(request):
+    """Run the test with the C++ kernels of each instruction set this CPU has, then restore the
+    default (``pytestmark = pytest.mark.usefixtures("every_cpu_isa")``)."""
+    import umt5_fast._C as extension
+    default = extension.cpu_isa()
+    extension.set_cpu_isa(request.param)
+    yield request.param
+    extension.set_cpu_isa(default)
+
+
 @pytest.fixture(scope="session")
 def checkpoint_factory(tmp_path_factory):
     """Build (and cache per session) a random transformers checkpoint: returns (dir, hf_model)."""

@@ -25,13 +25,7 @@ POINTWISE_TOL = dict(rtol=1e-5, atol=1e-6)
 LINEAR_TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(params=_C.supported_cpu_isas(), autouse=True)
-def isa(request):
-    """Run the test with the kernels of one instruction set, then restore the default."""
-    default = _C.cpu_isa()
-    _C.set_cpu_isa(request.param)
-    yield request.param
-    _C.set_cpu_isa(default)
+pytestmark = pytest.mark.usefixtures("every_cpu_isa")
 
 
 @pytest.fixture

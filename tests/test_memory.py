@@ -12,14 +12,15 @@ BASE_SHAPE = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=
                   num_heads=12, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
 
 
-def write_random_checkpoint(directory):
-    """Random weights under transformers' key names, written without building a model."""
+def write_random_checkpoint(directory, model_class="UMT5ForConditionalGeneration", shape=BASE_SHAPE):
+    """Random weights of ``model_class`` under transformers' key names, written without building a
+    model; returns their bytes."""
     from safetensors.torch import save_file
 
     import umt5_fast
-    config = umt5_fast.UMT5Config(**BASE_SHAPE)
+    config = umt5_fast.UMT5Config(**shape)
     with torch.device("meta"):
-        skeleton = umt5_fast.UMT5ForConditionalGeneration(config, backend="eager")
+        skeleton = getattr(umt5_fast, model_class)(config, backend="eager")
     g = torch.Generator().manual_seed(0)
     state = {name: torch.randn(p.shape, generator=g) * 0.05 for name, p in skeleton.named_parameters()}
     save_file(state, str(directory / "model.safetensors"))
@@ -84,15 +85,9 @@ EMBEDDING_PROBE = textwrap.dedent("""
 def test_embedding_lookups_map_in_only_the_rows_they_read(tmp_path):
     """512 random rows of a 64 MiB memory-mapped embedding: at most 2 pages each, not the read-ahead
     neighbourhood of every row (without MADV_RANDOM: 27 MiB here; with it: 2 MiB)."""
-    from safetensors.torch import save_file
-    import umt5_fast
-    config = umt5_fast.UMT5Config(vocab_size=65536, d_model=256, d_kv=16, num_heads=2, d_ff=32, num_layers=1,
-                                  num_decoder_layers=1, tie_word_embeddings=False)
-    with torch.device("meta"):
-        skeleton = umt5_fast.UMT5EncoderModel(config, backend="eager")
-    state = {name: torch.randn(p.shape) * 0.05 for name, p in skeleton.named_parameters()}
-    save_file(state, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    write_random_checkpoint(tmp_path, "UMT5EncoderModel",
+                            dict(vocab_size=65536, d_model=256, d_kv=16, num_heads=2, d_ff=32, num_layers=1,
+                                 num_decoder_layers=1, tie_word_embeddings=False))
     result = subprocess.run([sys.executable, "-c", EMBEDDING_PROBE, str(tmp_path)], capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr

@@ -12,12 +12,7 @@ from umt5_fast.quant import W8A8Weight
 _C = pytest.importorskip("umt5_fast._C")
 
 
-@pytest.fixture(params=_C.supported_cpu_isas(), autouse=True)
-def isa(request):
-    default = _C.cpu_isa()
-    _C.set_cpu_isa(request.param)
-    yield request.param
-    _C.set_cpu_isa(default)
+pytestmark = pytest.mark.usefixtures("every_cpu_isa")
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 17])

@@ -41,8 +41,7 @@ class Runtime:
         """A contiguous ``shape`` x ``dtype`` tensor to expand a packed weight into, valid until the
         next call for the same ``slot`` from this thread (weights used together take different
         slots); None when it would exceed ``EXPANSION_BUFFER_MAX_BYTES``."""
-        numel = math.prod(shape)
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         if nbytes > self.EXPANSION_BUFFER_MAX_BYTES:
             return None
         device = torch.device(device)

@@ -15,6 +15,7 @@ void register_float_weight_linear(py::module_& m);
 void register_expand_weights(py::module_& m);
 void register_w8a8_linear(py::module_& m);
 void register_argmax(py::module_& m);
+void register_decoder_step(py::module_& m);
 }  // namespace umt5_fast
 
 PYBIND11_MODULE(_C, m) {
@@ -30,4 +31,5 @@ PYBIND11_MODULE(_C, m) {
   umt5_fast::register_expand_weights(m);
   umt5_fast::register_w8a8_linear(m);
   umt5_fast::register_argmax(m);
+  umt5_fast::register_decoder_step(m);
 }

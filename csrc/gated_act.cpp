@@ -5,13 +5,12 @@
 
 #include <pybind11/pybind11.h>
 
-#include "kernels.h"
+#include "ops.h"
 #include "parallel.h"
 
 namespace py = pybind11;
 
 namespace umt5_fast {
-namespace {
 
 kernels::Activation activation_from_name(const std::string& name) {
   if (name == "gelu_tanh") return kernels::Activation::gelu_tanh;
@@ -22,7 +21,19 @@ kernels::Activation activation_from_name(const std::string& name) {
                               name + "'");
 }
 
-}  // namespace
+void run_gated_activation(kernels::Activation activation, const float* a, int64_t a_row_stride,
+                          const float* b, int64_t b_row_stride, float* out,
+                          int64_t out_row_stride, int64_t rows, int64_t cols, int num_threads) {
+  void (*apply)(kernels::Activation, const float*, int64_t, const float*, int64_t, float*, int64_t,
+                int64_t, int64_t) = nullptr;
+  UMT5_DISPATCH_ISA(ISA, apply = &kernels::gated_activation_rows<ISA>);
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(cols, 1));
+  parallel_for_ranges(rows, grain, num_threads, [&](int64_t begin, int64_t end) {
+    apply(activation, a + begin * a_row_stride, a_row_stride,
+          b ? b + begin * b_row_stride : nullptr, b_row_stride, out + begin * out_row_stride,
+          out_row_stride, end - begin, cols);
+  });
+}
 
 void register_gated_act(py::module_& m) {
   m.def("gated_activation",
@@ -31,18 +42,10 @@ void register_gated_act(py::module_& m) {
            int64_t cols, int num_threads) {
           const kernels::Activation act = activation_from_name(activation);
           py::gil_scoped_release no_gil;
-          void (*apply)(kernels::Activation, const float*, int64_t, const float*, int64_t, float*,
-                        int64_t, int64_t, int64_t) = nullptr;
-          UMT5_DISPATCH_ISA(ISA, apply = &kernels::gated_activation_rows<ISA>);
-          const float* a_data = reinterpret_cast<const float*>(a);
-          const float* b_data = reinterpret_cast<const float*>(b);
-          float* out_data = reinterpret_cast<float*>(out);
-          const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(cols, 1));
-          parallel_for_ranges(rows, grain, num_threads, [&](int64_t begin, int64_t end) {
-            apply(act, a_data + begin * a_row_stride, a_row_stride,
-                  b_data ? b_data + begin * b_row_stride : nullptr, b_row_stride,
-                  out_data + begin * out_row_stride, out_row_stride, end - begin, cols);
-          });
+          run_gated_activation(act, reinterpret_cast<const float*>(a), a_row_stride,
+                               reinterpret_cast<const float*>(b), b_row_stride,
+                               reinterpret_cast<float*>(out), out_row_stride, rows, cols,
+                               num_threads);
         },
         py::kw_only(), py::arg("activation"), py::arg("a"), py::arg("a_row_stride"), py::arg("b"),
         py::arg("b_row_stride"), py::arg("out"), py::arg("out_row_stride"), py::arg("rows"),

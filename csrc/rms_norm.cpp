@@ -1,15 +1,13 @@
 // RMSNorm (T5LayerNorm) and residual-add + RMSNorm over rows of a contiguous fp32 [rows, dim].
 #include <pybind11/pybind11.h>
 
-#include "kernels.h"
+#include "ops.h"
 #include "parallel.h"
 
 namespace py = pybind11;
 
 namespace umt5_fast {
-namespace {
 
-// hidden and residual are null for a plain RMSNorm.
 void run_rms_norm(const float* x, const float* residual, const float* weight, float eps,
                   float* hidden, float* out, int64_t rows, int64_t dim, int num_threads) {
   void (*norm)(const float*, const float*, const float*, float, float*, float*, int64_t,
@@ -21,8 +19,6 @@ void run_rms_norm(const float* x, const float* residual, const float* weight, fl
          hidden ? hidden + begin * dim : nullptr, out + begin * dim, end - begin, dim);
   });
 }
-
-}  // namespace
 
 void register_rms_norm(py::module_& m) {
   m.def("rms_norm",

@@ -11,6 +11,7 @@
 #include <pybind11/pybind11.h>
 
 #include "cpu_isa.h"
+#include "ops.h"
 #include "parallel.h"
 
 namespace py = pybind11;
@@ -84,6 +85,26 @@ bool cpu_supports_avx512_vnni() {
          __builtin_cpu_supports("avx512vnni");
 }
 
+void run_w8a8_linear(const float* x, const int8_t* qweight, const float* scale,
+                     const float* residual, float* y, int64_t rows, int64_t in_features,
+                     int64_t out_features, int num_threads) {
+  const int64_t k_padded = (in_features + kW8A8KPad - 1) / kW8A8KPad * kW8A8KPad;
+  const QuantisedRows a = quantise_rows(x, rows, in_features, k_padded, num_threads);
+  const W8A8Problem problem{a.q.data(), a.sums.data(), a.scales.data(), qweight, scale, residual,
+                            y, rows, in_features, k_padded, out_features};
+  const bool vnni = cpu_isa() == CpuIsa::avx512 && cpu_supports_avx512_vnni();
+  auto* columns = vnni ? &w8a8_columns_vnni : &w8a8_columns_portable;
+  // Blocks of 64 columns: their weight rows stay in cache while every row block uses them.
+  constexpr int64_t kColumnBlock = 64;
+  const int64_t blocks = (out_features + kColumnBlock - 1) / kColumnBlock;
+  const int64_t block_work = in_features * kColumnBlock * std::max<int64_t>(rows, 1);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / block_work);
+  parallel_for_ranges(blocks, grain, num_threads, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      columns(problem, b * kColumnBlock, std::min(out_features, (b + 1) * kColumnBlock));
+  });
+}
+
 void register_w8a8_linear(py::module_& m) {
   m.def("w8a8_linear",
         [](uintptr_t x, uintptr_t qweight, uintptr_t scale, uintptr_t residual, uintptr_t y,
@@ -91,26 +112,10 @@ void register_w8a8_linear(py::module_& m) {
           if (in_features < 1 || in_features > kW8A8MaxK)
             throw std::invalid_argument("w8a8_linear: in_features must be in [1, 65536]");
           py::gil_scoped_release no_gil;
-          const int64_t k_padded = (in_features + kW8A8KPad - 1) / kW8A8KPad * kW8A8KPad;
-          const QuantisedRows a = quantise_rows(reinterpret_cast<const float*>(x), rows,
-                                                in_features, k_padded, num_threads);
-          const W8A8Problem problem{a.q.data(), a.sums.data(), a.scales.data(),
-                                    reinterpret_cast<const int8_t*>(qweight),
-                                    reinterpret_cast<const float*>(scale),
-                                    reinterpret_cast<const float*>(residual),
-                                    reinterpret_cast<float*>(y), rows, in_features, k_padded,
-                                    out_features};
-          const bool vnni = cpu_isa() == CpuIsa::avx512 && cpu_supports_avx512_vnni();
-          auto* columns = vnni ? &w8a8_columns_vnni : &w8a8_columns_portable;
-          // Blocks of 64 columns: their weight rows stay in cache while every row block uses them.
-          constexpr int64_t kColumnBlock = 64;
-          const int64_t blocks = (out_features + kColumnBlock - 1) / kColumnBlock;
-          const int64_t block_work = in_features * kColumnBlock * std::max<int64_t>(rows, 1);
-          const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / block_work);
-          parallel_for_ranges(blocks, grain, num_threads, [&](int64_t begin, int64_t end) {
-            for (int64_t b = begin; b < end; ++b)
-              columns(problem, b * kColumnBlock, std::min(out_features, (b + 1) * kColumnBlock));
-          });
+          run_w8a8_linear(reinterpret_cast<const float*>(x), reinterpret_cast<const int8_t*>(qweight),
+                          reinterpret_cast<const float*>(scale),
+                          reinterpret_cast<const float*>(residual), reinterpret_cast<float*>(y),
+                          rows, in_features, out_features, num_threads);
         },
         py::kw_only(), py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("residual"),
         py::arg("y"), py::arg("rows"), py::arg("in_features"), py::arg("out_features"),

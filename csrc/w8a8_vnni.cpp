@@ -63,13 +63,14 @@ void columns_in_tiles(const W8A8Problem& p, int64_t n_begin, int64_t n_end) {
         __m512i acc[16];
         for (auto& a : acc) a = _mm512_setzero_si512();
         // Full 64-byte chunks, then the last one with a byte mask (no per-chunk mask select).
-        // The next tile's weight rows (C * K contiguous bytes) are prefetched during the first
-        // row tile: streaming C rows at once defeats the hardware prefetcher at decode sizes.
+        // The next tile's weight rows (C * K contiguous bytes, wherever they lie: this column
+        // block's or the next one's) are prefetched into L2 during the first row tile: streaming
+        // C rows at once defeats the hardware prefetcher at decode sizes.
         const char* next_tile = reinterpret_cast<const char*>(p.w + (n + C) * K);
-        const bool prefetch = m == m0 && n + C < n_end;
+        const bool prefetch = m == m0 && n + C < p.out_features;
         const auto accumulate = [&](int64_t offset, __mmask64 mask) __attribute__((always_inline)) {
           if (prefetch)
-            for (int j = 0; j < C; ++j) _mm_prefetch(next_tile + offset * C + j * 64, _MM_HINT_T0);
+            for (int j = 0; j < C; ++j) _mm_prefetch(next_tile + offset * C + j * 64, _MM_HINT_T2);
           __m512i qv[R];
           for (int i = 0; i < R; ++i) qv[i] = _mm512_loadu_si512(q + i * p.k_padded + offset);
           for (int j = 0; j < C; ++j) {

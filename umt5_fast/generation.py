@@ -14,7 +14,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from umt5_fast import validation
+from umt5_fast import decode_step, validation
 from umt5_fast.cache import StaticCache
 
 # transformers' GenerationConfig defaults for the options we support.
@@ -194,11 +194,15 @@ class Decoder:
         cfg = model.config
         self.cache = StaticCache(cfg.num_decoder_layers, encoder_states.shape[0], cfg.num_heads, max_length,
                                  cfg.d_kv, model.shared.weight.dtype, encoder_states.device)
+        self.cpu_step = decode_step.build(model)  # None unless the cpu backend covers the model
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed ``tokens`` ``[rows, L]`` (the prompt, then one token a step); fp32 logits of the last."""
-        logits = next_token_logits(self.model, tokens, self.encoder_states, self.encoder_mask, self.cache,
-                                   self.cache.length)
+        if self.cpu_step is not None and self.cpu_step.accepts(tokens, self.cache, self.encoder_states):
+            logits = self.model.logits(self.cpu_step.run(tokens, self.cache, self.encoder_mask)).float()
+        else:
+            logits = next_token_logits(self.model, tokens, self.encoder_states, self.encoder_mask, self.cache,
+                                       self.cache.length)
         self.cache.length += tokens.shape[1]
         return logits
 

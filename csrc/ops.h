@@ -1,0 +1,30 @@
+// C++ entry points of the row-wise ops (ISA dispatch and threading included), shared by their
+// Python bindings and by decoder_step.cpp. Inputs are validated by the caller; fp32 rows are
+// contiguous.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "kernels.h"
+
+namespace umt5_fast {
+
+// out = rms_norm(h) with h = x, or h = x + residual (written to hidden) when residual is not null.
+void run_rms_norm(const float* x, const float* residual, const float* weight, float eps,
+                  float* hidden, float* out, int64_t rows, int64_t dim, int num_threads);
+
+// "gelu_tanh", "gelu_erf", "relu" or "silu"; std::invalid_argument for any other name.
+kernels::Activation activation_from_name(const std::string& name);
+
+// out = act(a) * b (or act(a) when b is null); out may alias a.
+void run_gated_activation(kernels::Activation activation, const float* a, int64_t a_row_stride,
+                          const float* b, int64_t b_row_stride, float* out,
+                          int64_t out_row_stride, int64_t rows, int64_t cols, int num_threads);
+
+// y = int8(x) @ qweight^T, rescaled (+ residual): see w8a8_linear.h. in_features in [1, 65536].
+void run_w8a8_linear(const float* x, const int8_t* qweight, const float* scale,
+                     const float* residual, float* y, int64_t rows, int64_t in_features,
+                     int64_t out_features, int num_threads);
+
+}  // namespace umt5_fast

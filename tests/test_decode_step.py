@@ -1,0 +1,133 @@
+"""The cpu backend's C++ decode step (umt5_fast/decode_step.py, csrc/decoder_step.cpp) against the
+Python path it replaces: logits and cache contents bit for bit, step after step, for every weight
+format and instruction set; generation (greedy with finishing rows, beams, sampling) unchanged.
+The Python path itself is tested against transformers (test_backends, test_generation)."""
+import pytest
+import torch
+
+import umt5_fast
+from umt5_fast import decode_step, generation
+from helpers import random_batch
+
+pytest.importorskip("umt5_fast._C")
+
+CONFIGS = {
+    # 5 heads of 24, 3 decoder layers, max_distance 40 (the 45 steps below pass it)
+    "odd-gated-gelu": dict(),
+    "relu-ungated": dict(feed_forward_proj="relu", num_heads=3, d_kv=8, d_ff=33, num_decoder_layers=2,
+                         relative_attention_num_buckets=8, relative_attention_max_distance=6),
+    "tied-gated-silu": dict(feed_forward_proj="gated-silu", tie_word_embeddings=True, num_decoder_layers=1,
+                            d_model=36, num_heads=7, d_kv=5),
+}
+MODES = [None, "bf16", "int8", "w8a8"]
+
+
+def load(checkpoint_factory, config_name, mode, **kwargs):
+    path, _ = checkpoint_factory("UMT5ForConditionalGeneration", **CONFIGS[config_name])
+    return umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="cpu", quantize=mode, **kwargs)
+
+
+def encoded(model, batch: int, seed: int):
+    ids, mask = random_batch(model.config.vocab_size, batch, 23, seed=seed)  # right, left and no padding
+    with torch.inference_mode():
+        states = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    return states, mask
+
+
+@pytest.mark.usefixtures("every_cpu_isa")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+def test_steps_equal_the_python_path(checkpoint_factory, config_name, mode):
+    model = load(checkpoint_factory, config_name, mode)
+    rows, steps = 3, 45
+    states, mask = encoded(model, rows, seed=5)
+    fast = generation.Decoder(model, states, mask, max_length=steps + 1)
+    python = generation.Decoder(model, states, mask, max_length=steps + 1)
+    assert fast.cpu_step is not None
+    python.cpu_step = None
+    g = torch.Generator().manual_seed(6)
+    tokens = torch.zeros(rows, 1, dtype=torch.long)
+    with torch.inference_mode():
+        for step in range(steps):
+            if step:
+                assert fast.cpu_step.accepts(tokens, fast.cache, fast.encoder_states)
+            expected = python.step(tokens)
+            got = fast.step(tokens)
+            assert torch.equal(got, expected), f"step {step}: max diff {(got - expected).abs().max()}"
+            tokens = torch.randint(0, model.config.vocab_size, (rows, 1), generator=g)
+    assert torch.equal(fast.cache.keys, python.cache.keys) and torch.equal(fast.cache.values, python.cache.values)
+
+
+GENERATE_CASES = [
+    dict(max_new_tokens=14),  # rows finish at different steps: the decoder drops them
+    dict(max_new_tokens=10, num_beams=3, num_return_sequences=2),  # beam reorders of the cache
+    dict(max_new_tokens=10, do_sample=True, top_k=20, num_return_sequences=2),
+]
+
+
+@pytest.mark.parametrize("mode", [None, "w8a8"])
+@pytest.mark.parametrize("case", range(len(GENERATE_CASES)))
+def test_generate_is_unchanged(checkpoint_factory, monkeypatch, case, mode):
+    model = load(checkpoint_factory, "odd-gated-gelu", mode)
+    ids, mask = random_batch(model.config.vocab_size, 4, 31, seed=case)
+    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None)
+    counts = torch.bincount(greedy[:, 1:].flatten(), minlength=model.config.vocab_size)
+    counts[0] = 0
+    kwargs = dict(GENERATE_CASES[case], eos_token_id=int(counts.argmax()), output_scores=True,
+                  return_dict_in_generate=True)
+
+    def run():
+        torch.manual_seed(7)
+        return model.generate(ids, attention_mask=mask, **kwargs)
+
+    built = []
+    real_build = decode_step.build
+    monkeypatch.setattr(decode_step, "build", lambda m: built.append(real_build(m)) or built[-1])
+    fast = run()
+    assert built and all(step is not None for step in built)
+    monkeypatch.setattr(decode_step, "build", lambda m: None)
+    python = run()
+    assert torch.equal(fast.sequences, python.sequences)
+    assert len(fast.scores) == len(python.scores)
+    for got, expected in zip(fast.scores, python.scores):
+        assert torch.equal(got, expected)
+
+
+def test_models_it_does_not_cover_take_the_python_path(checkpoint_factory):
+    path, _ = checkpoint_factory("UMT5ForConditionalGeneration", **CONFIGS["odd-gated-gelu"])
+    load_model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained
+    assert decode_step.build(load_model(path, backend="eager")) is None
+    assert decode_step.build(load_model(path, backend="cpu", dtype=torch.float16)) is None
+    assert decode_step.build(load_model(path, backend="cpu", dtype=torch.bfloat16)) is None
+    path, _ = checkpoint_factory("UMT5ForConditionalGeneration", feed_forward_proj="gated-quick_gelu")
+    assert decode_step.build(load_model(path, backend="cpu")) is None  # no C++ kernel for quick_gelu
+
+
+def test_fp32_weights_take_the_step_only_up_to_the_gemv_rows(checkpoint_factory):
+    """Above FP32_KERNEL_MAX_ROWS the Python path multiplies fp32 weights with torch's GEMM: the
+    step declines rather than give other bits. 8-bit weights take the C++ kernels at any size."""
+    from umt5_fast.ops.cpu import FP32_KERNEL_MAX_ROWS
+    for mode, accepted in ((None, False), ("int8", True)):
+        model = load(checkpoint_factory, "relu-ungated", mode)
+        rows = FP32_KERNEL_MAX_ROWS + 1
+        states, mask = encoded(model, rows, seed=8)
+        fast = generation.Decoder(model, states, mask, max_length=3)
+        python = generation.Decoder(model, states, mask, max_length=3)
+        python.cpu_step = None
+        tokens = torch.zeros(rows, 1, dtype=torch.long)
+        with torch.inference_mode():
+            assert torch.equal(fast.step(tokens), python.step(tokens))
+            assert fast.cpu_step.accepts(tokens, fast.cache, fast.encoder_states) == accepted
+            assert torch.equal(fast.step(tokens), python.step(tokens))
+
+
+def test_a_full_cache_is_an_error_not_an_overwrite(checkpoint_factory):
+    model = load(checkpoint_factory, "relu-ungated", None)
+    states, mask = encoded(model, 2, seed=9)
+    decoder = generation.Decoder(model, states, mask, max_length=2)
+    tokens = torch.zeros(2, 1, dtype=torch.long)
+    with torch.inference_mode():
+        decoder.step(tokens)
+        decoder.step(tokens)
+        with pytest.raises(ValueError, match="longer than the cache allows"):
+            decoder.step(tokens)

@@ -1,0 +1,133 @@
+"""The cpu backend's single-token decode step as one C++ call (``csrc/decoder_step.cpp``).
+
+At batch 1 a decode step of umt5-small reads ~90 MB of decoder weights in ~3 ms, and the ~100
+Python-level op calls of ``DecoderStack.run`` cost about as much again. ``CpuDecodeStep`` hands
+the C++ side pointers to every decoder weight once per ``generate`` call; each step then runs the
+whole stack (same kernels, same order, so the same bits as the Python path) and returns the final
+hidden states. It covers what the cpu backend's kernels cover: fp32 activations; fp32, bf16, int8
+or W8A8 linear weights without bias; fp32 norms; activations with a C++ kernel. Anything else
+(``build`` returns None, or ``accepts`` says no) takes the Python path, which is also the
+specification this one is tested against.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from umt5_fast.cache import StaticCache
+from umt5_fast.quant import QuantizedWeight, W8A8Weight
+
+try:  # the extension is optional: without it there is no cpu backend either
+    from umt5_fast.ops import cpu as cpu_ops
+except ImportError:
+    cpu_ops = None
+
+_NONE, _F32, _BF16, _INT8, _W8A8 = -1, 0, 1, 2, 3
+_NO_LINEAR = (_NONE, 0, 0, 0, 0)
+
+
+def _linear_spec(linear, keep: list):
+    """``(kind, weight ptr, scale ptr, in, out)`` of a decoder ``Linear``, or None when no C++
+    kernel takes it as ``ops.cpu.linear`` would (``keep`` holds the tensors the pointers need)."""
+    if linear.bias is not None:
+        return None
+    weight = linear.packed_weight()
+    if isinstance(weight, torch.Tensor):
+        kind = {torch.float32: _F32, torch.bfloat16: _BF16}.get(weight.dtype)
+        if kind is None:
+            return None
+        weight = weight.contiguous()
+        keep.append(weight)
+        return kind, weight.data_ptr(), 0, weight.shape[1], weight.shape[0]
+    if type(weight) not in (QuantizedWeight, W8A8Weight) or weight.qweight.dtype != torch.int8:
+        return None  # fp8 / GGUF blocks are expanded per call by Linear.kernel_weight
+    qweight, scale = weight.qweight.contiguous(), weight.scale.float().contiguous()
+    keep.extend((qweight, scale))
+    kind = _W8A8 if isinstance(weight, W8A8Weight) else _INT8
+    return kind, qweight.data_ptr(), scale.data_ptr(), qweight.shape[1], qweight.shape[0]
+
+
+def _norm_weight(norm, eps: float, keep: list):
+    """Pointer to an RMSNorm's fp32 weight, or None when the step cannot run it (its one ``eps``)."""
+    if norm.weight.dtype != torch.float32 or norm.eps != eps:
+        return None
+    weight = norm.weight.contiguous()
+    keep.append(weight)
+    return weight.data_ptr()
+
+
+class CpuDecodeStep:
+    def __init__(self, model, native, has_fp32_weights: bool, keep: list):
+        self.model = model
+        self.native = native
+        self.has_fp32_weights = has_fp32_weights
+        self._keep = keep  # the tensors behind the pointers ``native`` holds
+
+    def accepts(self, tokens: torch.Tensor, cache, encoder_states: torch.Tensor) -> bool:
+        """Whether this step (``tokens`` ``[rows, 1]``) runs here, exactly as the Python path would."""
+        rows = tokens.shape[0]
+        return (tokens.shape[1] == 1 and rows > 0 and isinstance(cache, StaticCache)
+                and 0 < cache.length < cache.max_length and cache.keys.dtype == torch.float32
+                and cache.keys.is_contiguous() and cache.values.is_contiguous()
+                and encoder_states.dtype == torch.float32
+                # fp32 weights take the C++ GEMV only up to this many rows (torch's GEMM above)
+                and (not self.has_fp32_weights or rows <= cpu_ops.FP32_KERNEL_MAX_ROWS)
+                and all(kv is not None and kv[0].dtype == kv[1].dtype == torch.float32
+                        and kv[0].stride(-1) == kv[1].stride(-1) == 1 for kv in cache.cross_kv))
+
+    def run(self, tokens: torch.Tensor, cache: StaticCache, encoder_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Final hidden states ``[rows, d_model]`` of the step; writes its K/V at ``cache.length``."""
+        decoder = self.model.decoder
+        rows = tokens.shape[0]
+        hidden = F.embedding(tokens[:, 0], decoder.embed_tokens.weight).contiguous()
+        out = torch.empty_like(hidden)
+        cross_k = [kv[0] for kv in cache.cross_kv]
+        cross_v = [kv[1] for kv in cache.cross_kv]
+        source_length = cross_k[0].shape[2]
+        mask = cpu_ops._check_key_padding_mask(encoder_mask, rows, source_length)
+        self.native.run(hidden=hidden.data_ptr(), out=out.data_ptr(), rows=rows, position=cache.length,
+                        keys=cache.keys.data_ptr(), values=cache.values.data_ptr(),
+                        cache_strides=cache.keys.stride()[:4],
+                        cross_k=[k.data_ptr() for k in cross_k], k_strides=[k.stride()[:3] for k in cross_k],
+                        cross_v=[v.data_ptr() for v in cross_v], v_strides=[v.stride()[:3] for v in cross_v],
+                        source_length=source_length, encoder_mask=0 if mask is None else mask.data_ptr(),
+                        mask_stride=0 if mask is None else mask.stride(0),
+                        num_threads=torch.get_num_threads())
+        return out
+
+
+def build(model) -> Optional[CpuDecodeStep]:
+    """The C++ step for ``model`` as it is now (weights, dtypes, backend), or None when it does
+    not cover the model. Build it again after changing the model."""
+    if cpu_ops is None or model.runtime.ops is not cpu_ops:
+        return None
+    config, decoder = model.config, model.decoder
+    activation = cpu_ops._KERNEL_ACTIVATIONS.get(config.dense_act_fn)
+    if activation is None or decoder.embed_tokens.weight.dtype != torch.float32:
+        return None
+    keep, layers, kinds = [], [], set()
+    eps = decoder.final_layer_norm.eps
+    for block in decoder.block:
+        self_attention, cross_attention = block.layer[0].SelfAttention, block.layer[1].EncDecAttention
+        ffn = block.layer[2].DenseReluDense
+        gate, up = (ffn.wi_0, ffn.wi_1) if ffn.gated else (ffn.wi, None)
+        linears = [_linear_spec(lin, keep) for lin in (self_attention.q, self_attention.k, self_attention.v,
+                                                       self_attention.o, cross_attention.q, cross_attention.o,
+                                                       gate)]
+        linears.append(_NO_LINEAR if up is None else _linear_spec(up, keep))
+        linears.append(_linear_spec(ffn.wo, keep))
+        norms = [_norm_weight(sub.layer_norm, eps, keep) for sub in block.layer]
+        if any(spec is None for spec in linears) or any(ptr is None for ptr in norms):
+            return None
+        table = self_attention.bias_table().to(torch.float32).contiguous()
+        keep.append(table)
+        kinds.update(spec[0] for spec in linears)
+        layers.append(((norms[0], table.data_ptr(), norms[1], norms[2]), linears))
+    final_norm = _norm_weight(decoder.final_layer_norm, eps, keep)
+    if final_norm is None or not layers:
+        return None
+    native = cpu_ops._C.DecoderStep(
+        d_model=config.d_model, heads=config.num_heads, d_kv=config.d_kv, d_ff=config.d_ff,
+        num_buckets=config.relative_attention_num_buckets, max_distance=config.relative_attention_max_distance,
+        eps=eps, activation=activation, layers=layers, final_norm=final_norm)
+    return CpuDecodeStep(model, native, _F32 in kinds, keep)

@@ -271,16 +271,18 @@ template <CpuIsa ISA, typename WeightT, int MR>
 inline void linear_row_block(const LinearProblem<WeightT>& p, int64_t m0, int64_t n_begin,
                              int64_t n_end) {
   // Weight rows per block: at least 8 independent accumulators hide the FMA latency (3 chains
-  // left one x row at 0.75 vectors a cycle), and MR * NR <= 12 keeps the accumulators and the
-  // operands in 16 vector registers.
-  constexpr int NR = MR == 1 ? 8 : MR == 2 ? 6 : MR == 3 ? 4 : 3;
+  // left one x row at 0.75 vectors a cycle), and the accumulators and operands fit the vector
+  // registers: MR * NR <= 24 of AVX-512's 32, else MR * NR <= 12 of 16.
+  constexpr int NR = ISA == CpuIsa::avx512 ? (MR <= 2 ? 8 : 6)
+                                           : (MR == 1 ? 8 : MR == 2 ? 6 : MR == 3 ? 4 : 3);
   const int64_t K = p.in_features, N = p.out_features;
   for (int64_t n0 = n_begin; n0 < n_end; n0 += NR) {
     const WeightT* w_rows[NR];
     for (int n = 0; n < NR; ++n)  // rows past n_end repeat the last one; their sums are dropped
       w_rows[n] = p.weight + std::min(n0 + n, n_end - 1) * K;
     // The next block of the matrix, wherever it lies (another chunk, another thread's range).
-    const bool next_block_exists = n0 + 2 * NR <= N;
+    // Only the first row block fetches: the others find the block in cache.
+    const bool next_block_exists = m0 == 0 && n0 + 2 * NR <= N;
     const char* next_block =
         next_block_exists ? reinterpret_cast<const char*>(p.weight + (n0 + NR) * K) : nullptr;
     float sums[MR * NR];

@@ -272,7 +272,7 @@ def test_unknown_activation_falls_back_to_eager(generator):
 # ----------------------------------------------------------------------------------------------
 # Weight-only linear
 
-@pytest.mark.parametrize("rows", [1, 3, 17, 64])
+@pytest.mark.parametrize("rows", [1, 2, 3, 6, 17, 64])  # every row-block remainder
 @pytest.mark.parametrize("out_features,in_features", [(71, 133), (257, 64), (5, 7)])
 @pytest.mark.parametrize("weights", ["int8", "bf16", "fp32"])
 @pytest.mark.parametrize("with_residual", [False, True])

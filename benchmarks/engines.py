@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-PRECISION_BYTES = {"fp32": 4, "bf16": 2, "int8": 1, "w8a8": 1}
+PRECISION_BYTES = {"fp32": 4, "bf16": 2, "bf16-model": 2, "int8": 1, "w8a8": 1}
 REFERENCE_ENGINE = "transformers-fp32"
 # Default sweep: the engines the issue lists (others can still be named with --engines).
 DEFAULT_ENGINES = ("umt5_fast-eager-fp32", "umt5_fast-cpu-fp32", "umt5_fast-cpu-int8", "umt5_fast-cpu-w8a8",
@@ -38,13 +38,15 @@ class Engine:
 
     @property
     def activation_bytes(self) -> int:
-        return 4  # activations stay float32 between layers (w8a8 quantises them inside each GEMM)
+        # activations stay float32 between layers (w8a8 quantises them inside each GEMM), except in
+        # a bf16 model
+        return 2 if self.precision == "bf16-model" else 4
 
     @property
     def gemm_dtype(self) -> str:
         # weight-only formats widen weights to fp32 before multiplying; w8a8's integer rate is not
         # measured, so its compute floor is the fp32 one (an upper bound of the true floor)
-        return "float32"
+        return "bfloat16" if self.precision == "bf16-model" else "float32"
 
     def unsupported_reason(self, workload) -> Optional[str]:
         return self.missing
@@ -69,6 +71,8 @@ class UMT5FastEngine(Engine):
 
     def load_options(self) -> dict:
         import torch
+        if self.precision == "bf16-model":  # everything in bf16, as transformers' dtype=torch.bfloat16
+            return dict(dtype=torch.bfloat16, quantize=None)
         # fp32 activations with int8 / bf16 weights (w8a8: int8 inside each GEMM): what the C++ kernels take
         return dict(dtype=torch.float32, quantize=None if self.precision == "fp32" else self.precision)
 
@@ -155,7 +159,7 @@ def all_engines() -> list:
     for backend in ("cpu", "eager"):
         missing = umt5_missing or (None if backend in backends else
                                    "umt5_fast's C++ extension (umt5_fast._C) is not built or does not import")
-        engines += [UMT5FastEngine(backend, precision, missing) for precision in ("fp32", "int8", "w8a8", "bf16")]
+        engines += [UMT5FastEngine(backend, precision, missing) for precision in ("fp32", "int8", "w8a8", "bf16", "bf16-model")]
     engines.append(TransformersEngine(None if _importable("transformers") else "transformers is not installed"))
     ct2_missing = None if _importable("ctranslate2") else "ctranslate2 is not installed"
     engines += [CTranslate2Engine(precision, ct2_missing) for precision in ("fp32", "int8")]

@@ -38,6 +38,7 @@ class SweepPreset:
 
 
 CPU_TARGET_ENGINES = ("umt5_fast-cpu-fp32", "umt5_fast-cpu-int8", "umt5_fast-cpu-w8a8", "umt5_fast-cpu-bf16",
+                      "umt5_fast-cpu-bf16-model",
                       REFERENCE_ENGINE,
                       "ctranslate2-fp32", "ctranslate2-int8")
 PRESETS = {

@@ -2,9 +2,11 @@
 // they may be the two halves of one [rows, 2 * cols] GEMM output; out may alias a.
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include <pybind11/pybind11.h>
 
+#include "bf16.h"
 #include "ops.h"
 #include "parallel.h"
 
@@ -35,6 +37,25 @@ void run_gated_activation(kernels::Activation activation, const float* a, int64_
   });
 }
 
+void run_gated_activation_bf16(kernels::Activation activation, const uint16_t* a,
+                               int64_t a_row_stride, const uint16_t* b, int64_t b_row_stride,
+                               uint16_t* out, int64_t out_row_stride, int64_t rows, int64_t cols,
+                               int num_threads) {
+  void (*apply)(kernels::Activation, const float*, int64_t, const float*, int64_t, float*, int64_t,
+                int64_t, int64_t) = nullptr;
+  UMT5_DISPATCH_ISA(ISA, apply = &kernels::gated_activation_rows<ISA>);
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(cols, 1));
+  parallel_for_ranges(rows, grain, num_threads, [&](int64_t begin, int64_t end) {
+    std::vector<float> gate(cols), up(b ? cols : 0);
+    for (int64_t r = begin; r < end; ++r) {
+      widen_bf16(a + r * a_row_stride, gate.data(), cols);
+      if (b) widen_bf16(b + r * b_row_stride, up.data(), cols);
+      apply(activation, gate.data(), cols, b ? up.data() : nullptr, cols, gate.data(), cols, 1, cols);
+      round_to_bf16(gate.data(), out + r * out_row_stride, cols);
+    }
+  });
+}
+
 void register_gated_act(py::module_& m) {
   m.def("gated_activation",
         [](const std::string& activation, uintptr_t a, int64_t a_row_stride, uintptr_t b,
@@ -52,6 +73,21 @@ void register_gated_act(py::module_& m) {
         py::arg("cols"), py::arg("num_threads"),
         "out = act(a) * b on fp32 data pointers (b = 0: out = act(a)); activation is "
         "'gelu_tanh', 'gelu_erf', 'relu' or 'silu'.");
+  m.def("gated_activation_bf16",
+        [](const std::string& activation, uintptr_t a, int64_t a_row_stride, uintptr_t b,
+           int64_t b_row_stride, uintptr_t out, int64_t out_row_stride, int64_t rows,
+           int64_t cols, int num_threads) {
+          const kernels::Activation act = activation_from_name(activation);
+          py::gil_scoped_release no_gil;
+          run_gated_activation_bf16(act, reinterpret_cast<const uint16_t*>(a), a_row_stride,
+                                    reinterpret_cast<const uint16_t*>(b), b_row_stride,
+                                    reinterpret_cast<uint16_t*>(out), out_row_stride, rows, cols,
+                                    num_threads);
+        },
+        py::kw_only(), py::arg("activation"), py::arg("a"), py::arg("a_row_stride"), py::arg("b"),
+        py::arg("b_row_stride"), py::arg("out"), py::arg("out_row_stride"), py::arg("rows"),
+        py::arg("cols"), py::arg("num_threads"),
+        "gated_activation on bf16 data pointers: computed in fp32, rounded to bf16 once.");
 }
 
 }  // namespace umt5_fast

@@ -14,6 +14,11 @@ namespace umt5_fast {
 void run_rms_norm(const float* x, const float* residual, const float* weight, float eps,
                   float* hidden, float* out, int64_t rows, int64_t dim, int num_threads);
 
+// bf16 rows, transformers' T5LayerNorm in a bf16 model: fp32 variance, h = x * rsqrt rounded to
+// bf16, then times the bf16 weight (rounded again).
+void run_rms_norm_bf16(const uint16_t* x, const uint16_t* weight, float eps, uint16_t* out,
+                       int64_t rows, int64_t dim, int num_threads);
+
 // "gelu_tanh", "gelu_erf", "relu" or "silu"; std::invalid_argument for any other name.
 kernels::Activation activation_from_name(const std::string& name);
 
@@ -21,6 +26,12 @@ kernels::Activation activation_from_name(const std::string& name);
 void run_gated_activation(kernels::Activation activation, const float* a, int64_t a_row_stride,
                           const float* b, int64_t b_row_stride, float* out,
                           int64_t out_row_stride, int64_t rows, int64_t cols, int num_threads);
+
+// bf16 rows: act(a) * b computed in fp32 and rounded to bf16 once.
+void run_gated_activation_bf16(kernels::Activation activation, const uint16_t* a,
+                               int64_t a_row_stride, const uint16_t* b, int64_t b_row_stride,
+                               uint16_t* out, int64_t out_row_stride, int64_t rows, int64_t cols,
+                               int num_threads);
 
 // y = int8(x) @ qweight^T, rescaled (+ residual): see w8a8_linear.h. in_features in [1, 65536].
 void run_w8a8_linear(const float* x, const int8_t* qweight, const float* scale,

@@ -1,5 +1,9 @@
 // RMSNorm (T5LayerNorm) and residual-add + RMSNorm over rows of a contiguous fp32 [rows, dim].
+#include <vector>
+
 #include <pybind11/pybind11.h>
+
+#include "bf16.h"
 
 #include "ops.h"
 #include "parallel.h"
@@ -17,6 +21,25 @@ void run_rms_norm(const float* x, const float* residual, const float* weight, fl
   parallel_for_ranges(rows, grain, num_threads, [&](int64_t begin, int64_t end) {
     norm(x + begin * dim, residual ? residual + begin * dim : nullptr, weight, eps,
          hidden ? hidden + begin * dim : nullptr, out + begin * dim, end - begin, dim);
+  });
+}
+
+void run_rms_norm_bf16(const uint16_t* x, const uint16_t* weight, float eps, uint16_t* out,
+                       int64_t rows, int64_t dim, int num_threads) {
+  void (*norm)(const float*, const float*, const float*, float, float*, float*, int64_t,
+               int64_t) = nullptr;
+  UMT5_DISPATCH_ISA(ISA, norm = &kernels::rms_norm_rows<ISA>);
+  const std::vector<float> ones(dim, 1.0f);  // the fp32 kernel's weight: h * rsqrt exactly
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(dim, 1));
+  parallel_for_ranges(rows, grain, num_threads, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(dim), normed(dim);
+    for (int64_t r = begin; r < end; ++r) {
+      widen_bf16(x + r * dim, row.data(), dim);
+      norm(row.data(), nullptr, ones.data(), eps, nullptr, normed.data(), 1, dim);
+      uint16_t* out_row = out + r * dim;
+      for (int64_t i = 0; i < dim; ++i)
+        out_row[i] = float_to_bf16(bf16_to_float(float_to_bf16(normed[i])) * bf16_to_float(weight[i]));
+    }
   });
 }
 
@@ -45,6 +68,17 @@ void register_rms_norm(py::module_& m) {
         py::arg("hidden"), py::arg("out"), py::arg("rows"), py::arg("dim"),
         py::arg("num_threads"),
         "hidden = x + residual; out = rms_norm(hidden) in one pass, on fp32 data pointers.");
+  m.def("rms_norm_bf16",
+        [](uintptr_t x, uintptr_t weight, float eps, uintptr_t out, int64_t rows, int64_t dim,
+           int num_threads) {
+          py::gil_scoped_release no_gil;
+          run_rms_norm_bf16(reinterpret_cast<const uint16_t*>(x),
+                            reinterpret_cast<const uint16_t*>(weight), eps,
+                            reinterpret_cast<uint16_t*>(out), rows, dim, num_threads);
+        },
+        py::kw_only(), py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("out"),
+        py::arg("rows"), py::arg("dim"), py::arg("num_threads"),
+        "rms_norm of a bf16 model (x, weight and out bf16 data pointers; fp32 variance).");
 }
 
 }  // namespace umt5_fast

@@ -233,6 +233,26 @@ def test_rms_norm_half_weight_falls_back_to_eager(generator):
     torch.testing.assert_close(got, eager.rms_norm(x, weight, 1e-6), rtol=0, atol=0)
 
 
+def bf16_ulps(got, expected):
+    """Distance in bf16 units in the last place (both bf16; same-sign values)."""
+    return (got.view(torch.int16).int() - expected.view(torch.int16).int()).abs()
+
+
+@pytest.mark.parametrize("shape", [(1, 512), (3, 7, 80), (5, 1), (17, 77)], ids=str)
+def test_rms_norm_of_a_bf16_model(shape, generator):
+    """T5LayerNorm with bf16 x and weight: fp32 variance, h rounded to bf16, times the weight and
+    rounded again. Against the same formula in fp64: at most one bf16 ulp apart (the fp32 variance
+    sums in another order), and eager bf16 is held to the same bound."""
+    x = (randn(*shape, generator=generator) * 3).bfloat16()
+    weight = (randn(shape[-1], generator=generator) + 1).bfloat16()
+    got = cpu.rms_norm(x, weight, 1e-6)
+    inverse_rms = torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6)
+    expected = ((x.double() * inverse_rms).bfloat16().double() * weight.double()).bfloat16()
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape
+    assert bf16_ulps(got, expected).max() <= 1
+    assert bf16_ulps(eager.rms_norm(x, weight, 1e-6), expected).max() <= 1
+
+
 # ----------------------------------------------------------------------------------------------
 # Gated FFN and activations
 
@@ -261,6 +281,41 @@ def test_gated_ffn_in(activation, gated, weights, generator):
     w_up = w_up if gated else None
     torch.testing.assert_close(cpu.gated_ffn_in(x, w_gate, w_up, activation),
                                eager.gated_ffn_in(x, w_gate, w_up, activation), **LINEAR_TOL)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("gated", [True, False])
+def test_gated_ffn_in_of_a_bf16_model(activation, gated, generator):
+    """bf16 x and weights: the projections' bf16 outputs go through act(a) * b in fp32, rounded to
+    bf16 once (eager rounds after each op): equal to that up to one bf16 ulp (the fp32 kernel vs
+    torch's fp32 formulas)."""
+    x = randn(3, 7, 40, generator=generator).bfloat16()
+    w_gate, w_up = randn(67, 40, generator=generator).bfloat16(), randn(67, 40, generator=generator).bfloat16()
+    w_up = w_up if gated else None
+    got = cpu.gated_ffn_in(x, w_gate, w_up, activation)
+    gate = eager.ACTIVATIONS[activation](cpu.linear(x, w_gate).float())
+    expected = (gate if w_up is None else gate * cpu.linear(x, w_up).float()).bfloat16()
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, rtol=2 ** -8, atol=1e-5)  # tails: POINTWISE_TOL * |b|
+    assert (got == expected).float().mean() >= 0.95  # eager bf16 (rounding every op) gets ~0.8
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 17])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_linear_of_a_bf16_model(rows, with_residual, generator):
+    """bf16 x and weight: up to BF16_KERNEL_MAX_ROWS rows the C++ kernel on the widened x (fp32
+    sums, rounded once), above them torch's bf16 GEMM; both within one bf16 ulp of the exact
+    product rounded once (plus the residual's own rounding)."""
+    x, weight = randn(rows, 133, generator=generator).bfloat16(), randn(71, 133, generator=generator).bfloat16()
+    residual = randn(rows, 71, generator=generator).bfloat16() if with_residual else None
+    got = cpu.linear(x, weight, residual)
+    exact = (x.double() @ weight.double().T).bfloat16()
+    assert got.dtype == torch.bfloat16
+    if residual is None:
+        assert bf16_ulps(got, exact).max() <= 1
+    else:
+        torch.testing.assert_close(got, exact + residual, rtol=2 ** -7, atol=2 ** -7)
+        torch.testing.assert_close(got, eager.linear(x, weight, residual), rtol=2 ** -7, atol=2 ** -7)
 
 
 def test_unknown_activation_falls_back_to_eager(generator):

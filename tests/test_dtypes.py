@@ -68,7 +68,9 @@ def test_auto_dtype_takes_the_checkpoint_dtype(checkpoint_factory, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cpu_backend_half_precision_is_as_accurate_as_transformers(checkpoint_factory, dtype):
+@pytest.mark.parametrize("batch,decoder_length", [(3, 9), (8, 1)])  # (8, 1): decode-sized linears
+def test_cpu_backend_half_precision_is_as_accurate_as_transformers(checkpoint_factory, dtype, batch,
+                                                                   decoder_length):
     """The cpu backend runs bf16 / fp16 attention in fp32 (one rounding of its output), so it is not
     bit-compatible with transformers' half-precision scores; held instead to the fp32 model: no
     further from it than transformers in the same dtype (RMS error within 1.25x of its), and within
@@ -81,8 +83,9 @@ def test_cpu_backend_half_precision_is_as_accurate_as_transformers(checkpoint_fa
     ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, dtype=dtype, backend="cpu")
     hf = transformers.UMT5ForConditionalGeneration.from_pretrained(path, torch_dtype=dtype).eval()
     fp32 = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="eager")
-    ids, mask = random_batch(ours.config.vocab_size, 3, 45, 2)
-    dec, _ = random_batch(ours.config.vocab_size, 3, 9, 3, padding=(None,))
+    ids, mask = random_batch(ours.config.vocab_size, batch, 45, 2)
+    dec, _ = random_batch(ours.config.vocab_size, batch, decoder_length + 1, 3, padding=(None,))
+    dec = dec[:, :decoder_length]
     with torch.no_grad():
         theirs = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits.float()
     full = fp32(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits

@@ -22,10 +22,15 @@ namespace {
 struct PositionTerms {
   std::vector<float> values;
   int64_t head_stride = 0;  // 0 when all heads share the row
+  // Each head's row reversed, with kAttentionMaxRows entries of padding on both sides: what
+  // multi-row blocks read (one vector covers consecutive rows of one key).
+  std::vector<float> reversed;
+  int64_t reversed_head_stride = 0;
+  int64_t distances = 0;
 
   PositionTerms(const AttentionProblem& p) {
     if (!p.bias_table && !p.causal) return;
-    const int64_t distances = p.query_length + p.key_length - 1;
+    distances = p.query_length + p.key_length - 1;
     const int64_t rows = p.bias_table ? p.heads : 1;
     const int64_t row_length = distances + kernels::kPad;  // the kernel reads past the last key
     values.assign(rows * row_length, 0.0f);
@@ -41,6 +46,14 @@ struct PositionTerms {
           values[h * row_length + index] = p.bias_table[bucket * p.heads + h];
       }
     }
+    if (p.query_length == 1) return;  // one-row blocks only
+    reversed_head_stride = distances + 2 * kernels::kAttentionMaxRows;
+    reversed.assign(rows * reversed_head_stride, 0.0f);
+    for (int64_t h = 0; h < rows; ++h)
+      for (int64_t index = 0; index < distances; ++index)
+        reversed[h * reversed_head_stride + kernels::kAttentionMaxRows + distances - 1 - index] =
+            values[h * row_length + index];
+    if (!p.bias_table) reversed_head_stride = 0;
   }
 
   // The term of (query row `first_row`, key 0) for head h; row r of the kernel's block reads
@@ -48,6 +61,13 @@ struct PositionTerms {
   const float* for_block(int64_t h, int64_t first_row, int64_t query_length) const {
     if (values.empty()) return nullptr;
     return values.data() + h * head_stride + (query_length - 1 - first_row);
+  }
+
+  // The same for multi-row blocks: entry (r - j) holds the term of (row first_row + r, key j).
+  const float* reversed_for_block(int64_t h, int64_t first_row, int64_t query_length) const {
+    if (reversed.empty()) return nullptr;
+    return reversed.data() + h * reversed_head_stride + kernels::kAttentionMaxRows + distances -
+           query_length + first_row;
   }
 };
 
@@ -140,6 +160,7 @@ void run_attention(const AttentionProblem& p) {
       block.key_end = key_terms.last_kept[b] + 1;
       if (p.causal) block.key_end = std::min(block.key_end, last_position + 1);
       block.position_term = position_terms.for_block(h, first_row, p.query_length);
+      block.position_term_reversed = position_terms.reversed_for_block(h, first_row, p.query_length);
       block.key_term = key_terms.for_batch(b);
       if (block.key_begin < block.key_end) attend(block, scratch.data());
 

@@ -45,6 +45,10 @@ struct AttentionBlock {
   // kMaskedScore for a causally masked pair); nullptr when there is none. Readable up to kPad
   // entries past the last key.
   const float* position_term;
+  // The same terms for blocks of several rows: the term of (row r, key j) is
+  // position_term_reversed[r - j], readable for r in [0, kAttentionMaxRows) (rows past num_rows
+  // read padding).
+  const float* position_term_reversed;
   // Additive term of key j: key_term[j], 0 or kMaskedScore (padding); nullptr when no key is
   // padded. Readable up to kPad entries past the last key.
   const float* key_term;

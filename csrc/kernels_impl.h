@@ -79,35 +79,90 @@ inline void dot_products(const float* const* q_rows, const float* const* k_rows,
   reduce_all<ISA, R * C>(acc, out);
 }
 
-// Raw scores of the block's rows against keys [first_key, first_key + num_keys): scores row r
-// holds num_keys values, then junk that softmax_step overwrites. Single-row blocks (decoding)
-// take eight keys at a time; others four rows by two keys, so each K vector is reused 4 times.
+// Raw scores of one query row against keys [first_key, first_key + num_keys), eight keys at a time
+// (scores past num_keys are junk that softmax_step overwrites).
 template <CpuIsa ISA>
-inline void score_tile(const float* q_scaled, int64_t q_stride, int num_rows, const float* k,
-                       int64_t k_row_stride, int64_t first_key, int num_keys, int dim,
-                       float* scores) {
-  auto key_row = [&](int c) {  // keys past the tile repeat its last key; their scores are junk
-    return k + (first_key + std::min(c, num_keys - 1)) * k_row_stride;
-  };
-  if (num_rows == 1) {
-    for (int c0 = 0; c0 < num_keys; c0 += 8) {
-      const float* keys[8];
-      for (int c = 0; c < 8; ++c) keys[c] = key_row(c0 + c);
-      dot_products<ISA, 1, 8>(&q_scaled, keys, dim, scores + c0);
-    }
-    return;
+inline void score_row(const float* q_scaled, const float* k, int64_t k_row_stride,
+                      int64_t first_key, int num_keys, int dim, float* scores) {
+  for (int c0 = 0; c0 < num_keys; c0 += 8) {
+    const float* keys[8];  // keys past the tile repeat its last key
+    for (int c = 0; c < 8; ++c) keys[c] = k + (first_key + std::min(c0 + c, num_keys - 1)) * k_row_stride;
+    dot_products<ISA, 1, 8>(&q_scaled, keys, dim, scores + c0);
   }
-  for (int r0 = 0; r0 < num_rows; r0 += 4) {  // rows past num_rows are zero padding
-    const float* rows[4];
-    for (int r = 0; r < 4; ++r) rows[r] = q_scaled + (r0 + r) * q_stride;
-    for (int c0 = 0; c0 < num_keys; c0 += 2) {
-      const float* keys[2] = {key_row(c0), key_row(c0 + 1)};
-      float dots[8];
-      dot_products<ISA, 4, 2>(rows, keys, dim, dots);
-      for (int r = 0; r < 4; ++r)
-        for (int c = 0; c < 2; ++c) scores[(r0 + r) * kAttentionKeyTile + c0 + c] = dots[r * 2 + c];
+}
+
+// Multi-row blocks work on transposed tiles, scores_t[key][row] (kAttentionMaxRows floats per
+// key): one vector holds one key's scores for W consecutive rows. Q K^T then needs no horizontal
+// sums (each K entry is broadcast against a row of Q^T), and the online softmax runs with rows in
+// lanes: its max and sum are elementwise over keys.
+constexpr int kRowStride = kAttentionMaxRows;
+
+// scores_t[c][r] = q row r . key (first_key + c) for RV vectors of rows; q_t is [dim][kRowStride].
+template <CpuIsa ISA, int RV, int KG>
+inline void score_tile_transposed(const float* q_t, const float* k, int64_t k_row_stride,
+                                  int64_t first_key, int num_keys, int dim, float* scores_t) {
+  using V = Vec<ISA>;
+  constexpr int W = V::width;
+  for (int c0 = 0; c0 < num_keys; c0 += KG) {
+    const float* keys[KG];  // keys past the tile repeat its last key; their scores are not stored
+    for (int g = 0; g < KG; ++g) keys[g] = k + (first_key + std::min(c0 + g, num_keys - 1)) * k_row_stride;
+    typename V::type acc[KG][RV];
+    for (auto& key_acc : acc)
+      for (auto& a : key_acc) a = V::zero();
+    for (int d = 0; d < dim; ++d) {
+      typename V::type q[RV];
+      for (int v = 0; v < RV; ++v) q[v] = V::load(q_t + d * kRowStride + v * W);
+      for (int g = 0; g < KG; ++g) {
+        const auto key_entry = V::set1(keys[g][d]);
+        for (int v = 0; v < RV; ++v) acc[g][v] = V::fma(key_entry, q[v], acc[g][v]);
+      }
+    }
+    for (int g = 0; g < KG && c0 + g < num_keys; ++g)
+      for (int v = 0; v < RV; ++v) V::store(scores_t + (c0 + g) * kRowStride + v * W, acc[g][v]);
+  }
+}
+
+// softmax_step for RV vectors of rows on a transposed tile: position term of (row r, key c) at
+// position_term_reversed[r - c], key term key_term[c]. running_max, running_sum and rescale hold
+// one float per row.
+template <CpuIsa ISA, int RV>
+inline void softmax_step_transposed(float* scores_t, int num_keys,
+                                    const float* position_term_reversed, const float* key_term,
+                                    float* running_max, float* running_sum, float* rescale) {
+  using V = Vec<ISA>;
+  constexpr int W = V::width;
+  typename V::type tile_max[RV];
+  for (auto& m : tile_max) m = V::set1(-std::numeric_limits<float>::infinity());
+  for (int c = 0; c < num_keys; ++c) {
+    float* row = scores_t + c * kRowStride;
+    for (int v = 0; v < RV; ++v) {
+      auto s = V::load(row + v * W);
+      if (position_term_reversed) s = V::add(s, V::load(position_term_reversed + v * W - c));
+      // A padded key scores kMaskedScore even where the position term masked it too.
+      if (key_term) s = V::max(V::add(s, V::set1(key_term[c])), V::set1(kMaskedScore));
+      V::store(row + v * W, s);
+      tile_max[v] = V::max(tile_max[v], s);
     }
   }
+  typename V::type new_max[RV], sum[RV];
+  for (int v = 0; v < RV; ++v) {
+    const auto old_max = V::load(running_max + v * W);
+    new_max[v] = V::max(old_max, tile_max[v]);
+    V::store(rescale + v * W, V::exp(V::sub(old_max, new_max[v])));  // 0 on the first tile
+    V::store(running_max + v * W, new_max[v]);
+    sum[v] = V::zero();
+  }
+  for (int c = 0; c < num_keys; ++c) {
+    float* row = scores_t + c * kRowStride;
+    for (int v = 0; v < RV; ++v) {
+      const auto p = V::exp(V::sub(V::load(row + v * W), new_max[v]));
+      V::store(row + v * W, p);
+      sum[v] = V::add(sum[v], p);
+    }
+  }
+  for (int v = 0; v < RV; ++v)
+    V::store(running_sum + v * W,
+             V::fma(V::load(running_sum + v * W), V::load(rescale + v * W), sum[v]));
 }
 
 // Online-softmax step of one row: adds the position and key terms to the raw scores, turns them
@@ -146,9 +201,9 @@ inline float softmax_step(float* scores, int num_keys, const float* position_ter
 // acc[r][d0 .. d0 + NV vectors) = acc * rescale[r] + sum_c probs[r][c] * v_c for R rows; the
 // last vector covers `last_lanes` lanes when kPartial (acc rows are padded, V rows are not).
 template <CpuIsa ISA, int R, int NV, bool kPartial>
-inline void accumulate_values(const float* probs, const float* rescale, const float* v,
-                              int64_t v_row_stride, int num_keys, int d0, int last_lanes,
-                              float* acc, int64_t acc_stride) {
+inline void accumulate_values(const float* probs, int64_t prob_row_stride, int64_t prob_key_stride,
+                              const float* rescale, const float* v, int64_t v_row_stride,
+                              int num_keys, int d0, int last_lanes, float* acc, int64_t acc_stride) {
   using V = Vec<ISA>;
   constexpr int W = V::width;
   typename V::type sums[R][NV];
@@ -162,7 +217,7 @@ inline void accumulate_values(const float* probs, const float* rescale, const fl
       values[i] = kPartial && i == NV - 1 ? V::load_partial(v_row + i * W, last_lanes)
                                           : V::load(v_row + i * W);
     for (int r = 0; r < R; ++r) {
-      const auto p = V::set1(probs[r * kAttentionKeyTile + c]);
+      const auto p = V::set1(probs[r * prob_row_stride + c * prob_key_stride]);
       for (int i = 0; i < NV; ++i) sums[r][i] = V::fma(p, values[i], sums[r][i]);
     }
   }
@@ -173,19 +228,20 @@ inline void accumulate_values(const float* probs, const float* rescale, const fl
 // accumulate_values over head_dim columns [d, dim): NV vectors at a time, then NV / 2, ... 1,
 // then the partial vector, so every vector width keeps as many accumulators as the row allows.
 template <CpuIsa ISA, int R, int NV>
-inline void accumulate_values_all(const float* probs, const float* rescale, const float* v,
+inline void accumulate_values_all(const float* probs, int64_t prob_row_stride,
+                                  int64_t prob_key_stride, const float* rescale, const float* v,
                                   int64_t v_row_stride, int num_keys, int d, int dim, float* acc,
                                   int64_t acc_stride) {
   constexpr int W = Vec<ISA>::width;
   for (; d + NV * W <= dim; d += NV * W)
-    accumulate_values<ISA, R, NV, false>(probs, rescale, v, v_row_stride, num_keys, d, W, acc,
-                                         acc_stride);
+    accumulate_values<ISA, R, NV, false>(probs, prob_row_stride, prob_key_stride, rescale, v,
+                                         v_row_stride, num_keys, d, W, acc, acc_stride);
   if constexpr (NV > 1) {
-    accumulate_values_all<ISA, R, NV / 2>(probs, rescale, v, v_row_stride, num_keys, d, dim, acc,
-                                          acc_stride);
+    accumulate_values_all<ISA, R, NV / 2>(probs, prob_row_stride, prob_key_stride, rescale, v,
+                                          v_row_stride, num_keys, d, dim, acc, acc_stride);
   } else if (d < dim) {
-    accumulate_values<ISA, R, 1, true>(probs, rescale, v, v_row_stride, num_keys, d, dim - d,
-                                       acc, acc_stride);
+    accumulate_values<ISA, R, 1, true>(probs, prob_row_stride, prob_key_stride, rescale, v,
+                                       v_row_stride, num_keys, d, dim - d, acc, acc_stride);
   }
 }
 
@@ -298,59 +354,44 @@ inline void linear_row_block(const LinearProblem<WeightT>& p, int64_t m0, int64_
   }
 }
 
-}  // namespace
-
-// ---------------------------------------------------------------------------------------------
-
-template <CpuIsa ISA>
-void attention_block(const AttentionBlock& b, float* scratch) {
+// A block of several rows, RV vectors of them (rows past num_rows are zero queries whose outputs
+// are dropped): transposed score tiles, then P V with four rows per pass.
+template <CpuIsa ISA, int RV>
+void attention_rows(const AttentionBlock& b, float* scratch) {
   using V = Vec<ISA>;
   constexpr int W = V::width;
+  // Keys per score pass: KG * RV accumulators fill the registers (32 vectors on AVX-512, else 16)
+  constexpr int KG = std::max(1, (ISA == CpuIsa::avx512 ? 24 : 12) / RV);
+  constexpr int kRows = RV * W;
   const int dim = b.head_dim;
   const int64_t dim_stride = round_up(dim, kPad);
-  const int rows = b.num_rows, padded_rows = static_cast<int>(round_up(rows, 4));
-  float* q_scaled = scratch;                         // [padded_rows, dim_stride]
-  float* acc = q_scaled + padded_rows * dim_stride;  // [padded_rows, dim_stride]
-  float* scores = acc + padded_rows * dim_stride;    // [padded_rows, kAttentionKeyTile]
-  float* running_max = scores + padded_rows * kAttentionKeyTile;
-  float* running_sum = running_max + padded_rows;
-  float* rescale = running_sum + padded_rows;
+  float* q_t = scratch;                                // [dim][kRowStride], scaled, zero padded
+  float* acc = q_t + kRowStride * dim_stride;           // [kRows][dim_stride]
+  float* scores_t = acc + kRowStride * dim_stride;      // [kAttentionKeyTile][kRowStride]
+  float* running_max = scores_t + kRowStride * kAttentionKeyTile;
+  float* running_sum = running_max + kRowStride;
+  float* rescale = running_sum + kRowStride;
 
-  // Scale q once here rather than every score; zero padding makes whole-vector reads safe.
-  for (int r = 0; r < padded_rows; ++r)
-    for (int64_t d = 0; d < dim_stride; d += W) {
-      const int lanes = static_cast<int>(std::clamp<int64_t>(dim - d, 0, W));
-      const auto q = r < rows ? V::load_partial(b.q + r * b.q_row_stride + d, lanes) : V::zero();
-      V::store(q_scaled + r * dim_stride + d, V::mul(q, V::set1(b.scale)));
-      V::store(acc + r * dim_stride + d, V::zero());
-    }
-  for (int r = 0; r < padded_rows; ++r) {
-    running_max[r] = -std::numeric_limits<float>::infinity();
-    running_sum[r] = 0.0f;
-    rescale[r] = 1.0f;  // padding rows keep a zero accumulator
-  }
+  for (int d = 0; d < dim; ++d)
+    for (int r = 0; r < kRows; ++r)
+      q_t[d * kRowStride + r] = r < b.num_rows ? b.q[r * b.q_row_stride + d] * b.scale : 0.0f;
+  std::fill(acc, acc + kRows * dim_stride, 0.0f);
+  std::fill(running_max, running_max + kRows, -std::numeric_limits<float>::infinity());
+  std::fill(running_sum, running_sum + kRows, 0.0f);
 
   for (int64_t j0 = b.key_begin; j0 < b.key_end; j0 += kAttentionKeyTile) {
     const int num_keys = static_cast<int>(std::min<int64_t>(kAttentionKeyTile, b.key_end - j0));
-    score_tile<ISA>(q_scaled, dim_stride, rows, b.k, b.k_row_stride, j0, num_keys, dim, scores);
-    for (int r = 0; r < rows; ++r)
-      rescale[r] = softmax_step<ISA>(scores + r * kAttentionKeyTile, num_keys,
-                                     b.position_term ? b.position_term - r + j0 : nullptr,
-                                     b.key_term ? b.key_term + j0 : nullptr, running_max[r],
-                                     running_sum[r]);
+    score_tile_transposed<ISA, RV, KG>(q_t, b.k, b.k_row_stride, j0, num_keys, dim, scores_t);
+    softmax_step_transposed<ISA, RV>(
+        scores_t, num_keys, b.position_term_reversed ? b.position_term_reversed - j0 : nullptr,
+        b.key_term ? b.key_term + j0 : nullptr, running_max, running_sum, rescale);
     const float* v_tile = b.v + j0 * b.v_row_stride;
-    if (rows == 1) {  // up to eight accumulators: one row has few FMA chains to hide latency
-      accumulate_values_all<ISA, 1, 8>(scores, rescale, v_tile, b.v_row_stride, num_keys, 0, dim,
-                                       acc, dim_stride);
-    } else {
-      for (int r0 = 0; r0 < rows; r0 += 4)
-        accumulate_values_all<ISA, 4, 2>(scores + r0 * kAttentionKeyTile, rescale + r0, v_tile,
-                                         b.v_row_stride, num_keys, 0, dim, acc + r0 * dim_stride,
-                                         dim_stride);
-    }
+    for (int r0 = 0; r0 < b.num_rows; r0 += 4)  // 4 x NV accumulators fit the registers
+      accumulate_values_all<ISA, 4, ISA == CpuIsa::avx512 ? 4 : 2>(scores_t + r0, 1, kRowStride, rescale + r0, v_tile,
+                                       b.v_row_stride, num_keys, 0, dim, acc + r0 * dim_stride,
+                                       dim_stride);
   }
-
-  for (int r = 0; r < rows; ++r) {
+  for (int r = 0; r < b.num_rows; ++r) {
     const auto inverse_sum = V::set1(1.0f / running_sum[r]);
     const float* acc_row = acc + r * dim_stride;
     float* out_row = b.out + r * b.out_row_stride;
@@ -358,6 +399,65 @@ void attention_block(const AttentionBlock& b, float* scratch) {
       store_n<ISA>(out_row + d, V::mul(V::load(acc_row + d), inverse_sum), lanes);
     });
   }
+}
+
+// One query row (decoding, cross-attention of one token): scores in a row, eight keys at a time.
+template <CpuIsa ISA>
+void attention_row(const AttentionBlock& b, float* scratch) {
+  using V = Vec<ISA>;
+  constexpr int W = V::width;
+  const int dim = b.head_dim;
+  const int64_t dim_stride = round_up(dim, kPad);
+  float* q_scaled = scratch;             // [dim_stride]
+  float* acc = q_scaled + dim_stride;    // [dim_stride]
+  float* scores = acc + dim_stride;      // [kAttentionKeyTile]
+  float running_max = -std::numeric_limits<float>::infinity(), running_sum = 0.0f;
+
+  // Scale q once here rather than every score; zero padding makes whole-vector reads safe.
+  for (int64_t d = 0; d < dim_stride; d += W) {
+    const int lanes = static_cast<int>(std::clamp<int64_t>(dim - d, 0, W));
+    V::store(q_scaled + d, V::mul(V::load_partial(b.q + d, lanes), V::set1(b.scale)));
+    V::store(acc + d, V::zero());
+  }
+  for (int64_t j0 = b.key_begin; j0 < b.key_end; j0 += kAttentionKeyTile) {
+    const int num_keys = static_cast<int>(std::min<int64_t>(kAttentionKeyTile, b.key_end - j0));
+    score_row<ISA>(q_scaled, b.k, b.k_row_stride, j0, num_keys, dim, scores);
+    const float rescale = softmax_step<ISA>(scores, num_keys, b.position_term ? b.position_term + j0 : nullptr,
+                                            b.key_term ? b.key_term + j0 : nullptr, running_max,
+                                            running_sum);
+    // up to eight accumulators: one row has few FMA chains to hide latency
+    accumulate_values_all<ISA, 1, 8>(scores, kAttentionKeyTile, 1, &rescale,
+                                     b.v + j0 * b.v_row_stride, b.v_row_stride, num_keys, 0, dim,
+                                     acc, dim_stride);
+  }
+  const auto inverse_sum = V::set1(1.0f / running_sum);
+  for_each_vector<ISA>(dim, [&](int64_t d, int lanes) {
+    store_n<ISA>(b.out + d, V::mul(V::load(acc + d), inverse_sum), lanes);
+  });
+}
+
+// Dispatches on the vectors of rows a block needs (one instantiation per count up to
+// kAttentionMaxRows / W; the portable build always takes the largest).
+template <CpuIsa ISA, int RV>
+void attention_rows_upto(const AttentionBlock& b, float* scratch) {
+  constexpr int W = Vec<ISA>::width;
+  if constexpr (RV * W >= kAttentionMaxRows) {
+    attention_rows<ISA, RV>(b, scratch);
+  } else {
+    if (b.num_rows <= RV * W) return attention_rows<ISA, RV>(b, scratch);
+    attention_rows_upto<ISA, RV + 1>(b, scratch);
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+template <CpuIsa ISA>
+void attention_block(const AttentionBlock& b, float* scratch) {
+  if (b.num_rows == 1) return attention_row<ISA>(b, scratch);
+  constexpr int W = Vec<ISA>::width;
+  attention_rows_upto<ISA, W == 1 ? kAttentionMaxRows : 1>(b, scratch);
 }
 
 template <CpuIsa ISA>

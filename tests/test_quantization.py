@@ -67,3 +67,40 @@ def test_unknown_quantization_mode(checkpoint_factory):
     path, _ = checkpoint_factory("UMT5ForConditionalGeneration")
     with pytest.raises(ValueError, match="quantize"):
         umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, quantize="int4")
+
+
+def torch_quantize(weight):
+    """The definition QuantizedWeight.quantize implements (in C++ on the CPU)."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+    return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,cols", [(1, 1), (7, 133), (64, 512), (3, 4099)])
+def test_int8_quantisation_equals_its_torch_definition(dtype, rows, cols):
+    from umt5_fast.quant import QuantizedWeight
+    g = torch.Generator().manual_seed(rows * cols)
+    weight = (torch.randn(rows, cols, generator=g) * 10 ** torch.empty(rows, 1).uniform_(-3, 3, generator=g))
+    weight[0, :] = 0.0  # a zero row: the 1e-12 floor
+    if cols > 3:  # ties: v / scale lands on k + 0.5 (round half to even)
+        weight[-1, :4] = torch.tensor([127.0, 0.5, 1.5, -2.5])
+    weight = weight.to(dtype)
+    if dtype == torch.float16:
+        weight[-1, -1] = 6e-8  # a subnormal
+    packed = QuantizedWeight.quantize(weight)
+    qweight, scale = torch_quantize(weight)
+    assert torch.equal(packed.scale, scale)
+    assert torch.equal(packed.qweight, qweight)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_int8_quantisation_rejects_non_finite_weights(bad):
+    from umt5_fast.quant import QuantizedWeight, W8A8Weight
+    weight = torch.randn(5, 40)
+    weight[3, 17] = bad
+    for fmt in (QuantizedWeight, W8A8Weight):
+        with pytest.raises(ValueError, match="inf or NaN"):
+            fmt.quantize(weight)
+        with pytest.raises(ValueError, match="inf or NaN"):
+            fmt.quantize(weight.bfloat16())

@@ -10,6 +10,7 @@ import mmap
 import os
 import struct
 import sys
+import weakref
 from pathlib import Path
 from typing import Callable, Collection, Dict, Iterable, Optional
 
@@ -96,7 +97,29 @@ class SafetensorsFile:
         if self._map is None:
             with open(self.path, "rb") as f:  # private copy-on-write map: writable views, file untouched
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            start = torch.frombuffer(self._map, dtype=torch.uint8, count=1).data_ptr()
+            self.mapped_span = (start, start + len(self._map))
+            _FILE_MAPPINGS.add(self)
         return torch.frombuffer(self._map, dtype=dtype, count=count, offset=self.data_start + begin).view(shape)
+
+
+# SafetensorsFiles with a live mapping: release_file_pages only touches memory inside one of them.
+_FILE_MAPPINGS = weakref.WeakSet()
+
+
+def release_file_pages(tensor: torch.Tensor):
+    """Drop the pages of ``tensor`` from this process's resident memory when it is a view of a
+    checkpoint file's mapping (``MADV_DONTNEED``; Linux, best effort): after quantising a layer at
+    load, its float bytes are not needed, and without this the whole float file stays resident
+    until the model is freed. The mapping is private and never written, so a later read of those
+    bytes (there is none) would fault the file's data back in: no memory can change meaning.
+    """
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    if any(f.mapped_span[0] <= start and end <= f.mapped_span[1] for f in list(_FILE_MAPPINGS)):
+        page = _page_size()
+        if page:  # whole pages inside the tensor only: its neighbours' bytes stay
+            _madvise(-(-start // page) * page, end // page * page, MADV_DONTNEED)
 
 
 def _numel(shape) -> int:
@@ -203,6 +226,7 @@ def build_model(cls, config: UMT5Config, sources: Dict[str, Callable[[], torch.T
     """``packed``: checkpoint keys whose sources return packed weights (``dequantize(dtype)``) instead of
     tensors; a linear layer keeps a ``quant.PackedWeight`` as is, anything else is dequantised here."""
     from umt5_fast.model import Linear, PackedEmbedding
+    check_quantize_mode(quantize)
     device = torch.device(device)
     with torch.device("meta"):
         model = cls(config, backend="eager")
@@ -229,8 +253,12 @@ def build_model(cls, config: UMT5Config, sources: Dict[str, Callable[[], torch.T
             target = tensor.dtype
             if dtype is not None and tensor.is_floating_point():
                 target = param_dtype(name, dtype, keep_in_fp32)
-            tensor = tensor.to(device=device, dtype=target)  # no copy when both already match
+            stored, tensor = tensor, tensor.to(device=device, dtype=target)  # no copy when both already match
             setattr(owner, attr, nn.Parameter(tensor, requires_grad=False))
+            if quantize is not None and attr == "weight" and _quantized_linear(owner_name, owner):
+                quantize_linear(owner, quantize)  # layer by layer: the float model never sits in memory whole
+                if owner.weight is None or owner.weight.data_ptr() != stored.data_ptr():
+                    release_file_pages(stored)
         if progress:
             print(f"\rloading {i + 1}/{len(names)} tensors", end="", file=sys.stderr, flush=True)
     if progress:
@@ -245,7 +273,23 @@ def build_model(cls, config: UMT5Config, sources: Dict[str, Callable[[], torch.T
     return model
 
 
-MADV_RANDOM = 1  # <sys/mman.h>
+MADV_RANDOM, MADV_DONTNEED = 1, 4  # <sys/mman.h>
+
+
+def _page_size() -> Optional[int]:
+    if not hasattr(os, "sysconf") or sys.platform != "linux":
+        return None
+    return os.sysconf("SC_PAGE_SIZE")
+
+
+def _madvise(begin: int, end: int, advice: int):
+    if end <= begin:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), advice)
+    except (OSError, AttributeError):
+        pass  # advice only
 
 
 def advise_random_reads(tensor: torch.Tensor):
@@ -255,16 +299,11 @@ def advise_random_reads(tensor: torch.Tensor):
     read-ahead each faulted row pulls in its neighbours, and 4096 random token ids made 300 MB of a
     525 MB fp32 table resident where 16 MB were needed. Not for an LM head, which is read whole.
     """
-    if tensor.device.type != "cpu" or not hasattr(os, "sysconf") or sys.platform != "linux":
+    page = _page_size()
+    if tensor.device.type != "cpu" or not page:
         return
-    page = os.sysconf("SC_PAGE_SIZE")
     begin = tensor.data_ptr() // page * page
-    end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), MADV_RANDOM)
-    except (OSError, AttributeError):
-        pass  # only a hint
+    _madvise(begin, tensor.data_ptr() + tensor.numel() * tensor.element_size(), MADV_RANDOM)
 
 
 def _match_names(params, sources) -> Dict[str, str]:
@@ -327,20 +366,34 @@ def quantize_model(model, mode: str):
     activations entering each of those layers quantised to int8 per row at run time, so the
     product runs in integers (CTranslate2's int8; faster where compute dominates: batches, encoders).
     """
-    from umt5_fast.model import Linear
-    if mode not in ("int8", "w8a8", "bf16"):
-        raise ValueError(f"quantize must be None, 'int8', 'w8a8' or 'bf16', got {mode!r}")
+    check_quantize_mode(mode)
     head = getattr(model, "lm_head", None)
     if head is not None and head.weight is model.shared.weight:
         head.weight = nn.Parameter(model.shared.weight.detach().clone(), requires_grad=False)  # untie first
     for name, module in model.named_modules():
-        if not isinstance(module, Linear) or not (".block." in name or name.endswith("lm_head")):
-            continue
-        if mode in ("int8", "w8a8") and module.qweight is None:
-            module.quantize_int8(activations=mode == "w8a8")
-        elif mode == "bf16" and module.qweight is None:
-            module.weight = nn.Parameter(module.weight.detach().to(torch.bfloat16), requires_grad=False)
+        if _quantized_linear(name, module):
+            quantize_linear(module, mode)
     return model
+
+
+def check_quantize_mode(mode):
+    if mode not in (None, "int8", "w8a8", "bf16"):
+        raise ValueError(f"quantize must be None, 'int8', 'w8a8' or 'bf16', got {mode!r}")
+
+
+def _quantized_linear(name: str, module) -> bool:
+    """Whether ``quantize`` covers this module: the linear layers of the stacks and the LM head."""
+    from umt5_fast.model import Linear
+    return isinstance(module, Linear) and (".block." in f".{name}" or name.endswith("lm_head"))
+
+
+def quantize_linear(module, mode: str):
+    if module.qweight is not None:  # already packed (an 8-bit checkpoint format)
+        return
+    if mode in ("int8", "w8a8"):
+        module.quantize_int8(activations=mode == "w8a8")
+    elif mode == "bf16":
+        module.weight = nn.Parameter(module.weight.detach().to(torch.bfloat16), requires_grad=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,9 @@ def expand_in_row_blocks(shape, dtype: torch.dtype, rows_fn: Callable[[slice], t
     return out
 
 
+_QUANTIZABLE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
 def _uses_cpu_kernels(qweight: torch.Tensor, dtype: torch.dtype) -> bool:
     return _C is not None and qweight.device.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
 
@@ -110,9 +113,23 @@ class QuantizedWeight(PackedWeight):
 
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> "QuantizedWeight":
-        w = weight.float()
-        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-        qweight = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        """Per-row int8 of a 2-D float weight. Raises ValueError on inf / NaN (no int8 stands for them)."""
+        if weight.dim() != 2 or not weight.is_floating_point():
+            raise ValueError(f"can only quantise a 2-D float weight, got {weight.dtype} {tuple(weight.shape)}")
+        if _C is not None and weight.device.type == "cpu" and weight.dtype in _QUANTIZABLE_DTYPES:
+            weight = weight.contiguous()
+            qweight = torch.empty(weight.shape, dtype=torch.int8)
+            scale = torch.empty(weight.shape[0], dtype=torch.float32)
+            finite = _C.quantize_int8_rows(weight=weight.data_ptr(), dtype=_QUANTIZABLE_DTYPES[weight.dtype],
+                                           rows=weight.shape[0], cols=weight.shape[1], qweight=qweight.data_ptr(),
+                                           scale=scale.data_ptr(), num_threads=torch.get_num_threads())
+        else:  # the specification of the C++ quantiser above (bit for bit)
+            w = weight.float()
+            finite = bool(torch.isfinite(w).all())
+            scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+            qweight = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        if not finite:
+            raise ValueError("cannot quantise a weight holding inf or NaN to int8")
         return cls(qweight.contiguous(), scale.contiguous())
 
     def _dequantize_rows(self, rows):

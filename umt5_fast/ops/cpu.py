@@ -20,10 +20,13 @@ What runs where (fp32 activations):
   results elsewhere).
 - ``gated_ffn_in``: the projections through ``linear``, then ``act(a) * b`` by one C++ pass in
   place.
+- bf16 models: ``rms_norm`` (transformers' rounding points) and the gated activation (fp32 math,
+  rounded once) in C++; bf16 linears of up to ``BF16_KERNEL_MAX_ROWS`` rows through the C++ kernel
+  on the widened x (torch's bf16 GEMV is slower there), larger ones through torch's bf16 GEMM.
 
 Fallbacks to eager (same result, plain torch speed): activations that are not fp32 (except as
-above: W8A8 linears and attention);
-``rms_norm`` with an fp16/bf16 weight; activation names other than ``gelu_new``,
+above: W8A8 linears, attention and the bf16 paths);
+``rms_norm`` with an fp16/bf16 weight and x of another dtype; activation names other than ``gelu_new``,
 ``gelu_pytorch_tanh``, ``gelu``, ``relu``, ``silu`` and ``swish``; a float weight of another dtype
 than ``x`` other than bf16 with fp32 ``x``; a residual whose shape or dtype differs from the
 output's; empty inputs.

@@ -112,3 +112,45 @@ def test_decode_step_linear(benchmark, ops, weight_kind):
         return o.linear(x, weight)
     tol = 1e-4 if weight_kind == "fp32" else 1e-3
     bench(benchmark, ops, f"linear 1x{D_MODEL} @ {LM_HEAD_ROWS}x{D_MODEL} {weight_kind}", call, call, tol)
+
+
+@pytest.fixture(scope="module")
+def small_decoder_model():
+    """umt5-small's decoder (vocab cut to 32128: the LM head has its own benchmark above), random weights."""
+    import umt5_fast
+    config = umt5_fast.UMT5Config(vocab_size=32128, d_model=D_MODEL, d_kv=D_KV, d_ff=D_FF, num_layers=1,
+                                  num_decoder_layers=8, num_heads=HEADS, feed_forward_proj="gated-gelu",
+                                  tie_word_embeddings=False)
+    model = umt5_fast.UMT5ForConditionalGeneration(config, backend="cpu" if cpu_ops else "eager")
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.copy_(randn(*p.shape, seed=100 + i, scale=0.05))
+    return model
+
+
+@pytest.mark.skipif(cpu_ops is None, reason=CPU_MISSING or "")
+@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("path", ["python", "cpu_step"])
+def test_decode_step(benchmark, small_decoder_model, path, rows):
+    """One single-token step of the whole decoder stack (8 layers, cache at position 32): the C++
+    step (umt5_fast/decode_step.py) against the Python path it replaces; same logits, bit for bit."""
+    from umt5_fast import decode_step, generation
+    states = randn(rows, 64, D_MODEL, seed=7)
+    decoders = {name: generation.Decoder(small_decoder_model, states, None, max_length=64)
+                for name in ("python", "cpu_step")}
+    decoders["python"].cpu_step = None
+    assert decoders["cpu_step"].cpu_step is not None
+    tokens = torch.arange(rows).view(rows, 1) + 5
+
+    def step(decoder):
+        decoder.cache.length = 32
+        return decoder.step(tokens)
+    with torch.inference_mode():
+        for decoder in decoders.values():
+            decoder.step(torch.zeros(rows, 1, dtype=torch.long))  # projects the cross-attention K/V
+        if path == "cpu_step":
+            assert torch.equal(step(decoders["cpu_step"]), step(decoders["python"]))
+        benchmark.group = f"decoder step rows={rows}"
+        benchmark.extra_info["path"] = path
+        benchmark(step, decoders[path])
+    assert decode_step.build(small_decoder_model) is not None

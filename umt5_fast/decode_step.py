@@ -68,11 +68,13 @@ class CpuDecodeStep:
         rows = tokens.shape[0]
         return (tokens.shape[1] == 1 and rows > 0 and isinstance(cache, StaticCache)
                 and 0 < cache.length < cache.max_length and cache.keys.dtype == torch.float32
+                and cache.keys.shape == cache.values.shape and cache.keys.shape[1] == rows
                 and cache.keys.is_contiguous() and cache.values.is_contiguous()
-                and encoder_states.dtype == torch.float32
+                and encoder_states.dtype == torch.float32 and encoder_states.shape[0] == rows
                 # fp32 weights take the C++ GEMV only up to this many rows (torch's GEMM above)
                 and (not self.has_fp32_weights or rows <= cpu_ops.FP32_KERNEL_MAX_ROWS)
                 and all(kv is not None and kv[0].dtype == kv[1].dtype == torch.float32
+                        and kv[0].shape == kv[1].shape and kv[0].shape[0] == rows
                         and kv[0].stride(-1) == kv[1].stride(-1) == 1 for kv in cache.cross_kv))
 
     def run(self, tokens: torch.Tensor, cache: StaticCache, encoder_mask: Optional[torch.Tensor]) -> torch.Tensor:

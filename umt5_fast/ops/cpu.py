@@ -99,20 +99,14 @@ def _check_norm_args(x, weight):
 
 def rms_norm(x, weight, eps):
     _check_norm_args(x, weight)
-    if x.dtype == weight.dtype == torch.bfloat16 and x.numel():
-        x = x.contiguous()
-        out = torch.empty_like(x)
-        _C.rms_norm_bf16(x=x.data_ptr(), weight=weight.contiguous().data_ptr(), eps=float(eps),
-                         out=out.data_ptr(), rows=x.numel() // x.shape[-1], dim=x.shape[-1],
-                         num_threads=_threads())
-        return out
-    if not _all_fp32(x, weight) or x.numel() == 0:
+    # fp32 rows, or a bf16 model's (transformers' bf16 rounding points); anything else: eager
+    kernel = {torch.float32: _C.rms_norm, torch.bfloat16: _C.rms_norm_bf16}.get(x.dtype)
+    if kernel is None or weight.dtype != x.dtype or x.numel() == 0:
         return eager.rms_norm(x, weight, eps)
     x = x.contiguous()
     out = torch.empty_like(x)
-    _C.rms_norm(x=x.data_ptr(), weight=weight.contiguous().data_ptr(), eps=float(eps),
-                out=out.data_ptr(), rows=x.numel() // x.shape[-1], dim=x.shape[-1],
-                num_threads=_threads())
+    kernel(x=x.data_ptr(), weight=weight.contiguous().data_ptr(), eps=float(eps), out=out.data_ptr(),
+           rows=x.numel() // x.shape[-1], dim=x.shape[-1], num_threads=_threads())
     return out
 
 
@@ -287,6 +281,13 @@ FP32_KERNEL_MAX_ROWS = 32
 BF16_KERNEL_MAX_ROWS = 16
 
 
+def _add_residual(y, residual):
+    """``residual + y`` (eager's rule), in place in ``y`` when shape and dtype allow."""
+    if residual is None:
+        return y
+    return y.add_(residual) if residual.shape == y.shape and residual.dtype == y.dtype else residual + y
+
+
 def linear(x, weight, residual=None):
     _check_linear_args(x, weight)
     if residual is not None:
@@ -297,15 +298,9 @@ def linear(x, weight, residual=None):
                   and 0 < rows <= FP32_KERNEL_MAX_ROWS)
     if not quantized and weight.dtype == x.dtype == torch.bfloat16 and 0 < rows <= BF16_KERNEL_MAX_ROWS:
         # The C++ kernel on the exactly widened x: fp32 sums rounded once, as torch's bf16 GEMM does.
-        y = linear(x.float(), weight).to(torch.bfloat16)
-        return y if residual is None else y.add_(residual) \
-            if residual.shape == y.shape and residual.dtype == y.dtype else residual + y
+        return _add_residual(linear(x.float(), weight).to(torch.bfloat16), residual)
     if not quantized and weight.dtype == x.dtype and not small_fp32:
-        y = F.linear(x, weight)
-        if residual is None:
-            return y
-        return y.add_(residual) if residual.shape == y.shape and residual.dtype == y.dtype \
-            else residual + y
+        return _add_residual(F.linear(x, weight), residual)
     out_features, in_features = weight.shape
     out_shape = (*x.shape[:-1], out_features)
     kernel_weight = quantized or weight.dtype in (torch.bfloat16, torch.float32)
@@ -315,8 +310,7 @@ def linear(x, weight, residual=None):
     if isinstance(weight, W8A8Weight) and x.dtype != torch.float32 and int32_fits and x.numel():
         # The activations are quantised to int8 anyway: a bf16 / fp16 model takes the integer kernel
         # through fp32 (exactly what the eager reference does), not the fp64 reference.
-        y = linear(x.float(), weight).to(x.dtype)
-        return y if residual is None else residual + y
+        return _add_residual(linear(x.float(), weight).to(x.dtype), residual)
     if not (kernel_weight and x.dtype == torch.float32 and residual_fits and int32_fits) or x.numel() == 0:
         return eager.linear(x, weight, residual)
     x = x.contiguous()

@@ -14,6 +14,7 @@
 
 #include "bf16.h"
 #include "parallel.h"
+#include "w8a8_linear.h"
 
 namespace py = pybind11;
 
@@ -55,13 +56,7 @@ void quantise_row(const Widen& widen, int64_t cols, float* row, int8_t* q, float
   *finite = all_finite;
   const float s = std::max(amax, 1e-12f) / 127.0f;
   *scale = s;
-  // Adding and subtracting 1.5 * 2^23 rounds |v| < 2^22 to the nearest integer, ties to even
-  // (torch.round's rule); the clamp first keeps v in range.
-  constexpr float kRoundingShift = 12582912.0f;
-  for (int64_t i = 0; i < cols; ++i) {
-    const float v = std::clamp(row[i] / s, -127.0f, 127.0f);
-    q[i] = static_cast<int8_t>((v + kRoundingShift) - kRoundingShift);
-  }
+  for (int64_t i = 0; i < cols; ++i) q[i] = round_to_int8(row[i] / s);
 }
 
 }  // namespace

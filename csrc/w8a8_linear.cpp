@@ -50,12 +50,8 @@ QuantisedRows quantise_rows(const float* x, int64_t rows, int64_t k, int64_t k_p
       out.scales[m] = amax / 127.0f;
       int8_t* q = out.q.data() + m * k_padded;
       int32_t sum = 0;
-      // Adding and subtracting 1.5 * 2^23 rounds |v| < 2^22 to the nearest integer, ties to even
-      // (torch.round's rule): no libm call per element, so the loop vectorises.
-      constexpr float kRoundingShift = 12582912.0f;
       for (int64_t i = 0; i < k; ++i) {
-        const float scaled = std::clamp(row[i] * inverse, -127.0f, 127.0f);
-        q[i] = static_cast<int8_t>((scaled + kRoundingShift) - kRoundingShift);
+        q[i] = round_to_int8(row[i] * inverse);
         sum += q[i];
       }
       out.sums[m] = sum;

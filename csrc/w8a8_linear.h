@@ -13,6 +13,16 @@ constexpr int kW8A8KPad = 64;
 // (w + 128) * q summed over K must fit int32: 255 * 127 * 65536 < 2^31.
 constexpr int64_t kW8A8MaxK = 65536;
 
+// v rounded to the nearest integer, ties to even (torch.round's rule), clamped to [-127, 127]: the
+// rounding of both int8 quantisers (activations per call here, weights at load in
+// quantize_weights.cpp). Adding and subtracting 1.5 * 2^23 rounds |v| < 2^22 without a libm call,
+// so the loops vectorise; clamping first keeps v in range (NaN must not reach it).
+inline int8_t round_to_int8(float v) {
+  constexpr float kRoundingShift = 12582912.0f;
+  const float clamped = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
+  return static_cast<int8_t>((clamped + kRoundingShift) - kRoundingShift);
+}
+
 struct W8A8Problem {
   const int8_t* q;        // [rows_padded, k_padded] quantised activations, zero padded
   const int32_t* q_sums;  // [rows_padded] sum over k of q

@@ -104,3 +104,14 @@ def test_int8_quantisation_rejects_non_finite_weights(bad):
             fmt.quantize(weight)
         with pytest.raises(ValueError, match="inf or NaN"):
             fmt.quantize(weight.bfloat16())
+
+
+@pytest.mark.parametrize("mode", ["int8", "w8a8"])
+def test_quantising_a_checkpoint_with_nan_names_the_weight(checkpoint_factory, tmp_path, mode):
+    path, _ = checkpoint_factory("UMT5ForConditionalGeneration")
+    model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path)
+    with torch.no_grad():
+        model.decoder.block[1].layer[2].DenseReluDense.wo.weight[3, 5] = float("nan")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"decoder\.block\.1\.layer\.2\.DenseReluDense\.wo\.weight: .*inf or NaN"):
+        umt5_fast.UMT5ForConditionalGeneration.from_pretrained(tmp_path, quantize=mode)

@@ -256,7 +256,7 @@ def build_model(cls, config: UMT5Config, sources: Dict[str, Callable[[], torch.T
             stored, tensor = tensor, tensor.to(device=device, dtype=target)  # no copy when both already match
             setattr(owner, attr, nn.Parameter(tensor, requires_grad=False))
             if quantize is not None and attr == "weight" and _quantized_linear(owner_name, owner):
-                quantize_linear(owner, quantize)  # layer by layer: the float model never sits in memory whole
+                quantize_linear(owner, quantize, owner_name)  # layer by layer: the float model never sits in memory whole
                 if owner.weight is None or owner.weight.data_ptr() != stored.data_ptr():
                     release_file_pages(stored)
         if progress:
@@ -372,7 +372,7 @@ def quantize_model(model, mode: str):
         head.weight = nn.Parameter(model.shared.weight.detach().clone(), requires_grad=False)  # untie first
     for name, module in model.named_modules():
         if _quantized_linear(name, module):
-            quantize_linear(module, mode)
+            quantize_linear(module, mode, name)
     return model
 
 
@@ -387,11 +387,14 @@ def _quantized_linear(name: str, module) -> bool:
     return isinstance(module, Linear) and (".block." in f".{name}" or name.endswith("lm_head"))
 
 
-def quantize_linear(module, mode: str):
+def quantize_linear(module, mode: str, name: str):
     if module.qweight is not None:  # already packed (an 8-bit checkpoint format)
         return
     if mode in ("int8", "w8a8"):
-        module.quantize_int8(activations=mode == "w8a8")
+        try:
+            module.quantize_int8(activations=mode == "w8a8")
+        except ValueError as exc:
+            raise ValueError(f"{name}.weight: {exc}") from None
     elif mode == "bf16":
         module.weight = nn.Parameter(module.weight.detach().to(torch.bfloat16), requires_grad=False)
 

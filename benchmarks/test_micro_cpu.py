@@ -57,15 +57,22 @@ def test_rms_norm(benchmark, ops, rows):
 
 
 @pytest.mark.parametrize("length", [128, 512, 2048])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("ops", OPS)
-def test_attention(benchmark, ops, length):
-    """Encoder self-attention: bidirectional relative bias, all keys valid."""
-    q, k, v = (randn(1, length, HEADS, D_KV, seed=s).transpose(1, 2) for s in (1, 2, 3))
+def test_attention(benchmark, ops, dtype, length):
+    """Encoder self-attention: bidirectional relative bias, all keys valid. bf16: a bf16 model's
+    q, k, v (the AVX512-BF16 kernel where the CPU has it; eager rounds its scores to bf16), checked
+    against fp32 attention on the same values within bf16's error bound (tests/test_cpu_kernels.py)."""
+    q, k, v = (randn(1, length, HEADS, D_KV, seed=s).to(dtype).transpose(1, 2) for s in (1, 2, 3))
     table = randn(NUM_BUCKETS, HEADS, seed=4)
 
-    def call(o):
+    def call(o, q=q, k=k, v=v):
         return o.attention(q, k, v, table, bidirectional=True, num_buckets=NUM_BUCKETS, max_distance=MAX_DISTANCE)
-    bench(benchmark, ops, f"attention L={length}", call, call, 1e-4)
+
+    def fp32_reference(o):
+        return call(o, q.float(), k.float(), v.float())
+    tol = 1e-4 if dtype == torch.float32 else 2.0 ** -7
+    bench(benchmark, ops, f"attention {str(dtype)[6:]} L={length}", call, fp32_reference, tol)
 
 
 @pytest.mark.parametrize("rows", [1, 512])

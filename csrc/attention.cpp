@@ -1,13 +1,18 @@
 // Fused attention: bias and masks become two additive vectors built once per call, then every
-// (batch, head, block of query rows) streams over its keys with kernels::attention_block.
+// (batch, head, block of query rows) streams over its keys with kernels::attention_block (fp32)
+// or attention_block_bf16 (bf16).
 #include "attention.h"
 
 #include <algorithm>
+#include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "attention_bf16.h"
+#include "bf16.h"
 #include "bucket.h"
 #include "kernels.h"
 
@@ -46,7 +51,8 @@ struct PositionTerms {
           values[h * row_length + index] = p.bias_table[bucket * p.heads + h];
       }
     }
-    if (p.query_length == 1) return;  // one-row blocks only
+    // One query row: the fp32 kernel's one-row blocks read values only.
+    if (p.query_length == 1 && p.element == AttentionElement::f32) return;
     reversed_head_stride = distances + 2 * kernels::kAttentionMaxRows;
     reversed.assign(rows * reversed_head_stride, 0.0f);
     for (int64_t h = 0; h < rows; ++h)
@@ -106,22 +112,90 @@ struct KeyTerms {
   }
 };
 
+// Element pointer `offset` elements past base.
+template <typename T>
+T* element_at(const void* base, int64_t offset) {
+  return const_cast<T*>(static_cast<const T*>(base)) + offset;
+}
+
 // A row whose keys are all masked scores MASKED_SCORE everywhere: softmax is uniform, so the
 // output is the mean of all Lk value rows (rare: a fully padded query under a causal mask).
-void write_mean_of_values(const AttentionProblem& p, int64_t b, int64_t h, float* out_row) {
-  const float* v = p.v + b * p.v_strides[0] + h * p.v_strides[1];
-  std::fill(out_row, out_row + p.head_dim, 0.0f);
+template <typename T>
+void write_mean_of_values(const AttentionProblem& p, int64_t b, int64_t h, T* out_row) {
+  const T* v = element_at<T>(p.v, b * p.v_strides[0] + h * p.v_strides[1]);
+  std::vector<float> sum(p.head_dim, 0.0f);
   for (int64_t j = 0; j < p.key_length; ++j)
-    for (int d = 0; d < p.head_dim; ++d) out_row[d] += v[j * p.v_strides[2] + d];
+    for (int d = 0; d < p.head_dim; ++d) {
+      const T value = v[j * p.v_strides[2] + d];
+      if constexpr (std::is_same_v<T, float>) sum[d] += value; else sum[d] += bf16_to_float(value);
+    }
   const float weight = 1.0f / static_cast<float>(p.key_length);
-  for (int d = 0; d < p.head_dim; ++d) out_row[d] *= weight;
+  for (int d = 0; d < p.head_dim; ++d) {
+    if constexpr (std::is_same_v<T, float>) out_row[d] = sum[d] * weight;
+    else out_row[d] = float_to_bf16(sum[d] * weight);
+  }
+}
+
+// bf16: every (batch, head)'s V as key pairs (attention_bf16.h), packed once for all query blocks.
+struct ValuePairs {
+  std::vector<uint32_t> values;
+  int64_t d_padded = 0, head_stride = 0;
+
+  explicit ValuePairs(const AttentionProblem& p) {
+    if (p.element != AttentionElement::bf16) return;
+    d_padded = kernels::round_up(p.head_dim, 16);
+    head_stride = (p.key_length + 1) / 2 * d_padded;
+    values.resize(p.batch * p.heads * head_stride);
+    const int threads = static_cast<int>(std::clamp<int64_t>(p.batch * p.heads, 1, std::max(p.num_threads, 1)));
+#pragma omp parallel for num_threads(threads)
+    for (int64_t bh = 0; bh < p.batch * p.heads; ++bh)
+      pack_value_pairs(element_at<uint16_t>(p.v, bh / p.heads * p.v_strides[0] + bh % p.heads * p.v_strides[1]),
+                       p.v_strides[2], p.key_length, p.head_dim, d_padded,
+                       values.data() + bh * head_stride);
+  }
+
+  const uint32_t* for_head(int64_t b, int64_t h, int64_t heads) const {
+    return values.data() + (b * heads + h) * head_stride;
+  }
+};
+
+// The kernel's block: query rows [first_row, first_row + num_rows) of (b, h), with the keys
+// and terms they see.
+template <class Block, typename T>
+void fill_block(const AttentionProblem& p, const PositionTerms& position_terms,
+                const KeyTerms& key_terms, int64_t b, int64_t h, int64_t first_row, int num_rows,
+                Block& block) {
+  const int64_t out_row_stride = p.heads * p.head_dim;
+  block.q = element_at<T>(p.q, b * p.q_strides[0] + h * p.q_strides[1] + first_row * p.q_strides[2]);
+  block.q_row_stride = p.q_strides[2];
+  block.k = element_at<T>(p.k, b * p.k_strides[0] + h * p.k_strides[1]);
+  block.k_row_stride = p.k_strides[2];
+  block.out = element_at<T>(p.out, (b * p.query_length + first_row) * out_row_stride + h * p.head_dim);
+  block.out_row_stride = out_row_stride;
+  block.num_rows = num_rows;
+  block.head_dim = p.head_dim;
+  block.scale = p.scale;
+  block.key_begin = key_terms.first_kept[b];
+  block.key_end = key_terms.last_kept[b] + 1;
+  if (p.causal) block.key_end = std::min(block.key_end, first_row + num_rows + p.query_offset);
+  block.position_term_reversed = position_terms.reversed_for_block(h, first_row, p.query_length);
+  block.key_term = key_terms.for_batch(b);
 }
 
 }  // namespace
 
+bool cpu_supports_bf16_attention() {
+  return cpu_isa() == CpuIsa::avx512 && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+}
+
 void run_attention(const AttentionProblem& p) {
+  const bool bf16 = p.element == AttentionElement::bf16;
+  if (bf16 && !cpu_supports_bf16_attention())
+    throw std::invalid_argument("bf16 attention needs a CPU with AVX512-BF16 and the avx512 ISA");
   const PositionTerms position_terms(p);
   const KeyTerms key_terms(p);
+  const ValuePairs value_pairs(p);
   const int64_t blocks_per_head =
       (p.query_length + kernels::kAttentionMaxRows - 1) / kernels::kAttentionMaxRows;
   // Even split: 33 rows make blocks of 17 and 16, not 32 and 1.
@@ -134,7 +208,8 @@ void run_attention(const AttentionProblem& p) {
 
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> scratch(kernels::attention_scratch_floats(p.head_dim));
+    std::vector<float> scratch(bf16 ? attention_bf16_scratch_floats(p.head_dim)
+                                    : kernels::attention_scratch_floats(p.head_dim));
     // Causal blocks differ in work: hand them out dynamically.
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < tasks; ++task) {
@@ -142,33 +217,33 @@ void run_attention(const AttentionProblem& p) {
       const int64_t h = task / blocks_per_head % p.heads;
       const int64_t first_row = task % blocks_per_head * rows_per_block;
       const int num_rows = static_cast<int>(std::min(rows_per_block, p.query_length - first_row));
-      const int64_t last_position = first_row + num_rows - 1 + p.query_offset;
 
-      kernels::AttentionBlock block;
-      block.q = p.q + b * p.q_strides[0] + h * p.q_strides[1] + first_row * p.q_strides[2];
-      block.q_row_stride = p.q_strides[2];
-      block.k = p.k + b * p.k_strides[0] + h * p.k_strides[1];
-      block.k_row_stride = p.k_strides[2];
-      block.v = p.v + b * p.v_strides[0] + h * p.v_strides[1];
-      block.v_row_stride = p.v_strides[2];
-      block.out = p.out + (b * p.query_length + first_row) * out_row_stride + h * p.head_dim;
-      block.out_row_stride = out_row_stride;
-      block.num_rows = num_rows;
-      block.head_dim = p.head_dim;
-      block.scale = p.scale;
-      block.key_begin = key_terms.first_kept[b];
-      block.key_end = key_terms.last_kept[b] + 1;
-      if (p.causal) block.key_end = std::min(block.key_end, last_position + 1);
-      block.position_term = position_terms.for_block(h, first_row, p.query_length);
-      block.position_term_reversed = position_terms.reversed_for_block(h, first_row, p.query_length);
-      block.key_term = key_terms.for_batch(b);
-      if (block.key_begin < block.key_end) attend(block, scratch.data());
+      if (bf16) {
+        AttentionBlockBf16 block;
+        fill_block<AttentionBlockBf16, uint16_t>(p, position_terms, key_terms, b, h, first_row,
+                                                 num_rows, block);
+        block.v_pairs = value_pairs.for_head(b, h, p.heads);
+        block.d_padded = value_pairs.d_padded;
+        if (block.key_begin < block.key_end) attention_block_bf16(block, scratch.data());
+      } else {
+        kernels::AttentionBlock block;
+        fill_block<kernels::AttentionBlock, float>(p, position_terms, key_terms, b, h, first_row,
+                                                   num_rows, block);
+        block.v = element_at<float>(p.v, b * p.v_strides[0] + h * p.v_strides[1]);
+        block.v_row_stride = p.v_strides[2];
+        block.position_term = position_terms.for_block(h, first_row, p.query_length);
+        if (block.key_begin < block.key_end) attend(block, scratch.data());
+      }
 
       for (int r = 0; r < num_rows; ++r) {
         int64_t last_unmasked = key_terms.last_kept[b];
         if (p.causal) last_unmasked = std::min(last_unmasked, first_row + r + p.query_offset);
-        if (last_unmasked < key_terms.first_kept[b])
-          write_mean_of_values(p, b, h, block.out + r * out_row_stride);
+        if (last_unmasked >= key_terms.first_kept[b]) continue;
+        const int64_t out_row = (b * p.query_length + first_row + r) * out_row_stride + h * p.head_dim;
+        if (bf16)
+          write_mean_of_values(p, b, h, element_at<uint16_t>(p.out, out_row));
+        else
+          write_mean_of_values(p, b, h, element_at<float>(p.out, out_row));
       }
     }
   }
@@ -181,15 +256,16 @@ void register_attention(py::module_& m) {
            uintptr_t out, int64_t batch, int64_t heads, int64_t query_length, int64_t key_length,
            int head_dim, uintptr_t bias_table, int num_buckets, int max_distance,
            bool bidirectional, uintptr_t key_padding_mask, int64_t mask_batch_stride, bool causal,
-           int64_t query_offset, float scale, int num_threads) {
+           int64_t query_offset, float scale, int num_threads, bool bf16) {
           AttentionProblem problem{
-              reinterpret_cast<const float*>(q), q_strides,
-              reinterpret_cast<const float*>(k), k_strides,
-              reinterpret_cast<const float*>(v), v_strides,
-              reinterpret_cast<float*>(out), batch, heads, query_length, key_length, head_dim,
+              reinterpret_cast<const void*>(q), q_strides,
+              reinterpret_cast<const void*>(k), k_strides,
+              reinterpret_cast<const void*>(v), v_strides,
+              reinterpret_cast<void*>(out), batch, heads, query_length, key_length, head_dim,
               reinterpret_cast<const float*>(bias_table), num_buckets, max_distance,
               bidirectional, reinterpret_cast<const uint8_t*>(key_padding_mask),
-              mask_batch_stride, causal, query_offset, scale, num_threads};
+              mask_batch_stride, causal, query_offset, scale, num_threads,
+              bf16 ? AttentionElement::bf16 : AttentionElement::f32};
           py::gil_scoped_release no_gil;
           run_attention(problem);
         },
@@ -199,8 +275,12 @@ void register_attention(py::module_& m) {
         py::arg("bias_table"), py::arg("num_buckets"), py::arg("max_distance"),
         py::arg("bidirectional"), py::arg("key_padding_mask"), py::arg("mask_batch_stride"),
         py::arg("causal"), py::arg("query_offset"), py::arg("scale"), py::arg("num_threads"),
-        "Fused attention on data pointers (fp32; validated by umt5_fast.ops.cpu.attention). "
-        "Null pointers (0) mean no bias table / no padding mask.");
+        py::arg("bf16") = false,
+        "Fused attention on data pointers (fp32 q, k, v, out; bf16 ones when bf16, on CPUs where "
+        "has_bf16_attention(); validated by umt5_fast.ops.cpu.attention). Null pointers (0) mean "
+        "no bias table / no padding mask.");
+  m.def("has_bf16_attention", &cpu_supports_bf16_attention,
+        "Whether attention takes bf16 q, k, v here (AVX512-BF16 and the avx512 ISA selected).");
 }
 
 }  // namespace umt5_fast

@@ -1,5 +1,6 @@
-// Fused relative-position attention on fp32 [B, H, L, D] views: shared by attention.cpp (prefill,
-// encoder, cross-attention) and decode_attention.cpp (one query row against the cache).
+// Fused relative-position attention on fp32 or bf16 [B, H, L, D] views: shared by attention.cpp
+// (prefill, encoder, cross-attention), decode_attention.cpp (one query row against the cache) and
+// the decoder step.
 #pragma once
 
 #include <array>
@@ -7,16 +8,19 @@
 
 namespace umt5_fast {
 
+// Element type of q, k, v and out.
+enum class AttentionElement { f32, bf16 };
+
 struct AttentionProblem {
   // q: [B, H, Lq, D], k/v: [B, H, Lk, D]; strides in elements for (batch, head, row), rows
-  // contiguous.
-  const float* q;
+  // contiguous. Elements are floats, or bf16 bits (uint16_t) when element is bf16.
+  const void* q;
   std::array<int64_t, 3> q_strides;
-  const float* k;
+  const void* k;
   std::array<int64_t, 3> k_strides;
-  const float* v;
+  const void* v;
   std::array<int64_t, 3> v_strides;
-  float* out;  // [B, Lq, H, D], contiguous
+  void* out;  // [B, Lq, H, D], contiguous
   int64_t batch, heads, query_length, key_length;
   int head_dim;
   const float* bias_table;  // [num_buckets, H] contiguous, or nullptr (no position bias)
@@ -28,11 +32,21 @@ struct AttentionProblem {
   int64_t query_offset;  // position of query row 0 (keys sit at 0 .. Lk - 1)
   float scale;
   int num_threads;
+  AttentionElement element = AttentionElement::f32;
 };
 
 // out = softmax(scale * q k^T + bias[bucket(j - i - query_offset)], masked) v, with the
 // semantics of umt5_fast.ops.eager.attention. Parallel over (batch, head, query block); extra
-// memory O(H (Lq + Lk) + B Lk) shared plus O(D) per thread.
+// memory O(H (Lq + Lk) + B Lk) shared plus O(D) per thread, and for bf16 a copy of V in key
+// pairs, O(B H Lk D).
+//
+// bf16 runs the AVX512-BF16 kernel (attention_bf16.cpp): q k^T and p v as bf16 pair products
+// summed in fp32 (p rounded to bf16, as transformers' bf16 attention rounds its softmax), the
+// softmax in fp32, the output rounded once. Callers check cpu_supports_bf16_attention() first.
 void run_attention(const AttentionProblem& problem);
+
+// Whether run_attention takes bf16 problems: AVX512-BF16 (with BW, VL) present and the selected
+// ISA is avx512.
+bool cpu_supports_bf16_attention();
 
 }  // namespace umt5_fast

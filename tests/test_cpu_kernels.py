@@ -170,19 +170,85 @@ def test_attention_uint8_mask_and_fp16_table(generator):
                     key_padding_mask=mask)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_attention_runs_the_fp32_kernel(dtype, generator):
-    """bf16 / fp16 q, k, v: the fused kernel on fp32 copies, output rounded once to the input dtype."""
-    q, k, v = (t.to(dtype) for t in attention_inputs(2, 3, 7, 33, 64, generator))
+def test_fp16_attention_runs_the_fp32_kernel(generator):
+    """fp16 q, k, v: the fused kernel on fp32 copies, output rounded once to fp16."""
+    q, k, v = (t.half() for t in attention_inputs(2, 3, 7, 33, 64, generator))
     table = randn(32, 3, generator=generator)
     mask = torch.ones(2, 33, dtype=torch.bool)
     mask[1, :5] = False
     kwargs = dict(bidirectional=True, num_buckets=32, max_distance=128, key_padding_mask=mask)
     got = cpu.attention(q, k, v, table, **kwargs)
-    assert got.dtype == dtype
-    assert torch.equal(got, cpu.attention(q.float(), k.float(), v.float(), table, **kwargs).to(dtype))
+    assert got.dtype == torch.float16
+    assert torch.equal(got, cpu.attention(q.float(), k.float(), v.float(), table, **kwargs).half())
     exact = eager.attention(q.double(), k.double(), v.double(), table.double(), **kwargs)
-    assert (got.double() - exact).abs().max() <= torch.finfo(dtype).eps * exact.abs().max()
+    assert (got.double() - exact).abs().max() <= torch.finfo(torch.float16).eps * exact.abs().max()
+
+
+# bf16 q, k, v: the AVX512-BF16 kernel where the CPU has it and the ISA is avx512, else the fp32
+# kernel on fp32 copies. Against exact (fp64) attention on the same bf16 inputs, both are within
+# 2^-7 max|v| (bf16's unit roundoff is 2^-8): the probabilities' rounding to bf16 before p @ v
+# moves the output by at most 2^-8 max|v|, the output's rounding by 2^-8 |out| (products of bf16
+# numbers are exact in fp32; fp32 sums add ~1e-6). Measured: at most 2.3e-3 max|v|; eager bf16
+# attention (transformers' math, scores rounded to bf16) is 2-4x further off on the same inputs.
+# Scales are powers of two here: any other is rounded into q (one more rounding of the scores).
+BF16_ATTENTION_TOL = 2.0 ** -7
+
+
+def check_bf16_attention(q, k, v, bias_table, **kwargs):
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    got = cpu.attention(q, k, v, bias_table, **kwargs)
+    exact = eager.attention(q.double(), k.double(), v.double(),
+                            None if bias_table is None else bias_table.double(), **kwargs)
+    assert got.dtype == torch.bfloat16 and got.shape == exact.shape and got.is_contiguous()
+    error = (got.double() - exact).abs().max().item()
+    assert error <= BF16_ATTENTION_TOL * v.double().abs().max().item(), error
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(2, 3, 17, 129, 15), (1, 2, 65, 65, 33)], ids=str)
+@pytest.mark.parametrize("padding", [None, "left", "right"])
+def test_bf16_attention(shape, padding, generator):
+    """Odd head dims and key counts (key pairs split by padding and tile ends), one and many
+    query rows, bidirectional, causal with a query offset, no bias with a scale."""
+    batch, heads, query_length, key_length, head_dim = shape
+    q, k, v = attention_inputs(*shape, generator)
+    table = randn(16, heads, generator=generator)
+    mask = None if padding is None else padding_mask(batch, key_length, padding, generator)
+    check_bf16_attention(q, k, v, table, bidirectional=True, num_buckets=16, max_distance=20,
+                         key_padding_mask=mask)
+    for query_offset in sorted({0, max(0, key_length - query_length)}):
+        check_bf16_attention(q, k, v, table, bidirectional=False, num_buckets=16, max_distance=20,
+                             key_padding_mask=mask, causal=True, query_offset=query_offset)
+    check_bf16_attention(q, k, v, None, bidirectional=True, num_buckets=16, max_distance=20,
+                         key_padding_mask=mask, scale=0.5)
+
+
+def test_bf16_attention_all_keys_masked_averages_values(generator):
+    q, k, v = (t.bfloat16() for t in attention_inputs(2, 3, 7, 33, 24, generator))
+    mask = torch.ones(2, 33, dtype=torch.bool)
+    mask[1] = False
+    got = cpu.attention(q, k, v, None, bidirectional=True, num_buckets=32, max_distance=128,
+                        key_padding_mask=mask)
+    expected = v[1].double().mean(dim=1)[None].expand(7, 3, 24)
+    assert (got[1].double() - expected).abs().max() <= 2.0 ** -8 * expected.abs().max()  # one rounding
+
+
+def test_bf16_attention_kernel_runs_where_the_cpu_has_it(generator, monkeypatch):
+    """The op takes the bf16 kernel exactly where the extension says it can (else fp32 copies), and
+    the kernel refuses bf16 where it cannot run instead of executing unsupported instructions."""
+    q, k, v = (t.bfloat16() for t in attention_inputs(1, 2, 5, 9, 16, generator))
+    calls = []
+    kernel = _C.attention
+    monkeypatch.setattr(cpu._C, "attention", lambda **kw: calls.append(kw["bf16"]) or kernel(**kw))
+    cpu.attention(q, k, v, None, bidirectional=True, num_buckets=32, max_distance=128)
+    assert calls == [_C.has_bf16_attention()]
+    if not _C.has_bf16_attention():
+        with pytest.raises(ValueError, match="AVX512-BF16"):
+            kernel(q=q.data_ptr(), q_strides=q.stride()[:3], k=k.data_ptr(), k_strides=k.stride()[:3],
+                   v=v.data_ptr(), v_strides=v.stride()[:3], out=torch.empty_like(q).data_ptr(),
+                   batch=1, heads=2, query_length=5, key_length=9, head_dim=16, bias_table=0,
+                   num_buckets=32, max_distance=128, bidirectional=True, key_padding_mask=0,
+                   mask_batch_stride=0, causal=False, query_offset=0, scale=1.0, num_threads=1,
+                   bf16=True)
 
 
 # ----------------------------------------------------------------------------------------------

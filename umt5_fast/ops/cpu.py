@@ -7,9 +7,11 @@ What runs where (fp32 activations):
 
 - ``rms_norm`` / ``add_rms_norm``: C++, fp32 variance.
 - ``attention`` / ``decode_attention``: one fused C++ kernel with in-kernel bucketing, masks and
-  an online softmax; no ``[B, H, Lq, Lk]`` tensor is built. ``attention`` on bf16 / fp16 q, k, v
-  runs the same kernel on fp32 copies and rounds its output once (more accurate than half-precision
-  scores, so not bit-equal to eager in those dtypes).
+  an online softmax; no ``[B, H, Lq, Lk]`` tensor is built. ``attention`` on bf16 q, k, v on CPUs
+  with AVX512-BF16: the bf16 kernel (bf16 pair products summed in
+  fp32, fp32 softmax, probabilities rounded to bf16 before ``p @ v`` as transformers rounds them,
+  output rounded once). Other bf16 / fp16 q, k, v: the fp32 kernel on fp32 copies, output rounded
+  once. Both are more accurate than eager's half-precision scores, so not bit-equal to it.
 - ``argmax``: greedy decoding's pick, one C++ pass over the rows.
 - ``linear``: a float weight of ``x``'s dtype goes to torch's GEMM, except fp32 weights for up to
   ``FP32_KERNEL_MAX_ROWS`` rows (decode steps), which take the C++ GEMV; a ``QuantizedWeight``
@@ -66,6 +68,10 @@ def _check_tensor(arg_name, value, dim=None):
 
 def _all_fp32(*tensors):
     return all(t is None or t.dtype == torch.float32 for t in tensors)
+
+
+def _all_bf16(*tensors):
+    return all(t.dtype == torch.bfloat16 for t in tensors)
 
 
 def _half_precision(*tensors):
@@ -184,14 +190,15 @@ def attention(q, k, v, bias_table, *, bidirectional, num_buckets, max_distance,
     mask = _check_key_padding_mask(key_padding_mask, batch, key_length)
     if mask is not None and mask.shape[1] != key_length:
         raise ValueError(f"key_padding_mask must have {key_length} keys, got {mask.shape[1]}")
-    if _half_precision(q, k, v) and min(q.numel(), k.numel()) > 0:
+    bf16_kernel = _all_bf16(q, k, v) and _C.has_bf16_attention()
+    if _half_precision(q, k, v) and min(q.numel(), k.numel()) > 0 and not bf16_kernel:
         # bf16 / fp16 models: the fused kernel on fp32 copies (O(L * D) each) instead of eager's
         # [B, H, Lq, Lk] scores; scores and softmax in fp32, then one rounding of the output.
         return attention(q.float(), k.float(), v.float(), bias_table, bidirectional=bidirectional,
                          num_buckets=num_buckets, max_distance=max_distance,
                          key_padding_mask=key_padding_mask, causal=causal, query_offset=query_offset,
                          scale=scale).to(q.dtype)
-    if not _all_fp32(q, k, v) or min(q.numel(), k.numel()) == 0:
+    if not (_all_fp32(q, k, v) or bf16_kernel) or min(q.numel(), k.numel()) == 0:
         return eager.attention(q, k, v, bias_table, bidirectional=bidirectional,
                                num_buckets=num_buckets, max_distance=max_distance,
                                key_padding_mask=key_padding_mask, causal=causal,
@@ -204,7 +211,8 @@ def attention(q, k, v, bias_table, *, bidirectional, num_buckets, max_distance,
                  bias_table=_ptr(table), num_buckets=num_buckets, max_distance=max_distance,
                  bidirectional=bool(bidirectional), key_padding_mask=_ptr(mask),
                  mask_batch_stride=0 if mask is None else mask.stride(0), causal=bool(causal),
-                 query_offset=int(query_offset), scale=float(scale), num_threads=_threads())
+                 query_offset=int(query_offset), scale=float(scale), num_threads=_threads(),
+                 bf16=bf16_kernel)
     return out
 
 

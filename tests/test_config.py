@@ -38,6 +38,7 @@ def test_feed_forward_proj_forms(proj, act, gated):
     ("feed_forward_proj", "gated-gelu-x", "feed_forward_proj"), ("feed_forward_proj", "swiglu", "not supported"),
     ("feed_forward_proj", "fancy-gelu", "feed_forward_proj"), ("layer_norm_epsilon", 0, "layer_norm_epsilon"),
     ("relative_attention_num_buckets", 1, "relative_attention_num_buckets"),
+    ("relative_attention_num_buckets", 3, "relative_attention_num_buckets must be >= 4"),  # no exact bucket
     ("relative_attention_max_distance", 3, "relative_attention_max_distance"),
     ("relative_attention_max_distance", 16, "relative_attention_max_distance"),  # 32 buckets: empty log span
     ("pad_token_id", 10**9, "pad_token_id"), ("eos_token_id", -1, "eos_token_id"),

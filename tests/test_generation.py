@@ -84,6 +84,37 @@ def test_decoder_prompt_is_prefilled(checkpoint_factory):
                        expected)
 
 
+def test_decoder_prompt_without_the_start_token_gets_it_prepended(checkpoint_factory):
+    """transformers prepends decoder_start_token_id unless some row's prompt begins with it."""
+    ours, hf = pair(checkpoint_factory, "odd")
+    ids, mask = random_batch(ours.config.vocab_size, 3, 30, seed=9)
+    prompt = torch.randint(2, 100, (3, 3), generator=torch.Generator().manual_seed(9))
+    expected = reference(hf, ids, mask, decoder_input_ids=prompt, max_new_tokens=6)
+    got = ours.generate(ids, attention_mask=mask, decoder_input_ids=prompt, max_new_tokens=6)
+    assert got.shape == (3, 1 + 3 + 6) and torch.equal(got, expected)
+    prompt[1, 0] = ours.config.decoder_start_token_id  # one row starts with it: all are used as given
+    expected = reference(hf, ids, mask, decoder_input_ids=prompt, max_new_tokens=6)
+    got = ours.generate(ids, attention_mask=mask, decoder_input_ids=prompt, max_new_tokens=6)
+    assert got.shape == (3, 3 + 6) and torch.equal(got, expected)
+
+
+def test_a_missing_mask_is_inferred_from_pad_tokens_as_transformers_does(checkpoint_factory):
+    """Without attention_mask, transformers masks the pad tokens of the input unless pad is an
+    eos token; padded inputs then decode as with their explicit mask."""
+    ours, hf = pair(checkpoint_factory, "odd")
+    ids, mask = random_batch(ours.config.vocab_size, 4, 30, seed=10)
+    pad = ours.config.pad_token_id
+    for kwargs in (dict(max_new_tokens=8), dict(max_new_tokens=8, num_beams=3)):
+        expected = reference(hf, ids, None, **kwargs)
+        assert torch.equal(expected, reference(hf, ids, mask, **kwargs))
+        assert not torch.equal(expected, reference(hf, ids, torch.ones_like(mask), **kwargs))
+        assert torch.equal(ours.generate(ids, **kwargs), expected)
+    # pad is an eos token: no mask is inferred
+    expected = reference(hf, ids, None, max_new_tokens=8, eos_token_id=[pad, 1])
+    assert torch.equal(expected, reference(hf, ids, torch.ones_like(mask), max_new_tokens=8, eos_token_id=[pad, 1]))
+    assert torch.equal(ours.generate(ids, max_new_tokens=8, eos_token_id=[pad, 1]), expected)
+
+
 def test_sampling_is_reproducible_and_follows_transformers(checkpoint_factory):
     ours, hf = pair(checkpoint_factory, "tied-shallow-decoder")
     ids, mask = random_batch(ours.config.vocab_size, 2, 25, seed=8)

@@ -44,6 +44,15 @@ FORWARD_CASES = [
     (dict(input_ids=GOOD, decoder_input_ids=DEC, decoder_attention_mask=torch.ones(2, 3)), ValueError,
      r"decoder_attention_mask.*shape"),
     (dict(input_ids=GOOD, decoder_input_ids=DEC, head_mask=torch.ones(3)), ValueError, r"head_mask"),
+    (dict(input_ids=GOOD, labels=torch.tensor([[5, 6, 7, 131], [5, -100, 7, 1]])), ValueError,
+     r"labels holds 131, outside \[0, 131\)"),
+    (dict(input_ids=GOOD, labels=torch.tensor([[5, 6, 7, -3], [5, -100, 7, 1]])), ValueError, r"labels holds -3"),
+    (dict(encoder_outputs=(torch.zeros(2, 4, 39),), decoder_input_ids=DEC), ValueError,
+     r"encoder_outputs \(last_hidden_state\) must have shape \[batch, sequence_length, d_model=40\]"),
+    (dict(encoder_outputs=(torch.zeros(2, 4, 40, dtype=torch.float64),), decoder_input_ids=DEC), TypeError,
+     r"encoder_outputs.*dtype torch.float64"),
+    (dict(encoder_outputs=[[1, 2]], decoder_input_ids=DEC), TypeError, r"encoder_outputs.*torch.Tensor"),
+    (dict(encoder_outputs=3, decoder_input_ids=DEC), TypeError, r"encoder_outputs must be"),
 ]
 
 
@@ -53,6 +62,35 @@ def test_forward_rejects_bad_input(model, kwargs, error, match):
         model(**kwargs)
 
 
+def legacy_cache(config, batch=2, heads=None, d_kv=None, length=3, layers=None, cross=True):
+    heads, d_kv = heads or config.num_heads, d_kv or config.d_kv
+    kv = (torch.zeros(batch, heads, length, d_kv), torch.zeros(batch, heads, length, d_kv))
+    return tuple(kv + (kv if cross else ()) for _ in range(layers or config.num_decoder_layers))
+
+
+def test_legacy_caches_are_checked(model):
+    cfg = model.config
+    enc = torch.zeros(2, 4, cfg.d_model)
+    step = dict(encoder_outputs=(enc,), decoder_input_ids=DEC[:, 1:])
+    model(**step, past_key_values=legacy_cache(cfg))  # well formed: accepted
+    model(**step, past_key_values=legacy_cache(cfg, cross=False))
+    cases = [
+        (legacy_cache(cfg, batch=5), ValueError, r"batch size 2 but past_key_values has batch size 5"),
+        (legacy_cache(cfg, heads=cfg.num_heads + 1), ValueError, rf"past_key_values\[0\]\[0\] must have shape "
+                                                                 rf"\[batch, num_heads={cfg.num_heads}"),
+        (legacy_cache(cfg, d_kv=cfg.d_kv + 2), ValueError, rf"d_kv={cfg.d_kv}"),
+        (legacy_cache(cfg, layers=cfg.num_decoder_layers + 1), ValueError, "per-layer tuples"),
+        (tuple((1, 2) for _ in range(cfg.num_decoder_layers)), TypeError, r"past_key_values\[0\]\[0\] must be a torch.Tensor"),
+        (tuple((torch.zeros(1),) * 3 for _ in range(cfg.num_decoder_layers)), ValueError, "2 or 4 tensors"),
+        (tuple(tuple(t.double() for t in layer) for layer in legacy_cache(cfg)), TypeError, "dtype torch.float64"),
+        (legacy_cache(cfg)[:-1] + ((torch.zeros(2, cfg.num_heads, 5, cfg.d_kv),) * 2,), ValueError,
+         r"self-attention K/V have shapes"),
+    ]
+    for cache, error, match in cases:
+        with pytest.raises(error, match=match):
+            model(**step, past_key_values=cache)
+
+
 def test_token_classification_labels_are_checked(checkpoint_factory):
     path, _ = checkpoint_factory("UMT5ForTokenClassification", num_labels=3)
     tagger = umt5_fast.UMT5ForTokenClassification.from_pretrained(path)
@@ -60,6 +98,8 @@ def test_token_classification_labels_are_checked(checkpoint_factory):
         tagger(input_ids=GOOD, labels=torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(TypeError, match="labels"):
         tagger(input_ids=GOOD, labels=torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"labels holds 3, outside \[0, 3\)"):
+        tagger(input_ids=GOOD, labels=torch.full((2, 4), 3))
     assert torch.isfinite(tagger(input_ids=GOOD, labels=torch.zeros(2, 4, dtype=torch.int32)).loss)
 
 

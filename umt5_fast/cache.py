@@ -23,6 +23,11 @@ class DynamicCache:
     def get_seq_length(self) -> int:
         return self.length
 
+    def batch_size(self) -> Optional[int]:
+        """Rows held (None while empty)."""
+        kv = self.self_kv[0] if self.num_layers else None
+        return None if kv is None else kv[0].shape[0]
+
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor, start: int) -> KV:
         """Store K/V ``[B, H, L, D]`` of positions ``start..start+L-1``; return all cached so far."""
         old = self.self_kv[layer]
@@ -43,11 +48,9 @@ class DynamicCache:
 
     @classmethod
     def from_legacy_cache(cls, legacy) -> "DynamicCache":
+        """From transformers' tuples, as ``validation.check_legacy_cache`` accepts them."""
         cache = cls(len(legacy))
         for i, layer in enumerate(legacy):
-            if len(layer) not in (2, 4):
-                raise ValueError(f"past_key_values[{i}] must hold 2 or 4 tensors (self K/V, cross K/V), "
-                                 f"got {len(layer)}")
             cache.self_kv[i] = (layer[0], layer[1])
             if len(layer) == 4:
                 cache.cross_kv[i] = (layer[2], layer[3])
@@ -76,6 +79,9 @@ class StaticCache:
 
     def get_seq_length(self) -> int:
         return self.length
+
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
 
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor, start) -> KV:
         if isinstance(start, torch.Tensor):

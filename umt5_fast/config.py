@@ -120,9 +120,12 @@ class UMT5Config:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"UMT5Config.{field} must be a positive integer, got {value!r}")
-        if self.relative_attention_num_buckets < 2:
-            raise ValueError("UMT5Config.relative_attention_num_buckets must be >= 2 (half of them are "
-                             f"per direction in the encoder), got {self.relative_attention_num_buckets}")
+        if self.relative_attention_num_buckets < 4:
+            # the encoder's buckets split per direction, then into exact and log-scale halves: fewer
+            # than 4 leave no exact bucket, and the log formula divides by zero (in transformers too)
+            raise ValueError("UMT5Config.relative_attention_num_buckets must be >= 4 (half of them per "
+                             "direction in the encoder, each half split into exact and log-scale buckets), "
+                             f"got {self.relative_attention_num_buckets}")
         if self.relative_attention_max_distance <= self.relative_attention_num_buckets // 2:
             # the decoder's log buckets span (num_buckets // 2, max_distance): an empty span divides
             # by log(1) = 0 and turns transformers' buckets into undefined float->int casts

@@ -238,14 +238,23 @@ def prepare(model, input_ids, attention_mask, decoder_input_ids, options):
     """Validate inputs, run the encoder; return (encoder states, mask, decoder prompt, max_length)."""
     cfg = model.config
     validation.check_ids("input_ids", input_ids, cfg.vocab_size, model.device, allow_none=False)
+    pad = options["pad_token_id"]
+    if attention_mask is None and bool((input_ids == pad).any()) and pad not in options["eos_token_id"]:
+        # transformers' rule: without a mask, ids holding the pad token (when it is not an eos
+        # token) are padded there
+        attention_mask = input_ids.ne(pad)
     mask = validation.check_mask("attention_mask", attention_mask, input_ids.shape, model.device)
     batch = input_ids.shape[0]
+    start = torch.full((batch, 1), options["decoder_start_token_id"], dtype=torch.long, device=model.device)
     if decoder_input_ids is None:
-        prompt = torch.full((batch, 1), options["decoder_start_token_id"], dtype=torch.long, device=model.device)
+        prompt = start
     else:
         validation.check_ids("decoder_input_ids", decoder_input_ids, cfg.vocab_size, model.device, allow_none=False)
         validation.same_batch("decoder_input_ids", decoder_input_ids.shape[0], "input_ids", batch)
         prompt = decoder_input_ids.long()
+        if bool((prompt[:, 0] != start[:, 0]).all()):
+            # transformers prepends the start token unless some row's prompt begins with it
+            prompt = torch.cat([start, prompt], dim=1)
     prompt_length = prompt.shape[1]
     if options["max_new_tokens"] is not None:
         max_length = prompt_length + options["max_new_tokens"]
@@ -255,7 +264,7 @@ def prepare(model, input_ids, attention_mask, decoder_input_ids, options):
             raise ValueError(f"max_length ({max_length}) leaves no room to generate after the decoder prompt "
                              f"({prompt_length} tokens); set max_new_tokens")
     with torch.inference_mode():
-        encoder_states = model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        encoder_states = model.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
     return encoder_states, mask, prompt, max_length
 
 

@@ -372,15 +372,19 @@ class DecoderStack(nn.Module):
                 encoder_attention_mask=None, past_key_values=None, use_cache=False, head_mask=None,
                 cross_attn_head_mask=None, output_attentions=False, output_hidden_states=False):
         h = embed(self.embed_tokens, input_ids, inputs_embeds, "decoder_input_ids", "decoder_inputs_embeds")
-        cache = as_cache(past_key_values, len(self.block))
+        cache = as_cache(past_key_values, self.config, h.dtype, h.device)
         if cache is None and use_cache:
             cache = DynamicCache(len(self.block))
         past_length = cache.get_seq_length() if cache is not None else 0
         batch, length = h.shape[:2]
+        if past_length:
+            validation.same_batch("decoder inputs", batch, "past_key_values", cache.batch_size())
         self_mask = validation.check_mask("decoder_attention_mask", attention_mask,
                                           (batch, past_length + length), h.device)
         encoder_mask = None
         if encoder_hidden_states is not None:
+            validation.check_embeds("encoder_outputs (last_hidden_state)", encoder_hidden_states, self.config.d_model,
+                                    h.device, h.dtype)
             validation.same_batch("decoder inputs", batch, "encoder outputs", encoder_hidden_states.shape[0])
             encoder_mask = validation.check_mask("attention_mask", encoder_attention_mask,
                                                  encoder_hidden_states.shape[:2], h.device)
@@ -436,15 +440,14 @@ def embed(table: nn.Embedding, ids, embeds, ids_name: str, embeds_name: str) -> 
     return table(ids.long())
 
 
-def as_cache(past_key_values, num_layers: int):
+def as_cache(past_key_values, config: UMT5Config, dtype: torch.dtype, device):
     """Accept our caches, transformers' legacy tuples, or a transformers Cache object."""
     if past_key_values is None or isinstance(past_key_values, (DynamicCache, StaticCache)):
         return past_key_values
     if hasattr(past_key_values, "to_legacy_cache"):
         past_key_values = past_key_values.to_legacy_cache()
-    if not isinstance(past_key_values, (tuple, list)) or len(past_key_values) != num_layers:
-        raise ValueError(f"past_key_values must be a cache returned by this model or a tuple of "
-                         f"{num_layers} per-layer tuples")
+    validation.check_legacy_cache(past_key_values, config.num_decoder_layers, config.num_heads, config.d_kv,
+                                  dtype, device)
     return DynamicCache.from_legacy_cache(past_key_values)
 
 
@@ -540,6 +543,9 @@ def _encode(model, input_ids, attention_mask, inputs_embeds, head_mask, encoder_
         encoder_outputs = (encoder_outputs,)
     if hasattr(encoder_outputs, "to_tuple"):
         encoder_outputs = encoder_outputs.to_tuple()
+    if not isinstance(encoder_outputs, (tuple, list)) or not encoder_outputs:
+        raise TypeError("encoder_outputs must be an encoder output, a tuple (last_hidden_state, ...) or a "
+                        f"[batch, length, d_model] tensor, got {type(encoder_outputs).__name__}")
     return BaseModelOutput(last_hidden_state=encoder_outputs[0],
                            hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
                            attentions=encoder_outputs[2] if len(encoder_outputs) > 2 else None)
@@ -626,7 +632,7 @@ class UMT5ForConditionalGeneration(_EncoderDecoder):
         if labels is not None:
             decoder_shape = (decoder_input_ids.shape if decoder_input_ids is not None
                              else None if decoder_inputs_embeds is None else decoder_inputs_embeds.shape[:2])
-            validation.check_labels(labels, decoder_shape)
+            validation.check_labels(labels, self.config.vocab_size, decoder_shape)
             if decoder_shape is None:
                 decoder_input_ids = self._shift_right(labels)
         enc, dec = self._seq2seq(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
@@ -782,7 +788,7 @@ class UMT5ForTokenClassification(UMT5PreTrainedModel):
             output_attentions, output_hidden_states, return_dict)
         if labels is not None:
             inputs = input_ids if input_ids is not None else inputs_embeds
-            validation.check_labels(labels, None if inputs is None else inputs.shape[:2])
+            validation.check_labels(labels, self.config.num_labels, None if inputs is None else inputs.shape[:2])
         out = self.transformer(input_ids, attention_mask=attention_mask, head_mask=head_mask,
                                inputs_embeds=inputs_embeds, output_attentions=output_attentions,
                                output_hidden_states=output_hidden_states, return_dict=True)

@@ -62,8 +62,9 @@ def check_mask(name: str, mask, shape, device=None, require_visible=True) -> tor
     return keep
 
 
-def check_labels(labels, expected_shape=None):
-    """Integer ``[batch, length]`` labels (-100 = ignored), of ``expected_shape`` when it is known."""
+def check_labels(labels, num_classes: int, expected_shape=None):
+    """Integer ``[batch, length]`` labels in ``[0, num_classes)`` or -100 (ignored), of
+    ``expected_shape`` when it is known."""
     if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.long, torch.int32):
         raise TypeError("labels must be an integer torch.Tensor [batch, length] (-100 = ignored)")
     if labels.dim() != 2:
@@ -71,6 +72,40 @@ def check_labels(labels, expected_shape=None):
     if expected_shape is not None and tuple(labels.shape) != tuple(expected_shape):
         raise ValueError(f"labels must have shape {tuple(expected_shape)} (matching the inputs), "
                          f"got {tuple(labels.shape)}")
+    bad = labels[(labels != -100) & ((labels < 0) | (labels >= num_classes))]
+    if bad.numel():
+        raise ValueError(f"labels holds {int(bad[0])}, outside [0, {num_classes}) (and not -100, ignored)")
+
+
+def check_legacy_cache(legacy, num_layers: int, num_heads: int, d_kv: int, dtype: torch.dtype, device):
+    """transformers' tuple cache: per decoder layer (self K, self V[, cross K, cross V]), each
+    ``[batch, num_heads, length, d_kv]`` of the model's dtype, one batch and self length in all."""
+    if not isinstance(legacy, (tuple, list)) or len(legacy) != num_layers:
+        raise ValueError(f"past_key_values must be a cache returned by this model or a tuple of "
+                         f"{num_layers} per-layer tuples")
+    self_shape = None
+    for i, layer in enumerate(legacy):
+        if not isinstance(layer, (tuple, list)) or len(layer) not in (2, 4):
+            raise ValueError(f"past_key_values[{i}] must hold 2 or 4 tensors (self K/V, cross K/V)")
+        for j, t in enumerate(layer):
+            name = f"past_key_values[{i}][{j}]"
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 4 or t.shape[1] != num_heads or t.shape[3] != d_kv:
+                raise ValueError(f"{name} must have shape [batch, num_heads={num_heads}, length, d_kv={d_kv}], "
+                                 f"got {tuple(t.shape)}")
+            if t.dtype != dtype:
+                raise TypeError(f"{name} has dtype {t.dtype} but the model computes in {dtype}")
+            if t.device != torch.device(device):
+                raise ValueError(f"{name} is on {t.device} but the model is on {device}")
+        if self_shape is None:
+            self_shape = layer[0].shape
+        if layer[0].shape != self_shape or layer[1].shape != self_shape:
+            raise ValueError(f"past_key_values[{i}] self-attention K/V have shapes {tuple(layer[0].shape)} and "
+                             f"{tuple(layer[1].shape)}; every layer's must be {tuple(self_shape)}")
+        if len(layer) == 4 and (layer[2].shape != layer[3].shape or layer[2].shape[0] != self_shape[0]):
+            raise ValueError(f"past_key_values[{i}] cross-attention K/V have shapes {tuple(layer[2].shape)} and "
+                             f"{tuple(layer[3].shape)}; they must match, with batch {self_shape[0]}")
 
 
 def same_batch(name_a: str, a: int, name_b: str, b: int):

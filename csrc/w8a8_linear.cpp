@@ -1,6 +1,6 @@
 // W8A8 linear (see w8a8_linear.h): per-row symmetric quantisation of the activations, then the
-// integer GEMM by the AVX512-VNNI kernel where the CPU has it and the selected ISA is avx512, else
-// by the portable kernel below (same results, bit for bit).
+// integer GEMM on the column-block weight layout by the AVX512-VNNI kernel where the CPU has it and
+// the selected ISA is avx512, else by the portable kernel below (same results, bit for bit).
 #include "w8a8_linear.h"
 
 #include <algorithm>
@@ -62,16 +62,27 @@ QuantisedRows quantise_rows(const float* x, int64_t rows, int64_t k, int64_t k_p
 
 }  // namespace
 
-void w8a8_columns_portable(const W8A8Problem& p, int64_t n_begin, int64_t n_end) {
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const int8_t* w = p.w + n * p.in_features;
+void w8a8_blocks_portable(const W8A8Problem& p, int64_t block_begin, int64_t block_end) {
+  constexpr int kColumns = kW8A8BlockColumns;
+  const int64_t K = p.in_features, groups = K / 4;
+  const int tail = static_cast<int>(K % 4);
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    const int8_t* w = p.w + b * kColumns * K;
+    const int64_t n0 = b * kColumns;
+    const int columns = static_cast<int>(std::min<int64_t>(kColumns, p.out_features - n0));
     for (int64_t m = 0; m < p.rows; ++m) {
       const int8_t* q = p.q + m * p.k_padded;
-      int32_t acc = 0;
-      for (int64_t k = 0; k < p.in_features; ++k) acc += static_cast<int32_t>(q[k]) * w[k];
-      float value = static_cast<float>(acc) * (p.x_scale[m] * p.w_scale[n]);
-      if (p.residual) value = value + p.residual[m * p.out_features + n];
-      p.y[m * p.out_features + n] = value;
+      int32_t acc[kColumns] = {};
+      for (int64_t g = 0; g < groups; ++g)
+        for (int j = 0; j < kColumns; ++j)
+          for (int t = 0; t < 4; ++t) acc[j] += q[4 * g + t] * w[g * 64 + 4 * j + t];
+      for (int j = 0; j < kColumns; ++j)
+        for (int t = 0; t < tail; ++t) acc[j] += q[4 * groups + t] * w[groups * 64 + j * tail + t];
+      for (int j = 0; j < columns; ++j) {
+        float value = static_cast<float>(acc[j]) * (p.x_scale[m] * p.w_scale[n0 + j]);
+        if (p.residual) value = value + p.residual[m * p.out_features + n0 + j];
+        p.y[m * p.out_features + n0 + j] = value;
+      }
     }
   }
 }
@@ -89,15 +100,16 @@ void run_w8a8_linear(const float* x, const int8_t* qweight, const float* scale,
   const W8A8Problem problem{a.q.data(), a.sums.data(), a.scales.data(), qweight, scale, residual,
                             y, rows, in_features, k_padded, out_features};
   const bool vnni = cpu_isa() == CpuIsa::avx512 && cpu_supports_avx512_vnni();
-  auto* columns = vnni ? &w8a8_columns_vnni : &w8a8_columns_portable;
-  // Blocks of 64 columns: their weight rows stay in cache while every row block uses them.
-  constexpr int64_t kColumnBlock = 64;
-  const int64_t blocks = (out_features + kColumnBlock - 1) / kColumnBlock;
-  const int64_t block_work = in_features * kColumnBlock * std::max<int64_t>(rows, 1);
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / block_work);
-  parallel_for_ranges(blocks, grain, num_threads, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b)
-      columns(problem, b * kColumnBlock, std::min(out_features, (b + 1) * kColumnBlock));
+  auto* blocks_kernel = vnni ? &w8a8_blocks_vnni : &w8a8_blocks_portable;
+  // Each task takes whole groups of 8 weight blocks (the widest tile; 128 columns) and enough
+  // work (~2^18 products) to be worth a thread.
+  constexpr int64_t kBlocksPerGroup = 8;
+  const int64_t blocks = (out_features + kW8A8BlockColumns - 1) / kW8A8BlockColumns;
+  const int64_t block_groups = (blocks + kBlocksPerGroup - 1) / kBlocksPerGroup;
+  const int64_t group_work = in_features * kBlocksPerGroup * kW8A8BlockColumns * std::max<int64_t>(rows, 1);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / group_work);
+  parallel_for_ranges(block_groups, grain, num_threads, [&](int64_t begin, int64_t end) {
+    blocks_kernel(problem, begin * kBlocksPerGroup, std::min(blocks, end * kBlocksPerGroup));
   });
 }
 

@@ -13,6 +13,13 @@ constexpr int kW8A8KPad = 64;
 // (w + 128) * q summed over K must fit int32: 255 * 127 * 65536 < 2^31.
 constexpr int64_t kW8A8MaxK = 65536;
 
+// The weight's layout (umt5_fast.quant.W8A8Weight): blocks of kW8A8BlockColumns output columns
+// (the last padded with zero columns), each 16 * K contiguous bytes: K / 4 groups of 64 bytes,
+// byte 4 j + t of group g holding w[16 b + j][4 g + t] (column j in 32-bit lane j: vpdpbusd's
+// operand, so sums need no horizontal reduction), then the K % 4 last entries of each column,
+// column after column.
+constexpr int kW8A8BlockColumns = 16;
+
 // v rounded to the nearest integer, ties to even (torch.round's rule), clamped to [-127, 127]: the
 // rounding of both int8 quantisers (activations per call here, weights at load in
 // quantize_weights.cpp). Adding and subtracting 1.5 * 2^23 rounds |v| < 2^22 without a libm call,
@@ -27,7 +34,7 @@ struct W8A8Problem {
   const int8_t* q;        // [rows_padded, k_padded] quantised activations, zero padded
   const int32_t* q_sums;  // [rows_padded] sum over k of q
   const float* x_scale;   // [rows_padded] x ~= q * x_scale (NaN for a row with inf / NaN)
-  const int8_t* w;        // [out_features, in_features]
+  const int8_t* w;        // [ceil(out_features / 16) blocks][16 * in_features], see above
   const float* w_scale;   // [out_features]
   const float* residual;  // [rows, out_features] or nullptr
   float* y;               // [rows, out_features]
@@ -35,10 +42,10 @@ struct W8A8Problem {
 };
 
 // y[m, n] = float(sum_k q[m, k] * w[n, k]) * (x_scale[m] * w_scale[n]) (+ residual[m, n]) for
-// output columns [n_begin, n_end) and all rows: the same fp32 operations in every kernel, so all
-// give identical bits.
-void w8a8_columns_portable(const W8A8Problem& p, int64_t n_begin, int64_t n_end);
-void w8a8_columns_vnni(const W8A8Problem& p, int64_t n_begin, int64_t n_end);
+// the output columns of weight blocks [block_begin, block_end) and all rows: the same fp32
+// operations in every kernel, so all give identical bits.
+void w8a8_blocks_portable(const W8A8Problem& p, int64_t block_begin, int64_t block_end);
+void w8a8_blocks_vnni(const W8A8Problem& p, int64_t block_begin, int64_t block_end);
 
 bool cpu_supports_avx512_vnni();
 

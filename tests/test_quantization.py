@@ -11,6 +11,7 @@ import torch
 import umt5_fast
 from umt5_fast.model import Linear
 from umt5_fast.ops import available_backends
+from umt5_fast.quant import QuantizedWeight, W8A8Weight
 from helpers import random_batch, rel_err
 
 MAX_REL_ERR = {"int8": 5e-2, "w8a8": 8e-2, "bf16": 2e-2}
@@ -79,7 +80,6 @@ def torch_quantize(weight):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows,cols", [(1, 1), (7, 133), (64, 512), (3, 4099)])
 def test_int8_quantisation_equals_its_torch_definition(dtype, rows, cols):
-    from umt5_fast.quant import QuantizedWeight
     g = torch.Generator().manual_seed(rows * cols)
     weight = (torch.randn(rows, cols, generator=g) * 10 ** torch.empty(rows, 1).uniform_(-3, 3, generator=g))
     weight[0, :] = 0.0  # a zero row: the 1e-12 floor
@@ -92,11 +92,42 @@ def test_int8_quantisation_equals_its_torch_definition(dtype, rows, cols):
     qweight, scale = torch_quantize(weight)
     assert torch.equal(packed.scale, scale)
     assert torch.equal(packed.qweight, qweight)
+    # W8A8: the same values, written by the C++ quantiser straight into the kernel's column blocks
+    blocks = W8A8Weight.quantize(weight)
+    assert torch.equal(blocks.scale, scale)
+    assert torch.equal(blocks.qweight, W8A8Weight.pack(qweight))
+    assert torch.equal(blocks.unpacked(), qweight)
+
+
+def test_w8a8_quantisation_without_the_extension_is_the_same(monkeypatch):
+    import umt5_fast.quant as quant
+    weight = torch.randn(21, 30)
+    expected = W8A8Weight.quantize(weight)
+    monkeypatch.setattr(quant, "_C", None)
+    got = W8A8Weight.quantize(weight)
+    assert torch.equal(got.qweight, expected.qweight) and torch.equal(got.scale, expected.scale)
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (16, 4), (17, 6), (33, 77)])
+def test_w8a8_column_blocks_layout(rows, cols):
+    """W8A8Weight.pack against its definition, entry by entry (csrc/w8a8_linear.h)."""
+    qweight = torch.randint(-127, 128, (rows, cols), dtype=torch.int8)
+    packed = W8A8Weight.pack(qweight)
+    flat = packed.flatten()
+    assert packed.shape == (-(-rows // 16) * 16, cols)
+    groups, tail = divmod(cols, 4)
+    for n in range(rows):
+        block, j = divmod(n, 16)
+        for k in range(cols):
+            g, t = divmod(k, 4)
+            at = block * 16 * cols + (g * 64 + 4 * j + t if g < groups else groups * 64 + j * tail + t)
+            assert flat[at] == qweight[n, k]
+    assert int(flat.abs().sum()) == int(qweight.abs().sum())  # padding rows are zero
+    assert torch.equal(W8A8Weight(packed, torch.ones(rows)).unpacked(), qweight)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_int8_quantisation_rejects_non_finite_weights(bad):
-    from umt5_fast.quant import QuantizedWeight, W8A8Weight
     weight = torch.randn(5, 40)
     weight[3, 17] = bad
     for fmt in (QuantizedWeight, W8A8Weight):

@@ -44,7 +44,7 @@ def _linear_spec(linear, keep: list):
     qweight, scale = weight.qweight.contiguous(), weight.scale.float().contiguous()
     keep.extend((qweight, scale))
     kind = _W8A8 if isinstance(weight, W8A8Weight) else _INT8
-    return kind, qweight.data_ptr(), scale.data_ptr(), qweight.shape[1], qweight.shape[0]
+    return kind, qweight.data_ptr(), scale.data_ptr(), weight.shape[1], weight.shape[0]
 
 
 def _norm_weight(norm, eps: float, keep: list):

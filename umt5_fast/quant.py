@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 try:  # the C++ expansion (csrc/expand_weights.cpp); torch expressions below are the fallback
     import umt5_fast._C as _C
@@ -116,18 +117,23 @@ class QuantizedWeight(PackedWeight):
         """Per-row int8 of a 2-D float weight. Raises ValueError on inf / NaN (no int8 stands for them)."""
         if weight.dim() != 2 or not weight.is_floating_point():
             raise ValueError(f"can only quantise a 2-D float weight, got {weight.dtype} {tuple(weight.shape)}")
+        blocks = cls is W8A8Weight
         if _C is not None and weight.device.type == "cpu" and weight.dtype in _QUANTIZABLE_DTYPES:
             weight = weight.contiguous()
-            qweight = torch.empty(weight.shape, dtype=torch.int8)
+            rows = -(-weight.shape[0] // W8A8Weight.BLOCK_COLUMNS) * W8A8Weight.BLOCK_COLUMNS if blocks else weight.shape[0]
+            qweight = (torch.zeros if blocks else torch.empty)((rows, weight.shape[1]), dtype=torch.int8)
             scale = torch.empty(weight.shape[0], dtype=torch.float32)
             finite = _C.quantize_int8_rows(weight=weight.data_ptr(), dtype=_QUANTIZABLE_DTYPES[weight.dtype],
                                            rows=weight.shape[0], cols=weight.shape[1], qweight=qweight.data_ptr(),
-                                           scale=scale.data_ptr(), num_threads=torch.get_num_threads())
+                                           scale=scale.data_ptr(), w8a8_blocks=blocks,
+                                           num_threads=torch.get_num_threads())
         else:  # the specification of the C++ quantiser above (bit for bit)
             w = weight.float()
             finite = bool(torch.isfinite(w).all())
             scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
             qweight = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+            if blocks:
+                qweight = W8A8Weight.pack(qweight)
         if not finite:
             raise ValueError("cannot quantise a weight holding inf or NaN to int8")
         return cls(qweight.contiguous(), scale.contiguous())
@@ -144,8 +150,59 @@ class W8A8Weight(QuantizedWeight):
     """The int8 weights of ``QuantizedWeight``, multiplied with activations quantised to int8 per
     row at run time (``quantize="w8a8"``; CTranslate2's int8 compute): an integer GEMM, 2x the
     multiply rate of bf16 on CPUs with VNNI. ``linear`` gives
-    ``float(round(x * 127 / amax) @ qweight.T) * (amax / 127 * scale)``, ``amax`` = max |x| of each row
-    (a zero row gives zeros, a row with inf / NaN gives NaN)."""
+    ``float(round(x * 127 / amax) @ weight.T) * (amax / 127 * scale)``, ``amax`` = max |x| of each row
+    (a zero row gives zeros, a row with inf / NaN gives NaN).
+
+    ``qweight`` holds the int8 ``[out, in]`` weight in the kernels' column-block order: blocks of
+    ``BLOCK_COLUMNS`` output rows (the last one padded with zero rows), each block ``16 * in``
+    contiguous bytes, first ``in // 4`` groups of 64 bytes where byte ``4 * j + t`` of group ``g``
+    is ``weight[16 * b + j, 4 * g + t]`` (one 32-bit lane per output column: the operand layout of
+    ``vpdpbusd``), then the last ``in % 4`` entries of each of the 16 rows, row after row. As a
+    tensor: ``[ceil(out / 16) * 16, in]`` int8; ``scale`` ``[out]`` gives ``out``.
+    """
+    BLOCK_COLUMNS = 16
+
+    def __post_init__(self):
+        out_features = self.scale.shape[0]
+        blocks = -(-out_features // self.BLOCK_COLUMNS)
+        if self.qweight.dim() != 2 or self.qweight.shape[0] != blocks * self.BLOCK_COLUMNS:
+            raise ValueError(f"W8A8Weight.qweight must be [{blocks * self.BLOCK_COLUMNS}, in_features] (packed "
+                             f"blocks of {self.BLOCK_COLUMNS} of the {out_features} output rows), "
+                             f"got {tuple(self.qweight.shape)}")
+
+    @classmethod
+    def pack(cls, qweight: torch.Tensor) -> torch.Tensor:
+        """int8 ``[out, in]`` rows -> the column-block order of ``qweight`` (see the class)."""
+        out_features, in_features = qweight.shape
+        padded = F.pad(qweight, (0, 0, 0, -out_features % cls.BLOCK_COLUMNS))
+        blocks, groups = padded.shape[0] // cls.BLOCK_COLUMNS, in_features // 4
+        by_block = padded.view(blocks, cls.BLOCK_COLUMNS, in_features)
+        grouped = by_block[:, :, :4 * groups].reshape(blocks, cls.BLOCK_COLUMNS, groups, 4).transpose(1, 2)
+        tail = by_block[:, :, 4 * groups:]
+        return torch.cat([grouped.reshape(blocks, -1), tail.reshape(blocks, -1)], dim=1).view(padded.shape)
+
+    def unpacked(self) -> torch.Tensor:
+        """The int8 ``[out, in]`` weight in row order (the inverse of ``pack``)."""
+        padded_rows, in_features = self.qweight.shape
+        blocks, groups = padded_rows // self.BLOCK_COLUMNS, in_features // 4
+        by_block = self.qweight.reshape(blocks, -1)
+        grouped = by_block[:, :64 * groups].reshape(blocks, groups, self.BLOCK_COLUMNS, 4).transpose(1, 2)
+        tail = by_block[:, 64 * groups:].reshape(blocks, self.BLOCK_COLUMNS, -1)
+        rows = torch.cat([grouped.reshape(blocks, self.BLOCK_COLUMNS, -1), tail], dim=2)
+        return rows.reshape(padded_rows, in_features)[:self.scale.shape[0]]
+
+    @property
+    def shape(self):
+        return torch.Size((self.scale.shape[0], self.qweight.shape[1]))
+
+    def rows(self, index: torch.Tensor) -> "W8A8Weight":
+        return type(self)(self.pack(self.unpacked()[index]), self.scale[index])
+
+    def _dequantize_rows(self, rows):
+        return self.unpacked()[rows].float() * self.scale[rows, None]
+
+    def _expand_on_cpu(self, out):
+        return _expand_int8_blocks(self.unpacked().unsqueeze(1), self.scale, out)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """The reference in torch (fp32 ``x`` ``[..., in]``): products summed exactly in fp64."""
@@ -156,7 +213,7 @@ class W8A8Weight(QuantizedWeight):
         q = torch.round(rows * inverse).clamp_(-127, 127)
         q = torch.where(finite, q, torch.zeros_like(q))
         x_scale = torch.where(finite, amax / 127.0, torch.full_like(amax, float("nan")))
-        sums = (q.double() @ self.qweight.double().T).float()  # |sum| < 2^31: exact in fp64
+        sums = (q.double() @ self.unpacked().double().T).float()  # |sum| < 2^31: exact in fp64
         y = sums * (x_scale * self.scale.float()[None, :])
         return y.view(*x.shape[:-1], self.shape[0])
 

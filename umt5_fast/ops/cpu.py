@@ -268,10 +268,10 @@ def _check_linear_args(x, weight):
         _check_tensor("weight.scale", weight.scale, dim=1)
         if weight.qweight.dtype != torch.int8:
             raise TypeError(f"weight.qweight must be int8, got {weight.qweight.dtype}")
-        if weight.scale.shape[0] != weight.qweight.shape[0]:
+        if weight.scale.shape[0] != weight.shape[0]:
             raise ValueError(f"weight.scale must have one entry per output row "
-                             f"({weight.qweight.shape[0]}), got {tuple(weight.scale.shape)}")
-        in_features = weight.qweight.shape[1]
+                             f"({weight.shape[0]}), got {tuple(weight.scale.shape)}")
+        in_features = weight.shape[1]
     else:
         _check_tensor("weight", weight, dim=2)
         in_features = weight.shape[1]

@@ -138,8 +138,9 @@ inline void softmax_step_transposed(float* scores_t, int num_keys,
     for (int v = 0; v < RV; ++v) {
       auto s = V::load(row + v * W);
       if (position_term_reversed) s = V::add(s, V::load(position_term_reversed + v * W - c));
-      // A padded key scores kMaskedScore even where the position term masked it too.
-      if (key_term) s = V::max(V::add(s, V::set1(key_term[c])), V::set1(kMaskedScore));
+      // A padded key scores kMaskedScore even where the position term masked it too; a NaN
+      // score stays NaN (second operand of max), as in eager attention.
+      if (key_term) s = V::max(V::set1(kMaskedScore), V::add(s, V::set1(key_term[c])));
       V::store(row + v * W, s);
       tile_max[v] = V::max(tile_max[v], s);
     }
@@ -178,8 +179,9 @@ inline float softmax_step(float* scores, int num_keys, const float* position_ter
   for (int c = 0; c < padded_keys; c += W) {
     auto s = V::load(scores + c);
     if (position_term) s = V::add(s, V::load(position_term + c));
-    // A padded key scores kMaskedScore even where the position term masked it too.
-    if (key_term) s = V::max(V::add(s, V::load(key_term + c)), V::set1(kMaskedScore));
+    // A padded key scores kMaskedScore even where the position term masked it too; a NaN
+    // score stays NaN (second operand of max), as in eager attention.
+    if (key_term) s = V::max(V::set1(kMaskedScore), V::add(s, V::load(key_term + c)));
     V::store(scores + c, s);
   }
   for (int c = num_keys; c < padded_keys; ++c) scores[c] = -std::numeric_limits<float>::infinity();
@@ -259,7 +261,7 @@ inline typename Vec<ISA>::type activate(typename Vec<ISA>::type x) {
     const auto e = V::erf(V::mul(x, V::set1(0.70710678118654752f)));
     return V::mul(V::mul(x, V::set1(0.5f)), V::add(V::set1(1.0f), e));
   } else if constexpr (kActivation == Activation::relu) {
-    return V::max(x, V::zero());
+    return V::max(V::zero(), x);  // NaN stays NaN (second operand), as torch.relu
   } else {  // silu
     return V::div(x, V::add(V::set1(1.0f), V::exp(V::sub(V::zero(), x))));
   }

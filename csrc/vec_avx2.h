@@ -51,7 +51,8 @@ struct Vec<CpuIsa::avx2> {
   // Cephes expf: exp(x) = 2^n * exp(r), |r| <= ln2 / 2, degree-5 polynomial (about 1 ulp).
   // Overflows to +inf above 88.72; returns 0 below -87.34 (where expf is subnormal).
   static type exp(type x) {
-    const type clamped = _mm256_min_ps(_mm256_max_ps(x, set1(-87.3365447f)), set1(88.3762626f));
+    // x second: max/min return their second operand when one is NaN, so NaN stays NaN.
+    const type clamped = _mm256_min_ps(set1(88.3762626f), _mm256_max_ps(set1(-87.3365447f), x));
     const type n = _mm256_round_ps(_mm256_mul_ps(clamped, set1(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     type r = _mm256_fnmadd_ps(n, set1(0.693359375f), clamped);

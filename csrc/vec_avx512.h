@@ -46,7 +46,8 @@ struct Vec<CpuIsa::avx512> {
 
   // Cephes expf (see Vec<avx2>::exp).
   static type exp(type x) {
-    const type clamped = _mm512_min_ps(_mm512_max_ps(x, set1(-87.3365447f)), set1(88.3762626f));
+    // x second: max/min return their second operand when one is NaN, so NaN stays NaN.
+    const type clamped = _mm512_min_ps(set1(88.3762626f), _mm512_max_ps(set1(-87.3365447f), x));
     const type n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, set1(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     type r = _mm512_fnmadd_ps(n, set1(0.693359375f), clamped);

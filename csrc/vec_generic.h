@@ -29,8 +29,10 @@ struct Vec<CpuIsa::generic> {
   static type mul(type a, type b) { return a * b; }
   static type div(type a, type b) { return a / b; }
   static type fma(type a, type b, type c) { return a * b + c; }
-  static type max(type a, type b) { return std::max(a, b); }
-  static type min(type a, type b) { return std::min(a, b); }
+  // x86's maxps / minps: b when either is NaN (std::max would return a), so that every ISA
+  // propagates (or drops) a NaN alike.
+  static type max(type a, type b) { return a > b ? a : b; }
+  static type min(type a, type b) { return a < b ? a : b; }
   static float reduce_sum(type x) { return x; }
   static float reduce_max(type x) { return x; }
   static void reduce4(const type* x, float* sums) {

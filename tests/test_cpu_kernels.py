@@ -469,3 +469,38 @@ def test_argmax_equals_torch_with_ties_inf_and_nan(rows, cols, generator):
     assert torch.equal(cpu.argmax(wide), wide.argmax(-1))
     with pytest.raises(ValueError, match="scores must have 2 dimensions"):
         cpu.argmax(scores[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# NaN in, NaN out: a corrupt weight or input must not turn into a plausible finite result (the
+# clamps inside exp, padding masks and relu are max/min operations, which may drop a NaN).
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gated", [True, False])
+def test_nan_propagates_through_activations(activation, dtype, gated, generator):
+    x = randn(3, 40, generator=generator)
+    x[1, 5] = float("nan")
+    w = randn(50, 40, generator=generator).to(dtype)
+    got = cpu.gated_ffn_in(x.to(dtype), w, w if gated else None, activation)
+    assert torch.equal(got.isnan(), eager.gated_ffn_in(x.to(dtype), w, w if gated else None, activation).isnan())
+    assert got[1].isnan().all() and not got[[0, 2]].isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_nan_propagates_through_attention(dtype, causal, generator):
+    q, k, v = attention_inputs(2, 3, 9, 9, 8, generator)
+    q[0, 1, 4, 2] = float("nan")
+    v[1, 2, 3, 0] = float("nan")
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0, :2] = False
+    mask[1, -3:] = False
+    kwargs = dict(bidirectional=not causal, causal=causal, num_buckets=8, max_distance=16, key_padding_mask=mask)
+    table = randn(8, 3, generator=generator)
+    got = cpu.attention(q.to(dtype), k.to(dtype), v.to(dtype), table, **kwargs)
+    expected = eager.attention(q.to(dtype), k.to(dtype), v.to(dtype), table, **kwargs)
+    assert got.isnan().any() and torch.equal(got.isnan(), expected.isnan())
+    cache = dict(bias_table=table, num_buckets=8, max_distance=16, key_padding_mask=mask)
+    got = cpu.decode_attention(q[:, :, 4:5], k, v, 9, **cache)
+    assert torch.equal(got.isnan(), eager.decode_attention(q[:, :, 4:5], k, v, 9, **cache).isnan())

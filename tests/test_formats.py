@@ -318,6 +318,8 @@ def test_inferred_config_and_config_json_next_to_the_file(tmp_path):
     ("no-bias", r"cannot infer.*num_heads.*relative attention bias"),
     ("nvfp4", r"not supported.*nvfp4"),
     ("row-scale", r"scale_weight.*per-tensor"),
+    ("quant-list", r"quantisation entries of \['encoder\.block\.0\.layer\.0\.SelfAttention\.q'\] are not JSON objects"),
+    ("quant-string", r"quantisation entries of .* are not JSON objects"),
 ])
 def test_bad_files_raise_errors_naming_the_problem(hf_encoder, tmp_path, damage, message):
     state = encoder_state(hf_encoder)
@@ -334,9 +336,22 @@ def test_bad_files_raise_errors_naming_the_problem(hf_encoder, tmp_path, damage,
                                                                      {"format": "nvfp4"}}})}
     elif damage == "row-scale":
         state["encoder.block.0.layer.0.SelfAttention.q.scale_weight"] = torch.ones(120)
+    elif damage == "quant-list":
+        state["encoder.block.0.layer.0.SelfAttention.q.comfy_quant"] = torch.tensor(list(b"[1, 2]"), dtype=torch.uint8)
+    elif damage == "quant-string":
+        metadata = {"_quantization_metadata": json.dumps({"layers": {"encoder.block.0.layer.0.SelfAttention.q":
+                                                                     "float8_e4m3fn"}})}
     save_file(state, str(tmp_path / "bad.safetensors"), metadata=metadata)
     with pytest.raises(CheckpointError, match=message):
         umt5_fast.UMT5EncoderModel.from_pretrained(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("length", [4, 40, 200])
+def test_truncated_gguf_files_are_refused(hf_gguf_encoder, tmp_path, length):
+    gguf_file(hf_gguf_encoder, tmp_path / "full.gguf", "F16")
+    (tmp_path / "cut.gguf").write_bytes((tmp_path / "full.gguf").read_bytes()[:length])
+    with pytest.raises(CheckpointError, match="cut.gguf"):
+        umt5_fast.UMT5EncoderModel.from_pretrained(tmp_path / "cut.gguf")
 
 
 def test_unknown_files_are_refused(tmp_path):

@@ -174,3 +174,64 @@ def test_generation_config_is_read(seq2seq, tmp_path):
     (tmp_path / "generation_config.json").write_text(json.dumps({"max_new_tokens": 7, "num_beams": 2}))
     ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(tmp_path)
     assert ours.generation_config["num_beams"] == 2
+
+
+def test_from_pretrained_keyword_arguments(checkpoint_factory, tmp_path):
+    """Config fields override, transformers' local no-op options pass, anything else is a TypeError
+    (a typo must not load a silently different model); subfolder= picks a pipeline's component."""
+    path, _ = checkpoint_factory("UMT5EncoderModel")
+    other, _ = checkpoint_factory("UMT5EncoderModel", d_model=48, d_kv=12)
+    with pytest.raises(TypeError, match="torch_dtpye"):
+        umt5_fast.UMT5EncoderModel.from_pretrained(path, torch_dtpye=torch.bfloat16)
+    model = umt5_fast.UMT5EncoderModel.from_pretrained(path, low_cpu_mem_usage=True, local_files_only=True,
+                                                       layer_norm_epsilon=1e-3)
+    assert model.config.layer_norm_epsilon == 1e-3
+    import shutil
+    shutil.copytree(other, tmp_path / "pipe" / "text_encoder")
+    shutil.copytree(path, tmp_path / "pipe", dirs_exist_ok=True)
+    assert umt5_fast.UMT5EncoderModel.from_pretrained(tmp_path / "pipe").config.d_model != 48
+    assert umt5_fast.UMT5EncoderModel.from_pretrained(tmp_path / "pipe", subfolder="text_encoder").config.d_model == 48
+
+
+def test_integer_weights_are_refused(seq2seq, tmp_path):
+    from safetensors.torch import load_file, save_file
+    path, _ = seq2seq
+    state = load_file(str(path / "model.safetensors"))
+    name = "encoder.block.0.layer.0.SelfAttention.q.weight"
+    state[name] = state[name].long()
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    with pytest.raises(CheckpointError, match=rf"{name} has dtype torch.int64"):
+        umt5_fast.UMT5ForConditionalGeneration.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("index", ['{"weight_map": []}', '{"weight_map": {"shared.weight": 3}}', "[]"])
+def test_malformed_shard_index(seq2seq, tmp_path, index):
+    path, hf = seq2seq
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json is corrupt"):
+        umt5_fast.UMT5ForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_save_pretrained_records_the_dtype(seq2seq, tmp_path):
+    path, _ = seq2seq
+    umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert umt5_fast.UMT5ForConditionalGeneration.from_pretrained(tmp_path, dtype="auto").dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("quantize", ["int8", "bf16"])
+def test_tied_model_quantised_at_load_saves_as_it_runs(checkpoint_factory, tmp_path, quantize):
+    """quantize unties a tied LM head; the saved files hold that head (rescale folded in), untied."""
+    path, _ = checkpoint_factory("UMT5ForConditionalGeneration", tie_word_embeddings=True)
+    model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, quantize=quantize, backend="eager")
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is False
+    ids, mask, dec = batch(model.config.vocab_size)
+    import transformers
+    for back in (umt5_fast.UMT5ForConditionalGeneration.from_pretrained(tmp_path, backend="eager"),
+                 transformers.UMT5ForConditionalGeneration.from_pretrained(tmp_path).eval()):
+        with torch.no_grad():
+            assert_close(back(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits,
+                         model(ids, attention_mask=mask, decoder_input_ids=dec).logits, TOL, "logits")

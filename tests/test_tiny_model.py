@@ -67,3 +67,14 @@ def test_quantized_weights_agree_with_fp32_on_the_tiny_model():
         agreement = (got == expected)[labels != 0].float().mean().item()
         print(f"{mode}: top-1 agreement with fp32 on the tiny model {agreement:.4f}")
         assert agreement >= 0.98
+
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", "--batch-size", "0", "x"], "--batch-size: must be a positive integer"),
+    (["encode", "--batch-size", "-1", "x"], "--batch-size: must be a positive integer"),
+    (["generate", "--device", "foo", "x"], "'foo' is not a torch device"),
+    (["encode", "--output", "/nonexistent/dir/e.pt", "x"], "cannot write --output /nonexistent/dir/e.pt"),
+])
+def test_cli_bad_arguments_get_one_line_errors(args, message):
+    result = subprocess.run([sys.executable, "-m", "umt5_fast", *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, result.stderr

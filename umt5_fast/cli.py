@@ -17,6 +17,23 @@ def read_texts(args) -> list:
     return texts
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def check_device(device: str):
+    import torch
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as exc:
+        raise SystemExit(f"umt5-fast: error: --device {device!r} is not a torch device ({exc})") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"umt5-fast: error: --device {device!r}: this torch has no usable CUDA device")
+
+
 def add_common(parser):
     parser.add_argument("text", nargs="*", help="input texts (default: --file, else stdin, one per line)")
     parser.add_argument("--file", help="read one input per line from this file")
@@ -24,12 +41,13 @@ def add_common(parser):
     parser.add_argument("--backend", default="auto", choices=["auto", "cpu", "eager", "triton"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
 
 
 def load(cls, args, **kwargs):
     import torch
     from umt5_fast.tokenizer import UMT5Tokenizer
+    check_device(args.device)
     tokenizer = UMT5Tokenizer.from_pretrained(args.model)
     model = cls.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device,
                                 backend=args.backend, **kwargs)
@@ -74,7 +92,10 @@ def cmd_encode(args):
         pooled.append((hidden * weights).sum(1) / weights.sum(1))  # mean over real tokens
     embeddings = torch.cat(pooled).cpu()
     if args.output:
-        torch.save(embeddings, args.output)
+        try:
+            torch.save(embeddings, args.output)
+        except (OSError, RuntimeError) as exc:
+            raise SystemExit(f"umt5-fast: error: cannot write --output {args.output}: {exc}") from None
         print(f"wrote {tuple(embeddings.shape)} mean-pooled embeddings to {args.output}")
     else:
         for text, vector in zip(texts, embeddings):

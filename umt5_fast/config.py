@@ -83,6 +83,11 @@ class UMT5Config:
         self._set_labels()
         self.validate()
 
+    @classmethod
+    def is_field(cls, name: str) -> bool:
+        """Whether ``name`` is a field (or an alias of one) that ``from_pretrained`` may override."""
+        return name in _DEFAULTS or name in cls.attribute_map or name == "return_dict"
+
     def _set_labels(self):
         if self.id2label is not None:
             self.id2label = {int(k): v for k, v in self.id2label.items()}
@@ -211,9 +216,9 @@ class UMT5Config:
         return config
 
     def save_pretrained(self, directory):
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)  # a bad value fails before the file opens
         os.makedirs(directory, exist_ok=True)
-        with open(Path(directory) / CONFIG_NAME, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+        (Path(directory) / CONFIG_NAME).write_text(text, encoding="utf-8")
 
     def __repr__(self):
         return f"UMT5Config {json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)}"

@@ -168,6 +168,8 @@ class CheckpointReader:
             weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index_path} is corrupt: expected a JSON object with a 'weight_map'") from exc
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index_path} is corrupt: its 'weight_map' must map tensor names to file names")
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (directory / f).is_file()]
         if missing:
@@ -250,8 +252,10 @@ def build_model(cls, config: UMT5Config, sources: Dict[str, Callable[[], torch.T
         else:
             if key in packed:  # e.g. an fp8 embedding or a K-quant weight: expanded once, here
                 tensor = tensor.dequantize(param_dtype(name, dtype or torch.float32, keep_in_fp32))
+            if not tensor.is_floating_point():  # every UMT5 weight is a float (transformers refuses others)
+                raise CheckpointError(f"tensor {key} has dtype {tensor.dtype}; UMT5 weights are floating point")
             target = tensor.dtype
-            if dtype is not None and tensor.is_floating_point():
+            if dtype is not None:
                 target = param_dtype(name, dtype, keep_in_fp32)
             stored, tensor = tensor, tensor.to(device=device, dtype=target)  # no copy when both already match
             setattr(owner, attr, nn.Parameter(tensor, requires_grad=False))
@@ -402,9 +406,14 @@ def quantize_linear(module, mode: str, name: str):
 # ---------------------------------------------------------------------------------------------
 # Public entry points
 # ---------------------------------------------------------------------------------------------
+# transformers' from_pretrained options that change nothing when loading local files.
+_IGNORED_HF_OPTIONS = ("low_cpu_mem_usage", "local_files_only", "trust_remote_code", "attn_implementation",
+                       "use_safetensors", "revision", "cache_dir", "token")
+
+
 def from_pretrained(cls, path, *, dtype=None, torch_dtype=None, device="cpu", backend="auto", quantize=None,
                     config: Optional[UMT5Config] = None, keep_in_fp32=("wo",), progress=None, gguf_file=None,
-                    **config_overrides):
+                    subfolder: str = "", **config_overrides):
     """Load a UMT5 checkpoint (a transformers directory, or one file) into ``cls``.
 
     ``dtype`` (or transformers' ``torch_dtype``): float32 (default), float16, bfloat16 or "auto";
@@ -415,8 +424,20 @@ def from_pretrained(cls, path, *, dtype=None, torch_dtype=None, device="cpu", ba
     ``path`` may also be one file: a ComfyUI / transformers-named ``.safetensors``, a ``.gguf``
     (``gguf_file=``: a file name inside the directory ``path``, as in transformers) or Wan's ``.pth``
     (``umt5_fast.formats``); a config.json next to it wins over the config inferred from the file.
+    ``subfolder``: the checkpoint's folder inside ``path`` (e.g. a pipeline's "text_encoder").
+    Other keyword arguments override config fields (e.g. ``num_labels=3``); transformers' options
+    that mean nothing for local files (``low_cpu_mem_usage``, ``local_files_only``, ...) are
+    accepted and ignored, anything else is a TypeError.
     """
-    path = Path(path) if gguf_file is None else Path(path) / gguf_file
+    for option in _IGNORED_HF_OPTIONS:
+        config_overrides.pop(option, None)
+    unknown = sorted(key for key in config_overrides if not UMT5Config.is_field(key))
+    if unknown:
+        raise TypeError(f"from_pretrained() got unexpected keyword arguments {unknown}: neither loading "
+                        "options nor UMT5Config fields")
+    path = Path(path) / subfolder
+    if gguf_file is not None:
+        path = path / gguf_file
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path does not exist: {path}")
     if config is None:
@@ -463,18 +484,29 @@ def save_pretrained(model, directory, max_shard_size=None):
     """Write config.json + safetensors weights that transformers' from_pretrained loads.
 
     Tied weights are written once (transformers re-ties them); int8 layers are written dequantised.
-    ``max_shard_size`` (bytes, or a string like "200MB") splits the weights into shards plus
-    ``model.safetensors.index.json``.
+    An LM head untied from a tied checkpoint by ``quantize`` is written as an untied head, with the
+    decoder-output rescale of tied heads folded into it, so the files hold the model as it runs.
+    config.json records the model's dtype. ``max_shard_size`` (bytes, or a string like "200MB")
+    splits the weights into shards plus ``model.safetensors.index.json``.
     """
     from safetensors.torch import save_file
     from umt5_fast.model import Linear, PackedEmbedding
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(directory)
+    config = model.config.to_dict()
+    config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     state = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()}
     for name, module in model.named_modules():
         if isinstance(module, (Linear, PackedEmbedding)) and module.qweight is not None:
             state[f"{name}.weight"] = module.packed_weight().dequantize().contiguous()
+    head = getattr(model, "lm_head", None)
+    if head is not None and model.config.tie_word_embeddings and head.weight is not model.shared.weight:
+        weight = state["lm_head.weight"].float()
+        if model.config.scale_decoder_outputs:
+            weight = weight * model.config.d_model ** -0.5
+        state["lm_head.weight"] = weight.to(state["shared.weight"].dtype)
+        config.update(tie_word_embeddings=False, scale_decoder_outputs=False)
+    UMT5Config.from_dict(config).save_pretrained(directory)
     shards = _split(state, _parse_size(max_shard_size))
     if len(shards) == 1:
         save_file(shards[0], str(directory / SAFETENSORS_NAME), metadata={"format": "pt"})

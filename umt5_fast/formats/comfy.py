@@ -78,7 +78,7 @@ def _check_quant_formats(file: common.TensorFile):
     if "_quantization_metadata" in file.metadata:
         try:
             layers.update(json.loads(file.metadata["_quantization_metadata"])["layers"])
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{file.path}: unreadable _quantization_metadata in the header ({exc})") from exc
     for name in file.shapes:
         if name.endswith(".comfy_quant"):
@@ -86,6 +86,10 @@ def _check_quant_formats(file: common.TensorFile):
                 layers[name[: -len(".comfy_quant")]] = json.loads(bytes(file.tensor(name).tolist()))
             except ValueError as exc:
                 raise CheckpointError(f"{file.path}: tensor {name!r} is not ComfyUI quantisation JSON") from exc
+    malformed = sorted(layer for layer, conf in layers.items() if not isinstance(conf, dict))
+    if malformed:
+        raise CheckpointError(f"{file.path}: the ComfyUI quantisation entries of {malformed} are not JSON "
+                              'objects (expected e.g. {"format": "float8_e4m3fn"})')
     unsupported = {layer: conf.get("format") for layer, conf in layers.items()
                    if conf.get("format") not in SUPPORTED_QUANT_FORMATS}
     if unsupported:

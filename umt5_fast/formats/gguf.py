@@ -66,8 +66,8 @@ _FLOAT_TYPES = {gguf.GGMLQuantizationType.F32: torch.float32, gguf.GGMLQuantizat
 def open_file(path) -> gguf.GGUFReader:
     try:  # copy-on-write map: writable (so torch.from_numpy does not warn) and the file stays untouched
         return gguf.GGUFReader(path, "c")
-    except (ValueError, OSError) as exc:
-        raise CheckpointError(f"{path} is not a readable GGUF file ({exc})") from exc
+    except Exception as exc:  # gguf-py fails on damaged files with ValueError, IndexError, KeyError, ...
+        raise CheckpointError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
 
 
 class GGMLQuantized:
@@ -84,8 +84,8 @@ class GGMLQuantized:
             try:
                 return torch.from_numpy(gguf.quants.dequantize(blocks[rows], self.qtype))
             except NotImplementedError as exc:
-                raise CheckpointError(f"tensor {self.name!r} is {self.qtype.name}, which gguf "
-                                      f"{gguf.__version__} cannot dequantise") from exc
+                raise CheckpointError(f"tensor {self.name!r} is {self.qtype.name}, which the installed gguf "
+                                      "package cannot dequantise") from exc
 
         return expand_in_row_blocks(self.shape, dtype, rows_fn)
 

@@ -144,6 +144,48 @@ def test_corrupt_safetensors_raise_clear_errors(seq2seq, tmp_path, damage):
         umt5_fast.UMT5ForConditionalGeneration.from_pretrained(out)
 
 
+def _with_header(data: bytes, edit) -> bytes:
+    import struct
+    (length,) = struct.unpack("<Q", data[:8])
+    header = edit(json.loads(data[8:8 + length]))
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data[8 + length:]
+
+
+@pytest.mark.parametrize("damage", ["overlap", "float-shape", "string-metadata"])
+def test_inconsistent_safetensors_headers_are_refused(seq2seq, tmp_path, damage):
+    """What the safetensors library itself refuses: tensors sharing bytes, non-integer shapes, bad metadata."""
+    path, _ = seq2seq
+    q, k = "encoder.block.0.layer.0.SelfAttention.q.weight", "encoder.block.0.layer.0.SelfAttention.k.weight"
+
+    def edit(header):
+        if damage == "overlap":
+            header[q]["data_offsets"] = header[k]["data_offsets"]
+        elif damage == "float-shape":
+            header[q]["shape"] = [header[q]["shape"][0] + 0.5, header[q]["shape"][1]]
+        else:
+            header["__metadata__"] = "pt"
+        return header
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    (tmp_path / "model.safetensors").write_bytes(_with_header((path / "model.safetensors").read_bytes(), edit))
+    with pytest.raises(CheckpointError, match="model.safetensors is corrupt"):
+        umt5_fast.UMT5ForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_saving_over_an_earlier_save_leaves_no_stale_weights(seq2seq, tmp_path):
+    path, _ = seq2seq
+    first = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="eager")
+    first.save_pretrained(tmp_path)
+    second = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="eager", layer_norm_epsilon=0.5)
+    second.save_pretrained(tmp_path, max_shard_size="30KB")
+    assert not (tmp_path / "model.safetensors").exists()
+    first.save_pretrained(tmp_path)
+    assert not list(tmp_path.glob("model-*")) and not (tmp_path / "model.safetensors.index.json").exists()
+    for bad in (0, -1, "0MB", "big"):
+        with pytest.raises(ValueError, match="max_shard_size"):
+            first.save_pretrained(tmp_path / "x", max_shard_size=bad)
+
+
 def test_missing_files_raise_file_not_found(seq2seq, tmp_path):
     path, _ = seq2seq
     with pytest.raises(FileNotFoundError, match="config.json"):

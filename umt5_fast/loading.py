@@ -66,13 +66,17 @@ class SafetensorsFile:
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path} is corrupt: header is not a JSON object")
         self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict) or not all(isinstance(v, str) for v in self.metadata.values()):
+            raise CheckpointError(f"{self.path} is corrupt: __metadata__ must map strings to strings")
         self.data_start = 8 + header_len
         self.entries = {}
+        spans = []
         for name, info in header.items():
             try:
                 dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-                shape = tuple(int(s) for s in info["shape"])
-                begin, end = (int(o) for o in info["data_offsets"])
+                shape, (begin, end) = tuple(info["shape"]), tuple(info["data_offsets"])
+                if not all(type(v) is int and v >= 0 for v in shape + (begin, end)):  # no 32.5, no True
+                    raise ValueError("shape and data_offsets must be non-negative integers")
             except (KeyError, TypeError, ValueError) as exc:
                 raise CheckpointError(f"{self.path} is corrupt: bad header entry for tensor {name!r}") from exc
             nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
@@ -81,6 +85,11 @@ class SafetensorsFile:
                     f"{self.path} is corrupt or truncated: tensor {name!r} needs bytes [{begin}, {end}) of "
                     f"the data section ({nbytes} expected) but the file has {size - self.data_start}")
             self.entries[name] = (dtype, shape, begin)
+            spans.append((begin, end, name))
+        spans.sort()
+        for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+            if begin < end:  # as the safetensors library: each byte belongs to one tensor
+                raise CheckpointError(f"{self.path} is corrupt: tensors {first!r} and {second!r} overlap")
         self._map = None
 
     def keys(self):
@@ -491,6 +500,7 @@ def save_pretrained(model, directory, max_shard_size=None):
     """
     from safetensors.torch import save_file
     from umt5_fast.model import Linear, PackedEmbedding
+    shard_limit = _parse_size(max_shard_size)  # bad arguments fail before anything is written
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config.to_dict()
@@ -507,7 +517,10 @@ def save_pretrained(model, directory, max_shard_size=None):
         state["lm_head.weight"] = weight.to(state["shared.weight"].dtype)
         config.update(tie_word_embeddings=False, scale_decoder_outputs=False)
     UMT5Config.from_dict(config).save_pretrained(directory)
-    shards = _split(state, _parse_size(max_shard_size))
+    for stale in [directory / SAFETENSORS_NAME, directory / SAFETENSORS_INDEX_NAME,
+                  *directory.glob("model-*-of-*.safetensors")]:  # an earlier save's files would shadow these
+        stale.unlink(missing_ok=True)
+    shards = _split(state, shard_limit)
     if len(shards) == 1:
         save_file(shards[0], str(directory / SAFETENSORS_NAME), metadata={"format": "pt"})
     else:
@@ -525,14 +538,20 @@ def save_pretrained(model, directory, max_shard_size=None):
 
 
 def _parse_size(size) -> Optional[int]:
-    if size is None or isinstance(size, int):
-        return size
+    if size is None:
+        return None
+    value = size if isinstance(size, int) and not isinstance(size, bool) else None
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
     text = str(size).strip().upper()
     for unit, factor in sorted(units.items(), key=lambda u: -len(u[0])):
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    raise ValueError(f"max_shard_size must be bytes or a string like '200MB', got {size!r}")
+        if value is None and text.endswith(unit):
+            try:
+                value = int(float(text[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    if value is None or value < 1:
+        raise ValueError(f"max_shard_size must be a positive number of bytes or a string like '200MB', got {size!r}")
+    return value
 
 
 def _split(state: Dict[str, torch.Tensor], limit: Optional[int]):

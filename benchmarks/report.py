@@ -117,6 +117,7 @@ COLUMNS = (  # (title, cell function, right-aligned)
     ("+call MB", lambda r: _number(r.get("call_extra_mb")), True),
     ("vs HF", lambda r: _ratio(r.get("speedup_vs_transformers")), True),
     ("vs CT2", lambda r: _ratio(r.get("speedup_vs_ctranslate2")), True),
+    ("GB/s", lambda r: _number(r.get("read_bandwidth_gbs")), True),
     ("/floor", lambda r: _ratio(r.get("time_over_floor")), True),
     ("correct", correctness_cell, False),
 )
@@ -129,7 +130,10 @@ mem MB: peak RSS during the workload minus the RSS before loading (weights + wor
   peak of the timed calls minus the RSS before them (after the warm-up): one call's working memory
 vs HF / vs CT2: that engine's median / this median (>1: faster); int8 and w8a8 rows compare with ctranslate2-int8,
   the others with ctranslate2-fp32
-/floor: median / floor (weights+KV bytes over measured bandwidth, or FLOPs over measured GEMM rate)
+GB/s: read bandwidth (torch.sum over 512 MiB) probed in the measurement's process right after its
+  timed calls (a shared machine's bandwidth moves within minutes)
+/floor: median / floor (weights+KV bytes over that bandwidth, or FLOPs over the GEMM rate measured
+  at the start)
 correct: generation: ids identical to transformers (yes), else no + mean fraction of tokens before
   the first divergence; encoder: max |out - ref| / max |ref| vs transformers"""
 

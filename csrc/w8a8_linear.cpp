@@ -101,15 +101,15 @@ void run_w8a8_linear(const float* x, const int8_t* qweight, const float* scale,
                             y, rows, in_features, k_padded, out_features};
   const bool vnni = cpu_isa() == CpuIsa::avx512 && cpu_supports_avx512_vnni();
   auto* blocks_kernel = vnni ? &w8a8_blocks_vnni : &w8a8_blocks_portable;
-  // Each task takes whole groups of 8 weight blocks (the widest tile; 128 columns) and enough
-  // work (~2^18 products) to be worth a thread.
-  constexpr int64_t kBlocksPerGroup = 8;
+  // Each task takes whole tiles of weight blocks (w8a8_tile_blocks) and enough work (~2^18
+  // products) to be worth a thread; small layers split into as many tiles as that allows.
+  const int64_t tile_blocks = w8a8_tile_blocks(rows);
   const int64_t blocks = (out_features + kW8A8BlockColumns - 1) / kW8A8BlockColumns;
-  const int64_t block_groups = (blocks + kBlocksPerGroup - 1) / kBlocksPerGroup;
-  const int64_t group_work = in_features * kBlocksPerGroup * kW8A8BlockColumns * std::max<int64_t>(rows, 1);
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / group_work);
-  parallel_for_ranges(block_groups, grain, num_threads, [&](int64_t begin, int64_t end) {
-    blocks_kernel(problem, begin * kBlocksPerGroup, std::min(blocks, end * kBlocksPerGroup));
+  const int64_t tiles = (blocks + tile_blocks - 1) / tile_blocks;
+  const int64_t tile_work = in_features * tile_blocks * kW8A8BlockColumns * std::max<int64_t>(rows, 1);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / tile_work);
+  parallel_for_ranges(tiles, grain, num_threads, [&](int64_t begin, int64_t end) {
+    blocks_kernel(problem, begin * tile_blocks, std::min(blocks, end * tile_blocks));
   });
 }
 

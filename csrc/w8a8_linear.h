@@ -45,6 +45,9 @@ struct W8A8Problem {
 // the output columns of weight blocks [block_begin, block_end) and all rows: the same fp32
 // operations in every kernel, so all give identical bits.
 void w8a8_blocks_portable(const W8A8Problem& p, int64_t block_begin, int64_t block_end);
+
+// Weight blocks per tile of the VNNI kernel for this many rows (how block ranges are best cut).
+inline int w8a8_tile_blocks(int64_t rows) { return rows == 1 ? 8 : 4; }
 void w8a8_blocks_vnni(const W8A8Problem& p, int64_t block_begin, int64_t block_end);
 
 bool cpu_supports_avx512_vnni();

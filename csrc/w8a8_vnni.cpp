@@ -90,7 +90,8 @@ void blocks_in_tiles(const W8A8Problem& p, int64_t block_begin, int64_t block_en
 }  // namespace
 
 // One row (decoding one sequence) streams the weights: eight blocks at once keep eight
-// independent sums in flight. More rows reuse each weight vector R times.
+// independent sums in flight. More rows reuse each weight vector R times. The C of each tile is
+// w8a8_tile_blocks(rows), by which run_w8a8_linear cuts the blocks among threads.
 void w8a8_blocks_vnni(const W8A8Problem& p, int64_t block_begin, int64_t block_end) {
   if (p.rows == 1)
     blocks_in_tiles<1, 8>(p, block_begin, block_end);

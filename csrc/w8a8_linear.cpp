@@ -25,42 +25,44 @@ struct QuantisedRows {
   std::vector<float> scales;
 };
 
-// q = round_half_even(x * (127 / amax)) in [-127, 127], scale = amax / 127; a zero row gives zeros.
-QuantisedRows quantise_rows(const float* x, int64_t rows, int64_t k, int64_t k_padded,
+using QuantiseRow = void (*)(const float*, int64_t, int8_t*, int32_t*, float*);
+
+QuantisedRows quantise_rows(const float* x, int64_t rows, int64_t k, int64_t k_padded, QuantiseRow quantise,
                             int threads) {
   const int64_t rows_padded = (rows + kW8A8TileRows - 1) / kW8A8TileRows * kW8A8TileRows;
   QuantisedRows out{std::vector<int8_t>(rows_padded * k_padded, 0),
                     std::vector<int32_t>(rows_padded, 0), std::vector<float>(rows_padded, 0.0f)};
   parallel_for_ranges(rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(k, 1)), threads,
                       [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      const float* row = x + m * k;
-      float amax = 0.0f;
-      bool finite = true;
-      for (int64_t i = 0; i < k; ++i) {
-        amax = std::max(amax, std::fabs(row[i]));
-        finite &= std::isfinite(row[i]);
-      }
-      if (!finite) {
-        out.scales[m] = NAN;  // NaN outputs, as the eager reference gives
-        continue;
-      }
-      if (amax == 0.0f) continue;
-      const float inverse = 127.0f / amax;
-      out.scales[m] = amax / 127.0f;
-      int8_t* q = out.q.data() + m * k_padded;
-      int32_t sum = 0;
-      for (int64_t i = 0; i < k; ++i) {
-        q[i] = round_to_int8(row[i] * inverse);
-        sum += q[i];
-      }
-      out.sums[m] = sum;
-    }
+    for (int64_t m = begin; m < end; ++m)
+      quantise(x + m * k, k, out.q.data() + m * k_padded, &out.sums[m], &out.scales[m]);
   });
   return out;
 }
 
 }  // namespace
+
+void w8a8_quantise_row_portable(const float* row, int64_t k, int8_t* q, int32_t* sum, float* scale) {
+  float amax = 0.0f;
+  bool finite = true;
+  for (int64_t i = 0; i < k; ++i) {
+    amax = std::max(amax, std::fabs(row[i]));
+    finite &= std::isfinite(row[i]);
+  }
+  if (!finite) {
+    *scale = NAN;  // NaN outputs, as the eager reference gives
+    return;
+  }
+  if (amax == 0.0f) return;
+  const float inverse = 127.0f / amax;
+  *scale = amax / 127.0f;
+  int32_t total = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    q[i] = round_to_int8(row[i] * inverse);
+    total += q[i];
+  }
+  *sum = total;
+}
 
 void w8a8_blocks_portable(const W8A8Problem& p, int64_t block_begin, int64_t block_end) {
   constexpr int kColumns = kW8A8BlockColumns;
@@ -89,17 +91,18 @@ void w8a8_blocks_portable(const W8A8Problem& p, int64_t block_begin, int64_t blo
 
 bool cpu_supports_avx512_vnni() {
   return cpu_supports(CpuIsa::avx512) && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vnni");
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
 
 void run_w8a8_linear(const float* x, const int8_t* qweight, const float* scale,
                      const float* residual, float* y, int64_t rows, int64_t in_features,
                      int64_t out_features, int num_threads) {
   const int64_t k_padded = (in_features + kW8A8KPad - 1) / kW8A8KPad * kW8A8KPad;
-  const QuantisedRows a = quantise_rows(x, rows, in_features, k_padded, num_threads);
+  const bool vnni = cpu_isa() == CpuIsa::avx512 && cpu_supports_avx512_vnni();
+  const QuantisedRows a = quantise_rows(x, rows, in_features, k_padded,
+                                        vnni ? &w8a8_quantise_row_vnni : &w8a8_quantise_row_portable, num_threads);
   const W8A8Problem problem{a.q.data(), a.sums.data(), a.scales.data(), qweight, scale, residual,
                             y, rows, in_features, k_padded, out_features};
-  const bool vnni = cpu_isa() == CpuIsa::avx512 && cpu_supports_avx512_vnni();
   auto* blocks_kernel = vnni ? &w8a8_blocks_vnni : &w8a8_blocks_portable;
   // Each task takes whole tiles of weight blocks (w8a8_tile_blocks) and enough work (~2^18
   // products) to be worth a thread; small layers split into as many tiles as that allows.

@@ -41,6 +41,13 @@ struct W8A8Problem {
   int64_t rows, in_features, k_padded, out_features;
 };
 
+// One activation row x[0, k) quantised: q = round_half_even(x * (127 / amax)) in [-127, 127]
+// (written to q, whose other bytes stay zero), *sum = sum of q, *scale = amax / 127; a zero row
+// leaves q, *sum and *scale untouched (zeros), a row with inf / NaN sets *scale = NaN only. Both
+// versions give identical bits.
+void w8a8_quantise_row_portable(const float* row, int64_t k, int8_t* q, int32_t* sum, float* scale);
+void w8a8_quantise_row_vnni(const float* row, int64_t k, int8_t* q, int32_t* sum, float* scale);
+
 // y[m, n] = float(sum_k q[m, k] * w[n, k]) * (x_scale[m] * w_scale[n]) (+ residual[m, n]) for
 // the output columns of weight blocks [block_begin, block_end) and all rows: the same fp32
 // operations in every kernel, so all give identical bits.

@@ -1,5 +1,5 @@
-// AVX512-VNNI kernel of w8a8_linear (see w8a8_linear.h); the only translation unit built with
-// -mavx512bw -mavx512vnni, called only when cpu_supports_avx512_vnni().
+// AVX512-VNNI kernels of w8a8_linear (see w8a8_linear.h); the only translation unit built with
+// -mavx512bw -mavx512vl -mavx512vnni, called only when cpu_supports_avx512_vnni().
 //
 // A tile is R activation rows x C weight blocks of 16 columns. Per 4 bytes of K, C 64-byte weight
 // loads and R 4-byte activation broadcasts feed R * C vpdpbusd; lane j of accumulator (i, c) sums
@@ -10,6 +10,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -88,6 +89,41 @@ void blocks_in_tiles(const W8A8Problem& p, int64_t block_begin, int64_t block_en
 }
 
 }  // namespace
+
+// w8a8_quantise_row_portable sixteen lanes at a time: the same products, and rounding to nearest
+// even by roundscale where the portable one adds and subtracts 1.5 * 2^23 (equal for |v| <= 127).
+void w8a8_quantise_row_vnni(const float* row, int64_t k, int8_t* q, int32_t* sum, float* scale) {
+  const __m512i no_sign = _mm512_set1_epi32(0x7FFFFFFF);
+  const auto lanes = [k](int64_t i) {
+    return static_cast<__mmask16>(k - i >= 16 ? 0xFFFF : (1u << (k - i)) - 1);
+  };
+  __m512 amax = _mm512_setzero_ps();
+  __mmask16 non_finite = 0;
+  for (int64_t i = 0; i < k; i += 16) {
+    const __m512 magnitude = _mm512_castsi512_ps(
+        _mm512_and_si512(_mm512_castps_si512(_mm512_maskz_loadu_ps(lanes(i), row + i)), no_sign));
+    non_finite |= _mm512_cmp_ps_mask(magnitude, _mm512_set1_ps(3.4028235e38f), _CMP_NLE_UQ);  // inf, NaN
+    amax = _mm512_max_ps(amax, magnitude);
+  }
+  if (non_finite) {
+    *scale = NAN;  // NaN outputs, as the eager reference gives
+    return;
+  }
+  const float row_max = _mm512_reduce_max_ps(amax);
+  if (row_max == 0.0f) return;
+  const __m512 inverse = _mm512_set1_ps(127.0f / row_max);
+  *scale = row_max / 127.0f;
+  __m512i total = _mm512_setzero_si512();
+  for (int64_t i = 0; i < k; i += 16) {
+    const __mmask16 mask = lanes(i);
+    __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row + i), inverse);
+    v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
+    const __m512i values = _mm512_cvtps_epi32(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    total = _mm512_add_epi32(total, values);  // masked-off lanes are 0
+    _mm_mask_storeu_epi8(q + i, mask, _mm512_cvtepi32_epi8(values));
+  }
+  *sum = _mm512_reduce_add_epi32(total);
+}
 
 // One row (decoding one sequence) streams the weights: eight blocks at once keep eight
 // independent sums in flight. More rows reuse each weight vector R times. The C of each tile is

@@ -74,3 +74,12 @@ def test_half_activations_take_the_kernel_with_reference_results(dtype, monkeypa
     monkeypatch.setattr(cpu_ops._C, "w8a8_linear", lambda **kw: calls.append(1) or kernel(**kw))
     got = cpu_ops.linear(x, weight, residual)
     assert calls and got.dtype == dtype and torch.equal(got, expected)
+
+
+def test_activation_rounding_ties_and_extremes():
+    """Rows whose scaled values land exactly on .5 (amax = 127: the scale is 1), hit +-127, or are
+    tiny: every kernel rounds half to even and clamps as the reference does."""
+    ties = torch.tensor([127.0, 2.5, -3.5, 0.5, 1.5, -0.5, -127.0, 126.5, 1e-30] * 9)[:77]
+    x = torch.stack([ties, -ties, ties * 1e-20, torch.full((77,), 3.0)])
+    weight = W8A8Weight.quantize(torch.randn(21, 77, generator=torch.Generator().manual_seed(4)))
+    assert torch.equal(cpu_ops.linear(x, weight), weight.linear(x))

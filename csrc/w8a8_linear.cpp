@@ -54,8 +54,8 @@ void w8a8_quantise_row_portable(const float* row, int64_t k, int8_t* q, int32_t*
     return;
   }
   if (amax == 0.0f) return;
-  const float inverse = 127.0f / amax;
-  *scale = amax / 127.0f;
+  const float inverse = w8a8_inverse_scale(amax);
+  *scale = w8a8_row_scale(amax);
   int32_t total = 0;
   for (int64_t i = 0; i < k; ++i) {
     q[i] = round_to_int8(row[i] * inverse);

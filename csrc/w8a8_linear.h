@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 
 namespace umt5_fast {
 
@@ -40,6 +41,17 @@ struct W8A8Problem {
   float* y;               // [rows, out_features]
   int64_t rows, in_features, k_padded, out_features;
 };
+
+// 127 / amax for a row's maximum |x| > 0, and the matching scale amax / 127. Below amax ~3.7e-37
+// 127 / amax overflows: the largest float and its reciprocal stand in (q stays within +-127).
+inline float w8a8_inverse_scale(float amax) {
+  const float inverse = 127.0f / amax;
+  return inverse > std::numeric_limits<float>::max() ? std::numeric_limits<float>::max() : inverse;
+}
+inline float w8a8_row_scale(float amax) {
+  return 127.0f / amax > std::numeric_limits<float>::max() ? 1.0f / std::numeric_limits<float>::max()
+                                                           : amax / 127.0f;
+}
 
 // One activation row x[0, k) quantised: q = round_half_even(x * (127 / amax)) in [-127, 127]
 // (written to q, whose other bytes stay zero), *sum = sum of q, *scale = amax / 127; a zero row

@@ -111,8 +111,8 @@ void w8a8_quantise_row_vnni(const float* row, int64_t k, int8_t* q, int32_t* sum
   }
   const float row_max = _mm512_reduce_max_ps(amax);
   if (row_max == 0.0f) return;
-  const __m512 inverse = _mm512_set1_ps(127.0f / row_max);
-  *scale = row_max / 127.0f;
+  const __m512 inverse = _mm512_set1_ps(w8a8_inverse_scale(row_max));
+  *scale = w8a8_row_scale(row_max);
   __m512i total = _mm512_setzero_si512();
   for (int64_t i = 0; i < k; i += 16) {
     const __mmask16 mask = lanes(i);

@@ -504,3 +504,63 @@ def test_nan_propagates_through_attention(dtype, causal, generator):
     cache = dict(bias_table=table, num_buckets=8, max_distance=16, key_padding_mask=mask)
     got = cpu.decode_attention(q[:, :, 4:5], k, v, 9, **cache)
     assert torch.equal(got.isnan(), eager.decode_attention(q[:, :, 4:5], k, v, 9, **cache).isnan())
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments the kernels must not misread
+
+def test_non_contiguous_weights_are_read_correctly(generator):
+    """Weights whose contiguous copy is made for the call (a transposed view): the copy must live
+    until the kernel has read it."""
+    x = randn(5, 512, generator=generator)
+    weight = randn(512, 300, generator=generator).t() * 512 ** -0.5  # outputs O(1), as in a model
+    assert not weight.is_contiguous()
+    torch.testing.assert_close(cpu.linear(x, weight), eager.linear(x, weight), **LINEAR_TOL)
+    torch.testing.assert_close(cpu.linear(x, weight.bfloat16()), eager.linear(x, weight.bfloat16()),
+                               **LINEAR_TOL)
+    int8 = QuantizedWeight.quantize(weight)
+    strided = QuantizedWeight(int8.qweight.t().contiguous().t(), int8.scale)
+    assert not strided.qweight.is_contiguous()
+    torch.testing.assert_close(cpu.linear(x, strided), eager.linear(x, int8), **LINEAR_TOL)
+    norm_weight = randn(2, 65536, generator=generator)[:, 0]
+    assert not norm_weight.is_contiguous() and norm_weight.numel() == 2
+    rows = randn(3, 2, generator=generator)
+    torch.testing.assert_close(cpu.rms_norm(rows, norm_weight, 1e-6), eager.rms_norm(rows, norm_weight, 1e-6),
+                               **POINTWISE_TOL)
+    wide = randn(65536, 2, generator=generator)[:, 1]
+    rows = randn(2, 65536, generator=generator)
+    torch.testing.assert_close(cpu.rms_norm(rows, wide, 1e-6), eager.rms_norm(rows, wide, 1e-6), **POINTWISE_TOL)
+    hidden, normed = cpu.add_rms_norm(rows, rows, wide, 1e-6)
+    torch.testing.assert_close(normed, eager.rms_norm(rows + rows, wide, 1e-6), **POINTWISE_TOL)
+
+
+@pytest.mark.parametrize("weights", ["int8", "bf16", "fp32"])
+def test_weight_only_linear_bits_do_not_depend_on_threads(weights, generator):
+    """Each thread takes a different block of columns: the sums must not round differently there."""
+    x = randn(6, 333, generator=generator)
+    w = randn(257, 333, generator=generator)
+    weight = {"int8": QuantizedWeight.quantize(w), "bf16": w.bfloat16(), "fp32": w}[weights]
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(torch.cat([cpu.linear(x[:rows], weight) for rows in (1, 2, 6)]))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_bad_kernel_arguments_get_clear_errors(generator):
+    q, k, v = attention_inputs(1, 2, 3, 4, 8, generator)
+    with pytest.raises(TypeError, match="one dtype"):
+        cpu.attention(q, k.double(), v, None, bidirectional=True, num_buckets=32, max_distance=128)
+    with pytest.raises(TypeError, match="cache_length must be an integer"):
+        cpu.decode_attention(q[:, :, :1], k, v, 2.7, None, num_buckets=32, max_distance=128)
+    with pytest.raises(ValueError, match="unknown activation 'gelu_fast2'"):
+        cpu.gated_ffn_in(randn(2, 8, generator=generator), randn(4, 8, generator=generator), None, "gelu_fast2")
+    with pytest.raises(ValueError, match="residual .* does not broadcast"):
+        cpu.linear(randn(2, 8, generator=generator), randn(4, 8, generator=generator), randn(3, 4, generator=generator))
+    assert torch.equal(cpu.linear(torch.ones(2, 0), torch.ones(7, 0)), torch.zeros(2, 7))
+    with pytest.raises(ValueError, match="non-empty 2-D float weight"):
+        QuantizedWeight.quantize(torch.ones(7, 0))

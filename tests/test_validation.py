@@ -169,3 +169,17 @@ def test_concurrent_generate_calls_match_serial_ones(model):
     for t in threads:
         t.join(timeout=120)
     assert all(torch.equal(a, b) for a, b in zip(results, serial))
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpu"])
+def test_a_nan_weight_gives_nan_outputs_not_errors(checkpoint_factory, backend):
+    """A corrupt (NaN) encoder weight flows through as in transformers: NaN logits, no error about
+    encoder outputs the caller never passed, and no finite garbage from the fused kernels."""
+    if backend not in umt5_fast.ops.available_backends():
+        pytest.skip(f"{backend} backend not built")
+    path, _ = checkpoint_factory("UMT5ForConditionalGeneration")
+    model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend=backend)
+    with torch.no_grad():
+        model.encoder.block[0].layer[0].SelfAttention.q.weight[0, 0] = float("nan")
+    logits = model(input_ids=GOOD, attention_mask=MASK, decoder_input_ids=DEC).logits
+    assert logits.isnan().all()

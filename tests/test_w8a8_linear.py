@@ -83,3 +83,28 @@ def test_activation_rounding_ties_and_extremes():
     x = torch.stack([ties, -ties, ties * 1e-20, torch.full((77,), 3.0)])
     weight = W8A8Weight.quantize(torch.randn(21, 77, generator=torch.Generator().manual_seed(4)))
     assert torch.equal(cpu_ops.linear(x, weight), weight.linear(x))
+
+
+def test_activation_ties_after_a_correctly_rounded_127_over_amax():
+    """x = amax / 2 scales to exactly 63.5 only if 127 / amax is divided (correctly rounded), as the
+    kernels do; torch's 127.0 / tensor would be 127 * (1 / amax) and round the tie the other way."""
+    for in_features in (64, 65, 100):
+        weight = torch.zeros(16, in_features)
+        weight[0, :2] = 1.0
+        packed = W8A8Weight.quantize(weight)
+        x = torch.full((1, in_features), 0.001)
+        x[0, 0], x[0, 1] = 2.375, 1.1875
+        assert torch.equal(cpu_ops.linear(x, packed), packed.linear(x))
+
+
+def test_rows_so_small_that_127_over_amax_overflows():
+    """Below amax ~3.7e-37, 127 / amax is inf: the largest float stands in (no NaN from 0 * inf in
+    padding lanes or zero entries), the same on every ISA and in the reference."""
+    generator = torch.Generator().manual_seed(5)
+    weight = W8A8Weight.quantize(torch.randn(3, 21, generator=generator))
+    x = torch.randn(3, 21, generator=generator) * 1e-38
+    x[1, 4] = 0.0
+    got = cpu_ops.linear(x, weight)
+    assert got.isfinite().all() and torch.equal(got, weight.linear(x))
+    exact = x.double() @ weight.dequantize().double().T
+    assert ((got.double() - exact).abs() <= 0.2 * exact.abs().max()).all()  # subnormal scales: coarse

@@ -383,8 +383,9 @@ class DecoderStack(nn.Module):
                                           (batch, past_length + length), h.device)
         encoder_mask = None
         if encoder_hidden_states is not None:
+            # Not required finite: a model's own encoder may give NaN (as transformers' does, it flows on).
             validation.check_embeds("encoder_outputs (last_hidden_state)", encoder_hidden_states, self.config.d_model,
-                                    h.device, h.dtype)
+                                    h.device, h.dtype, require_finite=False)
             validation.same_batch("decoder inputs", batch, "encoder outputs", encoder_hidden_states.shape[0])
             encoder_mask = validation.check_mask("attention_mask", encoder_attention_mask,
                                                  encoder_hidden_states.shape[:2], h.device)

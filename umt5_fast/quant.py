@@ -115,8 +115,9 @@ class QuantizedWeight(PackedWeight):
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> "QuantizedWeight":
         """Per-row int8 of a 2-D float weight. Raises ValueError on inf / NaN (no int8 stands for them)."""
-        if weight.dim() != 2 or not weight.is_floating_point():
-            raise ValueError(f"can only quantise a 2-D float weight, got {weight.dtype} {tuple(weight.shape)}")
+        if weight.dim() != 2 or not weight.is_floating_point() or weight.numel() == 0:
+            raise ValueError(f"can only quantise a non-empty 2-D float weight, got {weight.dtype} "
+                             f"{tuple(weight.shape)}")
         blocks = cls is W8A8Weight
         if _C is not None and weight.device.type == "cpu" and weight.dtype in _QUANTIZABLE_DTYPES:
             weight = weight.contiguous()
@@ -150,8 +151,9 @@ class W8A8Weight(QuantizedWeight):
     """The int8 weights of ``QuantizedWeight``, multiplied with activations quantised to int8 per
     row at run time (``quantize="w8a8"``; CTranslate2's int8 compute): an integer GEMM, 2x the
     multiply rate of bf16 on CPUs with VNNI. ``linear`` gives
-    ``float(round(x * 127 / amax) @ weight.T) * (amax / 127 * scale)``, ``amax`` = max |x| of each row
-    (a zero row gives zeros, a row with inf / NaN gives NaN).
+    ``float(round(x * (127 / amax)) @ weight.T) * (amax / 127 * scale)``, ``amax`` = max |x| of each row
+    (a zero row gives zeros, a row with inf / NaN gives NaN; where 127 / amax overflows, below
+    amax ~3.7e-37, the largest float and its reciprocal stand in for 127 / amax and amax / 127).
 
     ``qweight`` holds the int8 ``[out, in]`` weight in the kernels' column-block order: blocks of
     ``BLOCK_COLUMNS`` output rows (the last one padded with zero rows), each block ``16 * in``
@@ -209,10 +211,16 @@ class W8A8Weight(QuantizedWeight):
         rows = x.reshape(-1, x.shape[-1]).float()
         amax = rows.abs().amax(dim=1, keepdim=True)
         finite = rows.isfinite().all(dim=1, keepdim=True)
-        inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+        # 127 / amax divided, not 127 * (1 / amax) (torch's scalar / tensor): the kernels' rounding.
+        # Below amax ~3.7e-37 it overflows: the largest float instead, and the matching x_scale.
+        largest = torch.finfo(torch.float32).max
+        inverse = torch.full_like(amax, 127.0) / amax
+        overflow = inverse.isinf()
+        inverse = torch.where(amax > 0, inverse.clamp(max=largest), torch.zeros_like(amax))
         q = torch.round(rows * inverse).clamp_(-127, 127)
         q = torch.where(finite, q, torch.zeros_like(q))
-        x_scale = torch.where(finite, amax / 127.0, torch.full_like(amax, float("nan")))
+        x_scale = torch.where(overflow, torch.full_like(amax, 1.0 / largest), amax / 127.0)
+        x_scale = torch.where(finite, x_scale, torch.full_like(amax, float("nan")))
         sums = (q.double() @ self.unpacked().double().T).float()  # |sum| < 2^31: exact in fp64
         y = sums * (x_scale * self.scale.float()[None, :])
         return y.view(*x.shape[:-1], self.shape[0])
@@ -239,7 +247,8 @@ class Float8Weight(PackedWeight):
         # 256 codes: torch computes each value once (as _dequantize_rows does), the kernel looks them up.
         codes = torch.arange(256, dtype=torch.uint8).view(self.qweight.dtype)
         table = codes.to(out.dtype) if self.scale is None else (codes.float() * self.scale.float()).to(out.dtype)
-        _C.expand_by_table(src=self.qweight.contiguous().data_ptr(), n=out.numel(),
+        qweight = self.qweight.contiguous()  # held by a name: a temporary's memory would be freed before the call
+        _C.expand_by_table(src=qweight.data_ptr(), n=out.numel(),
                            table=table.data_ptr(), element_bytes=table.element_size(),
                            dst=out.data_ptr(), num_threads=torch.get_num_threads())
         return out

@@ -36,6 +36,8 @@ output's; empty inputs.
 Wrong arguments (types, devices, shapes) raise TypeError/ValueError naming the argument before
 any pointer reaches C++. The kernels use ``torch.get_num_threads()`` threads.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -109,9 +111,9 @@ def rms_norm(x, weight, eps):
     kernel = {torch.float32: _C.rms_norm, torch.bfloat16: _C.rms_norm_bf16}.get(x.dtype)
     if kernel is None or weight.dtype != x.dtype or x.numel() == 0:
         return eager.rms_norm(x, weight, eps)
-    x = x.contiguous()
+    x, weight = x.contiguous(), weight.contiguous()  # held by names: a temporary's memory would be freed
     out = torch.empty_like(x)
-    kernel(x=x.data_ptr(), weight=weight.contiguous().data_ptr(), eps=float(eps), out=out.data_ptr(),
+    kernel(x=x.data_ptr(), weight=weight.data_ptr(), eps=float(eps), out=out.data_ptr(),
            rows=x.numel() // x.shape[-1], dim=x.shape[-1], num_threads=_threads())
     return out
 
@@ -129,10 +131,10 @@ def add_rms_norm(x, residual, weight, eps):
     if not _all_fp32(x, residual, weight) or x.numel() == 0:
         hidden = residual + x
         return hidden, eager.rms_norm(hidden, weight, eps)
-    x, residual = x.contiguous(), residual.contiguous()
+    x, residual, weight = x.contiguous(), residual.contiguous(), weight.contiguous()
     hidden, out = torch.empty_like(x), torch.empty_like(x)
     _C.add_rms_norm(x=x.data_ptr(), residual=residual.data_ptr(),
-                    weight=weight.contiguous().data_ptr(), eps=float(eps), hidden=hidden.data_ptr(),
+                    weight=weight.data_ptr(), eps=float(eps), hidden=hidden.data_ptr(),
                     out=out.data_ptr(), rows=x.numel() // x.shape[-1], dim=x.shape[-1],
                     num_threads=_threads())
     return hidden, out
@@ -179,6 +181,8 @@ def _check_qkv(q, k, v, k_name, v_name):
     if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q {tuple(q.shape)} and {k_name} {tuple(k.shape)} must agree on batch, "
                          "heads and head_dim")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, {k_name} and {v_name} must have one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
 
 
 def attention(q, k, v, bias_table, *, bidirectional, num_buckets, max_distance,
@@ -222,6 +226,9 @@ def decode_attention(q, k_cache, v_cache, cache_length, bias_table, *, num_bucke
     batch, heads, query_length, head_dim = q.shape
     if query_length != 1:
         raise ValueError(f"q must hold one query row per sequence, got shape {tuple(q.shape)}")
+    if isinstance(cache_length, bool) or not isinstance(cache_length, (int, torch.Tensor)) or \
+            (isinstance(cache_length, torch.Tensor) and (cache_length.numel() != 1 or cache_length.is_floating_point())):
+        raise TypeError(f"cache_length must be an integer, got {cache_length!r}")
     length = int(cache_length)
     if not 1 <= length <= k_cache.shape[2]:
         raise ValueError(f"cache_length must be in [1, {k_cache.shape[2]}] (the cache size), "
@@ -300,8 +307,13 @@ def linear(x, weight, residual=None):
     _check_linear_args(x, weight)
     if residual is not None:
         _check_tensor("residual", residual)
+        out_shape = (*x.shape[:-1], weight.shape[0])
+        # By hand: torch.broadcast_shapes imports its symbolic-shape machinery (~25 MB) on first use.
+        trailing = tuple(residual.shape[-len(out_shape):]) if out_shape else ()
+        if residual.dim() > len(out_shape) or any(r not in (1, o) for r, o in zip(trailing[::-1], out_shape[::-1])):
+            raise ValueError(f"residual {tuple(residual.shape)} does not broadcast to the output {out_shape}")
     quantized = isinstance(weight, QuantizedWeight)
-    rows = x.numel() // x.shape[-1] if x.dim() else 0
+    rows = math.prod(x.shape[:-1]) if x.dim() else 0
     small_fp32 = (not quantized and weight.dtype == x.dtype == torch.float32
                   and 0 < rows <= FP32_KERNEL_MAX_ROWS)
     if not quantized and weight.dtype == x.dtype == torch.bfloat16 and 0 < rows <= BF16_KERNEL_MAX_ROWS:
@@ -327,17 +339,20 @@ def linear(x, weight, residual=None):
     sizes = dict(residual=_ptr(residual), y=y.data_ptr(), rows=rows, in_features=in_features,
                  out_features=out_features, num_threads=_threads())
     if quantized:
-        scale = weight.scale if weight.scale.dtype == torch.float32 else weight.scale.float()
+        # Tensors held by names until the call returns (a temporary's memory would be freed first).
+        qweight, scale = weight.qweight.contiguous(), weight.scale.float().contiguous()
         int8_kernel = _C.w8a8_linear if isinstance(weight, W8A8Weight) else _C.int8_linear
-        int8_kernel(x=x.data_ptr(), qweight=weight.qweight.contiguous().data_ptr(),
-                    scale=scale.contiguous().data_ptr(), **sizes)
+        int8_kernel(x=x.data_ptr(), qweight=qweight.data_ptr(), scale=scale.data_ptr(), **sizes)
     else:
         float_linear = _C.f32_linear if weight.dtype == torch.float32 else _C.bf16_linear
-        float_linear(x=x.data_ptr(), weight=weight.contiguous().data_ptr(), **sizes)
+        weight = weight.contiguous()
+        float_linear(x=x.data_ptr(), weight=weight.data_ptr(), **sizes)
     return y
 
 
 def gated_ffn_in(x, w_gate, w_up, activation):
+    if activation not in eager.ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; known: {', '.join(sorted(eager.ACTIVATIONS))}")
     kernel_activation = _KERNEL_ACTIVATIONS.get(activation)
     if kernel_activation is None or x.dtype not in (torch.float32, torch.bfloat16):
         return eager.gated_ffn_in(x, w_gate, w_up, activation, linear=linear)

@@ -259,3 +259,29 @@ def test_finished_rows_stop_costing_work_in_greedy_decoding(checkpoint_factory, 
     finished_early = (got[:, 1:-1] == eos).any(dim=1).sum()
     assert finished_early >= 1, "the test needs a row that ends before the others"
     assert min(rows_per_step) < 4 and rows_per_step == sorted(rows_per_step, reverse=True)
+
+
+def test_generation_settings_we_do_not_implement_are_refused_not_ignored(checkpoint_factory):
+    """0 and 1 are real values of these options (token ids, an n-gram size): refused, like any
+    other setting we do not implement, never silently dropped."""
+    import transformers
+    ours, _ = pair(checkpoint_factory, "odd")
+    ids, mask = random_batch(ours.config.vocab_size, 2, 10, seed=1)
+    for setting in (dict(forced_eos_token_id=1), dict(forced_bos_token_id=0), dict(encoder_no_repeat_ngram_size=1)):
+        with pytest.raises(ValueError, match=next(iter(setting))):
+            ours.generate(ids, attention_mask=mask, generation_config=transformers.GenerationConfig(**setting))
+    ours.generation_config = transformers.GenerationConfig(max_new_tokens=3)  # as transformers users assign it
+    assert ours.generate(ids, attention_mask=mask).shape == (2, 4)
+
+
+def test_generate_output_follows_transformers(checkpoint_factory):
+    ours, hf = pair(checkpoint_factory, "tied-shallow-decoder")
+    ids, mask = random_batch(ours.config.vocab_size, 2, 12, seed=2)
+    kwargs = dict(max_new_tokens=4, num_beams=2, return_dict_in_generate=True, output_scores=True)
+    out, ref = ours.generate(ids, attention_mask=mask, **kwargs), reference(hf, ids, mask, **kwargs)
+    assert torch.equal(out[0], ref[0]) and torch.allclose(out[1], ref[1], atol=1e-5)  # sequences_scores second
+    assert "scores" in out and out.keys()[:3] == ["sequences", "sequences_scores", "scores"]
+    greedy = ours.generate(ids, attention_mask=mask, max_new_tokens=4, return_dict_in_generate=True)
+    assert greedy.to_tuple() == (greedy.sequences,)
+    assert torch.equal(ours.generate(inputs=ids, attention_mask=mask, max_new_tokens=4, use_cache=False),
+                       greedy.sequences)

@@ -193,3 +193,30 @@ def test_model_properties(checkpoint_factory):
     assert ours.dtype == torch.float32 and ours.device.type == "cpu"
     assert ours.config.num_heads * ours.config.d_kv != ours.config.d_model
     assert ours.get_encoder() is ours.encoder
+
+
+def test_model_objects_behave_like_transformers(checkpoint_factory):
+    """deepcopy / pickle, config.return_dict, editable outputs (no inference tensors), embeddings
+    accessors and parameter counts."""
+    import copy
+    import pickle
+    path, hf = checkpoint_factory("UMT5ForConditionalGeneration")
+    model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path)
+    ids = torch.tensor([[5, 6, 7, 1]])
+    dec = torch.tensor([[0, 5]])
+    expected = model(input_ids=ids, decoder_input_ids=dec).logits
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert torch.equal(clone(input_ids=ids, decoder_input_ids=dec).logits, expected)
+    assert model.config.return_dict is True
+    model.config.return_dict = False
+    assert isinstance(model(input_ids=ids, decoder_input_ids=dec), tuple)
+    model.config.return_dict = True
+    logits = model(input_ids=ids, decoder_input_ids=dec).logits
+    logits[..., 5] = -float("inf")  # post-processing in place, as under transformers' no_grad
+    assert model.num_parameters() == hf.num_parameters()
+    assert model.get_output_embeddings() is model.lm_head
+    embedding = torch.nn.Embedding(model.config.vocab_size, model.config.d_model)
+    model.set_input_embeddings(embedding)
+    assert model.encoder.embed_tokens is embedding and model.decoder.embed_tokens is embedding
+    with pytest.raises(NotImplementedError, match="inference-only"):
+        model.resize_token_embeddings(10)

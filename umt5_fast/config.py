@@ -59,14 +59,12 @@ class UMT5Config:
     """
     model_type = "umt5"
     attribute_map = {"hidden_size": "d_model", "num_attention_heads": "num_heads",
-                     "num_hidden_layers": "num_layers", "head_dim": "d_kv"}
+                     "num_hidden_layers": "num_layers", "head_dim": "d_kv", "return_dict": "use_return_dict"}
 
     def __init__(self, **kwargs):
         for alias, field in self.attribute_map.items():
             if alias in kwargs:
                 kwargs.setdefault(field, kwargs.pop(alias))
-        if "return_dict" in kwargs:
-            kwargs["use_return_dict"] = kwargs["return_dict"]
         if "dtype" in kwargs and "torch_dtype" not in kwargs:
             kwargs["torch_dtype"] = kwargs["dtype"]
         for key, default in _DEFAULTS.items():

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from umt5_fast import decode_step, validation
 from umt5_fast.cache import StaticCache
+from umt5_fast.outputs import ModelOutput
 
 # transformers' GenerationConfig defaults for the options we support.
 DEFAULTS = dict(max_length=20, max_new_tokens=None, min_length=0, min_new_tokens=None, do_sample=False,
@@ -26,17 +27,52 @@ DEFAULTS = dict(max_length=20, max_new_tokens=None, min_length=0, min_new_tokens
 # Keys of a generation_config.json that do not change decoding here.
 _IGNORED = {"_from_model_config", "transformers_version", "bos_token_id", "use_cache", "output_attentions",
             "output_hidden_states", "output_logits", "cache_implementation"}
+# Options we do not implement, with transformers' value that leaves them off: any other value is
+# refused (0 and 1 are meaningful for most: forced_bos_token_id=0, encoder_no_repeat_ngram_size=1).
+_UNSUPPORTED_OFF = dict(forced_bos_token_id=None, forced_eos_token_id=None, forced_decoder_ids=None,
+                        bad_words_ids=None, force_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
+                        encoder_no_repeat_ngram_size=0, encoder_repetition_penalty=1.0, num_beam_groups=1,
+                        diversity_penalty=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, min_p=None,
+                        penalty_alpha=None, renormalize_logits=False, constraints=None, sequence_bias=None,
+                        exponential_decay_length_penalty=None, guidance_scale=None, max_time=None,
+                        stop_strings=None, remove_invalid_values=False, low_memory=None, dola_layers=None,
+                        watermarking_config=None, prompt_lookup_num_tokens=None, token_healing=False)
+
+
+def _as_dict(generation_config) -> dict:
+    """A generation config as a dict of its settings: a dict, or a transformers GenerationConfig
+    (only what differs from its defaults)."""
+    if generation_config is None:
+        return {}
+    return dict(generation_config) if isinstance(generation_config, dict) else generation_config.to_diff_dict()
 
 
 @dataclass
-class GenerateOutput:
-    """``return_dict_in_generate=True``: sequences, per-step processed scores, beam scores."""
-    sequences: torch.Tensor
-    scores: Optional[Tuple[torch.Tensor, ...]] = None
+class GenerateOutput(ModelOutput):
+    """``return_dict_in_generate=True``: transformers' fields in its order (index, key and tuple
+    access over those that are set): sequences, beam scores, per-step processed scores."""
+    sequences: torch.Tensor = None
     sequences_scores: Optional[torch.Tensor] = None
+    scores: Optional[Tuple[torch.Tensor, ...]] = None
 
-    def __getitem__(self, key):
-        return getattr(self, key) if isinstance(key, str) else (self.sequences, self.scores)[key]
+
+class GenerationSettings(dict):
+    """``model.generation_config``: the checkpoint's generation_config.json as a dict whose keys
+    are also attributes (``model.generation_config.max_new_tokens = 3``, as transformers allows);
+    unset options read as generate's defaults."""
+
+    def __getattr__(self, name):
+        if name in self:
+            return self[name]
+        if name in DEFAULTS:
+            return DEFAULTS[name]
+        raise AttributeError(f"generation config has no option {name!r}")
+
+    def __setattr__(self, name, value):
+        self[name] = value
+
+    def to_diff_dict(self) -> dict:
+        return dict(self)
 
 
 def resolve_options(model, generation_config=None, **kwargs) -> dict:
@@ -48,16 +84,17 @@ def resolve_options(model, generation_config=None, **kwargs) -> dict:
     cfg = model.config
     options = dict(DEFAULTS, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
                    decoder_start_token_id=cfg.decoder_start_token_id)
-    if generation_config is not None and not isinstance(generation_config, dict):
-        generation_config = generation_config.to_diff_dict()  # a transformers GenerationConfig
-    layers = (("generation_config.json", getattr(model, "generation_config", None) or {}),
-              ("generation_config", generation_config or {}))
+    layers = (("model.generation_config", _as_dict(getattr(model, "generation_config", None))),
+              ("generation_config", _as_dict(generation_config)))
     for source, layer in layers:
         for key, value in layer.items():
             if key in DEFAULTS:
                 if value is not None:
                     options[key] = value
-            elif key not in _IGNORED and value not in (None, False, 0, 1, [], {}):
+            elif key in _UNSUPPORTED_OFF:
+                if value != _UNSUPPORTED_OFF[key]:
+                    raise ValueError(f"{source} sets {key}={value!r}, which umt5_fast's generate does not support")
+            elif key not in _IGNORED and value not in (None, False, [], {}):
                 raise ValueError(f"{source} sets {key}={value!r}, which umt5_fast's generate does not support")
     for key, value in kwargs.items():
         if key not in DEFAULTS:
@@ -263,7 +300,7 @@ def prepare(model, input_ids, attention_mask, decoder_input_ids, options):
         if max_length <= prompt_length:
             raise ValueError(f"max_length ({max_length}) leaves no room to generate after the decoder prompt "
                              f"({prompt_length} tokens); set max_new_tokens")
-    with torch.inference_mode():
+    with torch.no_grad():
         encoder_states = model.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
     return encoder_states, mask, prompt, max_length
 
@@ -289,7 +326,7 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
     may_drop_rows = not options["do_sample"] and scores_out is None and isinstance(decoder, Decoder)
     computed = torch.arange(rows, device=prompt.device)  # rows the decoder still runs
     tokens = sequences[:, :prompt_length]
-    with torch.inference_mode(), contextlib.closing(decoder):
+    with torch.no_grad(), contextlib.closing(decoder):
         for length in range(prompt_length, max_length):
             logits = decoder.step(tokens)
             scores = process_scores(options, sequences[computed, :length], logits, prompt_length, beam=False)
@@ -351,7 +388,7 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
 
     length = prompt_length
     tokens = running.view(batch * num_beams, max_length)[:, :prompt_length]
-    with torch.inference_mode(), contextlib.closing(decoder):
+    with torch.no_grad(), contextlib.closing(decoder):
         while True:
             flat = running.view(batch * num_beams, max_length)[:, :length]
             logits = decoder.step(tokens)
@@ -427,6 +464,11 @@ def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=No
     ``streamer``: an object with ``put(ids)`` / ``end()`` (transformers' streamer protocol): it
     receives the decoder prompt, then each step's tokens.
     """
+    kwargs.pop("use_cache", None)  # the static KV cache is always used; results are the same either way
+    if "inputs" in kwargs:  # transformers' name of the first argument
+        if input_ids is not None:
+            raise TypeError("generate() got both input_ids and inputs")
+        input_ids = kwargs.pop("inputs")
     options = resolve_options(model, generation_config, **kwargs)
     check_options(options, model.config.vocab_size)
     if seed is not None:

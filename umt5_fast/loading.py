@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from umt5_fast.config import CONFIG_NAME, UMT5Config
+from umt5_fast.generation import GenerationSettings
 from umt5_fast.quant import PackedWeight
 
 SAFETENSORS_NAME = "model.safetensors"
@@ -474,7 +475,7 @@ def from_pretrained(cls, path, *, dtype=None, torch_dtype=None, device="cpu", ba
         raise CheckpointError(f"{path}: {exc}") from None
     generation_config = path / "generation_config.json" if path.is_dir() else None
     if generation_config is not None and generation_config.is_file():
-        model.generation_config = json.loads(generation_config.read_text(encoding="utf-8"))
+        model.generation_config = GenerationSettings(json.loads(generation_config.read_text(encoding="utf-8")))
     return model
 
 
@@ -486,7 +487,11 @@ def from_hf(cls, hf_model, backend="auto"):
     shapes = {k: tuple(t.shape) for k, t in state.items()}
     device = next(iter(state.values())).device
     # dtype=None keeps each weight's own dtype (e.g. wo in fp32 inside an fp16 model)
-    return build_model(cls, config, sources, shapes, dtype=None, device=device, backend=backend)
+    model = build_model(cls, config, sources, shapes, dtype=None, device=device, backend=backend)
+    hf_generation = getattr(hf_model, "generation_config", None)
+    if hf_generation is not None:
+        model.generation_config = GenerationSettings(hf_generation.to_diff_dict())
+    return model
 
 
 def save_pretrained(model, directory, max_shard_size=None):
@@ -534,7 +539,8 @@ def save_pretrained(model, directory, max_shard_size=None):
         (directory / SAFETENSORS_INDEX_NAME).write_text(json.dumps(index, indent=2))
     generation_config = getattr(model, "generation_config", None)
     if generation_config:
-        (directory / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
+        settings = generation_config if isinstance(generation_config, dict) else generation_config.to_diff_dict()
+        (directory / "generation_config.json").write_text(json.dumps(settings, indent=2))
 
 
 def _parse_size(size) -> Optional[int]:

@@ -37,6 +37,16 @@ class Runtime:
         self.ops = get_ops(backend, device)
         self._thread_state = threading.local()
 
+    # copy.deepcopy / pickle (torch.save of a whole model): the ops module and the per-thread
+    # buffers are rebuilt, not copied.
+    def __getstate__(self):
+        return {"backend": self.backend, "ops_name": self.ops.name}
+
+    def __setstate__(self, state):
+        self.backend = state["backend"]
+        self.ops = get_ops(state["ops_name"], "cuda" if state["ops_name"] == "triton" else "cpu")
+        self._thread_state = threading.local()
+
     def expansion_buffer(self, shape, dtype: torch.dtype, device, slot: int = 0) -> Optional[torch.Tensor]:
         """A contiguous ``shape`` x ``dtype`` tensor to expand a packed weight into, valid until the
         next call for the same ``slot`` from this thread (weights used together take different
@@ -465,6 +475,8 @@ class UMT5PreTrainedModel(nn.Module):
             raise TypeError(f"config must be a umt5_fast.UMT5Config, got {type(config).__name__}")
         self.config = config
         self.runtime = Runtime(backend)
+        from umt5_fast.generation import GenerationSettings
+        self.generation_config = GenerationSettings()  # generation_config.json's, when a checkpoint has one
 
     @property
     def backend(self) -> str:
@@ -492,6 +504,32 @@ class UMT5PreTrainedModel(nn.Module):
 
     def get_input_embeddings(self):
         return self.shared
+
+    def set_input_embeddings(self, embedding: nn.Embedding):
+        """Use ``embedding`` (``[vocab_size, d_model]``) for every stack, as transformers does."""
+        if not isinstance(embedding, nn.Embedding) or tuple(embedding.weight.shape) != (
+                self.config.vocab_size, self.config.d_model):
+            raise ValueError(f"set_input_embeddings takes an nn.Embedding of shape "
+                             f"({self.config.vocab_size}, {self.config.d_model})")
+        self.shared = embedding
+        for stack in (getattr(self, "encoder", None), getattr(self, "decoder", None)):
+            if stack is not None:
+                stack.embed_tokens = embedding
+
+    def get_output_embeddings(self):
+        return getattr(self, "lm_head", None)
+
+    def num_parameters(self, only_trainable: bool = False) -> int:
+        """Parameters (and 8-bit packed weights, counted as the entries they hold), as transformers
+        counts them."""
+        params = [p for p in self.parameters() if not only_trainable or p.requires_grad]
+        packed = [] if only_trainable else [m.packed_weight() for m in self.modules()
+                                              if isinstance(m, Linear) and m.qweight is not None]
+        return sum(p.numel() for p in params) + sum(math.prod(w.shape) for w in packed)
+
+    def resize_token_embeddings(self, *args, **kwargs):
+        raise NotImplementedError("umt5_fast is inference-only: resize the embeddings with transformers, "
+                                  "save_pretrained, and load that checkpoint")
 
     def _shift_right(self, input_ids):
         start, pad = self.config.decoder_start_token_id, self.config.pad_token_id
@@ -591,7 +629,7 @@ def _seq2seq_fields(enc: BaseModelOutput, dec: BaseModelOutputWithPastAndCrossAt
 class UMT5Model(_EncoderDecoder):
     """Encoder-decoder returning the decoder's last hidden state."""
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                 head_mask=None, decoder_head_mask=None, cross_attn_head_mask=None, encoder_outputs=None,
                 past_key_values=None, inputs_embeds=None, decoder_inputs_embeds=None, use_cache=None,
@@ -621,7 +659,7 @@ class UMT5ForConditionalGeneration(_EncoderDecoder):
             decoder_hidden = decoder_hidden * (self.config.d_model ** -0.5)
         return self.lm_head(decoder_hidden)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                 head_mask=None, decoder_head_mask=None, cross_attn_head_mask=None, encoder_outputs=None,
                 past_key_values=None, inputs_embeds=None, decoder_inputs_embeds=None, labels=None,
@@ -668,7 +706,7 @@ class UMT5EncoderModel(UMT5PreTrainedModel):
         """Use an 8-bit token embedding as stored (an encoder alone reads it by rows only)."""
         self.shared = self.encoder.embed_tokens = embedding
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward(self, input_ids=None, attention_mask=None, head_mask=None, inputs_embeds=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None):
         output_attentions, output_hidden_states, return_dict = self._flags(
@@ -705,7 +743,7 @@ class UMT5ForSequenceClassification(UMT5PreTrainedModel):
     def shared(self):
         return self.transformer.shared
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                 head_mask=None, decoder_head_mask=None, cross_attn_head_mask=None, encoder_outputs=None,
                 inputs_embeds=None, decoder_inputs_embeds=None, labels=None, use_cache=None,
@@ -782,7 +820,7 @@ class UMT5ForTokenClassification(UMT5PreTrainedModel):
     def shared(self):
         return self.transformer.shared
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward(self, input_ids=None, attention_mask=None, head_mask=None, inputs_embeds=None, labels=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None):
         output_attentions, output_hidden_states, return_dict = self._flags(
@@ -807,7 +845,7 @@ class UMT5ForQuestionAnswering(_EncoderDecoder):
         super().__init__(config, backend)
         self.qa_outputs = Linear(config.d_model, config.num_labels, self.runtime, bias=True)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                 head_mask=None, decoder_head_mask=None, cross_attn_head_mask=None, encoder_outputs=None,
                 start_positions=None, end_positions=None, inputs_embeds=None, decoder_inputs_embeds=None,

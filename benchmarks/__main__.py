@@ -17,6 +17,17 @@ def comma_list(text):
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def at_least(minimum, kind=int):
+    """An argparse type: a number of ``kind`` >= ``minimum``."""
+    def parse(text):
+        value = kind(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value: 'x'"
+    return parse
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="umt5-fast bench" if __package__.startswith("umt5_fast.") else "python -m benchmarks",
@@ -33,15 +44,15 @@ def build_parser():
                         help="engine names or shell patterns, comma-separated (see --list)")
     parser.add_argument("--workloads", type=comma_list,
                         help="workload names, shell patterns or groups (encoder, greedy, beam, long)")
-    parser.add_argument("--new-tokens", type=int, help="tokens generated per sequence (forced: min == max)")
-    parser.add_argument("--source-length", type=int, help="source tokens of the generation workloads")
-    parser.add_argument("--threads", type=int, default=machine.default_threads(),
+    parser.add_argument("--new-tokens", type=at_least(1), help="tokens generated per sequence (forced: min == max)")
+    parser.add_argument("--source-length", type=at_least(1), help="source tokens of the generation workloads")
+    parser.add_argument("--threads", type=at_least(1), default=machine.default_threads(),
                         help="compute threads for every engine (default: physical cores usable here)")
-    parser.add_argument("--warmup", type=int, help="untimed runs before timing")
-    parser.add_argument("--repeats", type=int, help="timed runs (fewer, >= 3, when one run exceeds the budget)")
-    parser.add_argument("--time-budget", type=float, dest="time_budget_s",
+    parser.add_argument("--warmup", type=at_least(0), help="untimed runs before timing")
+    parser.add_argument("--repeats", type=at_least(1), help="timed runs (fewer, >= 3, when one run exceeds the budget)")
+    parser.add_argument("--time-budget", type=at_least(0.0, float), dest="time_budget_s",
                         help="seconds of timed runs to aim for per measurement")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before a measurement is abandoned")
+    parser.add_argument("--timeout", type=at_least(1.0, float), default=1800.0, help="seconds before a measurement is abandoned")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="where JSON and PNGs go")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
                         help="random-weight checkpoints and CTranslate2 conversions")

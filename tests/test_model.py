@@ -220,3 +220,13 @@ def test_model_objects_behave_like_transformers(checkpoint_factory):
     assert model.encoder.embed_tokens is embedding and model.decoder.embed_tokens is embedding
     with pytest.raises(NotImplementedError, match="inference-only"):
         model.resize_token_embeddings(10)
+
+
+def test_tie_weights_reties_the_head_to_new_input_embeddings(checkpoint_factory):
+    path, _ = checkpoint_factory("UMT5ForConditionalGeneration", tie_word_embeddings=True)
+    model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path)
+    assert model.lm_head.weight is model.shared.weight
+    embedding = torch.nn.Embedding(model.config.vocab_size, model.config.d_model)
+    model.set_input_embeddings(embedding)
+    model.tie_weights()
+    assert model.lm_head.weight is embedding.weight

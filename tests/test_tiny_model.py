@@ -74,6 +74,8 @@ def test_quantized_weights_agree_with_fp32_on_the_tiny_model():
     (["encode", "--batch-size", "-1", "x"], "--batch-size: must be a positive integer"),
     (["generate", "--device", "foo", "x"], "'foo' is not a torch device"),
     (["encode", "--output", "/nonexistent/dir/e.pt", "x"], "cannot write --output /nonexistent/dir/e.pt"),
+    (["bench", "--threads", "0"], "--threads: must be >= 1"),
+    (["bench", "--new-tokens", "x"], "invalid int value: 'x'"),
 ])
 def test_cli_bad_arguments_get_one_line_errors(args, message):
     result = subprocess.run([sys.executable, "-m", "umt5_fast", *args], capture_output=True, text=True, timeout=120)

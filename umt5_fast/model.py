@@ -519,6 +519,14 @@ class UMT5PreTrainedModel(nn.Module):
     def get_output_embeddings(self):
         return getattr(self, "lm_head", None)
 
+    def tie_weights(self):
+        """As transformers: with ``tie_word_embeddings``, the LM head reads the input embedding (again,
+        e.g. after ``set_input_embeddings``); a head packed by ``quantize`` stays as it is."""
+        head = getattr(self, "lm_head", None)
+        if head is not None and self.config.tie_word_embeddings and head.qweight is None \
+                and isinstance(self.shared, nn.Embedding):
+            head.weight = self.shared.weight
+
     def num_parameters(self, only_trainable: bool = False) -> int:
         """Parameters (and 8-bit packed weights, counted as the entries they hold), as transformers
         counts them."""

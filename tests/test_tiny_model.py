@@ -80,3 +80,44 @@ def test_quantized_weights_agree_with_fp32_on_the_tiny_model():
 def test_cli_bad_arguments_get_one_line_errors(args, message):
     result = subprocess.run([sys.executable, "-m", "umt5_fast", *args], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_text_streamers_stream_exactly_the_decoded_results():
+    """Per row, the streamed pieces join to the decoded result: batches, several sampled sequences
+    per input, special tokens and prompt kept, a streamer reused across calls, and the iterator
+    streamer fed from another thread."""
+    import threading
+    from umt5_fast.streamers import TextIteratorStreamer, TextStreamer
+    from umt5_fast.tokenizer import UMT5Tokenizer
+    tokenizer = UMT5Tokenizer.from_pretrained(TINY)
+    model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(TINY)
+    batch = tokenizer([e["input"] for e in heldout()[:3]], padding=True, return_tensors="pt")
+
+    def streamed(streamer_kwargs, **generate_kwargs):
+        pieces = {}
+        streamer = TextStreamer(tokenizer, on_text=lambda row, text: pieces.setdefault(row, []).append(text),
+                                **streamer_kwargs)
+        out = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], streamer=streamer,
+                             max_new_tokens=20, **generate_kwargs)
+        return ["".join(pieces.get(row, [])) for row in range(out.shape[0])], out, streamer
+
+    for streamer_kwargs, generate_kwargs in [({}, {}), ({}, dict(do_sample=True, seed=3, num_return_sequences=3)),
+                                             (dict(skip_prompt=False, skip_special_tokens=False), {})]:
+        texts, out, streamer = streamed(streamer_kwargs, **generate_kwargs)
+        keep_special = not streamer_kwargs.get("skip_special_tokens", True)
+        ids = out if streamer_kwargs.get("skip_prompt") is False else out[:, 1:]
+        assert texts == [tokenizer.decode(row, skip_special_tokens=not keep_special) for row in ids]
+    reused = TextStreamer(tokenizer, on_text=lambda row, text: None)
+    for _ in range(2):  # the second call streams its own result only
+        pieces = {}
+        reused.on_text = lambda row, text: pieces.setdefault(row, []).append(text)
+        out = model.generate(batch["input_ids"][:1], streamer=reused, max_new_tokens=20)
+        assert "".join(pieces[0]) == tokenizer.decode(out[0, 1:], skip_special_tokens=True)
+    iterator = TextIteratorStreamer(tokenizer, timeout=60)
+    worker = threading.Thread(target=model.generate, args=(batch["input_ids"][:1],),
+                              kwargs=dict(streamer=iterator, max_new_tokens=20))
+    worker.start()
+    text = "".join(piece for row, piece in iterator if row == 0)
+    worker.join()
+    assert text == tokenizer.decode(model.generate(batch["input_ids"][:1], max_new_tokens=20)[0, 1:],
+                                    skip_special_tokens=True)

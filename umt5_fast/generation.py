@@ -482,8 +482,9 @@ def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=No
         sequences, sequence_scores = beam_search(model, encoder_states, mask, prompt, max_length, options,
                                                  generator, scores, use_cuda_graph)
     else:
-        if streamer is not None:
-            streamer.put(prompt.cpu())
+        expand = options["num_return_sequences"] if options["do_sample"] else 1
+        if streamer is not None:  # one stream per returned sequence
+            streamer.put(prompt.repeat_interleave(expand, dim=0).cpu())
         steps = []
         for tokens in sample_steps(model, encoder_states, mask, prompt, max_length, options, generator, scores,
                                    use_cuda_graph):
@@ -492,7 +493,6 @@ def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=No
                 streamer.put(tokens.cpu())
         if streamer is not None:
             streamer.end()
-        expand = options["num_return_sequences"] if options["do_sample"] else 1
         sequences = torch.cat([prompt.repeat_interleave(expand, dim=0), torch.stack(steps, dim=1)], dim=1)
     if options["return_dict_in_generate"]:
         return GenerateOutput(sequences=sequences, scores=tuple(scores) if scores is not None else None,

@@ -8,8 +8,10 @@ class TextStreamer:
     """Decodes each row's tokens as they arrive and hands out the new text of every row.
 
     ``on_text(row, text)`` receives only the text added since the last call (default: print row 0
-    to stdout, like transformers' TextStreamer for batch size 1). Text is held back while the last
-    token may still be joined by the next (an incomplete UTF-8 sequence decodes to U+FFFD).
+    to stdout, like transformers' TextStreamer for batch size 1). As in transformers, text is handed
+    out up to its last space or newline: a later token can still change the word being formed (the
+    space before a word may appear only with the next piece), and an incomplete UTF-8 sequence
+    decodes to U+FFFD. ``end()`` hands out the rest and readies the streamer for the next call.
     """
 
     def __init__(self, tokenizer, skip_prompt: bool = True, skip_special_tokens: bool = True,
@@ -41,8 +43,8 @@ class TextStreamer:
 
     def _flush(self, row: int, final: bool):
         text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=self.skip_special_tokens)
-        if not final and text.endswith("\ufffd"):
-            return
+        if not final:
+            text = text[:max(text.rfind(" "), text.rfind("\n")) + 1]
         if len(text) > self.emitted[row]:
             self.on_text(row, text[self.emitted[row]:])
             self.emitted[row] = len(text)
@@ -50,6 +52,7 @@ class TextStreamer:
     def end(self):
         for row in range(len(self.tokens)):
             self._flush(row, final=True)
+        self._prompt_seen = False  # the next generate() starts with its own prompt
         self.on_end()
 
     def on_end(self):

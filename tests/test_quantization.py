@@ -97,6 +97,8 @@ def test_int8_quantisation_equals_its_torch_definition(dtype, rows, cols):
     assert torch.equal(blocks.scale, scale)
     assert torch.equal(blocks.qweight, W8A8Weight.pack(qweight))
     assert torch.equal(blocks.unpacked(), qweight)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # C++ and torch expansion paths
+        assert torch.equal(blocks.dequantize(dtype), packed.dequantize(dtype))
 
 
 def test_w8a8_quantisation_without_the_extension_is_the_same(monkeypatch):

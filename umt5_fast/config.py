@@ -84,7 +84,7 @@ class UMT5Config:
     @classmethod
     def is_field(cls, name: str) -> bool:
         """Whether ``name`` is a field (or an alias of one) that ``from_pretrained`` may override."""
-        return name in _DEFAULTS or name in cls.attribute_map or name == "return_dict"
+        return name in _DEFAULTS or name in cls.attribute_map
 
     def _set_labels(self):
         if self.id2label is not None:

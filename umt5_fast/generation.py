@@ -39,7 +39,7 @@ _UNSUPPORTED_OFF = dict(forced_bos_token_id=None, forced_eos_token_id=None, forc
                         watermarking_config=None, prompt_lookup_num_tokens=None, token_healing=False)
 
 
-def _as_dict(generation_config) -> dict:
+def settings_dict(generation_config) -> dict:
     """A generation config as a dict of its settings: a dict, or a transformers GenerationConfig
     (only what differs from its defaults)."""
     if generation_config is None:
@@ -84,8 +84,8 @@ def resolve_options(model, generation_config=None, **kwargs) -> dict:
     cfg = model.config
     options = dict(DEFAULTS, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
                    decoder_start_token_id=cfg.decoder_start_token_id)
-    layers = (("model.generation_config", _as_dict(getattr(model, "generation_config", None))),
-              ("generation_config", _as_dict(generation_config)))
+    layers = (("model.generation_config", settings_dict(getattr(model, "generation_config", None))),
+              ("generation_config", settings_dict(generation_config)))
     for source, layer in layers:
         for key, value in layer.items():
             if key in DEFAULTS:

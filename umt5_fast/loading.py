@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from umt5_fast.config import CONFIG_NAME, UMT5Config
-from umt5_fast.generation import GenerationSettings
+from umt5_fast.generation import GenerationSettings, settings_dict
 from umt5_fast.quant import PackedWeight
 
 SAFETENSORS_NAME = "model.safetensors"
@@ -537,9 +537,8 @@ def save_pretrained(model, directory, max_shard_size=None):
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (directory / SAFETENSORS_INDEX_NAME).write_text(json.dumps(index, indent=2))
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config:
-        settings = generation_config if isinstance(generation_config, dict) else generation_config.to_diff_dict()
+    settings = settings_dict(getattr(model, "generation_config", None))
+    if settings:
         (directory / "generation_config.json").write_text(json.dumps(settings, indent=2))
 
 

@@ -200,11 +200,9 @@ class W8A8Weight(QuantizedWeight):
     def rows(self, index: torch.Tensor) -> "W8A8Weight":
         return type(self)(self.pack(self.unpacked()[index]), self.scale[index])
 
-    def _dequantize_rows(self, rows):
-        return self.unpacked()[rows].float() * self.scale[rows, None]
-
-    def _expand_on_cpu(self, out):
-        return _expand_int8_blocks(self.unpacked().unsqueeze(1), self.scale, out)
+    def dequantize(self, dtype=torch.float32, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # Unpacked once, then QuantizedWeight's expansion (not one unpacking per block of rows).
+        return QuantizedWeight(self.unpacked(), self.scale).dequantize(dtype, out)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """The reference in torch (fp32 ``x`` ``[..., in]``): products summed exactly in fp64."""

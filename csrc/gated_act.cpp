@@ -56,38 +56,32 @@ void run_gated_activation_bf16(kernels::Activation activation, const uint16_t* a
   });
 }
 
+// One binding per element type: T is float or uint16_t (bf16 bits), run is its runner above.
+template <typename T>
+void def_gated_activation(py::module_& m, const char* name,
+                          void (*run)(kernels::Activation, const T*, int64_t, const T*, int64_t, T*,
+                                      int64_t, int64_t, int64_t, int),
+                          const char* doc) {
+  m.def(name,
+        [run](const std::string& activation, uintptr_t a, int64_t a_row_stride, uintptr_t b,
+              int64_t b_row_stride, uintptr_t out, int64_t out_row_stride, int64_t rows,
+              int64_t cols, int num_threads) {
+          const kernels::Activation act = activation_from_name(activation);
+          py::gil_scoped_release no_gil;
+          run(act, reinterpret_cast<const T*>(a), a_row_stride, reinterpret_cast<const T*>(b),
+              b_row_stride, reinterpret_cast<T*>(out), out_row_stride, rows, cols, num_threads);
+        },
+        py::kw_only(), py::arg("activation"), py::arg("a"), py::arg("a_row_stride"), py::arg("b"),
+        py::arg("b_row_stride"), py::arg("out"), py::arg("out_row_stride"), py::arg("rows"),
+        py::arg("cols"), py::arg("num_threads"), doc);
+}
+
 void register_gated_act(py::module_& m) {
-  m.def("gated_activation",
-        [](const std::string& activation, uintptr_t a, int64_t a_row_stride, uintptr_t b,
-           int64_t b_row_stride, uintptr_t out, int64_t out_row_stride, int64_t rows,
-           int64_t cols, int num_threads) {
-          const kernels::Activation act = activation_from_name(activation);
-          py::gil_scoped_release no_gil;
-          run_gated_activation(act, reinterpret_cast<const float*>(a), a_row_stride,
-                               reinterpret_cast<const float*>(b), b_row_stride,
-                               reinterpret_cast<float*>(out), out_row_stride, rows, cols,
-                               num_threads);
-        },
-        py::kw_only(), py::arg("activation"), py::arg("a"), py::arg("a_row_stride"), py::arg("b"),
-        py::arg("b_row_stride"), py::arg("out"), py::arg("out_row_stride"), py::arg("rows"),
-        py::arg("cols"), py::arg("num_threads"),
-        "out = act(a) * b on fp32 data pointers (b = 0: out = act(a)); activation is "
-        "'gelu_tanh', 'gelu_erf', 'relu' or 'silu'.");
-  m.def("gated_activation_bf16",
-        [](const std::string& activation, uintptr_t a, int64_t a_row_stride, uintptr_t b,
-           int64_t b_row_stride, uintptr_t out, int64_t out_row_stride, int64_t rows,
-           int64_t cols, int num_threads) {
-          const kernels::Activation act = activation_from_name(activation);
-          py::gil_scoped_release no_gil;
-          run_gated_activation_bf16(act, reinterpret_cast<const uint16_t*>(a), a_row_stride,
-                                    reinterpret_cast<const uint16_t*>(b), b_row_stride,
-                                    reinterpret_cast<uint16_t*>(out), out_row_stride, rows, cols,
-                                    num_threads);
-        },
-        py::kw_only(), py::arg("activation"), py::arg("a"), py::arg("a_row_stride"), py::arg("b"),
-        py::arg("b_row_stride"), py::arg("out"), py::arg("out_row_stride"), py::arg("rows"),
-        py::arg("cols"), py::arg("num_threads"),
-        "gated_activation on bf16 data pointers: computed in fp32, rounded to bf16 once.");
+  def_gated_activation<float>(m, "gated_activation", &run_gated_activation,
+                              "out = act(a) * b on fp32 data pointers (b = 0: out = act(a)); activation is "
+                              "'gelu_tanh', 'gelu_erf', 'relu' or 'silu'.");
+  def_gated_activation<uint16_t>(m, "gated_activation_bf16", &run_gated_activation_bf16,
+                                 "gated_activation on bf16 data pointers: computed in fp32, rounded to bf16 once.");
 }
 
 }  // namespace umt5_fast

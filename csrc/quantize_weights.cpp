@@ -47,7 +47,7 @@ float half_to_float(uint16_t h) {  // IEEE fp16 -> fp32, exact (subnormals inclu
 // Where entry k of a quantised row goes: q[index(k)] (row layout: q[k]; W8A8 blocks: see
 // w8a8_linear.h, q pointing at the row's block).
 struct RowLayout {
-  int64_t lane = 0;  // the row's column in its W8A8 block, or -1 for plain rows
+  int64_t lane = -1;  // the row's column in its W8A8 block, or -1 for plain rows
   int64_t groups = 0, tail = 0;
 
   int64_t operator()(int64_t k) const {

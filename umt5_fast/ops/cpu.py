@@ -72,10 +72,6 @@ def _all_fp32(*tensors):
     return all(t is None or t.dtype == torch.float32 for t in tensors)
 
 
-def _all_bf16(*tensors):
-    return all(t.dtype == torch.bfloat16 for t in tensors)
-
-
 def _half_precision(*tensors):
     return all(t.dtype == tensors[0].dtype for t in tensors) and tensors[0].dtype in (torch.bfloat16,
                                                                                      torch.float16)
@@ -194,7 +190,7 @@ def attention(q, k, v, bias_table, *, bidirectional, num_buckets, max_distance,
     mask = _check_key_padding_mask(key_padding_mask, batch, key_length)
     if mask is not None and mask.shape[1] != key_length:
         raise ValueError(f"key_padding_mask must have {key_length} keys, got {mask.shape[1]}")
-    bf16_kernel = _all_bf16(q, k, v) and _C.has_bf16_attention()
+    bf16_kernel = q.dtype == torch.bfloat16 and _C.has_bf16_attention()  # k, v: q's dtype (checked)
     if _half_precision(q, k, v) and min(q.numel(), k.numel()) > 0 and not bf16_kernel:
         # bf16 / fp16 models: the fused kernel on fp32 copies (O(L * D) each) instead of eager's
         # [B, H, Lq, Lk] scores; scores and softmax in fp32, then one rounding of the output.

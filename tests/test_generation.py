@@ -272,6 +272,18 @@ def test_generation_settings_we_do_not_implement_are_refused_not_ignored(checkpo
             ours.generate(ids, attention_mask=mask, generation_config=transformers.GenerationConfig(**setting))
     ours.generation_config = transformers.GenerationConfig(max_new_tokens=3)  # as transformers users assign it
     assert ours.generate(ids, attention_mask=mask).shape == (2, 4)
+    ours.generation_config = generation.GenerationSettings()
+    assert ours.generation_config.max_new_tokens is None  # unset: generate's default
+    ours.generation_config.max_new_tokens = 2  # attribute access, as on transformers' GenerationConfig
+    assert ours.generate(ids, attention_mask=mask).shape == (2, 3)
+    _, hf = pair(checkpoint_factory, "odd")
+    hf.generation_config.max_new_tokens = 5
+    try:  # the transformers model is shared by other tests
+        converted = umt5_fast.UMT5ForConditionalGeneration.from_hf(hf)
+    finally:
+        hf.generation_config.max_new_tokens = None
+    assert converted.generation_config.max_new_tokens == 5
+    assert converted.generate(ids, attention_mask=mask).shape == (2, 6)
 
 
 def test_generate_output_follows_transformers(checkpoint_factory):

@@ -218,6 +218,8 @@ def test_model_objects_behave_like_transformers(checkpoint_factory):
     embedding = torch.nn.Embedding(model.config.vocab_size, model.config.d_model)
     model.set_input_embeddings(embedding)
     assert model.encoder.embed_tokens is embedding and model.decoder.embed_tokens is embedding
+    with pytest.raises(ValueError, match="set_input_embeddings takes an nn.Embedding of shape"):
+        model.set_input_embeddings(torch.nn.Embedding(3, model.config.d_model))
     with pytest.raises(NotImplementedError, match="inference-only"):
         model.resize_token_embeddings(10)
 

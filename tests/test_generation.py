@@ -297,3 +297,17 @@ def test_generate_output_follows_transformers(checkpoint_factory):
     assert greedy.to_tuple() == (greedy.sequences,)
     assert torch.equal(ours.generate(inputs=ids, attention_mask=mask, max_new_tokens=4, use_cache=False),
                        greedy.sequences)
+
+
+def test_beam_sampling_temperature_too_small_for_beam_scores_is_refused(checkpoint_factory):
+    """Scaled scores below beam search's -1e9 placeholder would lose to empty hypotheses (transformers
+    then returns the prompt alone): a clear error instead of an empty generation."""
+    ours, hf = pair(checkpoint_factory, "odd")
+    ids = torch.tensor([[57]])
+    with torch.no_grad():
+        torch.manual_seed(1)
+        assert hf.generate(ids, max_new_tokens=1, num_beams=2, do_sample=True, temperature=1e-10,
+                           use_cache=False).shape == (1, 1)
+    with pytest.raises(ValueError, match="temperature=1e-10 scales the beam scores below"):
+        ours.generate(ids, max_new_tokens=1, num_beams=2, do_sample=True, temperature=1e-10, seed=1)
+    assert ours.generate(ids, max_new_tokens=1, num_beams=2, do_sample=True, temperature=1e-3, seed=1).shape == (1, 2)

@@ -24,6 +24,9 @@ DEFAULTS = dict(max_length=20, max_new_tokens=None, min_length=0, min_new_tokens
                 repetition_penalty=1.0, length_penalty=1.0, no_repeat_ngram_size=0, early_stopping=False,
                 eos_token_id=None, pad_token_id=None, decoder_start_token_id=None, output_scores=False,
                 return_dict_in_generate=False)
+# Beam search's score of a missing hypothesis, and its mask for a beam that may not compete
+# (transformers' -1e9).
+_NO_HYPOTHESIS = -1.0e9
 # Keys of a generation_config.json that do not change decoding here.
 _IGNORED = {"_from_model_config", "transformers_version", "bos_token_id", "use_cache", "output_attentions",
             "output_hidden_states", "output_logits", "cache_implementation"}
@@ -202,6 +205,12 @@ def process_scores(o: dict, sequences, scores, prompt_length: int, beam: bool):
             if not bool(torch.isfinite(scores.max(dim=-1).values).all()):
                 raise ValueError(f"temperature={o['temperature']!r} is so small that the scaled scores "
                                  "overflow; use a larger temperature or greedy decoding (do_sample=False)")
+            if beam and bool((scores.topk(min(o["num_beams"], scores.shape[-1])).values < _NO_HYPOTHESIS).any()):
+                # the beams' scores would lose to the placeholders of empty hypotheses, and the
+                # result would be the prompt alone (as transformers returns it)
+                raise ValueError(f"temperature={o['temperature']!r} scales the beam scores below "
+                                 f"{_NO_HYPOTHESIS:g}, the score beam search gives a missing hypothesis; use "
+                                 "a larger temperature")
         if o["top_k"]:
             scores = top_k_filter(scores, o["top_k"], keep)
         if o["top_p"] < 1.0:
@@ -371,8 +380,8 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
     running[:, :, :prompt_length] = prompt[:, None, :]
     finished = running.clone()
     running_scores = torch.zeros(batch, num_beams, device=device)
-    running_scores[:, 1:] = -1e9
-    finished_scores = torch.full((batch, num_beams), -1e9, device=device)
+    running_scores[:, 1:] = _NO_HYPOTHESIS
+    finished_scores = torch.full((batch, num_beams), _NO_HYPOTHESIS, device=device)
     is_finished = torch.zeros(batch, num_beams, dtype=torch.bool, device=device)
     improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
     running_origin = torch.full((batch, num_beams, max_length - prompt_length), -1, dtype=torch.long,
@@ -411,7 +420,7 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
             hits_stop = hits_eos | (length + 1 >= max_length)
 
             # the best num_beams continuations that did not stop keep running
-            continuing = top_log_probs + hits_stop.float() * -1.0e9
+            continuing = top_log_probs + hits_stop.float() * _NO_HYPOTHESIS
             keep = torch.topk(continuing, num_beams)[1]
             running, running_scores, running_origin = (gather(top_sequences, keep), gather(continuing, keep),
                                                        gather(top_origin, keep))
@@ -420,9 +429,9 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
             just_finished = hits_stop & top_num_beam_mask[None, :]
             candidate_scores = top_log_probs / ((length + 1 - prompt_length) ** length_penalty)
             batch_full = is_finished.all(dim=-1, keepdim=True) & (early_stopping is True)
-            candidate_scores = candidate_scores + batch_full.float() * -1.0e9
-            candidate_scores = candidate_scores + (~improvable).float() * -1.0e9
-            candidate_scores = candidate_scores + (~just_finished).float() * -1.0e9
+            candidate_scores = candidate_scores + batch_full.float() * _NO_HYPOTHESIS
+            candidate_scores = candidate_scores + (~improvable).float() * _NO_HYPOTHESIS
+            candidate_scores = candidate_scores + (~just_finished).float() * _NO_HYPOTHESIS
             merged_scores = torch.cat([finished_scores, candidate_scores], dim=1)
             best = torch.topk(merged_scores, num_beams)[1]
             finished = gather(torch.cat([finished, top_sequences], dim=1), best)
@@ -440,7 +449,7 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
             else:
                 best_length = length - prompt_length
             best_running = running_scores[:, :1] / (best_length ** length_penalty)
-            worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], -1.0e9)
+            worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], _NO_HYPOTHESIS)
             improvable = improvable & (best_running > worst_finished).any(dim=-1, keepdim=True)
             open_beams = ~(is_finished.all() & (early_stopping is True))
             if not bool(improvable.any() & open_beams & ~hits_stop.all()):

@@ -121,6 +121,30 @@ def test_decode_step_linear(benchmark, ops, weight_kind):
     bench(benchmark, ops, f"linear 1x{D_MODEL} @ {LM_HEAD_ROWS}x{D_MODEL} {weight_kind}", call, call, tol)
 
 
+def _cpu_isas():
+    if cpu_ops is None:
+        return ["none"]
+    return cpu_ops._C.supported_cpu_isas()
+
+
+@pytest.mark.skipif(cpu_ops is None, reason=CPU_MISSING or "")
+@pytest.mark.parametrize("isa", _cpu_isas())
+@pytest.mark.parametrize("rows,out_features", [(1, LM_HEAD_ROWS), (16, LM_HEAD_ROWS), (1024, D_FF)])
+def test_w8a8_linear(benchmark, isa, rows, out_features):
+    """The integer GEMM on each instruction set's kernel (portable, AVX2 sign trick, AVX512-VNNI
+    under avx512 where the CPU has it) against the torch reference (exact sums in fp64)."""
+    from umt5_fast.quant import W8A8Weight
+    x, weight = randn(rows, D_MODEL), W8A8Weight.quantize(randn(out_features, D_MODEL, seed=2))
+    default = cpu_ops._C.cpu_isa()
+    cpu_ops._C.set_cpu_isa(isa)
+    try:
+        bench(benchmark, cpu_ops, f"w8a8 linear {rows}x{D_MODEL} @ {out_features}x{D_MODEL}",
+              lambda o: o.linear(x, weight), lambda o: o.linear(x, weight), 0.0)
+    finally:
+        cpu_ops._C.set_cpu_isa(default)
+    benchmark.extra_info["isa"] = isa
+
+
 @pytest.fixture(scope="module")
 def small_decoder_model():
     """umt5-small's decoder (vocab cut to 32128: the LM head has its own benchmark above), random weights."""

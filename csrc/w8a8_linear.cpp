@@ -1,6 +1,6 @@
 // W8A8 linear (see w8a8_linear.h): per-row symmetric quantisation of the activations, then the
-// integer GEMM on the column-block weight layout by the AVX512-VNNI kernel where the CPU has it and
-// the selected ISA is avx512, else by the portable kernel below (same results, bit for bit).
+// integer GEMM on the column-block weight layout by the AVX512-VNNI or AVX2 kernel, or the portable
+// kernel below (same results, bit for bit; run_w8a8_linear picks).
 #include "w8a8_linear.h"
 
 #include <algorithm>
@@ -98,15 +98,19 @@ void run_w8a8_linear(const float* x, const int8_t* qweight, const float* scale,
                      const float* residual, float* y, int64_t rows, int64_t in_features,
                      int64_t out_features, int num_threads) {
   const int64_t k_padded = (in_features + kW8A8KPad - 1) / kW8A8KPad * kW8A8KPad;
-  const bool vnni = cpu_isa() == CpuIsa::avx512 && cpu_supports_avx512_vnni();
+  // AVX512-VNNI where the CPU has it and the selected ISA is avx512, AVX2 on the avx2 and avx512
+  // ISAs otherwise (AVX-512 CPUs without VNNI), else the portable kernel: identical results.
+  const CpuIsa isa = cpu_isa();
+  const bool vnni = isa == CpuIsa::avx512 && cpu_supports_avx512_vnni();
+  const bool avx2 = !vnni && (isa == CpuIsa::avx2 || isa == CpuIsa::avx512);
   const QuantisedRows a = quantise_rows(x, rows, in_features, k_padded,
                                         vnni ? &w8a8_quantise_row_vnni : &w8a8_quantise_row_portable, num_threads);
   const W8A8Problem problem{a.q.data(), a.sums.data(), a.scales.data(), qweight, scale, residual,
                             y, rows, in_features, k_padded, out_features};
-  auto* blocks_kernel = vnni ? &w8a8_blocks_vnni : &w8a8_blocks_portable;
-  // Each task takes whole tiles of weight blocks (w8a8_tile_blocks) and enough work (~2^18
-  // products) to be worth a thread; small layers split into as many tiles as that allows.
-  const int64_t tile_blocks = w8a8_tile_blocks(rows);
+  auto* blocks_kernel = vnni ? &w8a8_blocks_vnni : avx2 ? &w8a8_blocks_avx2 : &w8a8_blocks_portable;
+  // Each task takes whole tiles of weight blocks and enough work (~2^18 products) to be worth a
+  // thread; small layers split into as many tiles as that allows.
+  const int64_t tile_blocks = vnni ? w8a8_tile_blocks_vnni(rows) : avx2 ? w8a8_tile_blocks_avx2(rows) : 1;
   const int64_t blocks = (out_features + kW8A8BlockColumns - 1) / kW8A8BlockColumns;
   const int64_t tiles = (blocks + tile_blocks - 1) / tile_blocks;
   const int64_t tile_work = in_features * tile_blocks * kW8A8BlockColumns * std::max<int64_t>(rows, 1);

@@ -1,6 +1,7 @@
 // W8A8 linear: int8 weights (per-output-row scales) times activations quantised to int8 per row at
 // run time, multiplied in integers: what CTranslate2 calls int8 compute. Shared between
-// w8a8_linear.cpp (quantisation, portable kernel, dispatch) and w8a8_vnni.cpp (AVX512-VNNI).
+// w8a8_linear.cpp (quantisation, portable kernel, dispatch), w8a8_vnni.cpp (AVX512-VNNI) and
+// w8a8_avx2.cpp (AVX2).
 #pragma once
 
 #include <cstdint>
@@ -65,9 +66,12 @@ void w8a8_quantise_row_vnni(const float* row, int64_t k, int8_t* q, int32_t* sum
 // operations in every kernel, so all give identical bits.
 void w8a8_blocks_portable(const W8A8Problem& p, int64_t block_begin, int64_t block_end);
 
-// Weight blocks per tile of the VNNI kernel for this many rows (how block ranges are best cut).
-inline int w8a8_tile_blocks(int64_t rows) { return rows == 1 ? 8 : 4; }
+// The integer GEMMs over weight blocks [block_begin, block_end), each with the number of weight
+// blocks its tiles take for this many rows (by which run_w8a8_linear cuts the blocks among threads).
+inline int w8a8_tile_blocks_vnni(int64_t rows) { return rows == 1 ? 8 : 4; }
 void w8a8_blocks_vnni(const W8A8Problem& p, int64_t block_begin, int64_t block_end);
+inline int w8a8_tile_blocks_avx2(int64_t rows) { return rows == 1 ? 4 : rows == 2 ? 2 : 1; }
+void w8a8_blocks_avx2(const W8A8Problem& p, int64_t block_begin, int64_t block_end);
 
 bool cpu_supports_avx512_vnni();
 

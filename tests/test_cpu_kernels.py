@@ -362,7 +362,10 @@ def test_gated_ffn_in_of_a_bf16_model(activation, gated, generator):
     gate = eager.ACTIVATIONS[activation](cpu.linear(x, w_gate).float())
     expected = (gate if w_up is None else gate * cpu.linear(x, w_up).float()).bfloat16()
     assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got, expected, rtol=2 ** -8, atol=1e-5)  # tails: POINTWISE_TOL * |b|
+    # one bf16 ulp (rtol=2**-8 was half an ulp at the bottom of a binade: torch's bf16 GEMM sums
+    # in another order on AVX2-only CPUs); tails near 0, where ulps mean nothing, within 1e-5
+    within = (bf16_ulps(got, expected) <= 1) | ((got.float() - expected.float()).abs() <= 1e-5)
+    assert within.all(), (got.float() - expected.float()).abs().max()
     assert (got == expected).float().mean() >= 0.95  # eager bf16 (rounding every op) gets ~0.8
 
 

@@ -29,13 +29,18 @@ class DynamicCache:
         return None if kv is None else kv[0].shape[0]
 
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor, start: int) -> KV:
-        """Store K/V ``[B, H, L, D]`` of positions ``start..start+L-1``; return all cached so far."""
+        """Store K/V ``[B, H, L, D]`` of positions ``start..start+L-1``; return all cached so far.
+
+        The cache owns contiguous copies, as transformers' DynamicCache (which concatenates onto an
+        empty tensor) does: torch's reduced-precision matmul rounds differently for a transposed
+        view than for a contiguous K on some CPUs (AVX2 without AVX512-BF16), so the layout is part
+        of matching transformers' bf16 results."""
         old = self.self_kv[layer]
         if old is not None:
             keys = torch.cat([old[0][:, :, :start], keys], dim=2)
             values = torch.cat([old[1][:, :, :start], values], dim=2)
-        self.self_kv[layer] = (keys, values)
-        return keys, values
+        self.self_kv[layer] = (keys.contiguous(), values.contiguous())
+        return self.self_kv[layer]
 
     def reorder(self, index: torch.Tensor):
         self.self_kv = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.self_kv]

@@ -214,8 +214,8 @@ class Attention(nn.Module):
             k, v = cache.cross_kv[layer_idx]
         else:
             k, v = self.heads(self.k(kv_source)), self.heads(self.v(kv_source))
-            if cache is not None:
-                cache.cross_kv[layer_idx] = (k, v)
+            if cache is not None:  # owned, contiguous copies, as the caches keep (DynamicCache.update)
+                k, v = cache.cross_kv[layer_idx] = (k.contiguous(), v.contiguous())
         options = dict(bidirectional=self.bidirectional, num_buckets=self.num_buckets,
                        max_distance=self.max_distance, key_padding_mask=key_padding_mask,
                        causal=causal, query_offset=past_length if kv_source is None else 0)

@@ -1,0 +1,120 @@
+// AVX2 kernels of w8a8_linear (see w8a8_linear.h) for CPUs without AVX512-VNNI; the only W8A8
+// translation unit built with -mavx2, called only when the selected ISA is avx2 or avx512.
+//
+// AVX2 has no vpdpbusd. Its byte product vpmaddubsw multiplies unsigned by signed bytes and adds
+// adjacent pairs into int16 *with saturation*, so the VNNI kernel's w + 128 offset (up to
+// 2 * 255 * 127) would clip. The sign trick avoids that: |w| (unsigned, <= 128) times q * sign(w)
+// (signed, |q| <= 127) gives the same products, and a pair of them stays within
+// 2 * 128 * 127 = 32512 < 32767, so every sum is exact. vpmaddwd against ones then adds the two
+// pairs of each 32-bit lane: lane j of an accumulator holds column j's sum over 4 bytes of K, as in
+// the column-block layout, and no horizontal sums are needed. The fp32 epilogue is the portable
+// kernel's, so the results are identical bit for bit.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "w8a8_linear.h"
+
+namespace umt5_fast {
+namespace {
+
+constexpr int kGroupBytes = 4 * kW8A8BlockColumns;  // one 4-byte group of K for 16 columns
+
+// A tile is R activation rows x C weight blocks; each block is two 256-bit halves of 8 columns.
+template <int R, int C>
+void blocks_in_tiles(const W8A8Problem& p, int64_t block_begin, int64_t block_end) {
+  const int64_t K = p.in_features, groups = K / 4, block_bytes = kW8A8BlockColumns * K;
+  const int tail = static_cast<int>(K % 4);
+  const __m256i ones = _mm256_set1_epi16(1);
+  // Activation rows per pass: about 256 KiB of them stay in L2 while the weight blocks pass.
+  const int64_t row_block = std::max<int64_t>(
+      kW8A8TileRows, (int64_t{256} << 10) / p.k_padded / kW8A8TileRows * kW8A8TileRows);
+
+  for (int64_t m0 = 0; m0 < p.rows; m0 += row_block) {
+    const int64_t m_end = std::min(p.rows, m0 + row_block);
+    for (int64_t b = block_begin; b < block_end; b += C) {
+      const int blocks_here = static_cast<int>(std::min<int64_t>(C, block_end - b));
+      const int8_t* w[C];  // a partial tile repeats its last block, whose sums are not stored
+      for (int c = 0; c < C; ++c) w[c] = p.w + (b + std::min(c, blocks_here - 1)) * block_bytes;
+      // The K % 4 last entries of each column, in lanes (zero bytes past K meet zero padding of q).
+      alignas(32) int8_t tail_w[C][kGroupBytes] = {};
+      for (int c = 0; c < C; ++c)
+        for (int j = 0; j < kW8A8BlockColumns; ++j)
+          for (int t = 0; t < tail; ++t) tail_w[c][4 * j + t] = w[c][groups * kGroupBytes + j * tail + t];
+
+      for (int64_t m = m0; m < m_end; m += R) {  // rows past p.rows: zero padding of q
+        const int8_t* q = p.q + m * p.k_padded;
+        __m256i acc[R][2 * C];
+        for (auto& row : acc)
+          for (auto& a : row) a = _mm256_setzero_si256();
+        // Adds 4 bytes of K (from q's byte `at` on) times one 64-byte group of each block.
+        const auto accumulate = [&](const int8_t* const* group, int64_t at) __attribute__((always_inline)) {
+          __m256i weights[2 * C], magnitudes[2 * C];
+          for (int h = 0; h < 2 * C; ++h) {
+            weights[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group[h / 2] + 32 * (h % 2)));
+            magnitudes[h] = _mm256_sign_epi8(weights[h], weights[h]);  // |w|; -128 stays 0x80 = 128
+          }
+          for (int i = 0; i < R; ++i) {
+            int32_t four;  // q[m + i][at .. at + 3]
+            std::memcpy(&four, q + i * p.k_padded + at, sizeof(four));
+            const __m256i broadcast = _mm256_set1_epi32(four);
+            for (int h = 0; h < 2 * C; ++h) {
+              const __m256i pairs = _mm256_maddubs_epi16(magnitudes[h], _mm256_sign_epi8(broadcast, weights[h]));
+              acc[i][h] = _mm256_add_epi32(acc[i][h], _mm256_madd_epi16(pairs, ones));
+            }
+          }
+        };
+        const int8_t* group[C];
+        for (int64_t g = 0; g < groups; ++g) {
+          for (int c = 0; c < C; ++c) group[c] = w[c] + g * kGroupBytes;
+          accumulate(group, 4 * g);
+        }
+        if (tail) {
+          for (int c = 0; c < C; ++c) group[c] = tail_w[c];
+          accumulate(group, 4 * groups);
+        }
+
+        // The same fp32 operations as the portable kernel: float(sum) * (x_scale * w_scale) + residual.
+        const int rows_here = static_cast<int>(std::min<int64_t>(R, p.rows - m));
+        for (int i = 0; i < rows_here; ++i) {
+          const __m256 x_scale = _mm256_set1_ps(p.x_scale[m + i]);
+          for (int h = 0; h < 2 * blocks_here; ++h) {
+            const int64_t n0 = (b + h / 2) * kW8A8BlockColumns + 8 * (h % 2);
+            const int columns = static_cast<int>(std::clamp<int64_t>(p.out_features - n0, 0, 8));
+            if (columns == 0) continue;
+            const int64_t at = (m + i) * p.out_features + n0;
+            alignas(32) float w_scale[8] = {}, residual[8] = {}, out[8];
+            std::memcpy(w_scale, p.w_scale + n0, columns * sizeof(float));
+            __m256 values = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i][h]),
+                                          _mm256_mul_ps(x_scale, _mm256_load_ps(w_scale)));
+            if (p.residual) {
+              std::memcpy(residual, p.residual + at, columns * sizeof(float));
+              values = _mm256_add_ps(values, _mm256_load_ps(residual));
+            }
+            _mm256_store_ps(out, values);
+            std::memcpy(p.y + at, out, columns * sizeof(float));
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// One row (decoding one sequence) streams the weights: four blocks (eight accumulators) keep
+// independent sums in flight. More rows reuse each weight vector R times; sixteen ymm registers
+// hold R * 2C accumulators plus the 2C weights, their magnitudes and a broadcast.
+void w8a8_blocks_avx2(const W8A8Problem& p, int64_t block_begin, int64_t block_end) {
+  if (p.rows == 1)
+    blocks_in_tiles<1, 4>(p, block_begin, block_end);
+  else if (p.rows == 2)
+    blocks_in_tiles<2, 2>(p, block_begin, block_end);
+  else
+    blocks_in_tiles<4, 1>(p, block_begin, block_end);
+}
+
+}  // namespace umt5_fast

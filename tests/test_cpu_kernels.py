@@ -369,12 +369,15 @@ def test_gated_ffn_in_of_a_bf16_model(activation, gated, generator):
     assert (got == expected).float().mean() >= 0.95  # eager bf16 (rounding every op) gets ~0.8
 
 
-@pytest.mark.parametrize("rows", [1, 3, 16, 17])
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 70])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_linear_of_a_bf16_model(rows, with_residual, generator):
+@pytest.mark.parametrize("native_bf16_gemm", [True, False])
+def test_linear_of_a_bf16_model(rows, with_residual, native_bf16_gemm, generator, monkeypatch):
     """bf16 x and weight: up to BF16_KERNEL_MAX_ROWS rows the C++ kernel on the widened x (fp32
-    sums, rounded once), above them torch's bf16 GEMM; both within one bf16 ulp of the exact
-    product rounded once (plus the residual's own rounding)."""
+    sums, rounded once), above them torch's bf16 GEMM where oneDNN has bf16, else torch's fp32 GEMM
+    on the widened operands; all within one bf16 ulp of the exact product rounded once (plus the
+    residual's own rounding)."""
+    monkeypatch.setattr(cpu, "NATIVE_BF16_GEMM", native_bf16_gemm)
     x, weight = randn(rows, 133, generator=generator).bfloat16(), randn(71, 133, generator=generator).bfloat16()
     residual = randn(rows, 71, generator=generator).bfloat16() if with_residual else None
     got = cpu.linear(x, weight, residual)
@@ -385,6 +388,20 @@ def test_linear_of_a_bf16_model(rows, with_residual, generator):
     else:
         torch.testing.assert_close(got, exact + residual, rtol=2 ** -7, atol=2 ** -7)
         torch.testing.assert_close(got, eager.linear(x, weight, residual), rtol=2 ** -7, atol=2 ** -7)
+
+
+def test_bf16_linear_through_fp32_widens_in_chunks(generator, monkeypatch):
+    """A weight wider than BF16_WIDEN_CHUNK is widened a slice of output features at a time (the
+    last one partial); the slices' results are the unsliced product's, column for column."""
+    x, weight = randn(2, 19, 40, generator=generator).bfloat16(), randn(103, 40, generator=generator).bfloat16()
+    whole = cpu._bf16_linear_through_fp32(x, weight)
+    monkeypatch.setattr(cpu, "BF16_WIDEN_CHUNK", 40 * 10)
+    chunked = cpu._bf16_linear_through_fp32(x, weight)
+    assert chunked.shape == (2, 19, 103) and chunked.dtype == torch.bfloat16
+    assert torch.equal(chunked, whole)
+    exact = (x.double() @ weight.double().T).bfloat16()
+    # one ulp, or fp32 cancellation (~1e-6 of the operands) where the result is near 0
+    assert ((bf16_ulps(whole, exact) <= 1) | ((whole.double() - exact.double()).abs() <= 1e-5)).all()
 
 
 def test_unknown_activation_falls_back_to_eager(generator):

@@ -29,9 +29,7 @@ void blocks_in_tiles(const W8A8Problem& p, int64_t block_begin, int64_t block_en
   const int64_t K = p.in_features, groups = K / 4, block_bytes = kW8A8BlockColumns * K;
   const int tail = static_cast<int>(K % 4);
   const __m256i ones = _mm256_set1_epi16(1);
-  // Activation rows per pass: about 256 KiB of them stay in L2 while the weight blocks pass.
-  const int64_t row_block = std::max<int64_t>(
-      kW8A8TileRows, (int64_t{256} << 10) / p.k_padded / kW8A8TileRows * kW8A8TileRows);
+  const int64_t row_block = w8a8_tiles::row_block(p.k_padded);
 
   for (int64_t m0 = 0; m0 < p.rows; m0 += row_block) {
     const int64_t m_end = std::min(p.rows, m0 + row_block);
@@ -39,11 +37,8 @@ void blocks_in_tiles(const W8A8Problem& p, int64_t block_begin, int64_t block_en
       const int blocks_here = static_cast<int>(std::min<int64_t>(C, block_end - b));
       const int8_t* w[C];  // a partial tile repeats its last block, whose sums are not stored
       for (int c = 0; c < C; ++c) w[c] = p.w + (b + std::min(c, blocks_here - 1)) * block_bytes;
-      // The K % 4 last entries of each column, in lanes (zero bytes past K meet zero padding of q).
-      alignas(32) int8_t tail_w[C][kGroupBytes] = {};
-      for (int c = 0; c < C; ++c)
-        for (int j = 0; j < kW8A8BlockColumns; ++j)
-          for (int t = 0; t < tail; ++t) tail_w[c][4 * j + t] = w[c][groups * kGroupBytes + j * tail + t];
+      alignas(32) int8_t tail_w[C][kGroupBytes] = {};  // the K % 4 last entries of each column
+      for (int c = 0; c < C; ++c) w8a8_tiles::gather_tail(w[c], groups, tail, tail_w[c]);
 
       for (int64_t m = m0; m < m_end; m += R) {  // rows past p.rows: zero padding of q
         const int8_t* q = p.q + m * p.k_padded;

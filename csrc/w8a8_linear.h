@@ -4,6 +4,7 @@
 // w8a8_avx2.cpp (AVX2).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 
@@ -31,6 +32,28 @@ inline int8_t round_to_int8(float v) {
   const float clamped = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
   return static_cast<int8_t>((clamped + kRoundingShift) - kRoundingShift);
 }
+
+// Shared by the ISA kernels (w8a8_vnni.cpp, w8a8_avx2.cpp). Internal linkage: each translation
+// unit keeps its own copy, compiled with its own ISA flags (the one shared copy of an inline
+// function could carry AVX-512 instructions into the AVX2 kernel).
+namespace w8a8_tiles {
+namespace {
+
+// Activation rows per pass: about 256 KiB of them stay in L2 while the weight blocks pass.
+[[maybe_unused]] int64_t row_block(int64_t k_padded) {
+  return std::max<int64_t>(kW8A8TileRows, (int64_t{256} << 10) / k_padded / kW8A8TileRows * kW8A8TileRows);
+}
+
+// The K % 4 last entries of each column of a weight block (stored column after column after the
+// K / 4 full groups) into lanes[4 j + t], as one more 64-byte group; the other bytes stay zero
+// (zero bytes past K meet the zero padding of q).
+[[maybe_unused]] void gather_tail(const int8_t* block, int64_t groups, int tail, int8_t* lanes) {
+  for (int j = 0; j < kW8A8BlockColumns; ++j)
+    for (int t = 0; t < tail; ++t) lanes[4 * j + t] = block[groups * 4 * kW8A8BlockColumns + j * tail + t];
+}
+
+}  // namespace
+}  // namespace w8a8_tiles
 
 struct W8A8Problem {
   const int8_t* q;        // [rows_padded, k_padded] quantised activations, zero padded

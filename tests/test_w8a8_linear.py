@@ -1,6 +1,7 @@
-"""The W8A8 linear (csrc/w8a8_linear.cpp, w8a8_vnni.cpp) against its torch reference
+"""The W8A8 linear (csrc/w8a8_linear.cpp, w8a8_vnni.cpp, w8a8_avx2.cpp) against its torch reference
 (``W8A8Weight.linear``: per-row quantised activations, products summed exactly in fp64): equal bit for
-bit on every instruction set the CPU runs (the VNNI kernel under avx512, the portable one otherwise),
+bit on every instruction set the CPU runs (the VNNI kernel under avx512 where the CPU has VNNI, the
+AVX2 kernel under avx2 and on avx512 without VNNI, the portable one under generic),
 on shapes that leave partial tiles and a partial last 64-byte chunk."""
 import pytest
 import torch
@@ -108,3 +109,19 @@ def test_rows_so_small_that_127_over_amax_overflows():
     assert got.isfinite().all() and torch.equal(got, weight.linear(x))
     exact = x.double() @ weight.dequantize().double().T
     assert ((got.double() - exact).abs() <= 0.2 * exact.abs().max()).all()  # subnormal scales: coarse
+
+
+@pytest.mark.parametrize("in_features", [64, 70])
+def test_extreme_weights_and_activations_sum_exactly(in_features):
+    """The AVX2 kernel's int16 pair sums at their limits: weights at -128 (which a packed weight may
+    hold, though the quantiser clamps to +-127) and 127 against activations quantised to +-127
+    (2 * 128 * 127 = 32512 < 32767). Equal to the exact reference on every kernel."""
+    generator = torch.Generator().manual_seed(4)
+    q = torch.tensor([-128, 127], dtype=torch.int8)[torch.randint(0, 2, (37, in_features), generator=generator)]
+    q[0], q[1], q[2] = -128, 127, torch.tensor([-128, -128, 127, 127], dtype=torch.int8).repeat(in_features)[:in_features]
+    weight = W8A8Weight(qweight=W8A8Weight.pack(q), scale=torch.rand(37, generator=generator) + 0.5)
+    x = torch.where(torch.rand(6, in_features, generator=generator) < 0.5, -1.0, 1.0) * 3  # all q = +-127
+    x[5, ::3] = 0.5
+    expected = eager.linear(x, weight)
+    assert torch.equal(cpu_ops.linear(x, weight), expected)
+    assert torch.equal(expected[:2, 0], (x[:2].sign() * 127).sum(-1) * -128 * (3 / 127 * weight.scale[0]))

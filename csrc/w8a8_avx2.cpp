@@ -1,5 +1,6 @@
-// AVX2 kernels of w8a8_linear (see w8a8_linear.h) for CPUs without AVX512-VNNI; the only W8A8
-// translation unit built with -mavx2, called only when the selected ISA is avx2 or avx512.
+// AVX2 kernels of w8a8_linear (see w8a8_linear.h), the activation quantiser and the integer GEMM,
+// for CPUs without AVX512-VNNI; the only W8A8 translation unit built with -mavx2, called only when
+// the selected ISA is avx2 or avx512.
 //
 // AVX2 has no vpdpbusd. Its byte product vpmaddubsw multiplies unsigned by signed bytes and adds
 // adjacent pairs into int16 *with saturation*, so the VNNI kernel's w + 128 offset (up to
@@ -99,6 +100,53 @@ void blocks_in_tiles(const W8A8Problem& p, int64_t block_begin, int64_t block_en
 }
 
 }  // namespace
+
+// w8a8_quantise_row_portable eight lanes at a time: the same products and clamps, rounding to
+// nearest even by vroundps where the portable one adds and subtracts 1.5 * 2^23 (equal for
+// |v| <= 127). The last k % 8 entries go through the same vector code from a zero-padded copy
+// (zeros change neither the maximum nor the sum).
+void w8a8_quantise_row_avx2(const float* row, int64_t k, int8_t* q, int32_t* sum, float* scale) {
+  const int64_t full = k / 8 * 8;
+  alignas(32) float tail[8] = {};
+  std::memcpy(tail, row + full, (k - full) * sizeof(float));
+  const auto load = [&](int64_t i) { return i < full ? _mm256_loadu_ps(row + i) : _mm256_load_ps(tail); };
+  const __m256 no_sign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 amax = _mm256_setzero_ps(), non_finite = _mm256_setzero_ps();
+  for (int64_t i = 0; i < k; i += 8) {
+    const __m256 magnitude = _mm256_and_ps(load(i), no_sign);
+    non_finite = _mm256_or_ps(non_finite, _mm256_cmp_ps(magnitude, _mm256_set1_ps(3.4028235e38f), _CMP_NLE_UQ));
+    amax = _mm256_max_ps(amax, magnitude);
+  }
+  if (_mm256_movemask_ps(non_finite)) {
+    *scale = NAN;  // NaN outputs, as the eager reference gives
+    return;
+  }
+  __m128 folded = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  folded = _mm_max_ps(folded, _mm_movehl_ps(folded, folded));
+  const float row_max = _mm_cvtss_f32(_mm_max_ss(folded, _mm_movehdup_ps(folded)));
+  if (row_max == 0.0f) return;
+  const __m256 inverse = _mm256_set1_ps(w8a8_inverse_scale(row_max));
+  *scale = w8a8_row_scale(row_max);
+  __m256i total = _mm256_setzero_si256();
+  for (int64_t i = 0; i < k; i += 8) {
+    __m256 v = _mm256_mul_ps(load(i), inverse);
+    v = _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
+    const __m256i values = _mm256_cvtps_epi32(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    total = _mm256_add_epi32(total, values);
+    // int32 -> int8 (no saturation: |values| <= 127): four bytes from each 128-bit half
+    const __m256i words = _mm256_packs_epi32(values, values);
+    const __m256i bytes = _mm256_packs_epi16(words, words);
+    const int32_t low = _mm_cvtsi128_si32(_mm256_castsi256_si128(bytes));
+    const int32_t high = _mm_cvtsi128_si32(_mm256_extracti128_si256(bytes, 1));
+    const int64_t lanes = std::min<int64_t>(8, k - i);
+    std::memcpy(q + i, &low, std::min<int64_t>(4, lanes));
+    if (lanes > 4) std::memcpy(q + i + 4, &high, lanes - 4);
+  }
+  __m128i sums = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+  sums = _mm_add_epi32(sums, _mm_shuffle_epi32(sums, 0x4E));
+  sums = _mm_add_epi32(sums, _mm_shuffle_epi32(sums, 0xB1));
+  *sum = _mm_cvtsi128_si32(sums);
+}
 
 // One row (decoding one sequence) streams the weights: four blocks (eight accumulators) keep
 // independent sums in flight. More rows reuse each weight vector R times; sixteen ymm registers

@@ -104,7 +104,7 @@ void run_w8a8_linear(const float* x, const int8_t* qweight, const float* scale,
   const bool vnni = isa == CpuIsa::avx512 && cpu_supports_avx512_vnni();
   const bool avx2 = !vnni && (isa == CpuIsa::avx2 || isa == CpuIsa::avx512);
   const QuantisedRows a = quantise_rows(x, rows, in_features, k_padded,
-                                        vnni ? &w8a8_quantise_row_vnni : &w8a8_quantise_row_portable, num_threads);
+                                        vnni ? &w8a8_quantise_row_vnni : avx2 ? &w8a8_quantise_row_avx2 : &w8a8_quantise_row_portable, num_threads);
   const W8A8Problem problem{a.q.data(), a.sums.data(), a.scales.data(), qweight, scale, residual,
                             y, rows, in_features, k_padded, out_features};
   auto* blocks_kernel = vnni ? &w8a8_blocks_vnni : avx2 ? &w8a8_blocks_avx2 : &w8a8_blocks_portable;

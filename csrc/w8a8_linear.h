@@ -23,11 +23,13 @@ constexpr int64_t kW8A8MaxK = 65536;
 // column after column.
 constexpr int kW8A8BlockColumns = 16;
 
+// (static: these helpers serve translation units built with different ISA flags, and each must keep
+// its own copy; one shared inline copy could carry AVX-512 code into a portable caller.)
 // v rounded to the nearest integer, ties to even (torch.round's rule), clamped to [-127, 127]: the
 // rounding of both int8 quantisers (activations per call here, weights at load in
 // quantize_weights.cpp). Adding and subtracting 1.5 * 2^23 rounds |v| < 2^22 without a libm call,
 // so the loops vectorise; clamping first keeps v in range (NaN must not reach it).
-inline int8_t round_to_int8(float v) {
+static inline int8_t round_to_int8(float v) {
   constexpr float kRoundingShift = 12582912.0f;
   const float clamped = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
   return static_cast<int8_t>((clamped + kRoundingShift) - kRoundingShift);
@@ -68,21 +70,22 @@ struct W8A8Problem {
 
 // 127 / amax for a row's maximum |x| > 0, and the matching scale amax / 127. Below amax ~3.7e-37
 // 127 / amax overflows: the largest float and its reciprocal stand in (q stays within +-127).
-inline float w8a8_inverse_scale(float amax) {
+static inline float w8a8_inverse_scale(float amax) {
   const float inverse = 127.0f / amax;
   return inverse > std::numeric_limits<float>::max() ? std::numeric_limits<float>::max() : inverse;
 }
-inline float w8a8_row_scale(float amax) {
+static inline float w8a8_row_scale(float amax) {
   return 127.0f / amax > std::numeric_limits<float>::max() ? 1.0f / std::numeric_limits<float>::max()
                                                            : amax / 127.0f;
 }
 
 // One activation row x[0, k) quantised: q = round_half_even(x * (127 / amax)) in [-127, 127]
 // (written to q, whose other bytes stay zero), *sum = sum of q, *scale = amax / 127; a zero row
-// leaves q, *sum and *scale untouched (zeros), a row with inf / NaN sets *scale = NaN only. Both
+// leaves q, *sum and *scale untouched (zeros), a row with inf / NaN sets *scale = NaN only. All
 // versions give identical bits.
 void w8a8_quantise_row_portable(const float* row, int64_t k, int8_t* q, int32_t* sum, float* scale);
 void w8a8_quantise_row_vnni(const float* row, int64_t k, int8_t* q, int32_t* sum, float* scale);
+void w8a8_quantise_row_avx2(const float* row, int64_t k, int8_t* q, int32_t* sum, float* scale);
 
 // y[m, n] = float(sum_k q[m, k] * w[n, k]) * (x_scale[m] * w_scale[n]) (+ residual[m, n]) for
 // the output columns of weight blocks [block_begin, block_end) and all rows: the same fp32

@@ -399,6 +399,7 @@ def test_bf16_linear_through_fp32_widens_in_chunks(generator, monkeypatch):
     chunked = cpu._bf16_linear_through_fp32(x, weight)
     assert chunked.shape == (2, 19, 103) and chunked.dtype == torch.bfloat16
     assert torch.equal(chunked, whole)
+    assert cpu._bf16_linear_through_fp32(x, weight[:0]).shape == (2, 19, 0)
     exact = (x.double() @ weight.double().T).bfloat16()
     # one ulp, or fp32 cancellation (~1e-6 of the operands) where the result is near 0
     assert ((bf16_ulps(whole, exact) <= 1) | ((whole.double() - exact.double()).abs() <= 1e-5)).all()

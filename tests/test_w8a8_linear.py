@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("every_cpu_isa")
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 17])
-@pytest.mark.parametrize("in_features,out_features", [(64, 16), (77, 33), (512, 19), (1030, 65)])
+@pytest.mark.parametrize("in_features,out_features", [(1, 3), (7, 24), (64, 16), (77, 33), (512, 19), (1030, 65)])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_equals_reference(rows, in_features, out_features, with_residual):
     generator = torch.Generator().manual_seed(rows * 1000 + in_features + out_features)

@@ -308,7 +308,7 @@ def _bf16_linear_through_fp32(x, weight):
     xf = x.float()
     step = max(1, BF16_WIDEN_CHUNK // max(weight.shape[1], 1))
     parts = [F.linear(xf, weight[n:n + step].float()).to(torch.bfloat16)
-             for n in range(0, weight.shape[0], step)]
+             for n in range(0, max(weight.shape[0], 1), step)]  # one empty part for 0 outputs
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 

@@ -121,14 +121,8 @@ def test_decode_step_linear(benchmark, ops, weight_kind):
     bench(benchmark, ops, f"linear 1x{D_MODEL} @ {LM_HEAD_ROWS}x{D_MODEL} {weight_kind}", call, call, tol)
 
 
-def _cpu_isas():
-    if cpu_ops is None:
-        return ["none"]
-    return cpu_ops._C.supported_cpu_isas()
-
-
 @pytest.mark.skipif(cpu_ops is None, reason=CPU_MISSING or "")
-@pytest.mark.parametrize("isa", _cpu_isas())
+@pytest.mark.parametrize("isa", cpu_ops._C.supported_cpu_isas() if cpu_ops else ["none"])
 @pytest.mark.parametrize("rows,out_features", [(1, LM_HEAD_ROWS), (16, LM_HEAD_ROWS), (1024, D_FF)])
 def test_w8a8_linear(benchmark, isa, rows, out_features):
     """The integer GEMM on each instruction set's kernel (portable, AVX2 sign trick, AVX512-VNNI

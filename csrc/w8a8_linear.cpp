@@ -40,6 +40,27 @@ QuantisedRows quantise_rows(const float* x, int64_t rows, int64_t k, int64_t k_p
   return out;
 }
 
+// One instruction set's quantiser and integer GEMM, with the weight blocks its tiles take for a
+// number of rows (by which run_w8a8_linear cuts the blocks among threads).
+struct W8A8Kernels {
+  QuantiseRow quantise_row;
+  void (*blocks)(const W8A8Problem&, int64_t, int64_t);
+  int (*tile_blocks)(int64_t rows);
+};
+
+int one_block(int64_t) { return 1; }
+
+// AVX512-VNNI where the CPU has it and the selected ISA is avx512, AVX2 on the avx2 and avx512
+// ISAs otherwise (AVX-512 CPUs without VNNI), else the portable loops: identical results.
+W8A8Kernels select_w8a8_kernels() {
+  const CpuIsa isa = cpu_isa();
+  if (isa == CpuIsa::avx512 && cpu_supports_avx512_vnni())
+    return {&w8a8_quantise_row_vnni, &w8a8_blocks_vnni, &w8a8_tile_blocks_vnni};
+  if (isa == CpuIsa::avx2 || isa == CpuIsa::avx512)
+    return {&w8a8_quantise_row_avx2, &w8a8_blocks_avx2, &w8a8_tile_blocks_avx2};
+  return {&w8a8_quantise_row_portable, &w8a8_blocks_portable, &one_block};
+}
+
 }  // namespace
 
 void w8a8_quantise_row_portable(const float* row, int64_t k, int8_t* q, int32_t* sum, float* scale) {
@@ -98,25 +119,19 @@ void run_w8a8_linear(const float* x, const int8_t* qweight, const float* scale,
                      const float* residual, float* y, int64_t rows, int64_t in_features,
                      int64_t out_features, int num_threads) {
   const int64_t k_padded = (in_features + kW8A8KPad - 1) / kW8A8KPad * kW8A8KPad;
-  // AVX512-VNNI where the CPU has it and the selected ISA is avx512, AVX2 on the avx2 and avx512
-  // ISAs otherwise (AVX-512 CPUs without VNNI), else the portable kernel: identical results.
-  const CpuIsa isa = cpu_isa();
-  const bool vnni = isa == CpuIsa::avx512 && cpu_supports_avx512_vnni();
-  const bool avx2 = !vnni && (isa == CpuIsa::avx2 || isa == CpuIsa::avx512);
-  const QuantisedRows a = quantise_rows(x, rows, in_features, k_padded,
-                                        vnni ? &w8a8_quantise_row_vnni : avx2 ? &w8a8_quantise_row_avx2 : &w8a8_quantise_row_portable, num_threads);
+  const W8A8Kernels kernels = select_w8a8_kernels();
+  const QuantisedRows a = quantise_rows(x, rows, in_features, k_padded, kernels.quantise_row, num_threads);
   const W8A8Problem problem{a.q.data(), a.sums.data(), a.scales.data(), qweight, scale, residual,
                             y, rows, in_features, k_padded, out_features};
-  auto* blocks_kernel = vnni ? &w8a8_blocks_vnni : avx2 ? &w8a8_blocks_avx2 : &w8a8_blocks_portable;
   // Each task takes whole tiles of weight blocks and enough work (~2^18 products) to be worth a
   // thread; small layers split into as many tiles as that allows.
-  const int64_t tile_blocks = vnni ? w8a8_tile_blocks_vnni(rows) : avx2 ? w8a8_tile_blocks_avx2(rows) : 1;
+  const int64_t tile_blocks = kernels.tile_blocks(rows);
   const int64_t blocks = (out_features + kW8A8BlockColumns - 1) / kW8A8BlockColumns;
   const int64_t tiles = (blocks + tile_blocks - 1) / tile_blocks;
   const int64_t tile_work = in_features * tile_blocks * kW8A8BlockColumns * std::max<int64_t>(rows, 1);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / tile_work);
   parallel_for_ranges(tiles, grain, num_threads, [&](int64_t begin, int64_t end) {
-    blocks_kernel(problem, begin * tile_blocks, std::min(blocks, end * tile_blocks));
+    kernels.blocks(problem, begin * tile_blocks, std::min(blocks, end * tile_blocks));
   });
 }
 

@@ -93,10 +93,11 @@ void w8a8_quantise_row_avx2(const float* row, int64_t k, int8_t* q, int32_t* sum
 void w8a8_blocks_portable(const W8A8Problem& p, int64_t block_begin, int64_t block_end);
 
 // The integer GEMMs over weight blocks [block_begin, block_end), each with the number of weight
-// blocks its tiles take for this many rows (by which run_w8a8_linear cuts the blocks among threads).
-inline int w8a8_tile_blocks_vnni(int64_t rows) { return rows == 1 ? 8 : 4; }
+// blocks its tiles take for this many rows (by which run_w8a8_linear cuts the blocks among threads;
+// static, as the helpers above).
+static inline int w8a8_tile_blocks_vnni(int64_t rows) { return rows == 1 ? 8 : 4; }
 void w8a8_blocks_vnni(const W8A8Problem& p, int64_t block_begin, int64_t block_end);
-inline int w8a8_tile_blocks_avx2(int64_t rows) { return rows == 1 ? 4 : rows == 2 ? 2 : 1; }
+static inline int w8a8_tile_blocks_avx2(int64_t rows) { return rows == 1 ? 4 : rows == 2 ? 2 : 1; }
 void w8a8_blocks_avx2(const W8A8Problem& p, int64_t block_begin, int64_t block_end);
 
 bool cpu_supports_avx512_vnni();

@@ -333,8 +333,8 @@ def linear(x, weight, residual=None):
     small_fp32 = (not quantized and weight.dtype == x.dtype == torch.float32
                   and 0 < rows <= FP32_KERNEL_MAX_ROWS)
     if not quantized and weight.dtype == x.dtype == torch.bfloat16 and rows > 0:
-        # The C++ kernel on the exactly widened x: fp32 sums rounded once, as torch's bf16 GEMM does.
         if rows <= BF16_KERNEL_MAX_ROWS:
+            # The C++ kernel on the exactly widened x: fp32 sums rounded once, as torch's bf16 GEMM does.
             return _add_residual(linear(x.float(), weight).to(torch.bfloat16), residual)
         if not NATIVE_BF16_GEMM:
             return _add_residual(_bf16_linear_through_fp32(x, weight), residual)

@@ -17,6 +17,7 @@ void register_w8a8_linear(py::module_& m);
 void register_argmax(py::module_& m);
 void register_decoder_step(py::module_& m);
 void register_quantize_weights(py::module_& m);
+void register_screen_candidates(py::module_& m);
 }  // namespace umt5_fast
 
 PYBIND11_MODULE(_C, m) {
@@ -34,4 +35,5 @@ PYBIND11_MODULE(_C, m) {
   umt5_fast::register_argmax(m);
   umt5_fast::register_decoder_step(m);
   umt5_fast::register_quantize_weights(m);
+  umt5_fast::register_screen_candidates(m);
 }

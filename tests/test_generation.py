@@ -247,13 +247,13 @@ def test_finished_rows_stop_costing_work_in_greedy_decoding(checkpoint_factory, 
     ids, mask = random_batch(ours.config.vocab_size, 4, 30, seed=11)
     eos = frequent_token(ours, ids, mask)
     rows_per_step = []
-    original = generation.Decoder.step
+    original = generation.Decoder.step_hidden
 
     def counting_step(self, tokens):
         rows_per_step.append(tokens.shape[0])
         return original(self, tokens)
 
-    monkeypatch.setattr(generation.Decoder, "step", counting_step)
+    monkeypatch.setattr(generation.Decoder, "step_hidden", counting_step)
     got = ours.generate(ids, attention_mask=mask, max_new_tokens=20, eos_token_id=eos)
     assert torch.equal(got, reference(hf, ids, mask, max_new_tokens=20, eos_token_id=eos))
     finished_early = (got[:, 1:-1] == eos).any(dim=1).sum()

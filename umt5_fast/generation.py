@@ -14,7 +14,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from umt5_fast import decode_step, validation
+from umt5_fast import decode_step, lm_head_screen, validation
 from umt5_fast.cache import StaticCache
 from umt5_fast.outputs import ModelOutput
 
@@ -173,6 +173,13 @@ def forbid_eos(scores, eos_ids):
     return scores
 
 
+def eos_forbidden(o: dict, length: int, prompt_length: int) -> bool:
+    """Whether min_length / min_new_tokens forbid eos at a step after ``length`` ids."""
+    eos = o["eos_token_id"]
+    return bool(eos) and ((o["min_length"] and length < o["min_length"]) or
+                          (o["min_new_tokens"] and length - prompt_length < o["min_new_tokens"]))
+
+
 def top_k_filter(scores, top_k: int, min_tokens_to_keep: int = 1):
     top_k = min(max(top_k, min_tokens_to_keep), scores.size(-1))
     return scores.masked_fill(scores < torch.topk(scores, top_k)[0][..., -1, None], -math.inf)
@@ -194,9 +201,7 @@ def process_scores(o: dict, sequences, scores, prompt_length: int, beam: bool):
     if o["no_repeat_ngram_size"]:
         scores = no_repeat_ngram(sequences, scores, o["no_repeat_ngram_size"])
     eos = o["eos_token_id"]
-    if eos and o["min_length"] and sequences.shape[1] < o["min_length"]:
-        scores = forbid_eos(scores, eos)
-    if eos and o["min_new_tokens"] and sequences.shape[1] - prompt_length < o["min_new_tokens"]:
+    if eos_forbidden(o, sequences.shape[1], prompt_length):
         scores = forbid_eos(scores, eos)
     if o["do_sample"]:
         keep = (len(eos) + 1 if eos else 2) if beam else 1
@@ -221,14 +226,19 @@ def process_scores(o: dict, sequences, scores, prompt_length: int, beam: bool):
 # ---------------------------------------------------------------------------------------------
 # The decoding engine
 # ---------------------------------------------------------------------------------------------
-def next_token_logits(model, tokens, encoder_states, encoder_mask, cache, past_length) -> torch.Tensor:
+def next_token_hidden(model, tokens, encoder_states, encoder_mask, cache, past_length) -> torch.Tensor:
     """One decoder pass over ``tokens`` ``[rows, L]`` at ``past_length`` (an int, or a device tensor
-    when a CUDA graph replays it); fp32 logits of the last position only."""
+    when a CUDA graph replays it); the final hidden states ``[rows, d_model]`` of the last position."""
     decoder = model.decoder
     h = F.embedding(tokens, decoder.embed_tokens.weight)
     out = decoder.run(h, self_mask=None, encoder_states=encoder_states, encoder_mask=encoder_mask, cache=cache,
                       past_length=past_length)
-    return model.logits(out.last_hidden_state[:, -1]).float()
+    return out.last_hidden_state[:, -1]
+
+
+def next_token_logits(model, tokens, encoder_states, encoder_mask, cache, past_length) -> torch.Tensor:
+    """``next_token_hidden``'s fp32 logits."""
+    return model.logits(next_token_hidden(model, tokens, encoder_states, encoder_mask, cache, past_length)).float()
 
 
 class Decoder:
@@ -242,15 +252,20 @@ class Decoder:
                                  cfg.d_kv, model.shared.weight.dtype, encoder_states.device)
         self.cpu_step = decode_step.build(model)  # None unless the cpu backend covers the model
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed ``tokens`` ``[rows, L]`` (the prompt, then one token a step); fp32 logits of the last."""
+    def step_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens`` ``[rows, L]`` (the prompt, then one token a step); the final hidden states
+        of the last position."""
         if self.cpu_step is not None and self.cpu_step.accepts(tokens, self.cache, self.encoder_states):
-            logits = self.model.logits(self.cpu_step.run(tokens, self.cache, self.encoder_mask)).float()
+            hidden = self.cpu_step.run(tokens, self.cache, self.encoder_mask)
         else:
-            logits = next_token_logits(self.model, tokens, self.encoder_states, self.encoder_mask, self.cache,
+            hidden = next_token_hidden(self.model, tokens, self.encoder_states, self.encoder_mask, self.cache,
                                        self.cache.length)
         self.cache.length += tokens.shape[1]
-        return logits
+        return hidden
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``step_hidden``'s fp32 logits."""
+        return self.model.logits(self.step_hidden(tokens)).float()
 
     def reorder(self, index: torch.Tensor):
         self.cache.reorder(index)
@@ -335,16 +350,30 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
     may_drop_rows = not options["do_sample"] and scores_out is None and isinstance(decoder, Decoder)
     computed = torch.arange(rows, device=prompt.device)  # rows the decoder still runs
     tokens = sequences[:, :prompt_length]
+    # Greedy steps whose only processor forbids eos need the argmax alone: the LM head screen finds
+    # it without computing every logit (None: not for this model).
+    only_eos_processor = options["repetition_penalty"] == 1.0 and not options["no_repeat_ngram_size"]
+    screen = (lm_head_screen.screen_for(model) if not options["do_sample"] and scores_out is None
+              and only_eos_processor and isinstance(decoder, Decoder) else None)
     with torch.no_grad(), contextlib.closing(decoder):
         for length in range(prompt_length, max_length):
-            logits = decoder.step(tokens)
-            scores = process_scores(options, sequences[computed, :length], logits, prompt_length, beam=False)
-            if scores_out is not None:
-                scores_out.append(scores)
-            if options["do_sample"]:
-                picked = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+            picked = None
+            if screen is not None:
+                hidden = model.lm_head_input(decoder.step_hidden(tokens))
+                forbidden = options["eos_token_id"] if eos_forbidden(options, length, prompt_length) else None
+                if hidden.dtype == torch.float32:  # (a bf16 model's logits are rounded to bf16)
+                    picked = screen.argmax(hidden, forbidden)
+                logits = None if picked is not None else model.lm_head(hidden).float()
             else:
-                picked = model.runtime.ops.argmax(scores)
+                logits = decoder.step(tokens)
+            if picked is None:
+                scores = process_scores(options, sequences[computed, :length], logits, prompt_length, beam=False)
+                if scores_out is not None:
+                    scores_out.append(scores)
+                if options["do_sample"]:
+                    picked = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+                else:
+                    picked = model.runtime.ops.argmax(scores)
             next_tokens = torch.full((rows,), pad, dtype=torch.long, device=prompt.device)
             next_tokens[computed] = torch.where(unfinished[computed], picked, pad) if len(eos) else picked
             sequences[:, length] = next_tokens

@@ -656,16 +656,24 @@ class UMT5Model(_EncoderDecoder):
 class UMT5ForConditionalGeneration(_EncoderDecoder):
     """Encoder-decoder with the LM head (untied in UMT5 checkpoints); ``generate`` decodes."""
 
+    # Greedy decoding on the cpu backend finds the argmax through an int8 copy of a float LM head
+    # (``umt5_fast.lm_head_screen``: same ids, a quarter of the head's bytes per step; the copy is
+    # built at the first greedy ``generate``). False: every step computes all logits.
+    screen_lm_head = True
+
     def __init__(self, config: UMT5Config, backend: str = "auto"):
         super().__init__(config, backend)
         self.lm_head = Linear(config.d_model, config.vocab_size, self.runtime)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.shared.weight
 
-    def logits(self, decoder_hidden: torch.Tensor) -> torch.Tensor:
+    def lm_head_input(self, decoder_hidden: torch.Tensor) -> torch.Tensor:
         if self.config.scale_decoder_outputs:
-            decoder_hidden = decoder_hidden * (self.config.d_model ** -0.5)
-        return self.lm_head(decoder_hidden)
+            return decoder_hidden * (self.config.d_model ** -0.5)
+        return decoder_hidden
+
+    def logits(self, decoder_hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.lm_head_input(decoder_hidden))
 
     @torch.no_grad()
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,

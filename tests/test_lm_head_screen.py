@@ -1,0 +1,146 @@
+"""The LM head screen (umt5_fast/lm_head_screen.py): its argmax is the float kernel's argmax over
+every logit, index for index, on random and adversarial heads (exact ties, near-duplicate rows,
+outlier inputs, forbidden ids); its bound holds; it engages in greedy generation, where the ids
+equal the unscreened path's and transformers'."""
+import pytest
+import torch
+
+import umt5_fast
+from umt5_fast import lm_head_screen
+from helpers import random_batch
+
+pytest.importorskip("umt5_fast._C")
+from umt5_fast.ops import cpu as cpu_ops  # noqa: E402
+
+
+def full_argmax(x, weight, forbidden=None):
+    logits = cpu_ops.linear(x, weight)
+    if forbidden:
+        logits[:, forbidden] = -float("inf")
+    return cpu_ops.argmax(logits)
+
+
+def random_head(vocab, dim, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.rand(vocab, 1, generator=g) * 2 + 0.1  # rows of different sizes, as trained heads
+    return (torch.randn(vocab, dim, generator=g) * scales * 0.05).to(dtype)
+
+
+@pytest.mark.usefixtures("every_cpu_isa")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab,dim", [(997, 37), (4099, 64), (1500, 129)])
+def test_argmax_equals_the_float_kernels_on_random_inputs(vocab, dim, dtype):
+    weight = random_head(vocab, dim, dtype, seed=vocab + dim)
+    screen = lm_head_screen.LMHeadScreen(weight)
+    g = torch.Generator().manual_seed(dim)
+    decided = 0
+    for trial in range(30):
+        rows = 1 + trial % 5
+        x = torch.randn(rows, dim, generator=g) * 10.0 ** float(torch.randint(-3, 4, (1,), generator=g))
+        if trial % 3 == 0:  # outlier features, as trained T5 hidden states have
+            x[:, int(torch.randint(0, dim, (1,), generator=g))] *= 100
+        forbidden = [1, int(torch.randint(0, vocab, (1,), generator=g))] if trial % 2 else None
+        got = screen.argmax(x, forbidden)
+        if got is not None:
+            decided += 1
+            assert torch.equal(got, full_argmax(x, weight, forbidden)), f"trial {trial}"
+    assert decided >= 25  # the screen decides, rather than falling back
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bound_holds_for_every_row(dtype):
+    weight = random_head(3001, 71, dtype, seed=3)
+    screen = lm_head_screen.LMHeadScreen(weight)
+    x = torch.randn(4, 71) * 3
+    x[0, 5] = 400.0
+    approx = cpu_ops.linear(x, screen.screen)
+    exact = cpu_ops.linear(x, weight)
+    bound = x.double().norm(dim=1, keepdim=True) * screen.bound.double()
+    assert bool(((approx.double() - exact.double()).abs() <= bound).all())
+    # and not vacuous: per input row, within 10x of the largest error over the head (~3-6x seen)
+    error = (approx.double() - exact.double()).abs()
+    assert bool((bound.max(dim=1).values < 10 * error.max(dim=1).values).all())
+
+
+def test_exact_ties_and_near_duplicates_pick_the_first_maximum():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(500, 48, generator=g) * 0.05
+    weight = base.clone()
+    weight[400] = weight[17]  # exact duplicates: equal logits, the first index wins
+    weight[250] = weight[17]
+    weight[300] = weight[17] * (1 + 1e-7)  # closer than any bound can separate
+    screen = lm_head_screen.LMHeadScreen(weight)
+    x = weight[17:18] * 40  # row 17 (and its copies) score highest
+    got = screen.argmax(x)
+    assert got is not None and int(got) == int(full_argmax(x, weight)) and int(got) in (17, 300)
+    assert screen.last_candidates >= 4  # every copy was computed exactly
+    assert int(screen.argmax(x, forbidden=[17])) == int(full_argmax(x, weight, [17]))
+
+
+def test_undecidable_inputs_fall_back():
+    weight = random_head(300, 16, torch.float32, seed=1)
+    screen = lm_head_screen.LMHeadScreen(weight)
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(2, 16)
+        x[1, 3] = bad
+        assert screen.argmax(x) is None
+    assert screen.argmax(torch.randn(1, 16) * 1e30) is None  # logits near fp32 overflow
+    many_rows = torch.randn(cpu_ops.FP32_KERNEL_MAX_ROWS + 1, 16)
+    assert screen.argmax(many_rows) is None  # torch's GEMM computes those logits
+    same = lm_head_screen.LMHeadScreen(torch.ones(3000, 8))  # every logit equal: all candidates
+    assert same.argmax(torch.randn(1, 8)) is None
+    assert lm_head_screen.LMHeadScreen(torch.ones(3, 8)).argmax(torch.ones(1, 8), forbidden=[0, 1, 2]) is None
+
+
+def load(checkpoint_factory, **overrides):
+    path, hf = checkpoint_factory("UMT5ForConditionalGeneration", **overrides)
+    return umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="cpu"), hf
+
+
+@pytest.mark.parametrize("overrides", [dict(vocab_size=3001), dict(vocab_size=2003, tie_word_embeddings=True),
+                                       dict(vocab_size=1009, feed_forward_proj="relu")])
+@pytest.mark.parametrize("quantize", [None, "bf16"])
+def test_greedy_generation_uses_the_screen_and_keeps_the_ids(checkpoint_factory, overrides, quantize):
+    path, hf = checkpoint_factory("UMT5ForConditionalGeneration", **overrides)
+    model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="cpu", quantize=quantize)
+    ids, mask = random_batch(model.config.vocab_size, 5, 47, seed=4)  # right, left and no padding
+    kwargs = dict(attention_mask=mask, max_new_tokens=45, min_new_tokens=30)  # past max_distance 40
+    screened = model.generate(ids, **kwargs)
+    screen = model._lm_head_screen[1]
+    assert screen is not None and screen.last_candidates is not None
+    model.screen_lm_head = False
+    assert torch.equal(screened, model.generate(ids, **kwargs))
+    if quantize is None:
+        use_cache = hf.config.num_decoder_layers <= hf.config.num_layers  # (transformers' cache needs it)
+        with torch.no_grad():
+            assert torch.equal(screened, hf.generate(ids, use_cache=use_cache, **kwargs))
+
+
+def test_the_screen_follows_a_new_lm_head(checkpoint_factory):
+    model, _ = load(checkpoint_factory, vocab_size=777)
+    ids, mask = random_batch(777, 2, 9, seed=1)
+    model.generate(ids, attention_mask=mask, max_new_tokens=3)
+    first = model._lm_head_screen[1]
+    with torch.no_grad():
+        model.lm_head.weight = torch.nn.Parameter(torch.roll(model.lm_head.weight, 1, dims=0), requires_grad=False)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=6)
+    assert model._lm_head_screen[1] is not first
+    model.screen_lm_head = False
+    assert torch.equal(got, model.generate(ids, attention_mask=mask, max_new_tokens=6))
+
+
+def test_processors_other_than_min_length_and_a_non_finite_head_take_the_float_path(checkpoint_factory, monkeypatch):
+    model, hf = load(checkpoint_factory, vocab_size=555)
+    ids, mask = random_batch(555, 3, 12, seed=2)
+    calls = []
+    monkeypatch.setattr(lm_head_screen.LMHeadScreen, "argmax", lambda self, *a: calls.append(1))
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, repetition_penalty=1.3, no_repeat_ngram_size=2)
+    got = model.generate(ids, **kwargs)
+    assert not calls
+    with torch.no_grad():
+        assert torch.equal(got, hf.generate(ids, use_cache=False, **kwargs))
+    monkeypatch.undo()
+    with torch.no_grad():
+        model.lm_head.weight[7, 3] = float("inf")
+    assert lm_head_screen.screen_for(model) is None
+    model.generate(ids, attention_mask=mask, max_new_tokens=3)  # still decodes, every logit computed

@@ -1,0 +1,110 @@
+"""Greedy argmax of the LM head without reading all of it (cpu backend, fp32 activations).
+
+At batch 1 the LM head (256384 x d_model) is ~85% of the bytes a decode step reads, and greedy
+decoding needs only the argmax of its logits. ``LMHeadScreen`` keeps an int8 copy of the head
+(per-row scales, a quarter of the fp32 bytes) and, per row n, a bound ``c[n]`` such that for every
+input x
+
+    |approx[n] - logit[n]| <= ||x||_2 * c[n]
+
+where ``approx`` is the int8 kernel's product and ``logit`` the one the float kernel computes
+(``ops.cpu.linear``, the logits greedy decoding would otherwise take the argmax of). ``c[n]`` is
+Cauchy-Schwarz on the quantisation error, ``||w[n] - s[n] q[n]||_2``, plus the worst-case rounding
+of both fp32 dot products (any summation order: gamma_K = K u / (1 - K u), u = 2^-24) and of the
+screening arithmetic itself. Every row whose upper bound reaches the best lower bound is a
+candidate; the float kernel then computes the candidates' logits exactly as it computes all of
+them, so the winner (first index among equal maxima) is the unscreened argmax, bit for bit. On a
+random umt5-small a handful of the 256384 rows are candidates; a step reads the int8 head plus a
+few float rows. When the bound cannot decide cheaply (non-finite input, too many candidates)
+``argmax`` returns None and the caller computes every logit.
+"""
+from typing import Optional, Sequence
+
+import torch
+
+from umt5_fast.quant import QuantizedWeight
+
+try:
+    from umt5_fast.ops import cpu as cpu_ops
+except ImportError:  # no extension: no cpu backend, no screen
+    cpu_ops = None
+
+_UNIT_ROUNDOFF = 2.0 ** -24
+# Rows of the head whose bounds are computed at a time in fp64 (32 MiB of fp64 at d_model 512).
+_BUILD_ROWS = 8192
+# More candidates than this and computing them exactly would cost about as much as the whole head.
+_MAX_CANDIDATES = 1024
+
+
+class LMHeadScreen:
+    def __init__(self, weight: torch.Tensor):
+        """``weight``: the LM head's float weight ``[vocab, d_model]`` (fp32 or bf16), finite."""
+        self.weight = weight.contiguous()
+        self.screen = QuantizedWeight.quantize(self.weight)  # ValueError on inf / NaN
+        vocab, in_features = self.weight.shape
+        gamma = in_features * _UNIT_ROUNDOFF / (1 - in_features * _UNIT_ROUNDOFF)
+        bound = torch.empty(vocab, dtype=torch.float64)
+        largest_norm = 0.0
+        for begin in range(0, vocab, _BUILD_ROWS):
+            rows = slice(begin, begin + _BUILD_ROWS)
+            exact = self.weight[rows].double()
+            screened = self.screen.qweight[rows].double() * self.screen.scale[rows, None].double()
+            screened_norm = screened.norm(dim=1)
+            # quantisation error + the screen kernel's rounding (products, sum, scale multiply) + four
+            # roundings of the threshold arithmetic below (each <= u |approx| <= u ||x|| ||s q||) +
+            # the float kernel's rounding
+            bound[rows] = ((exact - screened).norm(dim=1) + (gamma + 6 * _UNIT_ROUNDOFF) * screened_norm
+                           + gamma * exact.norm(dim=1))
+            largest_norm = max(largest_norm, float(screened_norm.max()))
+        self.bound = (bound * (1 + 1e-5)).float()  # rounded up past fp64 -> fp32 and the ||x|| rounding
+        self.largest_norm = largest_norm
+        self.last_candidates = None  # candidates of the last decided call (for tests and benchmarks)
+
+    def argmax(self, x: torch.Tensor, forbidden: Optional[Sequence[int]] = None) -> Optional[torch.Tensor]:
+        """Per row of fp32 ``x`` ``[rows, d_model]`` (the LM head's input): the index of the largest
+        logit, ids in ``forbidden`` excluded (their logits -inf, as min_new_tokens sets them); None
+        when the screen cannot decide."""
+        x = x.contiguous()
+        if self.weight.dtype == torch.float32 and x.shape[0] > cpu_ops.FP32_KERNEL_MAX_ROWS:
+            return None  # the float path is torch's GEMM there, whose sums a subset of rows may not repeat
+        norm = x.double().norm(dim=1)
+        if not bool(torch.isfinite(norm).all()) or float(norm.max()) * self.largest_norm > 1e30:
+            return None  # inf / NaN input, or logits near fp32 overflow: let the float kernel decide
+        if forbidden and len(set(forbidden)) >= self.weight.shape[0]:
+            return None  # every id forbidden: the float path's argmax of all -inf
+        approx = cpu_ops.linear(x, self.screen)  # finite (inputs finite, far from overflow)
+        if forbidden:
+            approx[:, list(forbidden)] = -float("inf")
+        norm = norm.float()  # (held by name: the kernel reads it)
+        flags = torch.empty(approx.shape[1], dtype=torch.uint8)
+        cpu_ops._C.screen_candidates(approx=approx.data_ptr(), norm=norm.data_ptr(),
+                                     bound=self.bound.data_ptr(), flags=flags.data_ptr(), rows=x.shape[0],
+                                     cols=approx.shape[1], num_threads=torch.get_num_threads())
+        candidates = flags.nonzero().squeeze(1)  # ascending ids
+        if len(candidates) > _MAX_CANDIDATES:
+            return None
+        self.last_candidates = len(candidates)
+        logits = cpu_ops.linear(x, self.weight.index_select(0, candidates))
+        return candidates[cpu_ops.argmax(logits)]
+
+
+def screen_for(model) -> Optional[LMHeadScreen]:
+    """The model's screen (built on first use, rebuilt when its LM head changed), or None when the
+    model does not qualify: cpu backend, an fp32 or bf16 float LM head, ``model.screen_lm_head``."""
+    lm_head = getattr(model, "lm_head", None)
+    if cpu_ops is None or lm_head is None or model.runtime.ops is not cpu_ops \
+            or not getattr(model, "screen_lm_head", True) or lm_head.bias is not None:
+        return None
+    weight = lm_head.packed_weight()
+    if not isinstance(weight, torch.Tensor) or weight.dtype not in (torch.float32, torch.bfloat16) \
+            or weight.device.type != "cpu":
+        return None
+    built_for = (weight.data_ptr(), weight.shape, weight.dtype, weight._version)
+    built = getattr(model, "_lm_head_screen", None)
+    if built is None or built[0] != built_for:
+        try:
+            screen = LMHeadScreen(weight)
+        except ValueError:  # inf / NaN in the head: no int8 copy of it
+            screen = None
+        built = model._lm_head_screen = (built_for, screen)
+    return built[1]

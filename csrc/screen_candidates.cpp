@@ -1,12 +1,14 @@
 // The thresholding of umt5_fast/lm_head_screen.py: given approximate logits a[r][c] whose error is
 // at most norm[r] * bound[c], flag every column that may hold row r's largest logit for some r:
 //   best_lower[r] = max_c (a[r][c] - norm[r] * bound[c]),
-//   flag[c] = any_r (a[r][c] + norm[r] * bound[c] >= best_lower[r]).
+//   flag[c] = any_r (a[r][c] + norm[r] * bound[c] >= best_lower[r] - slack * |best_lower[r]|)
+// (slack > 0 where the exact logits are rounded after: rows that round up to the maximum count).
 // Two streaming passes over a; in torch the same arithmetic made 5 passes and, at 16 rows of a
 // 256384-entry vocabulary, took longer (19 ms) than the int8 product it screens (14 ms).
 // The products and sums round once each (no FMA contraction: -ffp-contract=off); the bound's
 // slack covers those roundings. a holds no NaN (the caller checks its inputs are finite).
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -37,7 +39,7 @@ float lower_bound_max(const float* a, float norm, const float* bound, int64_t be
 void register_screen_candidates(py::module_& m) {
   m.def("screen_candidates",
         [](uintptr_t approx, uintptr_t norm, uintptr_t bound, uintptr_t flags, int64_t rows,
-           int64_t cols, int num_threads) {
+           int64_t cols, float slack, int num_threads) {
           const auto* a = reinterpret_cast<const float*>(approx);
           const auto* row_norm = reinterpret_cast<const float*>(norm);
           const auto* col_bound = reinterpret_cast<const float*>(bound);
@@ -56,9 +58,12 @@ void register_screen_candidates(py::module_& m) {
                                                            cols * (t + 1) / threads);
           });
           std::vector<float> best_lower(rows);
-          for (int64_t r = 0; r < rows; ++r)
-            best_lower[r] = *std::max_element(partial.begin() + r * threads,
-                                              partial.begin() + (r + 1) * threads);
+          for (int64_t r = 0; r < rows; ++r) {
+            const float best = *std::max_element(partial.begin() + r * threads,
+                                                 partial.begin() + (r + 1) * threads);
+            // (+1e-30: a bf16 spacing is never 0, also where the best bound is)
+            best_lower[r] = slack > 0 ? best - slack * (std::fabs(best) + 1e-30f) : best;
+          }
           parallel_for_ranges(cols, grain, num_threads, [&](int64_t begin, int64_t end) {
             std::fill(flag + begin, flag + end, uint8_t{0});
             for (int64_t r = 0; r < rows; ++r) {
@@ -70,9 +75,9 @@ void register_screen_candidates(py::module_& m) {
           });
         },
         py::kw_only(), py::arg("approx"), py::arg("norm"), py::arg("bound"), py::arg("flags"),
-        py::arg("rows"), py::arg("cols"), py::arg("num_threads"),
+        py::arg("rows"), py::arg("cols"), py::arg("slack"), py::arg("num_threads"),
         "flags[c] = 1 where approx[r, c] + norm[r] * bound[c] >= max_c' (approx[r, c'] - norm[r] * "
-        "bound[c']) for some row r (fp32 [rows, cols] contiguous; uint8 flags [cols]).");
+        "bound[c']) - slack * |that max| for some row r (fp32 [rows, cols] contiguous; uint8 flags [cols]).");
 }
 
 }  // namespace umt5_fast

@@ -14,7 +14,7 @@ from umt5_fast.ops import cpu as cpu_ops  # noqa: E402
 
 
 def full_argmax(x, weight, forbidden=None):
-    logits = cpu_ops.linear(x, weight)
+    logits = cpu_ops.linear(x, weight).float()
     if forbidden:
         logits[:, forbidden] = -float("inf")
     return cpu_ops.argmax(logits)
@@ -26,10 +26,14 @@ def random_head(vocab, dim, dtype, seed):
     return (torch.randn(vocab, dim, generator=g) * scales * 0.05).to(dtype)
 
 
+# (LM head weight, activations): fp32 model, bf16 weights with fp32 activations, bf16 model
+DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)]
+
+
 @pytest.mark.usefixtures("every_cpu_isa")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,x_dtype", DTYPES)
 @pytest.mark.parametrize("vocab,dim", [(997, 37), (4099, 64), (1500, 129)])
-def test_argmax_equals_the_float_kernels_on_random_inputs(vocab, dim, dtype):
+def test_argmax_equals_the_float_kernels_on_random_inputs(vocab, dim, dtype, x_dtype):
     weight = random_head(vocab, dim, dtype, seed=vocab + dim)
     screen = lm_head_screen.LMHeadScreen(weight)
     g = torch.Generator().manual_seed(dim)
@@ -40,6 +44,7 @@ def test_argmax_equals_the_float_kernels_on_random_inputs(vocab, dim, dtype):
         if trial % 3 == 0:  # outlier features, as trained T5 hidden states have
             x[:, int(torch.randint(0, dim, (1,), generator=g))] *= 100
         forbidden = [1, int(torch.randint(0, vocab, (1,), generator=g))] if trial % 2 else None
+        x = x.to(x_dtype)
         got = screen.argmax(x, forbidden)
         if got is not None:
             decided += 1
@@ -77,6 +82,28 @@ def test_exact_ties_and_near_duplicates_pick_the_first_maximum():
     assert int(screen.argmax(x, forbidden=[17])) == int(full_argmax(x, weight, [17]))
 
 
+@pytest.mark.parametrize("target", [-4.01, -3.99, -4.0, 3.99, 4.02, 0.001, -0.001])
+def test_bf16_logits_that_round_equal_pick_the_first(target):
+    """A bf16 model's logits are fp32 sums rounded to bf16: rows whose sums differ below the bf16
+    spacing tie after rounding, and the first of them is the pick, also where the largest logit
+    sits next to a power of two (where rounding down and up have different spacings)."""
+    g = torch.Generator().manual_seed(int(target * 1000) % 97)
+    # Integer rows with 127 as their largest entry quantise to int8 exactly: the bound is only the
+    # rounding terms, far below a bf16 spacing, so ties after rounding are the screen's to resolve.
+    base = torch.randint(-100, 101, (64,), generator=g).float()
+    base[0] = 127
+    nudges = torch.randint(-1, 2, (800, 64), generator=g).float() * (torch.rand(800, 64, generator=g) < 0.05)
+    nudges[:, 0] = 0
+    weight = (base + nudges).to(torch.bfloat16)  # sums ~0.1% apart: many share a bf16 value
+    screen = lm_head_screen.LMHeadScreen(weight)
+    assert float(screen.bound.max()) < 1e-3 * float(base.norm())
+    x = (base * target / float(base @ base)).to(torch.bfloat16)[None, :]
+    logits = cpu_ops.linear(x, weight).float()
+    assert int((logits == logits.max()).sum()) > 1, "the test needs rows that tie after rounding"
+    got = screen.argmax(x)
+    assert got is not None and torch.equal(got, full_argmax(x, weight))
+
+
 def test_undecidable_inputs_fall_back():
     weight = random_head(300, 16, torch.float32, seed=1)
     screen = lm_head_screen.LMHeadScreen(weight)
@@ -87,6 +114,9 @@ def test_undecidable_inputs_fall_back():
     assert screen.argmax(torch.randn(1, 16) * 1e30) is None  # logits near fp32 overflow
     many_rows = torch.randn(cpu_ops.FP32_KERNEL_MAX_ROWS + 1, 16)
     assert screen.argmax(many_rows) is None  # torch's GEMM computes those logits
+    bf16_screen = lm_head_screen.LMHeadScreen(weight.bfloat16())
+    assert bf16_screen.argmax(torch.randn(cpu_ops.BF16_KERNEL_MAX_ROWS + 1, 16).bfloat16()) is None
+    assert screen.argmax(torch.randn(1, 16).half()) is None  # fp16 logits come from torch's GEMM
     same = lm_head_screen.LMHeadScreen(torch.ones(3000, 8))  # every logit equal: all candidates
     assert same.argmax(torch.randn(1, 8)) is None
     assert lm_head_screen.LMHeadScreen(torch.ones(3, 8)).argmax(torch.ones(1, 8), forbidden=[0, 1, 2]) is None
@@ -99,10 +129,11 @@ def load(checkpoint_factory, **overrides):
 
 @pytest.mark.parametrize("overrides", [dict(vocab_size=3001), dict(vocab_size=2003, tie_word_embeddings=True),
                                        dict(vocab_size=1009, feed_forward_proj="relu")])
-@pytest.mark.parametrize("quantize", [None, "bf16"])
-def test_greedy_generation_uses_the_screen_and_keeps_the_ids(checkpoint_factory, overrides, quantize):
+@pytest.mark.parametrize("dtype,quantize", [(None, None), (None, "bf16"), (torch.bfloat16, None)])
+def test_greedy_generation_uses_the_screen_and_keeps_the_ids(checkpoint_factory, overrides, dtype, quantize):
     path, hf = checkpoint_factory("UMT5ForConditionalGeneration", **overrides)
-    model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="cpu", quantize=quantize)
+    model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="cpu", dtype=dtype,
+                                                                   quantize=quantize)
     ids, mask = random_batch(model.config.vocab_size, 5, 47, seed=4)  # right, left and no padding
     kwargs = dict(attention_mask=mask, max_new_tokens=45, min_new_tokens=30)  # past max_distance 40
     screened = model.generate(ids, **kwargs)
@@ -110,7 +141,7 @@ def test_greedy_generation_uses_the_screen_and_keeps_the_ids(checkpoint_factory,
     assert screen is not None and screen.last_candidates is not None
     model.screen_lm_head = False
     assert torch.equal(screened, model.generate(ids, **kwargs))
-    if quantize is None:
+    if quantize is None and dtype is None:
         use_cache = hf.config.num_decoder_layers <= hf.config.num_layers  # (transformers' cache needs it)
         with torch.no_grad():
             assert torch.equal(screened, hf.generate(ids, use_cache=use_cache, **kwargs))

@@ -361,8 +361,7 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
             if screen is not None:
                 hidden = model.lm_head_input(decoder.step_hidden(tokens))
                 forbidden = options["eos_token_id"] if eos_forbidden(options, length, prompt_length) else None
-                if hidden.dtype == torch.float32:  # (a bf16 model's logits are rounded to bf16)
-                    picked = screen.argmax(hidden, forbidden)
+                picked = screen.argmax(hidden, forbidden)
                 logits = None if picked is not None else model.lm_head(hidden).float()
             else:
                 logits = decoder.step(tokens)

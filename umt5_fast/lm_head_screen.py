@@ -1,4 +1,4 @@
-"""Greedy argmax of the LM head without reading all of it (cpu backend, fp32 activations).
+"""Greedy argmax of the LM head without reading all of it (cpu backend).
 
 At batch 1 the LM head (256384 x d_model) is ~85% of the bytes a decode step reads, and greedy
 decoding needs only the argmax of its logits. ``LMHeadScreen`` keeps an int8 copy of the head
@@ -32,6 +32,12 @@ except ImportError:  # no extension: no cpu backend, no screen
 _UNIT_ROUNDOFF = 2.0 ** -24
 # Rows of the head whose bounds are computed at a time in fp64 (32 MiB of fp64 at d_model 512).
 _BUILD_ROWS = 8192
+# bf16 activations (a bf16 model): the float kernel's fp32 sums are rounded to bf16, so a row whose
+# sum lies a little below the best lower bound b can round to the largest logit and, as the first of
+# equal logits, be the pick. b rounds to R within half a spacing s(b) <= 2^-7 |b|, and what rounds
+# to R or above starts half a spacing below R, which is up to 2 s(b) where b < 0 sits just under a
+# power of two: the threshold moves down by 1.5 s(b), rounded up to 2^-6 |b|.
+_BF16_LOGIT_SLACK = 2.0 ** -6
 # More candidates than this and computing them exactly would cost about as much as the whole head.
 _MAX_CANDIDATES = 1024
 
@@ -61,31 +67,40 @@ class LMHeadScreen:
         self.last_candidates = None  # candidates of the last decided call (for tests and benchmarks)
 
     def argmax(self, x: torch.Tensor, forbidden: Optional[Sequence[int]] = None) -> Optional[torch.Tensor]:
-        """Per row of fp32 ``x`` ``[rows, d_model]`` (the LM head's input): the index of the largest
-        logit, ids in ``forbidden`` excluded (their logits -inf, as min_new_tokens sets them); None
-        when the screen cannot decide."""
+        """Per row of ``x`` ``[rows, d_model]`` (the LM head's input): the index of the largest logit
+        ``ops.cpu.linear(x, weight)`` gives, ids in ``forbidden`` excluded (their logits -inf, as
+        min_new_tokens sets them); None when the screen cannot decide."""
         x = x.contiguous()
-        if self.weight.dtype == torch.float32 and x.shape[0] > cpu_ops.FP32_KERNEL_MAX_ROWS:
-            return None  # the float path is torch's GEMM there, whose sums a subset of rows may not repeat
+        if not self._float_kernel_computes(x):
+            return None
         norm = x.double().norm(dim=1)
         if not bool(torch.isfinite(norm).all()) or float(norm.max()) * self.largest_norm > 1e30:
             return None  # inf / NaN input, or logits near fp32 overflow: let the float kernel decide
         if forbidden and len(set(forbidden)) >= self.weight.shape[0]:
             return None  # every id forbidden: the float path's argmax of all -inf
-        approx = cpu_ops.linear(x, self.screen)  # finite (inputs finite, far from overflow)
+        approx = cpu_ops.linear(x.float(), self.screen)  # finite (inputs finite, far from overflow)
         if forbidden:
             approx[:, list(forbidden)] = -float("inf")
         norm = norm.float()  # (held by name: the kernel reads it)
         flags = torch.empty(approx.shape[1], dtype=torch.uint8)
         cpu_ops._C.screen_candidates(approx=approx.data_ptr(), norm=norm.data_ptr(),
                                      bound=self.bound.data_ptr(), flags=flags.data_ptr(), rows=x.shape[0],
-                                     cols=approx.shape[1], num_threads=torch.get_num_threads())
+                                     cols=approx.shape[1], slack=_BF16_LOGIT_SLACK if x.dtype == torch.bfloat16 else 0.0,
+                                     num_threads=torch.get_num_threads())
         candidates = flags.nonzero().squeeze(1)  # ascending ids
         if len(candidates) > _MAX_CANDIDATES:
             return None
         self.last_candidates = len(candidates)
-        logits = cpu_ops.linear(x, self.weight.index_select(0, candidates))
+        logits = cpu_ops.linear(x, self.weight.index_select(0, candidates)).float()
         return candidates[cpu_ops.argmax(logits)]
+
+    def _float_kernel_computes(self, x: torch.Tensor) -> bool:
+        """Whether ``ops.cpu.linear(x, weight)`` runs the C++ float kernel, whose per-row sums do not
+        depend on which other rows it computes (torch's GEMMs, taken above some row count, may)."""
+        rows = x.shape[0]
+        if x.dtype == torch.float32:
+            return self.weight.dtype == torch.bfloat16 or rows <= cpu_ops.FP32_KERNEL_MAX_ROWS
+        return x.dtype == self.weight.dtype == torch.bfloat16 and rows <= cpu_ops.BF16_KERNEL_MAX_ROWS
 
 
 def screen_for(model) -> Optional[LMHeadScreen]:

@@ -133,7 +133,8 @@ vs HF / vs CT2: that engine's median / this median (>1: faster); int8 and w8a8 r
 GB/s: read bandwidth (torch.sum over 512 MiB) probed in the measurement's process right after its
   timed calls (a shared machine's bandwidth moves within minutes)
 /floor: median / floor (weights+KV bytes over that bandwidth, or FLOPs over the GEMM rate measured
-  at the start)
+  at the start); the floor counts the LM head in the engine's weight precision, while umt5_fast's
+  greedy steps with a float head read its int8 screen (umt5_fast/lm_head_screen.py): below 1x there
 correct: generation: ids identical to transformers (yes), else no + mean fraction of tokens before
   the first divergence; encoder: max |out - ref| / max |ref| vs transformers"""
 

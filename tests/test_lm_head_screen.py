@@ -52,6 +52,20 @@ def test_argmax_equals_the_float_kernels_on_random_inputs(vocab, dim, dtype, x_d
     assert decided >= 25  # the screen decides, rather than falling back
 
 
+@pytest.mark.usefixtures("every_cpu_isa")
+@pytest.mark.parametrize("dtype,x_dtype", DTYPES)
+def test_a_vocabulary_split_between_threads(dtype, x_dtype):
+    """Past 2^15 columns the thresholding splits columns between threads (both passes)."""
+    weight = random_head(70001, 24, dtype, seed=9)
+    screen = lm_head_screen.LMHeadScreen(weight)
+    g = torch.Generator().manual_seed(2)
+    for rows in (1, 3, 16):
+        x = torch.randn(rows, 24, generator=g).to(x_dtype)
+        got = screen.argmax(x, forbidden=[0, 69999])
+        assert got is not None and torch.equal(got, full_argmax(x, weight, [0, 69999]))
+
+
+@pytest.mark.usefixtures("every_cpu_isa")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bound_holds_for_every_row(dtype):
     weight = random_head(3001, 71, dtype, seed=3)
@@ -67,6 +81,7 @@ def test_bound_holds_for_every_row(dtype):
     assert bool((bound.max(dim=1).values < 10 * error.max(dim=1).values).all())
 
 
+@pytest.mark.usefixtures("every_cpu_isa")
 def test_exact_ties_and_near_duplicates_pick_the_first_maximum():
     g = torch.Generator().manual_seed(0)
     base = torch.randn(500, 48, generator=g) * 0.05
@@ -117,6 +132,14 @@ def test_undecidable_inputs_fall_back():
     bf16_screen = lm_head_screen.LMHeadScreen(weight.bfloat16())
     assert bf16_screen.argmax(torch.randn(cpu_ops.BF16_KERNEL_MAX_ROWS + 1, 16).bfloat16()) is None
     assert screen.argmax(torch.randn(1, 16).half()) is None  # fp16 logits come from torch's GEMM
+    for seed in range(40):  # logits in fp32's subnormal range, where relative rounding bounds fail
+        g = torch.Generator().manual_seed(seed)
+        small_head = torch.randn(64, 16, generator=g) * 1e-11
+        tiny_x = torch.randn(1, 16, generator=g) * 3e-34
+        got = lm_head_screen.LMHeadScreen(small_head).argmax(tiny_x)  # (without the underflow rule: 6 wrong)
+        assert got is None or torch.equal(got, full_argmax(tiny_x, small_head))
+    assert screen.argmax(torch.zeros(1, 16)) is None
+    assert screen.argmax(torch.randn(0, 16)) is None
     same = lm_head_screen.LMHeadScreen(torch.ones(3000, 8))  # every logit equal: all candidates
     assert same.argmax(torch.randn(1, 8)) is None
     assert lm_head_screen.LMHeadScreen(torch.ones(3, 8)).argmax(torch.ones(1, 8), forbidden=[0, 1, 2]) is None
@@ -147,30 +170,57 @@ def test_greedy_generation_uses_the_screen_and_keeps_the_ids(checkpoint_factory,
             assert torch.equal(screened, hf.generate(ids, use_cache=use_cache, **kwargs))
 
 
-def test_the_screen_follows_a_new_lm_head(checkpoint_factory):
+@pytest.mark.parametrize("edit", ["new parameter", "in place through .data", "in place"])
+def test_the_screen_follows_a_new_lm_head(checkpoint_factory, edit):
     model, _ = load(checkpoint_factory, vocab_size=777)
     ids, mask = random_batch(777, 2, 9, seed=1)
     model.generate(ids, attention_mask=mask, max_new_tokens=3)
     first = model._lm_head_screen[1]
     with torch.no_grad():
-        model.lm_head.weight = torch.nn.Parameter(torch.roll(model.lm_head.weight, 1, dims=0), requires_grad=False)
+        if edit == "new parameter":
+            model.lm_head.weight = torch.nn.Parameter(torch.roll(model.lm_head.weight, 1, dims=0),
+                                                      requires_grad=False)
+        elif edit == "in place through .data":  # leaves _version as it was
+            model.lm_head.weight.data.mul_(-1)
+        else:
+            model.lm_head.weight.mul_(-1)
     got = model.generate(ids, attention_mask=mask, max_new_tokens=6)
     assert model._lm_head_screen[1] is not first
     model.screen_lm_head = False
     assert torch.equal(got, model.generate(ids, attention_mask=mask, max_new_tokens=6))
+    assert "_lm_head_screen" not in model.__dict__  # a model that stops qualifying drops it
 
 
-def test_processors_other_than_min_length_and_a_non_finite_head_take_the_float_path(checkpoint_factory, monkeypatch):
+@pytest.mark.parametrize("processor", [dict(repetition_penalty=1.3), dict(no_repeat_ngram_size=2),
+                                       dict(output_scores=True, return_dict_in_generate=True),
+                                       dict(do_sample=True, top_k=5)])
+def test_other_processors_take_the_float_path(checkpoint_factory, monkeypatch, processor):
     model, hf = load(checkpoint_factory, vocab_size=555)
     ids, mask = random_batch(555, 3, 12, seed=2)
     calls = []
     monkeypatch.setattr(lm_head_screen.LMHeadScreen, "argmax", lambda self, *a: calls.append(1))
-    kwargs = dict(attention_mask=mask, max_new_tokens=8, repetition_penalty=1.3, no_repeat_ngram_size=2)
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, **processor)
     got = model.generate(ids, **kwargs)
     assert not calls
-    with torch.no_grad():
-        assert torch.equal(got, hf.generate(ids, use_cache=False, **kwargs))
-    monkeypatch.undo()
+    if not processor.get("do_sample"):
+        with torch.no_grad():
+            expected = hf.generate(ids, use_cache=False, **kwargs)
+        assert torch.equal(getattr(got, "sequences", got), getattr(expected, "sequences", expected))
+
+
+def test_a_screen_that_cannot_decide_is_dropped_for_the_call(checkpoint_factory, monkeypatch):
+    model, _ = load(checkpoint_factory, vocab_size=555)
+    ids, mask = random_batch(555, 3, 12, seed=2)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8)
+    calls = []
+    monkeypatch.setattr(lm_head_screen.LMHeadScreen, "argmax", lambda self, *a: calls.append(1))
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8)
+    assert torch.equal(got, expected) and len(calls) == 3
+
+
+def test_a_non_finite_head_takes_the_float_path(checkpoint_factory):
+    model, _ = load(checkpoint_factory, vocab_size=555)
+    ids, mask = random_batch(555, 3, 12, seed=2)
     with torch.no_grad():
         model.lm_head.weight[7, 3] = float("inf")
     assert lm_head_screen.screen_for(model) is None

@@ -329,6 +329,10 @@ def prepare(model, input_ids, attention_mask, decoder_input_ids, options):
     return encoder_states, mask, prompt, max_length
 
 
+# Steps the LM head screen may fail to decide before a generate call stops trying it.
+_SCREEN_PATIENCE = 3
+
+
 def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, options, generator=None,
                  scores_out=None, use_cuda_graph=False) -> Iterator[torch.Tensor]:
     """Greedy or sampled decoding; yields the ``[rows]`` tokens of each step (pad once a row ended).
@@ -355,6 +359,7 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
     only_eos_processor = options["repetition_penalty"] == 1.0 and not options["no_repeat_ngram_size"]
     screen = (lm_head_screen.screen_for(model) if not options["do_sample"] and scores_out is None
               and only_eos_processor and isinstance(decoder, Decoder) else None)
+    undecided_steps = 0
     with torch.no_grad(), contextlib.closing(decoder):
         for length in range(prompt_length, max_length):
             picked = None
@@ -362,7 +367,11 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
                 hidden = model.lm_head_input(decoder.step_hidden(tokens))
                 forbidden = options["eos_token_id"] if eos_forbidden(options, length, prompt_length) else None
                 picked = screen.argmax(hidden, forbidden)
-                logits = None if picked is not None else model.lm_head(hidden).float()
+                if picked is None:
+                    logits = model.lm_head(hidden).float()
+                    undecided_steps += 1
+                    if undecided_steps == _SCREEN_PATIENCE:  # e.g. a head with too many close rows
+                        screen = None
             else:
                 logits = decoder.step(tokens)
             if picked is None:

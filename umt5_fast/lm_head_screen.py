@@ -38,6 +38,9 @@ _BUILD_ROWS = 8192
 # to R or above starts half a spacing below R, which is up to 2 s(b) where b < 0 sits just under a
 # power of two: the threshold moves down by 1.5 s(b), rounded up to 2^-6 |b|.
 _BF16_LOGIT_SLACK = 2.0 ** -6
+# Inputs with a smaller norm (and so logits near fp32's subnormal range) go to the float path: the
+# bound's underflow term is relative to this.
+_MIN_NORM = 2.0 ** -60
 # More candidates than this and computing them exactly would cost about as much as the whole head.
 _MAX_CANDIDATES = 1024
 
@@ -56,11 +59,14 @@ class LMHeadScreen:
             exact = self.weight[rows].double()
             screened = self.screen.qweight[rows].double() * self.screen.scale[rows, None].double()
             screened_norm = screened.norm(dim=1)
-            # quantisation error + the screen kernel's rounding (products, sum, scale multiply) + four
-            # roundings of the threshold arithmetic below (each <= u |approx| <= u ||x|| ||s q||) +
-            # the float kernel's rounding
+            # quantisation error + the screen kernel's rounding (products, sum, scale multiply) + the
+            # roundings of the threshold arithmetic in screen_candidates.cpp (each <= u (|approx| +
+            # margin), |approx| <= ||x|| ||s q||; the margin part is in the 1e-5 below) + the float
+            # kernel's rounding + underflow: each of the ~2K + 8 operations may lose up to 2^-126
+            # (flush-to-zero) where the relative bounds fail, which ||x|| >= _MIN_NORM turns into
+            # a relative term
             bound[rows] = ((exact - screened).norm(dim=1) + (gamma + 6 * _UNIT_ROUNDOFF) * screened_norm
-                           + gamma * exact.norm(dim=1))
+                           + gamma * exact.norm(dim=1) + (2 * in_features + 8) * 2.0 ** -126 / _MIN_NORM)
             largest_norm = max(largest_norm, float(screened_norm.max()))
         self.bound = (bound * (1 + 1e-5)).float()  # rounded up past fp64 -> fp32 and the ||x|| rounding
         self.largest_norm = largest_norm
@@ -71,11 +77,12 @@ class LMHeadScreen:
         ``ops.cpu.linear(x, weight)`` gives, ids in ``forbidden`` excluded (their logits -inf, as
         min_new_tokens sets them); None when the screen cannot decide."""
         x = x.contiguous()
-        if not self._float_kernel_computes(x):
+        if not self._float_kernel_computes(x) or x.shape[0] == 0:
             return None
         norm = x.double().norm(dim=1)
-        if not bool(torch.isfinite(norm).all()) or float(norm.max()) * self.largest_norm > 1e30:
-            return None  # inf / NaN input, or logits near fp32 overflow: let the float kernel decide
+        if not bool(torch.isfinite(norm).all()) or float(norm.max()) * self.largest_norm > 1e30 \
+                or float(norm.min()) < _MIN_NORM:
+            return None  # inf / NaN input, logits near fp32 overflow or underflow: the float path decides
         if forbidden and len(set(forbidden)) >= self.weight.shape[0]:
             return None  # every id forbidden: the float path's argmax of all -inf
         approx = cpu_ops.linear(x.float(), self.screen)  # finite (inputs finite, far from overflow)
@@ -103,18 +110,29 @@ class LMHeadScreen:
         return x.dtype == self.weight.dtype == torch.bfloat16 and rows <= cpu_ops.BF16_KERNEL_MAX_ROWS
 
 
+def _fingerprint(weight: torch.Tensor) -> tuple:
+    """Identity and a sample of the contents of ``weight``: in-place edits through ``.data`` or numpy
+    leave ``_version`` as it was, and a screen of the old values would pick from the wrong rows. The
+    sample (every 509th row, two sums) catches whole-head edits such as scaling or reloading; an
+    edit of single rows outside it is not seen: assign a new Parameter then."""
+    sample = weight[::509].double()
+    return (weight.data_ptr(), weight.shape, weight.dtype, weight._version, float(sample.sum()),
+            float(sample.abs().sum()))
+
+
 def screen_for(model) -> Optional[LMHeadScreen]:
     """The model's screen (built on first use, rebuilt when its LM head changed), or None when the
-    model does not qualify: cpu backend, an fp32 or bf16 float LM head, ``model.screen_lm_head``."""
+    model does not qualify: cpu backend, an fp32 or bf16 float LM head, ``model.screen_lm_head``.
+    A model that stops qualifying drops its screen (which holds a reference to the head)."""
     lm_head = getattr(model, "lm_head", None)
+    weight = lm_head.packed_weight() if lm_head is not None else None
     if cpu_ops is None or lm_head is None or model.runtime.ops is not cpu_ops \
-            or not getattr(model, "screen_lm_head", True) or lm_head.bias is not None:
-        return None
-    weight = lm_head.packed_weight()
-    if not isinstance(weight, torch.Tensor) or weight.dtype not in (torch.float32, torch.bfloat16) \
+            or not getattr(model, "screen_lm_head", True) or lm_head.bias is not None \
+            or not isinstance(weight, torch.Tensor) or weight.dtype not in (torch.float32, torch.bfloat16) \
             or weight.device.type != "cpu":
+        model.__dict__.pop("_lm_head_screen", None)
         return None
-    built_for = (weight.data_ptr(), weight.shape, weight.dtype, weight._version)
+    built_for = _fingerprint(weight)
     built = getattr(model, "_lm_head_screen", None)
     if built is None or built[0] != built_for:
         try:

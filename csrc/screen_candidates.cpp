@@ -1,4 +1,4 @@
-// The thresholding of umt5_fast/lm_head_screen.py: given approximate logits a[r][c] whose error is
+// The C++ parts of umt5_fast/lm_head_screen.py. Its per-row norms (at build), and its thresholding: given approximate logits a[r][c] whose error is
 // at most norm[r] * bound[c], flag every column that may hold row r's largest logit for some r:
 //   best_lower[r] = max_c (a[r][c] - norm[r] * bound[c]),
 //   flag[c] = any_r (a[r][c] + norm[r] * bound[c] >= best_lower[r] - slack * |best_lower[r]|)
@@ -16,6 +16,7 @@
 #include <pybind11/pybind11.h>
 
 #include "parallel.h"
+#include "weight_types.h"
 
 namespace py = pybind11;
 
@@ -34,9 +35,49 @@ float lower_bound_max(const float* a, float norm, const float* bound, int64_t be
   return *std::max_element(best, best + kLanes);
 }
 
+// Per row of a float weight w and its int8 screen s * q: ||w - s q||, ||s q||, ||w|| in fp64 (every
+// product and the difference exact or within 2^-53, far below the bound's other terms), one pass.
+template <typename WeightT>
+void row_norms(const WeightT* w, const int8_t* q, const float* scale, int64_t rows, int64_t cols,
+               double* out, int num_threads) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(cols, 1));
+  parallel_for_ranges(rows, grain, num_threads, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const double s = scale[r];
+      double error = 0, screened = 0, exact = 0;
+      for (int64_t c = 0; c < cols; ++c) {
+        const double v = widen_weight(w[r * cols + c]), sq = s * q[r * cols + c];
+        error += (v - sq) * (v - sq);
+        screened += sq * sq;
+        exact += v * v;
+      }
+      out[3 * r] = std::sqrt(error);
+      out[3 * r + 1] = std::sqrt(screened);
+      out[3 * r + 2] = std::sqrt(exact);
+    }
+  });
+}
+
 }  // namespace
 
 void register_screen_candidates(py::module_& m) {
+  m.def("screen_row_norms",
+        [](uintptr_t weight, bool bf16, uintptr_t qweight, uintptr_t scale, int64_t rows, int64_t cols,
+           uintptr_t out, int num_threads) {
+          const auto* q = reinterpret_cast<const int8_t*>(qweight);
+          const auto* s = reinterpret_cast<const float*>(scale);
+          auto* norms = reinterpret_cast<double*>(out);
+          py::gil_scoped_release no_gil;
+          if (bf16)
+            row_norms(reinterpret_cast<const uint16_t*>(weight), q, s, rows, cols, norms, num_threads);
+          else
+            row_norms(reinterpret_cast<const float*>(weight), q, s, rows, cols, norms, num_threads);
+        },
+        py::kw_only(), py::arg("weight"), py::arg("bf16"), py::arg("qweight"), py::arg("scale"),
+        py::arg("rows"), py::arg("cols"), py::arg("out"), py::arg("num_threads"),
+        "out[r] = (||w_r - s_r q_r||, ||s_r q_r||, ||w_r||) in fp64 for an fp32 / bf16 weight [rows, "
+        "cols], its int8 rows q and scales s (fp64 out [rows, 3]).");
+
   m.def("screen_candidates",
         [](uintptr_t approx, uintptr_t norm, uintptr_t bound, uintptr_t flags, int64_t rows,
            int64_t cols, float slack, int num_threads) {

@@ -81,6 +81,21 @@ def test_bound_holds_for_every_row(dtype):
     assert bool((bound.max(dim=1).values < 10 * error.max(dim=1).values).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_norms_of_the_build_match_torch_in_fp64(dtype):
+    weight = random_head(301, 77, dtype, seed=5)
+    weight[3] = 0  # a zero row quantises to zeros
+    screen = lm_head_screen.LMHeadScreen(weight)
+    norms = torch.empty(301, 3, dtype=torch.float64)
+    cpu_ops._C.screen_row_norms(weight=weight.data_ptr(), bf16=dtype == torch.bfloat16,
+                                qweight=screen.screen.qweight.data_ptr(), scale=screen.screen.scale.data_ptr(),
+                                rows=301, cols=77, out=norms.data_ptr(), num_threads=2)
+    exact = weight.double()
+    screened = screen.screen.qweight.double() * screen.screen.scale.double()[:, None]
+    expected = torch.stack([(exact - screened).norm(dim=1), screened.norm(dim=1), exact.norm(dim=1)], dim=1)
+    torch.testing.assert_close(norms, expected, rtol=1e-12, atol=0)
+
+
 @pytest.mark.usefixtures("every_cpu_isa")
 def test_exact_ties_and_near_duplicates_pick_the_first_maximum():
     g = torch.Generator().manual_seed(0)

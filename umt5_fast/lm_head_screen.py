@@ -30,8 +30,6 @@ except ImportError:  # no extension: no cpu backend, no screen
     cpu_ops = None
 
 _UNIT_ROUNDOFF = 2.0 ** -24
-# Rows of the head whose bounds are computed at a time in fp64 (32 MiB of fp64 at d_model 512).
-_BUILD_ROWS = 8192
 # bf16 activations (a bf16 model): the float kernel's fp32 sums are rounded to bf16, so a row whose
 # sum lies a little below the best lower bound b can round to the largest logit and, as the first of
 # equal logits, be the pick. b rounds to R within half a spacing s(b) <= 2^-7 |b|, and what rounds
@@ -52,24 +50,22 @@ class LMHeadScreen:
         self.screen = QuantizedWeight.quantize(self.weight)  # ValueError on inf / NaN
         vocab, in_features = self.weight.shape
         gamma = in_features * _UNIT_ROUNDOFF / (1 - in_features * _UNIT_ROUNDOFF)
-        bound = torch.empty(vocab, dtype=torch.float64)
-        largest_norm = 0.0
-        for begin in range(0, vocab, _BUILD_ROWS):
-            rows = slice(begin, begin + _BUILD_ROWS)
-            exact = self.weight[rows].double()
-            screened = self.screen.qweight[rows].double() * self.screen.scale[rows, None].double()
-            screened_norm = screened.norm(dim=1)
-            # quantisation error + the screen kernel's rounding (products, sum, scale multiply) + the
-            # roundings of the threshold arithmetic in screen_candidates.cpp (each <= u (|approx| +
-            # margin), |approx| <= ||x|| ||s q||; the margin part is in the 1e-5 below) + the float
-            # kernel's rounding + underflow: each of the ~2K + 8 operations may lose up to 2^-126
-            # (flush-to-zero) where the relative bounds fail, which ||x|| >= _MIN_NORM turns into
-            # a relative term
-            bound[rows] = ((exact - screened).norm(dim=1) + (gamma + 6 * _UNIT_ROUNDOFF) * screened_norm
-                           + gamma * exact.norm(dim=1) + (2 * in_features + 8) * 2.0 ** -126 / _MIN_NORM)
-            largest_norm = max(largest_norm, float(screened_norm.max()))
+        norms = torch.empty(vocab, 3, dtype=torch.float64)  # ||w - s q||, ||s q||, ||w|| per row
+        cpu_ops._C.screen_row_norms(weight=self.weight.data_ptr(), bf16=self.weight.dtype == torch.bfloat16,
+                                    qweight=self.screen.qweight.data_ptr(), scale=self.screen.scale.data_ptr(),
+                                    rows=vocab, cols=in_features, out=norms.data_ptr(),
+                                    num_threads=torch.get_num_threads())
+        error_norm, screened_norm, exact_norm = norms.unbind(1)
+        # quantisation error + the screen kernel's rounding (products, sum, scale multiply) + the
+        # roundings of the threshold arithmetic in screen_candidates.cpp (each <= u (|approx| +
+        # margin), |approx| <= ||x|| ||s q||; the margin part is in the 1e-5 below) + the float
+        # kernel's rounding + underflow: each of the ~2K + 8 operations may lose up to 2^-126
+        # (flush-to-zero) where the relative bounds fail, which ||x|| >= _MIN_NORM turns into a
+        # relative term
+        bound = (error_norm + (gamma + 6 * _UNIT_ROUNDOFF) * screened_norm + gamma * exact_norm
+                 + (2 * in_features + 8) * 2.0 ** -126 / _MIN_NORM)
         self.bound = (bound * (1 + 1e-5)).float()  # rounded up past fp64 -> fp32 and the ||x|| rounding
-        self.largest_norm = largest_norm
+        self.largest_norm = float(screened_norm.max())
         self.last_candidates = None  # candidates of the last decided call (for tests and benchmarks)
 
     def argmax(self, x: torch.Tensor, forbidden: Optional[Sequence[int]] = None) -> Optional[torch.Tensor]:

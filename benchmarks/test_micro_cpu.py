@@ -139,6 +139,26 @@ def test_w8a8_linear(benchmark, isa, rows, out_features):
     benchmark.extra_info["isa"] = isa
 
 
+@pytest.mark.skipif(cpu_ops is None, reason=CPU_MISSING or "")
+@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("path", ["all logits", "screened"])
+def test_lm_head_argmax(benchmark, path, rows):
+    """Greedy's pick from a whole fp32 umt5-small LM head: every logit + argmax, against the int8
+    screen + the candidates' exact logits (umt5_fast/lm_head_screen.py); both give the same ids."""
+    from umt5_fast.lm_head_screen import LMHeadScreen
+    weight = randn(256384, D_MODEL, seed=3, scale=0.05)
+    x = randn(rows, D_MODEL, seed=4)
+    screen = LMHeadScreen(weight)
+
+    def all_logits():
+        return cpu_ops.argmax(cpu_ops.linear(x, weight))
+    expected = all_logits()
+    call = all_logits if path == "all logits" else lambda: screen.argmax(x)
+    assert torch.equal(call(), expected)
+    benchmark.group = f"lm head argmax {rows}x{D_MODEL} @ 256384x{D_MODEL}"
+    benchmark(call)
+
+
 @pytest.fixture(scope="module")
 def small_decoder_model():
     """umt5-small's decoder (vocab cut to 32128: the LM head has its own benchmark above), random weights."""

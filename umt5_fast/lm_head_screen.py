@@ -13,7 +13,8 @@ Cauchy-Schwarz on the quantisation error, ``||w[n] - s[n] q[n]||_2``, plus the w
 of both fp32 dot products (any summation order: gamma_K = K u / (1 - K u), u = 2^-24) and of the
 screening arithmetic itself. Every row whose upper bound reaches the best lower bound is a
 candidate; the float kernel then computes the candidates' logits exactly as it computes all of
-them, so the winner (first index among equal maxima) is the unscreened argmax, bit for bit. On a
+them, so the winner (first index among equal maxima) is the unscreened argmax, bit for bit (bf16
+logits are rounded after: see _BF16_LOGIT_SLACK). On a
 random umt5-small a handful of the 256384 rows are candidates; a step reads the int8 head plus a
 few float rows. When the bound cannot decide cheaply (non-finite input, too many candidates)
 ``argmax`` returns None and the caller computes every logit.
@@ -86,9 +87,9 @@ class LMHeadScreen:
             approx[:, list(forbidden)] = -float("inf")
         norm = norm.float()  # (held by name: the kernel reads it)
         flags = torch.empty(approx.shape[1], dtype=torch.uint8)
-        cpu_ops._C.screen_candidates(approx=approx.data_ptr(), norm=norm.data_ptr(),
-                                     bound=self.bound.data_ptr(), flags=flags.data_ptr(), rows=x.shape[0],
-                                     cols=approx.shape[1], slack=_BF16_LOGIT_SLACK if x.dtype == torch.bfloat16 else 0.0,
+        slack = _BF16_LOGIT_SLACK if x.dtype == torch.bfloat16 else 0.0  # fp32 logits: not rounded after
+        cpu_ops._C.screen_candidates(approx=approx.data_ptr(), norm=norm.data_ptr(), bound=self.bound.data_ptr(),
+                                     flags=flags.data_ptr(), rows=x.shape[0], cols=approx.shape[1], slack=slack,
                                      num_threads=torch.get_num_threads())
         candidates = flags.nonzero().squeeze(1)  # ascending ids
         if len(candidates) > _MAX_CANDIDATES:

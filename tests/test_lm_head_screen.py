@@ -240,3 +240,17 @@ def test_a_non_finite_head_takes_the_float_path(checkpoint_factory):
         model.lm_head.weight[7, 3] = float("inf")
     assert lm_head_screen.screen_for(model) is None
     model.generate(ids, attention_mask=mask, max_new_tokens=3)  # still decodes, every logit computed
+
+
+def test_a_batch_past_the_float_kernels_rows_keeps_the_ids(checkpoint_factory):
+    """34 rows: torch's GEMM computes those logits, so the screen declines (and is dropped for the
+    call after three steps); ids stay the unscreened path's and transformers'."""
+    path, hf = checkpoint_factory("UMT5ForConditionalGeneration", vocab_size=1201, d_model=36, num_heads=3, d_kv=12,
+                                  num_layers=3)
+    model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="cpu")
+    ids, mask = random_batch(1201, cpu_ops.FP32_KERNEL_MAX_ROWS + 2, 21, seed=8)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=12)
+    with torch.no_grad():
+        assert torch.equal(got, hf.generate(ids, attention_mask=mask, max_new_tokens=12))
+    model.screen_lm_head = False
+    assert torch.equal(got, model.generate(ids, attention_mask=mask, max_new_tokens=12))

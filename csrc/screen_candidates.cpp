@@ -1,12 +1,13 @@
-// The C++ parts of umt5_fast/lm_head_screen.py. Its per-row norms (at build), and its thresholding: given approximate logits a[r][c] whose error is
-// at most norm[r] * bound[c], flag every column that may hold row r's largest logit for some r:
+// The C++ parts of umt5_fast/lm_head_screen.py: its per-row norms (at build), and its thresholding.
+// Given approximate logits a[r][c] whose error is at most norm[r] * bound[c], the thresholding flags
+// every column that may hold row r's largest logit for some r:
 //   best_lower[r] = max_c (a[r][c] - norm[r] * bound[c]),
 //   flag[c] = any_r (a[r][c] + norm[r] * bound[c] >= best_lower[r] - slack * |best_lower[r]|)
 // (slack > 0 where the exact logits are rounded after: rows that round up to the maximum count).
 // Two streaming passes over a; in torch the same arithmetic made 5 passes and, at 16 rows of a
 // 256384-entry vocabulary, took longer (19 ms) than the int8 product it screens (14 ms).
-// The products and sums round once each (no FMA contraction: -ffp-contract=off); the bound's
-// slack covers those roundings. a holds no NaN (the caller checks its inputs are finite).
+// The products and sums round once each (no FMA contraction: -ffp-contract=off); the bound has
+// terms for those roundings. a holds no NaN (the caller checks its inputs are finite).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

@@ -71,8 +71,8 @@ class CpuDecodeStep:
                 and cache.keys.shape == cache.values.shape and cache.keys.shape[1] == rows
                 and cache.keys.is_contiguous() and cache.values.is_contiguous()
                 and encoder_states.dtype == torch.float32 and encoder_states.shape[0] == rows
-                # fp32 weights take the C++ GEMV only up to this many rows (torch's GEMM above)
-                and (not self.has_fp32_weights or rows <= cpu_ops.FP32_KERNEL_MAX_ROWS)
+                # fp32 weights take the C++ GEMV only up to some rows (torch's GEMM above)
+                and (not self.has_fp32_weights or cpu_ops.float_kernel_computes(torch.float32, torch.float32, rows))
                 and all(kv is not None and kv[0].dtype == kv[1].dtype == torch.float32
                         and kv[0].shape == kv[1].shape and kv[0].shape[0] == rows
                         and kv[0].stride(-1) == kv[1].stride(-1) == 1 for kv in cache.cross_kv))

@@ -74,8 +74,8 @@ class LMHeadScreen:
         ``ops.cpu.linear(x, weight)`` gives, ids in ``forbidden`` excluded (their logits -inf, as
         min_new_tokens sets them); None when the screen cannot decide."""
         x = x.contiguous()
-        if not self._float_kernel_computes(x) or x.shape[0] == 0:
-            return None
+        if not cpu_ops.float_kernel_computes(x.dtype, self.weight.dtype, x.shape[0]) or x.shape[0] == 0:
+            return None  # (torch's GEMM would compute the logits: a subset of rows may sum differently)
         norm = x.double().norm(dim=1)
         if not bool(torch.isfinite(norm).all()) or float(norm.max()) * self.largest_norm > 1e30 \
                 or float(norm.min()) < _MIN_NORM:
@@ -97,14 +97,6 @@ class LMHeadScreen:
         self.last_candidates = len(candidates)
         logits = cpu_ops.linear(x, self.weight.index_select(0, candidates)).float()
         return candidates[cpu_ops.argmax(logits)]
-
-    def _float_kernel_computes(self, x: torch.Tensor) -> bool:
-        """Whether ``ops.cpu.linear(x, weight)`` runs the C++ float kernel, whose per-row sums do not
-        depend on which other rows it computes (torch's GEMMs, taken above some row count, may)."""
-        rows = x.shape[0]
-        if x.dtype == torch.float32:
-            return self.weight.dtype == torch.bfloat16 or rows <= cpu_ops.FP32_KERNEL_MAX_ROWS
-        return x.dtype == self.weight.dtype == torch.bfloat16 and rows <= cpu_ops.BF16_KERNEL_MAX_ROWS
 
 
 def _fingerprint(weight: torch.Tensor) -> tuple:

@@ -292,6 +292,16 @@ FP32_KERNEL_MAX_ROWS = 32
 # Likewise bf16 x with bf16 weights: torch's bf16 GEMV reads the LM head ~3x slower than the C++
 # kernel at one row, as fast at 16, faster above.
 BF16_KERNEL_MAX_ROWS = 16
+
+
+def float_kernel_computes(x_dtype: torch.dtype, weight_dtype: torch.dtype, rows: int) -> bool:
+    """Whether ``linear`` multiplies ``rows`` rows of x with a float weight in the C++ kernel, whose
+    sums for one row do not depend on the other rows (torch's GEMM, taken otherwise, may block them
+    differently): fp32 x with bf16 weights always, fp32 and bf16 pairs up to the limits above."""
+    if x_dtype == torch.float32 and weight_dtype == torch.bfloat16:
+        return True
+    limit = {torch.float32: FP32_KERNEL_MAX_ROWS, torch.bfloat16: BF16_KERNEL_MAX_ROWS}.get(x_dtype, 0)
+    return x_dtype == weight_dtype and 0 < rows <= limit
 # Whether torch's bf16 GEMM runs in oneDNN (AVX-512 / AVX512-BF16 / AMX CPUs). Elsewhere (AVX2
 # only) it takes a fallback that widens to fp32 inside a slow loop: MKL's fp32 GEMM on the widened
 # operands gives the same fp32 sums rounded once, 2-6x faster (measured on a Zen 3: 1024 x 512 @
@@ -331,9 +341,9 @@ def linear(x, weight, residual=None):
     quantized = isinstance(weight, QuantizedWeight)
     rows = math.prod(x.shape[:-1]) if x.dim() else 0
     small_fp32 = (not quantized and weight.dtype == x.dtype == torch.float32
-                  and 0 < rows <= FP32_KERNEL_MAX_ROWS)
+                  and float_kernel_computes(x.dtype, weight.dtype, rows))
     if not quantized and weight.dtype == x.dtype == torch.bfloat16 and rows > 0:
-        if rows <= BF16_KERNEL_MAX_ROWS:
+        if float_kernel_computes(x.dtype, weight.dtype, rows):
             # The C++ kernel on the exactly widened x: fp32 sums rounded once, as torch's bf16 GEMM does.
             return _add_residual(linear(x.float(), weight).to(torch.bfloat16), residual)
         if not NATIVE_BF16_GEMM:

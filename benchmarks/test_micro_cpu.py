@@ -141,12 +141,17 @@ def test_w8a8_linear(benchmark, isa, rows, out_features):
 
 @pytest.mark.skipif(cpu_ops is None, reason=CPU_MISSING or "")
 @pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("head", ["fp32", "int8"])
 @pytest.mark.parametrize("path", ["all logits", "screened"])
-def test_lm_head_argmax(benchmark, path, rows):
-    """Greedy's pick from a whole fp32 umt5-small LM head: every logit + argmax, against the int8
-    screen + the candidates' exact logits (umt5_fast/lm_head_screen.py); both give the same ids."""
+def test_lm_head_argmax(benchmark, path, head, rows):
+    """Greedy's pick from a whole umt5-small LM head (fp32, or weight-only int8): every logit +
+    argmax, against the screen's integer product + the candidates' exact logits
+    (umt5_fast/lm_head_screen.py); both give the same ids."""
     from umt5_fast.lm_head_screen import LMHeadScreen
+    from umt5_fast.quant import QuantizedWeight
     weight = randn(256384, D_MODEL, seed=3, scale=0.05)
+    if head == "int8":
+        weight = QuantizedWeight.quantize(weight)
     x = randn(rows, D_MODEL, seed=4)
     screen = LMHeadScreen(weight)
 
@@ -155,7 +160,8 @@ def test_lm_head_argmax(benchmark, path, rows):
     expected = all_logits()
     call = all_logits if path == "all logits" else lambda: screen.argmax(x)
     assert torch.equal(call(), expected)
-    benchmark.group = f"lm head argmax {rows}x{D_MODEL} @ 256384x{D_MODEL}"
+    benchmark.group = f"lm head argmax {rows}x{D_MODEL} @ {head} 256384x{D_MODEL}"
+    benchmark.extra_info["candidates"] = screen.last_candidates
     benchmark(call)
 
 

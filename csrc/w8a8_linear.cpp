@@ -135,6 +135,24 @@ void run_w8a8_linear(const float* x, const int8_t* qweight, const float* scale,
   });
 }
 
+// ||x_r - scale_r q_r|| in fp64 per row, for the q and scale run_w8a8_linear multiplies with (the
+// quantiser this CPU selects; NaN for a row with inf / NaN): the LM head screen's bound needs the
+// actual activation error, about sqrt(3) below the worst case.
+void w8a8_quantisation_error(const float* x, int64_t rows, int64_t in_features, double* out, int num_threads) {
+  const int64_t k_padded = (in_features + kW8A8KPad - 1) / kW8A8KPad * kW8A8KPad;
+  const QuantisedRows a = quantise_rows(x, rows, in_features, k_padded, select_w8a8_kernels().quantise_row,
+                                        num_threads);
+  for (int64_t m = 0; m < rows; ++m) {
+    const double scale = a.scales[m];
+    double sum = 0;
+    for (int64_t k = 0; k < in_features; ++k) {
+      const double error = x[m * in_features + k] - scale * a.q[m * k_padded + k];
+      sum += error * error;
+    }
+    out[m] = std::isnan(scale) ? NAN : std::sqrt(sum);
+  }
+}
+
 void register_w8a8_linear(py::module_& m) {
   m.def("w8a8_linear",
         [](uintptr_t x, uintptr_t qweight, uintptr_t scale, uintptr_t residual, uintptr_t y,
@@ -152,6 +170,18 @@ void register_w8a8_linear(py::module_& m) {
         py::arg("num_threads"),
         "y = int8(x) @ qweight^T, rescaled (+ residual): x quantised per row at run time; fp32 "
         "data pointers except int8 qweight (residual = 0: none).");
+  m.def("w8a8_quantisation_error",
+        [](uintptr_t x, int64_t rows, int64_t in_features, uintptr_t out, int num_threads) {
+          if (in_features < 1 || in_features > kW8A8MaxK)
+            throw std::invalid_argument("w8a8_quantisation_error: in_features must be in [1, 65536]");
+          py::gil_scoped_release no_gil;
+          w8a8_quantisation_error(reinterpret_cast<const float*>(x), rows, in_features,
+                                  reinterpret_cast<double*>(out), num_threads);
+        },
+        py::kw_only(), py::arg("x"), py::arg("rows"), py::arg("in_features"), py::arg("out"),
+        py::arg("num_threads"),
+        "out[r] = ||x_r - scale_r q_r|| (fp64 [rows]) for the int8 rows q and scales w8a8_linear "
+        "quantises fp32 x [rows, in_features] to.");
   m.def("has_avx512_vnni", &cpu_supports_avx512_vnni,
         "Whether w8a8_linear can use the AVX512-VNNI kernel on this CPU.");
 }

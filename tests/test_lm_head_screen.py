@@ -2,11 +2,14 @@
 every logit, index for index, on random and adversarial heads (exact ties, near-duplicate rows,
 outlier inputs, forbidden ids); its bound holds; it engages in greedy generation, where the ids
 equal the unscreened path's and transformers'."""
+import math
+
 import pytest
 import torch
 
 import umt5_fast
 from umt5_fast import lm_head_screen
+from umt5_fast.quant import QuantizedWeight
 from helpers import random_batch
 
 pytest.importorskip("umt5_fast._C")
@@ -26,15 +29,23 @@ def random_head(vocab, dim, dtype, seed):
     return (torch.randn(vocab, dim, generator=g) * scales * 0.05).to(dtype)
 
 
-# (LM head weight, activations): fp32 model, bf16 weights with fp32 activations, bf16 model
-DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)]
+def make_head(kind, vocab, dim, seed):
+    """A random LM head: an fp32 / bf16 tensor, or int8 weights (``QuantizedWeight``)."""
+    if kind == "int8":
+        return QuantizedWeight.quantize(random_head(vocab, dim, torch.float32, seed))
+    return random_head(vocab, dim, kind, seed)
+
+
+# (LM head weight, activations): fp32 model, bf16 weights with fp32 activations, bf16 model, int8 weights
+DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+          ("int8", torch.float32)]
 
 
 @pytest.mark.usefixtures("every_cpu_isa")
 @pytest.mark.parametrize("dtype,x_dtype", DTYPES)
 @pytest.mark.parametrize("vocab,dim", [(997, 37), (4099, 64), (1500, 129)])
 def test_argmax_equals_the_float_kernels_on_random_inputs(vocab, dim, dtype, x_dtype):
-    weight = random_head(vocab, dim, dtype, seed=vocab + dim)
+    weight = make_head(dtype, vocab, dim, seed=vocab + dim)
     screen = lm_head_screen.LMHeadScreen(weight)
     g = torch.Generator().manual_seed(dim)
     decided = 0
@@ -55,8 +66,8 @@ def test_argmax_equals_the_float_kernels_on_random_inputs(vocab, dim, dtype, x_d
 @pytest.mark.usefixtures("every_cpu_isa")
 @pytest.mark.parametrize("dtype,x_dtype", DTYPES)
 def test_a_vocabulary_split_between_threads(dtype, x_dtype):
-    """Past 2^15 columns the thresholding splits columns between threads (both passes)."""
-    weight = random_head(70001, 24, dtype, seed=9)
+    """Past 2^14 columns the thresholding splits its chunks of columns between threads (both passes)."""
+    weight = make_head(dtype, 70001, 24, seed=9)
     screen = lm_head_screen.LMHeadScreen(weight)
     g = torch.Generator().manual_seed(2)
     for rows in (1, 3, 16):
@@ -65,33 +76,56 @@ def test_a_vocabulary_split_between_threads(dtype, x_dtype):
         assert got is not None and torch.equal(got, full_argmax(x, weight, [0, 69999]))
 
 
+def input_quantisation_error(x):
+    """||x - scale q|| per row for the int8 q and scale of W8A8Weight's reference quantiser."""
+    x = x.float()
+    amax = x.abs().amax(dim=1, keepdim=True)
+    q = torch.round(x * (torch.full_like(amax, 127.0) / amax)).clamp(-127, 127).nan_to_num(0.0)  # zero rows: 0
+    return (x.double() - (amax / 127).double() * q.double()).norm(dim=1)
+
+
 @pytest.mark.usefixtures("every_cpu_isa")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_bound_holds_for_every_row(dtype):
-    weight = random_head(3001, 71, dtype, seed=3)
+def test_the_input_quantisation_error_is_the_kernels():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 131, generator=g) * torch.logspace(-20, 20, 7)[:, None]
+    x[2, 5] = 300.0
+    x[4] = 0
+    got = torch.empty(7, dtype=torch.float64)
+    cpu_ops._C.w8a8_quantisation_error(x=x.data_ptr(), rows=7, in_features=131, out=got.data_ptr(), num_threads=2)
+    torch.testing.assert_close(got, input_quantisation_error(x), rtol=1e-12, atol=0)
+    assert float(got[4]) == 0 and bool((got[:4] > 0).all())
+
+
+@pytest.mark.usefixtures("every_cpu_isa")
+@pytest.mark.parametrize("head", ["float32", "bfloat16", "int8"])
+def test_bound_holds_for_every_row(head):
+    weight = make_head(head if head == "int8" else getattr(torch, head), 3001, 71, seed=3)
     screen = lm_head_screen.LMHeadScreen(weight)
     x = torch.randn(4, 71) * 3
     x[0, 5] = 400.0
     approx = cpu_ops.linear(x, screen.screen)
     exact = cpu_ops.linear(x, weight)
-    bound = x.double().norm(dim=1, keepdim=True) * screen.bound.double()
-    assert bool(((approx.double() - exact.double()).abs() <= bound).all())
-    # and not vacuous: per input row, within 10x of the largest error over the head (~3-6x seen)
+    bound = (x.double().norm(dim=1, keepdim=True) * screen.bound.double()
+             + input_quantisation_error(x)[:, None] * screen.input_error_bound.double())
     error = (approx.double() - exact.double()).abs()
+    assert bool((error <= bound).all())
+    # and not vacuous: per input row, within 10x of the largest error over the head (~3-6x seen)
     assert bool((bound.max(dim=1).values < 10 * error.max(dim=1).values).all())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_row_norms_of_the_build_match_torch_in_fp64(dtype):
-    weight = random_head(301, 77, dtype, seed=5)
+@pytest.mark.parametrize("head", ["float32", "bfloat16", "int8"])
+def test_row_norms_of_the_build_match_torch_in_fp64(head):
+    weight = random_head(301, 77, torch.float32 if head == "int8" else getattr(torch, head), seed=5)
     weight[3] = 0  # a zero row quantises to zeros
     screen = lm_head_screen.LMHeadScreen(weight)
+    qweight, scale = screen.screen.unpacked().contiguous(), screen.screen.scale
+    assert torch.equal(qweight, QuantizedWeight.quantize(weight).qweight)  # the packed copy holds the rows
     norms = torch.empty(301, 3, dtype=torch.float64)
-    cpu_ops._C.screen_row_norms(weight=weight.data_ptr(), bf16=dtype == torch.bfloat16,
-                                qweight=screen.screen.qweight.data_ptr(), scale=screen.screen.scale.data_ptr(),
+    cpu_ops._C.screen_row_norms(weight=0 if head == "int8" else weight.data_ptr(), bf16=head == "bfloat16",
+                                qweight=qweight.data_ptr(), scale=scale.data_ptr(),
                                 rows=301, cols=77, out=norms.data_ptr(), num_threads=2)
-    exact = weight.double()
-    screened = screen.screen.qweight.double() * screen.screen.scale.double()[:, None]
+    screened = qweight.double() * scale.double()[:, None]
+    exact = screened if head == "int8" else weight.double()  # (an int8 head: w = s q)
     expected = torch.stack([(exact - screened).norm(dim=1), screened.norm(dim=1), exact.norm(dim=1)], dim=1)
     torch.testing.assert_close(norms, expected, rtol=1e-12, atol=0)
 
@@ -118,8 +152,9 @@ def test_bf16_logits_that_round_equal_pick_the_first(target):
     spacing tie after rounding, and the first of them is the pick, also where the largest logit
     sits next to a power of two (where rounding down and up have different spacings)."""
     g = torch.Generator().manual_seed(int(target * 1000) % 97)
-    # Integer rows with 127 as their largest entry quantise to int8 exactly: the bound is only the
-    # rounding terms, far below a bf16 spacing, so ties after rounding are the screen's to resolve.
+    # Integer rows with 127 as their largest entry quantise to int8 exactly, and so does an input of
+    # integers with 127 among them times a power of two: the bound is only the rounding terms, far
+    # below a bf16 spacing, so ties after rounding are the screen's to resolve.
     base = torch.randint(-100, 101, (64,), generator=g).float()
     base[0] = 127
     nudges = torch.randint(-1, 2, (800, 64), generator=g).float() * (torch.rand(800, 64, generator=g) < 0.05)
@@ -127,8 +162,19 @@ def test_bf16_logits_that_round_equal_pick_the_first(target):
     weight = (base + nudges).to(torch.bfloat16)  # sums ~0.1% apart: many share a bf16 value
     screen = lm_head_screen.LMHeadScreen(weight)
     assert float(screen.bound.max()) < 1e-3 * float(base.norm())
-    x = (base * target / float(base @ base)).to(torch.bfloat16)[None, :]
+    # x = v 2^-j with v . base ~ |target| 2^j: v keeps 127 first and scales the rest of base down
+    # (2^-j base . base lies in [|target|, 2 |target|)), then +-1 steps close the gap.
+    j = math.floor(math.log2(float(base @ base) / abs(target)))
+    wanted = abs(target) * 2.0 ** j
+    v = torch.cat([base[:1], torch.round(base[1:] * (wanted - 127 ** 2) / float(base[1:] @ base[1:]))])
+    for i in base[1:].abs().argsort(descending=True)[:40] + 1:  # (entries of base that are not 0)
+        gap = wanted - float(v @ base)
+        step = max(-1.0, min(1.0, round(gap / float(base[i]))))
+        v[i] = (v[i] + step).clamp(-126, 126)
+    x = (math.copysign(1.0, target) * v * 2.0 ** -j).to(torch.bfloat16)[None, :]
+    assert float(input_quantisation_error(x)) == 0.0
     logits = cpu_ops.linear(x, weight).float()
+    assert abs(float(logits.max()) / target - 1) < 3e-3  # the largest logit sits at the target
     assert int((logits == logits.max()).sum()) > 1, "the test needs rows that tie after rounding"
     got = screen.argmax(x)
     assert got is not None and torch.equal(got, full_argmax(x, weight))
@@ -167,7 +213,7 @@ def load(checkpoint_factory, **overrides):
 
 @pytest.mark.parametrize("overrides", [dict(vocab_size=3001), dict(vocab_size=2003, tie_word_embeddings=True),
                                        dict(vocab_size=1009, feed_forward_proj="relu")])
-@pytest.mark.parametrize("dtype,quantize", [(None, None), (None, "bf16"), (torch.bfloat16, None)])
+@pytest.mark.parametrize("dtype,quantize", [(None, None), (None, "bf16"), (torch.bfloat16, None), (None, "int8")])
 def test_greedy_generation_uses_the_screen_and_keeps_the_ids(checkpoint_factory, overrides, dtype, quantize):
     path, hf = checkpoint_factory("UMT5ForConditionalGeneration", **overrides)
     model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="cpu", dtype=dtype,
@@ -204,6 +250,34 @@ def test_the_screen_follows_a_new_lm_head(checkpoint_factory, edit):
     model.screen_lm_head = False
     assert torch.equal(got, model.generate(ids, attention_mask=mask, max_new_tokens=6))
     assert "_lm_head_screen" not in model.__dict__  # a model that stops qualifying drops it
+
+
+@pytest.mark.parametrize("edit", ["in place through .data", "new buffers"])
+def test_an_int8_head_is_its_own_screen_and_followed(checkpoint_factory, edit):
+    path, _ = checkpoint_factory("UMT5ForConditionalGeneration", vocab_size=907)
+    model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="cpu", quantize="int8")
+    ids, mask = random_batch(907, 3, 10, seed=6)
+    model.generate(ids, attention_mask=mask, max_new_tokens=4)
+    first = model._lm_head_screen[1]
+    assert torch.equal(first.screen.unpacked(), model.lm_head.qweight)  # the head's own int8 values
+    with torch.no_grad():
+        if edit == "new buffers":
+            model.lm_head.qweight = torch.roll(model.lm_head.qweight, 1, dims=0)
+        else:
+            model.lm_head.qweight.data.mul_(-1)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=7)
+    assert model._lm_head_screen[1] is not first
+    model.screen_lm_head = False
+    assert torch.equal(got, model.generate(ids, attention_mask=mask, max_new_tokens=7))
+
+
+def test_w8a8_heads_and_bf16_inputs_to_int8_heads_are_not_screened(checkpoint_factory):
+    path, _ = checkpoint_factory("UMT5ForConditionalGeneration", vocab_size=601)
+    model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="cpu", quantize="w8a8")
+    assert lm_head_screen.screen_for(model) is None  # its logits are the integer kernel's already
+    screen = lm_head_screen.LMHeadScreen(make_head("int8", 300, 16, seed=2))
+    assert screen.argmax(torch.randn(2, 16).bfloat16()) is None  # torch computes those logits
+    assert screen.argmax(torch.randn(2, 16)) is not None
 
 
 @pytest.mark.parametrize("processor", [dict(repetition_penalty=1.3), dict(no_repeat_ngram_size=2),

@@ -1,29 +1,32 @@
 """Greedy argmax of the LM head without reading all of it (cpu backend).
 
 At batch 1 the LM head (256384 x d_model) is ~85% of the bytes a decode step reads, and greedy
-decoding needs only the argmax of its logits. ``LMHeadScreen`` keeps an int8 copy of the head
-(per-row scales, a quarter of the fp32 bytes) and, per row n, a bound ``c[n]`` such that for every
-input x
+decoding needs only the argmax of its logits. ``LMHeadScreen`` multiplies the input with an int8
+copy of the head (per-row scales, a quarter of the fp32 bytes; an int8 head is its own copy) in
+integers: the W8A8 kernel, which quantises the input to int8 per row, so at 16 rows it also runs
+at the integer multiply rate rather than the fp32 one. Per input row m and head row n,
 
-    |approx[n] - logit[n]| <= ||x||_2 * c[n]
+    |approx[m, n] - logit[m, n]| <= ||x_m|| * c[n] + ||e_m|| * c2[n]
 
-where ``approx`` is the int8 kernel's product and ``logit`` the one the float kernel computes
-(``ops.cpu.linear``, the logits greedy decoding would otherwise take the argmax of). ``c[n]`` is
-Cauchy-Schwarz on the quantisation error, ``||w[n] - s[n] q[n]||_2``, plus the worst-case rounding
-of both fp32 dot products (any summation order: gamma_K = K u / (1 - K u), u = 2^-24) and of the
-screening arithmetic itself. Every row whose upper bound reaches the best lower bound is a
-candidate; the float kernel then computes the candidates' logits exactly as it computes all of
-them, so the winner (first index among equal maxima) is the unscreened argmax, bit for bit (bf16
-logits are rounded after: see _BF16_LOGIT_SLACK). On a
-random umt5-small a handful of the 256384 rows are candidates; a step reads the int8 head plus a
-few float rows. When the bound cannot decide cheaply (non-finite input, too many candidates)
-``argmax`` returns None and the caller computes every logit.
+where ``logit`` is what the float kernel computes (``ops.cpu.linear``, the logits greedy decoding
+would otherwise take the argmax of) and ``e_m`` is the quantisation error of x_m (measured per
+call by ``w8a8_quantisation_error``, for the int8 values the kernel multiplies). ``c[n]`` is
+Cauchy-Schwarz on the head's quantisation error ``||w[n] - s[n] q[n]||_2`` plus the worst-case
+rounding of the float kernel's dot product (any summation order: gamma_K = K u / (1 - K u),
+u = 2^-24), of the integer kernel's three fp32 roundings and of the screening arithmetic itself;
+``c2[n]`` is ``||s[n] q[n]||`` (Cauchy-Schwarz on the input's error) with the same roundings. Every
+row whose upper bound reaches the best lower bound is a candidate; the float kernel then computes
+the candidates' logits exactly as it computes all of them, so the winner (first index among equal
+maxima) is the unscreened argmax, bit for bit (bf16 logits are rounded after: see
+_BF16_LOGIT_SLACK). On a random umt5-small a handful of the 256384 rows are candidates; a step
+reads the int8 head plus a few rows of the head. When the bound cannot decide cheaply (non-finite
+input, too many candidates) ``argmax`` returns None and the caller computes every logit.
 """
 from typing import Optional, Sequence
 
 import torch
 
-from umt5_fast.quant import QuantizedWeight
+from umt5_fast.quant import QuantizedWeight, W8A8Weight
 
 try:
     from umt5_fast.ops import cpu as cpu_ops
@@ -45,27 +48,41 @@ _MAX_CANDIDATES = 1024
 
 
 class LMHeadScreen:
-    def __init__(self, weight: torch.Tensor):
-        """``weight``: the LM head's float weight ``[vocab, d_model]`` (fp32 or bf16), finite."""
-        self.weight = weight.contiguous()
-        self.screen = QuantizedWeight.quantize(self.weight)  # ValueError on inf / NaN
-        vocab, in_features = self.weight.shape
-        gamma = in_features * _UNIT_ROUNDOFF / (1 - in_features * _UNIT_ROUNDOFF)
+    def __init__(self, weight):
+        """``weight``: the LM head ``[vocab, d_model]``, a finite fp32 or bf16 tensor or an int8
+        ``QuantizedWeight`` (d_model <= 65536: the integer kernel's int32 sums)."""
+        int8_head = type(weight) is QuantizedWeight
+        self.weight = weight if int8_head else weight.contiguous()
+        # ValueError on inf / NaN. (Quantised in rows for the norms, then packed: the same values.)
+        rows_q = weight if int8_head else QuantizedWeight.quantize(self.weight)
+        vocab, in_features = weight.shape
+        if in_features > 65536:
+            raise ValueError("the LM head screen's int32 sums hold up to 65536 products")
+        qweight, scale = rows_q.qweight.contiguous(), rows_q.scale.float().contiguous()
         norms = torch.empty(vocab, 3, dtype=torch.float64)  # ||w - s q||, ||s q||, ||w|| per row
-        cpu_ops._C.screen_row_norms(weight=self.weight.data_ptr(), bf16=self.weight.dtype == torch.bfloat16,
-                                    qweight=self.screen.qweight.data_ptr(), scale=self.screen.scale.data_ptr(),
-                                    rows=vocab, cols=in_features, out=norms.data_ptr(),
-                                    num_threads=torch.get_num_threads())
+        cpu_ops._C.screen_row_norms(weight=0 if int8_head else self.weight.data_ptr(),
+                                    bf16=not int8_head and self.weight.dtype == torch.bfloat16,
+                                    qweight=qweight.data_ptr(), scale=scale.data_ptr(), rows=vocab,
+                                    cols=in_features, out=norms.data_ptr(), num_threads=torch.get_num_threads())
+        self.screen = W8A8Weight(W8A8Weight.pack(qweight), scale)
         error_norm, screened_norm, exact_norm = norms.unbind(1)
-        # quantisation error + the screen kernel's rounding (products, sum, scale multiply) + the
-        # roundings of the threshold arithmetic in screen_candidates.cpp (each <= u (|approx| +
-        # margin), |approx| <= ||x|| ||s q||; the margin part is in the 1e-5 below) + the float
-        # kernel's rounding + underflow: each of the ~2K + 8 operations may lose up to 2^-126
-        # (flush-to-zero) where the relative bounds fail, which ||x|| >= _MIN_NORM turns into a
-        # relative term
-        bound = (error_norm + (gamma + 6 * _UNIT_ROUNDOFF) * screened_norm + gamma * exact_norm
-                 + (2 * in_features + 8) * 2.0 ** -126 / _MIN_NORM)
-        self.bound = (bound * (1 + 1e-5)).float()  # rounded up past fp64 -> fp32 and the ||x|| rounding
+        gamma = in_features * _UNIT_ROUNDOFF / (1 - in_features * _UNIT_ROUNDOFF)
+        # The float kernel's dot product (an int8 head's kernel also rounds its scale multiply).
+        exact_rounding = (gamma + 2 * _UNIT_ROUNDOFF if int8_head else gamma) * exact_norm
+        # The integer kernel's sum is exact; it rounds float(sum), x_scale * s and their product:
+        # <= 3.0001 u |S|, |S| = |<x - e, s q>| <= (||x|| + ||e||) ||s q||. The thresholding in
+        # screen_candidates.cpp rounds a - margin and a + margin: each <= u (|approx| + margin), the
+        # margin part in the 1e-5 below; 10 u covers both for each of ||x|| and ||e||.
+        screen_rounding = 10 * _UNIT_ROUNDOFF * screened_norm
+        # Underflow (flush-to-zero): each of the float kernel's ~2K + 8 operations may lose up to
+        # 2^-126 where the relative bounds fail, and x_scale * s up to 2^-126 times |sum| <= 127^2 K;
+        # ||x|| >= _MIN_NORM turns that into a relative term.
+        underflow = (2 * in_features + 9 + 127 * 127 * in_features) * 2.0 ** -126 / _MIN_NORM
+        bound = error_norm + exact_rounding + screen_rounding + underflow
+        # rounded up past fp64 -> fp32, the roundings of the margin's two products and sum, and of
+        # the norms of x and e (each to fp32)
+        self.bound = (bound * (1 + 1e-5)).float()
+        self.input_error_bound = ((screened_norm + screen_rounding) * (1 + 1e-5)).float()
         self.largest_norm = float(screened_norm.max())
         self.last_candidates = None  # candidates of the last decided call (for tests and benchmarks)
 
@@ -74,51 +91,70 @@ class LMHeadScreen:
         ``ops.cpu.linear(x, weight)`` gives, ids in ``forbidden`` excluded (their logits -inf, as
         min_new_tokens sets them); None when the screen cannot decide."""
         x = x.contiguous()
-        if not cpu_ops.float_kernel_computes(x.dtype, self.weight.dtype, x.shape[0]) or x.shape[0] == 0:
-            return None  # (torch's GEMM would compute the logits: a subset of rows may sum differently)
+        if x.shape[0] == 0 or not (x.dtype == torch.float32 if isinstance(self.weight, QuantizedWeight)
+                                   else cpu_ops.float_kernel_computes(x.dtype, self.weight.dtype, x.shape[0])):
+            return None  # (torch computes those logits: a subset of rows may sum differently)
         norm = x.double().norm(dim=1)
         if not bool(torch.isfinite(norm).all()) or float(norm.max()) * self.largest_norm > 1e30 \
                 or float(norm.min()) < _MIN_NORM:
             return None  # inf / NaN input, logits near fp32 overflow or underflow: the float path decides
         if forbidden and len(set(forbidden)) >= self.weight.shape[0]:
             return None  # every id forbidden: the float path's argmax of all -inf
-        approx = cpu_ops.linear(x.float(), self.screen)  # finite (inputs finite, far from overflow)
+        x32 = x.float()
+        approx = cpu_ops.linear(x32, self.screen)  # finite (inputs finite, far from overflow)
         if forbidden:
             approx[:, list(forbidden)] = -float("inf")
-        norm = norm.float()  # (held by name: the kernel reads it)
+        input_error = torch.empty(x.shape[0], dtype=torch.float64)
+        cpu_ops._C.w8a8_quantisation_error(x=x32.data_ptr(), rows=x.shape[0], in_features=x.shape[1],
+                                           out=input_error.data_ptr(), num_threads=torch.get_num_threads())
+        norm, input_error = norm.float(), input_error.float()  # (held by name: the kernel reads them)
         flags = torch.empty(approx.shape[1], dtype=torch.uint8)
         slack = _BF16_LOGIT_SLACK if x.dtype == torch.bfloat16 else 0.0  # fp32 logits: not rounded after
         cpu_ops._C.screen_candidates(approx=approx.data_ptr(), norm=norm.data_ptr(), bound=self.bound.data_ptr(),
+                                     norm2=input_error.data_ptr(), bound2=self.input_error_bound.data_ptr(),
                                      flags=flags.data_ptr(), rows=x.shape[0], cols=approx.shape[1], slack=slack,
                                      num_threads=torch.get_num_threads())
         candidates = flags.nonzero().squeeze(1)  # ascending ids
         if len(candidates) > _MAX_CANDIDATES:
             return None
         self.last_candidates = len(candidates)
-        logits = cpu_ops.linear(x, self.weight.index_select(0, candidates)).float()
+        candidate_rows = (self.weight.rows(candidates) if isinstance(self.weight, QuantizedWeight)
+                          else self.weight.index_select(0, candidates))
+        logits = cpu_ops.linear(x, candidate_rows).float()
         return candidates[cpu_ops.argmax(logits)]
 
 
-def _fingerprint(weight: torch.Tensor) -> tuple:
-    """Identity and a sample of the contents of ``weight``: in-place edits through ``.data`` or numpy
-    leave ``_version`` as it was, and a screen of the old values would pick from the wrong rows. The
-    sample (every 509th row, two sums) catches whole-head edits such as scaling or reloading; an
-    edit of single rows outside it is not seen: assign a new Parameter then."""
+def _fingerprint(weight) -> tuple:
+    """Identity and a sample of the contents of ``weight`` (a tensor, or an int8 head's qweight and
+    scale): in-place edits through ``.data`` or numpy leave ``_version`` as it was, and a screen of
+    the old values would pick from the wrong rows. The sample (every 509th row, two sums) catches
+    whole-head edits such as scaling or reloading; an edit of single rows outside it is not seen:
+    assign a new Parameter then."""
+    if isinstance(weight, QuantizedWeight):
+        return _fingerprint(weight.qweight) + _fingerprint(weight.scale)
     sample = weight[::509].double()
     return (weight.data_ptr(), weight.shape, weight.dtype, weight._version, float(sample.sum()),
             float(sample.abs().sum()))
 
 
+def _screenable(weight) -> bool:
+    """An fp32 / bf16 CPU tensor, or our weight-only int8 (not W8A8, whose logits the integer kernel
+    computes anyway, nor fp8 / GGUF blocks)."""
+    if type(weight) is QuantizedWeight:
+        return weight.qweight.dtype == torch.int8 and weight.device.type == "cpu"
+    return isinstance(weight, torch.Tensor) and weight.dtype in (torch.float32, torch.bfloat16) \
+        and weight.device.type == "cpu"
+
+
 def screen_for(model) -> Optional[LMHeadScreen]:
     """The model's screen (built on first use, rebuilt when its LM head changed), or None when the
-    model does not qualify: cpu backend, an fp32 or bf16 float LM head, ``model.screen_lm_head``.
+    model does not qualify: cpu backend, an fp32, bf16 or int8 LM head, ``model.screen_lm_head``.
     A model that stops qualifying drops its screen (which holds a reference to the head)."""
     lm_head = getattr(model, "lm_head", None)
     weight = lm_head.packed_weight() if lm_head is not None else None
     if cpu_ops is None or lm_head is None or model.runtime.ops is not cpu_ops \
             or not getattr(model, "screen_lm_head", True) or lm_head.bias is not None \
-            or not isinstance(weight, torch.Tensor) or weight.dtype not in (torch.float32, torch.bfloat16) \
-            or weight.device.type != "cpu":
+            or not _screenable(weight) or weight.shape[1] > 65536:
         model.__dict__.pop("_lm_head_screen", None)
         return None
     built_for = _fingerprint(weight)

@@ -14,7 +14,9 @@ What runs where (fp32 activations):
   once. Both are more accurate than eager's half-precision scores, so not bit-equal to it.
 - ``argmax``: greedy decoding's pick, one C++ pass over the rows.
 - ``linear``: a float weight of ``x``'s dtype goes to torch's GEMM, except fp32 weights for up to
-  ``FP32_KERNEL_MAX_ROWS`` rows (decode steps), which take the C++ GEMV; a ``QuantizedWeight``
+  ``FP32_KERNEL_MAX_ROWS`` rows (decode steps), which take the C++ GEMV, and fp32 GEMMs of
+  ``ONEDNN_MIN_ROWS`` rows or more on AVX-512 CPUs, which take oneDNN (``ONEDNN_FP32_GEMM``:
+  MKL runs AVX2 code on AMD CPUs); a ``QuantizedWeight
   (int8) or bf16 weight goes to the C++ weight-only kernels, which widen the weights in registers,
   so decoding reads 4x / 2x fewer bytes than fp32.
 - ``linear`` with a ``W8A8Weight``: the activations are quantised to int8 per row and multiplied
@@ -312,6 +314,34 @@ NATIVE_BF16_GEMM = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", l
 BF16_WIDEN_CHUNK = 1 << 24
 
 
+# torch's fp32 GEMM is MKL's, which on AMD CPUs runs its AVX2 code: ~190 GFLOP/s on a 2-core Zen 5,
+# whose AVX-512 FMAs peak near 530. oneDNN (bundled with torch) picks its kernels by the CPU's
+# flags: with the weight reordered per call (nothing cached, so no second copy of the weights) it
+# ran 1.5-2.3x faster than MKL from 256 rows on (umt5-small's shapes; below that the reorder
+# dominates), same accuracy (~1e-6 relative to fp64). So on AVX-512 CPUs fp32 GEMMs of that many
+# rows go to oneDNN. Weights above ONEDNN_MAX_WEIGHT elements (an LM head) stay with MKL: the
+# reorder would copy them whole, slowly (64 MB: 24 ms).
+ONEDNN_FP32_GEMM = ("avx512" in _C.supported_cpu_isas() and torch.backends.mkldnn.is_available()
+                    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+ONEDNN_MIN_ROWS = 256
+ONEDNN_MAX_WEIGHT = 1 << 24
+
+
+def _fp32_gemm(x, weight, rows):
+    """``F.linear(x, weight)`` for fp32 operands, through oneDNN where it is faster (see above)."""
+    if not (ONEDNN_FP32_GEMM and rows >= ONEDNN_MIN_ROWS and weight.numel() <= ONEDNN_MAX_WEIGHT
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return F.linear(x, weight)  # (oneDNN's ops here have no autograd)
+    return _onednn_linear(x.reshape(rows, x.shape[-1]).contiguous(), weight).view(*x.shape[:-1], weight.shape[0])
+
+
+def _onednn_linear(x, weight):
+    """``x @ weight.T`` (2-D fp32) in oneDNN, the weight reordered into its layout for this call."""
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
 def _bf16_linear_through_fp32(x, weight):
     """``F.linear`` of bf16 ``x`` and ``weight`` as fp32 sums of the widened operands, rounded to
     bf16 once, the weight widened a chunk of output features at a time."""
@@ -348,6 +378,8 @@ def linear(x, weight, residual=None):
             return _add_residual(linear(x.float(), weight).to(torch.bfloat16), residual)
         if not NATIVE_BF16_GEMM:
             return _add_residual(_bf16_linear_through_fp32(x, weight), residual)
+    if not quantized and weight.dtype == x.dtype == torch.float32 and not small_fp32 and rows > 0:
+        return _add_residual(_fp32_gemm(x, weight, rows), residual)
     if not quantized and weight.dtype == x.dtype and not small_fp32:
         return _add_residual(F.linear(x, weight), residual)
     out_features, in_features = weight.shape

@@ -449,25 +449,31 @@ def test_fp32_decode_rows_take_the_kernel(generator, monkeypatch):
 @pytest.mark.skipif(not cpu.ONEDNN_FP32_GEMM, reason="fp32 GEMMs go to oneDNN on AVX-512 CPUs only")
 @pytest.mark.parametrize("shape", [(256, 133), (2, 150, 77), (3, 331, 1)])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_fp32_gemms_of_many_rows_take_onednn(shape, with_residual, generator, monkeypatch):
-    """From ONEDNN_MIN_ROWS rows on, fp32 GEMMs run in oneDNN: fp32 accuracy against fp64 (odd
-    sizes, leading dims, a residual, a non-contiguous x); small weights' rows, big weights (an LM
-    head) and autograd stay with torch's GEMM."""
+@pytest.mark.parametrize("weights", ["fp32", "int8", "bf16"])
+def test_fp32_gemms_of_many_rows_take_onednn(shape, with_residual, weights, generator, monkeypatch):
+    """From ONEDNN_MIN_ROWS rows on, fp32 GEMMs run in oneDNN, int8 / bf16 weights expanded to fp32
+    for the call: fp32 accuracy against fp64 (odd sizes, leading dims, a residual, a non-contiguous
+    x); fewer rows, big weights (an LM head) and autograd stay with the kernels / torch's GEMM."""
     calls = []
     onednn_linear = cpu._onednn_linear
     monkeypatch.setattr(cpu, "_onednn_linear", lambda x, w: calls.append(x.shape) or onednn_linear(x, w))
     x = randn(*shape[:-1], 2 * shape[-1], generator=generator)[..., ::2]  # non-contiguous
     weight = randn(67, shape[-1], generator=generator)
+    weight = {"int8": QuantizedWeight.quantize, "bf16": torch.Tensor.bfloat16, "fp32": lambda w: w}[weights](weight)
+    dense = weight.dequantize() if weights == "int8" else weight.float()
     residual = randn(*shape[:-1], 67, generator=generator) if with_residual else None
     got = cpu.linear(x, weight, residual)
-    exact = x.double() @ weight.double().T + (0 if residual is None else residual.double())
+    exact = x.double() @ dense.double().T + (0 if residual is None else residual.double())
     assert got.shape == (*shape[:-1], 67) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), exact, rtol=0, atol=1e-5 * float(exact.abs().max()))
     assert len(calls) == 1
     cpu.linear(x[..., :cpu.ONEDNN_MIN_ROWS - 1, :] if x.dim() == 2 else x[:1, :100], weight)  # fewer rows
-    monkeypatch.setattr(cpu, "ONEDNN_MAX_WEIGHT", weight.numel() - 1)
+    monkeypatch.setattr(cpu, "ONEDNN_MAX_WEIGHT", math.prod(weight.shape) - 1)
     cpu.linear(x, weight)  # a weight too big to reorder per call
-    monkeypatch.setattr(cpu, "ONEDNN_MAX_WEIGHT", weight.numel())
+    monkeypatch.setattr(cpu, "ONEDNN_MAX_WEIGHT", math.prod(weight.shape))
+    if weights != "fp32":
+        assert len(calls) == 1
+        return
     with torch.enable_grad():
         trained = weight.clone().requires_grad_()
         cpu.linear(x, trained).sum().backward()  # torch's GEMM, which has autograd

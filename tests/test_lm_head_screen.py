@@ -278,6 +278,8 @@ def test_w8a8_heads_and_bf16_inputs_to_int8_heads_are_not_screened(checkpoint_fa
     screen = lm_head_screen.LMHeadScreen(make_head("int8", 300, 16, seed=2))
     assert screen.argmax(torch.randn(2, 16).bfloat16()) is None  # torch computes those logits
     assert screen.argmax(torch.randn(2, 16)) is not None
+    many_rows = torch.randn(cpu_ops.ONEDNN_MIN_ROWS, 16)  # oneDNN would compute the candidates' logits
+    assert (screen.argmax(many_rows) is None) == cpu_ops.ONEDNN_FP32_GEMM
 
 
 @pytest.mark.parametrize("processor", [dict(repetition_penalty=1.3), dict(no_repeat_ngram_size=2),

@@ -91,9 +91,10 @@ class LMHeadScreen:
         ``ops.cpu.linear(x, weight)`` gives, ids in ``forbidden`` excluded (their logits -inf, as
         min_new_tokens sets them); None when the screen cannot decide."""
         x = x.contiguous()
-        if x.shape[0] == 0 or not (x.dtype == torch.float32 if isinstance(self.weight, QuantizedWeight)
+        if x.shape[0] == 0 or not (cpu_ops.int8_kernel_computes(x.dtype, x.shape[0])
+                                   if isinstance(self.weight, QuantizedWeight)
                                    else cpu_ops.float_kernel_computes(x.dtype, self.weight.dtype, x.shape[0])):
-            return None  # (torch computes those logits: a subset of rows may sum differently)
+            return None  # (torch or oneDNN computes those logits: a subset of rows may sum differently)
         norm = x.double().norm(dim=1)
         if not bool(torch.isfinite(norm).all()) or float(norm.max()) * self.largest_norm > 1e30 \
                 or float(norm.min()) < _MIN_NORM:

@@ -16,7 +16,8 @@ What runs where (fp32 activations):
 - ``linear``: a float weight of ``x``'s dtype goes to torch's GEMM, except fp32 weights for up to
   ``FP32_KERNEL_MAX_ROWS`` rows (decode steps), which take the C++ GEMV, and fp32 GEMMs of
   ``ONEDNN_MIN_ROWS`` rows or more on AVX-512 CPUs, which take oneDNN (``ONEDNN_FP32_GEMM``:
-  MKL runs AVX2 code on AMD CPUs); a ``QuantizedWeight
+  MKL runs AVX2 code on AMD CPUs; int8 and bf16 weights of that many rows too, expanded to fp32
+  for the call: ``onednn_computes``); a ``QuantizedWeight
   (int8) or bf16 weight goes to the C++ weight-only kernels, which widen the weights in registers,
   so decoding reads 4x / 2x fewer bytes than fp32.
 - ``linear`` with a ``W8A8Weight``: the activations are quantised to int8 per row and multiplied
@@ -328,9 +329,27 @@ ONEDNN_MIN_ROWS = 256
 ONEDNN_MAX_WEIGHT = 1 << 24
 
 
+def onednn_computes(x_dtype: torch.dtype, weight, rows: int) -> bool:
+    """Whether ``linear`` runs this product in oneDNN: fp32 x of ``rows`` rows with an fp32 weight,
+    or with an int8 (weight-only) or bf16 weight expanded to fp32 for the call, which from this
+    many rows costs less than the weight-only kernels' widening in registers (they are bound by
+    fp32 FMAs there, not bytes)."""
+    size_ok = weight.shape[0] * weight.shape[1] <= ONEDNN_MAX_WEIGHT
+    kind_ok = type(weight) is QuantizedWeight or (isinstance(weight, torch.Tensor)
+                                                   and weight.dtype in (torch.float32, torch.bfloat16))
+    return ONEDNN_FP32_GEMM and x_dtype == torch.float32 and rows >= ONEDNN_MIN_ROWS and size_ok and kind_ok
+
+
+def int8_kernel_computes(x_dtype: torch.dtype, rows: int) -> bool:
+    """Whether ``linear`` multiplies ``rows`` rows of x with every ``QuantizedWeight``, whatever its
+    size, in the C++ int8 kernel (whose sums for one row do not depend on the other rows or
+    columns), rather than in oneDNN for weights small enough to expand."""
+    return x_dtype == torch.float32 and rows > 0 and not (ONEDNN_FP32_GEMM and rows >= ONEDNN_MIN_ROWS)
+
+
 def _fp32_gemm(x, weight, rows):
     """``F.linear(x, weight)`` for fp32 operands, through oneDNN where it is faster (see above)."""
-    if not (ONEDNN_FP32_GEMM and rows >= ONEDNN_MIN_ROWS and weight.numel() <= ONEDNN_MAX_WEIGHT
+    if not (onednn_computes(x.dtype, weight, rows)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return F.linear(x, weight)  # (oneDNN's ops here have no autograd)
     return _onednn_linear(x.reshape(rows, x.shape[-1]).contiguous(), weight).view(*x.shape[:-1], weight.shape[0])
@@ -380,6 +399,9 @@ def linear(x, weight, residual=None):
             return _add_residual(_bf16_linear_through_fp32(x, weight), residual)
     if not quantized and weight.dtype == x.dtype == torch.float32 and not small_fp32 and rows > 0:
         return _add_residual(_fp32_gemm(x, weight, rows), residual)
+    if (quantized or weight.dtype == torch.bfloat16) and onednn_computes(x.dtype, weight, rows):
+        dense = weight.dequantize(torch.float32) if quantized else weight.float()
+        return _add_residual(_fp32_gemm(x, dense, rows), residual)
     if not quantized and weight.dtype == x.dtype and not small_fp32:
         return _add_residual(F.linear(x, weight), residual)
     out_features, in_features = weight.shape

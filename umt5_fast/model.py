@@ -656,9 +656,10 @@ class UMT5Model(_EncoderDecoder):
 class UMT5ForConditionalGeneration(_EncoderDecoder):
     """Encoder-decoder with the LM head (untied in UMT5 checkpoints); ``generate`` decodes."""
 
-    # Greedy decoding on the cpu backend finds the argmax through an int8 copy of a float LM head
-    # (``umt5_fast.lm_head_screen``: same ids, a quarter of the head's bytes per step; the copy is
-    # built at the first greedy ``generate``). False: every step computes all logits.
+    # Greedy decoding on the cpu backend finds the argmax through an int8 copy of the LM head (fp32,
+    # bf16 or weight-only int8; ``umt5_fast.lm_head_screen``: same ids, a quarter of a float head's
+    # bytes per step; the copy is built at the first greedy ``generate``). False: every step
+    # computes all logits.
     screen_lm_head = True
 
     def __init__(self, config: UMT5Config, backend: str = "auto"):

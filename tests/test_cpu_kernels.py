@@ -480,6 +480,16 @@ def test_fp32_gemms_of_many_rows_take_onednn(shape, with_residual, weights, gene
     assert len(calls) == 1 and trained.grad is not None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_empty_products_of_many_rows(dtype, generator):
+    """0 input or 0 output features at ONEDNN_MIN_ROWS rows (oneDNN has no such primitive): zeros /
+    an empty result, as eager gives."""
+    got = cpu.linear(randn(cpu.ONEDNN_MIN_ROWS, 0, generator=generator), torch.zeros(5, 0, dtype=dtype))
+    assert got.shape == (cpu.ONEDNN_MIN_ROWS, 5) and not got.any()
+    got = cpu.linear(randn(cpu.ONEDNN_MIN_ROWS, 7, generator=generator), torch.zeros(0, 7, dtype=dtype))
+    assert got.shape == (cpu.ONEDNN_MIN_ROWS, 0)
+
+
 def test_float_linear_matches_eager(generator):
     x, weight = randn(3, 7, 40, generator=generator), randn(67, 40, generator=generator)
     residual = randn(3, 7, 67, generator=generator)

@@ -121,6 +121,25 @@ def test_fp32_weights_take_the_step_only_up_to_the_gemv_rows(checkpoint_factory)
             assert torch.equal(fast.step(tokens), python.step(tokens))
 
 
+@pytest.mark.parametrize("mode", ["bf16", "int8", "w8a8"])
+def test_weights_that_onednn_would_take_decline_from_its_rows(checkpoint_factory, mode):
+    """From ONEDNN_MIN_ROWS rows on (AVX-512 CPUs) the Python path expands bf16 / int8 weights for
+    oneDNN: the step declines there rather than give other bits; W8A8 stays in the integer kernel."""
+    from umt5_fast.ops import cpu
+    model = load(checkpoint_factory, "relu-ungated", mode)
+    rows = cpu.ONEDNN_MIN_ROWS
+    states, mask = encoded(model, rows, seed=3)
+    fast = generation.Decoder(model, states, mask, max_length=3)
+    python = generation.Decoder(model, states, mask, max_length=3)
+    python.cpu_step = None
+    tokens = torch.zeros(rows, 1, dtype=torch.long)
+    with torch.inference_mode():
+        assert torch.equal(fast.step(tokens), python.step(tokens))
+        accepted = fast.cpu_step.accepts(tokens, fast.cache, fast.encoder_states)
+        assert accepted == (mode == "w8a8" or not cpu.ONEDNN_FP32_GEMM)
+        assert torch.equal(fast.step(tokens), python.step(tokens))
+
+
 def test_a_full_cache_is_an_error_not_an_overwrite(checkpoint_factory):
     model = load(checkpoint_factory, "relu-ungated", None)
     states, mask = encoded(model, 2, seed=9)

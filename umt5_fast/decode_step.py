@@ -57,10 +57,12 @@ def _norm_weight(norm, eps: float, keep: list):
 
 
 class CpuDecodeStep:
-    def __init__(self, model, native, has_fp32_weights: bool, keep: list):
+    def __init__(self, model, native, has_fp32_weights: bool, has_expanded_weights: bool, keep: list):
         self.model = model
         self.native = native
         self.has_fp32_weights = has_fp32_weights
+        # bf16 / int8 weights, which ``linear`` expands for oneDNN from ONEDNN_MIN_ROWS rows on
+        self.has_expanded_weights = has_expanded_weights
         self._keep = keep  # the tensors behind the pointers ``native`` holds
 
     def accepts(self, tokens: torch.Tensor, cache, encoder_states: torch.Tensor) -> bool:
@@ -73,6 +75,7 @@ class CpuDecodeStep:
                 and encoder_states.dtype == torch.float32 and encoder_states.shape[0] == rows
                 # fp32 weights take the C++ GEMV only up to some rows (torch's GEMM above)
                 and (not self.has_fp32_weights or cpu_ops.float_kernel_computes(torch.float32, torch.float32, rows))
+                and not (self.has_expanded_weights and cpu_ops.onednn_rows(torch.float32, rows))
                 and all(kv is not None and kv[0].dtype == kv[1].dtype == torch.float32
                         and kv[0].shape == kv[1].shape and kv[0].shape[0] == rows
                         and kv[0].stride(-1) == kv[1].stride(-1) == 1 for kv in cache.cross_kv))
@@ -132,4 +135,4 @@ def build(model) -> Optional[CpuDecodeStep]:
         d_model=config.d_model, heads=config.num_heads, d_kv=config.d_kv, d_ff=config.d_ff,
         num_buckets=config.relative_attention_num_buckets, max_distance=config.relative_attention_max_distance,
         eps=eps, activation=activation, layers=layers, final_norm=final_norm)
-    return CpuDecodeStep(model, native, _F32 in kinds, keep)
+    return CpuDecodeStep(model, native, _F32 in kinds, bool(kinds & {_BF16, _INT8}), keep)

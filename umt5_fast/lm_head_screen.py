@@ -83,6 +83,8 @@ class LMHeadScreen:
         # the norms of x and e (each to fp32)
         self.bound = (bound * (1 + 1e-5)).float()
         self.input_error_bound = ((screened_norm + screen_rounding) * (1 + 1e-5)).float()
+        if not (bool(torch.isfinite(self.bound).all()) and bool(torch.isfinite(self.input_error_bound).all())):
+            raise ValueError("the LM head's scales are not finite or too large for the screen's bound")
         self.largest_norm = float(screened_norm.max())
         self.last_candidates = None  # candidates of the last decided call (for tests and benchmarks)
 
@@ -91,9 +93,10 @@ class LMHeadScreen:
         ``ops.cpu.linear(x, weight)`` gives, ids in ``forbidden`` excluded (their logits -inf, as
         min_new_tokens sets them); None when the screen cannot decide."""
         x = x.contiguous()
-        if x.shape[0] == 0 or not (cpu_ops.int8_kernel_computes(x.dtype, x.shape[0])
-                                   if isinstance(self.weight, QuantizedWeight)
-                                   else cpu_ops.float_kernel_computes(x.dtype, self.weight.dtype, x.shape[0])):
+        int8_head = isinstance(self.weight, QuantizedWeight)
+        if x.shape[0] == 0 or cpu_ops.onednn_computes(x.dtype, self.weight, x.shape[0]) \
+                or not (x.dtype == torch.float32 if int8_head
+                        else cpu_ops.float_kernel_computes(x.dtype, self.weight.dtype, x.shape[0])):
             return None  # (torch or oneDNN computes those logits: a subset of rows may sum differently)
         norm = x.double().norm(dim=1)
         if not bool(torch.isfinite(norm).all()) or float(norm.max()) * self.largest_norm > 1e30 \
@@ -119,9 +122,10 @@ class LMHeadScreen:
         if len(candidates) > _MAX_CANDIDATES:
             return None
         self.last_candidates = len(candidates)
-        candidate_rows = (self.weight.rows(candidates) if isinstance(self.weight, QuantizedWeight)
-                          else self.weight.index_select(0, candidates))
-        logits = cpu_ops.linear(x, candidate_rows).float()
+        # The unscreened path's C++ kernel (not ``linear``, which may send a few rows to oneDNN),
+        # on the exactly widened x of a bf16 model, rounded to bf16 after as ``linear`` rounds.
+        candidate_rows = self.weight.rows(candidates) if int8_head else self.weight.index_select(0, candidates)
+        logits = cpu_ops.kernel_linear(x32, candidate_rows).to(x.dtype).float()
         return candidates[cpu_ops.argmax(logits)]
 
 
@@ -142,9 +146,10 @@ def _screenable(weight) -> bool:
     """An fp32 / bf16 CPU tensor, or our weight-only int8 (not W8A8, whose logits the integer kernel
     computes anyway, nor fp8 / GGUF blocks)."""
     if type(weight) is QuantizedWeight:
-        return weight.qweight.dtype == torch.int8 and weight.device.type == "cpu"
-    return isinstance(weight, torch.Tensor) and weight.dtype in (torch.float32, torch.bfloat16) \
-        and weight.device.type == "cpu"
+        kind_ok = weight.qweight.dtype == torch.int8
+    else:
+        kind_ok = isinstance(weight, torch.Tensor) and weight.dtype in (torch.float32, torch.bfloat16)
+    return kind_ok and weight.device.type == "cpu" and weight.shape[0] > 0 and weight.shape[1] > 0
 
 
 def screen_for(model) -> Optional[LMHeadScreen]:

@@ -334,17 +334,16 @@ def onednn_computes(x_dtype: torch.dtype, weight, rows: int) -> bool:
     or with an int8 (weight-only) or bf16 weight expanded to fp32 for the call, which from this
     many rows costs less than the weight-only kernels' widening in registers (they are bound by
     fp32 FMAs there, not bytes)."""
-    size_ok = weight.shape[0] * weight.shape[1] <= ONEDNN_MAX_WEIGHT
+    size_ok = 0 < weight.shape[0] * weight.shape[1] <= ONEDNN_MAX_WEIGHT
     kind_ok = type(weight) is QuantizedWeight or (isinstance(weight, torch.Tensor)
                                                    and weight.dtype in (torch.float32, torch.bfloat16))
-    return ONEDNN_FP32_GEMM and x_dtype == torch.float32 and rows >= ONEDNN_MIN_ROWS and size_ok and kind_ok
+    return onednn_rows(x_dtype, rows) and size_ok and kind_ok
 
 
-def int8_kernel_computes(x_dtype: torch.dtype, rows: int) -> bool:
-    """Whether ``linear`` multiplies ``rows`` rows of x with every ``QuantizedWeight``, whatever its
-    size, in the C++ int8 kernel (whose sums for one row do not depend on the other rows or
-    columns), rather than in oneDNN for weights small enough to expand."""
-    return x_dtype == torch.float32 and rows > 0 and not (ONEDNN_FP32_GEMM and rows >= ONEDNN_MIN_ROWS)
+def onednn_rows(x_dtype: torch.dtype, rows: int) -> bool:
+    """Whether fp32 x of ``rows`` rows goes to oneDNN with weights that qualify (see above)."""
+    return (ONEDNN_FP32_GEMM and torch.backends.mkldnn.enabled and x_dtype == torch.float32
+            and rows >= ONEDNN_MIN_ROWS)
 
 
 def _fp32_gemm(x, weight, rows):
@@ -416,6 +415,19 @@ def linear(x, weight, residual=None):
         return _add_residual(linear(x.float(), weight).to(x.dtype), residual)
     if not (kernel_weight and x.dtype == torch.float32 and residual_fits and int32_fits) or x.numel() == 0:
         return eager.linear(x, weight, residual)
+    return kernel_linear(x, weight, residual)
+
+
+def kernel_linear(x, weight, residual=None):
+    """``linear`` in the C++ kernels whatever the row count (fp32 x; an fp32, bf16, int8 or W8A8
+    weight; a residual of the output's shape): the computation ``linear`` picks for decode-sized
+    rows, whose sums for one row and column depend on no other row or column."""
+    if x.dtype != torch.float32 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"kernel_linear takes fp32 x [..., {weight.shape[1]}], got {x.dtype} {tuple(x.shape)}")
+    rows = math.prod(x.shape[:-1])
+    out_features, in_features = weight.shape
+    out_shape = (*x.shape[:-1], out_features)
+    quantized = isinstance(weight, QuantizedWeight)
     x = x.contiguous()
     residual = None if residual is None else residual.contiguous()
     y = x.new_empty(out_shape)

@@ -320,13 +320,14 @@ BF16_WIDEN_CHUNK = 1 << 24
 # flags: with the weight reordered per call (nothing cached, so no second copy of the weights) it
 # ran 1.5-2.3x faster than MKL from 256 rows on (umt5-small's shapes; below that the reorder
 # dominates), same accuracy (~1e-6 relative to fp64). So on AVX-512 CPUs fp32 GEMMs of that many
-# rows go to oneDNN. Weights above ONEDNN_MAX_WEIGHT elements (an LM head) stay with MKL: the
-# reorder would copy them whole, slowly (64 MB: 24 ms).
+# rows go to oneDNN. Weights above ONEDNN_MAX_WEIGHT elements (an LM head: 131M for umt5-small)
+# stay with MKL, so that no call makes a GB-sized reordered copy; umt5-xxl's FFN weights (42M) are
+# below it (10240 x 4096 at 512 rows: 238 -> 157 ms, 1.25x at 256 rows).
 ONEDNN_FP32_GEMM = ("avx512" in _C.supported_cpu_isas() and torch.backends.mkldnn.is_available()
                     and hasattr(torch.ops.mkldnn, "_linear_pointwise")
                     and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 ONEDNN_MIN_ROWS = 256
-ONEDNN_MAX_WEIGHT = 1 << 24
+ONEDNN_MAX_WEIGHT = 1 << 26
 
 
 def onednn_computes(x_dtype: torch.dtype, weight, rows: int) -> bool:

@@ -87,6 +87,18 @@ def test_gated_ffn(benchmark, ops, rows):
     bench(benchmark, ops, f"gated_ffn rows={rows}", call, call, 1e-4)
 
 
+@pytest.mark.parametrize("rows", [256, 1024])
+@pytest.mark.parametrize("ops", OPS)
+def test_fp32_linear(benchmark, ops, rows):
+    """An encoder-sized fp32 GEMM (umt5-small's wi_0): torch's F.linear (MKL; eager) against the cpu
+    backend, which takes oneDNN on AVX-512 CPUs (ops.cpu.ONEDNN_FP32_GEMM; MKL elsewhere)."""
+    x, weight = randn(rows, D_MODEL), randn(D_FF, D_MODEL, seed=1, scale=0.05)
+
+    def call(o):
+        return o.linear(x, weight)
+    bench(benchmark, ops, f"fp32 linear {rows}x{D_MODEL} @ {D_FF}x{D_MODEL}", call, call, 1e-5)
+
+
 @pytest.mark.parametrize("cache_length", [64, 512])
 @pytest.mark.parametrize("ops", OPS)
 def test_decode_step_attention(benchmark, ops, cache_length):

@@ -103,22 +103,27 @@ def test_models_it_does_not_cover_take_the_python_path(checkpoint_factory):
     assert decode_step.build(load_model(path, backend="cpu")) is None  # no C++ kernel for quick_gelu
 
 
+def assert_step_declines_or_not(model, rows, seed, accepted):
+    """Two steps of ``rows`` rows equal the Python path's, bit for bit, and the C++ step accepts
+    them iff ``accepted`` (declining where the Python path would compute other bits)."""
+    states, mask = encoded(model, rows, seed=seed)
+    fast = generation.Decoder(model, states, mask, max_length=3)
+    python = generation.Decoder(model, states, mask, max_length=3)
+    python.cpu_step = None
+    tokens = torch.zeros(rows, 1, dtype=torch.long)
+    with torch.inference_mode():
+        assert torch.equal(fast.step(tokens), python.step(tokens))
+        assert fast.cpu_step.accepts(tokens, fast.cache, fast.encoder_states) == accepted
+        assert torch.equal(fast.step(tokens), python.step(tokens))
+
+
 def test_fp32_weights_take_the_step_only_up_to_the_gemv_rows(checkpoint_factory):
     """Above FP32_KERNEL_MAX_ROWS the Python path multiplies fp32 weights with torch's GEMM: the
     step declines rather than give other bits. 8-bit weights take the C++ kernels at any size."""
     from umt5_fast.ops.cpu import FP32_KERNEL_MAX_ROWS
     for mode, accepted in ((None, False), ("int8", True)):
         model = load(checkpoint_factory, "relu-ungated", mode)
-        rows = FP32_KERNEL_MAX_ROWS + 1
-        states, mask = encoded(model, rows, seed=8)
-        fast = generation.Decoder(model, states, mask, max_length=3)
-        python = generation.Decoder(model, states, mask, max_length=3)
-        python.cpu_step = None
-        tokens = torch.zeros(rows, 1, dtype=torch.long)
-        with torch.inference_mode():
-            assert torch.equal(fast.step(tokens), python.step(tokens))
-            assert fast.cpu_step.accepts(tokens, fast.cache, fast.encoder_states) == accepted
-            assert torch.equal(fast.step(tokens), python.step(tokens))
+        assert_step_declines_or_not(model, FP32_KERNEL_MAX_ROWS + 1, seed=8, accepted=accepted)
 
 
 @pytest.mark.parametrize("mode", ["bf16", "int8", "w8a8"])
@@ -127,17 +132,8 @@ def test_weights_that_onednn_would_take_decline_from_its_rows(checkpoint_factory
     oneDNN: the step declines there rather than give other bits; W8A8 stays in the integer kernel."""
     from umt5_fast.ops import cpu
     model = load(checkpoint_factory, "relu-ungated", mode)
-    rows = cpu.ONEDNN_MIN_ROWS
-    states, mask = encoded(model, rows, seed=3)
-    fast = generation.Decoder(model, states, mask, max_length=3)
-    python = generation.Decoder(model, states, mask, max_length=3)
-    python.cpu_step = None
-    tokens = torch.zeros(rows, 1, dtype=torch.long)
-    with torch.inference_mode():
-        assert torch.equal(fast.step(tokens), python.step(tokens))
-        accepted = fast.cpu_step.accepts(tokens, fast.cache, fast.encoder_states)
-        assert accepted == (mode == "w8a8" or not cpu.ONEDNN_FP32_GEMM)
-        assert torch.equal(fast.step(tokens), python.step(tokens))
+    assert_step_declines_or_not(model, cpu.ONEDNN_MIN_ROWS, seed=3,
+                                accepted=mode == "w8a8" or not cpu.ONEDNN_FP32_GEMM)
 
 
 def test_a_full_cache_is_an_error_not_an_overwrite(checkpoint_factory):

@@ -51,13 +51,13 @@ class LMHeadScreen:
     def __init__(self, weight):
         """``weight``: the LM head ``[vocab, d_model]``, a finite fp32 or bf16 tensor or an int8
         ``QuantizedWeight`` (d_model <= 65536: the integer kernel's int32 sums)."""
+        vocab, in_features = weight.shape
+        if in_features > 65536:
+            raise ValueError("the LM head screen's int32 sums hold up to 65536 products")
         int8_head = type(weight) is QuantizedWeight
         self.weight = weight if int8_head else weight.contiguous()
         # ValueError on inf / NaN. (Quantised in rows for the norms, then packed: the same values.)
         rows_q = weight if int8_head else QuantizedWeight.quantize(self.weight)
-        vocab, in_features = weight.shape
-        if in_features > 65536:
-            raise ValueError("the LM head screen's int32 sums hold up to 65536 products")
         qweight, scale = rows_q.qweight.contiguous(), rows_q.scale.float().contiguous()
         norms = torch.empty(vocab, 3, dtype=torch.float64)  # ||w - s q||, ||s q||, ||w|| per row
         cpu_ops._C.screen_row_norms(weight=0 if int8_head else self.weight.data_ptr(),
@@ -160,7 +160,7 @@ def screen_for(model) -> Optional[LMHeadScreen]:
     weight = lm_head.packed_weight() if lm_head is not None else None
     if cpu_ops is None or lm_head is None or model.runtime.ops is not cpu_ops \
             or not getattr(model, "screen_lm_head", True) or lm_head.bias is not None \
-            or not _screenable(weight) or weight.shape[1] > 65536:
+            or not _screenable(weight):
         model.__dict__.pop("_lm_head_screen", None)
         return None
     built_for = _fingerprint(weight)
@@ -168,7 +168,7 @@ def screen_for(model) -> Optional[LMHeadScreen]:
     if built is None or built[0] != built_for:
         try:
             screen = LMHeadScreen(weight)
-        except ValueError:  # inf / NaN in the head: no int8 copy of it
+        except ValueError:  # inf / NaN in the head (no int8 copy of it), or d_model > 65536
             screen = None
         built = model._lm_head_screen = (built_for, screen)
     return built[1]

@@ -480,6 +480,27 @@ def test_fp32_gemms_of_many_rows_take_onednn(shape, with_residual, weights, gene
     assert len(calls) == 1 and trained.grad is not None
 
 
+def test_onednn_follows_torch_backends_mkldnn_enabled(generator, monkeypatch):
+    calls = []
+    onednn_linear = cpu._onednn_linear
+    monkeypatch.setattr(cpu, "_onednn_linear", lambda x, w: calls.append(x.shape) or onednn_linear(x, w))
+    x, weight = randn(cpu.ONEDNN_MIN_ROWS, 40, generator=generator), randn(67, 40, generator=generator)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    torch.testing.assert_close(cpu.linear(x, weight), eager.linear(x, weight), **LINEAR_TOL)
+    assert not calls
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", True)
+    cpu.linear(x, weight)
+    assert len(calls) == int(cpu.ONEDNN_FP32_GEMM)
+
+
+def test_kernel_linear_names_a_wrong_x():
+    weight = torch.zeros(5, 8)
+    with pytest.raises(ValueError, match="fp32 x"):
+        cpu.kernel_linear(torch.zeros(2, 8, dtype=torch.bfloat16), weight)
+    with pytest.raises(ValueError, match=r"\[\.\.\., 8\]"):
+        cpu.kernel_linear(torch.zeros(2, 7), weight)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_empty_products_of_many_rows(dtype, generator):
     """0 input or 0 output features at ONEDNN_MIN_ROWS rows (oneDNN has no such primitive): zeros /

@@ -298,6 +298,11 @@ def test_many_rows_with_a_head_too_big_for_onednn(dtype, monkeypatch):
         assert got is not None and torch.equal(got, full_argmax(x, weight))
 
 
+def test_a_head_wider_than_the_int32_sums_is_refused():
+    with pytest.raises(ValueError, match="65536 products"):
+        lm_head_screen.LMHeadScreen(torch.zeros(3, 65537))
+
+
 def test_an_int8_head_with_non_finite_scales_is_not_screened():
     head = make_head("int8", 300, 16, seed=2)
     head.scale[5] = float("inf")

@@ -11,6 +11,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "attention_amx.h"
 #include "attention_bf16.h"
 #include "bf16.h"
 #include "bucket.h"
@@ -136,26 +137,54 @@ void write_mean_of_values(const AttentionProblem& p, int64_t b, int64_t h, T* ou
   }
 }
 
-// bf16: every (batch, head)'s V as key pairs (attention_bf16.h), packed once for all query blocks.
-struct ValuePairs {
-  std::vector<uint32_t> values;
-  int64_t d_padded = 0, head_stride = 0;
+// bf16: every (batch, head)'s operands in the kernel's layout, packed once for all query blocks:
+// V as key pairs (attention_bf16.h), or for the AMX kernel K rows and V^T (attention_amx.h).
+struct Bf16Operands {
+  std::vector<uint32_t> v_pairs;
+  int64_t d_padded = 0, v_pairs_head_stride = 0;
+  std::vector<uint16_t> k_rows, v_t;
+  int64_t amx_dims = 0, amx_columns = 0, amx_head_stride = 0;
 
-  explicit ValuePairs(const AttentionProblem& p) {
+  Bf16Operands(const AttentionProblem& p, bool amx) {
     if (p.element != AttentionElement::bf16) return;
-    d_padded = kernels::round_up(p.head_dim, 16);
-    head_stride = (p.key_length + 1) / 2 * d_padded;
-    values.resize(p.batch * p.heads * head_stride);
+    if (amx) {
+      amx_dims = amx_padded_dims(p.head_dim);
+      amx_columns = p.key_length + kAmxKeyPad;
+      amx_head_stride = amx_dims * amx_columns;
+      k_rows.resize(p.batch * p.heads * amx_head_stride);
+      v_t.resize(p.batch * p.heads * amx_head_stride);
+    } else {
+      d_padded = kernels::round_up(p.head_dim, 16);
+      v_pairs_head_stride = (p.key_length + 1) / 2 * d_padded;
+      v_pairs.resize(p.batch * p.heads * v_pairs_head_stride);
+    }
     const int threads = static_cast<int>(std::clamp<int64_t>(p.batch * p.heads, 1, std::max(p.num_threads, 1)));
 #pragma omp parallel for num_threads(threads)
-    for (int64_t bh = 0; bh < p.batch * p.heads; ++bh)
-      pack_value_pairs(element_at<uint16_t>(p.v, bh / p.heads * p.v_strides[0] + bh % p.heads * p.v_strides[1]),
-                       p.v_strides[2], p.key_length, p.head_dim, d_padded,
-                       values.data() + bh * head_stride);
+    for (int64_t bh = 0; bh < p.batch * p.heads; ++bh) {
+      const int64_t b = bh / p.heads, h = bh % p.heads;
+      const uint16_t* v = element_at<uint16_t>(p.v, b * p.v_strides[0] + h * p.v_strides[1]);
+      if (amx) {
+        pack_keys_for_amx(element_at<uint16_t>(p.k, b * p.k_strides[0] + h * p.k_strides[1]),
+                          p.k_strides[2], p.key_length, p.head_dim, k_rows.data() + bh * amx_head_stride);
+        pack_values_for_amx(v, p.v_strides[2], p.key_length, p.head_dim, v_t.data() + bh * amx_head_stride);
+      } else {
+        pack_value_pairs(v, p.v_strides[2], p.key_length, p.head_dim, d_padded,
+                         v_pairs.data() + bh * v_pairs_head_stride);
+      }
+    }
   }
 
-  const uint32_t* for_head(int64_t b, int64_t h, int64_t heads) const {
-    return values.data() + (b * heads + h) * head_stride;
+  void set_for_head(int64_t b, int64_t h, int64_t heads, AttentionBlockBf16& block) const {
+    block.v_pairs = v_pairs.data() + (b * heads + h) * v_pairs_head_stride;
+    block.d_padded = d_padded;
+  }
+
+  void set_for_head(int64_t b, int64_t h, int64_t heads, AttentionBlockAmx& block) const {
+    const int64_t offset = (b * heads + h) * amx_head_stride;
+    block.k_rows = k_rows.data() + offset;
+    block.k_row_stride = amx_dims;
+    block.v_t = v_t.data() + offset;
+    block.v_t_row_stride = amx_columns;
   }
 };
 
@@ -195,7 +224,8 @@ void run_attention(const AttentionProblem& p) {
     throw std::invalid_argument("bf16 attention needs a CPU with AVX512-BF16 and the avx512 ISA");
   const PositionTerms position_terms(p);
   const KeyTerms key_terms(p);
-  const ValuePairs value_pairs(p);
+  const bool amx = bf16 && p.query_length >= kAmxMinRows && amx_attention_enabled();
+  const Bf16Operands bf16_operands(p, amx);
   const int64_t blocks_per_head =
       (p.query_length + kernels::kAttentionMaxRows - 1) / kernels::kAttentionMaxRows;
   // Even split: 33 rows make blocks of 17 and 16, not 32 and 1.
@@ -208,8 +238,9 @@ void run_attention(const AttentionProblem& p) {
 
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> scratch(bf16 ? attention_bf16_scratch_floats(p.head_dim)
-                                    : kernels::attention_scratch_floats(p.head_dim));
+    std::vector<float> scratch(amx    ? attention_amx_scratch_floats(p.head_dim)
+                               : bf16 ? attention_bf16_scratch_floats(p.head_dim)
+                                      : kernels::attention_scratch_floats(p.head_dim));
     // Causal blocks differ in work: hand them out dynamically.
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < tasks; ++task) {
@@ -218,12 +249,17 @@ void run_attention(const AttentionProblem& p) {
       const int64_t first_row = task % blocks_per_head * rows_per_block;
       const int num_rows = static_cast<int>(std::min(rows_per_block, p.query_length - first_row));
 
-      if (bf16) {
+      if (amx) {
+        AttentionBlockAmx block;
+        fill_block<AttentionBlockBf16, uint16_t>(p, position_terms, key_terms, b, h, first_row,
+                                                 num_rows, block.rows);
+        bf16_operands.set_for_head(b, h, p.heads, block);
+        if (block.rows.key_begin < block.rows.key_end) attention_block_amx(block, scratch.data());
+      } else if (bf16) {
         AttentionBlockBf16 block;
         fill_block<AttentionBlockBf16, uint16_t>(p, position_terms, key_terms, b, h, first_row,
                                                  num_rows, block);
-        block.v_pairs = value_pairs.for_head(b, h, p.heads);
-        block.d_padded = value_pairs.d_padded;
+        bf16_operands.set_for_head(b, h, p.heads, block);
         if (block.key_begin < block.key_end) attention_block_bf16(block, scratch.data());
       } else {
         kernels::AttentionBlock block;
@@ -281,6 +317,13 @@ void register_attention(py::module_& m) {
         "no bias table / no padding mask.");
   m.def("has_bf16_attention", &cpu_supports_bf16_attention,
         "Whether attention takes bf16 q, k, v here (AVX512-BF16 and the avx512 ISA selected).");
+  m.def("has_amx_attention", &cpu_supports_amx_attention,
+        "Whether bf16 attention can run on AMX tiles here (AMX-BF16, granted by the OS).");
+  m.def("amx_attention_enabled", &amx_attention_enabled,
+        "Whether bf16 attention of 16+ query rows runs on AMX tiles (default: where it can).");
+  m.def("enable_amx_attention", &enable_amx_attention, py::arg("enabled"),
+        "Turns the AMX bf16 attention kernel on or off (tests run both kernels); ValueError when "
+        "turned on without has_amx_attention().");
 }
 
 }  // namespace umt5_fast

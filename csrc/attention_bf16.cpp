@@ -19,45 +19,17 @@
 #include <cstring>
 #include <limits>
 
-#include "bf16.h"
 #include "vec_avx512.h"
-#include "kernels_impl.h"
-
-#define UMT5_FAST_BF16_TARGET __attribute__((target("avx512bw,avx512vl,avx512bf16")))
+#include "attention_bf16_pairs.h"
 
 namespace umt5_fast {
 namespace {
 
 using kernels::kAttentionKeyTile;
-using kernels::kRowStride;  // transposed tiles: floats (or pairs) per key, one per row
-constexpr int kLanes = 16;
+using namespace bf16_pairs;
 
 UMT5_FAST_BF16_TARGET inline __m512 add_pair_products(__m512 acc, __m512i a, __m512i b) {
   return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
-}
-
-// Sixteen floats rounded to bf16 (to nearest even), one per 32-bit lane (high half zero).
-UMT5_FAST_BF16_TARGET inline __m512i bf16_in_lanes(__m512 x) {
-  return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x));
-}
-
-inline uint32_t pair(uint16_t low, uint16_t high) { return low | static_cast<uint32_t>(high) << 16; }
-
-// q_pairs[i][r] = dims (2i, 2i + 1) of row r, times scale (rounded to bf16 when scale != 1); rows
-// past num_rows and an odd head_dim's missing dim are zero.
-void pack_query_pairs(const AttentionBlockBf16& b, uint32_t* q_pairs) {
-  const auto scaled = [&](uint16_t x) {
-    return b.scale == 1.0f ? x : float_to_bf16(bf16_to_float(x) * b.scale);
-  };
-  for (int i = 0; i < (b.head_dim + 1) / 2; ++i)
-    for (int r = 0; r < kRowStride; ++r) {
-      uint32_t value = 0;
-      if (r < b.num_rows) {
-        const uint16_t* row = b.q + r * b.q_row_stride;
-        value = pair(scaled(row[2 * i]), 2 * i + 1 < b.head_dim ? scaled(row[2 * i + 1]) : 0);
-      }
-      q_pairs[i * kRowStride + r] = value;
-    }
 }
 
 // acc[g][v] += q rows . key g over dims (2i, 2i + 1); kWhole false: an odd head_dim's last dim
@@ -93,22 +65,6 @@ UMT5_FAST_BF16_TARGET void score_tile(const AttentionBlockBf16& b, const uint32_
       for (int v = 0; v < RV; ++v)
         _mm512_storeu_ps(scores_t + (c0 + g) * kRowStride + v * kLanes, acc[g][v]);
   }
-}
-
-// p_pairs[c][r] = probabilities of keys (2c, 2c + 1) for row r as bf16 (an odd tile's last key
-// pairs with 0).
-template <int RV>
-UMT5_FAST_BF16_TARGET void pack_probability_pairs(const float* scores_t, int num_keys,
-                                                  uint32_t* p_pairs) {
-  for (int c = 0; c < num_keys; c += 2)
-    for (int v = 0; v < RV; ++v) {
-      const __m512i low = bf16_in_lanes(_mm512_loadu_ps(scores_t + c * kRowStride + v * kLanes));
-      const __m512i high = c + 1 < num_keys
-          ? bf16_in_lanes(_mm512_loadu_ps(scores_t + (c + 1) * kRowStride + v * kLanes))
-          : _mm512_setzero_si512();
-      _mm512_storeu_si512(p_pairs + c / 2 * kRowStride + v * kLanes,
-                          _mm512_or_si512(low, _mm512_slli_epi32(high, 16)));
-    }
 }
 
 // acc[r][d0 .. d0 + NV vectors) = acc * rescale[r] + sum over key pairs of p v, for R rows.
@@ -189,7 +145,7 @@ void attention_rows_bf16(const AttentionBlockBf16& b, float* scratch_floats) {
   constexpr int KG = 16 / RV;
   static_assert(kAttentionKeyTile % KG == 0, "score passes cover a key tile exactly");
   const Scratch s(scratch_floats, b.head_dim, b.d_padded);
-  pack_query_pairs(b, s.q_pairs);
+  pack_query_pairs(b, (b.head_dim + 1) / 2, s.q_pairs);
   std::fill(s.acc, s.acc + kRowStride * b.d_padded, 0.0f);
   std::fill(s.running_max, s.running_max + kRowStride, -std::numeric_limits<float>::infinity());
   std::fill(s.running_sum, s.running_sum + kRowStride, 0.0f);
@@ -199,10 +155,9 @@ void attention_rows_bf16(const AttentionBlockBf16& b, float* scratch_floats) {
   for (int64_t j0 = b.key_begin / 2 * 2; j0 < b.key_end; j0 += kAttentionKeyTile) {
     const int num_keys = static_cast<int>(std::min<int64_t>(kAttentionKeyTile, b.key_end - j0));
     score_tile<RV, KG>(b, s.q_pairs, j0, num_keys, s.scores_t);
-    kernels::softmax_step_transposed<CpuIsa::avx512, RV>(
+    softmax_step_to_pairs<RV>(
         s.scores_t, num_keys, b.position_term_reversed ? b.position_term_reversed - j0 : nullptr,
-        b.key_term ? b.key_term + j0 : nullptr, s.running_max, s.running_sum, s.rescale);
-    pack_probability_pairs<RV>(s.scores_t, num_keys, s.p_pairs);
+        b.key_term ? b.key_term + j0 : nullptr, s.running_max, s.running_sum, s.rescale, s.p_pairs);
     const uint32_t* v_tile = b.v_pairs + j0 / 2 * b.d_padded;
     for (int r0 = 0; r0 < b.num_rows; r0 += 4)  // 4 x 4 accumulators fit the registers
       accumulate_value_pairs_all<4, 4>(s.p_pairs + r0, s.rescale + r0, v_tile, b.d_padded,

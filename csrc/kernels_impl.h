@@ -124,11 +124,13 @@ inline void score_tile_transposed(const float* q_t, const float* k, int64_t k_ro
 
 // softmax_step for RV vectors of rows on a transposed tile: position term of (row r, key c) at
 // position_term_reversed[r - c], key term key_term[c]. running_max, running_sum and rescale hold
-// one float per row.
-template <CpuIsa ISA, int RV>
+// one float per row. The probabilities go to emit(c, v, p of key c, p of key c + 1, whether
+// key c + 1 is in the tile (else its p is 0)) for even c; by default, in place of the scores.
+template <CpuIsa ISA, int RV, class Emit>
 inline void softmax_step_transposed(float* scores_t, int num_keys,
                                     const float* position_term_reversed, const float* key_term,
-                                    float* running_max, float* running_sum, float* rescale) {
+                                    float* running_max, float* running_sum, float* rescale,
+                                    Emit emit) {
   using V = Vec<ISA>;
   constexpr int W = V::width;
   typename V::type tile_max[RV];
@@ -153,17 +155,35 @@ inline void softmax_step_transposed(float* scores_t, int num_keys,
     V::store(running_max + v * W, new_max[v]);
     sum[v] = V::zero();
   }
-  for (int c = 0; c < num_keys; ++c) {
-    float* row = scores_t + c * kRowStride;
+  for (int c = 0; c < num_keys; c += 2) {
+    const bool has_high = c + 1 < num_keys;
     for (int v = 0; v < RV; ++v) {
-      const auto p = V::exp(V::sub(V::load(row + v * W), new_max[v]));
-      V::store(row + v * W, p);
-      sum[v] = V::add(sum[v], p);
+      const auto low = V::exp(V::sub(V::load(scores_t + c * kRowStride + v * W), new_max[v]));
+      sum[v] = V::add(sum[v], low);
+      auto high = V::zero();
+      if (has_high) {
+        high = V::exp(V::sub(V::load(scores_t + (c + 1) * kRowStride + v * W), new_max[v]));
+        sum[v] = V::add(sum[v], high);
+      }
+      emit(c, v, low, high, has_high);
     }
   }
   for (int v = 0; v < RV; ++v)
     V::store(running_sum + v * W,
              V::fma(V::load(running_sum + v * W), V::load(rescale + v * W), sum[v]));
+}
+
+template <CpuIsa ISA, int RV>
+inline void softmax_step_transposed(float* scores_t, int num_keys,
+                                    const float* position_term_reversed, const float* key_term,
+                                    float* running_max, float* running_sum, float* rescale) {
+  using V = Vec<ISA>;
+  softmax_step_transposed<ISA, RV>(
+      scores_t, num_keys, position_term_reversed, key_term, running_max, running_sum, rescale,
+      [scores_t](int c, int v, typename V::type low, typename V::type high, bool has_high) {
+        V::store(scores_t + c * kRowStride + v * V::width, low);
+        if (has_high) V::store(scores_t + (c + 1) * kRowStride + v * V::width, high);
+      });
 }
 
 // Online-softmax step of one row: adds the position and key terms to the raw scores, turns them

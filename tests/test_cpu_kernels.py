@@ -204,7 +204,26 @@ def check_bf16_attention(q, k, v, bias_table, **kwargs):
     assert error <= BF16_ATTENTION_TOL * v.double().abs().max().item(), error
 
 
-@pytest.mark.parametrize("shape", SHAPES + [(2, 3, 17, 129, 15), (1, 2, 65, 65, 33)], ids=str)
+@pytest.fixture(params=["avx512-bf16", "amx"])
+def bf16_attention_kernel(request):
+    """Run the test with each bf16 attention kernel this CPU (and the selected ISA) can run: the
+    vdpbf16ps one, and the AMX one that takes problems of 16+ query rows where the CPU has AMX."""
+    use_amx = request.param == "amx"
+    if use_amx and not _C.has_amx_attention():
+        pytest.skip("no AMX-BF16 here (or not under this ISA)")
+    default = _C.amx_attention_enabled()
+    _C.enable_amx_attention(use_amx)
+    yield request.param
+    _C.enable_amx_attention(default and _C.has_amx_attention())
+
+
+# Shapes past the AMX kernel's tiles: 128-key softmax steps, 32-dim products, 16-row tiles.
+BF16_ATTENTION_SHAPES = SHAPES + [(2, 3, 17, 129, 15), (1, 2, 65, 65, 33), (1, 2, 16, 300, 64),
+                                  (2, 1, 47, 258, 96), (1, 3, 31, 1, 8)]
+
+
+@pytest.mark.usefixtures("bf16_attention_kernel")
+@pytest.mark.parametrize("shape", BF16_ATTENTION_SHAPES, ids=str)
 @pytest.mark.parametrize("padding", [None, "left", "right"])
 def test_bf16_attention(shape, padding, generator):
     """Odd head dims and key counts (key pairs split by padding and tile ends), one and many
@@ -222,13 +241,14 @@ def test_bf16_attention(shape, padding, generator):
                          key_padding_mask=mask, scale=0.5)
 
 
+@pytest.mark.usefixtures("bf16_attention_kernel")
 def test_bf16_attention_all_keys_masked_averages_values(generator):
-    q, k, v = (t.bfloat16() for t in attention_inputs(2, 3, 7, 33, 24, generator))
+    q, k, v = (t.bfloat16() for t in attention_inputs(2, 3, 17, 33, 24, generator))
     mask = torch.ones(2, 33, dtype=torch.bool)
     mask[1] = False
     got = cpu.attention(q, k, v, None, bidirectional=True, num_buckets=32, max_distance=128,
                         key_padding_mask=mask)
-    expected = v[1].double().mean(dim=1)[None].expand(7, 3, 24)
+    expected = v[1].double().mean(dim=1)[None].expand(17, 3, 24)
     assert (got[1].double() - expected).abs().max() <= 2.0 ** -8 * expected.abs().max()  # one rounding
 
 
@@ -249,6 +269,21 @@ def test_bf16_attention_kernel_runs_where_the_cpu_has_it(generator, monkeypatch)
                    num_buckets=32, max_distance=128, bidirectional=True, key_padding_mask=0,
                    mask_batch_stride=0, causal=False, query_offset=0, scale=1.0, num_threads=1,
                    bf16=True)
+
+
+def test_amx_attention_switch():
+    """The AMX kernel is on by default where the CPU has it, can be turned off and back on, and
+    refuses to be turned on where it cannot run."""
+    if not _C.has_amx_attention():
+        assert not _C.amx_attention_enabled()
+        with pytest.raises(ValueError, match="AMX"):
+            _C.enable_amx_attention(True)
+        return
+    assert _C.amx_attention_enabled()
+    _C.enable_amx_attention(False)
+    assert not _C.amx_attention_enabled()
+    _C.enable_amx_attention(True)
+    assert _C.amx_attention_enabled()
 
 
 # ----------------------------------------------------------------------------------------------

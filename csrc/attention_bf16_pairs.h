@@ -1,0 +1,65 @@
+// bf16 pair packing shared by the two bf16 attention kernels (attention_bf16.cpp: AVX512-BF16
+// vdpbf16ps; attention_amx.cpp: AMX tiles). Both multiply pairs of bf16 numbers held in one
+// 32-bit lane, so q is packed as pairs of consecutive dims and the probabilities as pairs of
+// consecutive keys, rows (queries) across lanes: [pairs][kRowStride]. Include only from
+// translation units built with kernels_avx512.cpp's flags.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "attention_bf16.h"
+#include "bf16.h"
+#include "kernels_impl.h"
+
+#define UMT5_FAST_BF16_TARGET __attribute__((target("avx512bw,avx512vl,avx512bf16")))
+
+namespace umt5_fast {
+namespace bf16_pairs {
+
+using kernels::kRowStride;  // transposed tiles: floats (or pairs) per key, one per row
+constexpr int kLanes = 16;
+
+inline uint32_t pair(uint16_t low, uint16_t high) { return low | static_cast<uint32_t>(high) << 16; }
+
+// Sixteen floats rounded to bf16 (to nearest even), one per 32-bit lane (high half zero).
+UMT5_FAST_BF16_TARGET inline __m512i bf16_in_lanes(__m512 x) {
+  return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x));
+}
+
+// q_pairs[i][r] = dims (2i, 2i + 1) of row r, times scale (rounded to bf16 when scale != 1), for
+// i < pair_rows; rows past num_rows, an odd head_dim's missing dim and pairs past the head are 0.
+inline void pack_query_pairs(const AttentionBlockBf16& b, int pair_rows, uint32_t* q_pairs) {
+  const auto scaled = [&](uint16_t x) {
+    return b.scale == 1.0f ? x : float_to_bf16(bf16_to_float(x) * b.scale);
+  };
+  for (int i = 0; i < pair_rows; ++i)
+    for (int r = 0; r < kRowStride; ++r) {
+      uint32_t value = 0;
+      if (r < b.num_rows && 2 * i < b.head_dim) {
+        const uint16_t* row = b.q + r * b.q_row_stride;
+        value = pair(scaled(row[2 * i]), 2 * i + 1 < b.head_dim ? scaled(row[2 * i + 1]) : 0);
+      }
+      q_pairs[i * kRowStride + r] = value;
+    }
+}
+
+// kernels::softmax_step_transposed whose probabilities go to p_pairs[c][r] = keys (2c, 2c + 1) of
+// row r as bf16 (an odd tile's last key pairs with 0), without an fp32 pass between.
+template <int RV>
+UMT5_FAST_BF16_TARGET void softmax_step_to_pairs(float* scores_t, int num_keys,
+                                                 const float* position_term_reversed,
+                                                 const float* key_term, float* running_max,
+                                                 float* running_sum, float* rescale,
+                                                 uint32_t* p_pairs) {
+  kernels::softmax_step_transposed<CpuIsa::avx512, RV>(
+      scores_t, num_keys, position_term_reversed, key_term, running_max, running_sum, rescale,
+      [p_pairs](int c, int v, __m512 low, __m512 high, bool) {
+        _mm512_storeu_si512(p_pairs + c / 2 * kRowStride + v * kLanes,
+                            _mm512_or_si512(bf16_in_lanes(low), _mm512_slli_epi32(bf16_in_lanes(high), 16)));
+      });
+}
+
+}  // namespace bf16_pairs
+}  // namespace umt5_fast

@@ -2,6 +2,7 @@
 import argparse
 import datetime
 import fnmatch
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -94,6 +95,11 @@ def main(argv=None):
     if args.list:
         list_everything(workloads)
         return 0
+    if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
+        # Said before the sweep, not after minutes of it.
+        print("note: matplotlib is not installed, so no plots (pip install -e '.[bench]'; "
+              "--no-plots silences this)", file=sys.stderr)
+        args.no_plots = True
     try:
         workloads = select(workloads, args.workloads or preset.workloads)
         models = [preset_model(name) for name in (args.models or ([] if args.model else preset.models))]

@@ -75,6 +75,23 @@ def test_attention(benchmark, ops, dtype, length):
     bench(benchmark, ops, f"attention {str(dtype)[6:]} L={length}", call, fp32_reference, tol)
 
 
+@pytest.mark.skipif(cpu_ops is None or not cpu_ops._C.has_amx_attention(), reason="no AMX-BF16 here")
+@pytest.mark.parametrize("length", [512, 4096])
+@pytest.mark.parametrize("kernel", ["avx512-bf16", "amx"])
+def test_bf16_attention_kernels(benchmark, kernel, length):
+    """The two bf16 attention kernels on one CPU: vdpbf16ps pair products against AMX tiles."""
+    q, k, v = (randn(1, length, HEADS, D_KV, seed=s).bfloat16().transpose(1, 2) for s in (1, 2, 3))
+    table = randn(NUM_BUCKETS, HEADS, seed=4)
+    default = cpu_ops._C.amx_attention_enabled()
+    cpu_ops._C.enable_amx_attention(kernel == "amx")
+    try:
+        benchmark.group = f"bf16 attention kernels L={length}"
+        benchmark(cpu_ops.attention, q, k, v, table, bidirectional=True, num_buckets=NUM_BUCKETS,
+                  max_distance=MAX_DISTANCE)
+    finally:
+        cpu_ops._C.enable_amx_attention(default)
+
+
 @pytest.mark.parametrize("rows", [1, 512])
 @pytest.mark.parametrize("ops", OPS)
 def test_gated_ffn(benchmark, ops, rows):

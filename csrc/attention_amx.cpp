@@ -24,7 +24,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
-#include <limits>
 #include <stdexcept>
 
 #include "attention.h"
@@ -79,64 +78,69 @@ bool cpu_has_amx_bf16() {
 
 std::atomic<bool> amx_enabled_flag{true};
 
-struct Scratch {
-  uint32_t* q_pairs;  // [padded dims / 2][kRowStride]
-  float* acc_t;       // [padded dims][kRowStride]
-  float* scores_t;    // [kKeyTile][kRowStride]
-  uint32_t* p_pairs;  // [kKeyTile / 2][kRowStride]
-  float *running_max, *running_sum, *rescale;  // [kRowStride] each
-
-  static int64_t floats(int head_dim) {
-    const int64_t dims = amx_padded_dims(head_dim);
-    return (dims / 2 + dims + kKeyTile + kKeyTile / 2 + 3) * kRowStride;
+// The C tiles 0-3 hold a 32 x 32 block of fp32 sums at c ([rows][kRowStride]): tile 2v + i is
+// rows 16i.. and columns 16v..; NQ column tiles (tiles 2, 3 only when NQ is 2).
+template <int NQ>
+UMT5_FAST_AMX_TARGET inline void zero_sums() {
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (NQ == 2) {
+    _tile_zero(2);
+    _tile_zero(3);
   }
+}
 
-  Scratch(float* base, int head_dim) {
-    const int64_t dims = amx_padded_dims(head_dim);
-    q_pairs = reinterpret_cast<uint32_t*>(base);
-    acc_t = base + dims / 2 * kRowStride;
-    scores_t = acc_t + dims * kRowStride;
-    p_pairs = reinterpret_cast<uint32_t*>(scores_t + kKeyTile * kRowStride);
-    running_max = reinterpret_cast<float*>(p_pairs + kKeyTile / 2 * kRowStride);
-    running_sum = running_max + kRowStride;
-    rescale = running_sum + kRowStride;
+template <int NQ>
+UMT5_FAST_AMX_TARGET inline void load_sums(const float* c) {
+  _tile_loadd(0, c, kTransposedRowBytes);
+  _tile_loadd(1, c + kTileRows * kRowStride, kTransposedRowBytes);
+  if constexpr (NQ == 2) {
+    _tile_loadd(2, c + kTileRows, kTransposedRowBytes);
+    _tile_loadd(3, c + kTileRows * kRowStride + kTileRows, kTransposedRowBytes);
   }
-};
+}
+
+template <int NQ>
+UMT5_FAST_AMX_TARGET inline void store_sums(float* c) {
+  _tile_stored(0, c, kTransposedRowBytes);
+  _tile_stored(1, c + kTileRows * kRowStride, kTransposedRowBytes);
+  if constexpr (NQ == 2) {
+    _tile_stored(2, c + kTileRows, kTransposedRowBytes);
+    _tile_stored(3, c + kTileRows * kRowStride + kTileRows, kTransposedRowBytes);
+  }
+}
+
+// The C tiles += a x b over `steps` products of 32 along the sum: a is 32 rows of bf16
+// a_row_stride apart (two A tiles), b the pairs [steps * 16][kRowStride] (NQ B tiles per step).
+template <int NQ>
+UMT5_FAST_AMX_TARGET inline void add_tile_products(const uint16_t* a, int64_t a_row_stride,
+                                                   const uint32_t* b, int steps) {
+  const int64_t a_bytes = a_row_stride * sizeof(uint16_t);
+  for (int s = 0; s < steps; ++s) {
+    _tile_loadd(4, a + s * kTileBf16, a_bytes);
+    _tile_loadd(5, a + kTileRows * a_row_stride + s * kTileBf16, a_bytes);
+    _tile_loadd(6, b + s * kTileRows * kRowStride, kTransposedRowBytes);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 5, 6);
+    if constexpr (NQ == 2) {
+      _tile_loadd(7, b + s * kTileRows * kRowStride + kTileRows, kTransposedRowBytes);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+}
 
 // scores_t[c][r] = q row r . key (first_key + c) for c < round_up(num_keys, 32), NQ tiles of 16
 // rows; 32 keys (two A tiles) per pass, 32 dims per product.
 template <int NQ>
 UMT5_FAST_AMX_TARGET void score_tile(const AttentionBlockAmx& b, const uint32_t* q_pairs,
                                      int64_t first_key, int num_keys, float* scores_t) {
-  const int64_t k_bytes = b.k_row_stride * sizeof(uint16_t);
   const int dim_steps = static_cast<int>(b.k_row_stride / kTileBf16);
   for (int c0 = 0; c0 < num_keys; c0 += 2 * kTileRows) {
-    const uint16_t* keys = b.k_rows + (first_key + c0) * b.k_row_stride;
-    _tile_zero(0);
-    _tile_zero(1);
-    if constexpr (NQ == 2) {
-      _tile_zero(2);
-      _tile_zero(3);
-    }
-    for (int s = 0; s < dim_steps; ++s) {
-      _tile_loadd(4, keys + s * kTileBf16, k_bytes);
-      _tile_loadd(5, keys + kTileRows * b.k_row_stride + s * kTileBf16, k_bytes);
-      _tile_loadd(6, q_pairs + s * kTileRows * kRowStride, kTransposedRowBytes);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 5, 6);
-      if constexpr (NQ == 2) {
-        _tile_loadd(7, q_pairs + s * kTileRows * kRowStride + kTileRows, kTransposedRowBytes);
-        _tile_dpbf16ps(2, 4, 7);
-        _tile_dpbf16ps(3, 5, 7);
-      }
-    }
-    float* out = scores_t + c0 * kRowStride;
-    _tile_stored(0, out, kTransposedRowBytes);
-    _tile_stored(1, out + kTileRows * kRowStride, kTransposedRowBytes);
-    if constexpr (NQ == 2) {
-      _tile_stored(2, out + kTileRows, kTransposedRowBytes);
-      _tile_stored(3, out + kTileRows * kRowStride + kTileRows, kTransposedRowBytes);
-    }
+    zero_sums<NQ>();
+    add_tile_products<NQ>(b.k_rows + (first_key + c0) * b.k_row_stride, b.k_row_stride, q_pairs,
+                          dim_steps);
+    store_sums<NQ>(scores_t + c0 * kRowStride);
   }
 }
 
@@ -153,35 +157,13 @@ UMT5_FAST_AMX_TARGET void accumulate_values(const AttentionBlockAmx& b, const ui
       float* acc = acc_t + d * kRowStride + v * kLanes;
       _mm512_storeu_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(acc), factors[v]));
     }
-  const int64_t v_bytes = b.v_t_row_stride * sizeof(uint16_t);
   const int key_steps = (num_keys + kTileBf16 - 1) / kTileBf16;
   for (int64_t d0 = 0; d0 < dims; d0 += 2 * kTileRows) {
     float* acc = acc_t + d0 * kRowStride;
-    _tile_loadd(0, acc, kTransposedRowBytes);
-    _tile_loadd(1, acc + kTileRows * kRowStride, kTransposedRowBytes);
-    if constexpr (NQ == 2) {
-      _tile_loadd(2, acc + kTileRows, kTransposedRowBytes);
-      _tile_loadd(3, acc + kTileRows * kRowStride + kTileRows, kTransposedRowBytes);
-    }
-    const uint16_t* values = b.v_t + d0 * b.v_t_row_stride + first_key;
-    for (int s = 0; s < key_steps; ++s) {
-      _tile_loadd(4, values + s * kTileBf16, v_bytes);
-      _tile_loadd(5, values + kTileRows * b.v_t_row_stride + s * kTileBf16, v_bytes);
-      _tile_loadd(6, p_pairs + s * kTileRows * kRowStride, kTransposedRowBytes);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 5, 6);
-      if constexpr (NQ == 2) {
-        _tile_loadd(7, p_pairs + s * kTileRows * kRowStride + kTileRows, kTransposedRowBytes);
-        _tile_dpbf16ps(2, 4, 7);
-        _tile_dpbf16ps(3, 5, 7);
-      }
-    }
-    _tile_stored(0, acc, kTransposedRowBytes);
-    _tile_stored(1, acc + kTileRows * kRowStride, kTransposedRowBytes);
-    if constexpr (NQ == 2) {
-      _tile_stored(2, acc + kTileRows, kTransposedRowBytes);
-      _tile_stored(3, acc + kTileRows * kRowStride + kTileRows, kTransposedRowBytes);
-    }
+    load_sums<NQ>(acc);
+    add_tile_products<NQ>(b.v_t + d0 * b.v_t_row_stride + first_key, b.v_t_row_stride, p_pairs,
+                          key_steps);
+    store_sums<NQ>(acc);
   }
 }
 
@@ -205,12 +187,9 @@ UMT5_FAST_BF16_TARGET void store_rows(const AttentionBlockBf16& b, const float* 
 template <int NQ>
 UMT5_FAST_AMX_TARGET void attention_rows_amx(const AttentionBlockAmx& block, float* scratch_floats) {
   const AttentionBlockBf16& b = block.rows;
-  const Scratch s(scratch_floats, b.head_dim);
   const int64_t dims = block.k_row_stride;
+  const PairScratch s(scratch_floats, dims / 2, dims, kKeyTile);  // s.acc: out^T [dims][rows]
   pack_query_pairs(b, static_cast<int>(dims / 2), s.q_pairs);
-  std::fill(s.acc_t, s.acc_t + dims * kRowStride, 0.0f);
-  std::fill(s.running_max, s.running_max + kRowStride, -std::numeric_limits<float>::infinity());
-  std::fill(s.running_sum, s.running_sum + kRowStride, 0.0f);
   configure_tiles();
   // Tiles start at even keys, so key pairs are whole (a key before key_begin is padding, masked
   // to probability 0 by its key term).
@@ -224,10 +203,10 @@ UMT5_FAST_AMX_TARGET void attention_rows_amx(const AttentionBlockAmx& block, flo
     const int pairs = (num_keys + 1) / 2;
     const int padded_pairs = (num_keys + kTileBf16 - 1) / kTileBf16 * kTileRows;
     std::fill(s.p_pairs + pairs * kRowStride, s.p_pairs + padded_pairs * kRowStride, 0u);
-    accumulate_values<NQ>(block, s.p_pairs, s.rescale, j0, num_keys, s.acc_t);
+    accumulate_values<NQ>(block, s.p_pairs, s.rescale, j0, num_keys, s.acc);
   }
   _tile_release();
-  store_rows<NQ>(b, s.acc_t, s.running_sum);
+  store_rows<NQ>(b, s.acc, s.running_sum);
 }
 
 }  // namespace
@@ -249,7 +228,10 @@ void enable_amx_attention(bool enabled) {
 
 int64_t amx_padded_dims(int head_dim) { return kernels::round_up(head_dim, kTileBf16); }
 
-int64_t attention_amx_scratch_floats(int head_dim) { return Scratch::floats(head_dim); }
+int64_t attention_amx_scratch_floats(int head_dim) {
+  const int64_t dims = amx_padded_dims(head_dim);
+  return PairScratch::floats(dims / 2, dims, kKeyTile);
+}
 
 void attention_block_amx(const AttentionBlockAmx& block, float* scratch) {
   if (block.rows.num_rows <= kLanes)

@@ -17,7 +17,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <limits>
 
 #include "vec_avx512.h"
 #include "attention_bf16_pairs.h"
@@ -115,40 +114,15 @@ UMT5_FAST_BF16_TARGET void store_rows(const AttentionBlockBf16& b, const float* 
   }
 }
 
-struct Scratch {
-  uint32_t* q_pairs;  // [(head_dim + 1) / 2][kRowStride]
-  float* acc;         // [kRowStride][d_padded]
-  float* scores_t;    // [kAttentionKeyTile][kRowStride]
-  uint32_t* p_pairs;  // [kAttentionKeyTile / 2][kRowStride]
-  float *running_max, *running_sum, *rescale;  // [kRowStride] each
-
-  static int64_t floats(int head_dim) {
-    const int64_t d_padded = kernels::round_up(head_dim, kLanes);
-    return ((head_dim + 1) / 2 + d_padded + kAttentionKeyTile + kAttentionKeyTile / 2 + 3) * kRowStride;
-  }
-
-  Scratch(float* base, int head_dim, int64_t d_padded) {
-    static_assert(sizeof(uint32_t) == sizeof(float), "pairs share the float scratch");
-    q_pairs = reinterpret_cast<uint32_t*>(base);
-    acc = base + (head_dim + 1) / 2 * kRowStride;
-    scores_t = acc + kRowStride * d_padded;
-    p_pairs = reinterpret_cast<uint32_t*>(scores_t + kAttentionKeyTile * kRowStride);
-    running_max = reinterpret_cast<float*>(p_pairs + kAttentionKeyTile / 2 * kRowStride);
-    running_sum = running_max + kRowStride;
-    rescale = running_sum + kRowStride;
-  }
-};
+int64_t query_pair_rows(int head_dim) { return (head_dim + 1) / 2; }
 
 template <int RV>
 void attention_rows_bf16(const AttentionBlockBf16& b, float* scratch_floats) {
   // Keys per score pass: 16 or 8, so passes tile the 64 keys exactly; 16 accumulators.
   constexpr int KG = 16 / RV;
   static_assert(kAttentionKeyTile % KG == 0, "score passes cover a key tile exactly");
-  const Scratch s(scratch_floats, b.head_dim, b.d_padded);
-  pack_query_pairs(b, (b.head_dim + 1) / 2, s.q_pairs);
-  std::fill(s.acc, s.acc + kRowStride * b.d_padded, 0.0f);
-  std::fill(s.running_max, s.running_max + kRowStride, -std::numeric_limits<float>::infinity());
-  std::fill(s.running_sum, s.running_sum + kRowStride, 0.0f);
+  const PairScratch s(scratch_floats, query_pair_rows(b.head_dim), b.d_padded, kAttentionKeyTile);
+  pack_query_pairs(b, static_cast<int>(query_pair_rows(b.head_dim)), s.q_pairs);
 
   // Tiles start at even keys, so V pairs are whole: a key before key_begin is padding, which its
   // key term masks to probability 0.
@@ -168,7 +142,10 @@ void attention_rows_bf16(const AttentionBlockBf16& b, float* scratch_floats) {
 
 }  // namespace
 
-int64_t attention_bf16_scratch_floats(int head_dim) { return Scratch::floats(head_dim); }
+int64_t attention_bf16_scratch_floats(int head_dim) {
+  return PairScratch::floats(query_pair_rows(head_dim), kernels::round_up(head_dim, kLanes),
+                             kAttentionKeyTile);
+}
 
 void attention_block_bf16(const AttentionBlockBf16& b, float* scratch) {
   if (b.num_rows <= kLanes)

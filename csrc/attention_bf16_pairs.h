@@ -7,7 +7,9 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 
 #include "attention_bf16.h"
 #include "bf16.h"
@@ -44,6 +46,38 @@ inline void pack_query_pairs(const AttentionBlockBf16& b, int pair_rows, uint32_
       q_pairs[i * kRowStride + r] = value;
     }
 }
+
+// One block's per-thread scratch, every part [rows of][kRowStride]: q pairs, the accumulator
+// (acc_rows rows: [kRowStride][d_padded] for the vdpbf16ps kernel, [d_padded][kRowStride] for
+// AMX), a key tile's scores and its probability pairs, then the running max, sum and rescale.
+struct PairScratch {
+  uint32_t* q_pairs;
+  float* acc;
+  float* scores_t;
+  uint32_t* p_pairs;
+  float *running_max, *running_sum, *rescale;
+  int64_t acc_floats;
+
+  static int64_t floats(int64_t q_pair_rows, int64_t acc_rows, int key_tile) {
+    return (q_pair_rows + acc_rows + key_tile + key_tile / 2 + 3) * kRowStride;
+  }
+
+  // Lays the parts out from base, and starts the block: accumulator 0, running max -inf, sum 0.
+  PairScratch(float* base, int64_t q_pair_rows, int64_t acc_rows, int key_tile)
+      : acc_floats(acc_rows * kRowStride) {
+    static_assert(sizeof(uint32_t) == sizeof(float), "pairs share the float scratch");
+    q_pairs = reinterpret_cast<uint32_t*>(base);
+    acc = base + q_pair_rows * kRowStride;
+    scores_t = acc + acc_floats;
+    p_pairs = reinterpret_cast<uint32_t*>(scores_t + key_tile * kRowStride);
+    running_max = reinterpret_cast<float*>(p_pairs + key_tile / 2 * kRowStride);
+    running_sum = running_max + kRowStride;
+    rescale = running_sum + kRowStride;
+    std::fill(acc, acc + acc_floats, 0.0f);
+    std::fill(running_max, running_max + kRowStride, -std::numeric_limits<float>::infinity());
+    std::fill(running_sum, running_sum + kRowStride, 0.0f);
+  }
+};
 
 // kernels::softmax_step_transposed whose probabilities go to p_pairs[c][r] = keys (2c, 2c + 1) of
 // row r as bf16 (an odd tile's last key pairs with 0), without an fp32 pass between.

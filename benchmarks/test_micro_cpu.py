@@ -108,7 +108,7 @@ def test_gated_ffn(benchmark, ops, rows):
 @pytest.mark.parametrize("ops", OPS)
 def test_fp32_linear(benchmark, ops, rows):
     """An encoder-sized fp32 GEMM (umt5-small's wi_0): torch's F.linear (MKL; eager) against the cpu
-    backend, which takes oneDNN on AVX-512 CPUs (ops.cpu.ONEDNN_FP32_GEMM; MKL elsewhere)."""
+    backend, which takes oneDNN on AMD AVX-512 CPUs (ops.cpu.WIDE_GEMMS_IN_ONEDNN; MKL elsewhere)."""
     x, weight = randn(rows, D_MODEL), randn(D_FF, D_MODEL, seed=1, scale=0.05)
 
     def call(o):

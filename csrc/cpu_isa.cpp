@@ -74,6 +74,11 @@ void register_cpu_isa(py::module_& m) {
       if (cpu_supports(isa)) names.push_back(isa_name(isa));
     return names;
   }, "Instruction sets this CPU can run, portable first.");
+  // Which BLAS engine is faster depends on the vendor too: MKL runs AVX-512 code on Intel CPUs only.
+  m.def("cpu_vendor", [] {
+    __builtin_cpu_init();
+    return std::string(__builtin_cpu_is("intel") ? "intel" : __builtin_cpu_is("amd") ? "amd" : "other");
+  }, "'intel', 'amd' or 'other'.");
   // std::invalid_argument reaches Python as ValueError.
   m.def("set_cpu_isa", [](const std::string& name) { set_cpu_isa(isa_from_name(name)); },
         py::arg("isa"), "Force an instruction set (a test hook: kernels are checked on each one).");

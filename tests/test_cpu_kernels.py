@@ -10,6 +10,7 @@ Every kernel runs on each instruction set this CPU supports (the portable "gener
   applies the int8 scale after the dot product instead of before).
 """
 import math
+import os
 
 import pytest
 import torch
@@ -481,17 +482,35 @@ def test_fp32_decode_rows_take_the_kernel(generator, monkeypatch):
     assert calls == [6]
 
 
-@pytest.mark.skipif(not cpu.ONEDNN_FP32_GEMM, reason="fp32 GEMMs go to oneDNN on AVX-512 CPUs only")
+ONEDNN_LINEAR_OPS = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                     and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def count_wide_gemms(monkeypatch):
+    """The shapes of x in each wide GEMM ``cpu.linear`` runs from now on (a list that grows)."""
+    calls = []
+    wide_gemm = cpu._wide_gemm
+    monkeypatch.setattr(cpu, "_wide_gemm", lambda x, w: calls.append(x.shape) or wide_gemm(x, w))
+    return calls
+
+
+@pytest.mark.skipif(not cpu.WIDE_GEMMS, reason="wide fp32 GEMMs are taken on AVX-512 CPUs only")
+@pytest.mark.parametrize("engine", ["onednn", "mkl"])
 @pytest.mark.parametrize("shape", [(256, 133), (2, 150, 77), (3, 331, 1)])
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("weights", ["fp32", "int8", "bf16"])
-def test_fp32_gemms_of_many_rows_take_onednn(shape, with_residual, weights, generator, monkeypatch):
-    """From ONEDNN_MIN_ROWS rows on, fp32 GEMMs run in oneDNN, int8 / bf16 weights expanded to fp32
-    for the call: fp32 accuracy against fp64 (odd sizes, leading dims, a residual, a non-contiguous
-    x); fewer rows, big weights (an LM head) and autograd stay with the kernels / torch's GEMM."""
-    calls = []
-    onednn_linear = cpu._onednn_linear
-    monkeypatch.setattr(cpu, "_onednn_linear", lambda x, w: calls.append(x.shape) or onednn_linear(x, w))
+def test_products_of_many_rows_take_a_wide_gemm(engine, shape, with_residual, weights, generator, monkeypatch):
+    """From WIDE_GEMM_MIN_ROWS rows on, products run as one fp32 GEMM in either engine, int8 / bf16
+    weights expanded to fp32 for the call: fp32 accuracy against fp64 (odd sizes, leading dims, a
+    residual, a non-contiguous x); fewer rows, big weights (an LM head) and autograd stay with the
+    kernels / torch's GEMM."""
+    if engine == "onednn" and not ONEDNN_LINEAR_OPS:
+        pytest.skip("torch has no oneDNN linear ops here")
+    monkeypatch.setattr(cpu, "WIDE_GEMMS_IN_ONEDNN", engine == "onednn")
+    calls = count_wide_gemms(monkeypatch)
+    reorders = []
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", lambda *a: reorders.append(1) or reorder(*a))
     x = randn(*shape[:-1], 2 * shape[-1], generator=generator)[..., ::2]  # non-contiguous
     weight = randn(67, shape[-1], generator=generator)
     weight = {"int8": QuantizedWeight.quantize, "bf16": torch.Tensor.bfloat16, "fp32": lambda w: w}[weights](weight)
@@ -501,11 +520,11 @@ def test_fp32_gemms_of_many_rows_take_onednn(shape, with_residual, weights, gene
     exact = x.double() @ dense.double().T + (0 if residual is None else residual.double())
     assert got.shape == (*shape[:-1], 67) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), exact, rtol=0, atol=1e-5 * float(exact.abs().max()))
-    assert len(calls) == 1
-    cpu.linear(x[..., :cpu.ONEDNN_MIN_ROWS - 1, :] if x.dim() == 2 else x[:1, :100], weight)  # fewer rows
-    monkeypatch.setattr(cpu, "ONEDNN_MAX_WEIGHT", math.prod(weight.shape) - 1)
-    cpu.linear(x, weight)  # a weight too big to reorder per call
-    monkeypatch.setattr(cpu, "ONEDNN_MAX_WEIGHT", math.prod(weight.shape))
+    assert len(calls) == 1 and len(reorders) == (engine == "onednn")
+    cpu.linear(x[..., :cpu.WIDE_GEMM_MIN_ROWS - 1, :] if x.dim() == 2 else x[:1, :100], weight)  # fewer rows
+    monkeypatch.setattr(cpu, "WIDE_GEMM_MAX_WEIGHT", math.prod(weight.shape) - 1)
+    cpu.linear(x, weight)  # a weight too big to expand or reorder per call
+    monkeypatch.setattr(cpu, "WIDE_GEMM_MAX_WEIGHT", math.prod(weight.shape))
     if weights != "fp32":
         assert len(calls) == 1
         return
@@ -515,17 +534,32 @@ def test_fp32_gemms_of_many_rows_take_onednn(shape, with_residual, weights, gene
     assert len(calls) == 1 and trained.grad is not None
 
 
-def test_onednn_follows_torch_backends_mkldnn_enabled(generator, monkeypatch):
-    calls = []
-    onednn_linear = cpu._onednn_linear
-    monkeypatch.setattr(cpu, "_onednn_linear", lambda x, w: calls.append(x.shape) or onednn_linear(x, w))
-    x, weight = randn(cpu.ONEDNN_MIN_ROWS, 40, generator=generator), randn(67, 40, generator=generator)
+def test_wide_gemm_engine_follows_the_cpu_vendor():
+    """MKL where it runs AVX-512 code (Intel CPUs), oneDNN on other AVX-512 CPUs."""
+    assert cpu.WIDE_GEMMS == ("avx512" in _C.supported_cpu_isas())
+    vendor = _C.cpu_vendor()
+    cpuinfo = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    expected = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}
+    for name, short in expected.items():
+        if f"vendor_id\t: {name}" in cpuinfo:
+            assert vendor == short
+    assert vendor in ("intel", "amd", "other")
+    assert cpu.WIDE_GEMMS_IN_ONEDNN == (cpu.WIDE_GEMMS and vendor != "intel" and ONEDNN_LINEAR_OPS)
+
+
+@pytest.mark.parametrize("engine", ["onednn", "mkl"])
+def test_onednn_follows_torch_backends_mkldnn_enabled(engine, generator, monkeypatch):
+    """With torch.backends.mkldnn disabled, the oneDNN engine takes nothing (nor are weights
+    expanded for it); MKL's wide GEMMs go on."""
+    monkeypatch.setattr(cpu, "WIDE_GEMMS_IN_ONEDNN", engine == "onednn" and ONEDNN_LINEAR_OPS)
+    calls = count_wide_gemms(monkeypatch)
+    x, weight = randn(cpu.WIDE_GEMM_MIN_ROWS, 40, generator=generator), randn(67, 40, generator=generator)
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
     torch.testing.assert_close(cpu.linear(x, weight), eager.linear(x, weight), **LINEAR_TOL)
-    assert not calls
+    assert len(calls) == int(cpu.WIDE_GEMMS and not cpu.WIDE_GEMMS_IN_ONEDNN)
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", True)
     cpu.linear(x, weight)
-    assert len(calls) == int(cpu.ONEDNN_FP32_GEMM)
+    assert len(calls) == int(cpu.WIDE_GEMMS) * (1 + int(not cpu.WIDE_GEMMS_IN_ONEDNN))
 
 
 def test_kernel_linear_names_a_wrong_x():
@@ -538,12 +572,12 @@ def test_kernel_linear_names_a_wrong_x():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_empty_products_of_many_rows(dtype, generator):
-    """0 input or 0 output features at ONEDNN_MIN_ROWS rows (oneDNN has no such primitive): zeros /
+    """0 input or 0 output features at WIDE_GEMM_MIN_ROWS rows (oneDNN has no such primitive): zeros /
     an empty result, as eager gives."""
-    got = cpu.linear(randn(cpu.ONEDNN_MIN_ROWS, 0, generator=generator), torch.zeros(5, 0, dtype=dtype))
-    assert got.shape == (cpu.ONEDNN_MIN_ROWS, 5) and not got.any()
-    got = cpu.linear(randn(cpu.ONEDNN_MIN_ROWS, 7, generator=generator), torch.zeros(0, 7, dtype=dtype))
-    assert got.shape == (cpu.ONEDNN_MIN_ROWS, 0)
+    got = cpu.linear(randn(cpu.WIDE_GEMM_MIN_ROWS, 0, generator=generator), torch.zeros(5, 0, dtype=dtype))
+    assert got.shape == (cpu.WIDE_GEMM_MIN_ROWS, 5) and not got.any()
+    got = cpu.linear(randn(cpu.WIDE_GEMM_MIN_ROWS, 7, generator=generator), torch.zeros(0, 7, dtype=dtype))
+    assert got.shape == (cpu.WIDE_GEMM_MIN_ROWS, 0)
 
 
 def test_float_linear_matches_eager(generator):

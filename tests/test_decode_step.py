@@ -127,13 +127,13 @@ def test_fp32_weights_take_the_step_only_up_to_the_gemv_rows(checkpoint_factory)
 
 
 @pytest.mark.parametrize("mode", ["bf16", "int8", "w8a8"])
-def test_weights_that_onednn_would_take_decline_from_its_rows(checkpoint_factory, mode):
-    """From ONEDNN_MIN_ROWS rows on (AVX-512 CPUs) the Python path expands bf16 / int8 weights for
-    oneDNN: the step declines there rather than give other bits; W8A8 stays in the integer kernel."""
+def test_weights_a_wide_gemm_would_take_decline_from_its_rows(checkpoint_factory, mode):
+    """From WIDE_GEMM_MIN_ROWS rows on (AVX-512 CPUs) the Python path expands bf16 / int8 weights for
+    a wide fp32 GEMM: the step declines there rather than give other bits; W8A8 stays in the integer kernel."""
     from umt5_fast.ops import cpu
     model = load(checkpoint_factory, "relu-ungated", mode)
-    assert_step_declines_or_not(model, cpu.ONEDNN_MIN_ROWS, seed=3,
-                                accepted=mode == "w8a8" or not cpu.ONEDNN_FP32_GEMM)
+    assert_step_declines_or_not(model, cpu.WIDE_GEMM_MIN_ROWS, seed=3,
+                                accepted=mode == "w8a8" or not cpu.WIDE_GEMMS)
 
 
 def test_a_full_cache_is_an_error_not_an_overwrite(checkpoint_factory):

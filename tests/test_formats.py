@@ -224,7 +224,7 @@ def test_gguf_files_match_transformers(hf_gguf_encoder, tmp_path, qtype):
 
 
 def test_long_inputs_of_an_ill_conditioned_model_are_as_accurate_as_transformers(hf_gguf_encoder, tmp_path):
-    """351 rows: fp32 GEMMs of that size take oneDNN on AVX-512 CPUs (ops.cpu.ONEDNN_FP32_GEMM),
+    """351 rows: fp32 GEMMs of that size take oneDNN on AMD AVX-512 CPUs (ops.cpu.WIDE_GEMMS_IN_ONEDNN),
     which sums in another order than MKL. On this Q6_K model every fp32 implementation lands
     ~2.5e-5 from the fp64 result (transformers' own fp32 included), so 1e-5 against transformers
     would measure summation order; the bar is fp32 accuracy: within 1.5x transformers' fp32 error."""

@@ -278,19 +278,19 @@ def test_w8a8_heads_and_bf16_inputs_to_int8_heads_are_not_screened(checkpoint_fa
     screen = lm_head_screen.LMHeadScreen(make_head("int8", 300, 16, seed=2))
     assert screen.argmax(torch.randn(2, 16).bfloat16()) is None  # torch computes those logits
     assert screen.argmax(torch.randn(2, 16)) is not None
-    many_rows = torch.randn(cpu_ops.ONEDNN_MIN_ROWS, 16)  # oneDNN would compute this head's logits
-    assert (screen.argmax(many_rows) is None) == cpu_ops.ONEDNN_FP32_GEMM
+    many_rows = torch.randn(cpu_ops.WIDE_GEMM_MIN_ROWS, 16)  # a wide GEMM would compute this head's logits
+    assert (screen.argmax(many_rows) is None) == cpu_ops.WIDE_GEMMS
 
 
 @pytest.mark.parametrize("dtype", ["int8", torch.bfloat16, torch.float32])
-def test_many_rows_with_a_head_too_big_for_onednn(dtype, monkeypatch):
-    """From ONEDNN_MIN_ROWS rows on, a head above ONEDNN_MAX_WEIGHT (a real LM head) still takes the
+def test_many_rows_with_a_head_too_big_for_a_wide_gemm(dtype, monkeypatch):
+    """From WIDE_GEMM_MIN_ROWS rows on, a head above WIDE_GEMM_MAX_WEIGHT (a real LM head) still takes the
     C++ kernel unscreened, so the screen decides (fp32 heads: torch's GEMM, so it declines); its
-    candidates' logits come from that kernel too, not from oneDNN, which takes a few rows."""
+    candidates' logits come from that kernel too, not from a wide GEMM, which takes a few rows."""
     weight = make_head(dtype, 2003, 40, seed=4)
-    monkeypatch.setattr(cpu_ops, "ONEDNN_MAX_WEIGHT", 2003 * 40 - 1)
+    monkeypatch.setattr(cpu_ops, "WIDE_GEMM_MAX_WEIGHT", 2003 * 40 - 1)
     screen = lm_head_screen.LMHeadScreen(weight)
-    x = torch.randn(cpu_ops.ONEDNN_MIN_ROWS + 3, 40, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(cpu_ops.WIDE_GEMM_MIN_ROWS + 3, 40, generator=torch.Generator().manual_seed(1))
     got = screen.argmax(x)
     if dtype == torch.float32:
         assert got is None

@@ -61,7 +61,7 @@ class CpuDecodeStep:
         self.model = model
         self.native = native
         self.has_fp32_weights = has_fp32_weights
-        # bf16 / int8 weights, which ``linear`` expands for oneDNN from ONEDNN_MIN_ROWS rows on
+        # bf16 / int8 weights, which ``linear`` expands for a wide GEMM from WIDE_GEMM_MIN_ROWS rows on
         self.has_expanded_weights = has_expanded_weights
         self._keep = keep  # the tensors behind the pointers ``native`` holds
 
@@ -75,7 +75,7 @@ class CpuDecodeStep:
                 and encoder_states.dtype == torch.float32 and encoder_states.shape[0] == rows
                 # fp32 weights take the C++ GEMV only up to some rows (torch's GEMM above)
                 and (not self.has_fp32_weights or cpu_ops.float_kernel_computes(torch.float32, torch.float32, rows))
-                and not (self.has_expanded_weights and cpu_ops.onednn_rows(torch.float32, rows))
+                and not (self.has_expanded_weights and cpu_ops.wide_gemm_rows(torch.float32, rows))
                 and all(kv is not None and kv[0].dtype == kv[1].dtype == torch.float32
                         and kv[0].shape == kv[1].shape and kv[0].shape[0] == rows
                         and kv[0].stride(-1) == kv[1].stride(-1) == 1 for kv in cache.cross_kv))

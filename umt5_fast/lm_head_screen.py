@@ -94,10 +94,10 @@ class LMHeadScreen:
         min_new_tokens sets them); None when the screen cannot decide."""
         x = x.contiguous()
         int8_head = isinstance(self.weight, QuantizedWeight)
-        if x.shape[0] == 0 or cpu_ops.onednn_computes(x.dtype, self.weight, x.shape[0]) \
+        if x.shape[0] == 0 or cpu_ops.wide_gemm_computes(x.dtype, self.weight, x.shape[0]) \
                 or not (x.dtype == torch.float32 if int8_head
                         else cpu_ops.float_kernel_computes(x.dtype, self.weight.dtype, x.shape[0])):
-            return None  # (torch or oneDNN computes those logits: a subset of rows may sum differently)
+            return None  # (torch's GEMM computes those logits: a subset of rows may sum differently)
         norm = x.double().norm(dim=1)
         if not bool(torch.isfinite(norm).all()) or float(norm.max()) * self.largest_norm > 1e30 \
                 or float(norm.min()) < _MIN_NORM:
@@ -122,7 +122,7 @@ class LMHeadScreen:
         if len(candidates) > _MAX_CANDIDATES:
             return None
         self.last_candidates = len(candidates)
-        # The unscreened path's C++ kernel (not ``linear``, which may send a few rows to oneDNN),
+        # The unscreened path's C++ kernel (not ``linear``, which may send a few rows to a wide GEMM),
         # on the exactly widened x of a bf16 model, rounded to bf16 after as ``linear`` rounds.
         candidate_rows = self.weight.rows(candidates) if int8_head else self.weight.index_select(0, candidates)
         logits = cpu_ops.kernel_linear(x32, candidate_rows).to(x.dtype).float()

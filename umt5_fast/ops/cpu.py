@@ -14,10 +14,10 @@ What runs where (fp32 activations):
   once. Both are more accurate than eager's half-precision scores, so not bit-equal to it.
 - ``argmax``: greedy decoding's pick, one C++ pass over the rows.
 - ``linear``: a float weight of ``x``'s dtype goes to torch's GEMM, except fp32 weights for up to
-  ``FP32_KERNEL_MAX_ROWS`` rows (decode steps), which take the C++ GEMV, and fp32 GEMMs of
-  ``ONEDNN_MIN_ROWS`` rows or more on AVX-512 CPUs, which take oneDNN (``ONEDNN_FP32_GEMM``:
-  MKL runs AVX2 code on AMD CPUs; int8 and bf16 weights of that many rows too, expanded to fp32
-  for the call: ``onednn_computes``); a ``QuantizedWeight
+  ``FP32_KERNEL_MAX_ROWS`` rows (decode steps), which take the C++ GEMV. On AVX-512 CPUs products
+  of ``WIDE_GEMM_MIN_ROWS`` rows or more run as fp32 GEMMs, int8 and bf16 weights expanded to fp32
+  for the call (``wide_gemm_computes``), in oneDNN where MKL runs AVX2 code (AMD CPUs:
+  ``WIDE_GEMMS_IN_ONEDNN``), else in MKL. Otherwise a ``QuantizedWeight
   (int8) or bf16 weight goes to the C++ weight-only kernels, which widen the weights in registers,
   so decoding reads 4x / 2x fewer bytes than fp32.
 - ``linear`` with a ``W8A8Weight``: the activations are quantised to int8 per row and multiplied
@@ -315,48 +315,56 @@ NATIVE_BF16_GEMM = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", l
 BF16_WIDEN_CHUNK = 1 << 24
 
 
-# torch's fp32 GEMM is MKL's, which on AMD CPUs runs its AVX2 code: ~190 GFLOP/s on a 2-core Zen 5,
-# whose AVX-512 FMAs peak near 530. oneDNN (bundled with torch) picks its kernels by the CPU's
-# flags: with the weight reordered per call (nothing cached, so no second copy of the weights) it
-# ran 1.5-2.3x faster than MKL from 256 rows on (umt5-small's shapes; below that the reorder
-# dominates), same accuracy (~1e-6 relative to fp64). So on AVX-512 CPUs fp32 GEMMs of that many
-# rows go to oneDNN. Weights above ONEDNN_MAX_WEIGHT elements (an LM head: 131M for umt5-small)
-# stay with MKL, so that no call makes a GB-sized reordered copy; umt5-xxl's FFN weights (42M) are
-# below it (10240 x 4096 at 512 rows: 238 -> 157 ms, 1.25x at 256 rows).
-ONEDNN_FP32_GEMM = ("avx512" in _C.supported_cpu_isas() and torch.backends.mkldnn.is_available()
-                    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-                    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
-ONEDNN_MIN_ROWS = 256
-ONEDNN_MAX_WEIGHT = 1 << 26
+# On AVX-512 CPUs fp32 products of WIDE_GEMM_MIN_ROWS+ rows run as one fp32 GEMM in the faster of
+# torch's two engines, int8 / bf16 (weight-only) weights expanded to fp32 for the call: from this
+# many rows that costs less than the weight-only kernels' widening in registers, which are bound
+# by fp32 FMAs there, not bytes (1024 x 512 @ 1024: 6.1 -> 3.5 ms on a Xeon). Weights above
+# WIDE_GEMM_MAX_WEIGHT elements (an LM head: 131M for umt5-small) are never expanded or reordered,
+# so that no call makes a GB-sized copy; umt5-xxl's FFN weights (42M) are below it.
+WIDE_GEMMS = "avx512" in _C.supported_cpu_isas()
+WIDE_GEMM_MIN_ROWS = 256
+WIDE_GEMM_MAX_WEIGHT = 1 << 26
+# The engine: torch's fp32 GEMM is MKL's, which runs AVX-512 code on Intel CPUs only; on AMD CPUs
+# it takes its AVX2 code, ~190 GFLOP/s on a 2-core Zen 5 whose AVX-512 FMAs peak near 530. oneDNN
+# (bundled with torch) picks its kernels by the CPU's flags: with the weight reordered per call
+# (nothing cached, so no second copy of the weights) it ran 1.5-2.3x faster than MKL there at
+# umt5-small's shapes (10240 x 4096 at 512 rows: 238 -> 157 ms), same accuracy (~1e-6 relative to
+# fp64). On a Xeon MKL is the faster one: the reorder alone costs oneDNN 8-25% (1024 x 512 @ 1024:
+# 3.4 against 3.7 ms; 512 x 4096 @ 10240: 151 against 191 ms).
+WIDE_GEMMS_IN_ONEDNN = (WIDE_GEMMS and _C.cpu_vendor() != "intel" and torch.backends.mkldnn.is_available()
+                        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
-def onednn_computes(x_dtype: torch.dtype, weight, rows: int) -> bool:
-    """Whether ``linear`` runs this product in oneDNN: fp32 x of ``rows`` rows with an fp32 weight,
-    or with an int8 (weight-only) or bf16 weight expanded to fp32 for the call, which from this
-    many rows costs less than the weight-only kernels' widening in registers (they are bound by
-    fp32 FMAs there, not bytes)."""
-    size_ok = 0 < weight.shape[0] * weight.shape[1] <= ONEDNN_MAX_WEIGHT
+def wide_gemm_computes(x_dtype: torch.dtype, weight, rows: int) -> bool:
+    """Whether ``linear`` runs this product as a wide fp32 GEMM (see above): fp32 x of ``rows`` rows
+    with an fp32 weight, or with an int8 (weight-only) or bf16 weight expanded to fp32 for the call."""
+    size_ok = 0 < weight.shape[0] * weight.shape[1] <= WIDE_GEMM_MAX_WEIGHT
     kind_ok = type(weight) is QuantizedWeight or (isinstance(weight, torch.Tensor)
                                                    and weight.dtype in (torch.float32, torch.bfloat16))
-    return onednn_rows(x_dtype, rows) and size_ok and kind_ok
+    return wide_gemm_rows(x_dtype, rows) and size_ok and kind_ok
 
 
-def onednn_rows(x_dtype: torch.dtype, rows: int) -> bool:
-    """Whether fp32 x of ``rows`` rows goes to oneDNN with weights that qualify (see above)."""
-    return (ONEDNN_FP32_GEMM and torch.backends.mkldnn.enabled and x_dtype == torch.float32
-            and rows >= ONEDNN_MIN_ROWS)
+def wide_gemm_rows(x_dtype: torch.dtype, rows: int) -> bool:
+    """Whether fp32 x of ``rows`` rows takes a wide GEMM with weights that qualify (see above);
+    where oneDNN is the engine, only while torch.backends.mkldnn is enabled."""
+    return (WIDE_GEMMS and x_dtype == torch.float32 and rows >= WIDE_GEMM_MIN_ROWS
+            and (torch.backends.mkldnn.enabled or not WIDE_GEMMS_IN_ONEDNN))
 
 
 def _fp32_gemm(x, weight, rows):
-    """``F.linear(x, weight)`` for fp32 operands, through oneDNN where it is faster (see above)."""
-    if not (onednn_computes(x.dtype, weight, rows)
+    """``F.linear(x, weight)`` for fp32 operands, as a wide GEMM where that is faster (see above)."""
+    if not (wide_gemm_computes(x.dtype, weight, rows)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return F.linear(x, weight)  # (oneDNN's ops here have no autograd)
-    return _onednn_linear(x.reshape(rows, x.shape[-1]).contiguous(), weight).view(*x.shape[:-1], weight.shape[0])
+    return _wide_gemm(x.reshape(rows, x.shape[-1]).contiguous(), weight).view(*x.shape[:-1], weight.shape[0])
 
 
-def _onednn_linear(x, weight):
-    """``x @ weight.T`` (2-D fp32) in oneDNN, the weight reordered into its layout for this call."""
+def _wide_gemm(x, weight):
+    """``x @ weight.T`` (2-D fp32) in the engine ``WIDE_GEMMS_IN_ONEDNN`` names: oneDNN, the weight
+    reordered into its layout for this call, or MKL."""
+    if not WIDE_GEMMS_IN_ONEDNN:
+        return F.linear(x, weight)
     packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
@@ -399,7 +407,7 @@ def linear(x, weight, residual=None):
             return _add_residual(_bf16_linear_through_fp32(x, weight), residual)
     if not quantized and weight.dtype == x.dtype == torch.float32 and not small_fp32 and rows > 0:
         return _add_residual(_fp32_gemm(x, weight, rows), residual)
-    if (quantized or weight.dtype == torch.bfloat16) and onednn_computes(x.dtype, weight, rows):
+    if (quantized or weight.dtype == torch.bfloat16) and wide_gemm_computes(x.dtype, weight, rows):
         dense = weight.dequantize(torch.float32) if quantized else weight.float()
         return _add_residual(_fp32_gemm(x, dense, rows), residual)
     if not quantized and weight.dtype == x.dtype and not small_fp32:

@@ -167,21 +167,25 @@ UMT5_FAST_AMX_TARGET void accumulate_values(const AttentionBlockAmx& b, const ui
   }
 }
 
-// out[r][d] = acc_t[d][r] / running_sum[r], rounded to bf16.
+// out[r][d] = acc_t[d][r] / running_sum[r], rounded to bf16: 16 x 16 blocks of acc_t transposed
+// in registers, so that each row's dims leave in one store (acc_t has its dims padded to 32).
 template <int NQ>
 UMT5_FAST_BF16_TARGET void store_rows(const AttentionBlockBf16& b, const float* acc_t,
                                       const float* running_sum) {
-  __m512 inverse_sums[NQ];
-  for (int v = 0; v < NQ; ++v)
-    inverse_sums[v] = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_loadu_ps(running_sum + v * kLanes));
-  alignas(64) uint16_t rounded[kLanes];
-  for (int d = 0; d < b.head_dim; ++d)
-    for (int v = 0; v < NQ; ++v) {
-      const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(acc_t + d * kRowStride + v * kLanes), inverse_sums[v]);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(rounded), (__m256i)_mm512_cvtneps_pbh(x));
-      const int rows = std::min(kLanes, b.num_rows - v * kLanes);
-      for (int r = 0; r < rows; ++r) b.out[(v * kLanes + r) * b.out_row_stride + d] = rounded[r];
+  for (int v = 0; v < NQ; ++v) {
+    const __m512 inverse_sum = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_loadu_ps(running_sum + v * kLanes));
+    const int rows = std::min(kLanes, b.num_rows - v * kLanes);
+    for (int d0 = 0; d0 < b.head_dim; d0 += kLanes) {
+      __m512 block[kLanes];
+      for (int i = 0; i < kLanes; ++i)
+        block[i] = _mm512_mul_ps(_mm512_loadu_ps(acc_t + (d0 + i) * kRowStride + v * kLanes), inverse_sum);
+      Vec<CpuIsa::avx512>::transpose16(block);  // block[r]: dims d0.. of row v * kLanes + r
+      const auto dims = static_cast<__mmask16>((1u << std::min(kLanes, b.head_dim - d0)) - 1);
+      for (int r = 0; r < rows; ++r)
+        _mm256_mask_storeu_epi16(b.out + (v * kLanes + r) * b.out_row_stride + d0, dims,
+                                 (__m256i)_mm512_cvtneps_pbh(block[r]));
     }
+  }
 }
 
 template <int NQ>

@@ -98,5 +98,12 @@ struct LinearProblem {
 template <CpuIsa ISA, typename WeightT>
 void weight_only_linear(const LinearProblem<WeightT>& problem, int64_t n_begin, int64_t n_end);
 
+// One row of an int8 weight in blocks (expand_weights.cpp): out[b * block + c] =
+// values[b * block_stride + c] * scale[b] for b < blocks, c < block, in fp32 or rounded once to
+// bf16 (OutT uint16_t).
+template <CpuIsa ISA, typename OutT>
+void expand_int8_row(const int8_t* values, int64_t block_stride, const float* scale,
+                     int64_t blocks, int64_t block, OutT* out);
+
 }  // namespace kernels
 }  // namespace umt5_fast

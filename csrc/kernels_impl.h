@@ -9,7 +9,9 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
+#include "bf16.h"
 #include "kernels.h"
 #include "vec.h"
 #include "weight_types.h"
@@ -546,6 +548,25 @@ void weight_only_linear(const LinearProblem<WeightT>& problem, int64_t n_begin, 
   }
 }
 
+template <CpuIsa ISA, typename OutT>
+void expand_int8_row(const int8_t* values, int64_t block_stride, const float* scale,
+                     int64_t blocks, int64_t block, OutT* out) {
+  using V = Vec<ISA>;
+  constexpr int W = V::width;
+  for (int64_t b = 0; b < blocks; ++b, values += block_stride, out += block) {
+    const auto s = V::set1(scale[b]);
+    int64_t i = 0;
+    for (; i + W <= block; i += W) {
+      const auto x = V::mul(V::load_weights(values + i), s);
+      if constexpr (std::is_same_v<OutT, float>) V::store(out + i, x); else V::store_bf16(out + i, x);
+    }
+    for (; i < block; ++i) {
+      const float x = static_cast<float>(values[i]) * scale[b];
+      if constexpr (std::is_same_v<OutT, float>) out[i] = x; else out[i] = float_to_bf16(x);
+    }
+  }
+}
+
 }  // namespace kernels
 }  // namespace umt5_fast
 
@@ -563,5 +584,9 @@ void weight_only_linear(const LinearProblem<WeightT>& problem, int64_t n_begin, 
   template void weight_only_linear<ISA, uint16_t>(const LinearProblem<uint16_t>&, int64_t,    \
                                                   int64_t);                                   \
   template void weight_only_linear<ISA, float>(const LinearProblem<float>&, int64_t, int64_t);  \
+  template void expand_int8_row<ISA, float>(const int8_t*, int64_t, const float*, int64_t,    \
+                                            int64_t, float*);                                 \
+  template void expand_int8_row<ISA, uint16_t>(const int8_t*, int64_t, const float*, int64_t, \
+                                               int64_t, uint16_t*);                           \
   }                                                                                           \
   }

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "bf16.h"
 #include "vec.h"
 #include "weight_types.h"
 
@@ -44,6 +45,7 @@ struct Vec<CpuIsa::generic> {
   static type load_weights(const int8_t* p) { return widen_weight(*p); }
   static type load_weights(const uint16_t* p) { return widen_weight(*p); }
   static type load_weights(const float* p) { return *p; }
+  static void store_bf16(uint16_t* p, type x) { *p = float_to_bf16(x); }
 };
 
 }  // namespace umt5_fast

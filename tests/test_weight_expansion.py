@@ -10,6 +10,7 @@ from umt5_fast.quant import Float8Weight, Q8_0Weight, QuantizedWeight, expand_in
 
 pytest.importorskip("umt5_fast._C")
 DTYPES = [torch.bfloat16, torch.float32]
+pytestmark = pytest.mark.usefixtures("every_cpu_isa")  # the int8 expansion is vectorised per ISA
 
 
 def torch_reference(weight, dtype):
@@ -61,6 +62,37 @@ def test_q8_0_blocks_in_place(dtype):
     weight = Q8_0Weight.from_blocks(raw.view(rows, blocks * 34))
     assert not weight.qweight.is_contiguous()
     assert same_bits(weight.dequantize(dtype), torch_reference(weight, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_q8_0_rounding_ties_and_non_finite_scales(dtype):
+    """Products that lie exactly between two bf16 numbers (ties to even, down and up), and the inf
+    / NaN products of a corrupt file's fp16 scales: Q8_0 blocks (whole vectors) and int8 rows of 21
+    values (a scalar tail), on every ISA."""
+    generator = torch.Generator().manual_seed(4)
+    rows, blocks = 9, 3
+    raw = torch.randint(-127, 128, (rows, blocks, 34), dtype=torch.int8, generator=generator)
+    raw[:2, :, 2:6] = torch.tensor([1, -2, 4, 64], dtype=torch.int8)  # 9 significant bits times these
+    raw = raw.view(torch.uint8)
+    # 1 + 2^-8 sits halfway between 1 and 1 + 2^-7 (even: down); 1 + 3 * 2^-8 between 1 + 2^-7
+    # and 1 + 2^-6 (even: up).
+    scales = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8) * 2**-5, float("inf"), float("nan"), 2**-24,
+                           65504.0, -0.0, 0.5 + 2**-9])
+    raw[..., :2] = scales.half()[:, None, None].expand(rows, blocks, 1).contiguous().view(torch.uint8)
+    q8_0 = Q8_0Weight.from_blocks(raw.view(rows, blocks * 34))
+    # The same values per row, 21 of them (past the last whole vector: the scalar tail).
+    per_row = QuantizedWeight(torch.randint(-127, 128, (rows, 21), dtype=torch.int8, generator=generator), scales)
+    per_row.qweight[:2, 17:] = torch.tensor([1, -2, 4, 64], dtype=torch.int8)
+    ties = torch.tensor([1.0, -2.0, 4.0, 64.0])
+    for weight, tie_values in ((q8_0, lambda w: w.view(rows, blocks, 32)[:, :, :4]),
+                               (per_row, lambda w: w[:, None, 17:])):
+        got, expected = weight.dequantize(dtype), torch_reference(weight, dtype)
+        assert torch.equal(got.isnan(), expected.isnan()) and bool(got.isnan().any())
+        assert same_bits(got.nan_to_num(), expected.nan_to_num())
+        if dtype == torch.bfloat16:
+            at_ties = tie_values(got).float()
+            assert torch.equal(at_ties[0], ties.expand_as(at_ties[0]))
+            assert torch.equal(at_ties[1], (ties * (1 + 2**-6)).expand_as(at_ties[1]))
 
 
 def test_out_argument_is_filled_and_checked():

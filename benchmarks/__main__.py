@@ -49,6 +49,9 @@ def build_parser():
     parser.add_argument("--source-length", type=at_least(1), help="source tokens of the generation workloads")
     parser.add_argument("--threads", type=at_least(1), default=machine.default_threads(),
                         help="compute threads for every engine (default: physical cores usable here)")
+    parser.add_argument("--cpu-isa", choices=list(machine.ISA_CAP_ENVIRONMENT),
+                        help="hold every engine to these instruction sets (torch, MKL, oneDNN, CTranslate2 "
+                             "and umt5_fast alike), to measure what a CPU without the newer ones runs")
     parser.add_argument("--warmup", type=at_least(0), help="untimed runs before timing")
     parser.add_argument("--repeats", type=at_least(1), help="timed runs (fewer, >= 3, when one run exceeds the budget)")
     parser.add_argument("--time-budget", type=at_least(0.0, float), dest="time_budget_s",
@@ -110,6 +113,11 @@ def main(argv=None):
     # Every engine, torch or not, gets the same thread count; spawned measurements inherit this.
     os.environ.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                       TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
+    if args.cpu_isa:
+        try:
+            machine.cap_instruction_sets(args.cpu_isa)
+        except ValueError as exc:
+            raise SystemExit(f"bench: --cpu-isa {args.cpu_isa}: {exc}") from exc
     settings = settings_for(preset, args.threads, args.cache_dir, args.timeout, warmup=args.warmup,
                             repeats=args.repeats, time_budget_s=args.time_budget_s)
 

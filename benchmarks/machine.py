@@ -15,6 +15,17 @@ from importlib import metadata
 FEATURE_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
                  "amx_int8")
 PACKAGES = ("torch", "transformers", "ctranslate2", "triton", "numpy")
+# What ``--cpu-isa`` sets so that every engine of a run (torch's own kernels, MKL, oneDNN,
+# CTranslate2, umt5_fast's C++ kernels) is held to the same instruction sets: one machine then
+# measures what a CPU with fewer of them runs. "avx512" is AVX-512 with BF16 and VNNI, no AMX tiles.
+# Each library reads its variable when it first needs it, so the run sets them before any engine
+# starts; measurements run in spawned processes, which inherit them.
+ISA_CAP_ENVIRONMENT = {
+    "avx2": dict(UMT5_FAST_CPU_ISA="avx2", ATEN_CPU_CAPABILITY="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2",
+                 ONEDNN_MAX_CPU_ISA="AVX2", CT2_FORCE_CPU_ISA="AVX2"),
+    "avx512": dict(UMT5_FAST_CPU_ISA="avx512", ATEN_CPU_CAPABILITY="avx512", MKL_ENABLE_INSTRUCTIONS="AVX512",
+                   ONEDNN_MAX_CPU_ISA="AVX512_CORE_BF16", CT2_FORCE_CPU_ISA="AVX512"),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,6 +127,17 @@ def measure_gemm_rate(dtype_name: str = "float32", n: int = 2048, repeats: int =
     return 2.0 * n ** 3 / seconds
 
 
+def cap_instruction_sets(isa: str):
+    """Hold every engine of this run to ``isa`` (a key of ISA_CAP_ENVIRONMENT); call before any
+    engine runs. Raises ValueError when some library has already read its setting otherwise."""
+    os.environ.update(ISA_CAP_ENVIRONMENT[isa])
+    import torch
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.lower() != isa:
+        raise ValueError(f"torch already runs {capability} kernels in this process; set "
+                         f"ATEN_CPU_CAPABILITY={isa} before it starts")
+
+
 def describe_machine(threads: int, gemm_dtypes=("float32",), quick: bool = False) -> dict:
     """Everything the report header needs, with the probes measured now on ``threads`` threads."""
     import torch
@@ -137,6 +159,8 @@ def describe_machine(threads: int, gemm_dtypes=("float32",), quick: bool = False
         "versions": package_versions(),
         "platform": platform.platform(),
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_isa_cap": os.environ.get("UMT5_FAST_CPU_ISA") or None,
     }
 
 

@@ -76,6 +76,8 @@ def machine_header(info: dict, preset: str) -> str:
         f"CPU: {cpu['model']} | features: {' '.join(cpu['features']) or 'none of ' + 'avx2/avx512f/amx'} | "
         f"{cpu['physical_cores']} physical cores, {cpu['logical_cpus']} logical CPUs ({cpu['usable_cpus']} usable) | "
         f"{info['threads']} threads for every engine",
+    ] + ([f"instruction sets capped at {info['cpu_isa_cap']} for every engine (--cpu-isa; torch runs "
+          f"{info['torch_cpu_capability']} kernels)"] if info.get("cpu_isa_cap") else []) + [
         f"measured now: read bandwidth {info['read_bandwidth_gbs']:.1f} GB/s | GEMM GFLOP/s: {gemm}",
         f"versions: {version_text} (backends: {backends})",
     ] + ([busy_warning(info)] if busy_warning(info) else []))

@@ -68,7 +68,7 @@ bool os_grants_tile_state() {
 
 // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
 bool cpu_has_amx_bf16() {
-  static const bool has = [] {
+  static const bool has = amx_allowed() && [] {
     unsigned eax, ebx, ecx, edx;
     if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
     return (edx >> 22 & 1u) && (edx >> 24 & 1u) && os_grants_tile_state();

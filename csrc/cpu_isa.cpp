@@ -1,6 +1,7 @@
 #include "cpu_isa.h"
 
 #include <atomic>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -14,6 +15,7 @@ namespace umt5_fast {
 namespace {
 
 constexpr CpuIsa kAllIsas[] = {CpuIsa::generic, CpuIsa::avx2, CpuIsa::avx512};  // portable first
+constexpr const char* kCapEnv = "UMT5_FAST_CPU_ISA";
 
 CpuIsa best_supported_isa() {
   CpuIsa best = CpuIsa::generic;
@@ -42,9 +44,37 @@ CpuIsa isa_from_name(const std::string& name) {
   throw std::invalid_argument("isa must be 'generic', 'avx2' or 'avx512', got '" + name + "'");
 }
 
+// The cap UMT5_FAST_CPU_ISA puts on what the kernels may use, read once: "generic", "avx2",
+// "avx512" (without AMX tiles) or "amx" (everything; the default). One machine can so run what a
+// CPU with fewer instruction sets runs (the benchmarks set torch's, MKL's and oneDNN's caps to
+// match). umt5_fast/__init__.py checks the name first, with the same message, so that a typo is a
+// ValueError at import rather than an extension that fails to load and is left out.
+struct IsaCap {
+  CpuIsa isa;
+  bool amx;
+};
+
+IsaCap read_isa_cap() {
+  const char* value = std::getenv(kCapEnv);
+  const std::string name = value ? value : "";
+  if (name.empty() || name == "amx") return {CpuIsa::avx512, true};
+  for (CpuIsa isa : kAllIsas)
+    if (name == isa_name(isa)) return {isa, false};
+  throw std::invalid_argument(std::string(kCapEnv) +
+                              " must be 'generic', 'avx2', 'avx512' or 'amx', got '" + name + "'");
+}
+
+const IsaCap& isa_cap() {
+  static const IsaCap cap = read_isa_cap();
+  return cap;
+}
+
 }  // namespace
 
+bool amx_allowed() { return isa_cap().amx; }
+
 bool cpu_supports(CpuIsa isa) {
+  if (isa > isa_cap().isa) return false;
   switch (isa) {
     case CpuIsa::avx512:  // kernels_avx512.cpp is built with -mavx512f -mavx2 -mfma -mf16c
       return __builtin_cpu_supports("avx512f") && cpu_supports(CpuIsa::avx2);
@@ -61,11 +91,13 @@ CpuIsa cpu_isa() { return selected_isa().load(std::memory_order_relaxed); }
 
 void set_cpu_isa(CpuIsa isa) {
   if (!cpu_supports(isa))
-    throw std::invalid_argument(std::string("this CPU does not support ") + isa_name(isa));
+    throw std::invalid_argument(std::string(isa_name(isa)) + " is not available: this CPU lacks it" +
+                                (isa_cap().isa < isa ? std::string(" or ") + kCapEnv + " caps it" : ""));
   selected_isa().store(isa, std::memory_order_relaxed);
 }
 
 void register_cpu_isa(py::module_& m) {
+  isa_cap();  // a bad UMT5_FAST_CPU_ISA fails the import, not a later kernel call
   m.def("cpu_isa", [] { return std::string(isa_name(cpu_isa())); },
         "Instruction set the kernels currently run with.");
   m.def("supported_cpu_isas", [] {
@@ -73,7 +105,7 @@ void register_cpu_isa(py::module_& m) {
     for (CpuIsa isa : kAllIsas)
       if (cpu_supports(isa)) names.push_back(isa_name(isa));
     return names;
-  }, "Instruction sets this CPU can run, portable first.");
+  }, "Instruction sets this CPU can run (up to UMT5_FAST_CPU_ISA), portable first.");
   // Which BLAS engine is faster depends on the vendor too: MKL runs AVX-512 code on Intel CPUs only.
   m.def("cpu_vendor", [] {
     __builtin_cpu_init();

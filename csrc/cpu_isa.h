@@ -10,14 +10,18 @@ namespace umt5_fast {
 
 enum class CpuIsa { generic, avx2, avx512 };
 
-// The ISA kernels run with: the best one this CPU supports, unless set_cpu_isa chose another.
+// The ISA kernels run with: the best one cpu_supports(), unless set_cpu_isa chose another.
 CpuIsa cpu_isa();
 
 // Forces an ISA (tests run every kernel on each one). Throws std::invalid_argument when the CPU
 // lacks it.
 void set_cpu_isa(CpuIsa isa);
 
+// Whether this CPU has the ISA and UMT5_FAST_CPU_ISA (if set) allows it.
 bool cpu_supports(CpuIsa isa);
+
+// Whether UMT5_FAST_CPU_ISA allows AMX tiles (unset or "amx").
+bool amx_allowed();
 
 }  // namespace umt5_fast
 

@@ -1,4 +1,12 @@
 """umt5_fast: fast inference for UMT5 models, a drop-in for transformers' UMT5 classes."""
+import os as _os
+
+# The C++ extension reads this cap on its instruction sets (csrc/cpu_isa.cpp). It is checked here
+# too, because an extension whose import fails is left out (the eager backend runs instead) and a
+# typo would so pass unnoticed.
+if _os.environ.get("UMT5_FAST_CPU_ISA", "") not in ("", "generic", "avx2", "avx512", "amx"):
+    raise ValueError("UMT5_FAST_CPU_ISA must be 'generic', 'avx2', 'avx512' or 'amx', "
+                     f"got {_os.environ['UMT5_FAST_CPU_ISA']!r}")
 from umt5_fast.config import UMT5Config
 from umt5_fast.model import (UMT5EncoderModel, UMT5ForConditionalGeneration, UMT5ForQuestionAnswering,
                              UMT5ForSequenceClassification, UMT5ForTokenClassification, UMT5Model,

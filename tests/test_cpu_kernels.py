@@ -308,6 +308,29 @@ def test_decode_attention(cache_length, padding, batch, heads, head_dim, generat
         torch.testing.assert_close(got, expected, **ATTENTION_TOL)
 
 
+@pytest.mark.usefixtures("every_cpu_isa")
+@pytest.mark.parametrize("cache_length", [1, 9, 50])
+@pytest.mark.parametrize("padding", [None, "left"])
+def test_decode_attention_of_a_bf16_cache(cache_length, padding, generator):
+    """A bf16 model's decode step: the query row through ``attention`` (the bf16 kernel where the
+    CPU has AVX512-BF16, else the fp32 one on copies) on the written part of the cache, so a decode
+    step computes what a prefill of the same row computes; within bf16's tolerance of fp64."""
+    batch, heads, head_dim, max_length = 3, 5, 24, 50
+    q, k_cache, v_cache = (randn(batch, heads, rows, head_dim, generator=generator).bfloat16()
+                           for rows in (1, max_length, max_length))
+    table = randn(16, heads, generator=generator)
+    mask = None if padding is None else padding_mask(batch, max_length, padding, generator)
+    kwargs = dict(num_buckets=16, max_distance=20)
+    got = cpu.decode_attention(q, k_cache, v_cache, cache_length, table, key_padding_mask=mask, **kwargs)
+    written = dict(key_padding_mask=None if mask is None else mask[:, :cache_length], causal=True,
+                   query_offset=cache_length - 1, bidirectional=False, **kwargs)
+    keys, values = k_cache[:, :, :cache_length], v_cache[:, :, :cache_length]
+    assert got.dtype == torch.bfloat16 and got.shape == (batch, 1, heads, head_dim)
+    assert torch.equal(got, cpu.attention(q, keys, values, table, **written))
+    exact = eager.attention(q.double(), keys.double(), values.double(), table.double(), **written)
+    assert (got.double() - exact).abs().max() <= BF16_ATTENTION_TOL * values.double().abs().max()
+
+
 # ----------------------------------------------------------------------------------------------
 # RMSNorm
 

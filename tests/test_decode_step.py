@@ -9,7 +9,7 @@ import umt5_fast
 from umt5_fast import decode_step, generation
 from helpers import random_batch
 
-pytest.importorskip("umt5_fast._C")
+_C = pytest.importorskip("umt5_fast._C")
 
 CONFIGS = {
     # 5 heads of 24, 3 decoder layers, max_distance 40 (the 45 steps below pass it)
@@ -34,15 +34,23 @@ def encoded(model, batch: int, seed: int):
     return states, mask
 
 
+# (quantize, dtype): fp32 activations with each weight format, and a bf16 model's activations
+# with its bf16 weights or W8A8 ones
+PRECISIONS = [(mode, torch.float32) for mode in MODES] + [(None, torch.bfloat16), ("w8a8", torch.bfloat16)]
+
+
 @pytest.mark.usefixtures("every_cpu_isa")
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode,dtype", PRECISIONS)
 @pytest.mark.parametrize("config_name", list(CONFIGS))
-def test_steps_equal_the_python_path(checkpoint_factory, config_name, mode):
-    model = load(checkpoint_factory, config_name, mode)
+def test_steps_equal_the_python_path(checkpoint_factory, config_name, mode, dtype):
+    model = load(checkpoint_factory, config_name, mode, dtype=dtype)
     rows, steps = 3, 45
     states, mask = encoded(model, rows, seed=5)
     fast = generation.Decoder(model, states, mask, max_length=steps + 1)
     python = generation.Decoder(model, states, mask, max_length=steps + 1)
+    if dtype == torch.bfloat16 and not _C.has_bf16_attention():
+        assert fast.cpu_step is None  # a bf16 model's step needs the bf16 attention kernel
+        return
     assert fast.cpu_step is not None
     python.cpu_step = None
     g = torch.Generator().manual_seed(6)
@@ -65,10 +73,12 @@ GENERATE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("mode", [None, "w8a8"])
+@pytest.mark.parametrize("mode,dtype", [(None, torch.float32), ("w8a8", torch.float32), (None, torch.bfloat16)])
 @pytest.mark.parametrize("case", range(len(GENERATE_CASES)))
-def test_generate_is_unchanged(checkpoint_factory, monkeypatch, case, mode):
-    model = load(checkpoint_factory, "odd-gated-gelu", mode)
+def test_generate_is_unchanged(checkpoint_factory, monkeypatch, case, mode, dtype):
+    if dtype == torch.bfloat16 and not _C.has_bf16_attention():
+        pytest.skip("a bf16 model's C++ step needs AVX512-BF16")
+    model = load(checkpoint_factory, "odd-gated-gelu", mode, dtype=dtype)
     ids, mask = random_batch(model.config.vocab_size, 4, 31, seed=case)
     greedy = model.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None)
     counts = torch.bincount(greedy[:, 1:].flatten(), minlength=model.config.vocab_size)
@@ -98,7 +108,8 @@ def test_models_it_does_not_cover_take_the_python_path(checkpoint_factory):
     load_model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained
     assert decode_step.build(load_model(path, backend="eager")) is None
     assert decode_step.build(load_model(path, backend="cpu", dtype=torch.float16)) is None
-    assert decode_step.build(load_model(path, backend="cpu", dtype=torch.bfloat16)) is None
+    # a bf16 model's activations with int8 weight-only weights run eagerly in the Python path
+    assert decode_step.build(load_model(path, backend="cpu", dtype=torch.bfloat16, quantize="int8")) is None
     path, _ = checkpoint_factory("UMT5ForConditionalGeneration", feed_forward_proj="gated-quick_gelu")
     assert decode_step.build(load_model(path, backend="cpu")) is None  # no C++ kernel for quick_gelu
 
@@ -124,6 +135,18 @@ def test_fp32_weights_take_the_step_only_up_to_the_gemv_rows(checkpoint_factory)
     for mode, accepted in ((None, False), ("int8", True)):
         model = load(checkpoint_factory, "relu-ungated", mode)
         assert_step_declines_or_not(model, FP32_KERNEL_MAX_ROWS + 1, seed=8, accepted=accepted)
+
+
+def test_a_bf16_model_takes_the_step_only_up_to_the_bf16_kernel_rows(checkpoint_factory):
+    """Above BF16_KERNEL_MAX_ROWS the Python path multiplies bf16 x and weights in torch's bf16
+    GEMM: the step declines there; W8A8 weights take the integer kernel at any size."""
+    if not _C.has_bf16_attention():
+        pytest.skip("a bf16 model's C++ step needs AVX512-BF16")
+    from umt5_fast.ops.cpu import BF16_KERNEL_MAX_ROWS
+    for mode, accepted in ((None, False), ("w8a8", True)):
+        model = load(checkpoint_factory, "relu-ungated", mode, dtype=torch.bfloat16)
+        assert_step_declines_or_not(model, BF16_KERNEL_MAX_ROWS + 1, seed=8, accepted=accepted)
+        assert_step_declines_or_not(model, BF16_KERNEL_MAX_ROWS, seed=8, accepted=True)
 
 
 @pytest.mark.parametrize("mode", ["bf16", "int8", "w8a8"])

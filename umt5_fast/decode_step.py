@@ -4,8 +4,10 @@ At batch 1 a decode step of umt5-small reads ~90 MB of decoder weights in ~3 ms,
 Python-level op calls of ``DecoderStack.run`` cost about as much again. ``CpuDecodeStep`` hands
 the C++ side pointers to every decoder weight once per ``generate`` call; each step then runs the
 whole stack (same kernels, same order, so the same bits as the Python path) and returns the final
-hidden states. It covers what the cpu backend's kernels cover: fp32 activations; fp32, bf16, int8
-or W8A8 linear weights without bias; fp32 norms; activations with a C++ kernel. Anything else
+hidden states. It covers what the cpu backend's kernels cover: fp32 activations with fp32, bf16,
+int8 or W8A8 linear weights, or a bf16 model's bf16 activations (on CPUs with the bf16 attention
+kernel) with bf16 or W8A8 weights; linears without bias; norms in the activations' dtype;
+activations with a C++ kernel. Anything else
 (``build`` returns None, or ``accepts`` says no) takes the Python path, which is also the
 specification this one is tested against.
 """
@@ -26,30 +28,35 @@ _NONE, _F32, _BF16, _INT8, _W8A8 = -1, 0, 1, 2, 3
 _NO_LINEAR = (_NONE, 0, 0, 0, 0)
 
 
-def _linear_spec(linear, keep: list):
+def _linear_spec(linear, keep: list, activations: torch.dtype):
     """``(kind, weight ptr, scale ptr, in, out)`` of a decoder ``Linear``, or None when no C++
-    kernel takes it as ``ops.cpu.linear`` would (``keep`` holds the tensors the pointers need)."""
+    kernel takes it as ``ops.cpu.linear`` would for ``activations`` (fp32 x: fp32, bf16, int8 or
+    W8A8 weights; a bf16 model's x: bf16 or W8A8 weights, on the widened x). ``keep`` holds the
+    tensors the pointers need."""
     if linear.bias is not None:
         return None
     weight = linear.packed_weight()
     if isinstance(weight, torch.Tensor):
         kind = {torch.float32: _F32, torch.bfloat16: _BF16}.get(weight.dtype)
-        if kind is None:
+        if kind is None or (activations == torch.bfloat16 and kind != _BF16):
             return None
         weight = weight.contiguous()
         keep.append(weight)
         return kind, weight.data_ptr(), 0, weight.shape[1], weight.shape[0]
     if type(weight) not in (QuantizedWeight, W8A8Weight) or weight.qweight.dtype != torch.int8:
         return None  # fp8 / GGUF blocks are expanded per call by Linear.kernel_weight
+    kind = _W8A8 if isinstance(weight, W8A8Weight) else _INT8
+    if activations == torch.bfloat16 and kind != _W8A8:
+        return None  # (int8 weight-only with bf16 x runs eagerly)
     qweight, scale = weight.qweight.contiguous(), weight.scale.float().contiguous()
     keep.extend((qweight, scale))
-    kind = _W8A8 if isinstance(weight, W8A8Weight) else _INT8
     return kind, qweight.data_ptr(), scale.data_ptr(), weight.shape[1], weight.shape[0]
 
 
-def _norm_weight(norm, eps: float, keep: list):
-    """Pointer to an RMSNorm's fp32 weight, or None when the step cannot run it (its one ``eps``)."""
-    if norm.weight.dtype != torch.float32 or norm.eps != eps:
+def _norm_weight(norm, eps: float, keep: list, activations: torch.dtype):
+    """Pointer to an RMSNorm's weight in the activations' dtype, or None when the step cannot run
+    it (another dtype, or another ``eps`` than the step's one)."""
+    if norm.weight.dtype != activations or norm.eps != eps:
         return None
     weight = norm.weight.contiguous()
     keep.append(weight)
@@ -57,26 +64,35 @@ def _norm_weight(norm, eps: float, keep: list):
 
 
 class CpuDecodeStep:
-    def __init__(self, model, native, has_fp32_weights: bool, has_expanded_weights: bool, keep: list):
+    def __init__(self, model, native, dtype: torch.dtype, kinds: set, keep: list):
         self.model = model
         self.native = native
-        self.has_fp32_weights = has_fp32_weights
-        # bf16 / int8 weights, which ``linear`` expands for a wide GEMM from WIDE_GEMM_MIN_ROWS rows on
-        self.has_expanded_weights = has_expanded_weights
+        self.dtype = dtype  # of the activations: fp32, or a bf16 model's bf16
+        self.kinds = kinds  # the weight kinds of the linears
         self._keep = keep  # the tensors behind the pointers ``native`` holds
+
+    def _rows_take_the_kernels(self, rows: int) -> bool:
+        """Whether ``ops.cpu.linear`` multiplies ``rows`` rows with every weight in the kernels the
+        step runs (and attention takes the kernel the step runs)."""
+        if self.dtype == torch.bfloat16:
+            # bf16 weights take the C++ kernel only up to some rows (torch's bf16 GEMM above)
+            return (cpu_ops._C.has_bf16_attention() and
+                    (_BF16 not in self.kinds or cpu_ops.float_kernel_computes(torch.bfloat16, torch.bfloat16, rows)))
+        # fp32 weights take the C++ GEMV only up to some rows (torch's GEMM above); bf16 / int8
+        # weights are expanded for a wide GEMM from WIDE_GEMM_MIN_ROWS rows on
+        return ((_F32 not in self.kinds or cpu_ops.float_kernel_computes(torch.float32, torch.float32, rows))
+                and not (self.kinds & {_BF16, _INT8} and cpu_ops.wide_gemm_rows(torch.float32, rows)))
 
     def accepts(self, tokens: torch.Tensor, cache, encoder_states: torch.Tensor) -> bool:
         """Whether this step (``tokens`` ``[rows, 1]``) runs here, exactly as the Python path would."""
         rows = tokens.shape[0]
         return (tokens.shape[1] == 1 and rows > 0 and isinstance(cache, StaticCache)
-                and 0 < cache.length < cache.max_length and cache.keys.dtype == torch.float32
+                and 0 < cache.length < cache.max_length and cache.keys.dtype == self.dtype
                 and cache.keys.shape == cache.values.shape and cache.keys.shape[1] == rows
                 and cache.keys.is_contiguous() and cache.values.is_contiguous()
-                and encoder_states.dtype == torch.float32 and encoder_states.shape[0] == rows
-                # fp32 weights take the C++ GEMV only up to some rows (torch's GEMM above)
-                and (not self.has_fp32_weights or cpu_ops.float_kernel_computes(torch.float32, torch.float32, rows))
-                and not (self.has_expanded_weights and cpu_ops.wide_gemm_rows(torch.float32, rows))
-                and all(kv is not None and kv[0].dtype == kv[1].dtype == torch.float32
+                and encoder_states.dtype == self.dtype and encoder_states.shape[0] == rows
+                and self._rows_take_the_kernels(rows)
+                and all(kv is not None and kv[0].dtype == kv[1].dtype == self.dtype
                         and kv[0].shape == kv[1].shape and kv[0].shape[0] == rows
                         and kv[0].stride(-1) == kv[1].stride(-1) == 1 for kv in cache.cross_kv))
 
@@ -108,7 +124,10 @@ def build(model) -> Optional[CpuDecodeStep]:
         return None
     config, decoder = model.config, model.decoder
     activation = cpu_ops._KERNEL_ACTIVATIONS.get(config.dense_act_fn)
-    if activation is None or decoder.embed_tokens.weight.dtype != torch.float32:
+    if activation is None or not isinstance(decoder.embed_tokens, torch.nn.Embedding):
+        return None
+    dtype = decoder.embed_tokens.weight.dtype
+    if not (dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_ops._C.has_bf16_attention())):
         return None
     keep, layers, kinds = [], [], set()
     eps = decoder.final_layer_norm.eps
@@ -116,23 +135,23 @@ def build(model) -> Optional[CpuDecodeStep]:
         self_attention, cross_attention = block.layer[0].SelfAttention, block.layer[1].EncDecAttention
         ffn = block.layer[2].DenseReluDense
         gate, up = (ffn.wi_0, ffn.wi_1) if ffn.gated else (ffn.wi, None)
-        linears = [_linear_spec(lin, keep) for lin in (self_attention.q, self_attention.k, self_attention.v,
-                                                       self_attention.o, cross_attention.q, cross_attention.o,
-                                                       gate)]
-        linears.append(_NO_LINEAR if up is None else _linear_spec(up, keep))
-        linears.append(_linear_spec(ffn.wo, keep))
-        norms = [_norm_weight(sub.layer_norm, eps, keep) for sub in block.layer]
+        linears = [_linear_spec(lin, keep, dtype) for lin in (self_attention.q, self_attention.k, self_attention.v,
+                                                              self_attention.o, cross_attention.q, cross_attention.o,
+                                                              gate)]
+        linears.append(_NO_LINEAR if up is None else _linear_spec(up, keep, dtype))
+        linears.append(_linear_spec(ffn.wo, keep, dtype))
+        norms = [_norm_weight(sub.layer_norm, eps, keep, dtype) for sub in block.layer]
         if any(spec is None for spec in linears) or any(ptr is None for ptr in norms):
             return None
         table = self_attention.bias_table().to(torch.float32).contiguous()
         keep.append(table)
-        kinds.update(spec[0] for spec in linears)
+        kinds.update(spec[0] for spec in linears if spec[0] != _NONE)
         layers.append(((norms[0], table.data_ptr(), norms[1], norms[2]), linears))
-    final_norm = _norm_weight(decoder.final_layer_norm, eps, keep)
+    final_norm = _norm_weight(decoder.final_layer_norm, eps, keep, dtype)
     if final_norm is None or not layers:
         return None
     native = cpu_ops._C.DecoderStep(
         d_model=config.d_model, heads=config.num_heads, d_kv=config.d_kv, d_ff=config.d_ff,
         num_buckets=config.relative_attention_num_buckets, max_distance=config.relative_attention_max_distance,
-        eps=eps, activation=activation, layers=layers, final_norm=final_norm)
-    return CpuDecodeStep(model, native, _F32 in kinds, bool(kinds & {_BF16, _INT8}), keep)
+        eps=eps, activation=activation, layers=layers, final_norm=final_norm, bf16=dtype == torch.bfloat16)
+    return CpuDecodeStep(model, native, dtype, kinds, keep)

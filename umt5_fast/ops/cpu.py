@@ -236,6 +236,13 @@ def decode_attention(q, k_cache, v_cache, cache_length, bias_table, *, num_bucke
                          f"got {length}")
     table = _check_bucket_args(bias_table, heads, False, num_buckets, max_distance)
     mask = _check_key_padding_mask(key_padding_mask, batch, length)
+    if _half_precision(q, k_cache, v_cache) and q.numel() > 0:
+        # A bf16 / fp16 model: the one query row through ``attention`` on the written part of the
+        # cache (the bf16 kernel, or the fp32 one on copies), as its prefill and cross-attention run.
+        return attention(q, k_cache[:, :, :length], v_cache[:, :, :length], bias_table,
+                         bidirectional=False, num_buckets=num_buckets, max_distance=max_distance,
+                         key_padding_mask=None if mask is None else mask[:, :length], causal=True,
+                         query_offset=length - 1)
     if not _all_fp32(q, k_cache, v_cache) or q.numel() == 0:
         return eager.decode_attention(q, k_cache, v_cache, length, bias_table,
                                       num_buckets=num_buckets, max_distance=max_distance,

@@ -93,6 +93,9 @@ def list_everything(workloads):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.cpu_isa:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        machine.cap_instruction_sets(args.cpu_isa, [sys.executable, "-m", __package__] + argv)
     preset = PRESETS[args.preset]
     workloads = catalog(args.source_length or preset.source_length, args.new_tokens or preset.new_tokens)
     if args.list:
@@ -113,11 +116,6 @@ def main(argv=None):
     # Every engine, torch or not, gets the same thread count; spawned measurements inherit this.
     os.environ.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                       TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
-    if args.cpu_isa:
-        try:
-            machine.cap_instruction_sets(args.cpu_isa)
-        except ValueError as exc:
-            raise SystemExit(f"bench: --cpu-isa {args.cpu_isa}: {exc}") from exc
     settings = settings_for(preset, args.threads, args.cache_dir, args.timeout, warmup=args.warmup,
                             repeats=args.repeats, time_budget_s=args.time_budget_s)
 

@@ -8,6 +8,7 @@ import os
 import platform
 import re
 import resource
+import sys
 import time
 from importlib import metadata
 
@@ -127,15 +128,17 @@ def measure_gemm_rate(dtype_name: str = "float32", n: int = 2048, repeats: int =
     return 2.0 * n ** 3 / seconds
 
 
-def cap_instruction_sets(isa: str):
-    """Hold every engine of this run to ``isa`` (a key of ISA_CAP_ENVIRONMENT); call before any
-    engine runs. Raises ValueError when some library has already read its setting otherwise."""
-    os.environ.update(ISA_CAP_ENVIRONMENT[isa])
-    import torch
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability.lower() != isa:
-        raise ValueError(f"torch already runs {capability} kernels in this process; set "
-                         f"ATEN_CPU_CAPABILITY={isa} before it starts")
+def cap_instruction_sets(isa: str, restart_argv):
+    """Hold every engine of this run to ``isa`` (a key of ISA_CAP_ENVIRONMENT). oneDNN reads its
+    cap when torch loads, so the process starts again as ``restart_argv`` with the caps set (once:
+    the new process finds them set)."""
+    wanted = ISA_CAP_ENVIRONMENT[isa]
+    if all(os.environ.get(name) == value for name, value in wanted.items()):
+        return
+    os.environ.update(wanted)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, restart_argv)
 
 
 def describe_machine(threads: int, gemm_dtypes=("float32",), quick: bool = False) -> dict:

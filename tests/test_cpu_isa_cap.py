@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from benchmarks import machine
+
 _C = pytest.importorskip("umt5_fast._C")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,3 +97,21 @@ def test_model_under_a_cap_matches_the_uncapped_model(checkpoint_factory):
         results[cap] = torch.load(path)
     assert results["avx2"]["isa"] in ("avx2", "generic")
     torch.testing.assert_close(results["avx2"]["logits"], results[""]["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_the_benchmarks_cap_restarts_the_process_with_every_librarys_cap_set():
+    """``--cpu-isa``: oneDNN reads its cap when torch loads, so the run starts again with all of
+    them set (and only once: the restarted process finds them set)."""
+    if "avx2" not in _C.supported_cpu_isas():
+        pytest.skip("no AVX2 here")
+    report = ("import os, torch, umt5_fast._C as C; "
+              "print(os.environ['ONEDNN_MAX_CPU_ISA'], torch.backends.cpu.get_cpu_capability(), C.cpu_isa())")
+    done = run_python("import sys; from benchmarks import machine\n"
+                      f"machine.cap_instruction_sets('avx2', [sys.executable, '-c', {report!r}])\n"
+                      "print('not restarted')")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["AVX2", "AVX2", "avx2"]
+    done = run_python("import sys; from benchmarks import machine\n"
+                      "machine.cap_instruction_sets('avx2', [sys.executable, '-c', 'print(1)'])\n"
+                      "print('not restarted')", **machine.ISA_CAP_ENVIRONMENT["avx2"])
+    assert done.stdout.strip() == "not restarted"

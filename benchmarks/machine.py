@@ -147,13 +147,15 @@ def describe_machine(threads: int, gemm_dtypes=("float32",), quick: bool = False
     torch.set_num_threads(threads)
     repeats = 3 if quick else 7
     bandwidth = measure_read_bandwidth(size_bytes=(1 << 29) if quick else (1 << 30), repeats=repeats)
-    gemm = {name: measure_gemm_rate(name, repeats=repeats) for name in gemm_dtypes}
-    if "bfloat16" in gemm:
-        # Where oneDNN has no bf16 (AVX2-only CPUs) torch.mm in bf16 runs a slow loop (0.3 GFLOP/s
-        # seen on a Zen 3), and the fp32 GEMM of the widened operands is the faster bf16 GEMM (the
-        # cpu backend runs that): the floor takes the better of the two.
+    # Where oneDNN has no bf16 (AVX2-only CPUs) torch.mm in bf16 runs a slow loop (0.3 GFLOP/s
+    # seen on a Zen 3: minutes for this probe), and the fp32 GEMM of the widened operands is the
+    # faster bf16 GEMM (the cpu backend runs that): the floor takes the fp32 rate there.
+    native_bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)()
+    measured = [name for name in gemm_dtypes if name != "bfloat16" or native_bf16]
+    gemm = {name: measure_gemm_rate(name, repeats=repeats) for name in measured}
+    if "bfloat16" in gemm_dtypes:
         fp32 = gemm["float32"] if "float32" in gemm else measure_gemm_rate("float32", repeats=repeats)
-        gemm["bfloat16"] = max(gemm["bfloat16"], fp32)
+        gemm["bfloat16"] = max(gemm.get("bfloat16", 0.0), fp32)
     return {
         "cpu": cpu_description(),
         "threads": threads,

@@ -27,7 +27,7 @@ def extension_state(cap):
         "state = dict(selected=C.cpu_isa(), supported=C.supported_cpu_isas(), amx=C.has_amx_attention(),\n"
         "             bf16_attention=C.has_bf16_attention())\n"
         "from umt5_fast.ops import cpu\n"
-        "state.update(wide_gemms=cpu.WIDE_GEMMS, native_bf16_gemm=cpu.NATIVE_BF16_GEMM)\n"
+        "state.update(wide_gemms=cpu.WIDE_GEMMS)\n"
         "print(json.dumps(state))", UMT5_FAST_CPU_ISA=cap)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
@@ -42,7 +42,7 @@ def test_cap_limits_the_kernels_and_the_paths_built_on_them(cap):
     assert state["selected"] == expected[-1]
     assert state["amx"] is False  # "avx512" means without AMX tiles
     if cap != "avx512":
-        assert not (state["bf16_attention"] or state["wide_gemms"] or state["native_bf16_gemm"])
+        assert not (state["bf16_attention"] or state["wide_gemms"])
 
 
 def test_amx_and_unset_mean_no_cap():

@@ -183,8 +183,8 @@ class DecoderStep {
       // bf16 activations: the weights ops.cpu.linear multiplies bf16 x with in these kernels
       for (const StepLinear* w : {&layer.q, &layer.k, &layer.v, &layer.o, &layer.cross_q,
                                   &layer.cross_o, &layer.wi_0, &layer.wi_1, &layer.wo})
-        if (bf16 && (w->kind == WeightKind::f32 || w->kind == WeightKind::int8))
-          throw std::invalid_argument("decoder step: bf16 activations take bf16 or W8A8 weights");
+        if (bf16 && w->kind == WeightKind::f32)
+          throw std::invalid_argument("decoder step: bf16 activations take bf16, int8 or W8A8 weights");
       layers_.push_back(layer);
     }
   }

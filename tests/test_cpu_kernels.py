@@ -449,6 +449,31 @@ def test_linear_of_a_bf16_model(rows, with_residual, native_bf16_gemm, generator
         torch.testing.assert_close(got, eager.linear(x, weight, residual), rtol=2 ** -7, atol=2 ** -7)
 
 
+@pytest.mark.usefixtures("every_cpu_isa")
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 40])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_int8_weights_in_a_bf16_model(rows, with_residual, generator):
+    """bf16 x with weight-only int8: up to BF16_KERNEL_MAX_ROWS rows the C++ int8 kernel on the
+    widened x (the exact product of x and scale * q, rounded once, then the residual added in bf16),
+    above them eager's expansion to bf16 and torch's bf16 GEMM; both within 2^-7 of the largest
+    exact output."""
+    x = randn(rows, 133, generator=generator).bfloat16()
+    weight = QuantizedWeight.quantize(randn(71, 133, generator=generator))
+    residual = randn(rows, 71, generator=generator).bfloat16() if with_residual else None
+    got = cpu.linear(x, weight, residual)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 71)
+    exact = x.double() @ weight.dequantize(torch.float32).double().T
+    if rows <= cpu.BF16_KERNEL_MAX_ROWS:
+        rounded = cpu.kernel_linear(x.float(), weight).bfloat16()
+        assert torch.equal(got, rounded if residual is None else rounded + residual)
+        assert bf16_ulps(rounded, exact.bfloat16()).max() <= 1
+    else:
+        assert torch.equal(got, eager.linear(x, weight, residual))
+    # eager rounds the expanded weights to bf16 too: errors relative to the largest output
+    reference = exact if residual is None else exact + residual.double()
+    assert (got.double() - reference).abs().max() <= 2 ** -7 * reference.abs().max()
+
+
 def test_bf16_linear_through_fp32_widens_in_chunks(generator, monkeypatch):
     """A weight wider than BF16_WIDEN_CHUNK is widened a slice of output features at a time (the
     last one partial); the slices' results are the unsliced product's, column for column."""

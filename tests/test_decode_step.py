@@ -35,8 +35,8 @@ def encoded(model, batch: int, seed: int):
 
 
 # (quantize, dtype): fp32 activations with each weight format, and a bf16 model's activations
-# with its bf16 weights or W8A8 ones
-PRECISIONS = [(mode, torch.float32) for mode in MODES] + [(None, torch.bfloat16), ("w8a8", torch.bfloat16)]
+# with its bf16 weights, int8 or W8A8 ones
+PRECISIONS = [(mode, torch.float32) for mode in MODES] + [(mode, torch.bfloat16) for mode in (None, "int8", "w8a8")]
 
 
 @pytest.mark.usefixtures("every_cpu_isa")
@@ -108,8 +108,6 @@ def test_models_it_does_not_cover_take_the_python_path(checkpoint_factory):
     load_model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained
     assert decode_step.build(load_model(path, backend="eager")) is None
     assert decode_step.build(load_model(path, backend="cpu", dtype=torch.float16)) is None
-    # a bf16 model's activations with int8 weight-only weights run eagerly in the Python path
-    assert decode_step.build(load_model(path, backend="cpu", dtype=torch.bfloat16, quantize="int8")) is None
     path, _ = checkpoint_factory("UMT5ForConditionalGeneration", feed_forward_proj="gated-quick_gelu")
     assert decode_step.build(load_model(path, backend="cpu")) is None  # no C++ kernel for quick_gelu
 
@@ -138,12 +136,12 @@ def test_fp32_weights_take_the_step_only_up_to_the_gemv_rows(checkpoint_factory)
 
 
 def test_a_bf16_model_takes_the_step_only_up_to_the_bf16_kernel_rows(checkpoint_factory):
-    """Above BF16_KERNEL_MAX_ROWS the Python path multiplies bf16 x and weights in torch's bf16
-    GEMM: the step declines there; W8A8 weights take the integer kernel at any size."""
+    """Above BF16_KERNEL_MAX_ROWS the Python path multiplies bf16 x with bf16 (or int8, expanded)
+    weights in a bf16 GEMM: the step declines there; W8A8 weights take the integer kernel at any size."""
     if not _C.has_bf16_attention():
         pytest.skip("a bf16 model's C++ step needs AVX512-BF16")
     from umt5_fast.ops.cpu import BF16_KERNEL_MAX_ROWS
-    for mode, accepted in ((None, False), ("w8a8", True)):
+    for mode, accepted in ((None, False), ("int8", False), ("w8a8", True)):
         model = load(checkpoint_factory, "relu-ungated", mode, dtype=torch.bfloat16)
         assert_step_declines_or_not(model, BF16_KERNEL_MAX_ROWS + 1, seed=8, accepted=accepted)
         assert_step_declines_or_not(model, BF16_KERNEL_MAX_ROWS, seed=8, accepted=True)

@@ -36,9 +36,10 @@ def make_head(kind, vocab, dim, seed):
     return random_head(vocab, dim, kind, seed)
 
 
-# (LM head weight, activations): fp32 model, bf16 weights with fp32 activations, bf16 model, int8 weights
+# (LM head weight, activations): fp32 model, bf16 weights with fp32 activations, bf16 model, int8
+# weights with fp32 activations and in a bf16 model
 DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
-          ("int8", torch.float32)]
+          ("int8", torch.float32), ("int8", torch.bfloat16)]
 
 
 @pytest.mark.usefixtures("every_cpu_isa")
@@ -213,7 +214,8 @@ def load(checkpoint_factory, **overrides):
 
 @pytest.mark.parametrize("overrides", [dict(vocab_size=3001), dict(vocab_size=2003, tie_word_embeddings=True),
                                        dict(vocab_size=1009, feed_forward_proj="relu")])
-@pytest.mark.parametrize("dtype,quantize", [(None, None), (None, "bf16"), (torch.bfloat16, None), (None, "int8")])
+@pytest.mark.parametrize("dtype,quantize", [(None, None), (None, "bf16"), (torch.bfloat16, None), (None, "int8"),
+                                           (torch.bfloat16, "int8")])
 def test_greedy_generation_uses_the_screen_and_keeps_the_ids(checkpoint_factory, overrides, dtype, quantize):
     path, hf = checkpoint_factory("UMT5ForConditionalGeneration", **overrides)
     model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="cpu", dtype=dtype,
@@ -271,12 +273,15 @@ def test_an_int8_head_is_its_own_screen_and_followed(checkpoint_factory, edit):
     assert torch.equal(got, model.generate(ids, attention_mask=mask, max_new_tokens=7))
 
 
-def test_w8a8_heads_and_bf16_inputs_to_int8_heads_are_not_screened(checkpoint_factory):
+def test_w8a8_heads_and_many_bf16_rows_at_int8_heads_are_not_screened(checkpoint_factory):
     path, _ = checkpoint_factory("UMT5ForConditionalGeneration", vocab_size=601)
     model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="cpu", quantize="w8a8")
     assert lm_head_screen.screen_for(model) is None  # its logits are the integer kernel's already
     screen = lm_head_screen.LMHeadScreen(make_head("int8", 300, 16, seed=2))
-    assert screen.argmax(torch.randn(2, 16).bfloat16()) is None  # torch computes those logits
+    many_bf16_rows = torch.randn(cpu_ops.BF16_KERNEL_MAX_ROWS + 1, 16).bfloat16()
+    assert screen.argmax(many_bf16_rows) is None  # eager's bf16 GEMM computes those logits
+    assert screen.argmax(many_bf16_rows[:-1]) is not None
+    assert screen.argmax(torch.randn(2, 16).half()) is None
     assert screen.argmax(torch.randn(2, 16)) is not None
     many_rows = torch.randn(cpu_ops.WIDE_GEMM_MIN_ROWS, 16)  # a wide GEMM would compute this head's logits
     assert (screen.argmax(many_rows) is None) == cpu_ops.WIDE_GEMMS

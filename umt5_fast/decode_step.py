@@ -6,7 +6,7 @@ the C++ side pointers to every decoder weight once per ``generate`` call; each s
 whole stack (same kernels, same order, so the same bits as the Python path) and returns the final
 hidden states. It covers what the cpu backend's kernels cover: fp32 activations with fp32, bf16,
 int8 or W8A8 linear weights, or a bf16 model's bf16 activations (on CPUs with the bf16 attention
-kernel) with bf16 or W8A8 weights; linears without bias; norms in the activations' dtype;
+kernel) with bf16, int8 or W8A8 weights; linears without bias; norms in the activations' dtype;
 activations with a C++ kernel. Anything else
 (``build`` returns None, or ``accepts`` says no) takes the Python path, which is also the
 specification this one is tested against.
@@ -31,8 +31,8 @@ _NO_LINEAR = (_NONE, 0, 0, 0, 0)
 def _linear_spec(linear, keep: list, activations: torch.dtype):
     """``(kind, weight ptr, scale ptr, in, out)`` of a decoder ``Linear``, or None when no C++
     kernel takes it as ``ops.cpu.linear`` would for ``activations`` (fp32 x: fp32, bf16, int8 or
-    W8A8 weights; a bf16 model's x: bf16 or W8A8 weights, on the widened x). ``keep`` holds the
-    tensors the pointers need."""
+    W8A8 weights; a bf16 model's x: bf16, int8 or W8A8 weights, on the widened x). ``keep`` holds
+    the tensors the pointers need."""
     if linear.bias is not None:
         return None
     weight = linear.packed_weight()
@@ -46,8 +46,6 @@ def _linear_spec(linear, keep: list, activations: torch.dtype):
     if type(weight) not in (QuantizedWeight, W8A8Weight) or weight.qweight.dtype != torch.int8:
         return None  # fp8 / GGUF blocks are expanded per call by Linear.kernel_weight
     kind = _W8A8 if isinstance(weight, W8A8Weight) else _INT8
-    if activations == torch.bfloat16 and kind != _W8A8:
-        return None  # (int8 weight-only with bf16 x runs eagerly)
     qweight, scale = weight.qweight.contiguous(), weight.scale.float().contiguous()
     keep.extend((qweight, scale))
     return kind, qweight.data_ptr(), scale.data_ptr(), weight.shape[1], weight.shape[0]
@@ -75,9 +73,10 @@ class CpuDecodeStep:
         """Whether ``ops.cpu.linear`` multiplies ``rows`` rows with every weight in the kernels the
         step runs (and attention takes the kernel the step runs)."""
         if self.dtype == torch.bfloat16:
-            # bf16 weights take the C++ kernel only up to some rows (torch's bf16 GEMM above)
-            return (cpu_ops._C.has_bf16_attention() and
-                    (_BF16 not in self.kinds or cpu_ops.float_kernel_computes(torch.bfloat16, torch.bfloat16, rows)))
+            # bf16 / int8 weights take the C++ kernels only up to some rows (a bf16 GEMM above)
+            return (cpu_ops._C.has_bf16_attention()
+                    and (_BF16 not in self.kinds or cpu_ops.float_kernel_computes(torch.bfloat16, torch.bfloat16, rows))
+                    and (_INT8 not in self.kinds or cpu_ops.int8_kernel_computes(torch.bfloat16, rows)))
         # fp32 weights take the C++ GEMV only up to some rows (torch's GEMM above); bf16 / int8
         # weights are expanded for a wide GEMM from WIDE_GEMM_MIN_ROWS rows on
         return ((_F32 not in self.kinds or cpu_ops.float_kernel_computes(torch.float32, torch.float32, rows))

@@ -95,7 +95,7 @@ class LMHeadScreen:
         x = x.contiguous()
         int8_head = isinstance(self.weight, QuantizedWeight)
         if x.shape[0] == 0 or cpu_ops.wide_gemm_computes(x.dtype, self.weight, x.shape[0]) \
-                or not (x.dtype == torch.float32 if int8_head
+                or not (cpu_ops.int8_kernel_computes(x.dtype, x.shape[0]) if int8_head
                         else cpu_ops.float_kernel_computes(x.dtype, self.weight.dtype, x.shape[0])):
             return None  # (torch's GEMM computes those logits: a subset of rows may sum differently)
         norm = x.double().norm(dim=1)

@@ -312,6 +312,13 @@ def float_kernel_computes(x_dtype: torch.dtype, weight_dtype: torch.dtype, rows:
         return True
     limit = {torch.float32: FP32_KERNEL_MAX_ROWS, torch.bfloat16: BF16_KERNEL_MAX_ROWS}.get(x_dtype, 0)
     return x_dtype == weight_dtype and 0 < rows <= limit
+def int8_kernel_computes(x_dtype: torch.dtype, rows: int) -> bool:
+    """Whether ``linear`` multiplies ``rows`` rows of x with a weight-only int8 weight in the C++
+    kernel, unless a wide GEMM takes them (``wide_gemm_computes``): fp32 x, or a bf16 model's x up
+    to BF16_KERNEL_MAX_ROWS rows (on the exactly widened x, the sums rounded to bf16 once)."""
+    return x_dtype == torch.float32 or (x_dtype == torch.bfloat16 and 0 < rows <= BF16_KERNEL_MAX_ROWS)
+
+
 # Whether torch's bf16 GEMM runs in oneDNN (AVX-512 / AVX512-BF16 / AMX CPUs). Elsewhere (AVX2
 # only) it takes a fallback that widens to fp32 inside a slow loop: MKL's fp32 GEMM on the widened
 # operands gives the same fp32 sums rounded once, 2-6x faster (measured on a Zen 3: 1024 x 512 @
@@ -412,6 +419,11 @@ def linear(x, weight, residual=None):
             return _add_residual(linear(x.float(), weight).to(torch.bfloat16), residual)
         if not NATIVE_BF16_GEMM:
             return _add_residual(_bf16_linear_through_fp32(x, weight), residual)
+    if type(weight) is QuantizedWeight and x.dtype == torch.bfloat16 and int8_kernel_computes(x.dtype, rows):
+        # A bf16 model's decode-sized rows with int8 weights: the C++ kernel on the exactly widened
+        # x, rounded once; eager would expand the whole weight to bf16 on every call (umt5-small's
+        # greedy decoding 14x slower than with bf16 weights). More rows: eager's bf16 GEMM.
+        return _add_residual(linear(x.float(), weight).to(torch.bfloat16), residual)
     if not quantized and weight.dtype == x.dtype == torch.float32 and not small_fp32 and rows > 0:
         return _add_residual(_fp32_gemm(x, weight, rows), residual)
     if (quantized or weight.dtype == torch.bfloat16) and wide_gemm_computes(x.dtype, weight, rows):

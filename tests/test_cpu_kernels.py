@@ -450,23 +450,25 @@ def test_linear_of_a_bf16_model(rows, with_residual, native_bf16_gemm, generator
 
 
 @pytest.mark.usefixtures("every_cpu_isa")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 5, 16, 17, 40])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_int8_weights_in_a_bf16_model(rows, with_residual, generator):
-    """bf16 x with weight-only int8: up to BF16_KERNEL_MAX_ROWS rows the C++ int8 kernel on the
-    widened x (the exact product of x and scale * q, rounded once, then the residual added in bf16),
-    above them eager's expansion to bf16 and torch's bf16 GEMM; both within 2^-7 of the largest
-    exact output."""
-    x = randn(rows, 133, generator=generator).bfloat16()
+def test_int8_weights_in_a_half_precision_model(rows, with_residual, dtype, generator):
+    """bf16 / fp16 x with weight-only int8: up to BF16_KERNEL_MAX_ROWS rows the C++ int8 kernel on
+    the widened x (the exact product of x and scale * q, rounded once, then the residual added in
+    x's dtype), above them eager's expansion to x's dtype and torch's GEMM; both within 2^-7 of the
+    largest exact output."""
+    x = randn(rows, 133, generator=generator).to(dtype)
     weight = QuantizedWeight.quantize(randn(71, 133, generator=generator))
-    residual = randn(rows, 71, generator=generator).bfloat16() if with_residual else None
+    residual = randn(rows, 71, generator=generator).to(dtype) if with_residual else None
     got = cpu.linear(x, weight, residual)
-    assert got.dtype == torch.bfloat16 and got.shape == (rows, 71)
+    assert got.dtype == dtype and got.shape == (rows, 71)
     exact = x.double() @ weight.dequantize(torch.float32).double().T
     if rows <= cpu.BF16_KERNEL_MAX_ROWS:
-        rounded = cpu.kernel_linear(x.float(), weight).bfloat16()
+        rounded = cpu.kernel_linear(x.float(), weight).to(dtype)
         assert torch.equal(got, rounded if residual is None else rounded + residual)
-        assert bf16_ulps(rounded, exact.bfloat16()).max() <= 1
+        if dtype == torch.bfloat16:
+            assert bf16_ulps(rounded, exact.bfloat16()).max() <= 1
     else:
         assert torch.equal(got, eager.linear(x, weight, residual))
     # eager rounds the expanded weights to bf16 too: errors relative to the largest output

@@ -95,9 +95,11 @@ class LMHeadScreen:
         x = x.contiguous()
         int8_head = isinstance(self.weight, QuantizedWeight)
         if x.shape[0] == 0 or cpu_ops.wide_gemm_computes(x.dtype, self.weight, x.shape[0]) \
+                or x.dtype == torch.float16 \
                 or not (cpu_ops.int8_kernel_computes(x.dtype, x.shape[0]) if int8_head
                         else cpu_ops.float_kernel_computes(x.dtype, self.weight.dtype, x.shape[0])):
-            return None  # (torch's GEMM computes those logits: a subset of rows may sum differently)
+            return None  # (torch's GEMM computes those logits: a subset of rows may sum differently;
+            # fp16 logits round where the bound has no slack for them)
         norm = x.double().norm(dim=1)
         if not bool(torch.isfinite(norm).all()) or float(norm.max()) * self.largest_norm > 1e30 \
                 or float(norm.min()) < _MIN_NORM:

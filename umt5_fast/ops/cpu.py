@@ -314,9 +314,10 @@ def float_kernel_computes(x_dtype: torch.dtype, weight_dtype: torch.dtype, rows:
     return x_dtype == weight_dtype and 0 < rows <= limit
 def int8_kernel_computes(x_dtype: torch.dtype, rows: int) -> bool:
     """Whether ``linear`` multiplies ``rows`` rows of x with a weight-only int8 weight in the C++
-    kernel, unless a wide GEMM takes them (``wide_gemm_computes``): fp32 x, or a bf16 model's x up
-    to BF16_KERNEL_MAX_ROWS rows (on the exactly widened x, the sums rounded to bf16 once)."""
-    return x_dtype == torch.float32 or (x_dtype == torch.bfloat16 and 0 < rows <= BF16_KERNEL_MAX_ROWS)
+    kernel, unless a wide GEMM takes them (``wide_gemm_computes``): fp32 x, or a bf16 / fp16 model's
+    x up to BF16_KERNEL_MAX_ROWS rows (on the exactly widened x, the sums rounded to x's dtype once)."""
+    return x_dtype == torch.float32 or (x_dtype in (torch.bfloat16, torch.float16)
+                                        and 0 < rows <= BF16_KERNEL_MAX_ROWS)
 
 
 # Whether torch's bf16 GEMM runs in oneDNN (AVX-512 / AVX512-BF16 / AMX CPUs). Elsewhere (AVX2
@@ -419,11 +420,11 @@ def linear(x, weight, residual=None):
             return _add_residual(linear(x.float(), weight).to(torch.bfloat16), residual)
         if not NATIVE_BF16_GEMM:
             return _add_residual(_bf16_linear_through_fp32(x, weight), residual)
-    if type(weight) is QuantizedWeight and x.dtype == torch.bfloat16 and int8_kernel_computes(x.dtype, rows):
-        # A bf16 model's decode-sized rows with int8 weights: the C++ kernel on the exactly widened
-        # x, rounded once; eager would expand the whole weight to bf16 on every call (umt5-small's
-        # greedy decoding 14x slower than with bf16 weights). More rows: eager's bf16 GEMM.
-        return _add_residual(linear(x.float(), weight).to(torch.bfloat16), residual)
+    if type(weight) is QuantizedWeight and x.dtype != torch.float32 and int8_kernel_computes(x.dtype, rows):
+        # A bf16 / fp16 model's decode-sized rows with int8 weights: the C++ kernel on the exactly
+        # widened x, rounded once; eager would expand the whole weight to x's dtype on every call
+        # (umt5-small's greedy decoding in bf16 12x slower). More rows: eager's half-precision GEMM.
+        return _add_residual(linear(x.float(), weight).to(x.dtype), residual)
     if not quantized and weight.dtype == x.dtype == torch.float32 and not small_fp32 and rows > 0:
         return _add_residual(_fp32_gemm(x, weight, rows), residual)
     if (quantized or weight.dtype == torch.bfloat16) and wide_gemm_computes(x.dtype, weight, rows):

@@ -14,7 +14,7 @@ enum class CpuIsa { generic, avx2, avx512 };
 CpuIsa cpu_isa();
 
 // Forces an ISA (tests run every kernel on each one). Throws std::invalid_argument when the CPU
-// lacks it.
+// lacks it or UMT5_FAST_CPU_ISA caps it.
 void set_cpu_isa(CpuIsa isa);
 
 // Whether this CPU has the ISA and UMT5_FAST_CPU_ISA (if set) allows it.

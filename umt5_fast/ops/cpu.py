@@ -312,6 +312,8 @@ def float_kernel_computes(x_dtype: torch.dtype, weight_dtype: torch.dtype, rows:
         return True
     limit = {torch.float32: FP32_KERNEL_MAX_ROWS, torch.bfloat16: BF16_KERNEL_MAX_ROWS}.get(x_dtype, 0)
     return x_dtype == weight_dtype and 0 < rows <= limit
+
+
 def int8_kernel_computes(x_dtype: torch.dtype, rows: int) -> bool:
     """Whether ``linear`` multiplies ``rows`` rows of x with a weight-only int8 weight in the C++
     kernel, unless a wide GEMM takes them (``wide_gemm_computes``): fp32 x, or a bf16 / fp16 model's
@@ -420,11 +422,6 @@ def linear(x, weight, residual=None):
             return _add_residual(linear(x.float(), weight).to(torch.bfloat16), residual)
         if not NATIVE_BF16_GEMM:
             return _add_residual(_bf16_linear_through_fp32(x, weight), residual)
-    if type(weight) is QuantizedWeight and x.dtype != torch.float32 and int8_kernel_computes(x.dtype, rows):
-        # A bf16 / fp16 model's decode-sized rows with int8 weights: the C++ kernel on the exactly
-        # widened x, rounded once; eager would expand the whole weight to x's dtype on every call
-        # (umt5-small's greedy decoding in bf16 12x slower). More rows: eager's half-precision GEMM.
-        return _add_residual(linear(x.float(), weight).to(x.dtype), residual)
     if not quantized and weight.dtype == x.dtype == torch.float32 and not small_fp32 and rows > 0:
         return _add_residual(_fp32_gemm(x, weight, rows), residual)
     if (quantized or weight.dtype == torch.bfloat16) and wide_gemm_computes(x.dtype, weight, rows):
@@ -438,9 +435,14 @@ def linear(x, weight, residual=None):
     residual_fits = residual is None or (residual.shape == out_shape and residual.dtype == x.dtype)
     # W8A8 sums of more than 65536 products could overflow the kernels' int32 accumulators.
     int32_fits = not isinstance(weight, W8A8Weight) or in_features <= 65536
-    if isinstance(weight, W8A8Weight) and x.dtype != torch.float32 and int32_fits and x.numel():
-        # The activations are quantised to int8 anyway: a bf16 / fp16 model takes the integer kernel
-        # through fp32 (exactly what the eager reference does), not the fp64 reference.
+    # 8-bit weights with a bf16 / fp16 model's x: the C++ kernels on the exactly widened x, rounded
+    # once to x's dtype. W8A8 at any size: its activations are quantised to int8 anyway (exactly
+    # what the eager reference does, not the fp64 reference). Weight-only int8 for decode-sized
+    # rows, where eager would expand the whole weight on every call (umt5-small's greedy decoding
+    # in bf16 12x slower); more rows take eager's half-precision GEMM.
+    through_fp32 = (int32_fits and x.numel() > 0 if isinstance(weight, W8A8Weight)
+                    else quantized and int8_kernel_computes(x.dtype, rows))
+    if through_fp32 and x.dtype != torch.float32:
         return _add_residual(linear(x.float(), weight).to(x.dtype), residual)
     if not (kernel_weight and x.dtype == torch.float32 and residual_fits and int32_fits) or x.numel() == 0:
         return eager.linear(x, weight, residual)

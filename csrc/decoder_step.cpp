@@ -79,7 +79,7 @@ struct StepLinear {
             {x, static_cast<const int8_t*>(weight), scale, residual, y, rows, in_features,
              out_features}, threads);
       case WeightKind::w8a8:
-        return run_w8a8_linear(x, static_cast<const int8_t*>(weight), scale, residual, y, rows,
+        return run_w8a8_linear(x, static_cast<const int8_t*>(weight), false, scale, residual, y, rows,
                                in_features, out_features, threads);
       case WeightKind::none:
         return;

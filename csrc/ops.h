@@ -34,7 +34,8 @@ void run_gated_activation_bf16(kernels::Activation activation, const uint16_t* a
                                int num_threads);
 
 // y = int8(x) @ qweight^T, rescaled (+ residual): see w8a8_linear.h. in_features in [1, 65536].
-void run_w8a8_linear(const float* x, const int8_t* qweight, const float* scale,
+// row_layout: qweight holds plain [out_features, in_features] int8 rows, else the column blocks.
+void run_w8a8_linear(const float* x, const int8_t* qweight, bool row_layout, const float* scale,
                      const float* residual, float* y, int64_t rows, int64_t in_features,
                      int64_t out_features, int num_threads);
 

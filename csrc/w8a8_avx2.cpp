@@ -8,8 +8,9 @@
 // (signed, |q| <= 127) gives the same products, and a pair of them stays within
 // 2 * 128 * 127 = 32512 < 32767, so every sum is exact. vpmaddwd against ones then adds the two
 // pairs of each 32-bit lane: lane j of an accumulator holds column j's sum over 4 bytes of K, as in
-// the column-block layout, and no horizontal sums are needed. The fp32 epilogue is the portable
-// kernel's, so the results are identical bit for bit.
+// the column-block layout, and no horizontal sums are needed (the row layout's kernel,
+// rows_in_tiles, sums whole vectors of one weight row and reduces them once at the end). The fp32
+// epilogue is the portable kernel's, so the results are identical bit for bit.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -99,6 +100,83 @@ void blocks_in_tiles(const W8A8Problem& p, int64_t block_begin, int64_t block_en
   }
 }
 
+// The row layout (w8a8_linear.h): each weight row's K bytes in 32-byte vectors with the same sign
+// trick, lane-wise sums per (activation row, weight row) pair, reduced across lanes at the end of
+// K. The sums of the lanes of a, b, c and d, as one vector:
+inline __m128i lane_sums_of_four(__m256i a, __m256i b, __m256i c, __m256i d) {
+  // per 128-bit half: [a0 + a1, a2 + a3, b0 + b1, b2 + b3], then [sum a, sum b, sum c, sum d]
+  const __m256i abcd = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+  return _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256(abcd, 1));
+}
+
+// A tile is R activation rows x C weight rows (C a multiple of 4). Activation rows past p.rows are
+// q's zero padding and are not stored; weight rows past row_end repeat the last one, not stored.
+template <int R, int C>
+void rows_in_tiles(const W8A8Problem& p, int64_t row_begin, int64_t row_end) {
+  const int64_t K = p.in_features, full = K / 32 * 32;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t row_block = w8a8_tiles::row_block(p.k_padded);
+  for (int64_t m0 = 0; m0 < p.rows; m0 += row_block) {
+    const int64_t m_end = std::min(p.rows, m0 + row_block);
+    for (int64_t n0 = row_begin; n0 < row_end; n0 += C) {
+      const int8_t* w[C];
+      alignas(32) int8_t tail_w[C][32] = {};  // the K % 32 last bytes of each row, zero padded
+      for (int c = 0; c < C; ++c) {
+        w[c] = p.w + std::min(n0 + c, row_end - 1) * K;
+        std::memcpy(tail_w[c], w[c] + full, K - full);
+      }
+      for (int64_t m = m0; m < m_end; m += R) {
+        __m256i acc[R][C];
+        for (auto& row : acc)
+          for (auto& a : row) a = _mm256_setzero_si256();
+        // Adds 32 bytes of K (from byte `at` of q on) times the weight vectors weight(c).
+        const auto accumulate = [&](int64_t at, auto weight) __attribute__((always_inline)) {
+          __m256i q[R];
+          for (int i = 0; i < R; ++i)
+            q[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.q + (m + i) * p.k_padded + at));
+          for (int c = 0; c < C; ++c) {
+            const __m256i wv = weight(c);
+            const __m256i magnitude = _mm256_sign_epi8(wv, wv);
+            for (int i = 0; i < R; ++i) {
+              const __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(q[i], wv));
+              acc[i][c] = _mm256_add_epi32(acc[i][c], _mm256_madd_epi16(pairs, ones));
+            }
+          }
+        };
+        // The next tile's rows (contiguous), a slice per step into L2: each tile's C short
+        // interleaved streams leave the hardware prefetcher behind. The first row tile fetches.
+        const char* next_tile = m == m0 && n0 + 2 * C <= row_end ? reinterpret_cast<const char*>(w[0] + C * K) : nullptr;
+        for (int64_t k = 0; k < full; k += 32) {
+          if (next_tile)
+            for (int line = 0; line < C * 32; line += 64) __builtin_prefetch(next_tile + C * k + line, 0, 1);
+          accumulate(k, [&](int c) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[c] + k)); });
+        }
+        if (full < K)  // q is zero padded to a multiple of 64 bytes
+          accumulate(full, [&](int c) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(tail_w[c])); });
+
+        // Reduced with constant indices, so the accumulators stay in registers (a loop over the
+        // rows present would index them at run time and keep them in memory).
+        alignas(16) int32_t sums[R][C];
+        for (int i = 0; i < R; ++i)
+          for (int c = 0; c < C; c += 4)
+            _mm_store_si128(reinterpret_cast<__m128i*>(&sums[i][c]),
+                            lane_sums_of_four(acc[i][c], acc[i][c + 1], acc[i][c + 2], acc[i][c + 3]));
+        // The blocks kernel's fp32 operations: float(sum) * (x_scale * w_scale) + residual.
+        const int rows_here = static_cast<int>(std::min<int64_t>(R, p.rows - m));
+        const int columns = static_cast<int>(std::min<int64_t>(C, row_end - n0));
+        for (int i = 0; i < rows_here; ++i) {
+          for (int c = 0; c < columns; ++c) {
+            const int64_t at = (m + i) * p.out_features + n0 + c;
+            float value = static_cast<float>(sums[i][c]) * (p.x_scale[m + i] * p.w_scale[n0 + c]);
+            if (p.residual) value = value + p.residual[at];
+            p.y[at] = value;
+          }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 // w8a8_quantise_row_portable eight lanes at a time: the same products and clamps, rounding to
@@ -160,6 +238,15 @@ void w8a8_blocks_avx2(const W8A8Problem& p, int64_t block_begin, int64_t block_e
     blocks_in_tiles<2, 2>(p, block_begin, block_end);
   else
     blocks_in_tiles<4, 1>(p, block_begin, block_end);
+}
+
+// One activation row streams the weight rows four at a time; more rows reuse each weight vector
+// (and its magnitude) twice and each activation vector four times, within the 16 registers.
+void w8a8_rows_avx2(const W8A8Problem& p, int64_t row_begin, int64_t row_end) {
+  if (p.rows == 1)
+    rows_in_tiles<1, 4>(p, row_begin, row_end);
+  else
+    rows_in_tiles<2, 4>(p, row_begin, row_end);
 }
 
 }  // namespace umt5_fast

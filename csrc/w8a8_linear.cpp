@@ -40,12 +40,14 @@ QuantisedRows quantise_rows(const float* x, int64_t rows, int64_t k, int64_t k_p
   return out;
 }
 
-// One instruction set's quantiser and integer GEMM, with the weight blocks its tiles take for a
-// number of rows (by which run_w8a8_linear cuts the blocks among threads).
+// One instruction set's quantiser and integer GEMMs (column-block and row layouts), with the
+// weight blocks its tiles take for a number of rows (by which run_w8a8_linear cuts the blocks among
+// threads; the row layout's ranges are cut at multiples of 8 rows, any tile's width).
 struct W8A8Kernels {
   QuantiseRow quantise_row;
   void (*blocks)(const W8A8Problem&, int64_t, int64_t);
   int (*tile_blocks)(int64_t rows);
+  void (*rows)(const W8A8Problem&, int64_t, int64_t);
 };
 
 int one_block(int64_t) { return 1; }
@@ -55,10 +57,10 @@ int one_block(int64_t) { return 1; }
 W8A8Kernels select_w8a8_kernels() {
   const CpuIsa isa = cpu_isa();
   if (isa == CpuIsa::avx512 && cpu_supports_avx512_vnni())
-    return {&w8a8_quantise_row_vnni, &w8a8_blocks_vnni, &w8a8_tile_blocks_vnni};
+    return {&w8a8_quantise_row_vnni, &w8a8_blocks_vnni, &w8a8_tile_blocks_vnni, &w8a8_rows_vnni};
   if (isa == CpuIsa::avx2 || isa == CpuIsa::avx512)
-    return {&w8a8_quantise_row_avx2, &w8a8_blocks_avx2, &w8a8_tile_blocks_avx2};
-  return {&w8a8_quantise_row_portable, &w8a8_blocks_portable, &one_block};
+    return {&w8a8_quantise_row_avx2, &w8a8_blocks_avx2, &w8a8_tile_blocks_avx2, &w8a8_rows_avx2};
+  return {&w8a8_quantise_row_portable, &w8a8_blocks_portable, &one_block, &w8a8_rows_portable};
 }
 
 }  // namespace
@@ -110,12 +112,27 @@ void w8a8_blocks_portable(const W8A8Problem& p, int64_t block_begin, int64_t blo
   }
 }
 
+void w8a8_rows_portable(const W8A8Problem& p, int64_t row_begin, int64_t row_end) {
+  const int64_t K = p.in_features;
+  for (int64_t n = row_begin; n < row_end; ++n) {
+    const int8_t* w = p.w + n * K;
+    for (int64_t m = 0; m < p.rows; ++m) {
+      const int8_t* q = p.q + m * p.k_padded;
+      int32_t acc = 0;
+      for (int64_t k = 0; k < K; ++k) acc += q[k] * w[k];
+      float value = static_cast<float>(acc) * (p.x_scale[m] * p.w_scale[n]);
+      if (p.residual) value = value + p.residual[m * p.out_features + n];
+      p.y[m * p.out_features + n] = value;
+    }
+  }
+}
+
 bool cpu_supports_avx512_vnni() {
   return cpu_supports(CpuIsa::avx512) && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
 
-void run_w8a8_linear(const float* x, const int8_t* qweight, const float* scale,
+void run_w8a8_linear(const float* x, const int8_t* qweight, bool row_layout, const float* scale,
                      const float* residual, float* y, int64_t rows, int64_t in_features,
                      int64_t out_features, int num_threads) {
   const int64_t k_padded = (in_features + kW8A8KPad - 1) / kW8A8KPad * kW8A8KPad;
@@ -123,13 +140,24 @@ void run_w8a8_linear(const float* x, const int8_t* qweight, const float* scale,
   const QuantisedRows a = quantise_rows(x, rows, in_features, k_padded, kernels.quantise_row, num_threads);
   const W8A8Problem problem{a.q.data(), a.sums.data(), a.scales.data(), qweight, scale, residual,
                             y, rows, in_features, k_padded, out_features};
-  // Each task takes whole tiles of weight blocks and enough work (~2^18 products) to be worth a
-  // thread; small layers split into as many tiles as that allows.
+  // Each task takes whole tiles and enough work (~2^18 products) to be worth a thread; small
+  // layers split into as many tiles as that allows.
+  const int64_t grain_work = int64_t{1} << 18;
+  if (row_layout) {
+    constexpr int64_t kTileRows = 8;
+    const int64_t tiles = (out_features + kTileRows - 1) / kTileRows;
+    const int64_t tile_work = in_features * kTileRows * std::max<int64_t>(rows, 1);
+    parallel_for_ranges(tiles, std::max<int64_t>(1, grain_work / tile_work), num_threads,
+                        [&](int64_t begin, int64_t end) {
+      kernels.rows(problem, begin * kTileRows, std::min(out_features, end * kTileRows));
+    });
+    return;
+  }
   const int64_t tile_blocks = kernels.tile_blocks(rows);
   const int64_t blocks = (out_features + kW8A8BlockColumns - 1) / kW8A8BlockColumns;
   const int64_t tiles = (blocks + tile_blocks - 1) / tile_blocks;
   const int64_t tile_work = in_features * tile_blocks * kW8A8BlockColumns * std::max<int64_t>(rows, 1);
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / tile_work);
+  const int64_t grain = std::max<int64_t>(1, grain_work / tile_work);
   parallel_for_ranges(tiles, grain, num_threads, [&](int64_t begin, int64_t end) {
     kernels.blocks(problem, begin * tile_blocks, std::min(blocks, end * tile_blocks));
   });
@@ -155,21 +183,22 @@ void w8a8_quantisation_error(const float* x, int64_t rows, int64_t in_features, 
 
 void register_w8a8_linear(py::module_& m) {
   m.def("w8a8_linear",
-        [](uintptr_t x, uintptr_t qweight, uintptr_t scale, uintptr_t residual, uintptr_t y,
-           int64_t rows, int64_t in_features, int64_t out_features, int num_threads) {
+        [](uintptr_t x, uintptr_t qweight, bool row_layout, uintptr_t scale, uintptr_t residual,
+           uintptr_t y, int64_t rows, int64_t in_features, int64_t out_features, int num_threads) {
           if (in_features < 1 || in_features > kW8A8MaxK)
             throw std::invalid_argument("w8a8_linear: in_features must be in [1, 65536]");
           py::gil_scoped_release no_gil;
           run_w8a8_linear(reinterpret_cast<const float*>(x), reinterpret_cast<const int8_t*>(qweight),
-                          reinterpret_cast<const float*>(scale),
+                          row_layout, reinterpret_cast<const float*>(scale),
                           reinterpret_cast<const float*>(residual), reinterpret_cast<float*>(y),
                           rows, in_features, out_features, num_threads);
         },
-        py::kw_only(), py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("residual"),
-        py::arg("y"), py::arg("rows"), py::arg("in_features"), py::arg("out_features"),
-        py::arg("num_threads"),
+        py::kw_only(), py::arg("x"), py::arg("qweight"), py::arg("row_layout"), py::arg("scale"),
+        py::arg("residual"), py::arg("y"), py::arg("rows"), py::arg("in_features"),
+        py::arg("out_features"), py::arg("num_threads"),
         "y = int8(x) @ qweight^T, rescaled (+ residual): x quantised per row at run time; fp32 "
-        "data pointers except int8 qweight (residual = 0: none).");
+        "data pointers except int8 qweight, in column blocks or (row_layout) plain rows "
+        "(residual = 0: none).");
   m.def("w8a8_quantisation_error",
         [](uintptr_t x, int64_t rows, int64_t in_features, uintptr_t out, int num_threads) {
           if (in_features < 1 || in_features > kW8A8MaxK)

@@ -22,6 +22,9 @@ constexpr int64_t kW8A8MaxK = 65536;
 // operand, so sums need no horizontal reduction), then the K % 4 last entries of each column,
 // column after column.
 constexpr int kW8A8BlockColumns = 16;
+// The row layout (umt5_fast.quant.QuantizedWeight's int8 rows, which the LM head screen multiplies
+// in integers without a second copy): w[n][k] at byte n * K + k. The integer sums are exact, and
+// the fp32 epilogue the same, so both layouts give identical bits.
 
 // (static: these helpers serve translation units built with different ISA flags, and each must keep
 // its own copy; one shared inline copy could carry AVX-512 code into a portable caller.)
@@ -61,7 +64,7 @@ struct W8A8Problem {
   const int8_t* q;        // [rows_padded, k_padded] quantised activations, zero padded
   const int32_t* q_sums;  // [rows_padded] sum over k of q
   const float* x_scale;   // [rows_padded] x ~= q * x_scale (NaN for a row with inf / NaN)
-  const int8_t* w;        // [ceil(out_features / 16) blocks][16 * in_features], see above
+  const int8_t* w;        // [ceil(out_features / 16) blocks][16 * in_features], or the row layout
   const float* w_scale;   // [out_features]
   const float* residual;  // [rows, out_features] or nullptr
   float* y;               // [rows, out_features]
@@ -99,6 +102,11 @@ static inline int w8a8_tile_blocks_vnni(int64_t rows) { return rows == 1 ? 8 : 4
 void w8a8_blocks_vnni(const W8A8Problem& p, int64_t block_begin, int64_t block_end);
 static inline int w8a8_tile_blocks_avx2(int64_t rows) { return rows == 1 ? 4 : rows == 2 ? 2 : 1; }
 void w8a8_blocks_avx2(const W8A8Problem& p, int64_t block_begin, int64_t block_end);
+
+// The same products on the row layout, for the output columns [row_begin, row_end) (weight rows).
+void w8a8_rows_portable(const W8A8Problem& p, int64_t row_begin, int64_t row_end);
+void w8a8_rows_vnni(const W8A8Problem& p, int64_t row_begin, int64_t row_end);
+void w8a8_rows_avx2(const W8A8Problem& p, int64_t row_begin, int64_t row_end);
 
 bool cpu_supports_avx512_vnni();
 

@@ -104,7 +104,7 @@ def test_bound_holds_for_every_row(head):
     screen = lm_head_screen.LMHeadScreen(weight)
     x = torch.randn(4, 71) * 3
     x[0, 5] = 400.0
-    approx = cpu_ops.linear(x, screen.screen)
+    approx = cpu_ops.integer_linear(x, screen.screen)
     exact = cpu_ops.linear(x, weight)
     bound = (x.double().norm(dim=1, keepdim=True) * screen.bound.double()
              + input_quantisation_error(x)[:, None] * screen.input_error_bound.double())
@@ -119,8 +119,8 @@ def test_row_norms_of_the_build_match_torch_in_fp64(head):
     weight = random_head(301, 77, torch.float32 if head == "int8" else getattr(torch, head), seed=5)
     weight[3] = 0  # a zero row quantises to zeros
     screen = lm_head_screen.LMHeadScreen(weight)
-    qweight, scale = screen.screen.unpacked().contiguous(), screen.screen.scale
-    assert torch.equal(qweight, QuantizedWeight.quantize(weight).qweight)  # the packed copy holds the rows
+    qweight, scale = screen.screen.qweight, screen.screen.scale
+    assert torch.equal(qweight, QuantizedWeight.quantize(weight).qweight)
     norms = torch.empty(301, 3, dtype=torch.float64)
     cpu_ops._C.screen_row_norms(weight=0 if head == "int8" else weight.data_ptr(), bf16=head == "bfloat16",
                                 qweight=qweight.data_ptr(), scale=scale.data_ptr(),
@@ -261,7 +261,8 @@ def test_an_int8_head_is_its_own_screen_and_followed(checkpoint_factory, edit):
     ids, mask = random_batch(907, 3, 10, seed=6)
     model.generate(ids, attention_mask=mask, max_new_tokens=4)
     first = model._lm_head_screen[1]
-    assert torch.equal(first.screen.unpacked(), model.lm_head.qweight)  # the head's own int8 values
+    # the head's own int8 values, not a copy
+    assert first.screen.qweight.data_ptr() == model.lm_head.qweight.data_ptr()
     with torch.no_grad():
         if edit == "new buffers":
             model.lm_head.qweight = torch.roll(model.lm_head.qweight, 1, dims=0)

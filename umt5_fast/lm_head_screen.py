@@ -3,8 +3,9 @@
 At batch 1 the LM head (256384 x d_model) is ~85% of the bytes a decode step reads, and greedy
 decoding needs only the argmax of its logits. ``LMHeadScreen`` multiplies the input with an int8
 copy of the head (per-row scales, a quarter of the fp32 bytes; an int8 head is its own copy) in
-integers: the W8A8 kernel, which quantises the input to int8 per row, so at 16 rows it also runs
-at the integer multiply rate rather than the fp32 one. Per input row m and head row n,
+integers: the W8A8 kernel on the int8 rows as they are (``ops.cpu.integer_linear``), which
+quantises the input to int8 per row, so at 16 rows it also runs at the integer multiply rate rather
+than the fp32 one. Per input row m and head row n,
 
     |approx[m, n] - logit[m, n]| <= ||x_m|| * c[n] + ||e_m|| * c2[n]
 
@@ -26,7 +27,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from umt5_fast.quant import QuantizedWeight, W8A8Weight
+from umt5_fast.quant import QuantizedWeight
 
 try:
     from umt5_fast.ops import cpu as cpu_ops
@@ -56,7 +57,7 @@ class LMHeadScreen:
             raise ValueError("the LM head screen's int32 sums hold up to 65536 products")
         int8_head = type(weight) is QuantizedWeight
         self.weight = weight if int8_head else weight.contiguous()
-        # ValueError on inf / NaN. (Quantised in rows for the norms, then packed: the same values.)
+        # ValueError on inf / NaN
         rows_q = weight if int8_head else QuantizedWeight.quantize(self.weight)
         qweight, scale = rows_q.qweight.contiguous(), rows_q.scale.float().contiguous()
         norms = torch.empty(vocab, 3, dtype=torch.float64)  # ||w - s q||, ||s q||, ||w|| per row
@@ -64,7 +65,7 @@ class LMHeadScreen:
                                     bf16=not int8_head and self.weight.dtype == torch.bfloat16,
                                     qweight=qweight.data_ptr(), scale=scale.data_ptr(), rows=vocab,
                                     cols=in_features, out=norms.data_ptr(), num_threads=torch.get_num_threads())
-        self.screen = W8A8Weight(W8A8Weight.pack(qweight), scale)
+        self.screen = rows_q  # multiplied in integers as they are (an int8 head: no second copy)
         error_norm, screened_norm, exact_norm = norms.unbind(1)
         gamma = in_features * _UNIT_ROUNDOFF / (1 - in_features * _UNIT_ROUNDOFF)
         # The float kernel's dot product (an int8 head's kernel also rounds its scale multiply).
@@ -107,7 +108,7 @@ class LMHeadScreen:
         if forbidden and len(set(forbidden)) >= self.weight.shape[0]:
             return None  # every id forbidden: the float path's argmax of all -inf
         x32 = x.float()
-        approx = cpu_ops.linear(x32, self.screen)  # finite (inputs finite, far from overflow)
+        approx = cpu_ops.integer_linear(x32, self.screen)  # finite (inputs finite, far from overflow)
         if forbidden:
             approx[:, list(forbidden)] = -float("inf")
         input_error = torch.empty(x.shape[0], dtype=torch.float64)

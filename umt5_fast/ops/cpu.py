@@ -467,12 +467,33 @@ def kernel_linear(x, weight, residual=None):
     if quantized:
         # Tensors held by names until the call returns (a temporary's memory would be freed first).
         qweight, scale = weight.qweight.contiguous(), weight.scale.float().contiguous()
-        int8_kernel = _C.w8a8_linear if isinstance(weight, W8A8Weight) else _C.int8_linear
-        int8_kernel(x=x.data_ptr(), qweight=qweight.data_ptr(), scale=scale.data_ptr(), **sizes)
+        if isinstance(weight, W8A8Weight):
+            _C.w8a8_linear(x=x.data_ptr(), qweight=qweight.data_ptr(), row_layout=False, scale=scale.data_ptr(),
+                           **sizes)
+        else:
+            _C.int8_linear(x=x.data_ptr(), qweight=qweight.data_ptr(), scale=scale.data_ptr(), **sizes)
     else:
         float_linear = _C.f32_linear if weight.dtype == torch.float32 else _C.bf16_linear
         weight = weight.contiguous()
         float_linear(x=x.data_ptr(), weight=weight.data_ptr(), **sizes)
+    return y
+
+
+def integer_linear(x, weight):
+    """W8A8's integer product (``linear(x, W8A8Weight(W8A8Weight.pack(weight.qweight), weight.scale))``,
+    bit for bit) on the plain int8 rows of a weight-only ``QuantizedWeight``, without packing a copy:
+    fp32 ``x`` ``[rows, in]``, in <= 65536 (the int32 sums)."""
+    if type(weight) is not QuantizedWeight or weight.qweight.dtype != torch.int8:
+        raise TypeError(f"integer_linear takes a weight-only int8 QuantizedWeight, got {type(weight).__name__}")
+    out_features, in_features = weight.shape
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != in_features:
+        raise ValueError(f"integer_linear takes fp32 x [rows, {in_features}], got {x.dtype} {tuple(x.shape)}")
+    x = x.contiguous()
+    qweight, scale = weight.qweight.contiguous(), weight.scale.float().contiguous()
+    y = x.new_empty((x.shape[0], out_features))
+    _C.w8a8_linear(x=x.data_ptr(), qweight=qweight.data_ptr(), row_layout=True, scale=scale.data_ptr(), residual=0,
+                   y=y.data_ptr(), rows=x.shape[0], in_features=in_features, out_features=out_features,
+                   num_threads=_threads())
     return y
 
 

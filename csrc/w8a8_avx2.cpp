@@ -161,17 +161,7 @@ void rows_in_tiles(const W8A8Problem& p, int64_t row_begin, int64_t row_end) {
           for (int c = 0; c < C; c += 4)
             _mm_store_si128(reinterpret_cast<__m128i*>(&sums[i][c]),
                             lane_sums_of_four(acc[i][c], acc[i][c + 1], acc[i][c + 2], acc[i][c + 3]));
-        // The blocks kernel's fp32 operations: float(sum) * (x_scale * w_scale) + residual.
-        const int rows_here = static_cast<int>(std::min<int64_t>(R, p.rows - m));
-        const int columns = static_cast<int>(std::min<int64_t>(C, row_end - n0));
-        for (int i = 0; i < rows_here; ++i) {
-          for (int c = 0; c < columns; ++c) {
-            const int64_t at = (m + i) * p.out_features + n0 + c;
-            float value = static_cast<float>(sums[i][c]) * (p.x_scale[m + i] * p.w_scale[n0 + c]);
-            if (p.residual) value = value + p.residual[at];
-            p.y[at] = value;
-          }
-        }
+        w8a8_tiles::store_row_tile(p, m, n0, row_end, sums, 0);
       }
     }
   }

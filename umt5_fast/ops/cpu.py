@@ -484,7 +484,8 @@ def integer_linear(x, weight):
     bit for bit) on the plain int8 rows of a weight-only ``QuantizedWeight``, without packing a copy:
     fp32 ``x`` ``[rows, in]``, in <= 65536 (the int32 sums)."""
     if type(weight) is not QuantizedWeight or weight.qweight.dtype != torch.int8:
-        raise TypeError(f"integer_linear takes a weight-only int8 QuantizedWeight, got {type(weight).__name__}")
+        got = type(weight).__name__ + (f" of {weight.qweight.dtype}" if isinstance(weight, QuantizedWeight) else "")
+        raise TypeError(f"integer_linear takes a weight-only int8 QuantizedWeight, got {got}")
     out_features, in_features = weight.shape
     if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != in_features:
         raise ValueError(f"integer_linear takes fp32 x [rows, {in_features}], got {x.dtype} {tuple(x.shape)}")

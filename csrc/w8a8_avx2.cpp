@@ -102,17 +102,25 @@ void blocks_in_tiles(const W8A8Problem& p, int64_t block_begin, int64_t block_en
 
 // The row layout (w8a8_linear.h): each weight row's K bytes in 32-byte vectors with the same sign
 // trick, lane-wise sums per (activation row, weight row) pair, reduced across lanes at the end of
-// K. The sums of the lanes of a, b, c and d, as one vector:
-inline __m128i lane_sums_of_four(__m256i a, __m256i b, __m256i c, __m256i d) {
-  // per 128-bit half: [a0 + a1, a2 + a3, b0 + b1, b2 + b3], then [sum a, sum b, sum c, sum d]
-  const __m256i abcd = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
-  return _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256(abcd, 1));
+// K. Lane j of the result is the sum of the eight lanes of a[j]:
+inline __m256i lane_sums_of_eight(const __m256i (&a)[8]) {
+  // per 128-bit half: [a0 + a1, a2 + a3, b0 + b1, b2 + b3] of pairs, then the half's sums of four
+  const __m256i low = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(a[2], a[3]));
+  const __m256i high = _mm256_hadd_epi32(_mm256_hadd_epi32(a[4], a[5]), _mm256_hadd_epi32(a[6], a[7]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(low, high, 0x20), _mm256_permute2x128_si256(low, high, 0x31));
 }
 
-// A tile is R activation rows x C weight rows (C a multiple of 4). Activation rows past p.rows are
-// q's zero padding and are not stored; weight rows past row_end repeat the last one, not stored.
+// Lanes [0, n) of a vector of 8 (vmaskmovps: the others are neither read nor written).
+inline __m256i first_lanes(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// A tile is R activation rows x C weight rows, R * C = 8 sums: one vector after the reduction,
+// lane i * C + c for (row m + i, weight row n0 + c). Activation rows past p.rows are q's zero
+// padding and are not stored; weight rows past row_end repeat the last one, not stored.
 template <int R, int C>
 void rows_in_tiles(const W8A8Problem& p, int64_t row_begin, int64_t row_end) {
+  static_assert(R * C == 8 && (R == 1 || R == 2), "one vector of sums per tile, one or two rows");
   const int64_t K = p.in_features, full = K / 32 * 32;
   const __m256i ones = _mm256_set1_epi16(1);
   const int64_t row_block = w8a8_tiles::row_block(p.k_padded);
@@ -125,10 +133,16 @@ void rows_in_tiles(const W8A8Problem& p, int64_t row_begin, int64_t row_end) {
         w[c] = p.w + std::min(n0 + c, row_end - 1) * K;
         std::memcpy(tail_w[c], w[c] + full, K - full);
       }
+      const int columns = static_cast<int>(std::min<int64_t>(C, row_end - n0));
+      const __m256i column_lanes = first_lanes(columns);  // of each row's C lanes
+      // w_scale[n0 + c] in lane i * C + c
+      const __m256 w_scale = R == 1 ? _mm256_maskload_ps(p.w_scale + n0, column_lanes) : [&] {
+        const __m128 row = _mm_maskload_ps(p.w_scale + n0, _mm256_castsi256_si128(column_lanes));
+        return _mm256_insertf128_ps(_mm256_castps128_ps256(row), row, 1);
+      }();
       for (int64_t m = m0; m < m_end; m += R) {
-        __m256i acc[R][C];
-        for (auto& row : acc)
-          for (auto& a : row) a = _mm256_setzero_si256();
+        __m256i acc[R * C];
+        for (auto& a : acc) a = _mm256_setzero_si256();
         // Adds 32 bytes of K (from byte `at` of q on) times the weight vectors weight(c).
         const auto accumulate = [&](int64_t at, auto weight) __attribute__((always_inline)) {
           __m256i q[R];
@@ -139,7 +153,7 @@ void rows_in_tiles(const W8A8Problem& p, int64_t row_begin, int64_t row_end) {
             const __m256i magnitude = _mm256_sign_epi8(wv, wv);
             for (int i = 0; i < R; ++i) {
               const __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(q[i], wv));
-              acc[i][c] = _mm256_add_epi32(acc[i][c], _mm256_madd_epi16(pairs, ones));
+              acc[i * C + c] = _mm256_add_epi32(acc[i * C + c], _mm256_madd_epi16(pairs, ones));
             }
           }
         };
@@ -154,14 +168,26 @@ void rows_in_tiles(const W8A8Problem& p, int64_t row_begin, int64_t row_end) {
         if (full < K)  // q is zero padded to a multiple of 64 bytes
           accumulate(full, [&](int c) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(tail_w[c])); });
 
-        // Reduced with constant indices, so the accumulators stay in registers (a loop over the
-        // rows present would index them at run time and keep them in memory).
-        alignas(16) int32_t sums[R][C];
-        for (int i = 0; i < R; ++i)
-          for (int c = 0; c < C; c += 4)
-            _mm_store_si128(reinterpret_cast<__m128i*>(&sums[i][c]),
-                            lane_sums_of_four(acc[i][c], acc[i][c + 1], acc[i][c + 2], acc[i][c + 3]));
-        w8a8_tiles::store_row_tile(p, m, n0, row_end, sums, 0);
+        // The portable kernel's fp32 operations, eight at a time: float(sum) * (x_scale * w_scale)
+        // + residual. Rows past p.rows read q's padding.
+        const __m256 x_scale = R == 1 ? _mm256_set1_ps(p.x_scale[m])
+                                      : _mm256_setr_m128(_mm_set1_ps(p.x_scale[m]), _mm_set1_ps(p.x_scale[m + 1]));
+        const __m256 values = _mm256_mul_ps(_mm256_cvtepi32_ps(lane_sums_of_eight(acc)),
+                                            _mm256_mul_ps(x_scale, w_scale));
+        const int64_t at = m * p.out_features + n0;
+        if constexpr (R == 1) {
+          _mm256_maskstore_ps(p.y + at, column_lanes, p.residual ? _mm256_add_ps(values,
+              _mm256_maskload_ps(p.residual + at, column_lanes)) : values);
+          continue;
+        }
+        const __m128i row_lanes = _mm256_castsi256_si128(column_lanes);
+        const int rows_here = static_cast<int>(std::min<int64_t>(R, p.rows - m));
+        for (int i = 0; i < rows_here; ++i) {
+          const __m128 row = i == 0 ? _mm256_castps256_ps128(values) : _mm256_extractf128_ps(values, 1);
+          const int64_t row_at = at + i * p.out_features;
+          _mm_maskstore_ps(p.y + row_at, row_lanes, p.residual ? _mm_add_ps(row,
+              _mm_maskload_ps(p.residual + row_at, row_lanes)) : row);
+        }
       }
     }
   }
@@ -230,11 +256,11 @@ void w8a8_blocks_avx2(const W8A8Problem& p, int64_t block_begin, int64_t block_e
     blocks_in_tiles<4, 1>(p, block_begin, block_end);
 }
 
-// One activation row streams the weight rows four at a time; more rows reuse each weight vector
+// One activation row streams the weight rows eight at a time; more rows reuse each weight vector
 // (and its magnitude) twice and each activation vector four times, within the 16 registers.
 void w8a8_rows_avx2(const W8A8Problem& p, int64_t row_begin, int64_t row_end) {
   if (p.rows == 1)
-    rows_in_tiles<1, 4>(p, row_begin, row_end);
+    rows_in_tiles<1, 8>(p, row_begin, row_end);
   else
     rows_in_tiles<2, 4>(p, row_begin, row_end);
 }

@@ -42,7 +42,7 @@ QuantisedRows quantise_rows(const float* x, int64_t rows, int64_t k, int64_t k_p
 
 // One instruction set's quantiser and integer GEMMs (column-block and row layouts), with the
 // weight blocks its tiles take for a number of rows (by which run_w8a8_linear cuts the blocks among
-// threads; the row layout's ranges are cut at multiples of 8 rows, any tile's width).
+// threads; the row layout's ranges are cut at multiples of 16 rows, any tile's width).
 struct W8A8Kernels {
   QuantiseRow quantise_row;
   void (*blocks)(const W8A8Problem&, int64_t, int64_t);
@@ -144,7 +144,7 @@ void run_w8a8_linear(const float* x, const int8_t* qweight, bool row_layout, con
   // layers split into as many tiles as that allows.
   const int64_t grain_work = int64_t{1} << 18;
   if (row_layout) {
-    constexpr int64_t kTileRows = 8;
+    constexpr int64_t kTileRows = 16;
     const int64_t tiles = (out_features + kTileRows - 1) / kTileRows;
     const int64_t tile_work = in_features * kTileRows * std::max<int64_t>(rows, 1);
     parallel_for_ranges(tiles, std::max<int64_t>(1, grain_work / tile_work), num_threads,

@@ -71,32 +71,6 @@ struct W8A8Problem {
   int64_t rows, in_features, k_padded, out_features;
 };
 
-namespace w8a8_tiles {
-namespace {
-
-// A row-layout tile's outputs (w8a8_vnni.cpp, w8a8_avx2.cpp): the integer sums of activation rows
-// m + i (i < R, those below p.rows) by weight rows n0 + c (c < C, those below row_end), less
-// q_sum_offset * q_sums[m + i] (the shift of a kernel's unsigned operand), through the blocks
-// kernels' fp32 operations: float(sum) * (x_scale * w_scale) + residual.
-template <int R, int C>
-[[maybe_unused]] void store_row_tile(const W8A8Problem& p, int64_t m, int64_t n0, int64_t row_end,
-                                     const int32_t (&sums)[R][C], int32_t q_sum_offset) {
-  const int rows_here = static_cast<int>(std::min<int64_t>(R, p.rows - m));
-  const int columns = static_cast<int>(std::min<int64_t>(C, row_end - n0));
-  for (int i = 0; i < rows_here; ++i) {
-    const int32_t correction = p.q_sums[m + i] * q_sum_offset;
-    for (int c = 0; c < columns; ++c) {
-      const int64_t at = (m + i) * p.out_features + n0 + c;
-      float value = static_cast<float>(sums[i][c] - correction) * (p.x_scale[m + i] * p.w_scale[n0 + c]);
-      if (p.residual) value = value + p.residual[at];
-      p.y[at] = value;
-    }
-  }
-}
-
-}  // namespace
-}  // namespace w8a8_tiles
-
 // 127 / amax for a row's maximum |x| > 0, and the matching scale amax / 127. Below amax ~3.7e-37
 // 127 / amax overflows: the largest float and its reciprocal stand in (q stays within +-127).
 static inline float w8a8_inverse_scale(float amax) {

@@ -86,41 +86,59 @@ void blocks_in_tiles(const W8A8Problem& p, int64_t block_begin, int64_t block_en
 }
 
 // The row layout (w8a8_linear.h): each weight row's K bytes in 64-byte vectors, lane-wise sums
-// over K per (activation row, weight row) pair, reduced across lanes once at the end of K. The
-// sums of the lanes of a, b, c and d, as one vector:
-inline __m128i lane_sums_of_four(__m512i a, __m512i b, __m512i c, __m512i d) {
-  // per 128-bit lane: [a0 + a2, b0 + b2, a1 + a3, b1 + b3], and the same of c, d
-  const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
-  const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
-  const __m512i abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
-  const __m256i halves = _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64(abcd, 1));
-  return _mm_add_epi32(_mm256_castsi256_si128(halves), _mm256_extracti128_si256(halves, 1));
+// over K per (activation row, weight row) pair, reduced across lanes once at the end of K. Lane j
+// of the result is the sum of the sixteen lanes of a[j] (a 16 x 16 transpose-and-add in 45
+// instructions, against ~3 per output for four at a time and a scalar epilogue after).
+inline __m512i lane_sums_of_sixteen(const __m512i (&a)[16]) {
+  // Pairs, then quads: per 128-bit chunk k of quad t, [sum of chunk k of a[4t + i]]_i.
+  __m512i quads[4];
+  for (int t = 0; t < 4; ++t) {
+    __m512i pairs[2];
+    for (int h = 0; h < 2; ++h) {
+      const __m512i x = a[4 * t + 2 * h], y = a[4 * t + 2 * h + 1];
+      pairs[h] = _mm512_add_epi32(_mm512_unpacklo_epi32(x, y), _mm512_unpackhi_epi32(x, y));
+    }
+    quads[t] = _mm512_add_epi32(_mm512_unpacklo_epi64(pairs[0], pairs[1]), _mm512_unpackhi_epi64(pairs[0], pairs[1]));
+  }
+  // The four chunks of each quad summed into chunk t: a 4 x 4 transpose of chunks, added.
+  const auto chunk_pairs = [](__m512i x, __m512i y) {
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(x, y, _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_i32x4(x, y, _MM_SHUFFLE(3, 1, 3, 1)));
+  };
+  return chunk_pairs(chunk_pairs(quads[0], quads[1]), chunk_pairs(quads[2], quads[3]));
 }
 
-// A tile is R activation rows x C weight rows (C a multiple of 4). Activation rows past p.rows are
-// q's zero padding and are not stored; weight rows past row_end repeat the last one, not stored.
+// A tile is R activation rows x C weight rows, R * C = 16 sums: one vector after the reduction,
+// lane i * C + c for (row m + i, weight row n0 + c). Activation rows past p.rows are q's zero
+// padding and are not stored; weight rows past row_end repeat the last one, not stored.
 template <int R, int C>
 void rows_in_tiles(const W8A8Problem& p, int64_t row_begin, int64_t row_end) {
+  static_assert(R * C == 16, "one vector of sums per tile");
   const int64_t K = p.in_features, full = K / 64 * 64;
   const __mmask64 tail_bytes = (__mmask64{1} << (K - full)) - 1;
   const __m512i sign_flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  // lane j <- lane j % C: a row of C values repeated for each activation row of the tile
+  const __m512i repeat_row = _mm512_and_si512(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(C - 1));
   const int64_t row_block = w8a8_tiles::row_block(p.k_padded);
   for (int64_t m0 = 0; m0 < p.rows; m0 += row_block) {
     const int64_t m_end = std::min(p.rows, m0 + row_block);
     for (int64_t n0 = row_begin; n0 < row_end; n0 += C) {
       const int8_t* w[C];
       for (int c = 0; c < C; ++c) w[c] = p.w + std::min(n0 + c, row_end - 1) * K;
+      const int columns = static_cast<int>(std::min<int64_t>(C, row_end - n0));
+      const __mmask16 column_lanes = static_cast<__mmask16>((1u << columns) - 1);
+      const __m512 w_scale = _mm512_permutexvar_ps(repeat_row, _mm512_maskz_loadu_ps(column_lanes, p.w_scale + n0));
       for (int64_t m = m0; m < m_end; m += R) {
-        __m512i acc[R][C];
-        for (auto& row : acc)
-          for (auto& a : row) a = _mm512_setzero_si512();
+        __m512i acc[R * C];
+        for (auto& a : acc) a = _mm512_setzero_si512();
         // Adds 64 bytes of K (from byte `at` of q on) times the weight vectors weight(c).
         const auto accumulate = [&](int64_t at, auto weight) __attribute__((always_inline)) {
           __m512i q[R];
           for (int i = 0; i < R; ++i) q[i] = _mm512_loadu_si512(p.q + (m + i) * p.k_padded + at);
           for (int c = 0; c < C; ++c) {
             const __m512i wv = _mm512_xor_si512(weight(c), sign_flip);
-            for (int i = 0; i < R; ++i) acc[i][c] = _mm512_dpbusd_epi32(acc[i][c], wv, q[i]);
+            for (int i = 0; i < R; ++i) acc[i * C + c] = _mm512_dpbusd_epi32(acc[i * C + c], wv, q[i]);
           }
         };
         // The next tile's rows (contiguous), a slice per step into L2: each tile's C short
@@ -134,14 +152,26 @@ void rows_in_tiles(const W8A8Problem& p, int64_t row_begin, int64_t row_end) {
         if (full < K)  // weight bytes past K load as 0 (128 after the flip) and meet q's zero padding
           accumulate(full, [&](int c) { return _mm512_maskz_loadu_epi8(tail_bytes, w[c] + full); });
 
-        // Reduced with constant indices, so the accumulators stay in registers (a loop over the
-        // rows present would index them at run time and keep them in memory).
-        alignas(16) int32_t sums[R][C];
-        for (int i = 0; i < R; ++i)
-          for (int c = 0; c < C; c += 4)
-            _mm_store_si128(reinterpret_cast<__m128i*>(&sums[i][c]),
-                            lane_sums_of_four(acc[i][c], acc[i][c + 1], acc[i][c + 2], acc[i][c + 3]));
-        w8a8_tiles::store_row_tile(p, m, n0, row_end, sums, 128);  // vpdpbusd's w + 128
+        // The portable kernel's fp32 operations, sixteen at a time: float(sum - 128 * q_sum)
+        // (vpdpbusd's w + 128) * (x_scale * w_scale) + residual. Rows past p.rows read q's padding.
+        const int rows_here = static_cast<int>(std::min<int64_t>(R, p.rows - m));
+        __m512i correction = _mm512_set1_epi32(p.q_sums[m] * 128);
+        __m512 x_scale = _mm512_set1_ps(p.x_scale[m]);
+        for (int i = 1; i < R; ++i) {
+          const __mmask16 row_lanes = static_cast<__mmask16>(((1u << C) - 1) << (i * C));
+          correction = _mm512_mask_mov_epi32(correction, row_lanes, _mm512_set1_epi32(p.q_sums[m + i] * 128));
+          x_scale = _mm512_mask_mov_ps(x_scale, row_lanes, _mm512_set1_ps(p.x_scale[m + i]));
+        }
+        __m512 values = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(lane_sums_of_sixteen(acc), correction)),
+                                      _mm512_mul_ps(x_scale, w_scale));
+        for (int i = 0; i < rows_here; ++i) {
+          // row i's C lanes moved down to lanes [0, C)
+          const __m512 row = i == 0 ? values : _mm512_permutexvar_ps(_mm512_add_epi32(
+              repeat_row, _mm512_set1_epi32(i * C)), values);
+          float* y = p.y + (m + i) * p.out_features + n0;
+          _mm512_mask_storeu_ps(y, column_lanes, p.residual ? _mm512_add_ps(row, _mm512_maskz_loadu_ps(
+              column_lanes, p.residual + (m + i) * p.out_features + n0)) : row);
+        }
       }
     }
   }
@@ -196,15 +226,17 @@ void w8a8_blocks_vnni(const W8A8Problem& p, int64_t block_begin, int64_t block_e
     blocks_in_tiles<4, 4>(p, block_begin, block_end);
 }
 
-// One activation row streams the weight rows eight at a time (eight independent sums); more rows
-// reuse each weight vector twice (of the shapes tried, <2, 8> compiled to the fewest register
-// copies; at K = 512 the reduction and scalar epilogue per output cost about as much as its eight
-// vpdpbusd, so 16 rows run ~1.35x the blocks kernel's time, and one row the same).
+// One activation row streams sixteen weight rows at once (sixteen independent sums), two rows
+// eight; more rows take four by four, which loads each weight vector (and flips its sign bits) once
+// per four rows (16 rows of the LM head: ~1.35x the blocks kernel's time with two rows of eight
+// weight rows and a scalar epilogue, ~1.12x as now).
 void w8a8_rows_vnni(const W8A8Problem& p, int64_t row_begin, int64_t row_end) {
   if (p.rows == 1)
-    rows_in_tiles<1, 8>(p, row_begin, row_end);
-  else
+    rows_in_tiles<1, 16>(p, row_begin, row_end);
+  else if (p.rows == 2)
     rows_in_tiles<2, 8>(p, row_begin, row_end);
+  else
+    rows_in_tiles<4, 4>(p, row_begin, row_end);
 }
 
 }  // namespace umt5_fast

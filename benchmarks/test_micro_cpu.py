@@ -153,15 +153,18 @@ def test_decode_step_linear(benchmark, ops, weight_kind):
 @pytest.mark.skipif(cpu_ops is None, reason=CPU_MISSING or "")
 @pytest.mark.parametrize("isa", cpu_ops._C.supported_cpu_isas() if cpu_ops else ["none"])
 @pytest.mark.parametrize("rows,out_features", [(1, LM_HEAD_ROWS), (16, LM_HEAD_ROWS), (1024, D_FF)])
-def test_w8a8_linear(benchmark, isa, rows, out_features):
+@pytest.mark.parametrize("layout", ["blocks", "rows"])
+def test_w8a8_linear(benchmark, isa, rows, out_features, layout):
     """The integer GEMM on each instruction set's kernel (portable, AVX2 sign trick, AVX512-VNNI
-    under avx512 where the CPU has it) against the torch reference (exact sums in fp64)."""
-    from umt5_fast.quant import W8A8Weight
-    x, weight = randn(rows, D_MODEL), W8A8Weight.quantize(randn(out_features, D_MODEL, seed=2))
+    under avx512 where the CPU has it), in each weight layout (quant.w8a8_format picks one per
+    instruction set), against the torch reference (exact sums in fp64)."""
+    from umt5_fast.quant import W8A8RowWeight, W8A8Weight
+    fmt = W8A8Weight if layout == "blocks" else W8A8RowWeight
+    x, weight = randn(rows, D_MODEL), fmt.quantize(randn(out_features, D_MODEL, seed=2))
     default = cpu_ops._C.cpu_isa()
     cpu_ops._C.set_cpu_isa(isa)
     try:
-        bench(benchmark, cpu_ops, f"w8a8 linear {rows}x{D_MODEL} @ {out_features}x{D_MODEL}",
+        bench(benchmark, cpu_ops, f"w8a8 linear {rows}x{D_MODEL} @ {out_features}x{D_MODEL} {layout}",
               lambda o: o.linear(x, weight), lambda o: o.linear(x, weight), 0.0)
     finally:
         cpu_ops._C.set_cpu_isa(default)

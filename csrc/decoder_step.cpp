@@ -29,7 +29,8 @@ namespace umt5_fast {
 namespace {
 
 // The weight formats of umt5_fast.ops.cpu.linear's C++ kernels (fp32 activations).
-enum class WeightKind : int { none = -1, f32 = 0, bf16 = 1, int8 = 2, w8a8 = 3 };
+// w8a8: column blocks, w8a8_rows: the row layout (w8a8_linear.h).
+enum class WeightKind : int { none = -1, f32 = 0, bf16 = 1, int8 = 2, w8a8 = 3, w8a8_rows = 4 };
 
 // (kind, weight pointer, scale pointer or 0, in_features, out_features), as Python passes it.
 using LinearSpec = std::tuple<int, uintptr_t, uintptr_t, int64_t, int64_t>;
@@ -48,16 +49,16 @@ struct StepLinear {
     w.scale = reinterpret_cast<const float*>(std::get<2>(spec));
     w.in_features = std::get<3>(spec);
     w.out_features = std::get<4>(spec);
-    const bool known = w.kind == WeightKind::f32 || w.kind == WeightKind::bf16 ||
-                       w.kind == WeightKind::int8 || w.kind == WeightKind::w8a8;
-    const bool scaled = w.kind == WeightKind::int8 || w.kind == WeightKind::w8a8;
+    const bool w8a8 = w.kind == WeightKind::w8a8 || w.kind == WeightKind::w8a8_rows;
+    const bool known = w.kind == WeightKind::f32 || w.kind == WeightKind::bf16 || w.kind == WeightKind::int8 || w8a8;
+    const bool scaled = w.kind == WeightKind::int8 || w8a8;
     if (!known || !w.weight || scaled != (w.scale != nullptr))
       throw std::invalid_argument(std::string("decoder step: bad weight spec for ") + name);
     if (w.in_features != in_features || w.out_features != out_features)
       throw std::invalid_argument(std::string("decoder step: ") + name + " must be [" +
                                   std::to_string(out_features) + ", " +
                                   std::to_string(in_features) + "]");
-    if (w.kind == WeightKind::w8a8 && (in_features < 1 || in_features > kW8A8MaxK))
+    if (w8a8 && (in_features < 1 || in_features > kW8A8MaxK))
       throw std::invalid_argument("decoder step: W8A8 in_features must be in [1, 65536]");
     return w;
   }
@@ -79,8 +80,9 @@ struct StepLinear {
             {x, static_cast<const int8_t*>(weight), scale, residual, y, rows, in_features,
              out_features}, threads);
       case WeightKind::w8a8:
-        return run_w8a8_linear(x, static_cast<const int8_t*>(weight), false, scale, residual, y, rows,
-                               in_features, out_features, threads);
+      case WeightKind::w8a8_rows:
+        return run_w8a8_linear(x, static_cast<const int8_t*>(weight), kind == WeightKind::w8a8_rows, scale,
+                               residual, y, rows, in_features, out_features, threads);
       case WeightKind::none:
         return;
     }

@@ -211,6 +211,10 @@ void register_w8a8_linear(py::module_& m) {
         py::arg("num_threads"),
         "out[r] = ||x_r - scale_r q_r|| (fp64 [rows]) for the int8 rows q and scales w8a8_linear "
         "quantises fp32 x [rows, in_features] to.");
+  m.def("w8a8_row_layout_preferred", [] { return select_w8a8_kernels().rows != &w8a8_rows_vnni; },
+        "Whether the W8A8 kernels of the selected ISA multiply the row layout at least as fast as "
+        "the column blocks: all but the AVX512-VNNI ones (AVX2, at 4+ rows of x on a large weight, "
+        "1.4-1.6x faster in rows; VNNI ~1.1-1.5x faster in blocks).");
   m.def("has_avx512_vnni", &cpu_supports_avx512_vnni,
         "Whether w8a8_linear can use the AVX512-VNNI kernel on this CPU.");
 }

@@ -104,7 +104,7 @@ def test_bound_holds_for_every_row(head):
     screen = lm_head_screen.LMHeadScreen(weight)
     x = torch.randn(4, 71) * 3
     x[0, 5] = 400.0
-    approx = cpu_ops.integer_linear(x, screen.screen)
+    approx = cpu_ops.kernel_linear(x, screen.screen)
     exact = cpu_ops.linear(x, weight)
     bound = (x.double().norm(dim=1, keepdim=True) * screen.bound.double()
              + input_quantisation_error(x)[:, None] * screen.input_error_bound.double())

@@ -11,7 +11,7 @@ import torch
 import umt5_fast
 from umt5_fast.model import Linear
 from umt5_fast.ops import available_backends
-from umt5_fast.quant import QuantizedWeight, W8A8Weight
+from umt5_fast.quant import QuantizedWeight, W8A8RowWeight, W8A8Weight
 from helpers import random_batch, rel_err
 
 MAX_REL_ERR = {"int8": 5e-2, "w8a8": 8e-2, "bf16": 2e-2}
@@ -132,7 +132,7 @@ def test_w8a8_column_blocks_layout(rows, cols):
 def test_int8_quantisation_rejects_non_finite_weights(bad):
     weight = torch.randn(5, 40)
     weight[3, 17] = bad
-    for fmt in (QuantizedWeight, W8A8Weight):
+    for fmt in (QuantizedWeight, W8A8Weight, W8A8RowWeight):
         with pytest.raises(ValueError, match="inf or NaN"):
             fmt.quantize(weight)
         with pytest.raises(ValueError, match="inf or NaN"):
@@ -148,3 +148,41 @@ def test_quantising_a_checkpoint_with_nan_names_the_weight(checkpoint_factory, t
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"decoder\.block\.1\.layer\.2\.DenseReluDense\.wo\.weight: .*inf or NaN"):
         umt5_fast.UMT5ForConditionalGeneration.from_pretrained(tmp_path, quantize=mode)
+
+
+@pytest.mark.skipif("cpu" not in available_backends(), reason="C++ extension not built")
+def test_w8a8_layout_follows_the_kernels_and_changes_no_result(checkpoint_factory, monkeypatch):
+    """quantize="w8a8" loads column blocks where the VNNI kernels run and rows elsewhere; a model in
+    either layout gives the same logits (padding on both sides) and greedy / beam ids, bit for bit,
+    on every instruction set (the decode step included)."""
+    import umt5_fast._C as C
+    import umt5_fast.model
+    path, _ = checkpoint_factory("UMT5ForConditionalGeneration", num_heads=5, d_kv=12, d_ff=70)
+    default = C.cpu_isa()
+    try:
+        for isa in C.supported_cpu_isas():
+            C.set_cpu_isa(isa)
+            model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="cpu", quantize="w8a8")
+            vnni = isa == "avx512" and C.has_avx512_vnni()
+            assert type(model.lm_head.packed_weight()) is (W8A8Weight if vnni else W8A8RowWeight)
+    finally:
+        C.set_cpu_isa(default)
+    models = {}
+    for fmt in (W8A8Weight, W8A8RowWeight):
+        monkeypatch.setattr(umt5_fast.model, "w8a8_format", lambda fmt=fmt: fmt)
+        models[fmt] = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="cpu", quantize="w8a8")
+        linears = [m for m in models[fmt].modules() if isinstance(m, Linear)]
+        assert linears and all(type(m.packed_weight()) is fmt for m in linears)
+    blocks, rows = models[W8A8Weight], models[W8A8RowWeight]
+    vocab = blocks.config.vocab_size
+    ids, mask = random_batch(vocab, 3, 45, seed=4)
+    try:
+        for isa in C.supported_cpu_isas():
+            C.set_cpu_isa(isa)
+            seed = len(isa)  # fresh inputs per instruction set
+            assert torch.equal(teacher_forced(blocks, vocab, seed), teacher_forced(rows, vocab, seed))
+            for options in (dict(max_new_tokens=12), dict(max_new_tokens=8, num_beams=3)):
+                assert torch.equal(blocks.generate(ids, attention_mask=mask, **options),
+                                   rows.generate(ids, attention_mask=mask, **options)), (isa, options)
+    finally:
+        C.set_cpu_isa(default)

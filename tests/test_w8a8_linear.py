@@ -3,14 +3,14 @@
 bit on every instruction set the CPU runs (the VNNI kernel under avx512 where the CPU has VNNI, the
 AVX2 kernel under avx2 and on avx512 without VNNI, the portable one under generic),
 on shapes that leave partial tiles and a partial last 64-byte chunk; in both weight layouts: the column
-blocks of ``W8A8Weight`` and the plain int8 rows of a weight-only ``QuantizedWeight``
-(``ops.cpu.integer_linear``, the LM head screen's product)."""
+blocks of ``W8A8Weight`` and the plain int8 rows of ``W8A8RowWeight`` (which ``quantize="w8a8"`` loads
+without VNNI, and the LM head screen's product)."""
 import pytest
 import torch
 
 import umt5_fast.ops.cpu as cpu_ops
 from umt5_fast.ops import eager
-from umt5_fast.quant import QuantizedWeight, W8A8Weight
+from umt5_fast.quant import QuantizedWeight, W8A8RowWeight, W8A8Weight
 
 _C = pytest.importorskip("umt5_fast._C")
 
@@ -21,18 +21,10 @@ LAYOUTS = ["blocks", "rows"]
 
 def integer_product(x, weight, layout, residual=None):
     """The kernel's W8A8 product of fp32 x [rows, in] with ``weight`` (a W8A8Weight) in ``layout``:
-    as packed, or on the same int8 values in rows (through the binding where there is a residual,
-    which ``integer_linear`` does not take)."""
-    if layout == "blocks":
-        return cpu_ops.linear(x, weight, residual)
-    in_rows = QuantizedWeight(weight.unpacked().contiguous(), weight.scale)
-    if residual is None:
-        return cpu_ops.integer_linear(x, in_rows)
-    y = torch.empty(x.shape[0], weight.shape[0])
-    _C.w8a8_linear(x=x.data_ptr(), qweight=in_rows.qweight.data_ptr(), row_layout=True,
-                   scale=in_rows.scale.data_ptr(), residual=residual.data_ptr(), y=y.data_ptr(), rows=x.shape[0],
-                   in_features=x.shape[1], out_features=weight.shape[0], num_threads=2)
-    return y
+    as packed, or on the same int8 values in rows."""
+    if layout == "rows":
+        weight = W8A8RowWeight(weight.unpacked().contiguous(), weight.scale)
+    return cpu_ops.linear(x, weight, residual)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 17])
@@ -59,13 +51,21 @@ def test_row_layout_on_a_head_sized_weight(rows):
     assert torch.equal(integer_product(x, weight, "rows"), cpu_ops.linear(x, weight))
 
 
-def test_integer_linear_refuses_other_weights_and_shapes():
-    weight = QuantizedWeight.quantize(torch.randn(5, 8))
-    with pytest.raises(TypeError, match="QuantizedWeight"):
-        cpu_ops.integer_linear(torch.randn(2, 8), W8A8Weight.quantize(torch.randn(5, 8)))
-    for x in (torch.randn(2, 7), torch.randn(2, 8, dtype=torch.float64), torch.randn(1, 2, 8)):
-        with pytest.raises(ValueError, match=r"fp32 x \[rows, 8\]"):
-            cpu_ops.integer_linear(x, weight)
+def test_row_layout_is_the_weight_only_rows():
+    """``W8A8RowWeight.quantize`` holds what ``QuantizedWeight.quantize`` does, with the same
+    interface as the column blocks (rows, dequantize, the reference); a mismatched shape is refused."""
+    w = torch.randn(37, 70)
+    rows, blocks, weight_only = W8A8RowWeight.quantize(w), W8A8Weight.quantize(w), QuantizedWeight.quantize(w)
+    assert torch.equal(rows.qweight, weight_only.qweight) and torch.equal(rows.scale, weight_only.scale)
+    assert rows.shape == blocks.shape == (37, 70) and torch.equal(rows.unpacked(), blocks.unpacked())
+    assert torch.equal(rows.dequantize(), blocks.dequantize())
+    index = torch.tensor([5, 0, 36])
+    picked = rows.rows(index)
+    assert type(picked) is W8A8RowWeight and torch.equal(picked.qweight, blocks.rows(index).unpacked())
+    x = torch.randn(3, 70)
+    assert torch.equal(rows.linear(x), blocks.linear(x))
+    with pytest.raises(ValueError, match=r"W8A8RowWeight.qweight must be \[36, in_features\]"):
+        W8A8RowWeight(rows.qweight, rows.scale[:36])
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

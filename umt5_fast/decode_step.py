@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from umt5_fast.cache import StaticCache
-from umt5_fast.quant import QuantizedWeight, W8A8Weight
+from umt5_fast.quant import QuantizedWeight, W8A8RowWeight, W8A8Weight
 
 try:  # the extension is optional: without it there is no cpu backend either
     from umt5_fast.ops import cpu as cpu_ops
 except ImportError:
     cpu_ops = None
 
-_NONE, _F32, _BF16, _INT8, _W8A8 = -1, 0, 1, 2, 3
+_NONE, _F32, _BF16, _INT8, _W8A8, _W8A8_ROWS = -1, 0, 1, 2, 3, 4
 _NO_LINEAR = (_NONE, 0, 0, 0, 0)
 
 
@@ -43,9 +43,9 @@ def _linear_spec(linear, keep: list, activations: torch.dtype):
         weight = weight.contiguous()
         keep.append(weight)
         return kind, weight.data_ptr(), 0, weight.shape[1], weight.shape[0]
-    if type(weight) not in (QuantizedWeight, W8A8Weight) or weight.qweight.dtype != torch.int8:
+    if type(weight) not in (QuantizedWeight, W8A8Weight, W8A8RowWeight) or weight.qweight.dtype != torch.int8:
         return None  # fp8 / GGUF blocks are expanded per call by Linear.kernel_weight
-    kind = _W8A8 if isinstance(weight, W8A8Weight) else _INT8
+    kind = {QuantizedWeight: _INT8, W8A8Weight: _W8A8, W8A8RowWeight: _W8A8_ROWS}[type(weight)]
     qweight, scale = weight.qweight.contiguous(), weight.scale.float().contiguous()
     keep.extend((qweight, scale))
     return kind, qweight.data_ptr(), scale.data_ptr(), weight.shape[1], weight.shape[0]

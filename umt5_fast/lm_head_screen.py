@@ -3,7 +3,7 @@
 At batch 1 the LM head (256384 x d_model) is ~85% of the bytes a decode step reads, and greedy
 decoding needs only the argmax of its logits. ``LMHeadScreen`` multiplies the input with an int8
 copy of the head (per-row scales, a quarter of the fp32 bytes; an int8 head is its own copy) in
-integers: the W8A8 kernel on the int8 rows as they are (``ops.cpu.integer_linear``), which
+integers: the W8A8 kernel on the int8 rows as they are (a ``W8A8RowWeight`` view), which
 quantises the input to int8 per row, so at 16 rows it also runs at the integer multiply rate rather
 than the fp32 one. Per input row m and head row n,
 
@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from umt5_fast.quant import QuantizedWeight
+from umt5_fast.quant import QuantizedWeight, W8A8RowWeight
 
 try:
     from umt5_fast.ops import cpu as cpu_ops
@@ -65,7 +65,7 @@ class LMHeadScreen:
                                     bf16=not int8_head and self.weight.dtype == torch.bfloat16,
                                     qweight=qweight.data_ptr(), scale=scale.data_ptr(), rows=vocab,
                                     cols=in_features, out=norms.data_ptr(), num_threads=torch.get_num_threads())
-        self.screen = rows_q  # multiplied in integers as they are (an int8 head: no second copy)
+        self.screen = W8A8RowWeight(qweight, scale)  # multiplied in integers (an int8 head: no second copy)
         error_norm, screened_norm, exact_norm = norms.unbind(1)
         gamma = in_features * _UNIT_ROUNDOFF / (1 - in_features * _UNIT_ROUNDOFF)
         # The float kernel's dot product (an int8 head's kernel also rounds its scale multiply).
@@ -108,7 +108,7 @@ class LMHeadScreen:
         if forbidden and len(set(forbidden)) >= self.weight.shape[0]:
             return None  # every id forbidden: the float path's argmax of all -inf
         x32 = x.float()
-        approx = cpu_ops.integer_linear(x32, self.screen)  # finite (inputs finite, far from overflow)
+        approx = cpu_ops.kernel_linear(x32, self.screen)  # finite (inputs finite, far from overflow)
         if forbidden:
             approx[:, list(forbidden)] = -float("inf")
         input_error = torch.empty(x.shape[0], dtype=torch.float64)

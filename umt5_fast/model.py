@@ -21,7 +21,7 @@ from umt5_fast.outputs import (BaseModelOutput, BaseModelOutputWithPastAndCrossA
                                Seq2SeqLMOutput, Seq2SeqModelOutput,
                                Seq2SeqQuestionAnsweringModelOutput,
                                Seq2SeqSequenceClassifierOutput, TokenClassifierOutput)
-from umt5_fast.quant import PackedWeight, QuantizedWeight, W8A8Weight
+from umt5_fast.quant import PackedWeight, QuantizedWeight, w8a8_format
 
 
 class Runtime:
@@ -91,8 +91,9 @@ class Linear(nn.Module):
         self.qweight, self.qscale = packed.qweight, packed.scale
 
     def quantize_int8(self, activations: bool = False):
-        """int8 weights; ``activations``: also quantise activations at run time (``W8A8Weight``)."""
-        self.load_packed((W8A8Weight if activations else QuantizedWeight).quantize(self.weight))
+        """int8 weights; ``activations``: also quantise activations at run time (``W8A8Weight``, in
+        the layout the selected CPU kernels multiply faster)."""
+        self.load_packed((w8a8_format() if activations else QuantizedWeight).quantize(self.weight))
 
     def kernel_weight(self, dtype: torch.dtype, slot: int = 0):
         """The weight as the ops take it: a float tensor or an int8 ``QuantizedWeight`` (both in the

@@ -225,6 +225,37 @@ class W8A8Weight(QuantizedWeight):
 
 
 @dataclass
+class W8A8RowWeight(W8A8Weight):
+    """``W8A8Weight``'s product, bit for bit, on the int8 ``[out, in]`` rows as ``QuantizedWeight``
+    holds them (``qweight`` int8 ``[out, in]``, ``scale`` fp32 ``[out]``): the layout
+    ``quantize="w8a8"`` loads where the selected C++ kernels multiply it at least as fast
+    (``w8a8_format``), and the LM head screen's view of an int8 head (no copy)."""
+
+    def __post_init__(self):
+        if self.qweight.dim() != 2 or self.qweight.shape[0] != self.scale.shape[0]:
+            raise ValueError(f"W8A8RowWeight.qweight must be [{self.scale.shape[0]}, in_features] (one row per "
+                             f"scale), got {tuple(self.qweight.shape)}")
+
+    @classmethod
+    def pack(cls, qweight: torch.Tensor) -> torch.Tensor:
+        return qweight  # the rows are the layout
+
+    def unpacked(self) -> torch.Tensor:
+        return self.qweight
+
+    @property
+    def shape(self):
+        return self.qweight.shape
+
+
+def w8a8_format() -> type:
+    """The W8A8 layout the CPU kernels of the selected instruction set multiply faster: column blocks
+    (``W8A8Weight``) with AVX512-VNNI, rows (``W8A8RowWeight``) otherwise. Either gives the same
+    results on every instruction set."""
+    return W8A8RowWeight if _C is None or _C.w8a8_row_layout_preferred() else W8A8Weight
+
+
+@dataclass
 class Float8Weight(PackedWeight):
     """fp8 weights (``float8_e4m3fn`` / ``float8_e5m2``) ``[out, in]`` and an optional per-tensor fp32
     ``scale`` (ComfyUI's "scaled fp8"): ``weight = qweight.float() * scale``, else ``qweight`` itself.

@@ -20,9 +20,10 @@ What runs where (fp32 activations):
   ``WIDE_GEMMS_IN_ONEDNN``), else in MKL. Otherwise a ``QuantizedWeight
   (int8) or bf16 weight goes to the C++ weight-only kernels, which widen the weights in registers,
   so decoding reads 4x / 2x fewer bytes than fp32.
-- ``linear`` with a ``W8A8Weight``: the activations are quantised to int8 per row and multiplied
-  in integers (AVX512-VNNI ``vpdpbusd`` where the CPU has it, else AVX2 ``vpmaddubsw`` with the
-  sign trick, else a portable loop: the same results on all three).
+- ``linear`` with a ``W8A8Weight`` (column blocks) or ``W8A8RowWeight`` (rows): the activations
+  are quantised to int8 per row and multiplied in integers (AVX512-VNNI ``vpdpbusd`` where the CPU
+  has it, else AVX2 ``vpmaddubsw`` with the sign trick, else a portable loop: the same results on
+  all three, in either layout).
 - ``gated_ffn_in``: the projections through ``linear``, then ``act(a) * b`` by one C++ pass in
   place.
 - bf16 models: ``rms_norm`` (transformers' rounding points) and the gated activation (fp32 math,
@@ -49,7 +50,7 @@ import torch.nn.functional as F
 # After torch: the extension then shares torch's bundled OpenMP runtime (one thread pool).
 import umt5_fast._C as _C
 from umt5_fast.ops import eager
-from umt5_fast.quant import QuantizedWeight, W8A8Weight
+from umt5_fast.quant import QuantizedWeight, W8A8RowWeight, W8A8Weight
 
 name = "cpu"
 
@@ -468,33 +469,14 @@ def kernel_linear(x, weight, residual=None):
         # Tensors held by names until the call returns (a temporary's memory would be freed first).
         qweight, scale = weight.qweight.contiguous(), weight.scale.float().contiguous()
         if isinstance(weight, W8A8Weight):
-            _C.w8a8_linear(x=x.data_ptr(), qweight=qweight.data_ptr(), row_layout=False, scale=scale.data_ptr(),
-                           **sizes)
+            _C.w8a8_linear(x=x.data_ptr(), qweight=qweight.data_ptr(), row_layout=isinstance(weight, W8A8RowWeight),
+                           scale=scale.data_ptr(), **sizes)
         else:
             _C.int8_linear(x=x.data_ptr(), qweight=qweight.data_ptr(), scale=scale.data_ptr(), **sizes)
     else:
         float_linear = _C.f32_linear if weight.dtype == torch.float32 else _C.bf16_linear
         weight = weight.contiguous()
         float_linear(x=x.data_ptr(), weight=weight.data_ptr(), **sizes)
-    return y
-
-
-def integer_linear(x, weight):
-    """W8A8's integer product (``linear(x, W8A8Weight(W8A8Weight.pack(weight.qweight), weight.scale))``,
-    bit for bit) on the plain int8 rows of a weight-only ``QuantizedWeight``, without packing a copy:
-    fp32 ``x`` ``[rows, in]``, in <= 65536 (the int32 sums)."""
-    if type(weight) is not QuantizedWeight or weight.qweight.dtype != torch.int8:
-        got = type(weight).__name__ + (f" of {weight.qweight.dtype}" if isinstance(weight, QuantizedWeight) else "")
-        raise TypeError(f"integer_linear takes a weight-only int8 QuantizedWeight, got {got}")
-    out_features, in_features = weight.shape
-    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != in_features:
-        raise ValueError(f"integer_linear takes fp32 x [rows, {in_features}], got {x.dtype} {tuple(x.shape)}")
-    x = x.contiguous()
-    qweight, scale = weight.qweight.contiguous(), weight.scale.float().contiguous()
-    y = x.new_empty((x.shape[0], out_features))
-    _C.w8a8_linear(x=x.data_ptr(), qweight=qweight.data_ptr(), row_layout=True, scale=scale.data_ptr(), residual=0,
-                   y=y.data_ptr(), rows=x.shape[0], in_features=in_features, out_features=out_features,
-                   num_threads=_threads())
     return y
 
 

@@ -188,6 +188,61 @@ struct Bf16Operands {
   }
 };
 
+// One operand (K or V) of every (batch, head) with its rows contiguous: [B, H, L, D].
+template <typename T>
+std::vector<T> rows_by_head(const AttentionProblem& p, const void* base, const std::array<int64_t, 3>& strides) {
+  const int64_t head_stride = p.key_length * p.head_dim;
+  std::vector<T> rows(p.batch * p.heads * head_stride);
+  const int threads = static_cast<int>(std::clamp<int64_t>(p.batch * p.heads, 1, std::max(p.num_threads, 1)));
+#pragma omp parallel for num_threads(threads)
+  for (int64_t bh = 0; bh < p.batch * p.heads; ++bh) {
+    const T* head = element_at<T>(base, bh / p.heads * strides[0] + bh % p.heads * strides[1]);
+    for (int64_t j = 0; j < p.key_length; ++j)
+      std::copy_n(head + j * strides[2], p.head_dim, rows.data() + bh * head_stride + j * p.head_dim);
+  }
+  return rows;
+}
+
+// The keys (and fp32 values) the fp32 and vdpbf16ps kernels read, with each head's rows
+// contiguous, copied once per call where the caller's rows are not and several query blocks read
+// every key: in the model's [B, L, H, D] layout one head's rows lie H * D apart, and every block
+// streamed them interleaved with the other heads' rows, which the hardware prefetchers fetch too.
+// 1 x 4096 tokens, 6 heads of 64, per layer: fp32 268 -> 198 ms under AVX2 and 172 -> 138 ms with
+// AVX-512, bf16 212 -> 188 ms (the copies take ~1 ms). (bf16 V is packed into pairs anyway, and
+// the AMX kernel packs its own operands.)
+struct ContiguousOperands {
+  std::vector<float> k, v;
+  std::vector<uint16_t> k_bf16;
+  int64_t head_stride = 0;
+
+  ContiguousOperands(const AttentionProblem& p, int64_t blocks_per_head, bool amx) {
+    const bool k_strided = p.k_strides[2] != p.head_dim, v_strided = p.v_strides[2] != p.head_dim;
+    if (amx || blocks_per_head < 2) return;
+    head_stride = p.key_length * p.head_dim;
+    if (p.element == AttentionElement::f32 && (k_strided || v_strided)) {
+      k = rows_by_head<float>(p, p.k, p.k_strides);
+      v = rows_by_head<float>(p, p.v, p.v_strides);
+    } else if (p.element == AttentionElement::bf16 && k_strided) {
+      k_bf16 = rows_by_head<uint16_t>(p, p.k, p.k_strides);
+    }
+  }
+
+  // The block's K (and fp32 V): the copies' rows of (b, h) where there are copies.
+  void set_for_head(const AttentionProblem& p, int64_t b, int64_t h, kernels::AttentionBlock& block) const {
+    block.v = element_at<float>(p.v, b * p.v_strides[0] + h * p.v_strides[1]);
+    block.v_row_stride = p.v_strides[2];
+    if (k.empty()) return;
+    block.k = k.data() + (b * p.heads + h) * head_stride;
+    block.v = v.data() + (b * p.heads + h) * head_stride;
+    block.k_row_stride = block.v_row_stride = p.head_dim;
+  }
+  void set_for_head(const AttentionProblem& p, int64_t b, int64_t h, AttentionBlockBf16& block) const {
+    if (k_bf16.empty()) return;
+    block.k = k_bf16.data() + (b * p.heads + h) * head_stride;
+    block.k_row_stride = p.head_dim;
+  }
+};
+
 // The kernel's block: query rows [first_row, first_row + num_rows) of (b, h), with the keys
 // and terms they see.
 template <class Block, typename T>
@@ -228,6 +283,7 @@ void run_attention(const AttentionProblem& p) {
   const Bf16Operands bf16_operands(p, amx);
   const int64_t blocks_per_head =
       (p.query_length + kernels::kAttentionMaxRows - 1) / kernels::kAttentionMaxRows;
+  const ContiguousOperands contiguous(p, blocks_per_head, amx);
   // Even split: 33 rows make blocks of 17 and 16, not 32 and 1.
   const int64_t rows_per_block = (p.query_length + blocks_per_head - 1) / blocks_per_head;
   const int64_t tasks = p.batch * p.heads * blocks_per_head;
@@ -260,13 +316,13 @@ void run_attention(const AttentionProblem& p) {
         fill_block<AttentionBlockBf16, uint16_t>(p, position_terms, key_terms, b, h, first_row,
                                                  num_rows, block);
         bf16_operands.set_for_head(b, h, p.heads, block);
+        contiguous.set_for_head(p, b, h, block);
         if (block.key_begin < block.key_end) attention_block_bf16(block, scratch.data());
       } else {
         kernels::AttentionBlock block;
         fill_block<kernels::AttentionBlock, float>(p, position_terms, key_terms, b, h, first_row,
                                                    num_rows, block);
-        block.v = element_at<float>(p.v, b * p.v_strides[0] + h * p.v_strides[1]);
-        block.v_row_stride = p.v_strides[2];
+        contiguous.set_for_head(p, b, h, block);
         block.position_term = position_terms.for_block(h, first_row, p.query_length);
         if (block.key_begin < block.key_end) attend(block, scratch.data());
       }

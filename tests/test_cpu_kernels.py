@@ -151,9 +151,11 @@ def test_attention_all_ones_mask(generator):
                     key_padding_mask=torch.ones(2, 70, dtype=torch.bool))
 
 
-def test_attention_on_strided_views(generator):
-    """q/k/v as the model makes them: heads split from [B, L, H * D] projections, not copied."""
-    batch, heads, length, head_dim = 3, 5, 33, 24
+@pytest.mark.parametrize("length", [33, 130])
+def test_attention_on_strided_views(length, generator):
+    """q/k/v as the model makes them: heads split from [B, L, H * D] projections, not copied (the
+    kernel copies K and V into per-head rows where several query blocks read them)."""
+    batch, heads, head_dim = 3, 5, 24
     qkv = randn(batch, length, 3, heads, head_dim, generator=generator)
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
     assert not q.is_contiguous()
@@ -161,6 +163,13 @@ def test_attention_on_strided_views(generator):
     mask = padding_mask(batch, length, "left", generator)
     check_attention(q, k, v, table, bidirectional=True, num_buckets=32, max_distance=128,
                     key_padding_mask=mask, scale=0.5)
+    check_attention(q, k, v, table, bidirectional=False, num_buckets=32, max_distance=20,
+                    key_padding_mask=mask, causal=True)
+    # cross-attention: fewer queries than keys, K and V from two projections of other widths
+    keys = randn(batch, length + 7, heads, head_dim + 3, generator=generator)[..., 1:head_dim + 1]
+    values = randn(batch, heads, head_dim, length + 7, generator=generator).transpose(2, 3)
+    check_attention(q[:, :, :length - 1], keys.transpose(1, 2), values, None, bidirectional=True,
+                    num_buckets=32, max_distance=128, key_padding_mask=padding_mask(batch, length + 7, "right", generator))
 
 
 def test_attention_uint8_mask_and_fp16_table(generator):
@@ -240,6 +249,23 @@ def test_bf16_attention(shape, padding, generator):
                              key_padding_mask=mask, causal=True, query_offset=query_offset)
     check_bf16_attention(q, k, v, None, bidirectional=True, num_buckets=16, max_distance=20,
                          key_padding_mask=mask, scale=0.5)
+
+
+@pytest.mark.usefixtures("bf16_attention_kernel")
+@pytest.mark.parametrize("length", [33, 130])
+def test_bf16_attention_on_strided_views(length, generator):
+    """bf16 q/k/v split from [B, L, H * D] projections, as a bf16 model makes them: within the bound
+    of exact attention, and bit for bit what the same kernel gives on contiguous copies."""
+    batch, heads, head_dim = 2, 5, 24
+    qkv = randn(batch, length, 3, heads, head_dim, generator=generator).bfloat16()
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    table = randn(16, heads, generator=generator)
+    mask = padding_mask(batch, length, "left", generator)
+    for options in (dict(bidirectional=True), dict(bidirectional=False, causal=True)):
+        kwargs = dict(num_buckets=16, max_distance=20, key_padding_mask=mask, **options)
+        check_bf16_attention(q, k, v, table, **kwargs)
+        assert torch.equal(cpu.attention(q, k, v, table, **kwargs),
+                           cpu.attention(q.contiguous(), k.contiguous(), v.contiguous(), table, **kwargs))
 
 
 @pytest.mark.usefixtures("bf16_attention_kernel")

@@ -2,10 +2,10 @@
 // Given approximate logits a[r][c] whose error is at most
 //   margin[r][c] = norm[r] * bound[c] + norm2[r] * bound2[c]
 // (the input's size times the weight's error terms, plus the input's own quantisation error times
-// the weight row's size), the thresholding flags every column that may hold row r's largest logit
-// for some r:
+// the weight row's size), the thresholding finds every column that may hold row r's largest logit
+// for some r, the candidates:
 //   best_lower[r] = max_c (a[r][c] - margin[r][c]),
-//   flag[c] = any_r (a[r][c] + margin[r][c] >= best_lower[r] - slack * |best_lower[r]|)
+//   c such that any_r (a[r][c] + margin[r][c] >= best_lower[r] - slack * |best_lower[r]|)
 // (slack > 0 where the exact logits are rounded after: rows that round up to the maximum count).
 // One streaming pass over a, then the few chunks of columns that hold candidates; in torch the
 // same arithmetic made 5 passes and, at 16 rows of a 256384-entry vocabulary, took longer (19 ms)
@@ -108,7 +108,7 @@ void register_screen_candidates(py::module_& m) {
 
   m.def("screen_candidates",
         [](uintptr_t approx, uintptr_t norm, uintptr_t bound, uintptr_t norm2, uintptr_t bound2,
-           uintptr_t flags, int64_t rows, int64_t cols, float slack, int num_threads) {
+           uintptr_t out, int64_t capacity, int64_t rows, int64_t cols, float slack, int num_threads) {
           const auto* a = reinterpret_cast<const float*>(approx);
           const auto* row_norm = reinterpret_cast<const float*>(norm);
           const auto* row_norm2 = reinterpret_cast<const float*>(norm2);
@@ -116,11 +116,11 @@ void register_screen_candidates(py::module_& m) {
             return Margin{reinterpret_cast<const float*>(bound), reinterpret_cast<const float*>(bound2),
                           row_norm[r], row_norm2[r]};
           };
-          auto* flag = reinterpret_cast<uint8_t*>(flags);
+          auto* ids = reinterpret_cast<int64_t*>(out);
           py::gil_scoped_release no_gil;
           // Pass 1: per row and chunk the largest lower and upper bounds. Pass 2 reads only the
           // chunks whose largest upper bound reaches a row's threshold (a few, where the screen
-          // decides): the same sums, so a chunk holds a flagged column iff its maximum reaches.
+          // decides): the same sums, so a chunk holds a candidate iff its maximum reaches.
           const int64_t chunks = (cols + kChunk - 1) / kChunk, grain = 32;
           std::vector<float> lower(static_cast<size_t>(rows) * chunks), upper(lower.size());
           parallel_for_ranges(chunks, grain, num_threads, [&](int64_t begin, int64_t end) {
@@ -135,24 +135,41 @@ void register_screen_candidates(py::module_& m) {
             // (+1e-30: a bf16 spacing is never 0, also where the best bound is)
             best_lower[r] = slack > 0 ? best - slack * (std::fabs(best) + 1e-30f) : best;
           }
-          std::fill(flag, flag + cols, uint8_t{0});
+          std::vector<std::vector<int64_t>> found(chunks);  // each chunk's candidates, ascending
           parallel_for_ranges(chunks, grain, num_threads, [&](int64_t begin, int64_t end) {
-            for (int64_t k = begin; k < end; ++k)
+            uint8_t reaches[kChunk];
+            for (int64_t k = begin; k < end; ++k) {
+              const int64_t c0 = k * kChunk, c1 = std::min(cols, (k + 1) * kChunk);
+              bool any = false;
               for (int64_t r = 0; r < rows; ++r) {
                 if (!(upper[r * chunks + k] >= best_lower[r])) continue;
+                if (!any) std::fill(reaches, reaches + kChunk, uint8_t{0});
+                any = true;
                 const float* row = a + r * cols;
                 const Margin margin = margin_of_row(r);
-                for (int64_t c = k * kChunk; c < std::min(cols, (k + 1) * kChunk); ++c)
-                  flag[c] |= static_cast<uint8_t>(row[c] + margin(c) >= best_lower[r]);
+                for (int64_t c = c0; c < c1; ++c)
+                  reaches[c - c0] |= static_cast<uint8_t>(row[c] + margin(c) >= best_lower[r]);
               }
+              if (any)
+                for (int64_t c = c0; c < c1; ++c)
+                  if (reaches[c - c0]) found[k].push_back(c);
+            }
           });
+          int64_t count = 0;
+          for (const auto& in_chunk : found)
+            for (const int64_t c : in_chunk) {
+              if (count < capacity) ids[count] = c;
+              ++count;
+            }
+          return count;
         },
         py::kw_only(), py::arg("approx"), py::arg("norm"), py::arg("bound"), py::arg("norm2"),
-        py::arg("bound2"), py::arg("flags"), py::arg("rows"), py::arg("cols"), py::arg("slack"),
-        py::arg("num_threads"),
-        "flags[c] = 1 where approx[r, c] + m[r, c] >= max_c' (approx[r, c'] - m[r, c']) - slack * |that "
-        "max| for some row r, m[r, c] = norm[r] * bound[c] + norm2[r] * bound2[c] (fp32 [rows, cols] "
-        "contiguous; uint8 flags [cols]).");
+        py::arg("bound2"), py::arg("out"), py::arg("capacity"), py::arg("rows"), py::arg("cols"),
+        py::arg("slack"), py::arg("num_threads"),
+        "The candidates c, ascending, where approx[r, c] + m[r, c] >= max_c' (approx[r, c'] - "
+        "m[r, c']) - slack * |that max| for some row r, m[r, c] = norm[r] * bound[c] + norm2[r] * "
+        "bound2[c] (fp32 [rows, cols] contiguous): the first `capacity` of them into out (int64), "
+        "and their number returned.");
 }
 
 }  // namespace umt5_fast

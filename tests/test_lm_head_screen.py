@@ -204,6 +204,11 @@ def test_undecidable_inputs_fall_back():
     assert screen.argmax(torch.randn(0, 16)) is None
     same = lm_head_screen.LMHeadScreen(torch.ones(3000, 8))  # every logit equal: all candidates
     assert same.argmax(torch.randn(1, 8)) is None
+    limit = lm_head_screen._MAX_CANDIDATES  # up to it the candidates are computed exactly
+    at_limit = lm_head_screen.LMHeadScreen(torch.ones(limit, 8))
+    assert int(at_limit.argmax(torch.ones(1, 8))) == 0 and at_limit.last_candidates == limit
+    assert int(at_limit.argmax(torch.ones(1, 8), forbidden=[0, 5])) == 1
+    assert lm_head_screen.LMHeadScreen(torch.ones(limit + 1, 8)).argmax(torch.ones(1, 8)) is None
     assert lm_head_screen.LMHeadScreen(torch.ones(3, 8)).argmax(torch.ones(1, 8), forbidden=[0, 1, 2]) is None
 
 

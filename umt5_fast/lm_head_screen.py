@@ -115,16 +115,17 @@ class LMHeadScreen:
         cpu_ops._C.w8a8_quantisation_error(x=x32.data_ptr(), rows=x.shape[0], in_features=x.shape[1],
                                            out=input_error.data_ptr(), num_threads=torch.get_num_threads())
         norm, input_error = norm.float(), input_error.float()  # (held by name: the kernel reads them)
-        flags = torch.empty(approx.shape[1], dtype=torch.uint8)
+        found = torch.empty(_MAX_CANDIDATES, dtype=torch.int64)
         slack = _BF16_LOGIT_SLACK if x.dtype == torch.bfloat16 else 0.0  # fp32 logits: not rounded after
-        cpu_ops._C.screen_candidates(approx=approx.data_ptr(), norm=norm.data_ptr(), bound=self.bound.data_ptr(),
-                                     norm2=input_error.data_ptr(), bound2=self.input_error_bound.data_ptr(),
-                                     flags=flags.data_ptr(), rows=x.shape[0], cols=approx.shape[1], slack=slack,
-                                     num_threads=torch.get_num_threads())
-        candidates = flags.nonzero().squeeze(1)  # ascending ids
-        if len(candidates) > _MAX_CANDIDATES:
+        count = cpu_ops._C.screen_candidates(approx=approx.data_ptr(), norm=norm.data_ptr(),
+                                             bound=self.bound.data_ptr(), norm2=input_error.data_ptr(),
+                                             bound2=self.input_error_bound.data_ptr(), out=found.data_ptr(),
+                                             capacity=_MAX_CANDIDATES, rows=x.shape[0], cols=approx.shape[1],
+                                             slack=slack, num_threads=torch.get_num_threads())
+        if count > _MAX_CANDIDATES:
             return None
-        self.last_candidates = len(candidates)
+        candidates = found[:count]  # ascending ids
+        self.last_candidates = count
         # The unscreened path's C++ kernel (not ``linear``, which may send a few rows to a wide GEMM),
         # on the exactly widened x of a bf16 model, rounded to bf16 after as ``linear`` rounds.
         candidate_rows = self.weight.rows(candidates) if int8_head else self.weight.index_select(0, candidates)

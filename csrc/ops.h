@@ -39,4 +39,8 @@ void run_w8a8_linear(const float* x, const int8_t* qweight, bool row_layout, con
                      const float* residual, float* y, int64_t rows, int64_t in_features,
                      int64_t out_features, int num_threads);
 
+// out[r] = ||x_r - scale_r q_r|| in fp64 for the int8 rows q and scales run_w8a8_linear quantises
+// fp32 x [rows, in_features] to (NaN for a row with inf / NaN).
+void w8a8_quantisation_error(const float* x, int64_t rows, int64_t in_features, double* out, int num_threads);
+
 }  // namespace umt5_fast

@@ -1,4 +1,5 @@
-// The C++ parts of umt5_fast/lm_head_screen.py: its per-row norms (at build), and its thresholding.
+// The C++ parts of umt5_fast/lm_head_screen.py: its per-row norms (at build), and the whole greedy
+// pick per call (screen_argmax): the integer product, the thresholding, the candidates' exact logits.
 // Given approximate logits a[r][c] whose error is at most
 //   margin[r][c] = norm[r] * bound[c] + norm2[r] * bound2[c]
 // (the input's size times the weight's error terms, plus the input's own quantisation error times
@@ -16,11 +17,16 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <stdexcept>
 #include <vector>
 
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include "bf16.h"
+#include "ops.h"
 #include "parallel.h"
+#include "weight_only_linear.h"
 #include "weight_types.h"
 
 namespace py = pybind11;
@@ -86,6 +92,133 @@ void row_norms(const WeightT* w, const int8_t* q, const float* scale, int64_t ro
   });
 }
 
+
+// Columns c (ascending) that may hold some row's largest logit: a + margin >= best_lower - slack.
+// Pass 1: per row and chunk the largest lower and upper bounds. Pass 2 reads only the chunks whose
+// largest upper bound reaches a row's threshold (a few, where the screen decides): the same sums,
+// so a chunk holds a candidate iff its maximum reaches.
+std::vector<int64_t> find_candidates(const float* a, const std::vector<float>& norm, const float* bound,
+                                     const std::vector<float>& norm2, const float* bound2, int64_t rows,
+                                     int64_t cols, float slack, int num_threads) {
+  const auto margin_of_row = [&](int64_t r) { return Margin{bound, bound2, norm[r], norm2[r]}; };
+  const int64_t chunks = (cols + kChunk - 1) / kChunk, grain = 32;
+  std::vector<float> lower(static_cast<size_t>(rows) * chunks), upper(lower.size());
+  parallel_for_ranges(chunks, grain, num_threads, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k)
+      for (int64_t r = 0; r < rows; ++r)
+        margin_maxima(a + r * cols, margin_of_row(r), k * kChunk, std::min(cols, (k + 1) * kChunk),
+                      &lower[r * chunks + k], &upper[r * chunks + k]);
+  });
+  std::vector<float> best_lower(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float best = *std::max_element(lower.begin() + r * chunks, lower.begin() + (r + 1) * chunks);
+    // (+1e-30: a bf16 spacing is never 0, also where the best bound is)
+    best_lower[r] = slack > 0 ? best - slack * (std::fabs(best) + 1e-30f) : best;
+  }
+  std::vector<std::vector<int64_t>> found(chunks);  // each chunk's candidates, ascending
+  parallel_for_ranges(chunks, grain, num_threads, [&](int64_t begin, int64_t end) {
+    uint8_t reaches[kChunk];
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t c0 = k * kChunk, c1 = std::min(cols, (k + 1) * kChunk);
+      bool any = false;
+      for (int64_t r = 0; r < rows; ++r) {
+        if (!(upper[r * chunks + k] >= best_lower[r])) continue;
+        if (!any) std::fill(reaches, reaches + kChunk, uint8_t{0});
+        any = true;
+        const float* row = a + r * cols;
+        const Margin margin = margin_of_row(r);
+        for (int64_t c = c0; c < c1; ++c)
+          reaches[c - c0] |= static_cast<uint8_t>(row[c] + margin(c) >= best_lower[r]);
+      }
+      if (any)
+        for (int64_t c = c0; c < c1; ++c)
+          if (reaches[c - c0]) found[k].push_back(c);
+    }
+  });
+  std::vector<int64_t> candidates;
+  for (const auto& in_chunk : found) candidates.insert(candidates.end(), in_chunk.begin(), in_chunk.end());
+  return candidates;
+}
+
+// The exact logits of the candidate rows of the head, as ops.cpu.kernel_linear computes them on
+// the whole head (the weight-only kernels' sums for one row and column depend on no other column,
+// so the gathered rows give the same bits): [rows, candidates].
+template <typename WeightT>
+std::vector<float> candidate_logits(const float* x, int64_t rows, int64_t cols, const WeightT* head,
+                                    const float* head_scale, const std::vector<int64_t>& candidates,
+                                    int num_threads) {
+  const int64_t n = static_cast<int64_t>(candidates.size());
+  std::vector<WeightT> gathered(n * cols);
+  std::vector<float> scale(head_scale ? n : 0), logits(rows * n);
+  for (int64_t i = 0; i < n; ++i) {
+    std::copy_n(head + candidates[i] * cols, cols, gathered.data() + i * cols);
+    if (head_scale) scale[i] = head_scale[candidates[i]];
+  }
+  run_weight_only_linear<WeightT>({x, gathered.data(), head_scale ? scale.data() : nullptr, nullptr,
+                                   logits.data(), rows, cols, n}, num_threads);
+  return logits;
+}
+
+struct ScreenCall {
+  const float* x;  // [rows, cols] fp32 (a bf16 model's x widened)
+  int64_t rows, cols;
+  const int8_t* screen_qweight;  // the int8 rows [vocab, cols] and their scales
+  const float* screen_scale;
+  int64_t vocab;
+  const float *bound, *bound2;  // LMHeadScreen.bound, .input_error_bound
+  double largest_norm, min_norm;
+  int head_kind;  // the head the exact logits come from: 0 fp32, 1 bf16, 2 int8 (+ head_scale)
+  const void* head;
+  const float* head_scale;
+  bool bf16_logits;  // a bf16 model: logits rounded to bf16 (slack > 0 then)
+  float slack;
+  const std::vector<int64_t>& forbidden;
+  int64_t max_candidates;
+  float* approx;  // [rows, vocab] scratch: the integer product
+  int64_t* out;   // [rows]
+  int num_threads;
+};
+
+// LMHeadScreen.argmax in one call (see lm_head_screen.py for the bound): Python would run ~10
+// small torch ops between the kernels, each ~0.1-0.3 ms right after the head's product has swept
+// the caches (3-5 us when warm): ~1.4 ms of a 10 ms decode step at bs=1.
+int64_t screen_argmax(const ScreenCall& s) {
+  std::vector<float> norm(s.rows), norm2(s.rows);
+  for (int64_t r = 0; r < s.rows; ++r) {
+    double sum = 0;
+    for (int64_t c = 0; c < s.cols; ++c) sum += static_cast<double>(s.x[r * s.cols + c]) * s.x[r * s.cols + c];
+    const double n = std::sqrt(sum);
+    // inf / NaN input, logits near fp32 overflow or underflow: the float path decides
+    if (!std::isfinite(n) || n * s.largest_norm > 1e30 || n < s.min_norm) return -1;
+    norm[r] = static_cast<float>(n);
+  }
+  float* approx = s.approx;  // finite: inputs finite, far from overflow
+  run_w8a8_linear(s.x, s.screen_qweight, /*row_layout=*/true, s.screen_scale, nullptr, approx, s.rows, s.cols,
+                  s.vocab, s.num_threads);
+  for (const int64_t id : s.forbidden)
+    for (int64_t r = 0; r < s.rows; ++r) approx[r * s.vocab + id] = -std::numeric_limits<float>::infinity();
+  std::vector<double> input_error(s.rows);
+  w8a8_quantisation_error(s.x, s.rows, s.cols, input_error.data(), s.num_threads);
+  for (int64_t r = 0; r < s.rows; ++r) norm2[r] = static_cast<float>(input_error[r]);
+  const std::vector<int64_t> candidates = find_candidates(approx, norm, s.bound, norm2, s.bound2, s.rows,
+                                                          s.vocab, s.slack, s.num_threads);
+  const int64_t n = static_cast<int64_t>(candidates.size());
+  if (n > s.max_candidates || n == 0) return -1;
+  std::vector<float> logits =
+      s.head_kind == 0 ? candidate_logits(s.x, s.rows, s.cols, static_cast<const float*>(s.head), nullptr,
+                                          candidates, s.num_threads)
+      : s.head_kind == 1 ? candidate_logits(s.x, s.rows, s.cols, static_cast<const uint16_t*>(s.head), nullptr,
+                                            candidates, s.num_threads)
+                         : candidate_logits(s.x, s.rows, s.cols, static_cast<const int8_t*>(s.head), s.head_scale,
+                                            candidates, s.num_threads);
+  if (s.bf16_logits)
+    for (float& logit : logits) logit = bf16_to_float(float_to_bf16(logit));
+  for (int64_t r = 0; r < s.rows; ++r) {
+    const float* row = logits.data() + r * n;
+    s.out[r] = candidates[std::max_element(row, row + n) - row];  // the first of equal maxima
+  }
+  return n;
+}
 }  // namespace
 
 void register_screen_candidates(py::module_& m) {
@@ -106,70 +239,36 @@ void register_screen_candidates(py::module_& m) {
         "out[r] = (||w_r - s_r q_r||, ||s_r q_r||, ||w_r||) in fp64 for an fp32 / bf16 weight [rows, "
         "cols] (weight = 0: w = s q), its int8 rows q and scales s (fp64 out [rows, 3]).");
 
-  m.def("screen_candidates",
-        [](uintptr_t approx, uintptr_t norm, uintptr_t bound, uintptr_t norm2, uintptr_t bound2,
-           uintptr_t out, int64_t capacity, int64_t rows, int64_t cols, float slack, int num_threads) {
-          const auto* a = reinterpret_cast<const float*>(approx);
-          const auto* row_norm = reinterpret_cast<const float*>(norm);
-          const auto* row_norm2 = reinterpret_cast<const float*>(norm2);
-          const auto margin_of_row = [&](int64_t r) {
-            return Margin{reinterpret_cast<const float*>(bound), reinterpret_cast<const float*>(bound2),
-                          row_norm[r], row_norm2[r]};
-          };
-          auto* ids = reinterpret_cast<int64_t*>(out);
+  m.def("screen_argmax",
+        [](uintptr_t x, int64_t rows, int64_t cols, uintptr_t screen_qweight, uintptr_t screen_scale,
+           int64_t vocab, uintptr_t bound, uintptr_t bound2, double largest_norm, double min_norm,
+           int head_kind, uintptr_t head, uintptr_t head_scale, bool bf16_logits, float slack,
+           const std::vector<int64_t>& forbidden, int64_t max_candidates, uintptr_t approx, uintptr_t out,
+           int num_threads) {
+          if (cols < 1 || cols > 65536 || head_kind < 0 || head_kind > 2)
+            throw std::invalid_argument("screen_argmax: cols must be in [1, 65536], head_kind 0, 1 or 2");
+          for (const int64_t id : forbidden)
+            if (id < 0 || id >= vocab) throw std::invalid_argument("screen_argmax: forbidden id out of range");
+          const ScreenCall call{reinterpret_cast<const float*>(x), rows, cols,
+                                reinterpret_cast<const int8_t*>(screen_qweight),
+                                reinterpret_cast<const float*>(screen_scale), vocab,
+                                reinterpret_cast<const float*>(bound), reinterpret_cast<const float*>(bound2),
+                                largest_norm, min_norm, head_kind, reinterpret_cast<const void*>(head),
+                                reinterpret_cast<const float*>(head_scale), bf16_logits, slack, forbidden,
+                                max_candidates, reinterpret_cast<float*>(approx), reinterpret_cast<int64_t*>(out),
+                                num_threads};
           py::gil_scoped_release no_gil;
-          // Pass 1: per row and chunk the largest lower and upper bounds. Pass 2 reads only the
-          // chunks whose largest upper bound reaches a row's threshold (a few, where the screen
-          // decides): the same sums, so a chunk holds a candidate iff its maximum reaches.
-          const int64_t chunks = (cols + kChunk - 1) / kChunk, grain = 32;
-          std::vector<float> lower(static_cast<size_t>(rows) * chunks), upper(lower.size());
-          parallel_for_ranges(chunks, grain, num_threads, [&](int64_t begin, int64_t end) {
-            for (int64_t k = begin; k < end; ++k)
-              for (int64_t r = 0; r < rows; ++r)
-                margin_maxima(a + r * cols, margin_of_row(r), k * kChunk, std::min(cols, (k + 1) * kChunk),
-                              &lower[r * chunks + k], &upper[r * chunks + k]);
-          });
-          std::vector<float> best_lower(rows);
-          for (int64_t r = 0; r < rows; ++r) {
-            const float best = *std::max_element(lower.begin() + r * chunks, lower.begin() + (r + 1) * chunks);
-            // (+1e-30: a bf16 spacing is never 0, also where the best bound is)
-            best_lower[r] = slack > 0 ? best - slack * (std::fabs(best) + 1e-30f) : best;
-          }
-          std::vector<std::vector<int64_t>> found(chunks);  // each chunk's candidates, ascending
-          parallel_for_ranges(chunks, grain, num_threads, [&](int64_t begin, int64_t end) {
-            uint8_t reaches[kChunk];
-            for (int64_t k = begin; k < end; ++k) {
-              const int64_t c0 = k * kChunk, c1 = std::min(cols, (k + 1) * kChunk);
-              bool any = false;
-              for (int64_t r = 0; r < rows; ++r) {
-                if (!(upper[r * chunks + k] >= best_lower[r])) continue;
-                if (!any) std::fill(reaches, reaches + kChunk, uint8_t{0});
-                any = true;
-                const float* row = a + r * cols;
-                const Margin margin = margin_of_row(r);
-                for (int64_t c = c0; c < c1; ++c)
-                  reaches[c - c0] |= static_cast<uint8_t>(row[c] + margin(c) >= best_lower[r]);
-              }
-              if (any)
-                for (int64_t c = c0; c < c1; ++c)
-                  if (reaches[c - c0]) found[k].push_back(c);
-            }
-          });
-          int64_t count = 0;
-          for (const auto& in_chunk : found)
-            for (const int64_t c : in_chunk) {
-              if (count < capacity) ids[count] = c;
-              ++count;
-            }
-          return count;
+          return screen_argmax(call);
         },
-        py::kw_only(), py::arg("approx"), py::arg("norm"), py::arg("bound"), py::arg("norm2"),
-        py::arg("bound2"), py::arg("out"), py::arg("capacity"), py::arg("rows"), py::arg("cols"),
-        py::arg("slack"), py::arg("num_threads"),
-        "The candidates c, ascending, where approx[r, c] + m[r, c] >= max_c' (approx[r, c'] - "
-        "m[r, c']) - slack * |that max| for some row r, m[r, c] = norm[r] * bound[c] + norm2[r] * "
-        "bound2[c] (fp32 [rows, cols] contiguous): the first `capacity` of them into out (int64), "
-        "and their number returned.");
+        py::kw_only(), py::arg("x"), py::arg("rows"), py::arg("cols"), py::arg("screen_qweight"),
+        py::arg("screen_scale"), py::arg("vocab"), py::arg("bound"), py::arg("bound2"),
+        py::arg("largest_norm"), py::arg("min_norm"), py::arg("head_kind"), py::arg("head"),
+        py::arg("head_scale"), py::arg("bf16_logits"), py::arg("slack"), py::arg("forbidden"),
+        py::arg("max_candidates"), py::arg("approx"), py::arg("out"), py::arg("num_threads"),
+        "LMHeadScreen.argmax's pick for fp32 x [rows, cols] (see screen_argmax in "
+        "screen_candidates.cpp): out[r] (int64) = the first largest logit's id of row r, ids in "
+        "`forbidden` excluded (approx: fp32 scratch [rows, vocab]); returns the number of candidates, "
+        "or -1 where the screen cannot decide.");
 }
 
 }  // namespace umt5_fast

@@ -369,3 +369,27 @@ def test_a_batch_past_the_float_kernels_rows_keeps_the_ids(checkpoint_factory):
         assert torch.equal(got, hf.generate(ids, attention_mask=mask, max_new_tokens=12))
     model.screen_lm_head = False
     assert torch.equal(got, model.generate(ids, attention_mask=mask, max_new_tokens=12))
+
+
+def test_threads_sharing_a_screen_get_their_own_picks():
+    """The screen keeps one product buffer: calls from threads that share a model take turns on it,
+    each with its own rows and row counts."""
+    import threading
+    weight = make_head("int8", 20000, 40, seed=11)
+    screen = lm_head_screen.LMHeadScreen(weight)
+    inputs = [torch.randn(rows, 40, generator=torch.Generator().manual_seed(rows)) for rows in (1, 3, 7, 16)]
+    expected = [full_argmax(x, weight) for x in inputs]
+    failures = []
+
+    def run(x, want):
+        for _ in range(15):
+            got = screen.argmax(x)
+            if got is None or not torch.equal(got, want):
+                failures.append(x.shape[0])
+
+    threads = [threading.Thread(target=run, args=pair) for pair in zip(inputs, expected)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []

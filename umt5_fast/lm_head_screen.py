@@ -23,6 +23,7 @@ _BF16_LOGIT_SLACK). On a random umt5-small a handful of the 256384 rows are cand
 reads the int8 head plus a few rows of the head. When the bound cannot decide cheaply (non-finite
 input, too many candidates) ``argmax`` returns None and the caller computes every logit.
 """
+import threading
 from typing import Optional, Sequence
 
 import torch
@@ -66,6 +67,9 @@ class LMHeadScreen:
                                     qweight=qweight.data_ptr(), scale=scale.data_ptr(), rows=vocab,
                                     cols=in_features, out=norms.data_ptr(), num_threads=torch.get_num_threads())
         self.screen = W8A8RowWeight(qweight, scale)  # multiplied in integers (an int8 head: no second copy)
+        # The head the exact logits come from (kind, weight, scale: pointers into self.weight / self.screen)
+        self._head = ((2, qweight.data_ptr(), scale.data_ptr()) if int8_head
+                      else (int(self.weight.dtype == torch.bfloat16), self.weight.data_ptr(), 0))
         error_norm, screened_norm, exact_norm = norms.unbind(1)
         gamma = in_features * _UNIT_ROUNDOFF / (1 - in_features * _UNIT_ROUNDOFF)
         # The float kernel's dot product (an int8 head's kernel also rounds its scale multiply).
@@ -88,12 +92,15 @@ class LMHeadScreen:
             raise ValueError("the LM head's scales are not finite or too large for the screen's bound")
         self.largest_norm = float(screened_norm.max())
         self.last_candidates = None  # candidates of the last decided call (for tests and benchmarks)
+        self._approx = torch.empty(0, vocab)  # the integer product's rows, reused across calls
+        self._approx_lock = threading.Lock()
 
     def argmax(self, x: torch.Tensor, forbidden: Optional[Sequence[int]] = None) -> Optional[torch.Tensor]:
         """Per row of ``x`` ``[rows, d_model]`` (the LM head's input): the index of the largest logit
         ``ops.cpu.linear(x, weight)`` gives, ids in ``forbidden`` excluded (their logits -inf, as
         min_new_tokens sets them); None when the screen cannot decide."""
-        x = x.contiguous()
+        if not x.is_contiguous():
+            x = x.contiguous()
         int8_head = isinstance(self.weight, QuantizedWeight)
         if x.shape[0] == 0 or cpu_ops.wide_gemm_computes(x.dtype, self.weight, x.shape[0]) \
                 or x.dtype == torch.float16 \
@@ -101,36 +108,29 @@ class LMHeadScreen:
                         else cpu_ops.float_kernel_computes(x.dtype, self.weight.dtype, x.shape[0])):
             return None  # (torch's GEMM computes those logits: a subset of rows may sum differently;
             # fp16 logits round where the bound has no slack for them)
-        norm = x.double().norm(dim=1)
-        if not bool(torch.isfinite(norm).all()) or float(norm.max()) * self.largest_norm > 1e30 \
-                or float(norm.min()) < _MIN_NORM:
-            return None  # inf / NaN input, logits near fp32 overflow or underflow: the float path decides
         if forbidden and len(set(forbidden)) >= self.weight.shape[0]:
             return None  # every id forbidden: the float path's argmax of all -inf
-        x32 = x.float()
-        approx = cpu_ops.kernel_linear(x32, self.screen)  # finite (inputs finite, far from overflow)
-        if forbidden:
-            approx[:, list(forbidden)] = -float("inf")
-        input_error = torch.empty(x.shape[0], dtype=torch.float64)
-        cpu_ops._C.w8a8_quantisation_error(x=x32.data_ptr(), rows=x.shape[0], in_features=x.shape[1],
-                                           out=input_error.data_ptr(), num_threads=torch.get_num_threads())
-        norm, input_error = norm.float(), input_error.float()  # (held by name: the kernel reads them)
-        found = torch.empty(_MAX_CANDIDATES, dtype=torch.int64)
-        slack = _BF16_LOGIT_SLACK if x.dtype == torch.bfloat16 else 0.0  # fp32 logits: not rounded after
-        count = cpu_ops._C.screen_candidates(approx=approx.data_ptr(), norm=norm.data_ptr(),
-                                             bound=self.bound.data_ptr(), norm2=input_error.data_ptr(),
-                                             bound2=self.input_error_bound.data_ptr(), out=found.data_ptr(),
-                                             capacity=_MAX_CANDIDATES, rows=x.shape[0], cols=approx.shape[1],
-                                             slack=slack, num_threads=torch.get_num_threads())
-        if count > _MAX_CANDIDATES:
-            return None
-        candidates = found[:count]  # ascending ids
+        # One C++ call from here: the integer product, the threshold, the candidates' logits by the
+        # unscreened path's C++ kernel (not ``linear``, which may send a few rows to a wide GEMM), on
+        # the exactly widened x of a bf16 model, rounded to bf16 after as ``linear`` rounds.
+        x32 = x if x.dtype == torch.float32 else x.float()
+        picks = torch.empty(x.shape[0], dtype=torch.int64)
+        with self._approx_lock:  # one buffer: concurrent calls (threads sharing a model) take turns
+            if self._approx.shape[0] < x.shape[0]:  # kept: a new 16-row buffer costs ~2 ms of page faults
+                self._approx = torch.empty(x.shape[0], self.weight.shape[0])
+            head_kind, head, head_scale = self._head
+            count = cpu_ops._C.screen_argmax(
+                x=x32.data_ptr(), rows=x.shape[0], cols=x.shape[1], screen_qweight=self.screen.qweight.data_ptr(),
+                screen_scale=self.screen.scale.data_ptr(), vocab=self.weight.shape[0], bound=self.bound.data_ptr(),
+                bound2=self.input_error_bound.data_ptr(), largest_norm=self.largest_norm, min_norm=_MIN_NORM,
+                head_kind=head_kind, head=head, head_scale=head_scale, bf16_logits=x.dtype == torch.bfloat16,
+                slack=_BF16_LOGIT_SLACK if x.dtype == torch.bfloat16 else 0.0,  # fp32 logits: not rounded after
+                forbidden=sorted(set(forbidden)) if forbidden else [], max_candidates=_MAX_CANDIDATES,
+                approx=self._approx.data_ptr(), out=picks.data_ptr(), num_threads=torch.get_num_threads())
+        if count < 0:
+            return None  # inf / NaN input, logits near fp32 overflow or underflow, too many candidates
         self.last_candidates = count
-        # The unscreened path's C++ kernel (not ``linear``, which may send a few rows to a wide GEMM),
-        # on the exactly widened x of a bf16 model, rounded to bf16 after as ``linear`` rounds.
-        candidate_rows = self.weight.rows(candidates) if int8_head else self.weight.index_select(0, candidates)
-        logits = cpu_ops.kernel_linear(x32, candidate_rows).to(x.dtype).float()
-        return candidates[cpu_ops.argmax(logits)]
+        return picks
 
 
 def _fingerprint(weight) -> tuple:

@@ -204,6 +204,9 @@ def test_undecidable_inputs_fall_back():
     assert screen.argmax(torch.randn(0, 16)) is None
     same = lm_head_screen.LMHeadScreen(torch.ones(3000, 8))  # every logit equal: all candidates
     assert same.argmax(torch.randn(1, 8)) is None
+    for bad in (torch.randn(1, 17), torch.randn(16), torch.randn(1, 1, 16)):
+        with pytest.raises(ValueError, match=r"x \[rows, 16\]"):
+            screen.argmax(bad)
     limit = lm_head_screen._MAX_CANDIDATES  # up to it the candidates are computed exactly
     at_limit = lm_head_screen.LMHeadScreen(torch.ones(limit, 8))
     assert int(at_limit.argmax(torch.ones(1, 8))) == 0 and at_limit.last_candidates == limit

@@ -99,6 +99,8 @@ class LMHeadScreen:
         """Per row of ``x`` ``[rows, d_model]`` (the LM head's input): the index of the largest logit
         ``ops.cpu.linear(x, weight)`` gives, ids in ``forbidden`` excluded (their logits -inf, as
         min_new_tokens sets them); None when the screen cannot decide."""
+        if x.dim() != 2 or x.shape[1] != self.weight.shape[1]:
+            raise ValueError(f"the LM head screen takes x [rows, {self.weight.shape[1]}], got {tuple(x.shape)}")
         if not x.is_contiguous():
             x = x.contiguous()
         int8_head = isinstance(self.weight, QuantizedWeight)

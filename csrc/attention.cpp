@@ -188,17 +188,22 @@ struct Bf16Operands {
   }
 };
 
-// One operand (K or V) of every (batch, head) with its rows contiguous: [B, H, L, D].
-template <typename T>
-std::vector<T> rows_by_head(const AttentionProblem& p, const void* base, const std::array<int64_t, 3>& strides) {
-  const int64_t head_stride = p.key_length * p.head_dim;
+// One operand of every (batch, head) with its `length` rows contiguous: [B, H, length, D], as T
+// (bf16 bits widened exactly when T is float and From is uint16_t).
+template <typename T, typename From = T>
+std::vector<T> rows_by_head(const AttentionProblem& p, const void* base, const std::array<int64_t, 3>& strides,
+                            int64_t length) {
+  const int64_t head_stride = length * p.head_dim;
   std::vector<T> rows(p.batch * p.heads * head_stride);
   const int threads = static_cast<int>(std::clamp<int64_t>(p.batch * p.heads, 1, std::max(p.num_threads, 1)));
 #pragma omp parallel for num_threads(threads)
   for (int64_t bh = 0; bh < p.batch * p.heads; ++bh) {
-    const T* head = element_at<T>(base, bh / p.heads * strides[0] + bh % p.heads * strides[1]);
-    for (int64_t j = 0; j < p.key_length; ++j)
-      std::copy_n(head + j * strides[2], p.head_dim, rows.data() + bh * head_stride + j * p.head_dim);
+    const From* head = element_at<From>(base, bh / p.heads * strides[0] + bh % p.heads * strides[1]);
+    for (int64_t j = 0; j < length; ++j) {
+      T* row = rows.data() + bh * head_stride + j * p.head_dim;
+      if constexpr (std::is_same_v<T, From>) std::copy_n(head + j * strides[2], p.head_dim, row);
+      else widen_bf16(head + j * strides[2], row, p.head_dim);
+    }
   }
   return rows;
 }
@@ -220,10 +225,10 @@ struct ContiguousOperands {
     if (amx || blocks_per_head < 2) return;
     head_stride = p.key_length * p.head_dim;
     if (p.element == AttentionElement::f32 && (k_strided || v_strided)) {
-      k = rows_by_head<float>(p, p.k, p.k_strides);
-      v = rows_by_head<float>(p, p.v, p.v_strides);
+      k = rows_by_head<float>(p, p.k, p.k_strides, p.key_length);
+      v = rows_by_head<float>(p, p.v, p.v_strides, p.key_length);
     } else if (p.element == AttentionElement::bf16 && k_strided) {
-      k_bf16 = rows_by_head<uint16_t>(p, p.k, p.k_strides);
+      k_bf16 = rows_by_head<uint16_t>(p, p.k, p.k_strides, p.key_length);
     }
   }
 
@@ -266,6 +271,26 @@ void fill_block(const AttentionProblem& p, const PositionTerms& position_terms,
   block.key_term = key_terms.for_batch(b);
 }
 
+// bf16 attention where the bf16 kernels cannot run: q, k and v widened (exactly) into fp32 copies
+// with each head's rows contiguous, the fp32 kernel, its output rounded to bf16 once. O(L * D)
+// extra memory; the copies cost ~1% of the kernel's time at 4096 tokens.
+void run_widened_bf16_attention(const AttentionProblem& p) {
+  const std::vector<float> q = rows_by_head<float, uint16_t>(p, p.q, p.q_strides, p.query_length);
+  const std::vector<float> k = rows_by_head<float, uint16_t>(p, p.k, p.k_strides, p.key_length);
+  const std::vector<float> v = rows_by_head<float, uint16_t>(p, p.v, p.v_strides, p.key_length);
+  std::vector<float> out(p.batch * p.query_length * p.heads * p.head_dim);
+  AttentionProblem widened = p;
+  widened.q = q.data();
+  widened.q_strides = {p.heads * p.query_length * p.head_dim, p.query_length * p.head_dim, p.head_dim};
+  widened.k = k.data();
+  widened.v = v.data();
+  widened.k_strides = widened.v_strides = {p.heads * p.key_length * p.head_dim, p.key_length * p.head_dim, p.head_dim};
+  widened.out = out.data();
+  widened.element = AttentionElement::f32;
+  run_attention(widened);
+  round_to_bf16(out.data(), static_cast<uint16_t*>(p.out), static_cast<int64_t>(out.size()));
+}
+
 }  // namespace
 
 bool cpu_supports_bf16_attention() {
@@ -275,8 +300,7 @@ bool cpu_supports_bf16_attention() {
 
 void run_attention(const AttentionProblem& p) {
   const bool bf16 = p.element == AttentionElement::bf16;
-  if (bf16 && !cpu_supports_bf16_attention())
-    throw std::invalid_argument("bf16 attention needs a CPU with AVX512-BF16 and the avx512 ISA");
+  if (bf16 && !cpu_supports_bf16_attention()) return run_widened_bf16_attention(p);
   const PositionTerms position_terms(p);
   const KeyTerms key_terms(p);
   const bool amx = bf16 && p.query_length >= kAmxMinRows && amx_attention_enabled();
@@ -368,11 +392,11 @@ void register_attention(py::module_& m) {
         py::arg("bidirectional"), py::arg("key_padding_mask"), py::arg("mask_batch_stride"),
         py::arg("causal"), py::arg("query_offset"), py::arg("scale"), py::arg("num_threads"),
         py::arg("bf16") = false,
-        "Fused attention on data pointers (fp32 q, k, v, out; bf16 ones when bf16, on CPUs where "
-        "has_bf16_attention(); validated by umt5_fast.ops.cpu.attention). Null pointers (0) mean "
-        "no bias table / no padding mask.");
+        "Fused attention on data pointers (fp32 q, k, v, out; bf16 ones when bf16; validated by "
+        "umt5_fast.ops.cpu.attention). Null pointers (0) mean no bias table / no padding mask.");
   m.def("has_bf16_attention", &cpu_supports_bf16_attention,
-        "Whether attention takes bf16 q, k, v here (AVX512-BF16 and the avx512 ISA selected).");
+        "Whether bf16 attention runs on bf16 products here (AVX512-BF16 and the avx512 ISA "
+        "selected); elsewhere it runs the fp32 kernel on widened copies.");
   m.def("has_amx_attention", &cpu_supports_amx_attention,
         "Whether bf16 attention can run on AMX tiles here (AMX-BF16, granted by the OS).");
   m.def("amx_attention_enabled", &amx_attention_enabled,

@@ -40,13 +40,14 @@ struct AttentionProblem {
 // memory O(H (Lq + Lk) + B Lk) shared plus O(D) per thread, and for bf16 a copy of V in key
 // pairs, O(B H Lk D).
 //
-// bf16 runs the AVX512-BF16 kernel (attention_bf16.cpp): q k^T and p v as bf16 pair products
-// summed in fp32 (p rounded to bf16, as transformers' bf16 attention rounds its softmax), the
-// softmax in fp32, the output rounded once. Callers check cpu_supports_bf16_attention() first.
+// bf16 runs the AVX512-BF16 kernel (attention_bf16.cpp, or AMX tiles): q k^T and p v as bf16
+// pair products summed in fp32 (p rounded to bf16, as transformers' bf16 attention rounds its
+// softmax), the softmax in fp32, the output rounded once. Where it cannot run, bf16 problems take
+// the fp32 kernel on exactly widened copies of q, k and v, the output rounded once.
 void run_attention(const AttentionProblem& problem);
 
-// Whether run_attention takes bf16 problems: AVX512-BF16 (with BW, VL) present and the selected
-// ISA is avx512.
+// Whether run_attention runs bf16 problems on bf16 products: AVX512-BF16 (with BW, VL) present
+// and the selected ISA is avx512.
 bool cpu_supports_bf16_attention();
 
 }  // namespace umt5_fast

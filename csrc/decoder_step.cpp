@@ -159,9 +159,6 @@ class DecoderStep {
         num_buckets_(num_buckets), max_distance_(max_distance), eps_(eps),
         activation_(activation_from_name(activation)),
         final_norm_(reinterpret_cast<const void*>(final_norm)), bf16_(bf16) {
-    if (bf16 && !cpu_supports_bf16_attention())
-      throw std::invalid_argument("decoder step: bf16 activations need the bf16 attention kernel "
-                                  "(AVX512-BF16 and the avx512 ISA)");
     if (d_model < 1 || heads < 1 || d_kv < 1 || d_ff < 1 || !final_norm_)
       throw std::invalid_argument("decoder step: sizes must be positive and final_norm set");
     for (const auto& [norms, linears] : layers) {

@@ -217,7 +217,8 @@ def check_bf16_attention(q, k, v, bias_table, **kwargs):
 @pytest.fixture(params=["avx512-bf16", "amx"])
 def bf16_attention_kernel(request):
     """Run the test with each bf16 attention kernel this CPU (and the selected ISA) can run: the
-    vdpbf16ps one, and the AMX one that takes problems of 16+ query rows where the CPU has AMX."""
+    vdpbf16ps one (or, without AVX512-BF16, the fp32 one on widened copies), and the AMX one that
+    takes problems of 16+ query rows where the CPU has AMX."""
     use_amx = request.param == "amx"
     if use_amx and not _C.has_amx_attention():
         pytest.skip("no AMX-BF16 here (or not under this ISA)")
@@ -279,23 +280,25 @@ def test_bf16_attention_all_keys_masked_averages_values(generator):
     assert (got[1].double() - expected).abs().max() <= 2.0 ** -8 * expected.abs().max()  # one rounding
 
 
-def test_bf16_attention_kernel_runs_where_the_cpu_has_it(generator, monkeypatch):
-    """The op takes the bf16 kernel exactly where the extension says it can (else fp32 copies), and
-    the kernel refuses bf16 where it cannot run instead of executing unsupported instructions."""
-    q, k, v = (t.bfloat16() for t in attention_inputs(1, 2, 5, 9, 16, generator))
-    calls = []
-    kernel = _C.attention
-    monkeypatch.setattr(cpu._C, "attention", lambda **kw: calls.append(kw["bf16"]) or kernel(**kw))
-    cpu.attention(q, k, v, None, bidirectional=True, num_buckets=32, max_distance=128)
-    assert calls == [_C.has_bf16_attention()]
-    if not _C.has_bf16_attention():
-        with pytest.raises(ValueError, match="AVX512-BF16"):
-            kernel(q=q.data_ptr(), q_strides=q.stride()[:3], k=k.data_ptr(), k_strides=k.stride()[:3],
-                   v=v.data_ptr(), v_strides=v.stride()[:3], out=torch.empty_like(q).data_ptr(),
-                   batch=1, heads=2, query_length=5, key_length=9, head_dim=16, bias_table=0,
-                   num_buckets=32, max_distance=128, bidirectional=True, key_padding_mask=0,
-                   mask_batch_stride=0, causal=False, query_offset=0, scale=1.0, num_threads=1,
-                   bf16=True)
+@pytest.mark.parametrize("causal", [False, True])
+def test_bf16_attention_without_bf16_products_widens_exactly(causal, generator):
+    """Where the bf16 kernels cannot run (no AVX512-BF16, or another ISA selected) the C++ call
+    itself runs the fp32 kernel on widened copies: bit for bit the fp32 op on q.float(), k.float(),
+    v.float(), rounded once, strided views and masked rows included."""
+    batch, heads, length, head_dim = 3, 5, 37, 24
+    qkv = randn(batch, length, 3, heads, head_dim, generator=generator).bfloat16()
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    table = randn(16, heads, generator=generator)
+    mask = padding_mask(batch, length, "left", generator)
+    mask[2] = False  # every key of a row masked: the mean of the values
+    kwargs = dict(bidirectional=not causal, num_buckets=16, max_distance=20, key_padding_mask=mask,
+                  causal=causal, query_offset=3 if causal else 0)
+    got = cpu.attention(q[:, :, 4:], k, v, table, **kwargs)
+    widened = cpu.attention(q[:, :, 4:].float(), k.float(), v.float(), table, **kwargs).bfloat16()
+    if _C.has_bf16_attention():  # bf16 products: probabilities rounded to bf16, so other bits
+        assert (got.float() - widened.float()).abs().max() <= BF16_ATTENTION_TOL * v.float().abs().max()
+    else:
+        assert torch.equal(got, widened)
 
 
 def test_amx_attention_switch():

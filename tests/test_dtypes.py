@@ -100,8 +100,8 @@ def test_cpu_backend_half_precision_is_as_accurate_as_transformers(checkpoint_fa
 
 
 def test_bf16_decoding_is_as_accurate_as_transformers(checkpoint_factory):
-    """A bf16 model's greedy steps on the cpu backend (the C++ decode step where the CPU has
-    AVX512-BF16, with its bf16 attention against the static cache) against the fp32 model on the
+    """A bf16 model's greedy steps on the cpu backend (the C++ decode step, with its bf16 attention
+    against the static cache: bf16 products where the CPU has AVX512-BF16, else widened copies) against the fp32 model on the
     generated sequences, teacher-forced: no further from it than transformers' bf16 forward on the
     same sequences (RMS error within 1.25x of its), and within FP32_TOL (max error). 14 steps pass
     the decoder's max_distance of 10; the source is padded on both sides."""
@@ -110,11 +110,10 @@ def test_bf16_decoding_is_as_accurate_as_transformers(checkpoint_factory):
     from umt5_fast.ops import available_backends
     if "cpu" not in available_backends():
         pytest.skip("C++ extension not built")
-    import umt5_fast._C as _C
     path, _ = checkpoint_factory("UMT5ForConditionalGeneration", relative_attention_max_distance=10,
                                  relative_attention_num_buckets=8)
     ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16, backend="cpu")
-    assert (decode_step.build(ours) is not None) == _C.has_bf16_attention()
+    assert decode_step.build(ours) is not None  # with or without AVX512-BF16
     hf = transformers.UMT5ForConditionalGeneration.from_pretrained(path, torch_dtype=torch.bfloat16).eval()
     fp32 = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="eager")
     ids, mask = random_batch(ours.config.vocab_size, 3, 37, 4)

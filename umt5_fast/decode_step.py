@@ -5,8 +5,9 @@ Python-level op calls of ``DecoderStack.run`` cost about as much again. ``CpuDec
 the C++ side pointers to every decoder weight once per ``generate`` call; each step then runs the
 whole stack (same kernels, same order, so the same bits as the Python path) and returns the final
 hidden states. It covers what the cpu backend's kernels cover: fp32 activations with fp32, bf16,
-int8 or W8A8 linear weights, or a bf16 model's bf16 activations (on CPUs with the bf16 attention
-kernel) with bf16, int8 or W8A8 weights; linears without bias; norms in the activations' dtype;
+int8 or W8A8 linear weights, or a bf16 model's bf16 activations with bf16, int8 or W8A8 weights (its
+attention on bf16 products where the CPU has AVX512-BF16, else the fp32 kernel on widened copies,
+as the Python path's); linears without bias; norms in the activations' dtype;
 activations with a C++ kernel. Anything else
 (``build`` returns None, or ``accepts`` says no) takes the Python path, which is also the
 specification this one is tested against.
@@ -74,8 +75,7 @@ class CpuDecodeStep:
         step runs (and attention takes the kernel the step runs)."""
         if self.dtype == torch.bfloat16:
             # bf16 / int8 weights take the C++ kernels only up to some rows (a bf16 GEMM above)
-            return (cpu_ops._C.has_bf16_attention()
-                    and (_BF16 not in self.kinds or cpu_ops.float_kernel_computes(torch.bfloat16, torch.bfloat16, rows))
+            return ((_BF16 not in self.kinds or cpu_ops.float_kernel_computes(torch.bfloat16, torch.bfloat16, rows))
                     and (_INT8 not in self.kinds or cpu_ops.int8_kernel_computes(torch.bfloat16, rows)))
         # fp32 weights take the C++ GEMV only up to some rows (torch's GEMM above); bf16 / int8
         # weights are expanded for a wide GEMM from WIDE_GEMM_MIN_ROWS rows on
@@ -126,7 +126,7 @@ def build(model) -> Optional[CpuDecodeStep]:
     if activation is None or not isinstance(decoder.embed_tokens, torch.nn.Embedding):
         return None
     dtype = decoder.embed_tokens.weight.dtype
-    if not (dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_ops._C.has_bf16_attention())):
+    if dtype not in (torch.float32, torch.bfloat16):
         return None
     keep, layers, kinds = [], [], set()
     eps = decoder.final_layer_norm.eps

@@ -11,7 +11,8 @@ What runs where (fp32 activations):
   with AVX512-BF16: the bf16 kernel (bf16 pair products summed in
   fp32, fp32 softmax, probabilities rounded to bf16 before ``p @ v`` as transformers rounds them,
   output rounded once). Other bf16 / fp16 q, k, v: the fp32 kernel on fp32 copies, output rounded
-  once. Both are more accurate than eager's half-precision scores, so not bit-equal to it.
+  once (for bf16 inside the same C++ call, which the C++ decode step makes too). Both are more
+  accurate than eager's half-precision scores, so not bit-equal to it.
 - ``argmax``: greedy decoding's pick, one C++ pass over the rows.
 - ``linear``: a float weight of ``x``'s dtype goes to torch's GEMM, except fp32 weights for up to
   ``FP32_KERNEL_MAX_ROWS`` rows (decode steps), which take the C++ GEMV. On AVX-512 CPUs products
@@ -29,8 +30,9 @@ What runs where (fp32 activations):
 - bf16 models: ``rms_norm`` (transformers' rounding points) and the gated activation (fp32 math,
   rounded once) in C++; bf16 linears of up to ``BF16_KERNEL_MAX_ROWS`` rows through the C++ kernel
   on the widened x (torch's bf16 GEMV is slower there), larger ones through torch's bf16 GEMM
-  where oneDNN runs bf16 (``NATIVE_BF16_GEMM``: AVX-512 / AMX), else through torch's fp32 GEMM on
-  the exactly widened operands, rounded once (what torch's own fallback computes, 2-6x faster).
+  where it runs on bf16 dot products (``NATIVE_BF16_GEMM``: AVX512-BF16 / AMX), else through
+  torch's fp32 GEMM on the exactly widened operands, rounded once (what torch's own fallback
+  computes, 3-6x faster).
 
 Fallbacks to eager (same result, plain torch speed): activations that are not fp32 (except as
 above: W8A8 linears, attention and the bf16 paths);
@@ -196,10 +198,11 @@ def attention(q, k, v, bias_table, *, bidirectional, num_buckets, max_distance,
     mask = _check_key_padding_mask(key_padding_mask, batch, key_length)
     if mask is not None and mask.shape[1] != key_length:
         raise ValueError(f"key_padding_mask must have {key_length} keys, got {mask.shape[1]}")
-    bf16_kernel = q.dtype == torch.bfloat16 and _C.has_bf16_attention()  # k, v: q's dtype (checked)
+    bf16_kernel = q.dtype == torch.bfloat16  # k, v: q's dtype (checked)
     if _half_precision(q, k, v) and min(q.numel(), k.numel()) > 0 and not bf16_kernel:
-        # bf16 / fp16 models: the fused kernel on fp32 copies (O(L * D) each) instead of eager's
-        # [B, H, Lq, Lk] scores; scores and softmax in fp32, then one rounding of the output.
+        # fp16 models: the fused kernel on fp32 copies (O(L * D) each) instead of eager's
+        # [B, H, Lq, Lk] scores; scores and softmax in fp32, then one rounding of the output (the
+        # C++ call does the same for bf16 where the CPU lacks AVX512-BF16).
         return attention(q.float(), k.float(), v.float(), bias_table, bidirectional=bidirectional,
                          num_buckets=num_buckets, max_distance=max_distance,
                          key_padding_mask=key_padding_mask, causal=causal, query_offset=query_offset,
@@ -323,11 +326,15 @@ def int8_kernel_computes(x_dtype: torch.dtype, rows: int) -> bool:
                                         and 0 < rows <= BF16_KERNEL_MAX_ROWS)
 
 
-# Whether torch's bf16 GEMM runs in oneDNN (AVX-512 / AVX512-BF16 / AMX CPUs). Elsewhere (AVX2
-# only) it takes a fallback that widens to fp32 inside a slow loop: MKL's fp32 GEMM on the widened
-# operands gives the same fp32 sums rounded once, 2-6x faster (measured on a Zen 3: 1024 x 512 @
-# 1024 74 -> 17 ms, the same bits). torch's check follows oneDNN's cap (ONEDNN_MAX_CPU_ISA).
-NATIVE_BF16_GEMM = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)())
+# Whether torch's bf16 GEMM runs on bf16 dot products: oneDNN on AVX512-BF16 / AMX CPUs.
+# Elsewhere it widens to fp32 on the way, and MKL's fp32 GEMM on the widened operands gives the
+# fp32 sums rounded once too, faster: on AVX2-only CPUs torch takes a slow loop (Zen 3: 1024 x 512
+# @ 1024 74 -> 17 ms, the same bits); on AVX-512 CPUs without BF16 oneDNN emulates bf16 at 30-60
+# GFLOP/s against MKL's 150-220 (Ice Lake Xeon: 19.1 -> 5.3 ms; sums in another order, so the
+# rounded outputs may differ from torch's by one bf16 ulp). torch's check follows oneDNN's cap
+# (ONEDNN_MAX_CPU_ISA).
+NATIVE_BF16_GEMM = (bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)())
+                    and _C.cpu_has_avx512_bf16())
 # Weight elements widened to fp32 at a time, so that a large bf16 weight (the LM head) never
 # sits in memory in fp32 whole: 64 MiB of fp32.
 BF16_WIDEN_CHUNK = 1 << 24

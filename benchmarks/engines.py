@@ -91,17 +91,20 @@ class UMT5FastEngine(Engine):
 
 
 class TransformersEngine(Engine):
+    """transformers' eager model in fp32 (the reference) or, as ``transformers-bf16``, in bf16
+    (``dtype=torch.bfloat16``: the peer of umt5_fast's bf16 model)."""
     family = "transformers"
 
-    def __init__(self, missing: Optional[str] = None):
-        super().__init__(REFERENCE_ENGINE, "fp32", missing)
+    def __init__(self, precision: str = "fp32", missing: Optional[str] = None):
+        super().__init__(REFERENCE_ENGINE if precision == "fp32" else "transformers-bf16", precision, missing)
 
     def load(self, checkpoint_dir, ctranslate2_dir, kind, threads):
         import torch
         import transformers
         transformers.logging.set_verbosity_error()
         cls = transformers.UMT5EncoderModel if kind == "encoder" else transformers.UMT5ForConditionalGeneration
-        self.model = cls.from_pretrained(checkpoint_dir, dtype=torch.float32, attn_implementation="eager").eval()
+        dtype = torch.bfloat16 if self.precision == "bf16-model" else torch.float32
+        self.model = cls.from_pretrained(checkpoint_dir, dtype=dtype, attn_implementation="eager").eval()
 
     def encode(self, ids, mask):
         import torch
@@ -160,7 +163,8 @@ def all_engines() -> list:
         missing = umt5_missing or (None if backend in backends else
                                    "umt5_fast's C++ extension (umt5_fast._C) is not built or does not import")
         engines += [UMT5FastEngine(backend, precision, missing) for precision in ("fp32", "int8", "w8a8", "bf16", "bf16-model")]
-    engines.append(TransformersEngine(None if _importable("transformers") else "transformers is not installed"))
+    transformers_missing = None if _importable("transformers") else "transformers is not installed"
+    engines += [TransformersEngine(precision, transformers_missing) for precision in ("fp32", "bf16-model")]
     ct2_missing = None if _importable("ctranslate2") else "ctranslate2 is not installed"
     engines += [CTranslate2Engine(precision, ct2_missing) for precision in ("fp32", "int8")]
     return engines

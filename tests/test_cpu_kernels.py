@@ -520,6 +520,25 @@ def test_bf16_linear_through_fp32_widens_in_chunks(generator, monkeypatch):
     assert ((bf16_ulps(whole, exact) <= 1) | ((whole.double() - exact.double()).abs() <= 1e-5)).all()
 
 
+def test_bf16_linear_through_fp32_buffers_are_per_thread(generator, monkeypatch):
+    """The widening buffer is kept between calls, one per thread: threads multiplying different
+    weights at once (several slices each) get the serial results, and a later wider weight grows it."""
+    import concurrent.futures
+    monkeypatch.setattr(cpu, "BF16_WIDEN_CHUNK", 48 * 16)
+    x = randn(5, 48, generator=generator).bfloat16()
+    weights = [randn(70 + 9 * i, 48, generator=generator).bfloat16() for i in range(4)]
+    serial = [cpu._bf16_linear_through_fp32(x, w) for w in weights]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for _ in range(20):
+            got = list(pool.map(lambda w: cpu._bf16_linear_through_fp32(x, w), weights))
+            assert all(torch.equal(a, b) for a, b in zip(got, serial))
+    monkeypatch.setattr(cpu, "BF16_WIDEN_CHUNK", 1 << 20)
+    wide = randn(300, 48, generator=generator).bfloat16()
+    exact = (x.double() @ wide.double().T).bfloat16()
+    got = cpu._bf16_linear_through_fp32(x, wide)
+    assert ((bf16_ulps(got, exact) <= 1) | ((got.double() - exact.double()).abs() <= 1e-5)).all()
+
+
 def test_unknown_activation_falls_back_to_eager(generator):
     x, w = randn(3, 40, generator=generator), randn(67, 40, generator=generator)
     torch.testing.assert_close(cpu.gated_ffn_in(x, w, w, "quick_gelu"),

@@ -409,7 +409,8 @@ def _bf16_linear_through_fp32(x, weight):
     needed = min(step, out_features) * in_features
     buffer = getattr(_widen_buffers, "fp32", None)
     if buffer is None or buffer.numel() < needed:
-        buffer = _widen_buffers.fp32 = torch.empty(needed)
+        with torch.inference_mode(False):  # a normal tensor: calls outside inference mode write it too
+            buffer = _widen_buffers.fp32 = torch.empty(needed)
     for n in range(0, out_features, step):
         end = min(n + step, out_features)
         widened = buffer[:(end - n) * in_features].view(end - n, in_features).copy_(weight[n:end])

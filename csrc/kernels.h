@@ -72,6 +72,13 @@ template <CpuIsa ISA>
 void rms_norm_rows(const float* x, const float* residual, const float* weight, float eps,
                    float* hidden, float* out, int64_t rows, int64_t dim);
 
+// The same for a bf16 model (x, weight, out bf16 bits): the variance of the widened x in fp32
+// exactly as rms_norm_rows sums it, h * rsqrt rounded to bf16, times the weight, rounded again
+// (transformers' rounding points).
+template <CpuIsa ISA>
+void rms_norm_bf16_rows(const uint16_t* x, const uint16_t* weight, float eps, uint16_t* out,
+                        int64_t rows, int64_t dim);
+
 // ---------------------------------------------------------------------------------------------
 // Gated activation epilogue: out = act(a) * b, or act(a) when b is null.
 enum class Activation { gelu_tanh, gelu_erf, relu, silu };

@@ -516,6 +516,49 @@ void rms_norm_rows(const float* x, const float* residual, const float* weight, f
   }
 }
 
+// `lanes` bf16 values at p widened (the rest of the vector 0), and a vector rounded to bf16 into
+// `lanes` values at p.
+template <CpuIsa ISA>
+inline typename Vec<ISA>::type load_bf16_n(const uint16_t* p, int lanes) {
+  using V = Vec<ISA>;
+  if (lanes == V::width) return V::load_weights(p);
+  float widened[V::width];
+  widen_bf16(p, widened, lanes);
+  return V::load_partial(widened, lanes);
+}
+
+template <CpuIsa ISA>
+inline void store_bf16_n(uint16_t* p, typename Vec<ISA>::type x, int lanes) {
+  using V = Vec<ISA>;
+  if (lanes == V::width) return V::store_bf16(p, x);
+  float values[V::width];
+  V::store(values, x);
+  round_to_bf16(values, p, lanes);
+}
+
+template <CpuIsa ISA>
+void rms_norm_bf16_rows(const uint16_t* x, const uint16_t* weight, float eps, uint16_t* out,
+                        int64_t rows, int64_t dim) {
+  using V = Vec<ISA>;
+  for (int64_t row = 0; row < rows; ++row) {
+    const uint16_t* source = x + row * dim;
+    auto square_sum = V::zero();
+    for_each_vector<ISA>(dim, [&](int64_t i, int lanes) {
+      const auto h = load_bf16_n<ISA>(source + i, lanes);
+      square_sum = V::fma(h, h, square_sum);
+    });
+    const float variance = V::reduce_sum(square_sum) / static_cast<float>(dim);
+    const auto inverse_rms = V::set1(1.0f / std::sqrt(variance + eps));
+    uint16_t* out_row = out + row * dim;
+    for_each_vector<ISA>(dim, [&](int64_t i, int lanes) {
+      uint16_t normed[V::width];  // h * rsqrt in bf16, as transformers casts it before the weight
+      store_bf16_n<ISA>(normed, V::mul(load_bf16_n<ISA>(source + i, lanes), inverse_rms), lanes);
+      store_bf16_n<ISA>(out_row + i, V::mul(load_bf16_n<ISA>(normed, lanes), load_bf16_n<ISA>(weight + i, lanes)),
+                        lanes);
+    });
+  }
+}
+
 template <CpuIsa ISA>
 void gated_activation_rows(Activation activation, const float* a, int64_t a_row_stride,
                            const float* b, int64_t b_row_stride, float* out,
@@ -577,6 +620,8 @@ void expand_int8_row(const int8_t* values, int64_t block_stride, const float* sc
   template void attention_block<ISA>(const AttentionBlock&, float*);                          \
   template void rms_norm_rows<ISA>(const float*, const float*, const float*, float, float*,   \
                                    float*, int64_t, int64_t);                                 \
+  template void rms_norm_bf16_rows<ISA>(const uint16_t*, const uint16_t*, float, uint16_t*,  \
+                                        int64_t, int64_t);                                    \
   template void gated_activation_rows<ISA>(Activation, const float*, int64_t, const float*,   \
                                            int64_t, float*, int64_t, int64_t, int64_t);       \
   template void weight_only_linear<ISA, int8_t>(const LinearProblem<int8_t>&, int64_t,        \

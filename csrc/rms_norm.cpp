@@ -1,9 +1,7 @@
 // RMSNorm (T5LayerNorm) and residual-add + RMSNorm over rows of a contiguous fp32 [rows, dim].
-#include <vector>
+#include <algorithm>
 
 #include <pybind11/pybind11.h>
-
-#include "bf16.h"
 
 #include "ops.h"
 #include "parallel.h"
@@ -26,20 +24,11 @@ void run_rms_norm(const float* x, const float* residual, const float* weight, fl
 
 void run_rms_norm_bf16(const uint16_t* x, const uint16_t* weight, float eps, uint16_t* out,
                        int64_t rows, int64_t dim, int num_threads) {
-  void (*norm)(const float*, const float*, const float*, float, float*, float*, int64_t,
-               int64_t) = nullptr;
-  UMT5_DISPATCH_ISA(ISA, norm = &kernels::rms_norm_rows<ISA>);
-  const std::vector<float> ones(dim, 1.0f);  // the fp32 kernel's weight: h * rsqrt exactly
+  void (*norm)(const uint16_t*, const uint16_t*, float, uint16_t*, int64_t, int64_t) = nullptr;
+  UMT5_DISPATCH_ISA(ISA, norm = &kernels::rms_norm_bf16_rows<ISA>);
   const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(dim, 1));
   parallel_for_ranges(rows, grain, num_threads, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(dim), normed(dim);
-    for (int64_t r = begin; r < end; ++r) {
-      widen_bf16(x + r * dim, row.data(), dim);
-      norm(row.data(), nullptr, ones.data(), eps, nullptr, normed.data(), 1, dim);
-      uint16_t* out_row = out + r * dim;
-      for (int64_t i = 0; i < dim; ++i)
-        out_row[i] = float_to_bf16(bf16_to_float(float_to_bf16(normed[i])) * bf16_to_float(weight[i]));
-    }
+    norm(x + begin * dim, weight, eps, out + begin * dim, end - begin, dim);
   });
 }
 

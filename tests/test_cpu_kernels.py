@@ -392,11 +392,12 @@ def bf16_ulps(got, expected):
     return (got.view(torch.int16).int() - expected.view(torch.int16).int()).abs()
 
 
-@pytest.mark.parametrize("shape", [(1, 512), (3, 7, 80), (5, 1), (17, 77)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 512), (3, 7, 80), (5, 1), (17, 77), (2, 4096), (3, 33)], ids=str)
 def test_rms_norm_of_a_bf16_model(shape, generator):
     """T5LayerNorm with bf16 x and weight: fp32 variance, h rounded to bf16, times the weight and
     rounded again. Against the same formula in fp64: at most one bf16 ulp apart (the fp32 variance
-    sums in another order), and eager bf16 is held to the same bound."""
+    sums in another order), and eager bf16 is held to the same bound. Bit for bit the fp32 kernel
+    on the widened rows with those roundings (vector tails included)."""
     x = (randn(*shape, generator=generator) * 3).bfloat16()
     weight = (randn(shape[-1], generator=generator) + 1).bfloat16()
     got = cpu.rms_norm(x, weight, 1e-6)
@@ -405,6 +406,8 @@ def test_rms_norm_of_a_bf16_model(shape, generator):
     assert got.dtype == torch.bfloat16 and got.shape == x.shape
     assert bf16_ulps(got, expected).max() <= 1
     assert bf16_ulps(eager.rms_norm(x, weight, 1e-6), expected).max() <= 1
+    normed = cpu.rms_norm(x.float(), torch.ones(shape[-1]), 1e-6).bfloat16()
+    assert torch.equal(got, (normed.float() * weight.float()).bfloat16())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -651,6 +651,17 @@ def test_wide_gemm_engine_follows_the_cpu_vendor():
     assert cpu.WIDE_GEMMS_IN_ONEDNN == (cpu.WIDE_GEMMS and vendor != "intel" and ONEDNN_LINEAR_OPS)
 
 
+def test_bf16_gemms_run_natively_only_with_avx512_bf16():
+    """torch's bf16 GEMM takes bf16 GEMMs only where the CPU has bf16 dot products (oneDNN emulates
+    them elsewhere, 3-4x slower than the fp32 GEMM on widened operands)."""
+    flags = [line for line in open("/proc/cpuinfo")] if os.path.exists("/proc/cpuinfo") else []
+    flags = next((line.split(":", 1)[1].split() for line in flags if line.startswith("flags")), None)
+    if flags is not None:
+        assert _C.cpu_has_avx512_bf16() == ("avx512_bf16" in flags)
+    onednn_bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)()
+    assert cpu.NATIVE_BF16_GEMM == (bool(onednn_bf16) and _C.cpu_has_avx512_bf16())
+
+
 @pytest.mark.parametrize("engine", ["onednn", "mkl"])
 def test_onednn_follows_torch_backends_mkldnn_enabled(engine, generator, monkeypatch):
     """With torch.backends.mkldnn disabled, the oneDNN engine takes nothing (nor are weights

@@ -35,6 +35,25 @@ inline typename Vec<ISA>::type load_n(const float* p, int lanes) {
   return lanes == V::width ? V::load(p) : V::load_partial(p, lanes);
 }
 
+// The same for bf16 values: widened on load (the rest of the vector 0), rounded to bf16 on store.
+template <CpuIsa ISA>
+inline typename Vec<ISA>::type load_n(const uint16_t* p, int lanes) {
+  using V = Vec<ISA>;
+  if (lanes == V::width) return V::load_weights(p);
+  float widened[V::width];
+  widen_bf16(p, widened, lanes);
+  return V::load_partial(widened, lanes);
+}
+
+template <CpuIsa ISA>
+inline void store_n(uint16_t* p, typename Vec<ISA>::type x, int lanes) {
+  using V = Vec<ISA>;
+  if (lanes == V::width) return V::store_bf16(p, x);
+  float values[V::width];
+  V::store(values, x);
+  round_to_bf16(values, p, lanes);
+}
+
 template <CpuIsa ISA>
 inline void store_n(float* p, typename Vec<ISA>::type x, int lanes) {
   using V = Vec<ISA>;
@@ -484,6 +503,24 @@ void attention_block(const AttentionBlock& b, float* scratch) {
   attention_rows_upto<ISA, W == 1 ? kAttentionMaxRows : 1>(b, scratch);
 }
 
+// Lane-wise sums of h^2 over a row (fp32, or bf16 widened), and rsqrt(mean + eps) of them in
+// every lane: the RMSNorm kernels' variance, one order of summation for both.
+template <CpuIsa ISA, typename T>
+inline typename Vec<ISA>::type sum_of_squares(const T* h, int64_t dim) {
+  auto sum = Vec<ISA>::zero();
+  for_each_vector<ISA>(dim, [&](int64_t i, int lanes) {
+    const auto v = load_n<ISA>(h + i, lanes);
+    sum = Vec<ISA>::fma(v, v, sum);
+  });
+  return sum;
+}
+
+template <CpuIsa ISA>
+inline typename Vec<ISA>::type inverse_root_mean(typename Vec<ISA>::type square_sum, int64_t dim, float eps) {
+  const float variance = Vec<ISA>::reduce_sum(square_sum) / static_cast<float>(dim);
+  return Vec<ISA>::set1(1.0f / std::sqrt(variance + eps));
+}
+
 template <CpuIsa ISA>
 void rms_norm_rows(const float* x, const float* residual, const float* weight, float eps,
                    float* hidden, float* out, int64_t rows, int64_t dim) {
@@ -501,13 +538,9 @@ void rms_norm_rows(const float* x, const float* residual, const float* weight, f
       });
       source = hidden_row;
     } else {
-      for_each_vector<ISA>(dim, [&](int64_t i, int lanes) {
-        const auto h = load_n<ISA>(source + i, lanes);
-        square_sum = V::fma(h, h, square_sum);
-      });
+      square_sum = sum_of_squares<ISA>(source, dim);
     }
-    const float variance = V::reduce_sum(square_sum) / static_cast<float>(dim);
-    const auto inverse_rms = V::set1(1.0f / std::sqrt(variance + eps));
+    const auto inverse_rms = inverse_root_mean<ISA>(square_sum, dim, eps);
     float* out_row = out + row * dim;
     for_each_vector<ISA>(dim, [&](int64_t i, int lanes) {  // eager's order: weight * (h * rsqrt)
       const auto normed = V::mul(load_n<ISA>(source + i, lanes), inverse_rms);
@@ -516,45 +549,18 @@ void rms_norm_rows(const float* x, const float* residual, const float* weight, f
   }
 }
 
-// `lanes` bf16 values at p widened (the rest of the vector 0), and a vector rounded to bf16 into
-// `lanes` values at p.
-template <CpuIsa ISA>
-inline typename Vec<ISA>::type load_bf16_n(const uint16_t* p, int lanes) {
-  using V = Vec<ISA>;
-  if (lanes == V::width) return V::load_weights(p);
-  float widened[V::width];
-  widen_bf16(p, widened, lanes);
-  return V::load_partial(widened, lanes);
-}
-
-template <CpuIsa ISA>
-inline void store_bf16_n(uint16_t* p, typename Vec<ISA>::type x, int lanes) {
-  using V = Vec<ISA>;
-  if (lanes == V::width) return V::store_bf16(p, x);
-  float values[V::width];
-  V::store(values, x);
-  round_to_bf16(values, p, lanes);
-}
-
 template <CpuIsa ISA>
 void rms_norm_bf16_rows(const uint16_t* x, const uint16_t* weight, float eps, uint16_t* out,
                         int64_t rows, int64_t dim) {
   using V = Vec<ISA>;
   for (int64_t row = 0; row < rows; ++row) {
     const uint16_t* source = x + row * dim;
-    auto square_sum = V::zero();
-    for_each_vector<ISA>(dim, [&](int64_t i, int lanes) {
-      const auto h = load_bf16_n<ISA>(source + i, lanes);
-      square_sum = V::fma(h, h, square_sum);
-    });
-    const float variance = V::reduce_sum(square_sum) / static_cast<float>(dim);
-    const auto inverse_rms = V::set1(1.0f / std::sqrt(variance + eps));
+    const auto inverse_rms = inverse_root_mean<ISA>(sum_of_squares<ISA>(source, dim), dim, eps);
     uint16_t* out_row = out + row * dim;
     for_each_vector<ISA>(dim, [&](int64_t i, int lanes) {
       uint16_t normed[V::width];  // h * rsqrt in bf16, as transformers casts it before the weight
-      store_bf16_n<ISA>(normed, V::mul(load_bf16_n<ISA>(source + i, lanes), inverse_rms), lanes);
-      store_bf16_n<ISA>(out_row + i, V::mul(load_bf16_n<ISA>(normed, lanes), load_bf16_n<ISA>(weight + i, lanes)),
-                        lanes);
+      store_n<ISA>(normed, V::mul(load_n<ISA>(source + i, lanes), inverse_rms), lanes);
+      store_n<ISA>(out_row + i, V::mul(load_n<ISA>(normed, lanes), load_n<ISA>(weight + i, lanes)), lanes);
     });
   }
 }

@@ -111,13 +111,13 @@ void register_cpu_isa(py::module_& m) {
     __builtin_cpu_init();
     return std::string(__builtin_cpu_is("intel") ? "intel" : __builtin_cpu_is("amd") ? "amd" : "other");
   }, "'intel', 'amd' or 'other'.");
-  // std::invalid_argument reaches Python as ValueError.
   // Whether torch's bf16 GEMM (oneDNN) has bf16 dot products to run on: without them oneDNN
   // emulates bf16 on AVX-512 at a third to a quarter of the fp32 GEMM's rate (Ice Lake Xeon).
   m.def("cpu_has_avx512_bf16", [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512bf16") != 0;
   }, "Whether this CPU has AVX512-BF16 (whatever UMT5_FAST_CPU_ISA says; AMX-BF16 CPUs have it).");
+  // std::invalid_argument reaches Python as ValueError.
   m.def("set_cpu_isa", [](const std::string& name) { set_cpu_isa(isa_from_name(name)); },
         py::arg("isa"), "Force an instruction set (a test hook: kernels are checked on each one).");
 }

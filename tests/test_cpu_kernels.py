@@ -545,6 +545,21 @@ def test_bf16_linear_through_fp32_buffers_are_per_thread(generator, monkeypatch)
     assert ((bf16_ulps(got, exact) <= 1) | ((got.double() - exact.double()).abs() <= 1e-5)).all()
 
 
+def test_bf16_linear_through_fp32_keeps_autograd(generator):
+    """With gradients wanted the widened slices are fresh tensors, not the kept buffer: two products
+    recorded before either backward both differentiate, to the gradients of the fp32 product."""
+    x = randn(21, 40, generator=generator).bfloat16().requires_grad_()
+    weights = [randn(103, 40, generator=generator).bfloat16().requires_grad_() for _ in range(2)]
+    outputs = [cpu._bf16_linear_through_fp32(x, w) for w in weights]
+    for w, y in zip(weights, outputs):
+        x.grad = None
+        y.float().sum().backward()
+        xf, wf = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+        torch.nn.functional.linear(xf, wf).sum().backward()
+        torch.testing.assert_close(x.grad.float(), xf.grad, rtol=2 ** -7, atol=2 ** -7)
+        torch.testing.assert_close(w.grad.float(), wf.grad, rtol=2 ** -7, atol=2 ** -7)
+
+
 def test_unknown_activation_falls_back_to_eager(generator):
     x, w = randn(3, 40, generator=generator), randn(67, 40, generator=generator)
     torch.testing.assert_close(cpu.gated_ffn_in(x, w, w, "quick_gelu"),

@@ -382,10 +382,15 @@ def wide_gemm_rows(x_dtype: torch.dtype, rows: int) -> bool:
             and (torch.backends.mkldnn.enabled or not WIDE_GEMMS_IN_ONEDNN))
 
 
+def _wants_grad(x, weight) -> bool:
+    """Whether autograd records this product: paths without autograd or with state kept between
+    calls step aside then."""
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+
+
 def _fp32_gemm(x, weight, rows):
     """``F.linear(x, weight)`` for fp32 operands, as a wide GEMM where that is faster (see above)."""
-    if not (wide_gemm_computes(x.dtype, weight, rows)
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+    if not wide_gemm_computes(x.dtype, weight, rows) or _wants_grad(x, weight):
         return F.linear(x, weight)  # (oneDNN's ops here have no autograd)
     return _wide_gemm(x.reshape(rows, x.shape[-1]).contiguous(), weight).view(*x.shape[:-1], weight.shape[0])
 
@@ -401,21 +406,29 @@ def _wide_gemm(x, weight):
 
 def _bf16_linear_through_fp32(x, weight):
     """``F.linear`` of bf16 ``x`` and ``weight`` as fp32 sums of the widened operands, rounded to
-    bf16 once, the weight widened a slice of output features at a time into this thread's buffer."""
+    bf16 once, the weight widened a slice of output features at a time into this thread's buffer
+    (into a fresh tensor when autograd records the product: a kept buffer would be overwritten
+    under a graph that still needs it)."""
     out_features, in_features = weight.shape
     xf = x.reshape(-1, in_features).float()
     out = torch.empty(xf.shape[0], out_features, dtype=torch.bfloat16)
     step = max(1, BF16_WIDEN_CHUNK // max(in_features, 1))
-    needed = min(step, out_features) * in_features
-    buffer = getattr(_widen_buffers, "fp32", None)
-    if buffer is None or buffer.numel() < needed:
-        with torch.inference_mode(False):  # a normal tensor: calls outside inference mode write it too
-            buffer = _widen_buffers.fp32 = torch.empty(needed)
+    buffer = None if _wants_grad(x, weight) else _widen_buffer(min(step, out_features) * in_features)
     for n in range(0, out_features, step):
         end = min(n + step, out_features)
-        widened = buffer[:(end - n) * in_features].view(end - n, in_features).copy_(weight[n:end])
+        widened = (weight[n:end].float() if buffer is None else
+                   buffer[:(end - n) * in_features].view(end - n, in_features).copy_(weight[n:end]))
         out[:, n:end] = F.linear(xf, widened)
     return out.view(*x.shape[:-1], out_features)
+
+
+def _widen_buffer(numel: int) -> torch.Tensor:
+    """This thread's fp32 widening buffer, grown to at least ``numel`` elements."""
+    buffer = getattr(_widen_buffers, "fp32", None)
+    if buffer is None or buffer.numel() < numel:
+        with torch.inference_mode(False):  # a normal tensor: calls outside inference mode write it too
+            buffer = _widen_buffers.fp32 = torch.empty(numel)
+    return buffer
 
 
 def _add_residual(y, residual):

@@ -35,6 +35,15 @@ inline typename Vec<ISA>::type load_n(const float* p, int lanes) {
   return lanes == V::width ? V::load(p) : V::load_partial(p, lanes);
 }
 
+template <CpuIsa ISA>
+inline void store_n(float* p, typename Vec<ISA>::type x, int lanes) {
+  using V = Vec<ISA>;
+  if (lanes == V::width)
+    V::store(p, x);
+  else
+    V::store_partial(p, x, lanes);
+}
+
 // The same for bf16 values: widened on load (the rest of the vector 0), rounded to bf16 on store.
 template <CpuIsa ISA>
 inline typename Vec<ISA>::type load_n(const uint16_t* p, int lanes) {
@@ -52,15 +61,6 @@ inline void store_n(uint16_t* p, typename Vec<ISA>::type x, int lanes) {
   float values[V::width];
   V::store(values, x);
   round_to_bf16(values, p, lanes);
-}
-
-template <CpuIsa ISA>
-inline void store_n(float* p, typename Vec<ISA>::type x, int lanes) {
-  using V = Vec<ISA>;
-  if (lanes == V::width)
-    V::store(p, x);
-  else
-    V::store_partial(p, x, lanes);
 }
 
 // Horizontal sums of N accumulators, four at a time.

@@ -1,0 +1,29 @@
+"""The benchmark suite's transformers engines (benchmarks/engines.py): the fp32 reference and its
+bf16 peer load the same checkpoint in their dtype and give transformers' own outputs."""
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+engines = pytest.importorskip("benchmarks.engines")
+
+from helpers import random_batch  # noqa: E402
+
+
+@pytest.mark.parametrize("name,dtype", [("transformers-fp32", torch.float32), ("transformers-bf16", torch.bfloat16)])
+def test_transformers_engines_run_transformers_in_their_dtype(checkpoint_factory, name, dtype):
+    # as many decoder layers as encoder ones: transformers' generate fails with its cache otherwise
+    path, _ = checkpoint_factory("UMT5ForConditionalGeneration", num_layers=2, num_decoder_layers=2)
+    engine = engines.engine_by_name(name)
+    assert engine.family == "transformers" and engine.missing is None
+    engine.load(path, None, "encoder", threads=1)
+    assert next(engine.model.parameters()).dtype == dtype
+    ids, mask = random_batch(engine.model.config.vocab_size, 2, 13, seed=3)
+    got = engine.encode(ids, mask)
+    reference = transformers.UMT5EncoderModel.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
+    with torch.inference_mode():
+        expected = reference(input_ids=ids, attention_mask=mask).last_hidden_state.float().numpy()
+    assert got.dtype == np.float32 and np.array_equal(got, expected)
+    engine.load(path, None, "generate", threads=1)
+    new = engine.generate(ids, mask, new_tokens=5, num_beams=1)
+    assert new.shape == (2, 5)

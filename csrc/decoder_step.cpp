@@ -126,7 +126,7 @@ struct StepOps<uint16_t> {
   static constexpr AttentionElement element = AttentionElement::bf16;
   static void norm(const uint16_t* x, const void* weight, float eps, uint16_t* out, int64_t rows,
                    int64_t dim, int threads) {
-    run_rms_norm_bf16(x, static_cast<const uint16_t*>(weight), eps, out, rows, dim, threads);
+    run_rms_norm_half(x, static_cast<const uint16_t*>(weight), eps, out, rows, dim, threads);
   }
   // ops.cpu.linear of bf16 x: the kernel on the exactly widened x, its fp32 sums rounded to bf16,
   // then `+ residual` as a bf16 add (fp32 sum of the two, rounded again).
@@ -141,7 +141,7 @@ struct StepOps<uint16_t> {
   }
   static void activate(kernels::Activation activation, uint16_t* gate, const uint16_t* up,
                        int64_t rows, int64_t cols, int threads) {
-    run_gated_activation_bf16(activation, gate, cols, up, cols, gate, cols, rows, cols, threads);
+    run_gated_activation_half(activation, gate, cols, up, cols, gate, cols, rows, cols, threads);
   }
 };
 

@@ -1,5 +1,5 @@
 // Float-weight linear with fp32 activations: y = x @ weight^T (+ residual), weight [N, K] stored as
-// bf16 bits (widened exactly by a 16-bit shift) or fp32. The fp32 form exists for decode-sized
+// bf16 bits (widened exactly by a 16-bit shift), fp16 (widened exactly by F16C) or fp32. The fp32 form exists for decode-sized
 // rows: there torch's BLAS GEMV can run far below memory bandwidth (MKL on AMD CPUs), while this
 // kernel streams each weight row once for every x row. Accumulation in fp32.
 #include <pybind11/pybind11.h>
@@ -31,6 +31,9 @@ void register_float_weight_linear(py::module_& m) {
   def_float_weight_linear<uint16_t>(
       m, "bf16_linear",
       "y = x @ weight^T (+ residual) with bf16 weight bits on data pointers (residual = 0: none).");
+  def_float_weight_linear<Fp16>(
+      m, "fp16_linear",
+      "y = x @ weight^T (+ residual) with fp16 weights on data pointers (residual = 0: none).");
   def_float_weight_linear<float>(
       m, "f32_linear", "y = x @ weight^T (+ residual) with fp32 weights on data pointers (residual = 0: none).");
 }

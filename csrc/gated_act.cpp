@@ -6,7 +6,6 @@
 
 #include <pybind11/pybind11.h>
 
-#include "bf16.h"
 #include "ops.h"
 #include "parallel.h"
 
@@ -37,26 +36,35 @@ void run_gated_activation(kernels::Activation activation, const float* a, int64_
   });
 }
 
-void run_gated_activation_bf16(kernels::Activation activation, const uint16_t* a,
-                               int64_t a_row_stride, const uint16_t* b, int64_t b_row_stride,
-                               uint16_t* out, int64_t out_row_stride, int64_t rows, int64_t cols,
-                               int num_threads) {
+template <typename Half>
+void run_gated_activation_half(kernels::Activation activation, const Half* a, int64_t a_row_stride,
+                               const Half* b, int64_t b_row_stride, Half* out, int64_t out_row_stride,
+                               int64_t rows, int64_t cols, int num_threads) {
   void (*apply)(kernels::Activation, const float*, int64_t, const float*, int64_t, float*, int64_t,
                 int64_t, int64_t) = nullptr;
-  UMT5_DISPATCH_ISA(ISA, apply = &kernels::gated_activation_rows<ISA>);
+  void (*widen)(const Half*, float*, int64_t) = nullptr;
+  void (*round)(const float*, Half*, int64_t) = nullptr;
+  UMT5_DISPATCH_ISA(ISA, (apply = &kernels::gated_activation_rows<ISA>,
+                          widen = &kernels::convert_values<ISA, Half, float>,
+                          round = &kernels::convert_values<ISA, float, Half>));
   const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(cols, 1));
   parallel_for_ranges(rows, grain, num_threads, [&](int64_t begin, int64_t end) {
     std::vector<float> gate(cols), up(b ? cols : 0);
     for (int64_t r = begin; r < end; ++r) {
-      widen_bf16(a + r * a_row_stride, gate.data(), cols);
-      if (b) widen_bf16(b + r * b_row_stride, up.data(), cols);
+      widen(a + r * a_row_stride, gate.data(), cols);
+      if (b) widen(b + r * b_row_stride, up.data(), cols);
       apply(activation, gate.data(), cols, b ? up.data() : nullptr, cols, gate.data(), cols, 1, cols);
-      round_to_bf16(gate.data(), out + r * out_row_stride, cols);
+      round(gate.data(), out + r * out_row_stride, cols);
     }
   });
 }
 
-// One binding per element type: T is float or uint16_t (bf16 bits), run is its runner above.
+template void run_gated_activation_half(kernels::Activation, const uint16_t*, int64_t, const uint16_t*,
+                                        int64_t, uint16_t*, int64_t, int64_t, int64_t, int);
+template void run_gated_activation_half(kernels::Activation, const Fp16*, int64_t, const Fp16*, int64_t,
+                                        Fp16*, int64_t, int64_t, int64_t, int);
+
+// One binding per element type: T is float, uint16_t (bf16 bits) or Fp16; run is its runner above.
 template <typename T>
 void def_gated_activation(py::module_& m, const char* name,
                           void (*run)(kernels::Activation, const T*, int64_t, const T*, int64_t, T*,
@@ -80,8 +88,10 @@ void register_gated_act(py::module_& m) {
   def_gated_activation<float>(m, "gated_activation", &run_gated_activation,
                               "out = act(a) * b on fp32 data pointers (b = 0: out = act(a)); activation is "
                               "'gelu_tanh', 'gelu_erf', 'relu' or 'silu'.");
-  def_gated_activation<uint16_t>(m, "gated_activation_bf16", &run_gated_activation_bf16,
+  def_gated_activation<uint16_t>(m, "gated_activation_bf16", &run_gated_activation_half<uint16_t>,
                                  "gated_activation on bf16 data pointers: computed in fp32, rounded to bf16 once.");
+  def_gated_activation<Fp16>(m, "gated_activation_fp16", &run_gated_activation_half<Fp16>,
+                             "gated_activation on fp16 data pointers: computed in fp32, rounded to fp16 once.");
 }
 
 }  // namespace umt5_fast

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "cpu_isa.h"
+#include "fp16.h"
 
 namespace umt5_fast {
 
@@ -72,12 +73,17 @@ template <CpuIsa ISA>
 void rms_norm_rows(const float* x, const float* residual, const float* weight, float eps,
                    float* hidden, float* out, int64_t rows, int64_t dim);
 
-// The same for a bf16 model (x, weight, out bf16 bits): the variance of the widened x in fp32
-// exactly as rms_norm_rows sums it, h * rsqrt rounded to bf16, times the weight, rounded again
-// (transformers' rounding points).
-template <CpuIsa ISA>
-void rms_norm_bf16_rows(const uint16_t* x, const uint16_t* weight, float eps, uint16_t* out,
-                        int64_t rows, int64_t dim);
+// The same for a bf16 or fp16 model (Half: uint16_t holding bf16 bits, or Fp16; X: Half, or fp32
+// for the fp32 residual stream an fp16 model's fp32 `wo` leaves): the variance of the widened x in
+// fp32 exactly as rms_norm_rows sums it, h * rsqrt rounded to Half, times the weight, rounded again
+// (transformers' rounding points). Instantiated for (bf16, bf16), (Fp16, Fp16), (float, Fp16).
+template <CpuIsa ISA, typename X, typename Half>
+void rms_norm_half_rows(const X* x, const Half* weight, float eps, Half* out, int64_t rows, int64_t dim);
+
+// out[i] = in[i] converted: bf16 bits or Fp16 widened to fp32 (exact), or fp32 rounded to them
+// (nearest even). Instantiated for those four directions.
+template <CpuIsa ISA, typename From, typename To>
+void convert_values(const From* in, To* out, int64_t n);
 
 // ---------------------------------------------------------------------------------------------
 // Gated activation epilogue: out = act(a) * b, or act(a) when b is null.
@@ -90,8 +96,8 @@ void gated_activation_rows(Activation activation, const float* a, int64_t a_row_
 
 // ---------------------------------------------------------------------------------------------
 // Weight-only linear: y[m, n] = scale[n] * sum_k x[m, k] * w[n, k] (+ residual[m, n]) for the
-// output columns [n_begin, n_end). WeightT is int8_t (scale per output row) or uint16_t holding
-// bf16 bits (scale null). x: [M, K], w: [N, K], y and residual: [M, N], all contiguous.
+// output columns [n_begin, n_end). WeightT is int8_t (scale per output row), uint16_t holding
+// bf16 bits, Fp16 or float (scale null). x: [M, K], w: [N, K], y and residual: [M, N], all contiguous.
 template <typename WeightT>
 struct LinearProblem {
   const float* x;

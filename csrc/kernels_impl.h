@@ -63,6 +63,26 @@ inline void store_n(uint16_t* p, typename Vec<ISA>::type x, int lanes) {
   round_to_bf16(values, p, lanes);
 }
 
+// The same for fp16 values; a partial vector goes through a whole one, so that every value is
+// converted by the vector instruction.
+template <CpuIsa ISA>
+inline typename Vec<ISA>::type load_n(const Fp16* p, int lanes) {
+  using V = Vec<ISA>;
+  if (lanes == V::width) return V::load_weights(p);
+  Fp16 padded[V::width] = {};
+  std::copy(p, p + lanes, padded);
+  return V::load_weights(padded);
+}
+
+template <CpuIsa ISA>
+inline void store_n(Fp16* p, typename Vec<ISA>::type x, int lanes) {
+  using V = Vec<ISA>;
+  if (lanes == V::width) return V::store_fp16(p, x);
+  Fp16 rounded[V::width];
+  V::store_fp16(rounded, x);
+  std::copy(rounded, rounded + lanes, p);
+}
+
 // Horizontal sums of N accumulators, four at a time.
 template <CpuIsa ISA, int N>
 inline void reduce_all(const typename Vec<ISA>::type* acc, float* sums) {
@@ -503,7 +523,7 @@ void attention_block(const AttentionBlock& b, float* scratch) {
   attention_rows_upto<ISA, W == 1 ? kAttentionMaxRows : 1>(b, scratch);
 }
 
-// Lane-wise sums of h^2 over a row (fp32, or bf16 widened), and rsqrt(mean + eps) of them in
+// Lane-wise sums of h^2 over a row (fp32, or bf16 / fp16 widened), and rsqrt(mean + eps) of them in
 // every lane: the RMSNorm kernels' variance, one order of summation for both.
 template <CpuIsa ISA, typename T>
 inline typename Vec<ISA>::type sum_of_squares(const T* h, int64_t dim) {
@@ -549,20 +569,24 @@ void rms_norm_rows(const float* x, const float* residual, const float* weight, f
   }
 }
 
-template <CpuIsa ISA>
-void rms_norm_bf16_rows(const uint16_t* x, const uint16_t* weight, float eps, uint16_t* out,
-                        int64_t rows, int64_t dim) {
+template <CpuIsa ISA, typename X, typename Half>
+void rms_norm_half_rows(const X* x, const Half* weight, float eps, Half* out, int64_t rows, int64_t dim) {
   using V = Vec<ISA>;
   for (int64_t row = 0; row < rows; ++row) {
-    const uint16_t* source = x + row * dim;
+    const X* source = x + row * dim;
     const auto inverse_rms = inverse_root_mean<ISA>(sum_of_squares<ISA>(source, dim), dim, eps);
-    uint16_t* out_row = out + row * dim;
+    Half* out_row = out + row * dim;
     for_each_vector<ISA>(dim, [&](int64_t i, int lanes) {
-      uint16_t normed[V::width];  // h * rsqrt in bf16, as transformers casts it before the weight
+      Half normed[V::width];  // h * rsqrt rounded, as transformers casts it to the weight's dtype
       store_n<ISA>(normed, V::mul(load_n<ISA>(source + i, lanes), inverse_rms), lanes);
       store_n<ISA>(out_row + i, V::mul(load_n<ISA>(normed, lanes), load_n<ISA>(weight + i, lanes)), lanes);
     });
   }
+}
+
+template <CpuIsa ISA, typename From, typename To>
+void convert_values(const From* in, To* out, int64_t n) {
+  for_each_vector<ISA>(n, [&](int64_t i, int lanes) { store_n<ISA>(out + i, load_n<ISA>(in + i, lanes), lanes); });
 }
 
 template <CpuIsa ISA>
@@ -626,14 +650,23 @@ void expand_int8_row(const int8_t* values, int64_t block_stride, const float* sc
   template void attention_block<ISA>(const AttentionBlock&, float*);                          \
   template void rms_norm_rows<ISA>(const float*, const float*, const float*, float, float*,   \
                                    float*, int64_t, int64_t);                                 \
-  template void rms_norm_bf16_rows<ISA>(const uint16_t*, const uint16_t*, float, uint16_t*,  \
+  template void rms_norm_half_rows<ISA>(const uint16_t*, const uint16_t*, float, uint16_t*,  \
                                         int64_t, int64_t);                                    \
+  template void rms_norm_half_rows<ISA>(const Fp16*, const Fp16*, float, Fp16*, int64_t,      \
+                                        int64_t);                                             \
+  template void rms_norm_half_rows<ISA>(const float*, const Fp16*, float, Fp16*, int64_t,     \
+                                        int64_t);                                             \
+  template void convert_values<ISA>(const uint16_t*, float*, int64_t);                        \
+  template void convert_values<ISA>(const float*, uint16_t*, int64_t);                        \
+  template void convert_values<ISA>(const Fp16*, float*, int64_t);                            \
+  template void convert_values<ISA>(const float*, Fp16*, int64_t);                            \
   template void gated_activation_rows<ISA>(Activation, const float*, int64_t, const float*,   \
                                            int64_t, float*, int64_t, int64_t, int64_t);       \
   template void weight_only_linear<ISA, int8_t>(const LinearProblem<int8_t>&, int64_t,        \
                                                 int64_t);                                     \
   template void weight_only_linear<ISA, uint16_t>(const LinearProblem<uint16_t>&, int64_t,    \
                                                   int64_t);                                   \
+  template void weight_only_linear<ISA, Fp16>(const LinearProblem<Fp16>&, int64_t, int64_t);    \
   template void weight_only_linear<ISA, float>(const LinearProblem<float>&, int64_t, int64_t);  \
   template void expand_int8_row<ISA, float>(const int8_t*, int64_t, const float*, int64_t,    \
                                             int64_t, float*);                                 \

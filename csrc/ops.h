@@ -14,10 +14,12 @@ namespace umt5_fast {
 void run_rms_norm(const float* x, const float* residual, const float* weight, float eps,
                   float* hidden, float* out, int64_t rows, int64_t dim, int num_threads);
 
-// bf16 rows, transformers' T5LayerNorm in a bf16 model: fp32 variance, h = x * rsqrt rounded to
-// bf16, then times the bf16 weight (rounded again).
-void run_rms_norm_bf16(const uint16_t* x, const uint16_t* weight, float eps, uint16_t* out,
-                       int64_t rows, int64_t dim, int num_threads);
+// transformers' T5LayerNorm in a bf16 or fp16 model: fp32 variance, h = x * rsqrt rounded to Half
+// (uint16_t: bf16 bits, or Fp16), then times the Half weight (rounded again). X is Half, or float
+// with Fp16 (an fp16 model's fp32 residual stream).
+template <typename X, typename Half>
+void run_rms_norm_half(const X* x, const Half* weight, float eps, Half* out, int64_t rows, int64_t dim,
+                       int num_threads);
 
 // "gelu_tanh", "gelu_erf", "relu" or "silu"; std::invalid_argument for any other name.
 kernels::Activation activation_from_name(const std::string& name);
@@ -27,11 +29,11 @@ void run_gated_activation(kernels::Activation activation, const float* a, int64_
                           const float* b, int64_t b_row_stride, float* out,
                           int64_t out_row_stride, int64_t rows, int64_t cols, int num_threads);
 
-// bf16 rows: act(a) * b computed in fp32 and rounded to bf16 once.
-void run_gated_activation_bf16(kernels::Activation activation, const uint16_t* a,
-                               int64_t a_row_stride, const uint16_t* b, int64_t b_row_stride,
-                               uint16_t* out, int64_t out_row_stride, int64_t rows, int64_t cols,
-                               int num_threads);
+// bf16 (Half uint16_t) or fp16 (Fp16) rows: act(a) * b computed in fp32 and rounded once.
+template <typename Half>
+void run_gated_activation_half(kernels::Activation activation, const Half* a, int64_t a_row_stride,
+                               const Half* b, int64_t b_row_stride, Half* out, int64_t out_row_stride,
+                               int64_t rows, int64_t cols, int num_threads);
 
 // y = int8(x) @ qweight^T, rescaled (+ residual): see w8a8_linear.h. in_features in [1, 65536].
 // row_layout: qweight holds plain [out_features, in_features] int8 rows, else the column blocks.

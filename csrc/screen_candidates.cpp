@@ -6,8 +6,9 @@
 // the weight row's size), the thresholding finds every column that may hold row r's largest logit
 // for some r, the candidates:
 //   best_lower[r] = max_c (a[r][c] - margin[r][c]),
-//   c such that any_r (a[r][c] + margin[r][c] >= best_lower[r] - slack * |best_lower[r]|)
-// (slack > 0 where the exact logits are rounded after: rows that round up to the maximum count).
+//   c such that any_r (a[r][c] + margin[r][c] >= best_lower[r] - slack * (|best_lower[r]| + floor))
+// (slack > 0 where the exact logits are rounded after: rows that round up to the maximum count;
+// floor: the magnitude below which the rounded type's spacing stops shrinking, its subnormals).
 // One streaming pass over a, then the few chunks of columns that hold candidates; in torch the
 // same arithmetic made 5 passes and, at 16 rows of a 256384-entry vocabulary, took longer (19 ms)
 // than the int8 product it screens (14 ms).
@@ -24,6 +25,7 @@
 #include <pybind11/stl.h>
 
 #include "bf16.h"
+#include "fp16.h"
 #include "ops.h"
 #include "parallel.h"
 #include "weight_only_linear.h"
@@ -99,7 +101,7 @@ void row_norms(const WeightT* w, const int8_t* q, const float* scale, int64_t ro
 // so a chunk holds a candidate iff its maximum reaches.
 std::vector<int64_t> find_candidates(const float* a, const std::vector<float>& norm, const float* bound,
                                      const std::vector<float>& norm2, const float* bound2, int64_t rows,
-                                     int64_t cols, float slack, int num_threads) {
+                                     int64_t cols, float slack, float slack_floor, int num_threads) {
   const auto margin_of_row = [&](int64_t r) { return Margin{bound, bound2, norm[r], norm2[r]}; };
   const int64_t chunks = (cols + kChunk - 1) / kChunk, grain = 32;
   std::vector<float> lower(static_cast<size_t>(rows) * chunks), upper(lower.size());
@@ -112,8 +114,7 @@ std::vector<int64_t> find_candidates(const float* a, const std::vector<float>& n
   std::vector<float> best_lower(rows);
   for (int64_t r = 0; r < rows; ++r) {
     const float best = *std::max_element(lower.begin() + r * chunks, lower.begin() + (r + 1) * chunks);
-    // (+1e-30: a bf16 spacing is never 0, also where the best bound is)
-    best_lower[r] = slack > 0 ? best - slack * (std::fabs(best) + 1e-30f) : best;
+    best_lower[r] = slack > 0 ? best - slack * (std::fabs(best) + slack_floor) : best;
   }
   std::vector<std::vector<int64_t>> found(chunks);  // each chunk's candidates, ascending
   parallel_for_ranges(chunks, grain, num_threads, [&](int64_t begin, int64_t end) {
@@ -159,19 +160,21 @@ std::vector<float> candidate_logits(const float* x, int64_t rows, int64_t cols, 
   return logits;
 }
 
+enum HeadKind { kFp32Head = 0, kBf16Head = 1, kInt8Head = 2, kFp16Head = 3 };
+
 struct ScreenCall {
-  const float* x;  // [rows, cols] fp32 (a bf16 model's x widened)
+  const float* x;  // [rows, cols] fp32 (a bf16 / fp16 model's x widened)
   int64_t rows, cols;
   const int8_t* screen_qweight;  // the int8 rows [vocab, cols] and their scales
   const float* screen_scale;
   int64_t vocab;
   const float *bound, *bound2;  // LMHeadScreen.bound, .input_error_bound
   double largest_norm, min_norm;
-  int head_kind;  // the head the exact logits come from: 0 fp32, 1 bf16, 2 int8 (+ head_scale)
+  int head_kind;  // the head the exact logits come from: kFp32Head, kBf16Head, kInt8Head (+ head_scale), kFp16Head
   const void* head;
   const float* head_scale;
-  bool bf16_logits;  // a bf16 model: logits rounded to bf16 (slack > 0 then)
-  float slack;
+  int logits_kind;  // kFp32Head: logits as summed; kBf16Head / kFp16Head: rounded to bf16 / fp16 (slack > 0 then)
+  float slack, slack_floor;
   const std::vector<int64_t>& forbidden;
   int64_t max_candidates;
   float* approx;  // [rows, vocab] scratch: the integer product
@@ -201,21 +204,38 @@ int64_t screen_argmax(const ScreenCall& s) {
   w8a8_quantisation_error(s.x, s.rows, s.cols, input_error.data(), s.num_threads);
   for (int64_t r = 0; r < s.rows; ++r) norm2[r] = static_cast<float>(input_error[r]);
   const std::vector<int64_t> candidates = find_candidates(approx, norm, s.bound, norm2, s.bound2, s.rows,
-                                                          s.vocab, s.slack, s.num_threads);
+                                                          s.vocab, s.slack, s.slack_floor, s.num_threads);
   const int64_t n = static_cast<int64_t>(candidates.size());
   if (n > s.max_candidates || n == 0) return -1;
-  std::vector<float> logits =
-      s.head_kind == 0 ? candidate_logits(s.x, s.rows, s.cols, static_cast<const float*>(s.head), nullptr,
-                                          candidates, s.num_threads)
-      : s.head_kind == 1 ? candidate_logits(s.x, s.rows, s.cols, static_cast<const uint16_t*>(s.head), nullptr,
-                                            candidates, s.num_threads)
-                         : candidate_logits(s.x, s.rows, s.cols, static_cast<const int8_t*>(s.head), s.head_scale,
-                                            candidates, s.num_threads);
-  if (s.bf16_logits)
+  std::vector<float> logits;
+  switch (s.head_kind) {
+    case kFp32Head:
+      logits = candidate_logits(s.x, s.rows, s.cols, static_cast<const float*>(s.head), nullptr, candidates,
+                                s.num_threads);
+      break;
+    case kBf16Head:
+      logits = candidate_logits(s.x, s.rows, s.cols, static_cast<const uint16_t*>(s.head), nullptr, candidates,
+                                s.num_threads);
+      break;
+    case kFp16Head:
+      logits = candidate_logits(s.x, s.rows, s.cols, static_cast<const Fp16*>(s.head), nullptr, candidates,
+                                s.num_threads);
+      break;
+    default:
+      logits = candidate_logits(s.x, s.rows, s.cols, static_cast<const int8_t*>(s.head), s.head_scale, candidates,
+                                s.num_threads);
+  }
+  if (s.logits_kind == kBf16Head)
     for (float& logit : logits) logit = bf16_to_float(float_to_bf16(logit));
+  if (s.logits_kind == kFp16Head)
+    for (float& logit : logits) logit = fp16_to_float(float_to_fp16(logit));
   for (int64_t r = 0; r < s.rows; ++r) {
     const float* row = logits.data() + r * n;
-    s.out[r] = candidates[std::max_element(row, row + n) - row];  // the first of equal maxima
+    const float* best = std::max_element(row, row + n);  // the first of equal maxima
+    // A best logit rounded to +-inf (fp16 overflows past 65504): rows outside the candidates may
+    // round to the same inf, and the first of them is the pick: the float path decides.
+    if (!std::isfinite(*best)) return -1;
+    s.out[r] = candidates[best - row];
   }
   return n;
 }
@@ -223,30 +243,36 @@ int64_t screen_argmax(const ScreenCall& s) {
 
 void register_screen_candidates(py::module_& m) {
   m.def("screen_row_norms",
-        [](uintptr_t weight, bool bf16, uintptr_t qweight, uintptr_t scale, int64_t rows, int64_t cols,
+        [](uintptr_t weight, int weight_kind, uintptr_t qweight, uintptr_t scale, int64_t rows, int64_t cols,
            uintptr_t out, int num_threads) {
+          if (weight_kind != kFp32Head && weight_kind != kBf16Head && weight_kind != kFp16Head)
+            throw std::invalid_argument("screen_row_norms: weight_kind must be 0 (fp32), 1 (bf16) or 3 (fp16)");
           const auto* q = reinterpret_cast<const int8_t*>(qweight);
           const auto* s = reinterpret_cast<const float*>(scale);
           auto* norms = reinterpret_cast<double*>(out);
           py::gil_scoped_release no_gil;
-          if (bf16)
+          if (weight_kind == kBf16Head)
             row_norms(reinterpret_cast<const uint16_t*>(weight), q, s, rows, cols, norms, num_threads);
+          else if (weight_kind == kFp16Head)
+            row_norms(reinterpret_cast<const Fp16*>(weight), q, s, rows, cols, norms, num_threads);
           else
             row_norms(reinterpret_cast<const float*>(weight), q, s, rows, cols, norms, num_threads);
         },
-        py::kw_only(), py::arg("weight"), py::arg("bf16"), py::arg("qweight"), py::arg("scale"),
+        py::kw_only(), py::arg("weight"), py::arg("weight_kind"), py::arg("qweight"), py::arg("scale"),
         py::arg("rows"), py::arg("cols"), py::arg("out"), py::arg("num_threads"),
-        "out[r] = (||w_r - s_r q_r||, ||s_r q_r||, ||w_r||) in fp64 for an fp32 / bf16 weight [rows, "
-        "cols] (weight = 0: w = s q), its int8 rows q and scales s (fp64 out [rows, 3]).");
+        "out[r] = (||w_r - s_r q_r||, ||s_r q_r||, ||w_r||) in fp64 for a weight [rows, cols] of "
+        "weight_kind 0 (fp32), 1 (bf16) or 3 (fp16) (weight = 0: w = s q), its int8 rows q and "
+        "scales s (fp64 out [rows, 3]).");
 
   m.def("screen_argmax",
         [](uintptr_t x, int64_t rows, int64_t cols, uintptr_t screen_qweight, uintptr_t screen_scale,
            int64_t vocab, uintptr_t bound, uintptr_t bound2, double largest_norm, double min_norm,
-           int head_kind, uintptr_t head, uintptr_t head_scale, bool bf16_logits, float slack,
+           int head_kind, uintptr_t head, uintptr_t head_scale, int logits_kind, float slack, float slack_floor,
            const std::vector<int64_t>& forbidden, int64_t max_candidates, uintptr_t approx, uintptr_t out,
            int num_threads) {
-          if (cols < 1 || cols > 65536 || head_kind < 0 || head_kind > 2)
-            throw std::invalid_argument("screen_argmax: cols must be in [1, 65536], head_kind 0, 1 or 2");
+          if (cols < 1 || cols > 65536 || head_kind < kFp32Head || head_kind > kFp16Head ||
+              (logits_kind != kFp32Head && logits_kind != kBf16Head && logits_kind != kFp16Head))
+            throw std::invalid_argument("screen_argmax: cols must be in [1, 65536], head_kind 0-3, logits_kind 0, 1 or 3");
           for (const int64_t id : forbidden)
             if (id < 0 || id >= vocab) throw std::invalid_argument("screen_argmax: forbidden id out of range");
           const ScreenCall call{reinterpret_cast<const float*>(x), rows, cols,
@@ -254,7 +280,7 @@ void register_screen_candidates(py::module_& m) {
                                 reinterpret_cast<const float*>(screen_scale), vocab,
                                 reinterpret_cast<const float*>(bound), reinterpret_cast<const float*>(bound2),
                                 largest_norm, min_norm, head_kind, reinterpret_cast<const void*>(head),
-                                reinterpret_cast<const float*>(head_scale), bf16_logits, slack, forbidden,
+                                reinterpret_cast<const float*>(head_scale), logits_kind, slack, slack_floor, forbidden,
                                 max_candidates, reinterpret_cast<float*>(approx), reinterpret_cast<int64_t*>(out),
                                 num_threads};
           py::gil_scoped_release no_gil;
@@ -263,7 +289,7 @@ void register_screen_candidates(py::module_& m) {
         py::kw_only(), py::arg("x"), py::arg("rows"), py::arg("cols"), py::arg("screen_qweight"),
         py::arg("screen_scale"), py::arg("vocab"), py::arg("bound"), py::arg("bound2"),
         py::arg("largest_norm"), py::arg("min_norm"), py::arg("head_kind"), py::arg("head"),
-        py::arg("head_scale"), py::arg("bf16_logits"), py::arg("slack"), py::arg("forbidden"),
+        py::arg("head_scale"), py::arg("logits_kind"), py::arg("slack"), py::arg("slack_floor"), py::arg("forbidden"),
         py::arg("max_candidates"), py::arg("approx"), py::arg("out"), py::arg("num_threads"),
         "LMHeadScreen.argmax's pick for fp32 x [rows, cols] (see screen_argmax in "
         "screen_candidates.cpp): out[r] (int64) = the first largest logit's id of row r, ids in "

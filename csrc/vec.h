@@ -4,7 +4,8 @@
 // Members (all static): `type`, `width`, zero, set1, load, store, load_partial/store_partial
 // (first n lanes; unused lanes read as 0), add, sub, mul, div, fma (a * b + c), max, min,
 // reduce_sum, reduce_max, reduce4 (four vectors -> their four sums), exp, tanh, erf,
-// load_weights (width int8 or bf16 values widened to float).
+// load_weights (width int8, bf16 or fp16 values widened to float), store_bf16 / store_fp16 (width
+// floats rounded to nearest even).
 #pragma once
 
 #include "cpu_isa.h"

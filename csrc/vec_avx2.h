@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "fp16.h"
 #include "vec.h"
 
 namespace umt5_fast {
@@ -128,6 +129,9 @@ struct Vec<CpuIsa::avx2> {
     const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
   }
+  static type load_weights(const Fp16* p) {  // F16C
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
   static type load_weights(const float* p) { return _mm256_loadu_ps(p); }
 
   // x rounded to bf16 (nearest even; NaN -> 0x7FC0: bf16.h's float_to_bf16) at p.
@@ -141,6 +145,11 @@ struct Vec<CpuIsa::avx2> {
     // packus works within 128-bit lanes: the permute brings the two lanes' halves together.
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0xD8);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
+
+  // x rounded to fp16 (nearest even, as fp16.h's float_to_fp16) at p.
+  static void store_fp16(Fp16* p, type x) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
   }
 
  private:

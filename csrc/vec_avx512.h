@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "fp16.h"
 #include "vec.h"
 
 namespace umt5_fast {
@@ -144,6 +145,9 @@ struct Vec<CpuIsa::avx512> {
     const __m256i halves = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
   }
+  static type load_weights(const Fp16* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
   static type load_weights(const float* p) { return _mm512_loadu_ps(p); }
 
   // x rounded to bf16 (nearest even; NaN -> 0x7FC0: bf16.h's float_to_bf16) at p.
@@ -155,6 +159,11 @@ struct Vec<CpuIsa::avx512> {
     rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q),
                                     _mm512_set1_epi32(0x7FC0));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
+  }
+
+  // x rounded to fp16 (nearest even, as fp16.h's float_to_fp16) at p.
+  static void store_fp16(Fp16* p, type x) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
   }
 
  private:

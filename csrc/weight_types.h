@@ -1,9 +1,11 @@
-// Scalar widening of the stored weight types to float (int8 values, bf16 bit patterns, fp32).
+// Scalar widening of the stored weight types to float (int8 values, bf16 bit patterns, fp16, fp32).
 // `static`: each translation unit keeps its own copy, compiled with its own ISA flags.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
+
+#include "fp16.h"
 
 namespace umt5_fast {
 
@@ -17,5 +19,7 @@ static inline float widen_weight(uint16_t bf16_bits) {  // bf16 is the high half
   std::memcpy(&x, &bits, sizeof(x));
   return x;
 }
+
+static inline float widen_weight(Fp16 w) { return fp16_to_float(w); }
 
 }  // namespace umt5_fast

@@ -131,13 +131,13 @@ def test_fp32_weights_take_the_step_only_up_to_the_gemv_rows(checkpoint_factory)
 
 
 def test_a_bf16_model_takes_the_step_only_up_to_the_bf16_kernel_rows(checkpoint_factory):
-    """Above BF16_KERNEL_MAX_ROWS the Python path multiplies bf16 x with bf16 (or int8, expanded)
+    """Above HALF_KERNEL_MAX_ROWS the Python path multiplies bf16 x with bf16 (or int8, expanded)
     weights in a bf16 GEMM: the step declines there; W8A8 weights take the integer kernel at any size."""
-    from umt5_fast.ops.cpu import BF16_KERNEL_MAX_ROWS
+    from umt5_fast.ops.cpu import HALF_KERNEL_MAX_ROWS
     for mode, accepted in ((None, False), ("int8", False), ("w8a8", True)):
         model = load(checkpoint_factory, "relu-ungated", mode, dtype=torch.bfloat16)
-        assert_step_declines_or_not(model, BF16_KERNEL_MAX_ROWS + 1, seed=8, accepted=accepted)
-        assert_step_declines_or_not(model, BF16_KERNEL_MAX_ROWS, seed=8, accepted=True)
+        assert_step_declines_or_not(model, HALF_KERNEL_MAX_ROWS + 1, seed=8, accepted=accepted)
+        assert_step_declines_or_not(model, HALF_KERNEL_MAX_ROWS, seed=8, accepted=True)
 
 
 @pytest.mark.parametrize("mode", ["bf16", "int8", "w8a8"])

@@ -30,16 +30,17 @@ def random_head(vocab, dim, dtype, seed):
 
 
 def make_head(kind, vocab, dim, seed):
-    """A random LM head: an fp32 / bf16 tensor, or int8 weights (``QuantizedWeight``)."""
+    """A random LM head: an fp32 / bf16 / fp16 tensor, or int8 weights (``QuantizedWeight``)."""
     if kind == "int8":
         return QuantizedWeight.quantize(random_head(vocab, dim, torch.float32, seed))
     return random_head(vocab, dim, kind, seed)
 
 
-# (LM head weight, activations): fp32 model, bf16 weights with fp32 activations, bf16 model, int8
-# weights with fp32 activations and in a bf16 model
+# (LM head weight, activations): fp32 model, bf16 / fp16 weights with fp32 activations, bf16 / fp16
+# model, int8 weights with fp32 activations and in a bf16 / fp16 model
 DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
-          ("int8", torch.float32), ("int8", torch.bfloat16)]
+          (torch.float16, torch.float32), (torch.float16, torch.float16),
+          ("int8", torch.float32), ("int8", torch.bfloat16), ("int8", torch.float16)]
 
 
 @pytest.mark.usefixtures("every_cpu_isa")
@@ -98,7 +99,7 @@ def test_the_input_quantisation_error_is_the_kernels():
 
 
 @pytest.mark.usefixtures("every_cpu_isa")
-@pytest.mark.parametrize("head", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("head", ["float32", "bfloat16", "float16", "int8"])
 def test_bound_holds_for_every_row(head):
     weight = make_head(head if head == "int8" else getattr(torch, head), 3001, 71, seed=3)
     screen = lm_head_screen.LMHeadScreen(weight)
@@ -114,7 +115,7 @@ def test_bound_holds_for_every_row(head):
     assert bool((bound.max(dim=1).values < 10 * error.max(dim=1).values).all())
 
 
-@pytest.mark.parametrize("head", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("head", ["float32", "bfloat16", "float16", "int8"])
 def test_row_norms_of_the_build_match_torch_in_fp64(head):
     weight = random_head(301, 77, torch.float32 if head == "int8" else getattr(torch, head), seed=5)
     weight[3] = 0  # a zero row quantises to zeros
@@ -122,7 +123,8 @@ def test_row_norms_of_the_build_match_torch_in_fp64(head):
     qweight, scale = screen.screen.qweight, screen.screen.scale
     assert torch.equal(qweight, QuantizedWeight.quantize(weight).qweight)
     norms = torch.empty(301, 3, dtype=torch.float64)
-    cpu_ops._C.screen_row_norms(weight=0 if head == "int8" else weight.data_ptr(), bf16=head == "bfloat16",
+    weight_kind = {"float32": 0, "bfloat16": 1, "float16": 3, "int8": 0}[head]
+    cpu_ops._C.screen_row_norms(weight=0 if head == "int8" else weight.data_ptr(), weight_kind=weight_kind,
                                 qweight=qweight.data_ptr(), scale=scale.data_ptr(),
                                 rows=301, cols=77, out=norms.data_ptr(), num_threads=2)
     screened = qweight.double() * scale.double()[:, None]
@@ -148,37 +150,51 @@ def test_exact_ties_and_near_duplicates_pick_the_first_maximum():
 
 
 @pytest.mark.parametrize("target", [-4.01, -3.99, -4.0, 3.99, 4.02, 0.001, -0.001])
-def test_bf16_logits_that_round_equal_pick_the_first(target):
-    """A bf16 model's logits are fp32 sums rounded to bf16: rows whose sums differ below the bf16
-    spacing tie after rounding, and the first of them is the pick, also where the largest logit
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_logits_that_round_equal_pick_the_first(target, dtype):
+    """A bf16 / fp16 model's logits are fp32 sums rounded to its dtype: rows whose sums differ below
+    its spacing tie after rounding, and the first of them is the pick, also where the largest logit
     sits next to a power of two (where rounding down and up have different spacings)."""
-    g = torch.Generator().manual_seed(int(target * 1000) % 97)
+    heads_with_ties = 0
+    for seed in range(4):  # (in fp16, finer, some draws leave the largest logit alone)
+        logits, got = screen_tied_logits(target, dtype, seed)
+        heads_with_ties += int((logits == logits.max()).sum()) > 1
+        assert got is not None and torch.equal(got, cpu_ops.argmax(logits.float()))
+    assert heads_with_ties >= 1, "the test needs rows that tie after rounding"
+
+
+def screen_tied_logits(target, dtype, seed):
+    """A head of near-equal rows and an input whose largest logit sits at ``target``: its logits in
+    ``dtype`` and the screen's pick."""
+    g = torch.Generator().manual_seed(int(target * 1000) % 97 + 1000 * seed)
     # Integer rows with 127 as their largest entry quantise to int8 exactly, and so does an input of
     # integers with 127 among them times a power of two: the bound is only the rounding terms, far
-    # below a bf16 spacing, so ties after rounding are the screen's to resolve.
+    # below a bf16 / fp16 spacing, so ties after rounding are the screen's to resolve.
     base = torch.randint(-100, 101, (64,), generator=g).float()
     base[0] = 127
-    nudges = torch.randint(-1, 2, (800, 64), generator=g).float() * (torch.rand(800, 64, generator=g) < 0.05)
+    # sums ~0.1% apart: many share a rounded value (at most _MAX_CANDIDATES rows: the screen decides)
+    nudges = torch.randint(-1, 2, (1000, 64), generator=g).float() * (torch.rand(1000, 64, generator=g) < 0.05)
     nudges[:, 0] = 0
-    weight = (base + nudges).to(torch.bfloat16)  # sums ~0.1% apart: many share a bf16 value
-    screen = lm_head_screen.LMHeadScreen(weight)
-    assert float(screen.bound.max()) < 1e-3 * float(base.norm())
     # x = v 2^-j with v . base ~ |target| 2^j: v keeps 127 first and scales the rest of base down
-    # (2^-j base . base lies in [|target|, 2 |target|)), then +-1 steps close the gap.
+    # (2^-j base . base lies in [|target|, 2 |target|)), then +-1 steps close the gap. fp16 holds
+    # v 2^-a exactly down to a = 24 (subnormals): the rest of 2^-j scales the weight.
     j = math.floor(math.log2(float(base @ base) / abs(target)))
+    x_exponent = j if dtype == torch.bfloat16 else min(j, 24)
+    weight = ((base + nudges) * 2.0 ** (x_exponent - j)).to(dtype)
+    assert torch.equal(weight.double() * 2.0 ** (j - x_exponent), (base + nudges).double())
+    screen = lm_head_screen.LMHeadScreen(weight)
+    assert float(screen.bound.max()) < 1e-3 * float(base.norm()) * 2.0 ** (x_exponent - j)
     wanted = abs(target) * 2.0 ** j
     v = torch.cat([base[:1], torch.round(base[1:] * (wanted - 127 ** 2) / float(base[1:] @ base[1:]))])
     for i in base[1:].abs().argsort(descending=True)[:40] + 1:  # (entries of base that are not 0)
         gap = wanted - float(v @ base)
         step = max(-1.0, min(1.0, round(gap / float(base[i]))))
         v[i] = (v[i] + step).clamp(-126, 126)
-    x = (math.copysign(1.0, target) * v * 2.0 ** -j).to(torch.bfloat16)[None, :]
+    x = (math.copysign(1.0, target) * v * 2.0 ** -x_exponent).to(dtype)[None, :]
     assert float(input_quantisation_error(x)) == 0.0
-    logits = cpu_ops.linear(x, weight).float()
-    assert abs(float(logits.max()) / target - 1) < 3e-3  # the largest logit sits at the target
-    assert int((logits == logits.max()).sum()) > 1, "the test needs rows that tie after rounding"
-    got = screen.argmax(x)
-    assert got is not None and torch.equal(got, full_argmax(x, weight))
+    logits = cpu_ops.linear(x, weight)
+    assert logits.dtype == dtype and abs(float(logits.max()) / target - 1) < 3e-3  # the largest logit at the target
+    return logits, screen.argmax(x)
 
 
 def test_undecidable_inputs_fall_back():
@@ -192,8 +208,8 @@ def test_undecidable_inputs_fall_back():
     many_rows = torch.randn(cpu_ops.FP32_KERNEL_MAX_ROWS + 1, 16)
     assert screen.argmax(many_rows) is None  # torch's GEMM computes those logits
     bf16_screen = lm_head_screen.LMHeadScreen(weight.bfloat16())
-    assert bf16_screen.argmax(torch.randn(cpu_ops.BF16_KERNEL_MAX_ROWS + 1, 16).bfloat16()) is None
-    assert screen.argmax(torch.randn(1, 16).half()) is None  # fp16 logits come from torch's GEMM
+    assert bf16_screen.argmax(torch.randn(cpu_ops.HALF_KERNEL_MAX_ROWS + 1, 16).bfloat16()) is None
+    assert screen.argmax(torch.randn(1, 16).half()) is None  # fp16 x with an fp32 head: eager's GEMM
     for seed in range(40):  # logits in fp32's subnormal range, where relative rounding bounds fail
         g = torch.Generator().manual_seed(seed)
         small_head = torch.randn(64, 16, generator=g) * 1e-11
@@ -215,6 +231,28 @@ def test_undecidable_inputs_fall_back():
     assert lm_head_screen.LMHeadScreen(torch.ones(3, 8)).argmax(torch.ones(1, 8), forbidden=[0, 1, 2]) is None
 
 
+@pytest.mark.usefixtures("every_cpu_isa")
+@pytest.mark.parametrize("x_dtype", [torch.float16, torch.float32], ids=str)
+def test_fp16_logits_past_its_range_take_the_float_path(x_dtype):
+    """fp16 logits past 65504 round to inf, where every row that does ties with the largest and
+    the first of them is the pick, candidate or not: the screen leaves those steps to the float
+    path (fp32 logits of an fp16 head do not round, and the screen decides them)."""
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(2000, 32, generator=g) * 8).half()
+    screen = lm_head_screen.LMHeadScreen(weight)
+    x = torch.randn(3, 32, generator=g)
+    largest = cpu_ops.linear(x, weight.float()).amax(1, keepdim=True)  # (positive for random rows)
+    for scale, overflows in ((4 * 65504, True), (30000, False)):  # largest logits 4x past fp16's range, or within
+        scaled = (x * scale / largest).to(x_dtype)
+        assert scaled.isfinite().all()
+        logits = cpu_ops.linear(scaled, weight)
+        got = screen.argmax(scaled)
+        if overflows and x_dtype == torch.float16:
+            assert logits.isinf().any(1).all() and got is None
+        else:
+            assert logits.isfinite().all() and got is not None and torch.equal(got, full_argmax(scaled, weight))
+
+
 def load(checkpoint_factory, **overrides):
     path, hf = checkpoint_factory("UMT5ForConditionalGeneration", **overrides)
     return umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="cpu"), hf
@@ -223,7 +261,7 @@ def load(checkpoint_factory, **overrides):
 @pytest.mark.parametrize("overrides", [dict(vocab_size=3001), dict(vocab_size=2003, tie_word_embeddings=True),
                                        dict(vocab_size=1009, feed_forward_proj="relu")])
 @pytest.mark.parametrize("dtype,quantize", [(None, None), (None, "bf16"), (torch.bfloat16, None), (None, "int8"),
-                                           (torch.bfloat16, "int8")])
+                                           (torch.bfloat16, "int8"), (torch.float16, None), (torch.float16, "int8")])
 def test_greedy_generation_uses_the_screen_and_keeps_the_ids(checkpoint_factory, overrides, dtype, quantize):
     path, hf = checkpoint_factory("UMT5ForConditionalGeneration", **overrides)
     model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="cpu", dtype=dtype,
@@ -287,10 +325,12 @@ def test_w8a8_heads_and_many_bf16_rows_at_int8_heads_are_not_screened(checkpoint
     model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="cpu", quantize="w8a8")
     assert lm_head_screen.screen_for(model) is None  # its logits are the integer kernel's already
     screen = lm_head_screen.LMHeadScreen(make_head("int8", 300, 16, seed=2))
-    many_bf16_rows = torch.randn(cpu_ops.BF16_KERNEL_MAX_ROWS + 1, 16).bfloat16()
+    many_bf16_rows = torch.randn(cpu_ops.HALF_KERNEL_MAX_ROWS + 1, 16).bfloat16()
     assert screen.argmax(many_bf16_rows) is None  # eager's bf16 GEMM computes those logits
     assert screen.argmax(many_bf16_rows[:-1]) is not None
-    assert screen.argmax(torch.randn(2, 16).half()) is None
+    assert screen.argmax(many_bf16_rows.half()) is None  # likewise fp16 rows
+    fp16_rows = torch.randn(2, 16).half()
+    assert torch.equal(screen.argmax(fp16_rows), full_argmax(fp16_rows, screen.weight))
     assert screen.argmax(torch.randn(2, 16)) is not None
     many_rows = torch.randn(cpu_ops.WIDE_GEMM_MIN_ROWS, 16)  # a wide GEMM would compute this head's logits
     assert (screen.argmax(many_rows) is None) == cpu_ops.WIDE_GEMMS

@@ -18,8 +18,8 @@ u = 2^-24), of the integer kernel's three fp32 roundings and of the screening ar
 ``c2[n]`` is ``||s[n] q[n]||`` (Cauchy-Schwarz on the input's error) with the same roundings. Every
 row whose upper bound reaches the best lower bound is a candidate; the float kernel then computes
 the candidates' logits exactly as it computes all of them, so the winner (first index among equal
-maxima) is the unscreened argmax, bit for bit (bf16 logits are rounded after: see
-_BF16_LOGIT_SLACK). On a random umt5-small a handful of the 256384 rows are candidates; a step
+maxima) is the unscreened argmax, bit for bit (bf16 / fp16 logits are rounded after: see
+_LOGIT_SLACK). On a random umt5-small a handful of the 256384 rows are candidates; a step
 reads the int8 head plus a few rows of the head. When the bound cannot decide cheaply (non-finite
 input, too many candidates) ``argmax`` returns None and the caller computes every logit.
 """
@@ -36,12 +36,20 @@ except ImportError:  # no extension: no cpu backend, no screen
     cpu_ops = None
 
 _UNIT_ROUNDOFF = 2.0 ** -24
-# bf16 activations (a bf16 model): the float kernel's fp32 sums are rounded to bf16, so a row whose
-# sum lies a little below the best lower bound b can round to the largest logit and, as the first of
-# equal logits, be the pick. b rounds to R within half a spacing s(b) <= 2^-7 |b|, and what rounds
-# to R or above starts half a spacing below R, which is up to 2 s(b) where b < 0 sits just under a
-# power of two: the threshold moves down by 1.5 s(b), rounded up to 2^-6 |b|.
-_BF16_LOGIT_SLACK = 2.0 ** -6
+# bf16 / fp16 activations (a bf16 / fp16 model): the float kernel's fp32 sums are rounded to bf16 /
+# fp16, so a row whose sum lies a little below the best lower bound b can round to the largest logit
+# and, as the first of equal logits, be the pick. b rounds to R within half a spacing s(b) <= 2^-p |b|
+# (p = 7 fraction bits in bf16, 10 in fp16), and what rounds to R or above starts half a spacing
+# below R, which is up to 2 s(b) where b < 0 sits just under a power of two: the threshold moves
+# down by 1.5 s(b), rounded up to 2^(1-p) |b|. Below the smallest normal magnitude (the floor) the
+# spacing stays that of the floor: the threshold moves by 2^(1-p) (|b| + floor). An fp16 logit that
+# rounds to inf (past 65504) leaves the pick to the float path (screen_candidates.cpp).
+# dtype -> (logits kind of screen_argmax, slack, floor)
+_LOGIT_ROUNDING = {torch.float32: (0, 0.0, 0.0),  # fp32 logits: not rounded after
+                   torch.bfloat16: (1, 2.0 ** -6, torch.finfo(torch.bfloat16).tiny),
+                   torch.float16: (3, 2.0 ** -9, torch.finfo(torch.float16).tiny)}
+# The head kinds of screen_argmax / screen_row_norms (an int8 head is kind 2).
+_FLOAT_HEAD_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 3}
 # Inputs with a smaller norm (and so logits near fp32's subnormal range) go to the float path: the
 # bound's underflow term is relative to this.
 _MIN_NORM = 2.0 ** -60
@@ -51,7 +59,7 @@ _MAX_CANDIDATES = 1024
 
 class LMHeadScreen:
     def __init__(self, weight):
-        """``weight``: the LM head ``[vocab, d_model]``, a finite fp32 or bf16 tensor or an int8
+        """``weight``: the LM head ``[vocab, d_model]``, a finite fp32, bf16 or fp16 tensor or an int8
         ``QuantizedWeight`` (d_model <= 65536: the integer kernel's int32 sums)."""
         vocab, in_features = weight.shape
         if in_features > 65536:
@@ -63,13 +71,13 @@ class LMHeadScreen:
         qweight, scale = rows_q.qweight.contiguous(), rows_q.scale.float().contiguous()
         norms = torch.empty(vocab, 3, dtype=torch.float64)  # ||w - s q||, ||s q||, ||w|| per row
         cpu_ops._C.screen_row_norms(weight=0 if int8_head else self.weight.data_ptr(),
-                                    bf16=not int8_head and self.weight.dtype == torch.bfloat16,
+                                    weight_kind=0 if int8_head else _FLOAT_HEAD_KINDS[self.weight.dtype],
                                     qweight=qweight.data_ptr(), scale=scale.data_ptr(), rows=vocab,
                                     cols=in_features, out=norms.data_ptr(), num_threads=torch.get_num_threads())
         self.screen = W8A8RowWeight(qweight, scale)  # multiplied in integers (an int8 head: no second copy)
         # The head the exact logits come from (kind, weight, scale: pointers into self.weight / self.screen)
         self._head = ((2, qweight.data_ptr(), scale.data_ptr()) if int8_head
-                      else (int(self.weight.dtype == torch.bfloat16), self.weight.data_ptr(), 0))
+                      else (_FLOAT_HEAD_KINDS[self.weight.dtype], self.weight.data_ptr(), 0))
         error_norm, screened_norm, exact_norm = norms.unbind(1)
         gamma = in_features * _UNIT_ROUNDOFF / (1 - in_features * _UNIT_ROUNDOFF)
         # The float kernel's dot product (an int8 head's kernel also rounds its scale multiply).
@@ -104,33 +112,33 @@ class LMHeadScreen:
         if not x.is_contiguous():
             x = x.contiguous()
         int8_head = isinstance(self.weight, QuantizedWeight)
-        if x.shape[0] == 0 or cpu_ops.wide_gemm_computes(x.dtype, self.weight, x.shape[0]) \
-                or x.dtype == torch.float16 \
+        if x.shape[0] == 0 or x.dtype not in _LOGIT_ROUNDING \
+                or cpu_ops.wide_gemm_computes(x.dtype, self.weight, x.shape[0]) \
                 or not (cpu_ops.int8_kernel_computes(x.dtype, x.shape[0]) if int8_head
                         else cpu_ops.float_kernel_computes(x.dtype, self.weight.dtype, x.shape[0])):
-            return None  # (torch's GEMM computes those logits: a subset of rows may sum differently;
-            # fp16 logits round where the bound has no slack for them)
+            return None  # (torch's GEMM computes those logits: a subset of rows may sum differently)
         if forbidden and len(set(forbidden)) >= self.weight.shape[0]:
             return None  # every id forbidden: the float path's argmax of all -inf
         # One C++ call from here: the integer product, the threshold, the candidates' logits by the
         # unscreened path's C++ kernel (not ``linear``, which may send a few rows to a wide GEMM), on
-        # the exactly widened x of a bf16 model, rounded to bf16 after as ``linear`` rounds.
+        # the exactly widened x of a bf16 / fp16 model, rounded to its dtype after as ``linear`` rounds.
         x32 = x if x.dtype == torch.float32 else x.float()
         picks = torch.empty(x.shape[0], dtype=torch.int64)
         with self._approx_lock:  # one buffer: concurrent calls (threads sharing a model) take turns
             if self._approx.shape[0] < x.shape[0]:  # kept: a new 16-row buffer costs ~2 ms of page faults
                 self._approx = torch.empty(x.shape[0], self.weight.shape[0])
             head_kind, head, head_scale = self._head
+            logits_kind, slack, slack_floor = _LOGIT_ROUNDING[x.dtype]
             count = cpu_ops._C.screen_argmax(
                 x=x32.data_ptr(), rows=x.shape[0], cols=x.shape[1], screen_qweight=self.screen.qweight.data_ptr(),
                 screen_scale=self.screen.scale.data_ptr(), vocab=self.weight.shape[0], bound=self.bound.data_ptr(),
                 bound2=self.input_error_bound.data_ptr(), largest_norm=self.largest_norm, min_norm=_MIN_NORM,
-                head_kind=head_kind, head=head, head_scale=head_scale, bf16_logits=x.dtype == torch.bfloat16,
-                slack=_BF16_LOGIT_SLACK if x.dtype == torch.bfloat16 else 0.0,  # fp32 logits: not rounded after
+                head_kind=head_kind, head=head, head_scale=head_scale, logits_kind=logits_kind, slack=slack,
+                slack_floor=slack_floor,
                 forbidden=sorted(set(forbidden)) if forbidden else [], max_candidates=_MAX_CANDIDATES,
                 approx=self._approx.data_ptr(), out=picks.data_ptr(), num_threads=torch.get_num_threads())
         if count < 0:
-            return None  # inf / NaN input, logits near fp32 overflow or underflow, too many candidates
+            return None  # inf / NaN input, logits near fp32 (fp16) overflow or underflow, too many candidates
         self.last_candidates = count
         return picks
 
@@ -149,18 +157,18 @@ def _fingerprint(weight) -> tuple:
 
 
 def _screenable(weight) -> bool:
-    """An fp32 / bf16 CPU tensor, or our weight-only int8 (not W8A8, whose logits the integer kernel
+    """An fp32 / bf16 / fp16 CPU tensor, or our weight-only int8 (not W8A8, whose logits the integer kernel
     computes anyway, nor fp8 / GGUF blocks)."""
     if type(weight) is QuantizedWeight:
         kind_ok = weight.qweight.dtype == torch.int8
     else:
-        kind_ok = isinstance(weight, torch.Tensor) and weight.dtype in (torch.float32, torch.bfloat16)
+        kind_ok = isinstance(weight, torch.Tensor) and weight.dtype in _FLOAT_HEAD_KINDS
     return kind_ok and weight.device.type == "cpu" and weight.shape[0] > 0 and weight.shape[1] > 0
 
 
 def screen_for(model) -> Optional[LMHeadScreen]:
     """The model's screen (built on first use, rebuilt when its LM head changed), or None when the
-    model does not qualify: cpu backend, an fp32, bf16 or int8 LM head, ``model.screen_lm_head``.
+    model does not qualify: cpu backend, an fp32, bf16, fp16 or int8 LM head, ``model.screen_lm_head``.
     A model that stops qualifying drops its screen (which holds a reference to the head)."""
     lm_head = getattr(model, "lm_head", None)
     weight = lm_head.packed_weight() if lm_head is not None else None

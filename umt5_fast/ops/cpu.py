@@ -28,7 +28,7 @@ What runs where (fp32 activations):
 - ``gated_ffn_in``: the projections through ``linear``, then ``act(a) * b`` by one C++ pass in
   place.
 - bf16 models: ``rms_norm`` (transformers' rounding points) and the gated activation (fp32 math,
-  rounded once) in C++; bf16 linears of up to ``BF16_KERNEL_MAX_ROWS`` rows through the C++ kernel
+  rounded once) in C++; bf16 linears of up to ``HALF_KERNEL_MAX_ROWS`` rows through the C++ kernel
   on the widened x (torch's bf16 GEMV is slower there), larger ones through torch's bf16 GEMM
   where it runs on bf16 dot products (``NATIVE_BF16_GEMM``: AVX512-BF16 / AMX), else through
   torch's fp32 GEMM on the exactly widened operands, rounded once (what torch's own fallback
@@ -110,14 +110,21 @@ def _check_norm_args(x, weight):
                          f"weight {tuple(weight.shape)}")
 
 
+_NORM_KERNELS = {(torch.float32, torch.float32): _C.rms_norm,
+                 (torch.bfloat16, torch.bfloat16): _C.rms_norm_bf16,
+                 (torch.float16, torch.float16): _C.rms_norm_fp16,
+                 (torch.float32, torch.float16): _C.rms_norm_fp32_to_fp16}
+
+
 def rms_norm(x, weight, eps):
     _check_norm_args(x, weight)
-    # fp32 rows, or a bf16 model's (transformers' bf16 rounding points); anything else: eager
-    kernel = {torch.float32: _C.rms_norm, torch.bfloat16: _C.rms_norm_bf16}.get(x.dtype)
-    if kernel is None or weight.dtype != x.dtype or x.numel() == 0:
+    # fp32 rows, or a bf16 / fp16 model's (transformers' rounding points; an fp16 model's residual
+    # stream is fp32 after its first fp32 `wo`); anything else: eager
+    kernel = _NORM_KERNELS.get((x.dtype, weight.dtype))
+    if kernel is None or x.numel() == 0:
         return eager.rms_norm(x, weight, eps)
     x, weight = x.contiguous(), weight.contiguous()  # held by names: a temporary's memory would be freed
-    out = torch.empty_like(x)
+    out = torch.empty_like(x, dtype=weight.dtype)
     kernel(x=x.data_ptr(), weight=weight.data_ptr(), eps=float(eps), out=out.data_ptr(),
            rows=x.numel() // x.shape[-1], dim=x.shape[-1], num_threads=_threads())
     return out
@@ -304,27 +311,29 @@ def _check_linear_args(x, weight):
 # streams each weight row once at memory bandwidth; torch's BLAS can run 2-4x slower there (MKL on
 # AMD CPUs), while for larger GEMMs it is the better choice.
 FP32_KERNEL_MAX_ROWS = 32
-# Likewise bf16 x with bf16 weights: torch's bf16 GEMV reads the LM head ~3x slower than the C++
-# kernel at one row, as fast at 16, faster above.
-BF16_KERNEL_MAX_ROWS = 16
+# Likewise bf16 / fp16 x with weights of their dtype: torch's bf16 GEMV reads the LM head ~3x slower
+# than the C++ kernel at one row, as fast at 16, faster above (its fp16 GEMV is slower still).
+HALF_KERNEL_MAX_ROWS = 16
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def float_kernel_computes(x_dtype: torch.dtype, weight_dtype: torch.dtype, rows: int) -> bool:
     """Whether ``linear`` multiplies ``rows`` rows of x with a float weight in the C++ kernel, whose
     sums for one row do not depend on the other rows (torch's GEMM, taken otherwise, may block them
-    differently): fp32 x with bf16 weights always, fp32 and bf16 pairs up to the limits above."""
-    if x_dtype == torch.float32 and weight_dtype == torch.bfloat16:
+    differently): fp32 x with bf16 / fp16 weights always, fp32, bf16 and fp16 pairs up to the limits
+    above."""
+    if x_dtype == torch.float32 and weight_dtype in _HALF_DTYPES:
         return True
-    limit = {torch.float32: FP32_KERNEL_MAX_ROWS, torch.bfloat16: BF16_KERNEL_MAX_ROWS}.get(x_dtype, 0)
+    limit = {torch.float32: FP32_KERNEL_MAX_ROWS, torch.bfloat16: HALF_KERNEL_MAX_ROWS,
+             torch.float16: HALF_KERNEL_MAX_ROWS}.get(x_dtype, 0)
     return x_dtype == weight_dtype and 0 < rows <= limit
 
 
 def int8_kernel_computes(x_dtype: torch.dtype, rows: int) -> bool:
     """Whether ``linear`` multiplies ``rows`` rows of x with a weight-only int8 weight in the C++
     kernel, unless a wide GEMM takes them (``wide_gemm_computes``): fp32 x, or a bf16 / fp16 model's
-    x up to BF16_KERNEL_MAX_ROWS rows (on the exactly widened x, the sums rounded to x's dtype once)."""
-    return x_dtype == torch.float32 or (x_dtype in (torch.bfloat16, torch.float16)
-                                        and 0 < rows <= BF16_KERNEL_MAX_ROWS)
+    x up to HALF_KERNEL_MAX_ROWS rows (on the exactly widened x, the sums rounded to x's dtype once)."""
+    return x_dtype == torch.float32 or (x_dtype in _HALF_DTYPES and 0 < rows <= HALF_KERNEL_MAX_ROWS)
 
 
 # Whether torch's bf16 GEMM runs on bf16 dot products: oneDNN on AVX512-BF16 / AMX CPUs.
@@ -336,12 +345,16 @@ def int8_kernel_computes(x_dtype: torch.dtype, rows: int) -> bool:
 # (ONEDNN_MAX_CPU_ISA).
 NATIVE_BF16_GEMM = (bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)())
                     and _C.cpu_has_avx512_bf16())
-# Weight elements widened to fp32 at a time (32 MB of fp32), so that a large bf16 weight (the LM
+# Likewise fp16: torch's fp16 GEMM runs in oneDNN on fp16 instructions on CPUs with AVX512-FP16 /
+# AMX-FP16 (its check); elsewhere it is a slow loop (Ice Lake Xeon: 1024 x 512 @ 1024 80 ms
+# against 7.6 for fp32), and the fp32 GEMM of the widened operands gives the fp32 sums rounded once.
+NATIVE_FP16_GEMM = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: False)())
+# Weight elements widened to fp32 at a time (32 MB of fp32), so that a large bf16 / fp16 weight (the LM
 # head) never sits in memory in fp32 whole, in a buffer kept per thread: a fresh fp32 copy per call
 # of one umt5-xxl FFN weight (168 MB) cost 58 ms of page faults and writes on an Ice Lake Xeon, and
 # smaller slices make MKL pack x again per slice. 512 x 4096 @ 10240 took 1.35x the fp32 GEMM's
 # time, now 1.08x (4 MB slices: 1.1-1.3x; 64 MB: no faster).
-BF16_WIDEN_CHUNK = 1 << 23
+HALF_WIDEN_CHUNK = 1 << 23
 _widen_buffers = threading.local()
 
 
@@ -368,10 +381,11 @@ WIDE_GEMMS_IN_ONEDNN = (WIDE_GEMMS and _C.cpu_vendor() != "intel" and torch.back
 
 def wide_gemm_computes(x_dtype: torch.dtype, weight, rows: int) -> bool:
     """Whether ``linear`` runs this product as a wide fp32 GEMM (see above): fp32 x of ``rows`` rows
-    with an fp32 weight, or with an int8 (weight-only) or bf16 weight expanded to fp32 for the call."""
+    with an fp32 weight, or with an int8 (weight-only), bf16 or fp16 weight expanded to fp32 for the
+    call."""
     size_ok = 0 < weight.shape[0] * weight.shape[1] <= WIDE_GEMM_MAX_WEIGHT
     kind_ok = type(weight) is QuantizedWeight or (isinstance(weight, torch.Tensor)
-                                                   and weight.dtype in (torch.float32, torch.bfloat16))
+                                                   and weight.dtype in (torch.float32, *_HALF_DTYPES))
     return wide_gemm_rows(x_dtype, rows) and size_ok and kind_ok
 
 
@@ -404,15 +418,15 @@ def _wide_gemm(x, weight):
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
-def _bf16_linear_through_fp32(x, weight):
-    """``F.linear`` of bf16 ``x`` and ``weight`` as fp32 sums of the widened operands, rounded to
-    bf16 once, the weight widened a slice of output features at a time into this thread's buffer
+def _half_linear_through_fp32(x, weight):
+    """``F.linear`` of bf16 / fp16 ``x`` and ``weight`` (one dtype) as fp32 sums of the widened
+    operands, rounded to that dtype once, the weight widened a slice of output features at a time into this thread's buffer
     (into a fresh tensor when autograd records the product: a kept buffer would be overwritten
     under a graph that still needs it)."""
     out_features, in_features = weight.shape
     xf = x.reshape(-1, in_features).float()
-    out = torch.empty(xf.shape[0], out_features, dtype=torch.bfloat16)
-    step = max(1, BF16_WIDEN_CHUNK // max(in_features, 1))
+    out = torch.empty(xf.shape[0], out_features, dtype=x.dtype)
+    step = max(1, HALF_WIDEN_CHUNK // max(in_features, 1))
     buffer = None if _wants_grad(x, weight) else _widen_buffer(min(step, out_features) * in_features)
     for n in range(0, out_features, step):
         end = min(n + step, out_features)
@@ -451,22 +465,22 @@ def linear(x, weight, residual=None):
     rows = math.prod(x.shape[:-1]) if x.dim() else 0
     small_fp32 = (not quantized and weight.dtype == x.dtype == torch.float32
                   and float_kernel_computes(x.dtype, weight.dtype, rows))
-    if not quantized and weight.dtype == x.dtype == torch.bfloat16 and rows > 0:
+    if not quantized and weight.dtype == x.dtype and x.dtype in _HALF_DTYPES and rows > 0:
         if float_kernel_computes(x.dtype, weight.dtype, rows):
-            # The C++ kernel on the exactly widened x: fp32 sums rounded once, as torch's bf16 GEMM does.
-            return _add_residual(linear(x.float(), weight).to(torch.bfloat16), residual)
-        if not NATIVE_BF16_GEMM:
-            return _add_residual(_bf16_linear_through_fp32(x, weight), residual)
+            # The C++ kernel on the exactly widened x: fp32 sums rounded once, as torch's GEMMs do.
+            return _add_residual(linear(x.float(), weight).to(x.dtype), residual)
+        if not (NATIVE_BF16_GEMM if x.dtype == torch.bfloat16 else NATIVE_FP16_GEMM):
+            return _add_residual(_half_linear_through_fp32(x, weight), residual)
     if not quantized and weight.dtype == x.dtype == torch.float32 and not small_fp32 and rows > 0:
         return _add_residual(_fp32_gemm(x, weight, rows), residual)
-    if (quantized or weight.dtype == torch.bfloat16) and wide_gemm_computes(x.dtype, weight, rows):
+    if (quantized or weight.dtype in _HALF_DTYPES) and wide_gemm_computes(x.dtype, weight, rows):
         dense = weight.dequantize(torch.float32) if quantized else weight.float()
         return _add_residual(_fp32_gemm(x, dense, rows), residual)
     if not quantized and weight.dtype == x.dtype and not small_fp32:
         return _add_residual(F.linear(x, weight), residual)
     out_features, in_features = weight.shape
     out_shape = (*x.shape[:-1], out_features)
-    kernel_weight = quantized or weight.dtype in (torch.bfloat16, torch.float32)
+    kernel_weight = quantized or weight.dtype in (torch.float32, *_HALF_DTYPES)
     residual_fits = residual is None or (residual.shape == out_shape and residual.dtype == x.dtype)
     # W8A8 sums of more than 65536 products could overflow the kernels' int32 accumulators.
     int32_fits = not isinstance(weight, W8A8Weight) or in_features <= 65536
@@ -485,7 +499,7 @@ def linear(x, weight, residual=None):
 
 
 def kernel_linear(x, weight, residual=None):
-    """``linear`` in the C++ kernels whatever the row count (fp32 x; an fp32, bf16, int8 or W8A8
+    """``linear`` in the C++ kernels whatever the row count (fp32 x; an fp32, bf16, fp16, int8 or W8A8
     weight; a residual of the output's shape): the computation ``linear`` picks for decode-sized
     rows, whose sums for one row and column depend on no other row or column."""
     if x.dtype != torch.float32 or weight.shape[1] != x.shape[-1]:
@@ -508,7 +522,8 @@ def kernel_linear(x, weight, residual=None):
         else:
             _C.int8_linear(x=x.data_ptr(), qweight=qweight.data_ptr(), scale=scale.data_ptr(), **sizes)
     else:
-        float_linear = _C.f32_linear if weight.dtype == torch.float32 else _C.bf16_linear
+        float_linear = {torch.float32: _C.f32_linear, torch.bfloat16: _C.bf16_linear,
+                        torch.float16: _C.fp16_linear}[weight.dtype]
         weight = weight.contiguous()
         float_linear(x=x.data_ptr(), weight=weight.data_ptr(), **sizes)
     return y
@@ -518,7 +533,7 @@ def gated_ffn_in(x, w_gate, w_up, activation):
     if activation not in eager.ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; known: {', '.join(sorted(eager.ACTIVATIONS))}")
     kernel_activation = _KERNEL_ACTIVATIONS.get(activation)
-    if kernel_activation is None or x.dtype not in (torch.float32, torch.bfloat16):
+    if kernel_activation is None or x.dtype not in (torch.float32, *_HALF_DTYPES):
         return eager.gated_ffn_in(x, w_gate, w_up, activation, linear=linear)
     h = linear(x, w_gate).contiguous()
     up = None if w_up is None else linear(x, w_up).contiguous()
@@ -528,8 +543,9 @@ def gated_ffn_in(x, w_gate, w_up, activation):
     if h.numel() == 0 or h.dtype != x.dtype or (up is not None and up.dtype != x.dtype):
         return eager.ACTIVATIONS[activation](h) if up is None else eager.ACTIVATIONS[activation](h) * up
     cols = h.shape[-1]
-    # bf16: computed in fp32 and rounded once (eager rounds after every elementwise op)
-    kernel = _C.gated_activation if h.dtype == torch.float32 else _C.gated_activation_bf16
+    # bf16 / fp16: computed in fp32 and rounded once (eager rounds after every elementwise op)
+    kernel = {torch.float32: _C.gated_activation, torch.bfloat16: _C.gated_activation_bf16,
+              torch.float16: _C.gated_activation_fp16}[h.dtype]
     kernel(activation=kernel_activation, a=h.data_ptr(), a_row_stride=cols, b=_ptr(up), b_row_stride=cols,
            out=h.data_ptr(), out_row_stride=cols, rows=h.numel() // cols, cols=cols, num_threads=_threads())
     return h

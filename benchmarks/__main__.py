@@ -121,7 +121,7 @@ def main(argv=None):
 
     progress = report.ProgressBar()
     progress.note(f"probing memory bandwidth and GEMM rate on {args.threads} threads ...")
-    gemm_dtypes = ["float32"] + (["bfloat16"] if any(e.gemm_dtype == "bfloat16" for e in engines) else [])
+    gemm_dtypes = ["float32"] + sorted({e.gemm_dtype for e in engines} - {"float32"})
     info = machine.describe_machine(args.threads, gemm_dtypes, quick=args.preset == "quick")
     info["date"] = datetime.datetime.now().isoformat(timespec="seconds")
     print(report.machine_header(info, args.preset), file=sys.stderr)

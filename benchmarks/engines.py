@@ -14,7 +14,10 @@ from typing import Optional
 
 import numpy as np
 
-PRECISION_BYTES = {"fp32": 4, "bf16": 2, "bf16-model": 2, "int8": 1, "w8a8": 1}
+PRECISION_BYTES = {"fp32": 4, "bf16": 2, "bf16-model": 2, "fp16-model": 2, "int8": 1, "w8a8": 1}
+# Whole models in half precision (weights and activations), as transformers' dtype=...: precision ->
+# torch dtype name
+MODEL_DTYPES = {"bf16-model": "bfloat16", "fp16-model": "float16"}
 REFERENCE_ENGINE = "transformers-fp32"
 # Default sweep: the engines the issue lists (others can still be named with --engines).
 DEFAULT_ENGINES = ("umt5_fast-eager-fp32", "umt5_fast-cpu-fp32", "umt5_fast-cpu-int8", "umt5_fast-cpu-w8a8",
@@ -39,14 +42,14 @@ class Engine:
     @property
     def activation_bytes(self) -> int:
         # activations stay float32 between layers (w8a8 quantises them inside each GEMM), except in
-        # a bf16 model
-        return 2 if self.precision == "bf16-model" else 4
+        # a bf16 / fp16 model
+        return 2 if self.precision in MODEL_DTYPES else 4
 
     @property
     def gemm_dtype(self) -> str:
         # weight-only formats widen weights to fp32 before multiplying; w8a8's integer rate is not
         # measured, so its compute floor is the fp32 one (an upper bound of the true floor)
-        return "bfloat16" if self.precision == "bf16-model" else "float32"
+        return MODEL_DTYPES.get(self.precision, "float32")
 
     def unsupported_reason(self, workload) -> Optional[str]:
         return self.missing
@@ -71,8 +74,8 @@ class UMT5FastEngine(Engine):
 
     def load_options(self) -> dict:
         import torch
-        if self.precision == "bf16-model":  # everything in bf16, as transformers' dtype=torch.bfloat16
-            return dict(dtype=torch.bfloat16, quantize=None)
+        if self.precision in MODEL_DTYPES:  # everything in bf16 / fp16, as transformers' dtype=...
+            return dict(dtype=getattr(torch, MODEL_DTYPES[self.precision]), quantize=None)
         # fp32 activations with int8 / bf16 weights (w8a8: int8 inside each GEMM): what the C++ kernels take
         return dict(dtype=torch.float32, quantize=None if self.precision == "fp32" else self.precision)
 
@@ -91,19 +94,20 @@ class UMT5FastEngine(Engine):
 
 
 class TransformersEngine(Engine):
-    """transformers' eager model in fp32 (the reference) or, as ``transformers-bf16``, in bf16
-    (``dtype=torch.bfloat16``: the peer of umt5_fast's bf16 model)."""
+    """transformers' eager model in fp32 (the reference) or, as ``transformers-bf16`` /
+    ``transformers-fp16``, in that dtype (the peers of umt5_fast's bf16 / fp16 models)."""
     family = "transformers"
 
     def __init__(self, precision: str = "fp32", missing: Optional[str] = None):
-        super().__init__(REFERENCE_ENGINE if precision == "fp32" else "transformers-bf16", precision, missing)
+        name = REFERENCE_ENGINE if precision == "fp32" else f"transformers-{precision.removesuffix('-model')}"
+        super().__init__(name, precision, missing)
 
     def load(self, checkpoint_dir, ctranslate2_dir, kind, threads):
         import torch
         import transformers
         transformers.logging.set_verbosity_error()
         cls = transformers.UMT5EncoderModel if kind == "encoder" else transformers.UMT5ForConditionalGeneration
-        dtype = torch.bfloat16 if self.precision == "bf16-model" else torch.float32
+        dtype = getattr(torch, MODEL_DTYPES.get(self.precision, "float32"))
         self.model = cls.from_pretrained(checkpoint_dir, dtype=dtype, attn_implementation="eager").eval()
 
     def encode(self, ids, mask):
@@ -162,9 +166,10 @@ def all_engines() -> list:
     for backend in ("cpu", "eager"):
         missing = umt5_missing or (None if backend in backends else
                                    "umt5_fast's C++ extension (umt5_fast._C) is not built or does not import")
-        engines += [UMT5FastEngine(backend, precision, missing) for precision in ("fp32", "int8", "w8a8", "bf16", "bf16-model")]
+        engines += [UMT5FastEngine(backend, precision, missing)
+                    for precision in ("fp32", "int8", "w8a8", "bf16", "bf16-model", "fp16-model")]
     transformers_missing = None if _importable("transformers") else "transformers is not installed"
-    engines += [TransformersEngine(precision, transformers_missing) for precision in ("fp32", "bf16-model")]
+    engines += [TransformersEngine(precision, transformers_missing) for precision in ("fp32", "bf16-model", "fp16-model")]
     ct2_missing = None if _importable("ctranslate2") else "ctranslate2 is not installed"
     engines += [CTranslate2Engine(precision, ct2_missing) for precision in ("fp32", "int8")]
     return engines

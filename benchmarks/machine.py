@@ -149,13 +149,16 @@ def describe_machine(threads: int, gemm_dtypes=("float32",), quick: bool = False
     bandwidth = measure_read_bandwidth(size_bytes=(1 << 29) if quick else (1 << 30), repeats=repeats)
     # Where oneDNN has no bf16 (AVX2-only CPUs) torch.mm in bf16 runs a slow loop (0.3 GFLOP/s
     # seen on a Zen 3: minutes for this probe), and the fp32 GEMM of the widened operands is the
-    # faster bf16 GEMM (the cpu backend runs that): the floor takes the fp32 rate there.
-    native_bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)()
-    measured = [name for name in gemm_dtypes if name != "bfloat16" or native_bf16]
+    # faster bf16 GEMM (the cpu backend runs that): the floor takes the fp32 rate there. Likewise
+    # fp16 without AVX512-FP16 / AMX-FP16; with bf16 / fp16 instructions the faster of the two.
+    native = {"bfloat16": getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)(),
+              "float16": getattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: False)()}
+    measured = [name for name in gemm_dtypes if native.get(name, True)]
     gemm = {name: measure_gemm_rate(name, repeats=repeats) for name in measured}
-    if "bfloat16" in gemm_dtypes:
-        fp32 = gemm["float32"] if "float32" in gemm else measure_gemm_rate("float32", repeats=repeats)
-        gemm["bfloat16"] = max(gemm.get("bfloat16", 0.0), fp32)
+    for half in set(gemm_dtypes) & set(native):
+        if "float32" not in gemm:
+            gemm["float32"] = measure_gemm_rate("float32", repeats=repeats)
+        gemm[half] = max(gemm.get(half, 0.0), gemm["float32"])
     return {
         "cpu": cpu_description(),
         "threads": threads,

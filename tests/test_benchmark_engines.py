@@ -1,5 +1,6 @@
 """The benchmark suite's transformers engines (benchmarks/engines.py): the fp32 reference and its
-bf16 peer load the same checkpoint in their dtype and give transformers' own outputs."""
+bf16 / fp16 peers load the same checkpoint in their dtype and give transformers' own outputs; the
+umt5_fast half-precision models load in theirs."""
 import numpy as np
 import pytest
 import torch
@@ -10,7 +11,8 @@ engines = pytest.importorskip("benchmarks.engines")
 from helpers import random_batch  # noqa: E402
 
 
-@pytest.mark.parametrize("name,dtype", [("transformers-fp32", torch.float32), ("transformers-bf16", torch.bfloat16)])
+@pytest.mark.parametrize("name,dtype", [("transformers-fp32", torch.float32), ("transformers-bf16", torch.bfloat16),
+                                        ("transformers-fp16", torch.float16)])
 def test_transformers_engines_run_transformers_in_their_dtype(checkpoint_factory, name, dtype):
     # as many decoder layers as encoder ones: transformers' generate fails with its cache otherwise
     path, _ = checkpoint_factory("UMT5ForConditionalGeneration", num_layers=2, num_decoder_layers=2)
@@ -27,3 +29,17 @@ def test_transformers_engines_run_transformers_in_their_dtype(checkpoint_factory
     engine.load(path, None, "generate", threads=1)
     new = engine.generate(ids, mask, new_tokens=5, num_beams=1)
     assert new.shape == (2, 5)
+
+
+@pytest.mark.parametrize("name,dtype", [("umt5_fast-cpu-bf16-model", torch.bfloat16),
+                                        ("umt5_fast-cpu-fp16-model", torch.float16)])
+def test_umt5_fast_half_precision_models_load_in_their_dtype(checkpoint_factory, name, dtype):
+    path, _ = checkpoint_factory("UMT5ForConditionalGeneration")
+    engine = engines.engine_by_name(name)
+    if engine.missing:
+        pytest.skip(engine.missing)
+    assert engine.activation_bytes == engine.weight_bytes == 2
+    engine.load(path, None, "encoder", threads=1)
+    assert engine.model.dtype == dtype
+    ids, mask = random_batch(engine.model.config.vocab_size, 2, 13, seed=3)
+    assert engine.encode(ids, mask).dtype == np.float32

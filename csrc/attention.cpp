@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -189,12 +190,14 @@ struct Bf16Operands {
 };
 
 // One operand of every (batch, head) with its `length` rows contiguous: [B, H, length, D], as T
-// (bf16 bits widened exactly when T is float and From is uint16_t).
+// (bf16 bits or Fp16 widened exactly when T is float and From is one of them).
 template <typename T, typename From = T>
 std::vector<T> rows_by_head(const AttentionProblem& p, const void* base, const std::array<int64_t, 3>& strides,
                             int64_t length) {
   const int64_t head_stride = length * p.head_dim;
   std::vector<T> rows(p.batch * p.heads * head_stride);
+  void (*widen)(const From*, float*, int64_t) = nullptr;
+  if constexpr (!std::is_same_v<T, From>) UMT5_DISPATCH_ISA(ISA, widen = &kernels::convert_values<ISA, From, float>);
   const int threads = static_cast<int>(std::clamp<int64_t>(p.batch * p.heads, 1, std::max(p.num_threads, 1)));
 #pragma omp parallel for num_threads(threads)
   for (int64_t bh = 0; bh < p.batch * p.heads; ++bh) {
@@ -202,7 +205,7 @@ std::vector<T> rows_by_head(const AttentionProblem& p, const void* base, const s
     for (int64_t j = 0; j < length; ++j) {
       T* row = rows.data() + bh * head_stride + j * p.head_dim;
       if constexpr (std::is_same_v<T, From>) std::copy_n(head + j * strides[2], p.head_dim, row);
-      else widen_bf16(head + j * strides[2], row, p.head_dim);
+      else widen(head + j * strides[2], row, p.head_dim);
     }
   }
   return rows;
@@ -271,13 +274,15 @@ void fill_block(const AttentionProblem& p, const PositionTerms& position_terms,
   block.key_term = key_terms.for_batch(b);
 }
 
-// bf16 attention where the bf16 kernels cannot run: q, k and v widened (exactly) into fp32 copies
-// with each head's rows contiguous, the fp32 kernel, its output rounded to bf16 once. O(L * D)
-// extra memory; the copies cost ~1% of the kernel's time at 4096 tokens.
-void run_widened_bf16_attention(const AttentionProblem& p) {
-  const std::vector<float> q = rows_by_head<float, uint16_t>(p, p.q, p.q_strides, p.query_length);
-  const std::vector<float> k = rows_by_head<float, uint16_t>(p, p.k, p.k_strides, p.key_length);
-  const std::vector<float> v = rows_by_head<float, uint16_t>(p, p.v, p.v_strides, p.key_length);
+// bf16 attention where the bf16 kernels cannot run, and fp16 attention (Half: uint16_t holding
+// bf16 bits, or Fp16): q, k and v widened (exactly) into fp32 copies with each head's rows
+// contiguous, the fp32 kernel, its output rounded once. O(L * D) extra memory; the copies cost ~1%
+// of the kernel's time at 4096 tokens.
+template <typename Half>
+void run_widened_half_attention(const AttentionProblem& p) {
+  const std::vector<float> q = rows_by_head<float, Half>(p, p.q, p.q_strides, p.query_length);
+  const std::vector<float> k = rows_by_head<float, Half>(p, p.k, p.k_strides, p.key_length);
+  const std::vector<float> v = rows_by_head<float, Half>(p, p.v, p.v_strides, p.key_length);
   std::vector<float> out(p.batch * p.query_length * p.heads * p.head_dim);
   AttentionProblem widened = p;
   widened.q = q.data();
@@ -288,7 +293,9 @@ void run_widened_bf16_attention(const AttentionProblem& p) {
   widened.out = out.data();
   widened.element = AttentionElement::f32;
   run_attention(widened);
-  round_to_bf16(out.data(), static_cast<uint16_t*>(p.out), static_cast<int64_t>(out.size()));
+  void (*round)(const float*, Half*, int64_t) = nullptr;
+  UMT5_DISPATCH_ISA(ISA, round = &kernels::convert_values<ISA, float, Half>);
+  round(out.data(), static_cast<Half*>(p.out), static_cast<int64_t>(out.size()));
 }
 
 }  // namespace
@@ -300,7 +307,8 @@ bool cpu_supports_bf16_attention() {
 
 void run_attention(const AttentionProblem& p) {
   const bool bf16 = p.element == AttentionElement::bf16;
-  if (bf16 && !cpu_supports_bf16_attention()) return run_widened_bf16_attention(p);
+  if (bf16 && !cpu_supports_bf16_attention()) return run_widened_half_attention<uint16_t>(p);
+  if (p.element == AttentionElement::f16) return run_widened_half_attention<Fp16>(p);
   const PositionTerms position_terms(p);
   const KeyTerms key_terms(p);
   const bool amx = bf16 && p.query_length >= kAmxMinRows && amx_attention_enabled();
@@ -372,7 +380,10 @@ void register_attention(py::module_& m) {
            uintptr_t out, int64_t batch, int64_t heads, int64_t query_length, int64_t key_length,
            int head_dim, uintptr_t bias_table, int num_buckets, int max_distance,
            bool bidirectional, uintptr_t key_padding_mask, int64_t mask_batch_stride, bool causal,
-           int64_t query_offset, float scale, int num_threads, bool bf16) {
+           int64_t query_offset, float scale, int num_threads, const std::string& element) {
+          if (element != "float32" && element != "bfloat16" && element != "float16")
+            throw std::invalid_argument("attention: element must be 'float32', 'bfloat16' or 'float16', got '" +
+                                        element + "'");
           AttentionProblem problem{
               reinterpret_cast<const void*>(q), q_strides,
               reinterpret_cast<const void*>(k), k_strides,
@@ -381,7 +392,9 @@ void register_attention(py::module_& m) {
               reinterpret_cast<const float*>(bias_table), num_buckets, max_distance,
               bidirectional, reinterpret_cast<const uint8_t*>(key_padding_mask),
               mask_batch_stride, causal, query_offset, scale, num_threads,
-              bf16 ? AttentionElement::bf16 : AttentionElement::f32};
+              element == "bfloat16"  ? AttentionElement::bf16
+              : element == "float16" ? AttentionElement::f16
+                                     : AttentionElement::f32};
           py::gil_scoped_release no_gil;
           run_attention(problem);
         },
@@ -391,8 +404,9 @@ void register_attention(py::module_& m) {
         py::arg("bias_table"), py::arg("num_buckets"), py::arg("max_distance"),
         py::arg("bidirectional"), py::arg("key_padding_mask"), py::arg("mask_batch_stride"),
         py::arg("causal"), py::arg("query_offset"), py::arg("scale"), py::arg("num_threads"),
-        py::arg("bf16") = false,
-        "Fused attention on data pointers (fp32 q, k, v, out; bf16 ones when bf16; validated by "
+        py::arg("element") = "float32",
+        "Fused attention on data pointers (q, k, v, out of `element`: 'float32', 'bfloat16' or "
+        "'float16'; validated by "
         "umt5_fast.ops.cpu.attention). Null pointers (0) mean no bias table / no padding mask.");
   m.def("has_bf16_attention", &cpu_supports_bf16_attention,
         "Whether bf16 attention runs on bf16 products here (AVX512-BF16 and the avx512 ISA "

@@ -1,4 +1,4 @@
-// Fused relative-position attention on fp32 or bf16 [B, H, L, D] views: shared by attention.cpp
+// Fused relative-position attention on fp32, bf16 or fp16 [B, H, L, D] views: shared by attention.cpp
 // (prefill, encoder, cross-attention), decode_attention.cpp (one query row against the cache) and
 // the decoder step.
 #pragma once
@@ -9,11 +9,11 @@
 namespace umt5_fast {
 
 // Element type of q, k, v and out.
-enum class AttentionElement { f32, bf16 };
+enum class AttentionElement { f32, bf16, f16 };
 
 struct AttentionProblem {
   // q: [B, H, Lq, D], k/v: [B, H, Lk, D]; strides in elements for (batch, head, row), rows
-  // contiguous. Elements are floats, or bf16 bits (uint16_t) when element is bf16.
+  // contiguous. Elements are floats, bf16 bits (uint16_t) when element is bf16, Fp16 when f16.
   const void* q;
   std::array<int64_t, 3> q_strides;
   const void* k;
@@ -43,7 +43,8 @@ struct AttentionProblem {
 // bf16 runs the AVX512-BF16 kernel (attention_bf16.cpp, or AMX tiles): q k^T and p v as bf16
 // pair products summed in fp32 (p rounded to bf16, as transformers' bf16 attention rounds its
 // softmax), the softmax in fp32, the output rounded once. Where it cannot run, bf16 problems take
-// the fp32 kernel on exactly widened copies of q, k and v, the output rounded once.
+// the fp32 kernel on exactly widened copies of q, k and v, the output rounded once; fp16 problems
+// always do.
 void run_attention(const AttentionProblem& problem);
 
 // Whether run_attention runs bf16 problems on bf16 products: AVX512-BF16 (with BW, VL) present

@@ -4,14 +4,19 @@
 // as umt5_fast.model's DecoderStack.run on the cpu backend, so the result is bit for bit the
 // Python path's; what this saves is the ~100 Python-level op calls per step, which cost as much
 // as the decoder layers' weight reads at batch 1 (umt5_fast/decode_step.py builds and checks
-// the plan). Activations are fp32, or bf16 for a bf16 model: then every tensor the Python path
-// holds in bf16 is rounded where it rounds (each linear's output, then its residual sum).
+// the plan). Activations are fp32, or bf16 / fp16 for a bf16 / fp16 model: then every tensor the
+// Python path holds in bf16 / fp16 is rounded where it rounds (each linear's output, then its
+// residual sum). An fp16 model's residual stream is fp16 until its first fp32 `wo` (transformers
+// keeps `wo` in fp32 there) and fp32 from then on, and while it is fp16 it is clamped after each
+// sublayer as transformers clamps it.
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include <pybind11/pybind11.h>
@@ -19,6 +24,8 @@
 
 #include "attention.h"
 #include "bf16.h"
+#include "fp16.h"
+#include "kernels.h"
 #include "ops.h"
 #include "w8a8_linear.h"
 #include "weight_only_linear.h"
@@ -30,7 +37,7 @@ namespace {
 
 // The weight formats of umt5_fast.ops.cpu.linear's C++ kernels (fp32 activations).
 // w8a8: column blocks, w8a8_rows: the row layout (w8a8_linear.h).
-enum class WeightKind : int { none = -1, f32 = 0, bf16 = 1, int8 = 2, w8a8 = 3, w8a8_rows = 4 };
+enum class WeightKind : int { none = -1, f32 = 0, bf16 = 1, int8 = 2, w8a8 = 3, w8a8_rows = 4, f16 = 5 };
 
 // (kind, weight pointer, scale pointer or 0, in_features, out_features), as Python passes it.
 using LinearSpec = std::tuple<int, uintptr_t, uintptr_t, int64_t, int64_t>;
@@ -50,7 +57,8 @@ struct StepLinear {
     w.in_features = std::get<3>(spec);
     w.out_features = std::get<4>(spec);
     const bool w8a8 = w.kind == WeightKind::w8a8 || w.kind == WeightKind::w8a8_rows;
-    const bool known = w.kind == WeightKind::f32 || w.kind == WeightKind::bf16 || w.kind == WeightKind::int8 || w8a8;
+    const bool known = w.kind == WeightKind::f32 || w.kind == WeightKind::bf16 || w.kind == WeightKind::f16 ||
+                       w.kind == WeightKind::int8 || w8a8;
     const bool scaled = w.kind == WeightKind::int8 || w8a8;
     if (!known || !w.weight || scaled != (w.scale != nullptr))
       throw std::invalid_argument(std::string("decoder step: bad weight spec for ") + name);
@@ -74,6 +82,10 @@ struct StepLinear {
       case WeightKind::bf16:
         return run_weight_only_linear<uint16_t>(
             {x, static_cast<const uint16_t*>(weight), nullptr, residual, y, rows, in_features,
+             out_features}, threads);
+      case WeightKind::f16:
+        return run_weight_only_linear<Fp16>(
+            {x, static_cast<const Fp16*>(weight), nullptr, residual, y, rows, in_features,
              out_features}, threads);
       case WeightKind::int8:
         return run_weight_only_linear<int8_t>(
@@ -99,21 +111,28 @@ struct StepLayer {
   StepLinear wi_0, wi_1, wo;  // wi_1.kind == none: not gated
 };
 
-// The row-wise steps in the activations' type T: float, or uint16_t (bf16 bits) with the bf16
-// model's rounding points. `widened` / `sums` are fp32 scratch of rows x the widest layer.
+// The row-wise steps in the activations' type T: float, uint16_t (bf16 bits) or Fp16 with the
+// bf16 / fp16 model's rounding points. Stream: the residual stream's element; StreamState what
+// the stream's rounding depends on. `widened` / `sums` are fp32 scratch of rows x the widest layer.
 template <typename T>
 struct StepOps;
 
 template <>
 struct StepOps<float> {
+  using Stream = float;
+  struct StreamState {};
   static constexpr AttentionElement element = AttentionElement::f32;
+  static float* stream(void* hidden, std::vector<float>&, int64_t) { return static_cast<float*>(hidden); }
   static void norm(const float* x, const void* weight, float eps, float* out, int64_t rows,
                    int64_t dim, int threads) {
     run_rms_norm(x, nullptr, static_cast<const float*>(weight), eps, nullptr, out, rows, dim, threads);
   }
-  static void project(const StepLinear& w, const float* x, const float* residual, float* y,
-                      int64_t rows, float*, float*, int threads) {
-    w.apply(x, residual, y, rows, threads);
+  static void project(const StepLinear& w, const float* x, float* y, int64_t rows, float*, float*, int threads) {
+    w.apply(x, nullptr, y, rows, threads);
+  }
+  static void add_projection(const StepLinear& w, const float* x, float* h, StreamState&, int64_t rows, float*,
+                             float*, int threads) {
+    w.apply(x, h, h, rows, threads);
   }
   static void activate(kernels::Activation activation, float* gate, const float* up, int64_t rows,
                        int64_t cols, int threads) {
@@ -121,26 +140,107 @@ struct StepOps<float> {
   }
 };
 
+// ops.cpu.linear of half-precision x (bf16 bits or Fp16): the kernel on the exactly widened x, its
+// fp32 sums in `sums`.
+template <typename Half>
+void half_projection_sums(const StepLinear& w, const Half* x, int64_t rows, float* widened, float* sums,
+                          int threads) {
+  void (*widen)(const Half*, float*, int64_t) = nullptr;
+  UMT5_DISPATCH_ISA(ISA, widen = &kernels::convert_values<ISA, Half, float>);
+  widen(x, widened, rows * w.in_features);
+  w.apply(widened, nullptr, sums, rows, threads);
+}
+
 template <>
 struct StepOps<uint16_t> {
+  using Stream = uint16_t;
+  struct StreamState {};
   static constexpr AttentionElement element = AttentionElement::bf16;
+  static uint16_t* stream(void* hidden, std::vector<float>&, int64_t) { return static_cast<uint16_t*>(hidden); }
   static void norm(const uint16_t* x, const void* weight, float eps, uint16_t* out, int64_t rows,
                    int64_t dim, int threads) {
     run_rms_norm_half(x, static_cast<const uint16_t*>(weight), eps, out, rows, dim, threads);
   }
-  // ops.cpu.linear of bf16 x: the kernel on the exactly widened x, its fp32 sums rounded to bf16,
-  // then `+ residual` as a bf16 add (fp32 sum of the two, rounded again).
-  static void project(const StepLinear& w, const uint16_t* x, const uint16_t* residual,
-                      uint16_t* y, int64_t rows, float* widened, float* sums, int threads) {
-    widen_bf16(x, widened, rows * w.in_features);
-    w.apply(widened, nullptr, sums, rows, threads);
-    for (int64_t i = 0; i < rows * w.out_features; ++i) {
-      const uint16_t rounded = float_to_bf16(sums[i]);
-      y[i] = residual ? float_to_bf16(bf16_to_float(rounded) + bf16_to_float(residual[i])) : rounded;
-    }
+  // the fp32 sums rounded to bf16
+  static void project(const StepLinear& w, const uint16_t* x, uint16_t* y, int64_t rows, float* widened,
+                      float* sums, int threads) {
+    half_projection_sums(w, x, rows, widened, sums, threads);
+    round_to_bf16(sums, y, rows * w.out_features);
+  }
+  // then `h + y` as a bf16 add (fp32 sum of the two, rounded again)
+  static void add_projection(const StepLinear& w, const uint16_t* x, uint16_t* h, StreamState&, int64_t rows,
+                             float* widened, float* sums, int threads) {
+    half_projection_sums(w, x, rows, widened, sums, threads);
+    for (int64_t i = 0; i < rows * w.out_features; ++i)
+      h[i] = float_to_bf16(bf16_to_float(float_to_bf16(sums[i])) + bf16_to_float(h[i]));
   }
   static void activate(kernels::Activation activation, uint16_t* gate, const uint16_t* up,
                        int64_t rows, int64_t cols, int threads) {
+    run_gated_activation_half(activation, gate, cols, up, cols, gate, cols, rows, cols, threads);
+  }
+};
+
+// x[i] rounded to fp16 and widened back, in place (the vector conversions).
+void round_through_fp16(float* x, int64_t n) {
+  void (*round)(const float*, Fp16*, int64_t) = nullptr;
+  void (*widen)(const Fp16*, float*, int64_t) = nullptr;
+  UMT5_DISPATCH_ISA(ISA, (round = &kernels::convert_values<ISA, float, Fp16>,
+                          widen = &kernels::convert_values<ISA, Fp16, float>));
+  std::vector<Fp16> rounded(n);
+  round(x, rounded.data(), n);
+  widen(rounded.data(), x, n);
+}
+
+template <>
+struct StepOps<Fp16> {
+  // fp32 storage: fp16 values while `half`, fp32 ones after the first fp32 `wo` (transformers'
+  // type promotion of fp16 + fp32)
+  using Stream = float;
+  struct StreamState {
+    bool half = true;
+  };
+  static constexpr AttentionElement element = AttentionElement::f16;
+  static float* stream(void* hidden, std::vector<float>& storage, int64_t n) {
+    void (*widen)(const Fp16*, float*, int64_t) = nullptr;
+    UMT5_DISPATCH_ISA(ISA, widen = &kernels::convert_values<ISA, Fp16, float>);
+    storage.resize(n);
+    widen(static_cast<const Fp16*>(hidden), storage.data(), n);
+    return storage.data();
+  }
+  // (fp16 values in fp32 storage give the fp16 rows' bits: both kernels widen them exactly first)
+  static void norm(const float* x, const void* weight, float eps, Fp16* out, int64_t rows, int64_t dim,
+                   int threads) {
+    run_rms_norm_half(x, static_cast<const Fp16*>(weight), eps, out, rows, dim, threads);
+  }
+  static void project(const StepLinear& w, const Fp16* x, Fp16* y, int64_t rows, float* widened, float* sums,
+                      int threads) {
+    half_projection_sums(w, x, rows, widened, sums, threads);
+    void (*round)(const float*, Fp16*, int64_t) = nullptr;
+    UMT5_DISPATCH_ISA(ISA, round = &kernels::convert_values<ISA, float, Fp16>);
+    round(sums, y, rows * w.out_features);
+  }
+  // An fp32 weight (`wo` kept in fp32) multiplies the widened x into fp32 outputs, added to the
+  // stream in fp32; others round to fp16, then add as fp16 (or in fp32 to an fp32 stream). An fp16
+  // stream is then clamped as transformers clamps it: to +-(65504 - 1000) (64512 in fp16) where any
+  // value of the batch is inf, else to +-65504 (no change).
+  static void add_projection(const StepLinear& w, const Fp16* x, float* h, StreamState& state, int64_t rows,
+                             float* widened, float* sums, int threads) {
+    half_projection_sums(w, x, rows, widened, sums, threads);
+    const int64_t n = rows * w.out_features;
+    if (w.kind == WeightKind::f32) {
+      for (int64_t i = 0; i < n; ++i) h[i] += sums[i];
+      state.half = false;
+      return;
+    }
+    round_through_fp16(sums, n);  // the projection's fp16 output
+    for (int64_t i = 0; i < n; ++i) h[i] += sums[i];
+    if (!state.half) return;
+    round_through_fp16(h, n);  // an fp16 add
+    if (std::any_of(h, h + n, [](float x) { return std::isinf(x); }))
+      for (int64_t i = 0; i < n; ++i) h[i] = std::isnan(h[i]) ? h[i] : std::clamp(h[i], -64512.0f, 64512.0f);
+  }
+  static void activate(kernels::Activation activation, Fp16* gate, const Fp16* up, int64_t rows, int64_t cols,
+                       int threads) {
     run_gated_activation_half(activation, gate, cols, up, cols, gate, cols, rows, cols, threads);
   }
 };
@@ -151,14 +251,20 @@ using LayerSpec = std::tuple<std::array<uintptr_t, 4>, std::array<LinearSpec, 9>
 
 class DecoderStep {
  public:
-  // bf16: the activations (hidden, caches, encoder K/V, norm weights) are bf16, a bf16 model's.
+  // activations: "float32", or "bfloat16" / "float16" where the activations (hidden, caches,
+  // encoder K/V, norm weights) are a bf16 / fp16 model's.
   DecoderStep(int64_t d_model, int64_t heads, int64_t d_kv, int64_t d_ff, int num_buckets,
               int max_distance, float eps, const std::string& activation,
-              const std::vector<LayerSpec>& layers, uintptr_t final_norm, bool bf16)
+              const std::vector<LayerSpec>& layers, uintptr_t final_norm, const std::string& activations)
       : d_model_(d_model), heads_(heads), d_kv_(d_kv), inner_(heads * d_kv), d_ff_(d_ff),
         num_buckets_(num_buckets), max_distance_(max_distance), eps_(eps),
         activation_(activation_from_name(activation)),
-        final_norm_(reinterpret_cast<const void*>(final_norm)), bf16_(bf16) {
+        final_norm_(reinterpret_cast<const void*>(final_norm)),
+        element_(activations == "bfloat16"  ? AttentionElement::bf16
+                 : activations == "float16" ? AttentionElement::f16
+                                            : AttentionElement::f32) {
+    if (activations != "float32" && activations != "bfloat16" && activations != "float16")
+      throw std::invalid_argument("decoder step: activations must be 'float32', 'bfloat16' or 'float16'");
     if (d_model < 1 || heads < 1 || d_kv < 1 || d_ff < 1 || !final_norm_)
       throw std::invalid_argument("decoder step: sizes must be positive and final_norm set");
     for (const auto& [norms, linears] : layers) {
@@ -179,11 +285,17 @@ class DecoderStep {
       if (std::get<0>(linears[7]) != static_cast<int>(WeightKind::none))
         layer.wi_1 = StepLinear::from_spec(linears[7], d_model, d_ff, "wi_1");
       layer.wo = StepLinear::from_spec(linears[8], d_ff, d_model, "wo");
-      // bf16 activations: the weights ops.cpu.linear multiplies bf16 x with in these kernels
+      // bf16 / fp16 activations: the weights ops.cpu.linear multiplies their x with in these
+      // kernels (an fp16 model's `wo` may be fp32: x widened for it, as the model widens it)
+      const WeightKind own = element_ == AttentionElement::bf16 ? WeightKind::bf16 : WeightKind::f16;
       for (const StepLinear* w : {&layer.q, &layer.k, &layer.v, &layer.o, &layer.cross_q,
-                                  &layer.cross_o, &layer.wi_0, &layer.wi_1, &layer.wo})
-        if (bf16 && w->kind == WeightKind::f32)
-          throw std::invalid_argument("decoder step: bf16 activations take bf16, int8 or W8A8 weights");
+                                  &layer.cross_o, &layer.wi_0, &layer.wi_1, &layer.wo}) {
+        const bool float_kind = w->kind == WeightKind::f32 || w->kind == WeightKind::bf16 || w->kind == WeightKind::f16;
+        const bool fp32_wo = element_ == AttentionElement::f16 && w == &layer.wo && w->kind == WeightKind::f32;
+        if (element_ != AttentionElement::f32 && float_kind && w->kind != own && !fp32_wo)
+          throw std::invalid_argument("decoder step: bf16 / fp16 activations take weights of their dtype, int8 or "
+                                      "W8A8 (fp16: an fp32 wo too)");
+      }
       layers_.push_back(layer);
     }
   }
@@ -192,7 +304,7 @@ class DecoderStep {
   // d_model] after the final norm. keys / values: [layers, rows, heads, max_length, d_kv] with
   // `cache_strides`; position < max_length is where this step's K/V go. cross_k / cross_v: per
   // layer [rows, heads, source_length, d_kv] with (batch, head, position) strides. All of them
-  // hold fp32, or bf16 for a step built with bf16.
+  // hold the activations' dtype (fp32, bf16 or fp16).
   void run(uintptr_t hidden, uintptr_t out, int64_t rows, int64_t position, uintptr_t keys,
            uintptr_t values, std::array<int64_t, 4> cache_strides,
            const std::vector<uintptr_t>& cross_k, const std::vector<std::array<int64_t, 3>>& k_strides,
@@ -205,7 +317,9 @@ class DecoderStep {
     if (rows < 1 || position < 0 || source_length < 1)
       throw std::invalid_argument("decoder step: rows and source_length must be positive");
     py::gil_scoped_release no_gil;
-    const auto stack = bf16_ ? &DecoderStep::run_stack<uint16_t> : &DecoderStep::run_stack<float>;
+    const auto stack = element_ == AttentionElement::bf16  ? &DecoderStep::run_stack<uint16_t>
+                       : element_ == AttentionElement::f16 ? &DecoderStep::run_stack<Fp16>
+                                                           : &DecoderStep::run_stack<float>;
     (this->*stack)(reinterpret_cast<void*>(hidden), reinterpret_cast<void*>(out), rows, position,
                    reinterpret_cast<void*>(keys), reinterpret_cast<void*>(values), cache_strides,
                    cross_k, k_strides, cross_v, v_strides, source_length,
@@ -221,23 +335,28 @@ class DecoderStep {
                  const std::vector<std::array<int64_t, 3>>& v_strides, int64_t source_length,
                  const uint8_t* encoder_mask, int64_t mask_stride, int num_threads) const {
     using Ops = StepOps<T>;
-    T* h = static_cast<T*>(hidden);
+    std::vector<float> stream_storage;  // (an fp16 model's stream: fp32 storage)
+    typename Ops::Stream* h = Ops::stream(hidden, stream_storage, rows * d_model_);
+    typename Ops::StreamState stream_state;
     std::vector<T> normed(rows * d_model_), q(rows * inner_), k(rows * inner_), v(rows * inner_),
         attended(rows * inner_), gate(rows * d_ff_), up(rows * d_ff_);
-    // fp32 scratch of the bf16 projections (none for fp32 activations)
-    const int64_t widest = std::max({d_model_, inner_, d_ff_});
-    std::vector<float> widened(bf16_ ? rows * widest : 0), sums(bf16_ ? rows * widest : 0);
-    const auto project = [&](const StepLinear& w, const T* x, const T* residual, T* y) {
-      Ops::project(w, x, residual, y, rows, widened.data(), sums.data(), num_threads);
+    // fp32 scratch of the half-precision projections (none for fp32 activations)
+    const int64_t scratch = std::is_same_v<T, float> ? 0 : rows * std::max({d_model_, inner_, d_ff_});
+    std::vector<float> widened(scratch), sums(scratch);
+    const auto project = [&](const StepLinear& w, const T* x, T* y) {
+      Ops::project(w, x, y, rows, widened.data(), sums.data(), num_threads);
+    };
+    const auto add_projection = [&](const StepLinear& w, const T* x) {
+      Ops::add_projection(w, x, h, stream_state, rows, widened.data(), sums.data(), num_threads);
     };
     const std::array<int64_t, 3> q_strides{inner_, d_kv_, inner_};  // [B, H, 1, D] view of [B, H*D]
     for (size_t i = 0; i < layers_.size(); ++i) {
       const StepLayer& layer = layers_[i];
       // Self-attention: the step's K/V go into the cache first, then the query reads them all.
       Ops::norm(h, layer.self_norm, eps_, normed.data(), rows, d_model_, num_threads);
-      project(layer.q, normed.data(), nullptr, q.data());
-      project(layer.k, normed.data(), nullptr, k.data());
-      project(layer.v, normed.data(), nullptr, v.data());
+      project(layer.q, normed.data(), q.data());
+      project(layer.k, normed.data(), k.data());
+      project(layer.v, normed.data(), v.data());
       T* layer_keys = static_cast<T*>(keys) + i * cache_strides[0];
       T* layer_values = static_cast<T*>(values) + i * cache_strides[0];
       for (int64_t b = 0; b < rows; ++b)
@@ -252,26 +371,26 @@ class DecoderStep {
                      static_cast<int>(d_kv_), layer.bias_table, num_buckets_, max_distance_,
                      /*bidirectional=*/false, /*key_padding_mask=*/nullptr, 0, /*causal=*/true,
                      /*query_offset=*/position, /*scale=*/1.0f, num_threads, Ops::element});
-      project(layer.o, attended.data(), h, h);
+      add_projection(layer.o, attended.data());
 
       // Cross-attention on the encoder K/V (no position bias).
       Ops::norm(h, layer.cross_norm, eps_, normed.data(), rows, d_model_, num_threads);
-      project(layer.cross_q, normed.data(), nullptr, q.data());
+      project(layer.cross_q, normed.data(), q.data());
       run_attention({q.data(), q_strides, reinterpret_cast<const T*>(cross_k[i]), k_strides[i],
                      reinterpret_cast<const T*>(cross_v[i]), v_strides[i], attended.data(),
                      rows, heads_, /*query_length=*/1, source_length, static_cast<int>(d_kv_),
                      /*bias_table=*/nullptr, num_buckets_, max_distance_, /*bidirectional=*/true,
                      encoder_mask, mask_stride, /*causal=*/false, /*query_offset=*/0,
                      /*scale=*/1.0f, num_threads, Ops::element});
-      project(layer.cross_o, attended.data(), h, h);
+      add_projection(layer.cross_o, attended.data());
 
       // Feed-forward: act(wi_0 x) * wi_1 x (or act(wi x)), then wo plus the residual.
       Ops::norm(h, layer.ffn_norm, eps_, normed.data(), rows, d_model_, num_threads);
-      project(layer.wi_0, normed.data(), nullptr, gate.data());
+      project(layer.wi_0, normed.data(), gate.data());
       const bool gated = layer.wi_1.kind != WeightKind::none;
-      if (gated) project(layer.wi_1, normed.data(), nullptr, up.data());
+      if (gated) project(layer.wi_1, normed.data(), up.data());
       Ops::activate(activation_, gate.data(), gated ? up.data() : nullptr, rows, d_ff_, num_threads);
-      project(layer.wo, gate.data(), h, h);
+      add_projection(layer.wo, gate.data());
     }
     Ops::norm(h, final_norm_, eps_, static_cast<T*>(out), rows, d_model_, num_threads);
   }
@@ -281,7 +400,7 @@ class DecoderStep {
   float eps_;
   kernels::Activation activation_;
   const void* final_norm_;
-  bool bf16_;
+  AttentionElement element_;  // of the activations
   std::vector<StepLayer> layers_;
 };
 
@@ -292,10 +411,10 @@ void register_decoder_step(py::module_& m) {
                           "A UMT5 decoder stack's single-token step on data pointers (built and "
                           "validated by umt5_fast.decode_step).")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int, int, float, const std::string&,
-                    const std::vector<LayerSpec>&, uintptr_t, bool>(),
+                    const std::vector<LayerSpec>&, uintptr_t, const std::string&>(),
            py::kw_only(), py::arg("d_model"), py::arg("heads"), py::arg("d_kv"), py::arg("d_ff"),
            py::arg("num_buckets"), py::arg("max_distance"), py::arg("eps"),
-           py::arg("activation"), py::arg("layers"), py::arg("final_norm"), py::arg("bf16"))
+           py::arg("activation"), py::arg("layers"), py::arg("final_norm"), py::arg("activations"))
       .def("run", &DecoderStep::run, py::kw_only(), py::arg("hidden"), py::arg("out"),
            py::arg("rows"), py::arg("position"), py::arg("keys"), py::arg("values"),
            py::arg("cache_strides"), py::arg("cross_k"), py::arg("k_strides"), py::arg("cross_v"),

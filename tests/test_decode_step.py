@@ -34,9 +34,10 @@ def encoded(model, batch: int, seed: int):
     return states, mask
 
 
-# (quantize, dtype): fp32 activations with each weight format, and a bf16 model's activations
-# with its bf16 weights, int8 or W8A8 ones
-PRECISIONS = [(mode, torch.float32) for mode in MODES] + [(mode, torch.bfloat16) for mode in (None, "int8", "w8a8")]
+# (quantize, dtype): fp32 activations with each weight format, and a bf16 / fp16 model's
+# activations with weights of its dtype (an fp16 model's `wo` fp32), int8 or W8A8 ones
+PRECISIONS = ([(mode, torch.float32) for mode in MODES]
+              + [(mode, dtype) for dtype in (torch.bfloat16, torch.float16) for mode in (None, "int8", "w8a8")])
 
 
 @pytest.mark.usefixtures("every_cpu_isa")
@@ -48,7 +49,7 @@ def test_steps_equal_the_python_path(checkpoint_factory, config_name, mode, dtyp
     states, mask = encoded(model, rows, seed=5)
     fast = generation.Decoder(model, states, mask, max_length=steps + 1)
     python = generation.Decoder(model, states, mask, max_length=steps + 1)
-    assert fast.cpu_step is not None  # bf16 models too, with or without AVX512-BF16
+    assert fast.cpu_step is not None  # bf16 / fp16 models too, with or without AVX512-BF16
     python.cpu_step = None
     g = torch.Generator().manual_seed(6)
     tokens = torch.zeros(rows, 1, dtype=torch.long)
@@ -70,7 +71,8 @@ GENERATE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("mode,dtype", [(None, torch.float32), ("w8a8", torch.float32), (None, torch.bfloat16)])
+@pytest.mark.parametrize("mode,dtype", [(None, torch.float32), ("w8a8", torch.float32), (None, torch.bfloat16),
+                                        (None, torch.float16)])
 @pytest.mark.parametrize("case", range(len(GENERATE_CASES)))
 def test_generate_is_unchanged(checkpoint_factory, monkeypatch, case, mode, dtype):
     model = load(checkpoint_factory, "odd-gated-gelu", mode, dtype=dtype)
@@ -102,7 +104,11 @@ def test_models_it_does_not_cover_take_the_python_path(checkpoint_factory):
     path, _ = checkpoint_factory("UMT5ForConditionalGeneration", **CONFIGS["odd-gated-gelu"])
     load_model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained
     assert decode_step.build(load_model(path, backend="eager")) is None
-    assert decode_step.build(load_model(path, backend="cpu", dtype=torch.float16)) is None
+    fp16_model = load_model(path, backend="cpu", dtype=torch.float16)
+    assert decode_step.build(fp16_model) is not None
+    fp16_model.decoder.block[1].layer[0].SelfAttention.o.weight.data = \
+        fp16_model.decoder.block[1].layer[0].SelfAttention.o.weight.float()  # only `wo` may be fp32
+    assert decode_step.build(fp16_model) is None
     path, _ = checkpoint_factory("UMT5ForConditionalGeneration", feed_forward_proj="gated-quick_gelu")
     assert decode_step.build(load_model(path, backend="cpu")) is None  # no C++ kernel for quick_gelu
 
@@ -130,14 +136,50 @@ def test_fp32_weights_take_the_step_only_up_to_the_gemv_rows(checkpoint_factory)
         assert_step_declines_or_not(model, FP32_KERNEL_MAX_ROWS + 1, seed=8, accepted=accepted)
 
 
-def test_a_bf16_model_takes_the_step_only_up_to_the_bf16_kernel_rows(checkpoint_factory):
-    """Above HALF_KERNEL_MAX_ROWS the Python path multiplies bf16 x with bf16 (or int8, expanded)
-    weights in a bf16 GEMM: the step declines there; W8A8 weights take the integer kernel at any size."""
-    from umt5_fast.ops.cpu import HALF_KERNEL_MAX_ROWS
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_half_precision_model_takes_the_step_only_up_to_the_half_kernel_rows(checkpoint_factory, dtype):
+    """Above HALF_KERNEL_MAX_ROWS the Python path multiplies bf16 / fp16 x with weights of its dtype
+    (or int8, expanded) in a GEMM: the step declines there; W8A8 weights take the integer kernel at
+    any size (and an fp16 model's fp32 `wo` the fp32 GEMV up to FP32_KERNEL_MAX_ROWS)."""
+    from umt5_fast.ops.cpu import FP32_KERNEL_MAX_ROWS, HALF_KERNEL_MAX_ROWS
     for mode, accepted in ((None, False), ("int8", False), ("w8a8", True)):
-        model = load(checkpoint_factory, "relu-ungated", mode, dtype=torch.bfloat16)
+        model = load(checkpoint_factory, "relu-ungated", mode, dtype=dtype)
         assert_step_declines_or_not(model, HALF_KERNEL_MAX_ROWS + 1, seed=8, accepted=accepted)
         assert_step_declines_or_not(model, HALF_KERNEL_MAX_ROWS, seed=8, accepted=True)
+    if dtype == torch.float16:
+        model = load(checkpoint_factory, "relu-ungated", "w8a8", dtype=dtype)
+        model.decoder.block[0].layer[2].DenseReluDense.wo.weight = torch.nn.Parameter(
+            torch.randn(model.config.d_model, model.config.d_ff) * 0.1, requires_grad=False)
+        model.decoder.block[0].layer[2].DenseReluDense.wo.qweight = None
+        assert_step_declines_or_not(model, FP32_KERNEL_MAX_ROWS + 1, seed=8, accepted=False)
+        assert_step_declines_or_not(model, FP32_KERNEL_MAX_ROWS, seed=8, accepted=True)
+
+
+def test_an_fp16_stream_that_overflows_is_clamped_as_the_python_path_clamps_it(checkpoint_factory):
+    """An fp16 model with int8 weights keeps its residual stream in fp16 (no fp32 `wo`): an
+    attention output past fp16's range makes it inf, and transformers' clamp then holds the whole
+    batch to +-64512; the step does the same, bit for bit."""
+    model = load(checkpoint_factory, "odd-gated-gelu", "int8", dtype=torch.float16)
+    assert model.decoder.block[0].layer[2].DenseReluDense.wo.weight_dtype == torch.int8
+    model.decoder.block[0].layer[0].SelfAttention.o.qscale.mul_(3e4)  # overflows fp16
+    states, mask = encoded(model, 3, seed=2)
+    fast = generation.Decoder(model, states, mask, max_length=4)
+    python = generation.Decoder(model, states, mask, max_length=4)
+    python.cpu_step = None
+    tokens = torch.zeros(3, 1, dtype=torch.long)
+    with torch.inference_mode():
+        for _ in range(3):
+            expected = python.step(tokens)
+            assert torch.equal(fast.step(tokens), expected)
+            tokens = expected.argmax(-1)[:, None] if expected.dim() == 2 else expected[:, -1].argmax(-1)[:, None]
+    clamped = []
+    block = model.decoder.block[0]
+    block.register_forward_hook(lambda module, args, out: clamped.append(out[0]))
+    python = generation.Decoder(model, states, mask, max_length=2)
+    python.cpu_step = None
+    with torch.inference_mode():
+        python.step(torch.zeros(3, 1, dtype=torch.long))
+    assert clamped and float(clamped[0].abs().max()) == 64512.0  # the clamp engaged
 
 
 @pytest.mark.parametrize("mode", ["bf16", "int8", "w8a8"])

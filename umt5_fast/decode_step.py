@@ -5,10 +5,10 @@ Python-level op calls of ``DecoderStack.run`` cost about as much again. ``CpuDec
 the C++ side pointers to every decoder weight once per ``generate`` call; each step then runs the
 whole stack (same kernels, same order, so the same bits as the Python path) and returns the final
 hidden states. It covers what the cpu backend's kernels cover: fp32 activations with fp32, bf16,
-int8 or W8A8 linear weights, or a bf16 model's bf16 activations with bf16, int8 or W8A8 weights (its
-attention on bf16 products where the CPU has AVX512-BF16, else the fp32 kernel on widened copies,
-as the Python path's); linears without bias; norms in the activations' dtype;
-activations with a C++ kernel. Anything else
+fp16, int8 or W8A8 linear weights, or a bf16 / fp16 model's activations with weights of their
+dtype, int8 or W8A8 (an fp16 model's `wo` also fp32, as transformers keeps it; attention on bf16
+products where the CPU has AVX512-BF16, else the fp32 kernel on widened copies, as the Python
+path's); linears without bias; norms in the activations' dtype; activations with a C++ kernel. Anything else
 (``build`` returns None, or ``accepts`` says no) takes the Python path, which is also the
 specification this one is tested against.
 """
@@ -25,21 +25,24 @@ try:  # the extension is optional: without it there is no cpu backend either
 except ImportError:
     cpu_ops = None
 
-_NONE, _F32, _BF16, _INT8, _W8A8, _W8A8_ROWS = -1, 0, 1, 2, 3, 4
+_NONE, _F32, _BF16, _INT8, _W8A8, _W8A8_ROWS, _F16 = -1, 0, 1, 2, 3, 4, 5
 _NO_LINEAR = (_NONE, 0, 0, 0, 0)
+_FLOAT_KINDS = {torch.float32: _F32, torch.bfloat16: _BF16, torch.float16: _F16}
 
 
-def _linear_spec(linear, keep: list, activations: torch.dtype):
+def _linear_spec(linear, keep: list, activations: torch.dtype, fp32_ok: bool = False):
     """``(kind, weight ptr, scale ptr, in, out)`` of a decoder ``Linear``, or None when no C++
-    kernel takes it as ``ops.cpu.linear`` would for ``activations`` (fp32 x: fp32, bf16, int8 or
-    W8A8 weights; a bf16 model's x: bf16, int8 or W8A8 weights, on the widened x). ``keep`` holds
-    the tensors the pointers need."""
+    kernel takes it as ``ops.cpu.linear`` would for ``activations`` (fp32 x: fp32, bf16, fp16, int8
+    or W8A8 weights; a bf16 / fp16 model's x: weights of its dtype, int8 or W8A8, on the widened x;
+    ``fp32_ok``: an fp16 model's fp32 `wo` too, whose x the model widens). ``keep`` holds the
+    tensors the pointers need."""
     if linear.bias is not None:
         return None
     weight = linear.packed_weight()
     if isinstance(weight, torch.Tensor):
-        kind = {torch.float32: _F32, torch.bfloat16: _BF16}.get(weight.dtype)
-        if kind is None or (activations == torch.bfloat16 and kind != _BF16):
+        kind = _FLOAT_KINDS.get(weight.dtype)
+        own_kind = weight.dtype == activations or (fp32_ok and activations == torch.float16 and kind == _F32)
+        if kind is None or (activations != torch.float32 and not own_kind):
             return None
         weight = weight.contiguous()
         keep.append(weight)
@@ -66,21 +69,23 @@ class CpuDecodeStep:
     def __init__(self, model, native, dtype: torch.dtype, kinds: set, keep: list):
         self.model = model
         self.native = native
-        self.dtype = dtype  # of the activations: fp32, or a bf16 model's bf16
+        self.dtype = dtype  # of the activations: fp32, or a bf16 / fp16 model's
         self.kinds = kinds  # the weight kinds of the linears
         self._keep = keep  # the tensors behind the pointers ``native`` holds
 
     def _rows_take_the_kernels(self, rows: int) -> bool:
         """Whether ``ops.cpu.linear`` multiplies ``rows`` rows with every weight in the kernels the
         step runs (and attention takes the kernel the step runs)."""
-        if self.dtype == torch.bfloat16:
-            # bf16 / int8 weights take the C++ kernels only up to some rows (a bf16 GEMM above)
-            return ((_BF16 not in self.kinds or cpu_ops.float_kernel_computes(torch.bfloat16, torch.bfloat16, rows))
-                    and (_INT8 not in self.kinds or cpu_ops.int8_kernel_computes(torch.bfloat16, rows)))
-        # fp32 weights take the C++ GEMV only up to some rows (torch's GEMM above); bf16 / int8
-        # weights are expanded for a wide GEMM from WIDE_GEMM_MIN_ROWS rows on
-        return ((_F32 not in self.kinds or cpu_ops.float_kernel_computes(torch.float32, torch.float32, rows))
-                and not (self.kinds & {_BF16, _INT8} and cpu_ops.wide_gemm_rows(torch.float32, rows)))
+        # fp32 weights take the C++ GEMV only up to some rows (torch's GEMM above; an fp16 model's
+        # fp32 `wo` multiplies fp32 x)
+        fp32_ok = _F32 not in self.kinds or cpu_ops.float_kernel_computes(torch.float32, torch.float32, rows)
+        if self.dtype != torch.float32:
+            # half-precision / int8 weights take the C++ kernels only up to some rows (a GEMM above)
+            own = {torch.bfloat16: _BF16, torch.float16: _F16}[self.dtype]
+            return (fp32_ok and (own not in self.kinds or cpu_ops.float_kernel_computes(self.dtype, self.dtype, rows))
+                    and (_INT8 not in self.kinds or cpu_ops.int8_kernel_computes(self.dtype, rows)))
+        # half-precision / int8 weights are expanded for a wide GEMM from WIDE_GEMM_MIN_ROWS rows on
+        return fp32_ok and not (self.kinds & {_BF16, _F16, _INT8} and cpu_ops.wide_gemm_rows(torch.float32, rows))
 
     def accepts(self, tokens: torch.Tensor, cache, encoder_states: torch.Tensor) -> bool:
         """Whether this step (``tokens`` ``[rows, 1]``) runs here, exactly as the Python path would."""
@@ -126,7 +131,7 @@ def build(model) -> Optional[CpuDecodeStep]:
     if activation is None or not isinstance(decoder.embed_tokens, torch.nn.Embedding):
         return None
     dtype = decoder.embed_tokens.weight.dtype
-    if dtype not in (torch.float32, torch.bfloat16):
+    if dtype not in _FLOAT_KINDS:
         return None
     keep, layers, kinds = [], [], set()
     eps = decoder.final_layer_norm.eps
@@ -138,7 +143,7 @@ def build(model) -> Optional[CpuDecodeStep]:
                                                               self_attention.o, cross_attention.q, cross_attention.o,
                                                               gate)]
         linears.append(_NO_LINEAR if up is None else _linear_spec(up, keep, dtype))
-        linears.append(_linear_spec(ffn.wo, keep, dtype))
+        linears.append(_linear_spec(ffn.wo, keep, dtype, fp32_ok=True))
         norms = [_norm_weight(sub.layer_norm, eps, keep, dtype) for sub in block.layer]
         if any(spec is None for spec in linears) or any(ptr is None for ptr in norms):
             return None
@@ -152,5 +157,5 @@ def build(model) -> Optional[CpuDecodeStep]:
     native = cpu_ops._C.DecoderStep(
         d_model=config.d_model, heads=config.num_heads, d_kv=config.d_kv, d_ff=config.d_ff,
         num_buckets=config.relative_attention_num_buckets, max_distance=config.relative_attention_max_distance,
-        eps=eps, activation=activation, layers=layers, final_norm=final_norm, bf16=dtype == torch.bfloat16)
+        eps=eps, activation=activation, layers=layers, final_norm=final_norm, activations=str(dtype).removeprefix("torch."))
     return CpuDecodeStep(model, native, dtype, kinds, keep)

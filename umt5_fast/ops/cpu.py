@@ -10,9 +10,9 @@ What runs where (fp32 activations):
   an online softmax; no ``[B, H, Lq, Lk]`` tensor is built. ``attention`` on bf16 q, k, v on CPUs
   with AVX512-BF16: the bf16 kernel (bf16 pair products summed in
   fp32, fp32 softmax, probabilities rounded to bf16 before ``p @ v`` as transformers rounds them,
-  output rounded once). Other bf16 / fp16 q, k, v: the fp32 kernel on fp32 copies, output rounded
-  once (for bf16 inside the same C++ call, which the C++ decode step makes too). Both are more
-  accurate than eager's half-precision scores, so not bit-equal to it.
+  output rounded once). Other bf16 / fp16 q, k, v: the fp32 kernel on fp32 copies made inside the
+  C++ call (which the C++ decode step makes too), output rounded once. Both are more accurate than
+  eager's half-precision scores, so not bit-equal to it.
 - ``argmax``: greedy decoding's pick, one C++ pass over the rows.
 - ``linear``: a float weight of ``x``'s dtype goes to torch's GEMM, except fp32 weights for up to
   ``FP32_KERNEL_MAX_ROWS`` rows (decode steps), which take the C++ GEMV. On AVX-512 CPUs products
@@ -197,6 +197,12 @@ def _check_qkv(q, k, v, k_name, v_name):
         raise TypeError(f"q, {k_name} and {v_name} must have one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
 
 
+# q, k, v dtypes the C++ attention takes: fp32; bf16 (bf16 products where the CPU has AVX512-BF16,
+# else the fp32 kernel on fp32 copies, O(L * D) each, inside the call) and fp16 (the fp32 kernel on
+# copies): scores and softmax in fp32, one rounding of the output.
+_ATTENTION_ELEMENTS = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
 def attention(q, k, v, bias_table, *, bidirectional, num_buckets, max_distance,
               key_padding_mask=None, causal=False, query_offset=0, scale=1.0):
     _check_qkv(q, k, v, "k", "v")
@@ -206,16 +212,8 @@ def attention(q, k, v, bias_table, *, bidirectional, num_buckets, max_distance,
     mask = _check_key_padding_mask(key_padding_mask, batch, key_length)
     if mask is not None and mask.shape[1] != key_length:
         raise ValueError(f"key_padding_mask must have {key_length} keys, got {mask.shape[1]}")
-    bf16_kernel = q.dtype == torch.bfloat16  # k, v: q's dtype (checked)
-    if _half_precision(q, k, v) and min(q.numel(), k.numel()) > 0 and not bf16_kernel:
-        # fp16 models: the fused kernel on fp32 copies (O(L * D) each) instead of eager's
-        # [B, H, Lq, Lk] scores; scores and softmax in fp32, then one rounding of the output (the
-        # C++ call does the same for bf16 where the CPU lacks AVX512-BF16).
-        return attention(q.float(), k.float(), v.float(), bias_table, bidirectional=bidirectional,
-                         num_buckets=num_buckets, max_distance=max_distance,
-                         key_padding_mask=key_padding_mask, causal=causal, query_offset=query_offset,
-                         scale=scale).to(q.dtype)
-    if not (_all_fp32(q, k, v) or bf16_kernel) or min(q.numel(), k.numel()) == 0:
+    element = _ATTENTION_ELEMENTS.get(q.dtype)  # k, v: q's dtype (checked)
+    if element is None or min(q.numel(), k.numel()) == 0:
         return eager.attention(q, k, v, bias_table, bidirectional=bidirectional,
                                num_buckets=num_buckets, max_distance=max_distance,
                                key_padding_mask=key_padding_mask, causal=causal,
@@ -229,7 +227,7 @@ def attention(q, k, v, bias_table, *, bidirectional, num_buckets, max_distance,
                  bidirectional=bool(bidirectional), key_padding_mask=_ptr(mask),
                  mask_batch_stride=0 if mask is None else mask.stride(0), causal=bool(causal),
                  query_offset=int(query_offset), scale=float(scale), num_threads=_threads(),
-                 bf16=bf16_kernel)
+                 element=element)
     return out
 
 
@@ -493,8 +491,10 @@ def linear(x, weight, residual=None):
                     else quantized and int8_kernel_computes(x.dtype, rows))
     if through_fp32 and x.dtype != torch.float32:
         return _add_residual(linear(x.float(), weight).to(x.dtype), residual)
-    if not (kernel_weight and x.dtype == torch.float32 and residual_fits and int32_fits) or x.numel() == 0:
+    if not (kernel_weight and x.dtype == torch.float32 and int32_fits) or x.numel() == 0:
         return eager.linear(x, weight, residual)
+    if not residual_fits:  # (an fp16 model's fp16 residual stream meeting its fp32 `wo`): eager's add
+        return _add_residual(kernel_linear(x, weight), residual)
     return kernel_linear(x, weight, residual)
 
 

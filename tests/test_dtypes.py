@@ -99,12 +99,14 @@ def test_cpu_backend_half_precision_is_as_accurate_as_transformers(checkpoint_fa
     assert_close(out.float(), full, FP32_TOL[dtype], f"{dtype} vs fp32")
 
 
-def test_bf16_decoding_is_as_accurate_as_transformers(checkpoint_factory):
-    """A bf16 model's greedy steps on the cpu backend (the C++ decode step, with its bf16 attention
-    against the static cache: bf16 products where the CPU has AVX512-BF16, else widened copies) against the fp32 model on the
-    generated sequences, teacher-forced: no further from it than transformers' bf16 forward on the
-    same sequences (RMS error within 1.25x of its), and within FP32_TOL (max error). 14 steps pass
-    the decoder's max_distance of 10; the source is padded on both sides."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_decoding_is_as_accurate_as_transformers(checkpoint_factory, dtype):
+    """A bf16 / fp16 model's greedy steps on the cpu backend (the C++ decode step, with its attention
+    against the static cache: bf16 products where the CPU has AVX512-BF16, else widened copies)
+    against the fp32 model on the generated sequences, teacher-forced: no further from it than
+    transformers' forward in that dtype on the same sequences (RMS error within 1.25x of its), and
+    within FP32_TOL (max error). 14 steps pass the decoder's max_distance of 10; the source is
+    padded on both sides."""
     import transformers
     from umt5_fast import decode_step
     from umt5_fast.ops import available_backends
@@ -112,9 +114,9 @@ def test_bf16_decoding_is_as_accurate_as_transformers(checkpoint_factory):
         pytest.skip("C++ extension not built")
     path, _ = checkpoint_factory("UMT5ForConditionalGeneration", relative_attention_max_distance=10,
                                  relative_attention_num_buckets=8)
-    ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16, backend="cpu")
+    ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, dtype=dtype, backend="cpu")
     assert decode_step.build(ours) is not None  # with or without AVX512-BF16
-    hf = transformers.UMT5ForConditionalGeneration.from_pretrained(path, torch_dtype=torch.bfloat16).eval()
+    hf = transformers.UMT5ForConditionalGeneration.from_pretrained(path, torch_dtype=dtype).eval()
     fp32 = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="eager")
     ids, mask = random_batch(ours.config.vocab_size, 3, 37, 4)
     out = ours.generate(ids, attention_mask=mask, max_new_tokens=14, eos_token_id=None, output_scores=True,
@@ -128,6 +130,6 @@ def test_bf16_decoding_is_as_accurate_as_transformers(checkpoint_factory):
     def rms_error(x):
         return ((x - full).pow(2).mean().sqrt() / full.pow(2).mean().sqrt()).item()
     ours_error, their_error = rms_error(steps), rms_error(theirs)
-    print(f"bf16 decoding vs fp32: umt5_fast cpu {ours_error:.2e}, transformers {their_error:.2e}")
+    print(f"{dtype} decoding vs fp32: umt5_fast cpu {ours_error:.2e}, transformers {their_error:.2e}")
     assert ours_error <= max(1.25 * their_error, 1e-3)
-    assert_close(steps, full, FP32_TOL[torch.bfloat16], "bf16 decoding vs fp32")
+    assert_close(steps, full, FP32_TOL[dtype], f"{dtype} decoding vs fp32")

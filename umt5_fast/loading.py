@@ -119,9 +119,9 @@ _FILE_MAPPINGS = weakref.WeakSet()
 
 def release_file_pages(tensor: torch.Tensor):
     """Drop the pages of ``tensor`` from this process's resident memory when it is a view of a
-    checkpoint file's mapping (``MADV_DONTNEED``; Linux, best effort): after quantising a layer at
-    load, its float bytes are not needed, and without this the whole float file stays resident
-    until the model is freed. The mapping is private and never written, so a later read of those
+    checkpoint file's mapping (``MADV_DONTNEED``; Linux, best effort): after converting or
+    quantising a layer at load, its stored bytes are not needed, and without this the whole file
+    stays resident while any weight still views the mapping. The mapping is private and never written, so a later read of those
     bytes (there is none) would fault the file's data back in: no memory can change meaning.
     """
     start = tensor.data_ptr()
@@ -271,8 +271,10 @@ def build_model(cls, config: UMT5Config, sources: Dict[str, Callable[[], torch.T
             setattr(owner, attr, nn.Parameter(tensor, requires_grad=False))
             if quantize is not None and attr == "weight" and _quantized_linear(owner_name, owner):
                 quantize_linear(owner, quantize, owner_name)  # layer by layer: the float model never sits in memory whole
-                if owner.weight is None or owner.weight.data_ptr() != stored.data_ptr():
-                    release_file_pages(stored)
+            if getattr(owner, attr) is None or getattr(owner, attr).data_ptr() != stored.data_ptr():
+                # converted or quantised: the stored bytes are not needed (an fp16 model's fp32
+                # `wo` views keep the file mapped: without this the whole file stayed resident)
+                release_file_pages(stored)
         if progress:
             print(f"\rloading {i + 1}/{len(names)} tensors", end="", file=sys.stderr, flush=True)
     if progress:

@@ -27,19 +27,21 @@ What runs where (fp32 activations):
   all three, in either layout).
 - ``gated_ffn_in``: the projections through ``linear``, then ``act(a) * b`` by one C++ pass in
   place.
-- bf16 models: ``rms_norm`` (transformers' rounding points) and the gated activation (fp32 math,
-  rounded once) in C++; bf16 linears of up to ``HALF_KERNEL_MAX_ROWS`` rows through the C++ kernel
-  on the widened x (torch's bf16 GEMV is slower there), larger ones through torch's bf16 GEMM
-  where it runs on bf16 dot products (``NATIVE_BF16_GEMM``: AVX512-BF16 / AMX), else through
-  torch's fp32 GEMM on the exactly widened operands, rounded once (what torch's own fallback
-  computes, 3-6x faster).
+- bf16 / fp16 models: ``rms_norm`` (transformers' rounding points; for fp16 also on the fp32
+  residual stream an fp32 ``wo`` leaves) and the gated activation (fp32 math, rounded once) in
+  C++; linears of bf16 / fp16 x and weights of up to ``HALF_KERNEL_MAX_ROWS`` rows through the C++
+  kernel on the widened x (torch's half-precision GEMVs are slower there), larger ones through
+  torch's GEMM in that dtype where it runs on bf16 / fp16 instructions (``NATIVE_BF16_GEMM``:
+  AVX512-BF16 / AMX; ``NATIVE_FP16_GEMM``: AVX512-FP16 / AMX-FP16), else through torch's fp32
+  GEMM on the exactly widened operands, rounded once (what torch's own fallback computes, 3-10x
+  faster).
 
 Fallbacks to eager (same result, plain torch speed): activations that are not fp32 (except as
-above: W8A8 linears, attention and the bf16 paths);
-``rms_norm`` with an fp16/bf16 weight and x of another dtype; activation names other than ``gelu_new``,
-``gelu_pytorch_tanh``, ``gelu``, ``relu``, ``silu`` and ``swish``; a float weight of another dtype
-than ``x`` other than bf16 with fp32 ``x``; a residual whose shape or dtype differs from the
-output's; empty inputs.
+above: W8A8 linears, attention and the bf16 / fp16 paths); ``rms_norm`` with a bf16 weight and x of
+another dtype, or an fp16 weight and x other than fp16 / fp32; activation names other than
+``gelu_new``, ``gelu_pytorch_tanh``, ``gelu``, ``relu``, ``silu`` and ``swish``; a float weight of
+another dtype than ``x`` other than bf16 / fp16 with fp32 ``x``; empty inputs. (A residual of
+another shape or dtype than the output's: the kernel's product, then eager's add.)
 
 Wrong arguments (types, devices, shapes) raise TypeError/ValueError naming the argument before
 any pointer reaches C++. The kernels use ``torch.get_num_threads()`` threads.
@@ -493,7 +495,7 @@ def linear(x, weight, residual=None):
         return _add_residual(linear(x.float(), weight).to(x.dtype), residual)
     if not (kernel_weight and x.dtype == torch.float32 and int32_fits) or x.numel() == 0:
         return eager.linear(x, weight, residual)
-    if not residual_fits:  # (an fp16 model's fp16 residual stream meeting its fp32 `wo`): eager's add
+    if not residual_fits:  # (e.g. an fp16 model's fp16 residual stream meeting its fp32 `wo`): eager's add
         return _add_residual(kernel_linear(x, weight), residual)
     return kernel_linear(x, weight, residual)
 

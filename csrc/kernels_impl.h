@@ -44,42 +44,27 @@ inline void store_n(float* p, typename Vec<ISA>::type x, int lanes) {
     V::store_partial(p, x, lanes);
 }
 
-// The same for bf16 values: widened on load (the rest of the vector 0), rounded to bf16 on store.
-template <CpuIsa ISA>
-inline typename Vec<ISA>::type load_n(const uint16_t* p, int lanes) {
+// The same for half-precision values (bf16 bits in uint16_t, or Fp16): widened on load (the rest
+// of the vector 0), rounded on store (nearest even); a partial vector goes through a whole one, so
+// that every value is converted by the vector instruction.
+template <typename T>
+constexpr bool kHalfPrecision = std::is_same_v<T, uint16_t> || std::is_same_v<T, Fp16>;
+
+template <CpuIsa ISA, typename Half, std::enable_if_t<kHalfPrecision<Half>, int> = 0>
+inline typename Vec<ISA>::type load_n(const Half* p, int lanes) {
   using V = Vec<ISA>;
   if (lanes == V::width) return V::load_weights(p);
-  float widened[V::width];
-  widen_bf16(p, widened, lanes);
-  return V::load_partial(widened, lanes);
-}
-
-template <CpuIsa ISA>
-inline void store_n(uint16_t* p, typename Vec<ISA>::type x, int lanes) {
-  using V = Vec<ISA>;
-  if (lanes == V::width) return V::store_bf16(p, x);
-  float values[V::width];
-  V::store(values, x);
-  round_to_bf16(values, p, lanes);
-}
-
-// The same for fp16 values; a partial vector goes through a whole one, so that every value is
-// converted by the vector instruction.
-template <CpuIsa ISA>
-inline typename Vec<ISA>::type load_n(const Fp16* p, int lanes) {
-  using V = Vec<ISA>;
-  if (lanes == V::width) return V::load_weights(p);
-  Fp16 padded[V::width] = {};
+  Half padded[V::width] = {};
   std::copy(p, p + lanes, padded);
   return V::load_weights(padded);
 }
 
-template <CpuIsa ISA>
-inline void store_n(Fp16* p, typename Vec<ISA>::type x, int lanes) {
+template <CpuIsa ISA, typename Half, std::enable_if_t<kHalfPrecision<Half>, int> = 0>
+inline void store_n(Half* p, typename Vec<ISA>::type x, int lanes) {
   using V = Vec<ISA>;
-  if (lanes == V::width) return V::store_fp16(p, x);
-  Fp16 rounded[V::width];
-  V::store_fp16(rounded, x);
+  if (lanes == V::width) return V::store_rounded(p, x);
+  Half rounded[V::width];
+  V::store_rounded(rounded, x);
   std::copy(rounded, rounded + lanes, p);
 }
 
@@ -631,7 +616,7 @@ void expand_int8_row(const int8_t* values, int64_t block_stride, const float* sc
     int64_t i = 0;
     for (; i + W <= block; i += W) {
       const auto x = V::mul(V::load_weights(values + i), s);
-      if constexpr (std::is_same_v<OutT, float>) V::store(out + i, x); else V::store_bf16(out + i, x);
+      if constexpr (std::is_same_v<OutT, float>) V::store(out + i, x); else V::store_rounded(out + i, x);
     }
     for (; i < block; ++i) {
       const float x = static_cast<float>(values[i]) * scale[b];

@@ -135,7 +135,7 @@ struct Vec<CpuIsa::avx2> {
   static type load_weights(const float* p) { return _mm256_loadu_ps(p); }
 
   // x rounded to bf16 (nearest even; NaN -> 0x7FC0: bf16.h's float_to_bf16) at p.
-  static void store_bf16(uint16_t* p, type x) {
+  static void store_rounded(uint16_t* p, type x) {
     const __m256i bits = _mm256_castps_si256(x);
     const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
     __m256i rounded = _mm256_srli_epi32(
@@ -148,7 +148,7 @@ struct Vec<CpuIsa::avx2> {
   }
 
   // x rounded to fp16 (nearest even, as fp16.h's float_to_fp16) at p.
-  static void store_fp16(Fp16* p, type x) {
+  static void store_rounded(Fp16* p, type x) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
   }
 

@@ -151,7 +151,7 @@ struct Vec<CpuIsa::avx512> {
   static type load_weights(const float* p) { return _mm512_loadu_ps(p); }
 
   // x rounded to bf16 (nearest even; NaN -> 0x7FC0: bf16.h's float_to_bf16) at p.
-  static void store_bf16(uint16_t* p, type x) {
+  static void store_rounded(uint16_t* p, type x) {
     const __m512i bits = _mm512_castps_si512(x);
     const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
     __m512i rounded = _mm512_srli_epi32(
@@ -162,7 +162,7 @@ struct Vec<CpuIsa::avx512> {
   }
 
   // x rounded to fp16 (nearest even, as fp16.h's float_to_fp16) at p.
-  static void store_fp16(Fp16* p, type x) {
+  static void store_rounded(Fp16* p, type x) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
   }
 

@@ -47,8 +47,8 @@ struct Vec<CpuIsa::generic> {
   static type load_weights(const uint16_t* p) { return widen_weight(*p); }
   static type load_weights(const Fp16* p) { return fp16_to_float(*p); }
   static type load_weights(const float* p) { return *p; }
-  static void store_bf16(uint16_t* p, type x) { *p = float_to_bf16(x); }
-  static void store_fp16(Fp16* p, type x) { *p = float_to_fp16(x); }
+  static void store_rounded(uint16_t* p, type x) { *p = float_to_bf16(x); }
+  static void store_rounded(Fp16* p, type x) { *p = float_to_fp16(x); }
 };
 
 }  // namespace umt5_fast

@@ -96,44 +96,8 @@ def test_embedding_lookups_map_in_only_the_rows_they_read(tmp_path):
     assert 0 < growth <= 512 * 2 * 4096
 
 
-QUANTIZE_PROBE = textwrap.dedent("""
-    import sys, torch
-    import umt5_fast
-
-    def status_bytes(field):
-        line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
-        return int(line.split()[1]) * 1024
-
-    torch.ones(1) @ torch.ones(1)
-    before = status_bytes("VmHWM")
-    model = umt5_fast.UMT5EncoderModel.from_pretrained(sys.argv[1], backend="cpu", quantize=sys.argv[2])
-    tensors = list(model.parameters()) + list(model.buffers())
-    kept = sum(t.numel() * t.element_size() for t in tensors)
-    checksum = sum(float(t.float().sum()) for t in tensors)  # touch everything kept
-    model(input_ids=torch.tensor([[5, 6, 7, 1]]))
-    print(status_bytes("VmHWM") - before, kept)
-""")
-
-
-@pytest.mark.parametrize("mode", ["int8", "w8a8"])
-def test_quantising_at_load_never_holds_the_float_model(tmp_path, mode):
-    """Each linear layer is quantised as it is read and its float pages are released: the peak is
-    the quantised model plus one float layer, not the float file (#9: <= 1.1x the bytes kept, for
-    umt5-xxl's encoder; asserted here with CI noise room)."""
-    pytest.importorskip("umt5_fast._C")
-    file_bytes = write_random_checkpoint(tmp_path, "UMT5EncoderModel")
-    result = subprocess.run([sys.executable, "-c", QUANTIZE_PROBE, str(tmp_path), mode], capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    peak_growth, kept = (int(v) for v in result.stdout.strip().splitlines()[-1].split())
-    print(f"{mode}: peak RSS growth {peak_growth / 2**20:.0f} MiB, kept {kept / 2**20:.0f} MiB "
-          f"(float file {file_bytes / 2**20:.0f} MiB): {peak_growth / kept:.2f}x")
-    assert kept < file_bytes / 2
-    assert peak_growth <= 1.15 * kept, f"peak RSS {peak_growth / kept:.2f}x the bytes kept"
-
-
-CONVERT_PROBE = textwrap.dedent("""
-    import sys, torch
+LOAD_PROBE = textwrap.dedent("""
+    import json, sys, torch
     import umt5_fast
 
     def status_bytes(field):
@@ -142,11 +106,38 @@ CONVERT_PROBE = textwrap.dedent("""
 
     torch.ones(1) @ torch.ones(1)
     before = status_bytes("VmRSS")
-    model = umt5_fast.UMT5EncoderModel.from_pretrained(sys.argv[1], backend="eager", dtype=getattr(torch, sys.argv[2]))
-    kept = sum(t.numel() * t.element_size() for t in model.parameters())
-    checksum = sum(float(t.float().sum()) for t in model.parameters())  # touch everything kept
+    options = json.loads(sys.argv[2])
+    if "dtype" in options:
+        options["dtype"] = getattr(torch, options["dtype"])
+    model = umt5_fast.UMT5EncoderModel.from_pretrained(sys.argv[1], backend="cpu", **options)
+    tensors = list(model.parameters()) + list(model.buffers())
+    kept = sum(t.numel() * t.element_size() for t in tensors)
+    checksum = sum(float(t.float().sum()) for t in tensors)  # touch everything kept
+    model(input_ids=torch.tensor([[5, 6, 7, 1]]))
     print(status_bytes("VmHWM") - before, status_bytes("VmRSS") - before, kept)
 """)
+
+
+def load_encoder_in_a_fresh_process(directory, **options):
+    """(peak RSS growth, resident growth, bytes kept) of loading ``directory`` with ``options``."""
+    pytest.importorskip("umt5_fast._C")
+    result = subprocess.run([sys.executable, "-c", LOAD_PROBE, str(directory), json.dumps(options)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return tuple(int(v) for v in result.stdout.strip().splitlines()[-1].split())
+
+
+@pytest.mark.parametrize("mode", ["int8", "w8a8"])
+def test_quantising_at_load_never_holds_the_float_model(tmp_path, mode):
+    """Each linear layer is quantised as it is read and its float pages are released: the peak is
+    the quantised model plus one float layer, not the float file (#9: <= 1.1x the bytes kept, for
+    umt5-xxl's encoder; asserted here with CI noise room)."""
+    file_bytes = write_random_checkpoint(tmp_path, "UMT5EncoderModel")
+    peak_growth, _, kept = load_encoder_in_a_fresh_process(tmp_path, quantize=mode)
+    print(f"{mode}: peak RSS growth {peak_growth / 2**20:.0f} MiB, kept {kept / 2**20:.0f} MiB "
+          f"(float file {file_bytes / 2**20:.0f} MiB): {peak_growth / kept:.2f}x")
+    assert kept < file_bytes / 2
+    assert peak_growth <= 1.15 * kept, f"peak RSS {peak_growth / kept:.2f}x the bytes kept"
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -156,10 +147,7 @@ def test_converting_at_load_keeps_only_the_converted_model(tmp_path, dtype):
     file mapped, and the peak is that plus the largest tensor being converted (before: fp16 kept the
     whole file resident, 2.5x the bytes kept here; both peaked at 3.0x, file and converted model)."""
     file_bytes = write_random_checkpoint(tmp_path, "UMT5EncoderModel")
-    result = subprocess.run([sys.executable, "-c", CONVERT_PROBE, str(tmp_path), dtype], capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    peak_growth, resident, kept = (int(v) for v in result.stdout.strip().splitlines()[-1].split())
+    peak_growth, resident, kept = load_encoder_in_a_fresh_process(tmp_path, dtype=dtype)
     print(f"{dtype}: peak RSS growth {peak_growth / 2**20:.0f} MiB, resident {resident / 2**20:.0f} MiB, "
           f"kept {kept / 2**20:.0f} MiB (fp32 file {file_bytes / 2**20:.0f} MiB)")
     largest = BASE_SHAPE["vocab_size"] * BASE_SHAPE["d_model"] * 4  # the fp32 embedding

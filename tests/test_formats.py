@@ -108,6 +108,20 @@ def test_comfy_float_files_match_transformers(hf_encoder, tmp_path, dtype):
     assert_matches(ours, transformers_with(weights, **FILE_CONFIG))
     auto = umt5_fast.UMT5EncoderModel.from_pretrained(path, dtype="auto")
     assert auto.dtype == dtype  # "auto": the stored dtype of the final layer norm, ComfyUI's rule
+    if dtype == torch.float16:  # ComfyUI's umt5_xxl_fp16 as an fp16 model: transformers' fp16 rules
+        import transformers
+        reference = transformers_with(weights, **FILE_CONFIG)
+        reference.save_pretrained(tmp_path / "hf")
+        reference16 = transformers.UMT5EncoderModel.from_pretrained(tmp_path / "hf", dtype=torch.float16).eval()
+        assert auto.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
+        ids, mask = random_batch(auto.config.vocab_size, 3, 17, 0)
+        with torch.no_grad():
+            exact = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+            theirs = reference16(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        got = auto(ids, attention_mask=mask).last_hidden_state.float()
+        def rms_error(x):
+            return float((x - exact).pow(2).mean().sqrt() / exact.pow(2).mean().sqrt())
+        assert rms_error(got) <= max(1.25 * rms_error(theirs), 1e-3)  # as close to fp32 as transformers' fp16
 
 
 @pytest.mark.parametrize("fp8", ["plain", "scaled", "comfy_quant"])

@@ -524,18 +524,55 @@ def test_half_precision_gated_activation_rounds_like_torch(dtype, cols, generato
     assert expected[:, 0].isinf().all() and (expected[:, 1].abs() < finfo.tiny).all()
 
 
+@pytest.mark.usefixtures("every_cpu_isa")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 40])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("native_gemm", [True, False])
+def test_int8_weights_in_a_half_precision_model(rows, with_residual, dtype, native_gemm, generator, monkeypatch):
+    """bf16 / fp16 x with weight-only int8: up to HALF_KERNEL_MAX_ROWS rows the C++ int8 kernel on
+    the widened x (the exact product of x and scale * q, rounded once, then the residual added in
+    x's dtype); above them eager's expansion to x's dtype and torch's GEMM where that runs on the
+    dtype's instructions, else torch's fp32 GEMM on the widened x and the weight expanded to fp32,
+    rounded once; all within 2^-7 of the largest exact output."""
+    monkeypatch.setattr(cpu, "NATIVE_BF16_GEMM" if dtype == torch.bfloat16 else "NATIVE_FP16_GEMM", native_gemm)
+    x = randn(rows, 133, generator=generator).to(dtype)
+    weight = QuantizedWeight.quantize(randn(71, 133, generator=generator))
+    residual = randn(rows, 71, generator=generator).to(dtype) if with_residual else None
+    got = cpu.linear(x, weight, residual)
+    assert got.dtype == dtype and got.shape == (rows, 71)
+    exact = x.double() @ weight.dequantize(torch.float32).double().T
+    if rows <= cpu.HALF_KERNEL_MAX_ROWS:
+        rounded = cpu.kernel_linear(x.float(), weight).to(dtype)
+        assert torch.equal(got, rounded if residual is None else rounded + residual)
+        if dtype == torch.bfloat16:
+            assert half_ulps(rounded, exact.bfloat16()).max() <= 1
+    elif native_gemm:
+        assert torch.equal(got, eager.linear(x, weight, residual))
+    else:
+        rounded = torch.nn.functional.linear(x.float(), weight.dequantize(torch.float32)).to(dtype)
+        assert torch.equal(got, rounded if residual is None else rounded + residual)
+    # eager rounds the expanded weights to bf16 too: errors relative to the largest output
+    reference = exact if residual is None else exact + residual.double()
+    assert (got.double() - reference).abs().max() <= 2 ** -7 * reference.abs().max()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_half_linear_through_fp32_widens_in_chunks(dtype, generator, monkeypatch):
-    """A weight wider than HALF_WIDEN_CHUNK is widened a slice of output features at a time (the
-    last one partial); the slices' results are the unsliced product's, column for column."""
-    x, weight = randn(2, 19, 40, generator=generator).to(dtype), randn(103, 40, generator=generator).to(dtype)
+@pytest.mark.parametrize("int8_weight", [False, True])
+def test_half_linear_through_fp32_widens_in_chunks(dtype, int8_weight, generator, monkeypatch):
+    """A weight (of x's dtype, or weight-only int8) wider than HALF_WIDEN_CHUNK is widened a slice
+    of output features at a time (the last one partial); the slices' results are the unsliced
+    product's, column for column."""
+    x, weight = randn(2, 19, 40, generator=generator).to(dtype), randn(103, 40, generator=generator)
+    weight = QuantizedWeight.quantize(weight) if int8_weight else weight.to(dtype)
+    dense = weight.dequantize(torch.float32) if int8_weight else weight
     whole = cpu._half_linear_through_fp32(x, weight)
     monkeypatch.setattr(cpu, "HALF_WIDEN_CHUNK", 40 * 10)
     chunked = cpu._half_linear_through_fp32(x, weight)
     assert chunked.shape == (2, 19, 103) and chunked.dtype == dtype
     assert torch.equal(chunked, whole)
-    assert cpu._half_linear_through_fp32(x, weight[:0]).shape == (2, 19, 0)
-    exact = (x.double() @ weight.double().T).to(dtype)
+    assert cpu._half_linear_through_fp32(x, dense[:0]).shape == (2, 19, 0)
+    exact = (x.double() @ dense.double().T).to(dtype)
     # one ulp, or fp32 cancellation (~1e-6 of the operands) where the result is near 0
     assert ((half_ulps(whole, exact) <= 1) | ((whole.double() - exact.double()).abs() <= 1e-5)).all()
 

@@ -17,6 +17,7 @@
 #include "bf16.h"
 #include "bucket.h"
 #include "kernels.h"
+#include "ops.h"
 
 namespace py = pybind11;
 
@@ -196,8 +197,6 @@ std::vector<T> rows_by_head(const AttentionProblem& p, const void* base, const s
                             int64_t length) {
   const int64_t head_stride = length * p.head_dim;
   std::vector<T> rows(p.batch * p.heads * head_stride);
-  void (*widen)(const From*, float*, int64_t) = nullptr;
-  if constexpr (!std::is_same_v<T, From>) UMT5_DISPATCH_ISA(ISA, widen = &kernels::convert_values<ISA, From, float>);
   const int threads = static_cast<int>(std::clamp<int64_t>(p.batch * p.heads, 1, std::max(p.num_threads, 1)));
 #pragma omp parallel for num_threads(threads)
   for (int64_t bh = 0; bh < p.batch * p.heads; ++bh) {
@@ -205,7 +204,7 @@ std::vector<T> rows_by_head(const AttentionProblem& p, const void* base, const s
     for (int64_t j = 0; j < length; ++j) {
       T* row = rows.data() + bh * head_stride + j * p.head_dim;
       if constexpr (std::is_same_v<T, From>) std::copy_n(head + j * strides[2], p.head_dim, row);
-      else widen(head + j * strides[2], row, p.head_dim);
+      else run_convert(head + j * strides[2], row, p.head_dim);
     }
   }
   return rows;
@@ -277,7 +276,9 @@ void fill_block(const AttentionProblem& p, const PositionTerms& position_terms,
 // bf16 attention where the bf16 kernels cannot run, and fp16 attention (Half: uint16_t holding
 // bf16 bits, or Fp16): q, k and v widened (exactly) into fp32 copies with each head's rows
 // contiguous, the fp32 kernel, its output rounded once. O(L * D) extra memory; the copies cost ~1%
-// of the kernel's time at 4096 tokens.
+// of the kernel's time at 4096 tokens, but in a decode step (one query row) they are a copy of the
+// whole cache and encoder K/V per layer and step (an fp32 kernel reading half-precision K/V would
+// save that).
 template <typename Half>
 void run_widened_half_attention(const AttentionProblem& p) {
   const std::vector<float> q = rows_by_head<float, Half>(p, p.q, p.q_strides, p.query_length);
@@ -293,9 +294,7 @@ void run_widened_half_attention(const AttentionProblem& p) {
   widened.out = out.data();
   widened.element = AttentionElement::f32;
   run_attention(widened);
-  void (*round)(const float*, Half*, int64_t) = nullptr;
-  UMT5_DISPATCH_ISA(ISA, round = &kernels::convert_values<ISA, float, Half>);
-  round(out.data(), static_cast<Half*>(p.out), static_cast<int64_t>(out.size()));
+  run_convert(out.data(), static_cast<Half*>(p.out), static_cast<int64_t>(out.size()));
 }
 
 }  // namespace

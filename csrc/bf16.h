@@ -1,5 +1,6 @@
-// bf16 <-> fp32 for the bf16 rows of rms_norm and the gated activation: a row is widened into
-// fp32 scratch, goes through the fp32 kernel and is rounded back once.
+// bf16 bits <-> fp32, scalar (Vec<avx2> / Vec<avx512> convert whole vectors the same way).
+// `static`: each translation unit keeps its own copy, compiled with its own ISA flags
+// (weight_types.h).
 #pragma once
 
 #include <cstdint>
@@ -7,7 +8,7 @@
 
 namespace umt5_fast {
 
-inline float bf16_to_float(uint16_t value) {
+static inline float bf16_to_float(uint16_t value) {
   const uint32_t bits = static_cast<uint32_t>(value) << 16;
   float out;
   std::memcpy(&out, &bits, sizeof(out));
@@ -15,7 +16,7 @@ inline float bf16_to_float(uint16_t value) {
 }
 
 // Round to nearest, ties to even, as torch's .to(torch.bfloat16); NaN becomes torch's 0x7FC0.
-inline uint16_t float_to_bf16(float value) {
+static inline uint16_t float_to_bf16(float value) {
   uint32_t bits;
   std::memcpy(&bits, &value, sizeof(bits));
   if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
@@ -23,11 +24,7 @@ inline uint16_t float_to_bf16(float value) {
   return static_cast<uint16_t>(bits >> 16);
 }
 
-inline void widen_bf16(const uint16_t* in, float* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_float(in[i]);
-}
-
-inline void round_to_bf16(const float* in, uint16_t* out, int64_t n) {
+static inline void round_to_bf16(const float* in, uint16_t* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = float_to_bf16(in[i]);
 }
 

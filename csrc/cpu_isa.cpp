@@ -117,6 +117,11 @@ void register_cpu_isa(py::module_& m) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512bf16") != 0;
   }, "Whether this CPU has AVX512-BF16 (whatever UMT5_FAST_CPU_ISA says; AMX-BF16 CPUs have it).");
+  // Likewise fp16 (oneDNN's own check is not relied on alone, as for bf16).
+  m.def("cpu_has_avx512_fp16", [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512fp16") != 0;
+  }, "Whether this CPU has AVX512-FP16 (whatever UMT5_FAST_CPU_ISA says; AMX-FP16 CPUs have it).");
   // std::invalid_argument reaches Python as ValueError.
   m.def("set_cpu_isa", [](const std::string& name) { set_cpu_isa(isa_from_name(name)); },
         py::arg("isa"), "Force an instruction set (a test hook: kernels are checked on each one).");

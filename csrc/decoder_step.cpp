@@ -145,9 +145,7 @@ struct StepOps<float> {
 template <typename Half>
 void half_projection_sums(const StepLinear& w, const Half* x, int64_t rows, float* widened, float* sums,
                           int threads) {
-  void (*widen)(const Half*, float*, int64_t) = nullptr;
-  UMT5_DISPATCH_ISA(ISA, widen = &kernels::convert_values<ISA, Half, float>);
-  widen(x, widened, rows * w.in_features);
+  run_convert(x, widened, rows * w.in_features);
   w.apply(widened, nullptr, sums, rows, threads);
 }
 
@@ -182,13 +180,9 @@ struct StepOps<uint16_t> {
 
 // x[i] rounded to fp16 and widened back, in place (the vector conversions).
 void round_through_fp16(float* x, int64_t n) {
-  void (*round)(const float*, Fp16*, int64_t) = nullptr;
-  void (*widen)(const Fp16*, float*, int64_t) = nullptr;
-  UMT5_DISPATCH_ISA(ISA, (round = &kernels::convert_values<ISA, float, Fp16>,
-                          widen = &kernels::convert_values<ISA, Fp16, float>));
   std::vector<Fp16> rounded(n);
-  round(x, rounded.data(), n);
-  widen(rounded.data(), x, n);
+  run_convert(x, rounded.data(), n);
+  run_convert(rounded.data(), x, n);
 }
 
 template <>
@@ -201,10 +195,8 @@ struct StepOps<Fp16> {
   };
   static constexpr AttentionElement element = AttentionElement::f16;
   static float* stream(void* hidden, std::vector<float>& storage, int64_t n) {
-    void (*widen)(const Fp16*, float*, int64_t) = nullptr;
-    UMT5_DISPATCH_ISA(ISA, widen = &kernels::convert_values<ISA, Fp16, float>);
     storage.resize(n);
-    widen(static_cast<const Fp16*>(hidden), storage.data(), n);
+    run_convert(static_cast<const Fp16*>(hidden), storage.data(), n);
     return storage.data();
   }
   // (fp16 values in fp32 storage give the fp16 rows' bits: both kernels widen them exactly first)
@@ -215,9 +207,7 @@ struct StepOps<Fp16> {
   static void project(const StepLinear& w, const Fp16* x, Fp16* y, int64_t rows, float* widened, float* sums,
                       int threads) {
     half_projection_sums(w, x, rows, widened, sums, threads);
-    void (*round)(const float*, Fp16*, int64_t) = nullptr;
-    UMT5_DISPATCH_ISA(ISA, round = &kernels::convert_values<ISA, float, Fp16>);
-    round(sums, y, rows * w.out_features);
+    run_convert(sums, y, rows * w.out_features);
   }
   // An fp32 weight (`wo` kept in fp32) multiplies the widened x into fp32 outputs, added to the
   // stream in fp32; others round to fp16, then add as fp16 (or in fp32 to an fp32 stream). An fp16

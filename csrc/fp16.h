@@ -1,7 +1,8 @@
 // IEEE binary16 (torch.float16) values: a type of their own, since uint16_t already means bf16 bits
 // in these kernels, and the scalar conversions the portable build and tails use. Vec<avx2> and
 // Vec<avx512> convert whole vectors with F16C / AVX-512 (vcvtph2ps, vcvtps2ph), which round the
-// same way.
+// same way (NaN payloads aside). `static`: each translation unit keeps its own copy, compiled with
+// its own ISA flags (weight_types.h).
 #pragma once
 
 #include <cstdint>
@@ -14,7 +15,7 @@ struct Fp16 {
 };
 static_assert(sizeof(Fp16) == 2, "Fp16 must be the 2 bytes of a torch.float16 element");
 
-inline float fp16_to_float(Fp16 value) {  // exact
+static inline float fp16_to_float(Fp16 value) {  // exact
   const uint32_t sign = static_cast<uint32_t>(value.bits & 0x8000u) << 16;
   const uint32_t exponent = (value.bits >> 10) & 0x1Fu;
   const uint32_t mantissa = value.bits & 0x3FFu;
@@ -35,7 +36,7 @@ inline float fp16_to_float(Fp16 value) {  // exact
 
 // Round to nearest, ties to even, as torch's .to(torch.float16): past 65520 -> inf, below 2^-25 ->
 // zero, subnormals in between; NaN -> a quiet NaN (0x7E00 with the sign).
-inline Fp16 float_to_fp16(float value) {
+static inline Fp16 float_to_fp16(float value) {
   uint32_t bits;
   std::memcpy(&bits, &value, sizeof(bits));
   const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);

@@ -42,19 +42,15 @@ void run_gated_activation_half(kernels::Activation activation, const Half* a, in
                                int64_t rows, int64_t cols, int num_threads) {
   void (*apply)(kernels::Activation, const float*, int64_t, const float*, int64_t, float*, int64_t,
                 int64_t, int64_t) = nullptr;
-  void (*widen)(const Half*, float*, int64_t) = nullptr;
-  void (*round)(const float*, Half*, int64_t) = nullptr;
-  UMT5_DISPATCH_ISA(ISA, (apply = &kernels::gated_activation_rows<ISA>,
-                          widen = &kernels::convert_values<ISA, Half, float>,
-                          round = &kernels::convert_values<ISA, float, Half>));
+  UMT5_DISPATCH_ISA(ISA, apply = &kernels::gated_activation_rows<ISA>);
   const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(cols, 1));
   parallel_for_ranges(rows, grain, num_threads, [&](int64_t begin, int64_t end) {
     std::vector<float> gate(cols), up(b ? cols : 0);
     for (int64_t r = begin; r < end; ++r) {
-      widen(a + r * a_row_stride, gate.data(), cols);
-      if (b) widen(b + r * b_row_stride, up.data(), cols);
+      run_convert(a + r * a_row_stride, gate.data(), cols);
+      if (b) run_convert(b + r * b_row_stride, up.data(), cols);
       apply(activation, gate.data(), cols, b ? up.data() : nullptr, cols, gate.data(), cols, 1, cols);
-      round(gate.data(), out + r * out_row_stride, cols);
+      run_convert(gate.data(), out + r * out_row_stride, cols);
     }
   });
 }

@@ -21,6 +21,11 @@ template <typename X, typename Half>
 void run_rms_norm_half(const X* x, const Half* weight, float eps, Half* out, int64_t rows, int64_t dim,
                        int num_threads);
 
+// out[i] = in[i] widened (bf16 bits in uint16_t or Fp16 -> float, exact) or rounded (float -> them,
+// nearest even) by the selected ISA's vector conversions; single-threaded.
+template <typename From, typename To>
+void run_convert(const From* in, To* out, int64_t n);
+
 // "gelu_tanh", "gelu_erf", "relu" or "silu"; std::invalid_argument for any other name.
 kernels::Activation activation_from_name(const std::string& name);
 

@@ -1,5 +1,6 @@
-// Driver shared by int8_linear.cpp and bf16_linear.cpp: y = x @ dequant(weight)^T for fp32 x
-// and int8 / bf16 weights, parallel over output columns.
+// Driver of the weight-only linears (int8_linear.cpp, float_weight_linear.cpp, the decoder step,
+// the LM head screen): y = x @ dequant(weight)^T for fp32 x and int8 / bf16 / fp16 / fp32 weights,
+// parallel over output columns.
 #pragma once
 
 #include <algorithm>

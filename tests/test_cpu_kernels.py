@@ -499,6 +499,20 @@ def test_linear_of_a_half_precision_model(rows, with_residual, native_gemm, dtyp
         torch.testing.assert_close(got, eager.linear(x, weight, residual), rtol=2 ** -7, atol=2 ** -7)
 
 
+def test_fp16_weights_widen_exactly():
+    """Every fp16 value as a weight: with one input feature (fewer than a vector: the scalar
+    widening) y = 1 * w is torch's widening bit for bit (inf included, NaN stays NaN); with 16
+    features and one-hot inputs every finite value through the vector widening likewise."""
+    values = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    widened = values.float()
+    got = cpu.kernel_linear(torch.ones(1, 1), values[:, None])[0]
+    nan = widened.isnan()
+    assert torch.equal(got[~nan], widened[~nan]) and got[nan].isnan().all()
+    finite = values[widened.isfinite()].reshape(-1, 16)
+    got = cpu.kernel_linear(torch.eye(16), finite)  # row j: feature j of every weight row
+    assert torch.equal(got, finite.float().T)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("cols", [2, 15, 16, 37])
 def test_half_precision_gated_activation_rounds_like_torch(dtype, cols, generator):
@@ -723,15 +737,19 @@ def test_wide_gemm_engine_follows_the_cpu_vendor():
     assert cpu.WIDE_GEMMS_IN_ONEDNN == (cpu.WIDE_GEMMS and vendor != "intel" and ONEDNN_LINEAR_OPS)
 
 
-def test_bf16_gemms_run_natively_only_with_avx512_bf16():
-    """torch's bf16 GEMM takes bf16 GEMMs only where the CPU has bf16 dot products (oneDNN emulates
-    them elsewhere, 3-4x slower than the fp32 GEMM on widened operands)."""
+def test_half_precision_gemms_run_natively_only_with_avx512_bf16_or_fp16():
+    """torch's bf16 / fp16 GEMM takes those GEMMs only where the CPU has bf16 dot products / fp16
+    arithmetic (oneDNN emulates bf16 elsewhere, 3-4x slower than the fp32 GEMM on widened operands;
+    torch's fp16 GEMM is a loop there, ~10x slower)."""
     flags = [line for line in open("/proc/cpuinfo")] if os.path.exists("/proc/cpuinfo") else []
     flags = next((line.split(":", 1)[1].split() for line in flags if line.startswith("flags")), None)
     if flags is not None:
         assert _C.cpu_has_avx512_bf16() == ("avx512_bf16" in flags)
+        assert _C.cpu_has_avx512_fp16() == ("avx512_fp16" in flags)
     onednn_bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)()
     assert cpu.NATIVE_BF16_GEMM == (bool(onednn_bf16) and _C.cpu_has_avx512_bf16())
+    onednn_fp16 = getattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: False)()
+    assert cpu.NATIVE_FP16_GEMM == (bool(onednn_fp16) and _C.cpu_has_avx512_fp16())
 
 
 @pytest.mark.parametrize("engine", ["onednn", "mkl"])

@@ -19,7 +19,7 @@ u = 2^-24), of the integer kernel's three fp32 roundings and of the screening ar
 row whose upper bound reaches the best lower bound is a candidate; the float kernel then computes
 the candidates' logits exactly as it computes all of them, so the winner (first index among equal
 maxima) is the unscreened argmax, bit for bit (bf16 / fp16 logits are rounded after: see
-_LOGIT_SLACK). On a random umt5-small a handful of the 256384 rows are candidates; a step
+_LOGIT_ROUNDING). On a random umt5-small a handful of the 256384 rows are candidates; a step
 reads the int8 head plus a few rows of the head. When the bound cannot decide cheaply (non-finite
 input, too many candidates) ``argmax`` returns None and the caller computes every logit.
 """
@@ -41,12 +41,14 @@ _UNIT_ROUNDOFF = 2.0 ** -24
 # and, as the first of equal logits, be the pick. b rounds to R within half a spacing s(b) <= 2^-p |b|
 # (p = 7 fraction bits in bf16, 10 in fp16), and what rounds to R or above starts half a spacing
 # below R, which is up to 2 s(b) where b < 0 sits just under a power of two: the threshold moves
-# down by 1.5 s(b), rounded up to 2^(1-p) |b|. Below the smallest normal magnitude (the floor) the
-# spacing stays that of the floor: the threshold moves by 2^(1-p) (|b| + floor). An fp16 logit that
+# down by 1.5 s(b), rounded up to 2^(1-p) |b|. Below the smallest normal magnitude the spacing stays
+# that of the smallest normal: the threshold moves by 2^(1-p) (|b| + floor), the floor at least that
+# magnitude (bf16: 1e-30, far above it, so that slack * floor stays a normal fp32 number, also
+# under flush-to-zero). An fp16 logit that
 # rounds to inf (past 65504) leaves the pick to the float path (screen_candidates.cpp).
 # dtype -> (logits kind of screen_argmax, slack, floor)
 _LOGIT_ROUNDING = {torch.float32: (0, 0.0, 0.0),  # fp32 logits: not rounded after
-                   torch.bfloat16: (1, 2.0 ** -6, torch.finfo(torch.bfloat16).tiny),
+                   torch.bfloat16: (1, 2.0 ** -6, 1e-30),
                    torch.float16: (3, 2.0 ** -9, torch.finfo(torch.float16).tiny)}
 # The head kinds of screen_argmax / screen_row_norms (an int8 head is kind 2).
 _FLOAT_HEAD_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 3}

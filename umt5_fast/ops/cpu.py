@@ -16,11 +16,11 @@ What runs where (fp32 activations):
 - ``argmax``: greedy decoding's pick, one C++ pass over the rows.
 - ``linear``: a float weight of ``x``'s dtype goes to torch's GEMM, except fp32 weights for up to
   ``FP32_KERNEL_MAX_ROWS`` rows (decode steps), which take the C++ GEMV. On AVX-512 CPUs products
-  of ``WIDE_GEMM_MIN_ROWS`` rows or more run as fp32 GEMMs, int8 and bf16 weights expanded to fp32
+  of ``WIDE_GEMM_MIN_ROWS`` rows or more run as fp32 GEMMs, int8, bf16 and fp16 weights expanded to fp32
   for the call (``wide_gemm_computes``), in oneDNN where MKL runs AVX2 code (AMD CPUs:
-  ``WIDE_GEMMS_IN_ONEDNN``), else in MKL. Otherwise a ``QuantizedWeight
-  (int8) or bf16 weight goes to the C++ weight-only kernels, which widen the weights in registers,
-  so decoding reads 4x / 2x fewer bytes than fp32.
+  ``WIDE_GEMMS_IN_ONEDNN``), else in MKL. Otherwise a ``QuantizedWeight`` (int8), bf16 or fp16
+  weight goes to the C++ weight-only kernels, which widen the weights in registers, so decoding
+  reads 4x / 2x fewer bytes than fp32.
 - ``linear`` with a ``W8A8Weight`` (column blocks) or ``W8A8RowWeight`` (rows): the activations
   are quantised to int8 per row and multiplied in integers (AVX512-VNNI ``vpdpbusd`` where the CPU
   has it, else AVX2 ``vpmaddubsw`` with the sign trick, else a portable loop: the same results on
@@ -35,6 +35,11 @@ What runs where (fp32 activations):
   AVX512-BF16 / AMX; ``NATIVE_FP16_GEMM``: AVX512-FP16 / AMX-FP16), else through torch's fp32
   GEMM on the exactly widened operands, rounded once (what torch's own fallback computes, 3-10x
   faster).
+
+- bf16 / fp16 x with weight-only int8: the C++ int8 kernel on the widened x up to
+  ``HALF_KERNEL_MAX_ROWS`` rows; above, torch's GEMM in x's dtype on the expanded weight (eager)
+  where it runs on that dtype's instructions, else the fp32 GEMM of the widened operands (the
+  weight expanded to fp32 a slice at a time), rounded once.
 
 Fallbacks to eager (same result, plain torch speed): activations that are not fp32 (except as
 above: W8A8 linears, attention and the bf16 / fp16 paths); ``rms_norm`` with a bf16 weight and x of
@@ -346,9 +351,10 @@ def int8_kernel_computes(x_dtype: torch.dtype, rows: int) -> bool:
 NATIVE_BF16_GEMM = (bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)())
                     and _C.cpu_has_avx512_bf16())
 # Likewise fp16: torch's fp16 GEMM runs in oneDNN on fp16 instructions on CPUs with AVX512-FP16 /
-# AMX-FP16 (its check); elsewhere it is a slow loop (Ice Lake Xeon: 1024 x 512 @ 1024 80 ms
-# against 7.6 for fp32), and the fp32 GEMM of the widened operands gives the fp32 sums rounded once.
-NATIVE_FP16_GEMM = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: False)())
+# AMX-FP16; elsewhere it is a slow loop (Ice Lake Xeon: 1024 x 512 @ 1024 80 ms against 7.6 for
+# fp32), and the fp32 GEMM of the widened operands gives the fp32 sums rounded once.
+NATIVE_FP16_GEMM = (bool(getattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: False)())
+                    and _C.cpu_has_avx512_fp16())
 # Weight elements widened to fp32 at a time (32 MB of fp32), so that a large bf16 / fp16 weight (the LM
 # head) never sits in memory in fp32 whole, in a buffer kept per thread: a fresh fp32 copy per call
 # of one umt5-xxl FFN weight (168 MB) cost 58 ms of page faults and writes on an Ice Lake Xeon, and
@@ -359,7 +365,7 @@ _widen_buffers = threading.local()
 
 
 # On AVX-512 CPUs fp32 products of WIDE_GEMM_MIN_ROWS+ rows run as one fp32 GEMM in the faster of
-# torch's two engines, int8 / bf16 (weight-only) weights expanded to fp32 for the call: from this
+# torch's two engines, int8 / bf16 / fp16 (weight-only) weights expanded to fp32 for the call: from this
 # many rows that costs less than the weight-only kernels' widening in registers, which are bound
 # by fp32 FMAs there, not bytes (1024 x 512 @ 1024: 6.1 -> 3.5 ms on a Xeon). Weights above
 # WIDE_GEMM_MAX_WEIGHT elements (an LM head: 131M for umt5-small) are never expanded or reordered,

@@ -24,8 +24,4 @@ static inline uint16_t float_to_bf16(float value) {
   return static_cast<uint16_t>(bits >> 16);
 }
 
-static inline void round_to_bf16(const float* in, uint16_t* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = float_to_bf16(in[i]);
-}
-
 }  // namespace umt5_fast

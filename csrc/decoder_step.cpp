@@ -163,7 +163,7 @@ struct StepOps<uint16_t> {
   static void project(const StepLinear& w, const uint16_t* x, uint16_t* y, int64_t rows, float* widened,
                       float* sums, int threads) {
     half_projection_sums(w, x, rows, widened, sums, threads);
-    round_to_bf16(sums, y, rows * w.out_features);
+    run_convert(sums, y, rows * w.out_features);
   }
   // then `h + y` as a bf16 add (fp32 sum of the two, rounded again)
   static void add_projection(const StepLinear& w, const uint16_t* x, uint16_t* h, StreamState&, int64_t rows,

@@ -82,7 +82,7 @@ class CpuDecodeStep:
         fp32_ok = _F32 not in self.kinds or cpu_ops.float_kernel_computes(torch.float32, torch.float32, rows)
         if self.dtype != torch.float32:
             # half-precision / int8 weights take the C++ kernels only up to some rows (a GEMM above)
-            own = {torch.bfloat16: _BF16, torch.float16: _F16}[self.dtype]
+            own = _FLOAT_KINDS[self.dtype]
             return (fp32_ok and (own not in self.kinds or cpu_ops.float_kernel_computes(self.dtype, self.dtype, rows))
                     and (_INT8 not in self.kinds or cpu_ops.int8_kernel_computes(self.dtype, rows)))
         # half-precision / int8 weights are expanded for a wide GEMM from WIDE_GEMM_MIN_ROWS rows on

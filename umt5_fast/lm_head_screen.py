@@ -44,8 +44,8 @@ _UNIT_ROUNDOFF = 2.0 ** -24
 # down by 1.5 s(b), rounded up to 2^(1-p) |b|. Below the smallest normal magnitude the spacing stays
 # that of the smallest normal: the threshold moves by 2^(1-p) (|b| + floor), the floor at least that
 # magnitude (bf16: 1e-30, far above it, so that slack * floor stays a normal fp32 number, also
-# under flush-to-zero). An fp16 logit that
-# rounds to inf (past 65504) leaves the pick to the float path (screen_candidates.cpp).
+# under flush-to-zero). An fp16 logit that rounds to inf (past 65504) leaves the pick to the float
+# path (screen_candidates.cpp).
 # dtype -> (logits kind of screen_argmax, slack, floor)
 _LOGIT_ROUNDING = {torch.float32: (0, 0.0, 0.0),  # fp32 logits: not rounded after
                    torch.bfloat16: (1, 2.0 ** -6, 1e-30),

@@ -271,7 +271,8 @@ def build_model(cls, config: UMT5Config, sources: Dict[str, Callable[[], torch.T
             setattr(owner, attr, nn.Parameter(tensor, requires_grad=False))
             if quantize is not None and attr == "weight" and _quantized_linear(owner_name, owner):
                 quantize_linear(owner, quantize, owner_name)  # layer by layer: the float model never sits in memory whole
-            if getattr(owner, attr) is None or getattr(owner, attr).data_ptr() != stored.data_ptr():
+            kept = getattr(owner, attr)
+            if kept is None or kept.data_ptr() != stored.data_ptr():
                 # converted or quantised: the stored bytes are not needed (an fp16 model's fp32
                 # `wo` views keep the file mapped: without this the whole file stayed resident)
                 release_file_pages(stored)

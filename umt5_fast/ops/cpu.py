@@ -35,7 +35,6 @@ What runs where (fp32 activations):
   AVX512-BF16 / AMX; ``NATIVE_FP16_GEMM``: AVX512-FP16 / AMX-FP16), else through torch's fp32
   GEMM on the exactly widened operands, rounded once (what torch's own fallback computes, 3-10x
   faster).
-
 - bf16 / fp16 x with weight-only int8: the C++ int8 kernel on the widened x up to
   ``HALF_KERNEL_MAX_ROWS`` rows; above, torch's GEMM in x's dtype on the expanded weight (eager)
   where it runs on that dtype's instructions, else the fp32 GEMM of the widened operands (the

@@ -55,7 +55,7 @@ struct PositionTerms {
       }
     }
     // One query row: the fp32 kernel's one-row blocks read values only.
-    if (p.query_length == 1 && p.element == AttentionElement::f32) return;
+    if (p.query_length == 1 && (p.element == AttentionElement::f32 || p.fp32_query_and_out)) return;
     reversed_head_stride = distances + 2 * kernels::kAttentionMaxRows;
     reversed.assign(rows * reversed_head_stride, 0.0f);
     for (int64_t h = 0; h < rows; ++h)
@@ -121,20 +121,27 @@ T* element_at(const void* base, int64_t offset) {
   return const_cast<T*>(static_cast<const T*>(base)) + offset;
 }
 
+// The same for elements of a type known at run time.
+const void* element_at(const void* base, int64_t offset, AttentionElement element) {
+  return static_cast<const char*>(base) + offset * (element == AttentionElement::f32 ? 4 : 2);
+}
+
+inline float widened(float value) { return value; }
+inline float widened(uint16_t value) { return bf16_to_float(value); }
+inline float widened(Fp16 value) { return fp16_to_float(value); }
+
 // A row whose keys are all masked scores MASKED_SCORE everywhere: softmax is uniform, so the
-// output is the mean of all Lk value rows (rare: a fully padded query under a causal mask).
-template <typename T>
-void write_mean_of_values(const AttentionProblem& p, int64_t b, int64_t h, T* out_row) {
-  const T* v = element_at<T>(p.v, b * p.v_strides[0] + h * p.v_strides[1]);
+// output is the mean of all Lk value rows (rare: a fully padded query under a causal mask). V: the
+// values' element type; Out: float, or bf16 bits (rounded once).
+template <typename V, typename Out>
+void write_mean_of_values(const AttentionProblem& p, int64_t b, int64_t h, Out* out_row) {
+  const V* v = element_at<V>(p.v, b * p.v_strides[0] + h * p.v_strides[1]);
   std::vector<float> sum(p.head_dim, 0.0f);
   for (int64_t j = 0; j < p.key_length; ++j)
-    for (int d = 0; d < p.head_dim; ++d) {
-      const T value = v[j * p.v_strides[2] + d];
-      if constexpr (std::is_same_v<T, float>) sum[d] += value; else sum[d] += bf16_to_float(value);
-    }
+    for (int d = 0; d < p.head_dim; ++d) sum[d] += widened(v[j * p.v_strides[2] + d]);
   const float weight = 1.0f / static_cast<float>(p.key_length);
   for (int d = 0; d < p.head_dim; ++d) {
-    if constexpr (std::is_same_v<T, float>) out_row[d] = sum[d] * weight;
+    if constexpr (std::is_same_v<Out, float>) out_row[d] = sum[d] * weight;
     else out_row[d] = float_to_bf16(sum[d] * weight);
   }
 }
@@ -147,8 +154,8 @@ struct Bf16Operands {
   std::vector<uint16_t> k_rows, v_t;
   int64_t amx_dims = 0, amx_columns = 0, amx_head_stride = 0;
 
-  Bf16Operands(const AttentionProblem& p, bool amx) {
-    if (p.element != AttentionElement::bf16) return;
+  Bf16Operands(const AttentionProblem& p, bool bf16_kernels, bool amx) {
+    if (!bf16_kernels) return;
     if (amx) {
       amx_dims = amx_padded_dims(p.head_dim);
       amx_columns = p.key_length + kAmxKeyPad;
@@ -210,38 +217,53 @@ std::vector<T> rows_by_head(const AttentionProblem& p, const void* base, const s
   return rows;
 }
 
-// The keys (and fp32 values) the fp32 and vdpbf16ps kernels read, with each head's rows
-// contiguous, copied once per call where the caller's rows are not and several query blocks read
-// every key: in the model's [B, L, H, D] layout one head's rows lie H * D apart, and every block
+// The keys (and values) the fp32 and vdpbf16ps kernels read, with each head's rows contiguous,
+// copied once per call where several query blocks read every key and the caller's rows are not
+// contiguous: in the model's [B, L, H, D] layout one head's rows lie H * D apart, and every block
 // streamed them interleaved with the other heads' rows, which the hardware prefetchers fetch too.
 // 1 x 4096 tokens, 6 heads of 64, per layer: fp32 268 -> 198 ms under AVX2 and 172 -> 138 ms with
 // AVX-512, bf16 212 -> 188 ms (the copies take ~1 ms). (bf16 V is packed into pairs anyway, and
-// the AMX kernel packs its own operands.)
+// the AMX kernel packs its own operands.) Half-precision K/V for the fp32 kernel are widened into
+// such copies whenever several blocks read them, rather than a tile at a time in every block.
 struct ContiguousOperands {
   std::vector<float> k, v;
   std::vector<uint16_t> k_bf16;
   int64_t head_stride = 0;
 
-  ContiguousOperands(const AttentionProblem& p, int64_t blocks_per_head, bool amx) {
+  ContiguousOperands(const AttentionProblem& p, int64_t blocks_per_head, bool bf16_kernels, bool amx) {
     const bool k_strided = p.k_strides[2] != p.head_dim, v_strided = p.v_strides[2] != p.head_dim;
     if (amx || blocks_per_head < 2) return;
     head_stride = p.key_length * p.head_dim;
-    if (p.element == AttentionElement::f32 && (k_strided || v_strided)) {
+    if (bf16_kernels) {
+      if (k_strided) k_bf16 = rows_by_head<uint16_t>(p, p.k, p.k_strides, p.key_length);
+    } else if (p.element == AttentionElement::bf16) {
+      k = rows_by_head<float, uint16_t>(p, p.k, p.k_strides, p.key_length);
+      v = rows_by_head<float, uint16_t>(p, p.v, p.v_strides, p.key_length);
+    } else if (p.element == AttentionElement::f16) {
+      k = rows_by_head<float, Fp16>(p, p.k, p.k_strides, p.key_length);
+      v = rows_by_head<float, Fp16>(p, p.v, p.v_strides, p.key_length);
+    } else if (k_strided || v_strided) {
       k = rows_by_head<float>(p, p.k, p.k_strides, p.key_length);
       v = rows_by_head<float>(p, p.v, p.v_strides, p.key_length);
-    } else if (p.element == AttentionElement::bf16 && k_strided) {
-      k_bf16 = rows_by_head<uint16_t>(p, p.k, p.k_strides, p.key_length);
     }
   }
 
-  // The block's K (and fp32 V): the copies' rows of (b, h) where there are copies.
+  // Element of the K and V the fp32 kernel reads.
+  AttentionElement kv_element(const AttentionProblem& p) const { return k.empty() ? p.element : AttentionElement::f32; }
+
+  // The block's K and V: the copies' rows of (b, h) where there are copies, else the caller's
+  // (half-precision ones widened by the kernel).
   void set_for_head(const AttentionProblem& p, int64_t b, int64_t h, kernels::AttentionBlock& block) const {
-    block.v = element_at<float>(p.v, b * p.v_strides[0] + h * p.v_strides[1]);
-    block.v_row_stride = p.v_strides[2];
-    if (k.empty()) return;
+    if (k.empty()) {
+      block.v = element_at(p.v, b * p.v_strides[0] + h * p.v_strides[1], p.element);
+      block.v_row_stride = p.v_strides[2];
+      block.kv_element = kv_element(p);
+      return;
+    }
     block.k = k.data() + (b * p.heads + h) * head_stride;
     block.v = v.data() + (b * p.heads + h) * head_stride;
     block.k_row_stride = block.v_row_stride = p.head_dim;
+    block.kv_element = kv_element(p);
   }
   void set_for_head(const AttentionProblem& p, int64_t b, int64_t h, AttentionBlockBf16& block) const {
     if (k_bf16.empty()) return;
@@ -259,7 +281,8 @@ void fill_block(const AttentionProblem& p, const PositionTerms& position_terms,
   const int64_t out_row_stride = p.heads * p.head_dim;
   block.q = element_at<T>(p.q, b * p.q_strides[0] + h * p.q_strides[1] + first_row * p.q_strides[2]);
   block.q_row_stride = p.q_strides[2];
-  block.k = element_at<T>(p.k, b * p.k_strides[0] + h * p.k_strides[1]);
+  // (K and V hold p.element, also where q and out are fp32)
+  block.k = static_cast<decltype(block.k)>(element_at(p.k, b * p.k_strides[0] + h * p.k_strides[1], p.element));
   block.k_row_stride = p.k_strides[2];
   block.out = element_at<T>(p.out, (b * p.query_length + first_row) * out_row_stride + h * p.head_dim);
   block.out_row_stride = out_row_stride;
@@ -274,25 +297,19 @@ void fill_block(const AttentionProblem& p, const PositionTerms& position_terms,
 }
 
 // bf16 attention where the bf16 kernels cannot run, and fp16 attention (Half: uint16_t holding
-// bf16 bits, or Fp16): q, k and v widened (exactly) into fp32 copies with each head's rows
-// contiguous, the fp32 kernel, its output rounded once. O(L * D) extra memory; the copies cost ~1%
-// of the kernel's time at 4096 tokens, but in a decode step (one query row) they are a copy of the
-// whole cache and encoder K/V per layer and step (an fp32 kernel reading half-precision K/V would
-// save that).
+// bf16 bits, or Fp16): q widened (exactly) into an fp32 copy, the fp32 kernel reading K and V as
+// they are (widened a key tile at a time, or once where several query blocks read them), its
+// output rounded once: the bits of the fp32 kernel on widened copies of q, k and v, with O(Lq * D)
+// extra memory (a decode step reads its half-precision cache and encoder K/V without copies).
 template <typename Half>
 void run_widened_half_attention(const AttentionProblem& p) {
   const std::vector<float> q = rows_by_head<float, Half>(p, p.q, p.q_strides, p.query_length);
-  const std::vector<float> k = rows_by_head<float, Half>(p, p.k, p.k_strides, p.key_length);
-  const std::vector<float> v = rows_by_head<float, Half>(p, p.v, p.v_strides, p.key_length);
   std::vector<float> out(p.batch * p.query_length * p.heads * p.head_dim);
   AttentionProblem widened = p;
   widened.q = q.data();
   widened.q_strides = {p.heads * p.query_length * p.head_dim, p.query_length * p.head_dim, p.head_dim};
-  widened.k = k.data();
-  widened.v = v.data();
-  widened.k_strides = widened.v_strides = {p.heads * p.key_length * p.head_dim, p.key_length * p.head_dim, p.head_dim};
   widened.out = out.data();
-  widened.element = AttentionElement::f32;
+  widened.fp32_query_and_out = true;
   run_attention(widened);
   run_convert(out.data(), static_cast<Half*>(p.out), static_cast<int64_t>(out.size()));
 }
@@ -305,16 +322,19 @@ bool cpu_supports_bf16_attention() {
 }
 
 void run_attention(const AttentionProblem& p) {
-  const bool bf16 = p.element == AttentionElement::bf16;
-  if (bf16 && !cpu_supports_bf16_attention()) return run_widened_half_attention<uint16_t>(p);
-  if (p.element == AttentionElement::f16) return run_widened_half_attention<Fp16>(p);
+  const bool half = p.element != AttentionElement::f32 && !p.fp32_query_and_out;
+  const bool bf16 = half && p.element == AttentionElement::bf16 && cpu_supports_bf16_attention();
+  if (half && !bf16) {
+    if (p.element == AttentionElement::bf16) return run_widened_half_attention<uint16_t>(p);
+    return run_widened_half_attention<Fp16>(p);
+  }
   const PositionTerms position_terms(p);
   const KeyTerms key_terms(p);
   const bool amx = bf16 && p.query_length >= kAmxMinRows && amx_attention_enabled();
-  const Bf16Operands bf16_operands(p, amx);
+  const Bf16Operands bf16_operands(p, bf16, amx);
   const int64_t blocks_per_head =
       (p.query_length + kernels::kAttentionMaxRows - 1) / kernels::kAttentionMaxRows;
-  const ContiguousOperands contiguous(p, blocks_per_head, amx);
+  const ContiguousOperands contiguous(p, blocks_per_head, bf16, amx);
   // Even split: 33 rows make blocks of 17 and 16, not 32 and 1.
   const int64_t rows_per_block = (p.query_length + blocks_per_head - 1) / blocks_per_head;
   const int64_t tasks = p.batch * p.heads * blocks_per_head;
@@ -327,7 +347,7 @@ void run_attention(const AttentionProblem& p) {
   {
     std::vector<float> scratch(amx    ? attention_amx_scratch_floats(p.head_dim)
                                : bf16 ? attention_bf16_scratch_floats(p.head_dim)
-                                      : kernels::attention_scratch_floats(p.head_dim));
+                                      : kernels::attention_scratch_floats(p.head_dim, contiguous.kv_element(p)));
     // Causal blocks differ in work: hand them out dynamically.
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < tasks; ++task) {
@@ -364,9 +384,13 @@ void run_attention(const AttentionProblem& p) {
         if (last_unmasked >= key_terms.first_kept[b]) continue;
         const int64_t out_row = (b * p.query_length + first_row + r) * out_row_stride + h * p.head_dim;
         if (bf16)
-          write_mean_of_values(p, b, h, element_at<uint16_t>(p.out, out_row));
+          write_mean_of_values<uint16_t>(p, b, h, element_at<uint16_t>(p.out, out_row));
+        else if (p.element == AttentionElement::bf16)
+          write_mean_of_values<uint16_t>(p, b, h, element_at<float>(p.out, out_row));
+        else if (p.element == AttentionElement::f16)
+          write_mean_of_values<Fp16>(p, b, h, element_at<float>(p.out, out_row));
         else
-          write_mean_of_values(p, b, h, element_at<float>(p.out, out_row));
+          write_mean_of_values<float>(p, b, h, element_at<float>(p.out, out_row));
       }
     }
   }

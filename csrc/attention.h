@@ -6,10 +6,9 @@
 #include <array>
 #include <cstdint>
 
-namespace umt5_fast {
+#include "kernels.h"
 
-// Element type of q, k, v and out.
-enum class AttentionElement { f32, bf16, f16 };
+namespace umt5_fast {
 
 struct AttentionProblem {
   // q: [B, H, Lq, D], k/v: [B, H, Lk, D]; strides in elements for (batch, head, row), rows
@@ -33,6 +32,9 @@ struct AttentionProblem {
   float scale;
   int num_threads;
   AttentionElement element = AttentionElement::f32;
+  // q and out in fp32 while k and v hold `element` (bf16 / fp16): how the fp32 kernel runs a
+  // half-precision problem, reading K/V as they are (run_attention sets it up; callers need not).
+  bool fp32_query_and_out = false;
 };
 
 // out = softmax(scale * q k^T + bias[bucket(j - i - query_offset)], masked) v, with the
@@ -43,7 +45,8 @@ struct AttentionProblem {
 // bf16 runs the AVX512-BF16 kernel (attention_bf16.cpp, or AMX tiles): q k^T and p v as bf16
 // pair products summed in fp32 (p rounded to bf16, as transformers' bf16 attention rounds its
 // softmax), the softmax in fp32, the output rounded once. Where it cannot run, bf16 problems take
-// the fp32 kernel on exactly widened copies of q, k and v, the output rounded once; fp16 problems
+// the fp32 kernel on an exactly widened copy of q, reading K/V as they are and widening them a key
+// tile at a time (the same bits as on widened copies), the output rounded once; fp16 problems
 // always do.
 void run_attention(const AttentionProblem& problem);
 

@@ -294,31 +294,24 @@ class DecoderStep {
   // d_model] after the final norm. keys / values: [layers, rows, heads, max_length, d_kv] with
   // `cache_strides`; position < max_length is where this step's K/V go. cross_k / cross_v: per
   // layer [rows, heads, source_length, d_kv] with (batch, head, position) strides. All of them
-  // hold the activations' dtype (fp32, bf16 or fp16), except that `cross_widened` says cross_k /
-  // cross_v hold fp32 copies of a bf16 / fp16 model's encoder K/V, widened once for many steps:
-  // where its attention runs the fp32 kernel on widened copies anyway, the same bits without
-  // widening them again in every step.
+  // hold the activations' dtype (fp32, bf16 or fp16).
   void run(uintptr_t hidden, uintptr_t out, int64_t rows, int64_t position, uintptr_t keys,
            uintptr_t values, std::array<int64_t, 4> cache_strides,
            const std::vector<uintptr_t>& cross_k, const std::vector<std::array<int64_t, 3>>& k_strides,
            const std::vector<uintptr_t>& cross_v, const std::vector<std::array<int64_t, 3>>& v_strides,
-           bool cross_widened, int64_t source_length, uintptr_t encoder_mask, int64_t mask_stride,
-           int num_threads) const {
+           int64_t source_length, uintptr_t encoder_mask, int64_t mask_stride, int num_threads) const {
     const size_t n = layers_.size();
     if (cross_k.size() != n || cross_v.size() != n || k_strides.size() != n || v_strides.size() != n)
       throw std::invalid_argument("decoder step: one cross K/V pair per layer is needed");
     if (rows < 1 || position < 0 || source_length < 1)
       throw std::invalid_argument("decoder step: rows and source_length must be positive");
-    if (cross_widened && (element_ == AttentionElement::f32 ||
-                          (element_ == AttentionElement::bf16 && cpu_supports_bf16_attention())))
-      throw std::invalid_argument("decoder step: widened encoder K/V serve half-precision attention on the fp32 kernel only");
     py::gil_scoped_release no_gil;
     const auto stack = element_ == AttentionElement::bf16  ? &DecoderStep::run_stack<uint16_t>
                        : element_ == AttentionElement::f16 ? &DecoderStep::run_stack<Fp16>
                                                            : &DecoderStep::run_stack<float>;
     (this->*stack)(reinterpret_cast<void*>(hidden), reinterpret_cast<void*>(out), rows, position,
                    reinterpret_cast<void*>(keys), reinterpret_cast<void*>(values), cache_strides,
-                   cross_k, k_strides, cross_v, v_strides, cross_widened, source_length,
+                   cross_k, k_strides, cross_v, v_strides, source_length,
                    reinterpret_cast<const uint8_t*>(encoder_mask), mask_stride, num_threads);
   }
 
@@ -328,8 +321,7 @@ class DecoderStep {
                  std::array<int64_t, 4> cache_strides, const std::vector<uintptr_t>& cross_k,
                  const std::vector<std::array<int64_t, 3>>& k_strides,
                  const std::vector<uintptr_t>& cross_v,
-                 const std::vector<std::array<int64_t, 3>>& v_strides, bool cross_widened,
-                 int64_t source_length, const uint8_t* encoder_mask, int64_t mask_stride,
+                 const std::vector<std::array<int64_t, 3>>& v_strides, int64_t source_length, const uint8_t* encoder_mask, int64_t mask_stride,
                  int num_threads) const {
     using Ops = StepOps<T>;
     std::vector<float> stream_storage;  // (an fp16 model's stream: fp32 storage)
@@ -340,7 +332,6 @@ class DecoderStep {
     // fp32 scratch of the half-precision projections (none for fp32 activations)
     const int64_t scratch = std::is_same_v<T, float> ? 0 : rows * std::max({d_model_, inner_, d_ff_});
     std::vector<float> widened(scratch), sums(scratch);
-    std::vector<float> q32(cross_widened ? rows * inner_ : 0), attended32(q32.size());
     const auto project = [&](const StepLinear& w, const T* x, T* y) {
       Ops::project(w, x, y, rows, widened.data(), sums.data(), num_threads);
     };
@@ -374,24 +365,12 @@ class DecoderStep {
       // Cross-attention on the encoder K/V (no position bias).
       Ops::norm(h, layer.cross_norm, eps_, normed.data(), rows, d_model_, num_threads);
       project(layer.cross_q, normed.data(), q.data());
-      AttentionProblem cross{q.data(), q_strides, reinterpret_cast<const T*>(cross_k[i]), k_strides[i],
-                             reinterpret_cast<const T*>(cross_v[i]), v_strides[i], attended.data(),
-                             rows, heads_, /*query_length=*/1, source_length, static_cast<int>(d_kv_),
-                             /*bias_table=*/nullptr, num_buckets_, max_distance_, /*bidirectional=*/true,
-                             encoder_mask, mask_stride, /*causal=*/false, /*query_offset=*/0,
-                             /*scale=*/1.0f, num_threads, Ops::element};
-      if (cross_widened) {  // what run_attention does on widened copies, the K/V widened already
-        if constexpr (!std::is_same_v<T, float>) {
-          run_convert(q.data(), q32.data(), rows * inner_);
-          cross.q = q32.data();
-          cross.out = attended32.data();
-          cross.element = AttentionElement::f32;
-          run_attention(cross);
-          run_convert(attended32.data(), attended.data(), rows * inner_);
-        }
-      } else {
-        run_attention(cross);
-      }
+      run_attention({q.data(), q_strides, reinterpret_cast<const T*>(cross_k[i]), k_strides[i],
+                     reinterpret_cast<const T*>(cross_v[i]), v_strides[i], attended.data(), rows,
+                     heads_, /*query_length=*/1, source_length, static_cast<int>(d_kv_),
+                     /*bias_table=*/nullptr, num_buckets_, max_distance_, /*bidirectional=*/true,
+                     encoder_mask, mask_stride, /*causal=*/false, /*query_offset=*/0,
+                     /*scale=*/1.0f, num_threads, Ops::element});
       add_projection(layer.cross_o, attended.data());
 
       // Feed-forward: act(wi_0 x) * wi_1 x (or act(wi x)), then wo plus the residual.
@@ -428,7 +407,7 @@ void register_decoder_step(py::module_& m) {
       .def("run", &DecoderStep::run, py::kw_only(), py::arg("hidden"), py::arg("out"),
            py::arg("rows"), py::arg("position"), py::arg("keys"), py::arg("values"),
            py::arg("cache_strides"), py::arg("cross_k"), py::arg("k_strides"), py::arg("cross_v"),
-           py::arg("v_strides"), py::arg("cross_widened"), py::arg("source_length"), py::arg("encoder_mask"),
+           py::arg("v_strides"), py::arg("source_length"), py::arg("encoder_mask"),
            py::arg("mask_stride"), py::arg("num_threads"));
 }
 

@@ -14,6 +14,9 @@ namespace umt5_fast {
 // keys are all masked averages V uniformly, as transformers' additive finfo.min mask does.
 constexpr float kMaskedScore = -1.0e30f;
 
+// Element type of attention operands: fp32, bf16 bits (uint16_t) or Fp16.
+enum class AttentionElement { f32, bf16, f16 };
+
 namespace kernels {
 
 // Every vector width divides this; row buffers are padded to it so kernels never branch on
@@ -31,10 +34,13 @@ constexpr int kAttentionMaxRows = 32;  // query rows per block, all reusing each
 struct AttentionBlock {
   const float* q;  // first query row of the block; rows q_row_stride apart
   int64_t q_row_stride;
-  const float* k;  // key 0 of this (batch, head)
+  const void* k;  // key 0 of this (batch, head), of kv_element
   int64_t k_row_stride;
-  const float* v;
+  const void* v;
   int64_t v_row_stride;
+  // Element of k and v: fp32, or bf16 / fp16, which the kernel widens (exactly) one key tile at a
+  // time into its scratch, so that a decode step reads a half-precision cache without an fp32 copy.
+  AttentionElement kv_element = AttentionElement::f32;
   float* out;  // output row of the first query; rows out_row_stride apart
   int64_t out_row_stride;
   int num_rows;  // <= kAttentionMaxRows
@@ -55,10 +61,11 @@ struct AttentionBlock {
   const float* key_term;
 };
 
-// Floats of per-thread scratch attention_block needs for this head_dim.
-inline int64_t attention_scratch_floats(int head_dim) {
+// Floats of per-thread scratch attention_block needs for this head_dim and K/V element.
+inline int64_t attention_scratch_floats(int head_dim, AttentionElement kv_element) {
   const int64_t rows = round_up(kAttentionMaxRows, 4), dim = round_up(head_dim, kPad);
-  return rows * (2 * dim + kAttentionKeyTile + 3);
+  const int64_t widened_tiles = kv_element == AttentionElement::f32 ? 0 : 2 * kAttentionKeyTile * dim;
+  return rows * (2 * dim + kAttentionKeyTile + 3) + widened_tiles;
 }
 
 // Writes softmax(scale * q k^T + terms) v for each row of the block (rows whose keys are all

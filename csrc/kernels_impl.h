@@ -105,14 +105,14 @@ inline void dot_products(const float* const* q_rows, const float* const* k_rows,
   reduce_all<ISA, R * C>(acc, out);
 }
 
-// Raw scores of one query row against keys [first_key, first_key + num_keys), eight keys at a time
+// Raw scores of one query row against keys [0, num_keys) of k, eight keys at a time
 // (scores past num_keys are junk that softmax_step overwrites).
 template <CpuIsa ISA>
 inline void score_row(const float* q_scaled, const float* k, int64_t k_row_stride,
-                      int64_t first_key, int num_keys, int dim, float* scores) {
+                      int num_keys, int dim, float* scores) {
   for (int c0 = 0; c0 < num_keys; c0 += 8) {
     const float* keys[8];  // keys past the tile repeat its last key
-    for (int c = 0; c < 8; ++c) keys[c] = k + (first_key + std::min(c0 + c, num_keys - 1)) * k_row_stride;
+    for (int c = 0; c < 8; ++c) keys[c] = k + std::min(c0 + c, num_keys - 1) * k_row_stride;
     dot_products<ISA, 1, 8>(&q_scaled, keys, dim, scores + c0);
   }
 }
@@ -123,15 +123,15 @@ inline void score_row(const float* q_scaled, const float* k, int64_t k_row_strid
 // lanes: its max and sum are elementwise over keys.
 constexpr int kRowStride = kAttentionMaxRows;
 
-// scores_t[c][r] = q row r . key (first_key + c) for RV vectors of rows; q_t is [dim][kRowStride].
+// scores_t[c][r] = q row r . key c for RV vectors of rows; q_t is [dim][kRowStride].
 template <CpuIsa ISA, int RV, int KG>
 inline void score_tile_transposed(const float* q_t, const float* k, int64_t k_row_stride,
-                                  int64_t first_key, int num_keys, int dim, float* scores_t) {
+                                  int num_keys, int dim, float* scores_t) {
   using V = Vec<ISA>;
   constexpr int W = V::width;
   for (int c0 = 0; c0 < num_keys; c0 += KG) {
     const float* keys[KG];  // keys past the tile repeat its last key; their scores are not stored
-    for (int g = 0; g < KG; ++g) keys[g] = k + (first_key + std::min(c0 + g, num_keys - 1)) * k_row_stride;
+    for (int g = 0; g < KG; ++g) keys[g] = k + std::min(c0 + g, num_keys - 1) * k_row_stride;
     typename V::type acc[KG][RV];
     for (auto& key_acc : acc)
       for (auto& a : key_acc) a = V::zero();
@@ -402,6 +402,40 @@ inline void linear_row_block(const LinearProblem<WeightT>& p, int64_t m0, int64_
   }
 }
 
+// Rows of fp32 K and V for keys [j0, j0 + num_keys) of a block.
+struct KeyValueTile {
+  const float* k;
+  int64_t k_row_stride;
+  const float* v;
+  int64_t v_row_stride;
+};
+
+template <CpuIsa ISA, typename Half>
+inline void widen_rows(const void* rows, int64_t row_stride, int64_t first_row, int num_rows, int dim,
+                       float* out, int64_t out_row_stride) {
+  const Half* row = static_cast<const Half*>(rows) + first_row * row_stride;
+  for (int r = 0; r < num_rows; ++r, row += row_stride)
+    for_each_vector<ISA>(dim, [&](int64_t d, int lanes) {
+      store_n<ISA>(out + r * out_row_stride + d, load_n<ISA>(row + d, lanes), lanes);
+    });
+}
+
+// The block's K and V rows themselves when they are fp32; half-precision ones widened into
+// `widened` ([2][kAttentionKeyTile][round_up(dim, kPad)] floats), while they are in cache anyway.
+template <CpuIsa ISA>
+inline KeyValueTile key_value_tile(const AttentionBlock& b, int64_t j0, int num_keys, float* widened) {
+  if (b.kv_element == AttentionElement::f32)
+    return {static_cast<const float*>(b.k) + j0 * b.k_row_stride, b.k_row_stride,
+            static_cast<const float*>(b.v) + j0 * b.v_row_stride, b.v_row_stride};
+  const int64_t stride = round_up(b.head_dim, kPad);
+  float* k = widened;
+  float* v = widened + kAttentionKeyTile * stride;
+  const auto widen = b.kv_element == AttentionElement::bf16 ? &widen_rows<ISA, uint16_t> : &widen_rows<ISA, Fp16>;
+  widen(b.k, b.k_row_stride, j0, num_keys, b.head_dim, k, stride);
+  widen(b.v, b.v_row_stride, j0, num_keys, b.head_dim, v, stride);
+  return {k, stride, v, stride};
+}
+
 // A block of several rows, RV vectors of them (rows past num_rows are zero queries whose outputs
 // are dropped): transposed score tiles, then P V with four rows per pass.
 template <CpuIsa ISA, int RV>
@@ -419,6 +453,7 @@ void attention_rows(const AttentionBlock& b, float* scratch) {
   float* running_max = scores_t + kRowStride * kAttentionKeyTile;
   float* running_sum = running_max + kRowStride;
   float* rescale = running_sum + kRowStride;
+  float* widened_kv = rescale + kRowStride;  // half-precision K/V tiles
 
   for (int d = 0; d < dim; ++d)
     for (int r = 0; r < kRows; ++r)
@@ -429,14 +464,14 @@ void attention_rows(const AttentionBlock& b, float* scratch) {
 
   for (int64_t j0 = b.key_begin; j0 < b.key_end; j0 += kAttentionKeyTile) {
     const int num_keys = static_cast<int>(std::min<int64_t>(kAttentionKeyTile, b.key_end - j0));
-    score_tile_transposed<ISA, RV, KG>(q_t, b.k, b.k_row_stride, j0, num_keys, dim, scores_t);
+    const KeyValueTile tile = key_value_tile<ISA>(b, j0, num_keys, widened_kv);
+    score_tile_transposed<ISA, RV, KG>(q_t, tile.k, tile.k_row_stride, num_keys, dim, scores_t);
     softmax_step_transposed<ISA, RV>(
         scores_t, num_keys, b.position_term_reversed ? b.position_term_reversed - j0 : nullptr,
         b.key_term ? b.key_term + j0 : nullptr, running_max, running_sum, rescale);
-    const float* v_tile = b.v + j0 * b.v_row_stride;
     for (int r0 = 0; r0 < b.num_rows; r0 += 4)  // 4 x NV accumulators fit the registers
-      accumulate_values_all<ISA, 4, ISA == CpuIsa::avx512 ? 4 : 2>(scores_t + r0, 1, kRowStride, rescale + r0, v_tile,
-                                       b.v_row_stride, num_keys, 0, dim, acc + r0 * dim_stride,
+      accumulate_values_all<ISA, 4, ISA == CpuIsa::avx512 ? 4 : 2>(scores_t + r0, 1, kRowStride, rescale + r0, tile.v,
+                                       tile.v_row_stride, num_keys, 0, dim, acc + r0 * dim_stride,
                                        dim_stride);
   }
   for (int r = 0; r < b.num_rows; ++r) {
@@ -459,6 +494,7 @@ void attention_row(const AttentionBlock& b, float* scratch) {
   float* q_scaled = scratch;             // [dim_stride]
   float* acc = q_scaled + dim_stride;    // [dim_stride]
   float* scores = acc + dim_stride;      // [kAttentionKeyTile]
+  float* widened_kv = scores + kAttentionKeyTile;  // half-precision K/V tiles
   float running_max = -std::numeric_limits<float>::infinity(), running_sum = 0.0f;
 
   // Scale q once here rather than every score; zero padding makes whole-vector reads safe.
@@ -469,14 +505,14 @@ void attention_row(const AttentionBlock& b, float* scratch) {
   }
   for (int64_t j0 = b.key_begin; j0 < b.key_end; j0 += kAttentionKeyTile) {
     const int num_keys = static_cast<int>(std::min<int64_t>(kAttentionKeyTile, b.key_end - j0));
-    score_row<ISA>(q_scaled, b.k, b.k_row_stride, j0, num_keys, dim, scores);
+    const KeyValueTile tile = key_value_tile<ISA>(b, j0, num_keys, widened_kv);
+    score_row<ISA>(q_scaled, tile.k, tile.k_row_stride, num_keys, dim, scores);
     const float rescale = softmax_step<ISA>(scores, num_keys, b.position_term ? b.position_term + j0 : nullptr,
                                             b.key_term ? b.key_term + j0 : nullptr, running_max,
                                             running_sum);
     // up to eight accumulators: one row has few FMA chains to hide latency
-    accumulate_values_all<ISA, 1, 8>(scores, kAttentionKeyTile, 1, &rescale,
-                                     b.v + j0 * b.v_row_stride, b.v_row_stride, num_keys, 0, dim,
-                                     acc, dim_stride);
+    accumulate_values_all<ISA, 1, 8>(scores, kAttentionKeyTile, 1, &rescale, tile.v,
+                                     tile.v_row_stride, num_keys, 0, dim, acc, dim_stride);
   }
   const auto inverse_sum = V::set1(1.0f / running_sum);
   for_each_vector<ISA>(dim, [&](int64_t d, int lanes) {

@@ -280,22 +280,29 @@ def test_bf16_attention_all_keys_masked_averages_values(generator):
     assert (got[1].double() - expected).abs().max() <= 2.0 ** -8 * expected.abs().max()  # one rounding
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("causal", [False, True])
-def test_bf16_attention_without_bf16_products_widens_exactly(causal, generator):
-    """Where the bf16 kernels cannot run (no AVX512-BF16, or another ISA selected) the C++ call
-    itself runs the fp32 kernel on widened copies: bit for bit the fp32 op on q.float(), k.float(),
-    v.float(), rounded once, strided views and masked rows included."""
-    batch, heads, length, head_dim = 3, 5, 37, 24
-    qkv = randn(batch, length, 3, heads, head_dim, generator=generator).bfloat16()
-    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+@pytest.mark.parametrize("query_length,key_length", [(1, 1), (1, 63), (1, 130), (7, 65), (40, 129), (70, 37)])
+def test_half_attention_on_the_fp32_kernel_widens_exactly(dtype, causal, query_length, key_length, generator):
+    """fp16 attention, and bf16 where the bf16 kernels cannot run (no AVX512-BF16, or another ISA
+    selected): the fp32 kernel on q widened, reading K/V as they are (widened a key tile at a time
+    for one query block, into copies for several): bit for bit the fp32 op on q.float(), k.float(),
+    v.float(), rounded once; one row, several rows, several blocks, partial key tiles, strided views,
+    padding and a fully masked row included."""
+    batch, heads, head_dim = 3, 5, 24
+    length = max(query_length, key_length)
+    qkv = randn(batch, length, 3, heads, head_dim, generator=generator).to(dtype)
+    q, k, v = (qkv[:, -n:, i].transpose(1, 2) for i, n in enumerate((query_length, key_length, key_length)))
     table = randn(16, heads, generator=generator)
-    mask = padding_mask(batch, length, "left", generator)
+    mask = padding_mask(batch, key_length, "left", generator)
+    mask[1, -1] = False  # padding on both sides
     mask[2] = False  # every key of a row masked: the mean of the values
     kwargs = dict(bidirectional=not causal, num_buckets=16, max_distance=20, key_padding_mask=mask,
-                  causal=causal, query_offset=3 if causal else 0)
-    got = cpu.attention(q[:, :, 4:], k, v, table, **kwargs)
-    widened = cpu.attention(q[:, :, 4:].float(), k.float(), v.float(), table, **kwargs).bfloat16()
-    if _C.has_bf16_attention():  # bf16 products: probabilities rounded to bf16, so other bits
+                  causal=causal, query_offset=key_length - query_length if causal else 0)
+    got = cpu.attention(q, k, v, table, **kwargs)
+    widened = cpu.attention(q.float(), k.float(), v.float(), table, **kwargs).to(dtype)
+    assert got.dtype == dtype and got.shape == (batch, query_length, heads, head_dim)
+    if dtype == torch.bfloat16 and _C.has_bf16_attention():  # bf16 products: other bits
         assert (got.float() - widened.float()).abs().max() <= BF16_ATTENTION_TOL * v.float().abs().max()
     else:
         assert torch.equal(got, widened)

@@ -7,8 +7,8 @@ whole stack (same kernels, same order, so the same bits as the Python path) and 
 hidden states. It covers what the cpu backend's kernels cover: fp32 activations with fp32, bf16,
 fp16, int8 or W8A8 linear weights, or a bf16 / fp16 model's activations with weights of their
 dtype, int8 or W8A8 (an fp16 model's `wo` also fp32, as transformers keeps it; attention on bf16
-products where the CPU has AVX512-BF16, else the fp32 kernel on widened copies, as the Python
-path's); linears without bias; norms in the activations' dtype; activations with a C++ kernel. Anything else
+products where the CPU has AVX512-BF16, else the fp32 kernel reading the half-precision cache and
+encoder K/V as they are, as the Python path's); linears without bias; norms in the activations' dtype; activations with a C++ kernel. Anything else
 (``build`` returns None, or ``accepts`` says no) takes the Python path, which is also the
 specification this one is tested against.
 """
@@ -72,7 +72,6 @@ class CpuDecodeStep:
         self.dtype = dtype  # of the activations: fp32, or a bf16 / fp16 model's
         self.kinds = kinds  # the weight kinds of the linears
         self._keep = keep  # the tensors behind the pointers ``native`` holds
-        self._widened_cross = (None, None)  # (the cache's encoder K/V tensors, their fp32 copies)
 
     def _rows_take_the_kernels(self, rows: int) -> bool:
         """Whether ``ops.cpu.linear`` multiplies ``rows`` rows with every weight in the kernels the
@@ -107,9 +106,8 @@ class CpuDecodeStep:
         rows = tokens.shape[0]
         hidden = F.embedding(tokens[:, 0], decoder.embed_tokens.weight).contiguous()
         out = torch.empty_like(hidden)
-        cross_kv, cross_widened = self._encoder_kv(cache)
-        cross_k = [kv[0] for kv in cross_kv]
-        cross_v = [kv[1] for kv in cross_kv]
+        cross_k = [kv[0] for kv in cache.cross_kv]
+        cross_v = [kv[1] for kv in cache.cross_kv]
         source_length = cross_k[0].shape[2]
         mask = cpu_ops._check_key_padding_mask(encoder_mask, rows, source_length)
         self.native.run(hidden=hidden.data_ptr(), out=out.data_ptr(), rows=rows, position=cache.length,
@@ -117,30 +115,10 @@ class CpuDecodeStep:
                         cache_strides=cache.keys.stride()[:4],
                         cross_k=[k.data_ptr() for k in cross_k], k_strides=[k.stride()[:3] for k in cross_k],
                         cross_v=[v.data_ptr() for v in cross_v], v_strides=[v.stride()[:3] for v in cross_v],
-                        cross_widened=cross_widened, source_length=source_length, encoder_mask=0 if mask is None else mask.data_ptr(),
+                        source_length=source_length, encoder_mask=0 if mask is None else mask.data_ptr(),
                         mask_stride=0 if mask is None else mask.stride(0),
                         num_threads=torch.get_num_threads())
         return out
-
-
-    def _encoder_kv(self, cache: StaticCache):
-        """The encoder K/V the step reads, and whether they are fp32 copies: a bf16 / fp16 model's
-        cross-attention runs the fp32 kernel on widened copies (fp16 always, bf16 without
-        AVX512-BF16), so its encoder K/V, the same for every step, are widened once here rather
-        than in every layer of every step (the same bits). Widened again when the cache holds other
-        tensors (rows dropped, beams reordered: the cache replaces them, never writes them)."""
-        kv = cache.cross_kv
-        native_bf16 = self.dtype == torch.bfloat16 and cpu_ops._C.has_bf16_attention()
-        if self.dtype == torch.float32 or native_bf16:
-            return kv, False
-        sources, widened = self._widened_cross
-        same = sources is not None and len(sources) == len(kv) and all(
-            a is b for pair, now in zip(sources, kv) for a, b in zip(pair, now))
-        if not same:
-            widened = [(k.float(), v.float()) for k, v in kv]
-            # (the tensors themselves are kept: a freed one's memory could come back as another)
-            self._widened_cross = (list(kv), widened)
-        return widened, True
 
 
 def build(model) -> Optional[CpuDecodeStep]:

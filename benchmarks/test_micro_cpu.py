@@ -56,13 +56,21 @@ def test_rms_norm(benchmark, ops, rows):
     bench(benchmark, ops, f"rms_norm rows={rows}", call, call, 1e-5)
 
 
+# A half-precision model's attention against fp32 attention on the same values: within the output's
+# rounding, and for bf16 products (AVX512-BF16) the probabilities' (tests/test_cpu_kernels.py).
+HALF_ATTENTION_TOL = {torch.float32: 1e-4, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -9}
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"),
+          pytest.param(torch.float16, id="fp16")]
+
+
 @pytest.mark.parametrize("length", [128, 512, 2048])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ops", OPS)
 def test_attention(benchmark, ops, dtype, length):
-    """Encoder self-attention: bidirectional relative bias, all keys valid. bf16: a bf16 model's
-    q, k, v (the AVX512-BF16 kernel where the CPU has it; eager rounds its scores to bf16), checked
-    against fp32 attention on the same values within bf16's error bound (tests/test_cpu_kernels.py)."""
+    """Encoder self-attention: bidirectional relative bias, all keys valid. bf16 / fp16: a
+    half-precision model's q, k, v (the AVX512-BF16 kernel where the CPU has it, else the fp32 kernel
+    reading the half-precision K/V; eager rounds its scores), checked against fp32 attention on the
+    same values."""
     q, k, v = (randn(1, length, HEADS, D_KV, seed=s).to(dtype).transpose(1, 2) for s in (1, 2, 3))
     table = randn(NUM_BUCKETS, HEADS, seed=4)
 
@@ -71,8 +79,7 @@ def test_attention(benchmark, ops, dtype, length):
 
     def fp32_reference(o):
         return call(o, q.float(), k.float(), v.float())
-    tol = 1e-4 if dtype == torch.float32 else 2.0 ** -7
-    bench(benchmark, ops, f"attention {str(dtype)[6:]} L={length}", call, fp32_reference, tol)
+    bench(benchmark, ops, f"attention {str(dtype)[6:]} L={length}", call, fp32_reference, HALF_ATTENTION_TOL[dtype])
 
 
 @pytest.mark.skipif(cpu_ops is None or not cpu_ops._C.has_amx_attention(), reason="no AMX-BF16 here")
@@ -117,18 +124,24 @@ def test_fp32_linear(benchmark, ops, rows):
 
 
 @pytest.mark.parametrize("cache_length", [64, 512])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ops", OPS)
-def test_decode_step_attention(benchmark, ops, cache_length):
-    """One decode step's self-attention for 16 rows against a static cache of 1024 slots."""
+def test_decode_step_attention(benchmark, ops, dtype, cache_length):
+    """One decode step's self-attention for 16 rows against a static cache of 1024 slots, in the
+    model's dtype (a half-precision cache is read as it is, without an fp32 copy)."""
     batch, slots = 16, 1024
-    q = randn(batch, HEADS, 1, D_KV)
-    k_cache, v_cache = randn(batch, HEADS, slots, D_KV, seed=1), randn(batch, HEADS, slots, D_KV, seed=2)
+    q = randn(batch, HEADS, 1, D_KV).to(dtype)
+    k_cache, v_cache = (randn(batch, HEADS, slots, D_KV, seed=s).to(dtype) for s in (1, 2))
     table = randn(NUM_BUCKETS, HEADS, seed=3)
 
-    def call(o):
+    def call(o, q=q, k_cache=k_cache, v_cache=v_cache):
         return o.decode_attention(q, k_cache, v_cache, cache_length, table, num_buckets=NUM_BUCKETS,
                                   max_distance=MAX_DISTANCE)
-    bench(benchmark, ops, f"decode_attention b16 cache={cache_length}", call, call, 1e-4)
+
+    def fp32_reference(o):
+        return call(o, q.float(), k_cache.float(), v_cache.float())
+    bench(benchmark, ops, f"decode_attention {str(dtype)[6:]} b16 cache={cache_length}", call, fp32_reference,
+          HALF_ATTENTION_TOL[dtype])
 
 
 def lm_head_weight(kind):

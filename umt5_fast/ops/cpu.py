@@ -10,8 +10,9 @@ What runs where (fp32 activations):
   an online softmax; no ``[B, H, Lq, Lk]`` tensor is built. ``attention`` on bf16 q, k, v on CPUs
   with AVX512-BF16: the bf16 kernel (bf16 pair products summed in
   fp32, fp32 softmax, probabilities rounded to bf16 before ``p @ v`` as transformers rounds them,
-  output rounded once). Other bf16 / fp16 q, k, v: the fp32 kernel on fp32 copies made inside the
-  C++ call (which the C++ decode step makes too), output rounded once. Both are more accurate than
+  output rounded once). Other bf16 / fp16 q, k, v: the fp32 kernel on an fp32 copy of q, reading K/V
+  as they are (a key tile widened at a time; the C++ decode step does the same), output rounded
+  once. Both are more accurate than
   eager's half-precision scores, so not bit-equal to it.
 - ``argmax``: greedy decoding's pick, one C++ pass over the rows.
 - ``linear``: a float weight of ``x``'s dtype goes to torch's GEMM, except fp32 weights for up to
@@ -204,8 +205,8 @@ def _check_qkv(q, k, v, k_name, v_name):
 
 
 # q, k, v dtypes the C++ attention takes: fp32; bf16 (bf16 products where the CPU has AVX512-BF16,
-# else the fp32 kernel on fp32 copies, O(L * D) each, inside the call) and fp16 (the fp32 kernel on
-# copies): scores and softmax in fp32, one rounding of the output.
+# else the fp32 kernel on an fp32 copy of q, widening K/V as it reads them) and fp16 (the same fp32
+# kernel): scores and softmax in fp32, one rounding of the output.
 _ATTENTION_ELEMENTS = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -254,7 +255,8 @@ def decode_attention(q, k_cache, v_cache, cache_length, bias_table, *, num_bucke
     mask = _check_key_padding_mask(key_padding_mask, batch, length)
     if _half_precision(q, k_cache, v_cache) and q.numel() > 0:
         # A bf16 / fp16 model: the one query row through ``attention`` on the written part of the
-        # cache (the bf16 kernel, or the fp32 one on copies), as its prefill and cross-attention run.
+        # cache (the bf16 kernel, or the fp32 one reading the cache as it is), as its prefill and
+        # cross-attention run.
         return attention(q, k_cache[:, :, :length], v_cache[:, :, :length], bias_table,
                          bidirectional=False, num_buckets=num_buckets, max_distance=max_distance,
                          key_padding_mask=None if mask is None else mask[:, :length], causal=True,

@@ -347,7 +347,7 @@ void run_attention(const AttentionProblem& p) {
   {
     std::vector<float> scratch(amx    ? attention_amx_scratch_floats(p.head_dim)
                                : bf16 ? attention_bf16_scratch_floats(p.head_dim)
-                                      : kernels::attention_scratch_floats(p.head_dim, contiguous.kv_element(p)));
+                                      : kernels::attention_scratch_floats(p.head_dim, contiguous.kv_element(p), p.query_length));
     // Causal blocks differ in work: hand them out dynamically.
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < tasks; ++task) {

@@ -38,8 +38,9 @@ struct AttentionBlock {
   int64_t k_row_stride;
   const void* v;
   int64_t v_row_stride;
-  // Element of k and v: fp32, or bf16 / fp16, which the kernel widens (exactly) one key tile at a
-  // time into its scratch, so that a decode step reads a half-precision cache without an fp32 copy.
+  // Element of k and v: fp32, or bf16 / fp16, which the kernel widens (exactly) as it loads them
+  // (one query row) or one key tile at a time into its scratch (several rows), so that a decode
+  // step reads a half-precision cache without an fp32 copy.
   AttentionElement kv_element = AttentionElement::f32;
   float* out;  // output row of the first query; rows out_row_stride apart
   int64_t out_row_stride;
@@ -61,10 +62,12 @@ struct AttentionBlock {
   const float* key_term;
 };
 
-// Floats of per-thread scratch attention_block needs for this head_dim and K/V element.
-inline int64_t attention_scratch_floats(int head_dim, AttentionElement kv_element) {
+// Floats of per-thread scratch attention_block needs for this head_dim, K/V element and number of
+// query rows (blocks of several rows widen half-precision K/V tiles into it).
+inline int64_t attention_scratch_floats(int head_dim, AttentionElement kv_element, int64_t query_rows) {
   const int64_t rows = round_up(kAttentionMaxRows, 4), dim = round_up(head_dim, kPad);
-  const int64_t widened_tiles = kv_element == AttentionElement::f32 ? 0 : 2 * kAttentionKeyTile * dim;
+  const bool widens_tiles = kv_element != AttentionElement::f32 && query_rows > 1;
+  const int64_t widened_tiles = widens_tiles ? 2 * kAttentionKeyTile * dim : 0;
   return rows * (2 * dim + kAttentionKeyTile + 3) + widened_tiles;
 }
 

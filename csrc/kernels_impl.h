@@ -79,9 +79,9 @@ inline void reduce_all(const typename Vec<ISA>::type* acc, float* sums) {
 // Attention
 
 // out[r * C + c] = q_rows[r] . k_rows[c] over dim floats. q rows are zero-padded to kPad (read
-// whole vectors); k rows are read exactly.
-template <CpuIsa ISA, int R, int C>
-inline void dot_products(const float* const* q_rows, const float* const* k_rows, int dim,
+// whole vectors); k rows (fp32, or bf16 / fp16 widened on load) are read exactly.
+template <CpuIsa ISA, int R, int C, typename KV>
+inline void dot_products(const float* const* q_rows, const KV* const* k_rows, int dim,
                          float* out) {
   using V = Vec<ISA>;
   constexpr int W = V::width;
@@ -89,14 +89,14 @@ inline void dot_products(const float* const* q_rows, const float* const* k_rows,
   for (auto& a : acc) a = V::zero();
   int d = 0;
   for (; d + W <= dim; d += W) {
-    for (int c = 0; c < C; ++c) k[c] = V::load(k_rows[c] + d);
+    for (int c = 0; c < C; ++c) k[c] = load_n<ISA>(k_rows[c] + d, W);
     for (int r = 0; r < R; ++r) {
       const auto q = V::load(q_rows[r] + d);
       for (int c = 0; c < C; ++c) acc[r * C + c] = V::fma(q, k[c], acc[r * C + c]);
     }
   }
   if (d < dim) {
-    for (int c = 0; c < C; ++c) k[c] = V::load_partial(k_rows[c] + d, dim - d);
+    for (int c = 0; c < C; ++c) k[c] = load_n<ISA>(k_rows[c] + d, dim - d);
     for (int r = 0; r < R; ++r) {
       const auto q = V::load(q_rows[r] + d);
       for (int c = 0; c < C; ++c) acc[r * C + c] = V::fma(q, k[c], acc[r * C + c]);
@@ -107,11 +107,11 @@ inline void dot_products(const float* const* q_rows, const float* const* k_rows,
 
 // Raw scores of one query row against keys [0, num_keys) of k, eight keys at a time
 // (scores past num_keys are junk that softmax_step overwrites).
-template <CpuIsa ISA>
-inline void score_row(const float* q_scaled, const float* k, int64_t k_row_stride,
+template <CpuIsa ISA, typename KV>
+inline void score_row(const float* q_scaled, const KV* k, int64_t k_row_stride,
                       int num_keys, int dim, float* scores) {
   for (int c0 = 0; c0 < num_keys; c0 += 8) {
-    const float* keys[8];  // keys past the tile repeat its last key
+    const KV* keys[8];  // keys past the tile repeat its last key
     for (int c = 0; c < 8; ++c) keys[c] = k + std::min(c0 + c, num_keys - 1) * k_row_stride;
     dot_products<ISA, 1, 8>(&q_scaled, keys, dim, scores + c0);
   }
@@ -247,10 +247,11 @@ inline float softmax_step(float* scores, int num_keys, const float* position_ter
 }
 
 // acc[r][d0 .. d0 + NV vectors) = acc * rescale[r] + sum_c probs[r][c] * v_c for R rows; the
-// last vector covers `last_lanes` lanes when kPartial (acc rows are padded, V rows are not).
-template <CpuIsa ISA, int R, int NV, bool kPartial>
+// last vector covers `last_lanes` lanes when kPartial (acc rows are padded, V rows are not). V rows:
+// fp32, or bf16 / fp16 widened on load.
+template <CpuIsa ISA, int R, int NV, bool kPartial, typename KV>
 inline void accumulate_values(const float* probs, int64_t prob_row_stride, int64_t prob_key_stride,
-                              const float* rescale, const float* v, int64_t v_row_stride,
+                              const float* rescale, const KV* v, int64_t v_row_stride,
                               int num_keys, int d0, int last_lanes, float* acc, int64_t acc_stride) {
   using V = Vec<ISA>;
   constexpr int W = V::width;
@@ -259,11 +260,9 @@ inline void accumulate_values(const float* probs, int64_t prob_row_stride, int64
     for (int i = 0; i < NV; ++i)
       sums[r][i] = V::mul(V::load(acc + r * acc_stride + d0 + i * W), V::set1(rescale[r]));
   for (int c = 0; c < num_keys; ++c) {
-    const float* v_row = v + c * v_row_stride + d0;
+    const KV* v_row = v + c * v_row_stride + d0;
     typename V::type values[NV];
-    for (int i = 0; i < NV; ++i)
-      values[i] = kPartial && i == NV - 1 ? V::load_partial(v_row + i * W, last_lanes)
-                                          : V::load(v_row + i * W);
+    for (int i = 0; i < NV; ++i) values[i] = load_n<ISA>(v_row + i * W, kPartial && i == NV - 1 ? last_lanes : W);
     for (int r = 0; r < R; ++r) {
       const auto p = V::set1(probs[r * prob_row_stride + c * prob_key_stride]);
       for (int i = 0; i < NV; ++i) sums[r][i] = V::fma(p, values[i], sums[r][i]);
@@ -275,9 +274,9 @@ inline void accumulate_values(const float* probs, int64_t prob_row_stride, int64
 
 // accumulate_values over head_dim columns [d, dim): NV vectors at a time, then NV / 2, ... 1,
 // then the partial vector, so every vector width keeps as many accumulators as the row allows.
-template <CpuIsa ISA, int R, int NV>
+template <CpuIsa ISA, int R, int NV, typename KV>
 inline void accumulate_values_all(const float* probs, int64_t prob_row_stride,
-                                  int64_t prob_key_stride, const float* rescale, const float* v,
+                                  int64_t prob_key_stride, const float* rescale, const KV* v,
                                   int64_t v_row_stride, int num_keys, int d, int dim, float* acc,
                                   int64_t acc_stride) {
   constexpr int W = Vec<ISA>::width;
@@ -421,7 +420,8 @@ inline void widen_rows(const void* rows, int64_t row_stride, int64_t first_row, 
 }
 
 // The block's K and V rows themselves when they are fp32; half-precision ones widened into
-// `widened` ([2][kAttentionKeyTile][round_up(dim, kPad)] floats), while they are in cache anyway.
+// `widened` ([2][kAttentionKeyTile][round_up(dim, kPad)] floats), while they are in cache anyway:
+// the transposed score tiles broadcast single K entries, which are cheaper widened once per tile.
 template <CpuIsa ISA>
 inline KeyValueTile key_value_tile(const AttentionBlock& b, int64_t j0, int num_keys, float* widened) {
   if (b.kv_element == AttentionElement::f32)
@@ -484,8 +484,9 @@ void attention_rows(const AttentionBlock& b, float* scratch) {
   }
 }
 
-// One query row (decoding, cross-attention of one token): scores in a row, eight keys at a time.
-template <CpuIsa ISA>
+// One query row (decoding, cross-attention of one token): scores in a row, eight keys at a time,
+// K and V of KV (fp32, or bf16 / fp16 widened as they are loaded: each element is read once here).
+template <CpuIsa ISA, typename KV>
 void attention_row(const AttentionBlock& b, float* scratch) {
   using V = Vec<ISA>;
   constexpr int W = V::width;
@@ -494,7 +495,8 @@ void attention_row(const AttentionBlock& b, float* scratch) {
   float* q_scaled = scratch;             // [dim_stride]
   float* acc = q_scaled + dim_stride;    // [dim_stride]
   float* scores = acc + dim_stride;      // [kAttentionKeyTile]
-  float* widened_kv = scores + kAttentionKeyTile;  // half-precision K/V tiles
+  const KV* k = static_cast<const KV*>(b.k);
+  const KV* v = static_cast<const KV*>(b.v);
   float running_max = -std::numeric_limits<float>::infinity(), running_sum = 0.0f;
 
   // Scale q once here rather than every score; zero padding makes whole-vector reads safe.
@@ -505,14 +507,13 @@ void attention_row(const AttentionBlock& b, float* scratch) {
   }
   for (int64_t j0 = b.key_begin; j0 < b.key_end; j0 += kAttentionKeyTile) {
     const int num_keys = static_cast<int>(std::min<int64_t>(kAttentionKeyTile, b.key_end - j0));
-    const KeyValueTile tile = key_value_tile<ISA>(b, j0, num_keys, widened_kv);
-    score_row<ISA>(q_scaled, tile.k, tile.k_row_stride, num_keys, dim, scores);
+    score_row<ISA>(q_scaled, k + j0 * b.k_row_stride, b.k_row_stride, num_keys, dim, scores);
     const float rescale = softmax_step<ISA>(scores, num_keys, b.position_term ? b.position_term + j0 : nullptr,
                                             b.key_term ? b.key_term + j0 : nullptr, running_max,
                                             running_sum);
     // up to eight accumulators: one row has few FMA chains to hide latency
-    accumulate_values_all<ISA, 1, 8>(scores, kAttentionKeyTile, 1, &rescale, tile.v,
-                                     tile.v_row_stride, num_keys, 0, dim, acc, dim_stride);
+    accumulate_values_all<ISA, 1, 8>(scores, kAttentionKeyTile, 1, &rescale, v + j0 * b.v_row_stride,
+                                     b.v_row_stride, num_keys, 0, dim, acc, dim_stride);
   }
   const auto inverse_sum = V::set1(1.0f / running_sum);
   for_each_vector<ISA>(dim, [&](int64_t d, int lanes) {
@@ -539,7 +540,11 @@ void attention_rows_upto(const AttentionBlock& b, float* scratch) {
 
 template <CpuIsa ISA>
 void attention_block(const AttentionBlock& b, float* scratch) {
-  if (b.num_rows == 1) return attention_row<ISA>(b, scratch);
+  if (b.num_rows == 1) {
+    if (b.kv_element == AttentionElement::bf16) return attention_row<ISA, uint16_t>(b, scratch);
+    if (b.kv_element == AttentionElement::f16) return attention_row<ISA, Fp16>(b, scratch);
+    return attention_row<ISA, float>(b, scratch);
+  }
   constexpr int W = Vec<ISA>::width;
   attention_rows_upto<ISA, W == 1 ? kAttentionMaxRows : 1>(b, scratch);
 }

@@ -254,16 +254,15 @@ struct ContiguousOperands {
   // The block's K and V: the copies' rows of (b, h) where there are copies, else the caller's
   // (half-precision ones widened by the kernel).
   void set_for_head(const AttentionProblem& p, int64_t b, int64_t h, kernels::AttentionBlock& block) const {
+    block.kv_element = kv_element(p);
     if (k.empty()) {
       block.v = element_at(p.v, b * p.v_strides[0] + h * p.v_strides[1], p.element);
       block.v_row_stride = p.v_strides[2];
-      block.kv_element = kv_element(p);
       return;
     }
     block.k = k.data() + (b * p.heads + h) * head_stride;
     block.v = v.data() + (b * p.heads + h) * head_stride;
     block.k_row_stride = block.v_row_stride = p.head_dim;
-    block.kv_element = kv_element(p);
   }
   void set_for_head(const AttentionProblem& p, int64_t b, int64_t h, AttentionBlockBf16& block) const {
     if (k_bf16.empty()) return;

@@ -297,7 +297,8 @@ void fill_block(const AttentionProblem& p, const PositionTerms& position_terms,
 
 // bf16 attention where the bf16 kernels cannot run, and fp16 attention (Half: uint16_t holding
 // bf16 bits, or Fp16): q widened (exactly) into an fp32 copy, the fp32 kernel reading K and V as
-// they are (widened a key tile at a time, or once where several query blocks read them), its
+// they are (widened as they are loaded for one query row, a key tile at a time for blocks of
+// several rows, or once where several query blocks read them), its
 // output rounded once: the bits of the fp32 kernel on widened copies of q, k and v, with O(Lq * D)
 // extra memory (a decode step reads its half-precision cache and encoder K/V without copies).
 template <typename Half>

@@ -297,10 +297,10 @@ void fill_block(const AttentionProblem& p, const PositionTerms& position_terms,
 
 // bf16 attention where the bf16 kernels cannot run, and fp16 attention (Half: uint16_t holding
 // bf16 bits, or Fp16): q widened (exactly) into an fp32 copy, the fp32 kernel reading K and V as
-// they are (widened as they are loaded for one query row, a key tile at a time for blocks of
-// several rows, or once where several query blocks read them), its
-// output rounded once: the bits of the fp32 kernel on widened copies of q, k and v, with O(Lq * D)
-// extra memory (a decode step reads its half-precision cache and encoder K/V without copies).
+// they are (widened as they are loaded for one query row, a key tile at a time for one block of
+// several rows, or once into fp32 copies, O(Lk * D), where several query blocks read them), its
+// output rounded once: the bits of the fp32 kernel on widened copies of q, k and v. A decode step
+// (one query row) so reads its half-precision cache and encoder K/V without copies.
 template <typename Half>
 void run_widened_half_attention(const AttentionProblem& p) {
   const std::vector<float> q = rows_by_head<float, Half>(p, p.q, p.q_strides, p.query_length);
@@ -433,7 +433,7 @@ void register_attention(py::module_& m) {
         "umt5_fast.ops.cpu.attention). Null pointers (0) mean no bias table / no padding mask.");
   m.def("has_bf16_attention", &cpu_supports_bf16_attention,
         "Whether bf16 attention runs on bf16 products here (AVX512-BF16 and the avx512 ISA "
-        "selected); elsewhere it runs the fp32 kernel on widened copies.");
+        "selected); elsewhere it runs the fp32 kernel, which reads the bf16 K/V as they are.");
   m.def("has_amx_attention", &cpu_supports_amx_attention,
         "Whether bf16 attention can run on AMX tiles here (AMX-BF16, granted by the OS).");
   m.def("amx_attention_enabled", &amx_attention_enabled,

@@ -46,8 +46,9 @@ struct AttentionProblem {
 // pair products summed in fp32 (p rounded to bf16, as transformers' bf16 attention rounds its
 // softmax), the softmax in fp32, the output rounded once. Where it cannot run, bf16 problems take
 // the fp32 kernel on an exactly widened copy of q, reading K/V as they are and widening them as
-// they are loaded (one query row) or a key tile at a time (the same bits as on widened copies),
-// the output rounded once; fp16 problems always do.
+// they are loaded (one query row), a key tile at a time (one block of several rows) or into fp32
+// copies (several blocks): the same bits as on widened copies, the output rounded once; fp16
+// problems always do.
 void run_attention(const AttentionProblem& problem);
 
 // Whether run_attention runs bf16 problems on bf16 products: AVX512-BF16 (with BW, VL) present

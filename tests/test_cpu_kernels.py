@@ -181,7 +181,8 @@ def test_attention_uint8_mask_and_fp16_table(generator):
 
 
 def test_fp16_attention_runs_the_fp32_kernel(generator):
-    """fp16 q, k, v: the fused kernel on fp32 copies, output rounded once to fp16."""
+    """fp16 q, k, v: the fp32 kernel (on an fp32 copy of q, reading K/V as they are), output rounded
+    once to fp16: the bits of the fp32 op on widened inputs."""
     q, k, v = (t.half() for t in attention_inputs(2, 3, 7, 33, 64, generator))
     table = randn(32, 3, generator=generator)
     mask = torch.ones(2, 33, dtype=torch.bool)
@@ -195,7 +196,7 @@ def test_fp16_attention_runs_the_fp32_kernel(generator):
 
 
 # bf16 q, k, v: the AVX512-BF16 kernel where the CPU has it and the ISA is avx512, else the fp32
-# kernel on fp32 copies. Against exact (fp64) attention on the same bf16 inputs, both are within
+# kernel reading the bf16 K/V. Against exact (fp64) attention on the same bf16 inputs, both are within
 # 2^-7 max|v| (bf16's unit roundoff is 2^-8): the probabilities' rounding to bf16 before p @ v
 # moves the output by at most 2^-8 max|v|, the output's rounding by 2^-8 |out| (products of bf16
 # numbers are exact in fp32; fp32 sums add ~1e-6). Measured: at most 2.3e-3 max|v|; eager bf16
@@ -217,7 +218,7 @@ def check_bf16_attention(q, k, v, bias_table, **kwargs):
 @pytest.fixture(params=["avx512-bf16", "amx"])
 def bf16_attention_kernel(request):
     """Run the test with each bf16 attention kernel this CPU (and the selected ISA) can run: the
-    vdpbf16ps one (or, without AVX512-BF16, the fp32 one on widened copies), and the AMX one that
+    vdpbf16ps one (or, without AVX512-BF16, the fp32 one reading bf16 K/V), and the AMX one that
     takes problems of 16+ query rows where the CPU has AMX."""
     use_amx = request.param == "amx"
     if use_amx and not _C.has_amx_attention():
@@ -283,13 +284,15 @@ def test_bf16_attention_all_keys_masked_averages_values(generator):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("query_length,key_length", [(1, 1), (1, 63), (1, 130), (7, 65), (40, 129), (70, 37)])
-def test_half_attention_on_the_fp32_kernel_widens_exactly(dtype, causal, query_length, key_length, generator):
+@pytest.mark.parametrize("head_dim", [24, 20])  # 20: partial vectors under every ISA's width
+def test_half_attention_on_the_fp32_kernel_widens_exactly(dtype, causal, query_length, key_length, head_dim,
+                                                        generator):
     """fp16 attention, and bf16 where the bf16 kernels cannot run (no AVX512-BF16, or another ISA
     selected): the fp32 kernel on q widened, reading K/V as they are (widened a key tile at a time
     for one query block, into copies for several): bit for bit the fp32 op on q.float(), k.float(),
     v.float(), rounded once; one row, several rows, several blocks, partial key tiles, strided views,
     padding and a fully masked row included."""
-    batch, heads, head_dim = 3, 5, 24
+    batch, heads = 3, 5
     length = max(query_length, key_length)
     qkv = randn(batch, length, 3, heads, head_dim, generator=generator).to(dtype)
     q, k, v = (qkv[:, -n:, i].transpose(1, 2) for i, n in enumerate((query_length, key_length, key_length)))

@@ -8,12 +8,12 @@ What runs where (fp32 activations):
 - ``rms_norm`` / ``add_rms_norm``: C++, fp32 variance.
 - ``attention`` / ``decode_attention``: one fused C++ kernel with in-kernel bucketing, masks and
   an online softmax; no ``[B, H, Lq, Lk]`` tensor is built. ``attention`` on bf16 q, k, v on CPUs
-  with AVX512-BF16: the bf16 kernel (bf16 pair products summed in
-  fp32, fp32 softmax, probabilities rounded to bf16 before ``p @ v`` as transformers rounds them,
-  output rounded once). Other bf16 / fp16 q, k, v: the fp32 kernel on an fp32 copy of q, reading K/V
-  as they are (a key tile widened at a time; the C++ decode step does the same), output rounded
-  once. Both are more accurate than
-  eager's half-precision scores, so not bit-equal to it.
+  with AVX512-BF16: the bf16 kernel (bf16 pair products summed in fp32, fp32 softmax, probabilities
+  rounded to bf16 before ``p @ v`` as transformers rounds them, output rounded once). Other bf16 /
+  fp16 q, k, v: the fp32 kernel on an fp32 copy of q, reading K/V as they are (converted as loaded
+  for one query row, as in the C++ decode step; widened a key tile at a time, or into fp32 copies
+  where several query blocks read them), output rounded once. Both are more accurate than eager's
+  half-precision scores, so not bit-equal to it.
 - ``argmax``: greedy decoding's pick, one C++ pass over the rows.
 - ``linear``: a float weight of ``x``'s dtype goes to torch's GEMM, except fp32 weights for up to
   ``FP32_KERNEL_MAX_ROWS`` rows (decode steps), which take the C++ GEMV. On AVX-512 CPUs products

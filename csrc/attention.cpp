@@ -18,6 +18,7 @@
 #include "bucket.h"
 #include "kernels.h"
 #include "ops.h"
+#include "weight_types.h"
 
 namespace py = pybind11;
 
@@ -126,10 +127,6 @@ const void* element_at(const void* base, int64_t offset, AttentionElement elemen
   return static_cast<const char*>(base) + offset * (element == AttentionElement::f32 ? 4 : 2);
 }
 
-inline float widened(float value) { return value; }
-inline float widened(uint16_t value) { return bf16_to_float(value); }
-inline float widened(Fp16 value) { return fp16_to_float(value); }
-
 // A row whose keys are all masked scores MASKED_SCORE everywhere: softmax is uniform, so the
 // output is the mean of all Lk value rows (rare: a fully padded query under a causal mask). V: the
 // values' element type; Out: float, or bf16 bits (rounded once).
@@ -138,7 +135,7 @@ void write_mean_of_values(const AttentionProblem& p, int64_t b, int64_t h, Out* 
   const V* v = element_at<V>(p.v, b * p.v_strides[0] + h * p.v_strides[1]);
   std::vector<float> sum(p.head_dim, 0.0f);
   for (int64_t j = 0; j < p.key_length; ++j)
-    for (int d = 0; d < p.head_dim; ++d) sum[d] += widened(v[j * p.v_strides[2] + d]);
+    for (int d = 0; d < p.head_dim; ++d) sum[d] += widen_weight(v[j * p.v_strides[2] + d]);
   const float weight = 1.0f / static_cast<float>(p.key_length);
   for (int d = 0; d < p.head_dim; ++d) {
     if constexpr (std::is_same_v<Out, float>) out_row[d] = sum[d] * weight;

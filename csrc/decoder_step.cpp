@@ -140,17 +140,29 @@ struct StepOps<float> {
   }
 };
 
-// ops.cpu.linear of half-precision x (bf16 bits or Fp16): the kernel on the exactly widened x, its
-// fp32 sums in `sums`.
+// What the bf16 and fp16 steps share (Half: uint16_t holding bf16 bits, or Fp16).
 template <typename Half>
-void half_projection_sums(const StepLinear& w, const Half* x, int64_t rows, float* widened, float* sums,
-                          int threads) {
-  run_convert(x, widened, rows * w.in_features);
-  w.apply(widened, nullptr, sums, rows, threads);
-}
+struct HalfStepOps {
+  // ops.cpu.linear of Half x: the kernel on the exactly widened x, its fp32 sums in `sums`
+  static void projection_sums(const StepLinear& w, const Half* x, int64_t rows, float* widened, float* sums,
+                              int threads) {
+    run_convert(x, widened, rows * w.in_features);
+    w.apply(widened, nullptr, sums, rows, threads);
+  }
+  // the fp32 sums rounded to Half
+  static void project(const StepLinear& w, const Half* x, Half* y, int64_t rows, float* widened, float* sums,
+                      int threads) {
+    projection_sums(w, x, rows, widened, sums, threads);
+    run_convert(sums, y, rows * w.out_features);
+  }
+  static void activate(kernels::Activation activation, Half* gate, const Half* up, int64_t rows, int64_t cols,
+                       int threads) {
+    run_gated_activation_half(activation, gate, cols, up, cols, gate, cols, rows, cols, threads);
+  }
+};
 
 template <>
-struct StepOps<uint16_t> {
+struct StepOps<uint16_t> : HalfStepOps<uint16_t> {
   using Stream = uint16_t;
   struct StreamState {};
   static constexpr AttentionElement element = AttentionElement::bf16;
@@ -159,22 +171,12 @@ struct StepOps<uint16_t> {
                    int64_t dim, int threads) {
     run_rms_norm_half(x, static_cast<const uint16_t*>(weight), eps, out, rows, dim, threads);
   }
-  // the fp32 sums rounded to bf16
-  static void project(const StepLinear& w, const uint16_t* x, uint16_t* y, int64_t rows, float* widened,
-                      float* sums, int threads) {
-    half_projection_sums(w, x, rows, widened, sums, threads);
-    run_convert(sums, y, rows * w.out_features);
-  }
-  // then `h + y` as a bf16 add (fp32 sum of the two, rounded again)
+  // the projection rounded to bf16, then `h + y` as a bf16 add (fp32 sum of the two, rounded again)
   static void add_projection(const StepLinear& w, const uint16_t* x, uint16_t* h, StreamState&, int64_t rows,
                              float* widened, float* sums, int threads) {
-    half_projection_sums(w, x, rows, widened, sums, threads);
+    projection_sums(w, x, rows, widened, sums, threads);
     for (int64_t i = 0; i < rows * w.out_features; ++i)
       h[i] = float_to_bf16(bf16_to_float(float_to_bf16(sums[i])) + bf16_to_float(h[i]));
-  }
-  static void activate(kernels::Activation activation, uint16_t* gate, const uint16_t* up,
-                       int64_t rows, int64_t cols, int threads) {
-    run_gated_activation_half(activation, gate, cols, up, cols, gate, cols, rows, cols, threads);
   }
 };
 
@@ -186,7 +188,7 @@ void round_through_fp16(float* x, int64_t n) {
 }
 
 template <>
-struct StepOps<Fp16> {
+struct StepOps<Fp16> : HalfStepOps<Fp16> {
   // fp32 storage: fp16 values while `half`, fp32 ones after the first fp32 `wo` (transformers'
   // type promotion of fp16 + fp32)
   using Stream = float;
@@ -204,18 +206,13 @@ struct StepOps<Fp16> {
                    int threads) {
     run_rms_norm_half(x, static_cast<const Fp16*>(weight), eps, out, rows, dim, threads);
   }
-  static void project(const StepLinear& w, const Fp16* x, Fp16* y, int64_t rows, float* widened, float* sums,
-                      int threads) {
-    half_projection_sums(w, x, rows, widened, sums, threads);
-    run_convert(sums, y, rows * w.out_features);
-  }
   // An fp32 weight (`wo` kept in fp32) multiplies the widened x into fp32 outputs, added to the
   // stream in fp32; others round to fp16, then add as fp16 (or in fp32 to an fp32 stream). An fp16
   // stream is then clamped as transformers clamps it: to +-(65504 - 1000) (64512 in fp16) where any
   // value of the batch is inf, else to +-65504 (no change).
   static void add_projection(const StepLinear& w, const Fp16* x, float* h, StreamState& state, int64_t rows,
                              float* widened, float* sums, int threads) {
-    half_projection_sums(w, x, rows, widened, sums, threads);
+    projection_sums(w, x, rows, widened, sums, threads);
     const int64_t n = rows * w.out_features;
     if (w.kind == WeightKind::f32) {
       for (int64_t i = 0; i < n; ++i) h[i] += sums[i];
@@ -228,10 +225,6 @@ struct StepOps<Fp16> {
     round_through_fp16(h, n);  // an fp16 add
     if (std::any_of(h, h + n, [](float x) { return std::isinf(x); }))
       for (int64_t i = 0; i < n; ++i) h[i] = std::isnan(h[i]) ? h[i] : std::clamp(h[i], -64512.0f, 64512.0f);
-  }
-  static void activate(kernels::Activation activation, Fp16* gate, const Fp16* up, int64_t rows, int64_t cols,
-                       int threads) {
-    run_gated_activation_half(activation, gate, cols, up, cols, gate, cols, rows, cols, threads);
   }
 };
 
@@ -321,8 +314,8 @@ class DecoderStep {
                  std::array<int64_t, 4> cache_strides, const std::vector<uintptr_t>& cross_k,
                  const std::vector<std::array<int64_t, 3>>& k_strides,
                  const std::vector<uintptr_t>& cross_v,
-                 const std::vector<std::array<int64_t, 3>>& v_strides, int64_t source_length, const uint8_t* encoder_mask, int64_t mask_stride,
-                 int num_threads) const {
+                 const std::vector<std::array<int64_t, 3>>& v_strides, int64_t source_length,
+                 const uint8_t* encoder_mask, int64_t mask_stride, int num_threads) const {
     using Ops = StepOps<T>;
     std::vector<float> stream_storage;  // (an fp16 model's stream: fp32 storage)
     typename Ops::Stream* h = Ops::stream(hidden, stream_storage, rows * d_model_);

@@ -413,10 +413,7 @@ template <CpuIsa ISA, typename Half>
 inline void widen_rows(const void* rows, int64_t row_stride, int64_t first_row, int num_rows, int dim,
                        float* out, int64_t out_row_stride) {
   const Half* row = static_cast<const Half*>(rows) + first_row * row_stride;
-  for (int r = 0; r < num_rows; ++r, row += row_stride)
-    for_each_vector<ISA>(dim, [&](int64_t d, int lanes) {
-      store_n<ISA>(out + r * out_row_stride + d, load_n<ISA>(row + d, lanes), lanes);
-    });
+  for (int r = 0; r < num_rows; ++r, row += row_stride) convert_values<ISA>(row, out + r * out_row_stride, dim);
 }
 
 // The block's K and V rows themselves when they are fp32; half-precision ones widened into

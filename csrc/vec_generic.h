@@ -45,7 +45,7 @@ struct Vec<CpuIsa::generic> {
   static type erf(type x) { return std::erf(x); }
   static type load_weights(const int8_t* p) { return widen_weight(*p); }
   static type load_weights(const uint16_t* p) { return widen_weight(*p); }
-  static type load_weights(const Fp16* p) { return fp16_to_float(*p); }
+  static type load_weights(const Fp16* p) { return widen_weight(*p); }
   static type load_weights(const float* p) { return *p; }
   static void store_rounded(uint16_t* p, type x) { *p = float_to_bf16(x); }
   static void store_rounded(Fp16* p, type x) { *p = float_to_fp16(x); }

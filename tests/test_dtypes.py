@@ -102,10 +102,10 @@ def test_cpu_backend_half_precision_is_as_accurate_as_transformers(checkpoint_fa
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_half_precision_decoding_is_as_accurate_as_transformers(checkpoint_factory, dtype):
     """A bf16 / fp16 model's greedy steps on the cpu backend (the C++ decode step, with its attention
-    against the static cache: bf16 products where the CPU has AVX512-BF16, else the fp32 kernel on half-precision K/V)
-    against the fp32 model on the generated sequences, teacher-forced: no further from it than
-    transformers' forward in that dtype on the same sequences (RMS error within 1.25x of its), and
-    within FP32_TOL (max error). 14 steps pass the decoder's max_distance of 10; the source is
+    against the static cache: bf16 products where the CPU has AVX512-BF16, else the fp32 kernel on
+    half-precision K/V) against the fp32 model on the generated sequences, teacher-forced: no further
+    from it than transformers' forward in that dtype on the same sequences (RMS error within 1.25x of
+    its), and within FP32_TOL (max error). 14 steps pass the decoder's max_distance of 10; the source is
     padded on both sides."""
     import transformers
     from umt5_fast import decode_step

@@ -8,9 +8,9 @@ hidden states. It covers what the cpu backend's kernels cover: fp32 activations 
 fp16, int8 or W8A8 linear weights, or a bf16 / fp16 model's activations with weights of their
 dtype, int8 or W8A8 (an fp16 model's `wo` also fp32, as transformers keeps it; attention on bf16
 products where the CPU has AVX512-BF16, else the fp32 kernel reading the half-precision cache and
-encoder K/V as they are, as the Python path's); linears without bias; norms in the activations' dtype; activations with a C++ kernel. Anything else
-(``build`` returns None, or ``accepts`` says no) takes the Python path, which is also the
-specification this one is tested against.
+encoder K/V as they are, as the Python path's); linears without bias; norms in the activations'
+dtype; activations with a C++ kernel. Anything else (``build`` returns None, or ``accepts`` says
+no) takes the Python path, which is also the specification this one is tested against.
 """
 from typing import Optional
 

@@ -46,11 +46,12 @@ _UNIT_ROUNDOFF = 2.0 ** -24
 # magnitude (bf16: 1e-30, far above it, so that slack * floor stays a normal fp32 number, also
 # under flush-to-zero). An fp16 logit that rounds to inf (past 65504) leaves the pick to the float
 # path (screen_candidates.cpp).
-# dtype -> (logits kind of screen_argmax, slack, floor)
-_LOGIT_ROUNDING = {torch.float32: (0, 0.0, 0.0),  # fp32 logits: not rounded after
-                   torch.bfloat16: (1, 2.0 ** -6, 1e-30),
-                   torch.float16: (3, 2.0 ** -9, torch.finfo(torch.float16).tiny)}
-# The head kinds of screen_argmax / screen_row_norms (an int8 head is kind 2).
+# dtype -> (slack, floor)
+_LOGIT_ROUNDING = {torch.float32: (0.0, 0.0),  # fp32 logits: not rounded after
+                   torch.bfloat16: (2.0 ** -6, 1e-30),
+                   torch.float16: (2.0 ** -9, torch.finfo(torch.float16).tiny)}
+# The head kinds of screen_argmax / screen_row_norms (an int8 head is kind 2); a dtype's kind is
+# also screen_argmax's logits kind (the dtype its logits are rounded to).
 _FLOAT_HEAD_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 3}
 # Inputs with a smaller norm (and so logits near fp32's subnormal range) go to the float path: the
 # bound's underflow term is relative to this.
@@ -130,12 +131,13 @@ class LMHeadScreen:
             if self._approx.shape[0] < x.shape[0]:  # kept: a new 16-row buffer costs ~2 ms of page faults
                 self._approx = torch.empty(x.shape[0], self.weight.shape[0])
             head_kind, head, head_scale = self._head
-            logits_kind, slack, slack_floor = _LOGIT_ROUNDING[x.dtype]
+            slack, slack_floor = _LOGIT_ROUNDING[x.dtype]
             count = cpu_ops._C.screen_argmax(
                 x=x32.data_ptr(), rows=x.shape[0], cols=x.shape[1], screen_qweight=self.screen.qweight.data_ptr(),
                 screen_scale=self.screen.scale.data_ptr(), vocab=self.weight.shape[0], bound=self.bound.data_ptr(),
                 bound2=self.input_error_bound.data_ptr(), largest_norm=self.largest_norm, min_norm=_MIN_NORM,
-                head_kind=head_kind, head=head, head_scale=head_scale, logits_kind=logits_kind, slack=slack,
+                head_kind=head_kind, head=head, head_scale=head_scale, logits_kind=_FLOAT_HEAD_KINDS[x.dtype],
+                slack=slack,
                 slack_floor=slack_floor,
                 forbidden=sorted(set(forbidden)) if forbidden else [], max_candidates=_MAX_CANDIDATES,
                 approx=self._approx.data_ptr(), out=picks.data_ptr(), num_threads=torch.get_num_threads())

@@ -121,8 +121,9 @@ def release_file_pages(tensor: torch.Tensor):
     """Drop the pages of ``tensor`` from this process's resident memory when it is a view of a
     checkpoint file's mapping (``MADV_DONTNEED``; Linux, best effort): after converting or
     quantising a layer at load, its stored bytes are not needed, and without this the whole file
-    stays resident while any weight still views the mapping. The mapping is private and never written, so a later read of those
-    bytes (there is none) would fault the file's data back in: no memory can change meaning.
+    stays resident while any weight still views the mapping. The mapping is private and never
+    written, so a later read of those bytes (there is none) would fault the file's data back in: no
+    memory can change meaning.
     """
     start = tensor.data_ptr()
     end = start + tensor.numel() * tensor.element_size()

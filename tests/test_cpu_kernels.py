@@ -827,6 +827,26 @@ def test_wrong_arguments_raise_naming_them(generator):
                    QuantizedWeight(torch.zeros(4, 8, dtype=torch.int16), torch.ones(4)))
 
 
+def test_bindings_refuse_unknown_element_kinds_naming_them():
+    """The C++ bindings' element / kind arguments (set by umt5_fast's Python side) are checked before
+    any pointer is read: an unknown value is a ValueError naming the argument, never a wrong cast."""
+    with pytest.raises(ValueError, match="element must be"):
+        _C.attention(q=0, q_strides=[0, 0, 0], k=0, k_strides=[0, 0, 0], v=0, v_strides=[0, 0, 0], out=0,
+                     batch=1, heads=1, query_length=1, key_length=1, head_dim=1, bias_table=0, num_buckets=32,
+                     max_distance=128, bidirectional=True, key_padding_mask=0, mask_batch_stride=0, causal=False,
+                     query_offset=0, scale=1.0, num_threads=1, element="float64")
+    with pytest.raises(ValueError, match="activations must be"):
+        _C.DecoderStep(d_model=8, heads=2, d_kv=4, d_ff=16, num_buckets=8, max_distance=16, eps=1e-6,
+                       activation="gelu_tanh", layers=[], final_norm=0, activations="int8")
+    with pytest.raises(ValueError, match="weight_kind must be"):
+        _C.screen_row_norms(weight=0, weight_kind=2, qweight=0, scale=0, rows=1, cols=1, out=0, num_threads=1)
+    with pytest.raises(ValueError, match="logits_kind"):
+        _C.screen_argmax(x=0, rows=1, cols=1, screen_qweight=0, screen_scale=0, vocab=1, bound=0, bound2=0,
+                         largest_norm=1.0, min_norm=0.0, head_kind=0, head=0, head_scale=0, logits_kind=2,
+                         slack=0.0, slack_floor=0.0, forbidden=[], max_candidates=1, approx=0, out=0,
+                         num_threads=1)
+
+
 @pytest.mark.parametrize("rows,cols", [(1, 1), (1, 1001), (3, 7), (16, 5000)])
 def test_argmax_equals_torch_with_ties_inf_and_nan(rows, cols, generator):
     scores = torch.randn(rows, cols, generator=generator).round()  # integers: many ties

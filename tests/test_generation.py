@@ -220,7 +220,11 @@ def test_static_cache_is_allocated_once_and_decode_reads_it(checkpoint_factory, 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(num_beams=0), "num_beams"),
     (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
-    (dict(do_sample=True, top_p=1.5), "top_p"), (dict(do_sample=True, top_p=0.0), "top_p"),
+    (dict(do_sample=True, top_p=1.5), "top_p"), (dict(do_sample=True, top_p=-0.1), "top_p"),
+    (dict(do_sample=True, num_beams=2, num_return_sequences=3), "num_return_sequences"),
+    (dict(num_return_sequences=2), "num_return_sequences"), (dict(pad_token_id=None, eos_token_id=None), "pad_token_id"),
+    (dict(decoder_start_token_id=torch.tensor([0, 0, 0])), "decoder_start_token_id"),
+    (dict(eos_token_id=torch.tensor([1.0])), "integers"), (dict(pad_token_id=True), "pad_token_id"),
     (dict(do_sample=True, temperature=0.0), "temperature"), (dict(eos_token_id=10**6), "eos_token_id"),
     (dict(max_length=1), "max_length"), (dict(top_k=-1), "top_k")])
 def test_bad_generation_arguments(checkpoint_factory, kwargs, match):
@@ -311,3 +315,98 @@ def test_beam_sampling_temperature_too_small_for_beam_scores_is_refused(checkpoi
     with pytest.raises(ValueError, match="temperature=1e-10 scales the beam scores below"):
         ours.generate(ids, max_new_tokens=1, num_beams=2, do_sample=True, temperature=1e-10, seed=1)
     assert ours.generate(ids, max_new_tokens=1, num_beams=2, do_sample=True, temperature=1e-3, seed=1).shape == (1, 2)
+
+
+def test_length_defaults_follow_transformers(checkpoint_factory):
+    """max_length left at its default means 20 new tokens after the decoder prompt (set explicitly,
+    20 in all); min_new_tokens takes min_length's place when both are set."""
+    ours, hf = pair(checkpoint_factory, "odd")
+    ids, mask = random_batch(ours.config.vocab_size, 3, 18, seed=12)
+    prompt = torch.cat([torch.zeros(3, 1, dtype=torch.long), torch.randint(2, 100, (3, 2))], dim=1)
+    for kwargs, length in ((dict(), 21), (dict(decoder_input_ids=prompt), 23), (dict(num_beams=2), 21),
+                           (dict(max_length=20), 20), (dict(max_length=20, decoder_input_ids=prompt), 20)):
+        got = ours.generate(ids, attention_mask=mask, eos_token_id=None, **kwargs)
+        assert got.shape == (3, length) and torch.equal(got, reference(hf, ids, mask, eos_token_id=None, **kwargs))
+    eos = int(reference(hf, ids, mask, max_new_tokens=2, eos_token_id=None)[0, 2])  # row 0 ends at step 2
+    for kwargs in (dict(min_length=9, min_new_tokens=1), dict(min_length=1, min_new_tokens=3),
+                   dict(min_length=6, min_new_tokens=2, decoder_input_ids=prompt),
+                   dict(min_length=4, min_new_tokens=0, num_beams=2)):
+        expected = reference(hf, ids, mask, max_new_tokens=10, eos_token_id=eos, **kwargs)
+        assert torch.equal(ours.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, **kwargs),
+                           expected), kwargs
+    assert not torch.equal(reference(hf, ids, mask, max_new_tokens=10, eos_token_id=eos, min_length=9),
+                           reference(hf, ids, mask, max_new_tokens=10, eos_token_id=eos, min_length=9,
+                                     min_new_tokens=1))
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(num_beams=3), dict(num_beams=3, num_return_sequences=2),
+                                    dict(do_sample=True, top_k=5)])
+def test_raw_logits_and_beam_indices_follow_transformers(checkpoint_factory, kwargs):
+    """output_logits returns each step's raw logits; beam search returns beam_indices, with which
+    transformers' compute_transition_scores reads our scores as it reads its own."""
+    ours, hf = pair(checkpoint_factory, "tied-shallow-decoder")
+    ids, mask = random_batch(ours.config.vocab_size, 2, 14, seed=7)
+    eos = frequent_token(ours, ids, mask)
+    options = dict(kwargs, max_new_tokens=7, eos_token_id=eos, return_dict_in_generate=True, output_scores=True,
+                   output_logits=True)
+    torch.manual_seed(5)
+    ref = reference(hf, ids, mask, **options)
+    torch.manual_seed(5)
+    out = ours.generate(ids, attention_mask=mask, **options)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert len(out.logits) == len(ref.logits) == len(out.scores)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    if "num_beams" in kwargs:
+        assert torch.equal(out.beam_indices, ref.beam_indices)
+        assert out.keys() == ["sequences", "sequences_scores", "scores", "logits", "beam_indices"]
+    else:
+        assert out.beam_indices is None and out.keys() == ["sequences", "scores", "logits"]
+    torch.testing.assert_close(hf.compute_transition_scores(out.sequences, out.scores, out.beam_indices),
+                               hf.compute_transition_scores(ref.sequences, ref.scores, getattr(ref, "beam_indices", None)),
+                               rtol=1e-5, atol=1e-5)
+    only_logits = ours.generate(ids, attention_mask=mask, **dict(options, output_scores=False))
+    assert only_logits.scores is None and len(only_logits.logits) == len(out.logits)
+
+
+def test_generation_outputs_we_do_not_return_are_refused_not_ignored(checkpoint_factory):
+    from transformers import GenerationConfig
+    ours, _ = pair(checkpoint_factory, "odd")
+    ids = torch.tensor([[5, 6, 7]])
+    for name in ("output_attentions", "output_hidden_states"):
+        for config, extra in ((None, {name: True}), (GenerationConfig(**{name: True}), {})):
+            with pytest.raises(ValueError, match=name):
+                ours.generate(ids, max_new_tokens=2, return_dict_in_generate=True, generation_config=config,
+                              **extra)
+            # without return_dict_in_generate transformers returns ids alone, and so do we
+            assert ours.generate(ids, max_new_tokens=2, generation_config=config, **extra).shape == (1, 3)
+
+
+def test_a_full_generation_config_json_is_read(checkpoint_factory, tmp_path):
+    """A generation_config.json written with every field (use_diff=False: assisted decoding's
+    defaults included) loads and decodes as in transformers."""
+    import shutil
+    from transformers import GenerationConfig
+    path, hf = checkpoint_factory("UMT5ForConditionalGeneration", **CONFIGS["odd"])
+    full = tmp_path / "full"
+    shutil.copytree(path, full)
+    GenerationConfig(max_new_tokens=6, num_beams=2, decoder_start_token_id=0, pad_token_id=0,
+                     eos_token_id=1).to_json_file(full / "generation_config.json", use_diff=False)
+    ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(full, backend="eager")
+    ids, mask = random_batch(ours.config.vocab_size, 2, 11, seed=3)
+    expected = reference(hf, ids, mask, generation_config=GenerationConfig.from_pretrained(full))
+    assert torch.equal(ours.generate(ids, attention_mask=mask), expected)
+
+
+def test_special_token_arguments_in_transformers_forms(checkpoint_factory):
+    """A decoder start id per row (a tensor), eos ids as a tensor, and no pad id (transformers
+    pads with the first eos id then) decode as in transformers."""
+    ours, hf = pair(checkpoint_factory, "odd")
+    ids, mask = random_batch(ours.config.vocab_size, 3, 16, seed=13)
+    eos = frequent_token(ours, ids, mask)
+    for kwargs in (dict(decoder_start_token_id=torch.tensor([[0], [7], [9]])),
+                   dict(decoder_start_token_id=torch.tensor([3, 0, 5]), num_beams=2),
+                   dict(eos_token_id=torch.tensor([eos, 1])), dict(pad_token_id=None, eos_token_id=[eos, 1])):
+        options = dict(dict(eos_token_id=eos), max_new_tokens=8, **kwargs)
+        expected = reference(hf, ids, mask, **options)
+        assert torch.equal(ours.generate(ids, attention_mask=mask, **options), expected), kwargs

@@ -111,7 +111,7 @@ def test_inputs_on_another_device_are_rejected(model):
 GENERATE_CASES = [
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(max_new_tokens=-3), "max_new_tokens"),
     (dict(num_beams=0), "num_beams"), (dict(num_beams=2, num_return_sequences=4), "num_return_sequences"),
-    (dict(do_sample=True, top_p=0.0), "top_p"), (dict(do_sample=True, top_p=1.01), "top_p"),
+    (dict(do_sample=True, top_p=-0.01), "top_p"), (dict(do_sample=True, top_p=1.01), "top_p"),
     (dict(do_sample=True, temperature=0), "temperature"), (dict(do_sample=True, temperature=-1.0), "temperature"),
     (dict(do_sample=True, temperature=1e-300), "temperature.*overflow"),
     (dict(do_sample=True, num_beams=2, temperature=1e-300), "temperature.*overflow"),

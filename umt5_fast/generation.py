@@ -23,13 +23,22 @@ DEFAULTS = dict(max_length=20, max_new_tokens=None, min_length=0, min_new_tokens
                 num_beams=1, num_return_sequences=1, temperature=1.0, top_k=50, top_p=1.0,
                 repetition_penalty=1.0, length_penalty=1.0, no_repeat_ngram_size=0, early_stopping=False,
                 eos_token_id=None, pad_token_id=None, decoder_start_token_id=None, output_scores=False,
+                output_logits=None, output_attentions=False, output_hidden_states=False,
                 return_dict_in_generate=False)
+# transformers' default max_length: when it is neither passed to generate nor changed in a config,
+# it means 20 new tokens (not 20 in all).
+_DEFAULT_MAX_LENGTH = DEFAULTS["max_length"]
 # Beam search's score of a missing hypothesis, and its mask for a beam that may not compete
 # (transformers' -1e9).
 _NO_HYPOTHESIS = -1.0e9
-# Keys of a generation_config.json that do not change decoding here.
-_IGNORED = {"_from_model_config", "transformers_version", "bos_token_id", "use_cache", "output_attentions",
-            "output_hidden_states", "output_logits", "cache_implementation"}
+# Keys of a generation_config.json that do not change decoding here: bookkeeping, cache choices (the
+# static cache is always used; results are the same), and assisted decoding's settings, which only
+# act with an assistant model (generate takes none).
+_IGNORED = {"_from_model_config", "transformers_version", "bos_token_id", "use_cache", "cache_implementation",
+            "cache_config", "return_legacy_cache", "prefill_chunk_size", "disable_compile", "compile_config",
+            "is_assistant", "num_assistant_tokens", "num_assistant_tokens_schedule",
+            "assistant_confidence_threshold", "assistant_early_exit", "assistant_lookbehind", "target_lookbehind",
+            "max_matching_ngram_size"}
 # Options we do not implement, with transformers' value that leaves them off: any other value is
 # refused (0 and 1 are meaningful for most: forced_bos_token_id=0, encoder_no_repeat_ngram_size=1).
 _UNSUPPORTED_OFF = dict(forced_bos_token_id=None, forced_eos_token_id=None, forced_decoder_ids=None,
@@ -53,10 +62,32 @@ def settings_dict(generation_config) -> dict:
 @dataclass
 class GenerateOutput(ModelOutput):
     """``return_dict_in_generate=True``: transformers' fields in its order (index, key and tuple
-    access over those that are set): sequences, beam scores, per-step processed scores."""
+    access over those that are set): sequences, beam scores, per-step processed scores, per-step raw
+    logits, and for beam search each generated token's beam (``batch * num_beams`` numbering, -1
+    after a sequence ended), which ``compute_transition_scores`` reads."""
     sequences: torch.Tensor = None
     sequences_scores: Optional[torch.Tensor] = None
     scores: Optional[Tuple[torch.Tensor, ...]] = None
+    logits: Optional[Tuple[torch.Tensor, ...]] = None
+    beam_indices: Optional[torch.Tensor] = None
+
+
+@dataclass
+class StepRecord:
+    """What ``return_dict_in_generate`` keeps of each step: processed scores and / or raw logits
+    (None: not asked for)."""
+    scores: Optional[list] = None
+    logits: Optional[list] = None
+
+    def add(self, scores, logits):
+        if self.scores is not None:
+            self.scores.append(scores)
+        if self.logits is not None:
+            self.logits.append(logits)
+
+    def steps(self, name: str) -> Optional[Tuple[torch.Tensor, ...]]:
+        kept = getattr(self, name)
+        return None if kept is None else tuple(kept)
 
 
 class GenerationSettings(dict):
@@ -103,6 +134,9 @@ def resolve_options(model, generation_config=None, **kwargs) -> dict:
         if key not in DEFAULTS:
             raise TypeError(f"generate() got an unexpected argument {key!r}")
         options[key] = value
+    if (options["max_new_tokens"] is None and kwargs.get("max_length") is None
+            and options["max_length"] == _DEFAULT_MAX_LENGTH):
+        options["max_new_tokens"] = _DEFAULT_MAX_LENGTH
     return options
 
 
@@ -120,25 +154,51 @@ def check_options(o: dict, vocab_size: int):
     positive_int("no_repeat_ngram_size", 0)
     positive_int("min_length", 0)
     positive_int("min_new_tokens", 0)
-    if o["num_return_sequences"] > o["num_beams"] and not o["do_sample"]:
+    if o["num_beams"] > 1 and o["num_return_sequences"] > o["num_beams"]:
         raise ValueError(f"num_return_sequences ({o['num_return_sequences']}) must be <= num_beams "
-                         f"({o['num_beams']}) unless do_sample=True")
+                         f"({o['num_beams']})")
+    if o["num_beams"] == 1 and o["num_return_sequences"] > 1 and not o["do_sample"]:
+        raise ValueError(f"greedy decoding returns one sequence per input: num_return_sequences "
+                         f"({o['num_return_sequences']}) needs do_sample=True or num_beams >= it")
     if o["do_sample"] and not (isinstance(o["temperature"], (int, float)) and o["temperature"] > 0):
         raise ValueError(f"temperature must be a number > 0, got {o['temperature']!r}")
-    if not (isinstance(o["top_p"], (int, float)) and 0 < o["top_p"] <= 1):
-        raise ValueError(f"top_p must be in (0, 1], got {o['top_p']!r}")
+    if not (isinstance(o["top_p"], (int, float)) and 0 <= o["top_p"] <= 1):
+        raise ValueError(f"top_p must be in [0, 1], got {o['top_p']!r}")
     if not (isinstance(o["repetition_penalty"], (int, float)) and o["repetition_penalty"] > 0):
         raise ValueError(f"repetition_penalty must be a number > 0, got {o['repetition_penalty']!r}")
     if o["early_stopping"] not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {o['early_stopping']!r}")
-    for name in ("pad_token_id", "decoder_start_token_id"):
-        if o[name] is None or not 0 <= o[name] < vocab_size:
-            raise ValueError(f"{name} must be a token id in [0, {vocab_size}), got {o[name]!r}")
-    eos = o["eos_token_id"]
-    eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
-    if any(not isinstance(e, int) or not 0 <= e < vocab_size for e in eos):
+    if o["return_dict_in_generate"]:
+        for name in ("output_attentions", "output_hidden_states"):
+            if o[name]:
+                raise ValueError(f"generate does not return {name[len('output_'):]} ({name}=True with "
+                                 "return_dict_in_generate=True); run the model's forward on the generated "
+                                 f"sequences with {name}=True to get them")
+    eos = token_id_list(o["eos_token_id"])
+    if any(isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < vocab_size for e in eos):
         raise ValueError(f"eos_token_id must be token ids in [0, {vocab_size}), got {o['eos_token_id']!r}")
     o["eos_token_id"] = eos
+    if o["pad_token_id"] is None and eos:  # transformers pads with the first eos token then
+        o["pad_token_id"] = eos[0]
+    pad = o["pad_token_id"]
+    if isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < vocab_size:
+        raise ValueError(f"pad_token_id must be a token id in [0, {vocab_size}), got {o['pad_token_id']!r}")
+    start = o["decoder_start_token_id"]
+    start_ids = token_id_list(start) if isinstance(start, torch.Tensor) else [start]
+    if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size for i in start_ids):
+        raise ValueError(f"decoder_start_token_id must be a token id in [0, {vocab_size}) (or a tensor of them, "
+                         f"one per row), got {start!r}")
+
+
+def token_id_list(ids) -> list:
+    """eos_token_id as given (None, an id, a list, or a tensor of ids) as a list of Python ints."""
+    if ids is None:
+        return []
+    if isinstance(ids, torch.Tensor):
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"token ids must be integers, got a {ids.dtype} tensor")
+        return ids.reshape(-1).tolist()
+    return list(ids) if isinstance(ids, (list, tuple)) else [ids]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,11 +233,10 @@ def forbid_eos(scores, eos_ids):
     return scores
 
 
-def eos_forbidden(o: dict, length: int, prompt_length: int) -> bool:
-    """Whether min_length / min_new_tokens forbid eos at a step after ``length`` ids."""
-    eos = o["eos_token_id"]
-    return bool(eos) and ((o["min_length"] and length < o["min_length"]) or
-                          (o["min_new_tokens"] and length - prompt_length < o["min_new_tokens"]))
+def eos_forbidden(o: dict, length: int) -> bool:
+    """Whether min_length (which ``prepare`` derives from min_new_tokens where that is set) forbids
+    eos at a step after ``length`` ids."""
+    return bool(o["eos_token_id"]) and length < o["min_length"]
 
 
 def top_k_filter(scores, top_k: int, min_tokens_to_keep: int = 1):
@@ -193,7 +252,7 @@ def top_p_filter(scores, top_p: float, min_tokens_to_keep: int = 1):
     return scores.masked_fill(remove.scatter(1, sorted_indices, remove), -math.inf)
 
 
-def process_scores(o: dict, sequences, scores, prompt_length: int, beam: bool):
+def process_scores(o: dict, sequences, scores, beam: bool):
     """Apply the configured processors in transformers' order; ``sequences`` = ids so far. ``scores``
     belongs to this call (a decoder step's fresh logits, or their log-softmax) and may be modified."""
     if o["repetition_penalty"] != 1.0:
@@ -201,7 +260,7 @@ def process_scores(o: dict, sequences, scores, prompt_length: int, beam: bool):
     if o["no_repeat_ngram_size"]:
         scores = no_repeat_ngram(sequences, scores, o["no_repeat_ngram_size"])
     eos = o["eos_token_id"]
-    if eos_forbidden(o, sequences.shape[1], prompt_length):
+    if eos_forbidden(o, sequences.shape[1]):
         scores = forbid_eos(scores, eos)
     if o["do_sample"]:
         keep = (len(eos) + 1 if eos else 2) if beam else 1
@@ -295,6 +354,17 @@ def make_decoder(model, encoder_states, encoder_mask, rows_per_source: int, max_
     return GraphedDecoder(model, encoder_states, encoder_mask, max_length)
 
 
+def decoder_start_column(start, batch: int, device) -> torch.Tensor:
+    """The decoder's first ids ``[batch, 1]``: one id for every row, or (as transformers allows) a
+    tensor of ``batch`` ids, one per row."""
+    if not isinstance(start, torch.Tensor) or start.dim() == 0:
+        return torch.full((batch, 1), int(start), dtype=torch.long, device=device)
+    if start.numel() != batch or start.dim() not in (1, 2) or start.shape[0] != batch:
+        raise ValueError(f"decoder_start_token_id as a tensor must hold one id per row, shape [{batch}] or "
+                         f"[{batch}, 1], got shape {list(start.shape)}")
+    return start.reshape(batch, 1).to(device=device, dtype=torch.long)
+
+
 def prepare(model, input_ids, attention_mask, decoder_input_ids, options):
     """Validate inputs, run the encoder; return (encoder states, mask, decoder prompt, max_length)."""
     cfg = model.config
@@ -306,7 +376,7 @@ def prepare(model, input_ids, attention_mask, decoder_input_ids, options):
         attention_mask = input_ids.ne(pad)
     mask = validation.check_mask("attention_mask", attention_mask, input_ids.shape, model.device)
     batch = input_ids.shape[0]
-    start = torch.full((batch, 1), options["decoder_start_token_id"], dtype=torch.long, device=model.device)
+    start = decoder_start_column(options["decoder_start_token_id"], batch, model.device)
     if decoder_input_ids is None:
         prompt = start
     else:
@@ -317,6 +387,8 @@ def prepare(model, input_ids, attention_mask, decoder_input_ids, options):
             # transformers prepends the start token unless some row's prompt begins with it
             prompt = torch.cat([start, prompt], dim=1)
     prompt_length = prompt.shape[1]
+    if options["min_new_tokens"] is not None:  # transformers: min_new_tokens takes min_length's place
+        options["min_length"] = prompt_length + options["min_new_tokens"]
     if options["max_new_tokens"] is not None:
         max_length = prompt_length + options["max_new_tokens"]
     else:
@@ -334,7 +406,7 @@ _SCREEN_PATIENCE = 3
 
 
 def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, options, generator=None,
-                 scores_out=None, use_cuda_graph=False) -> Iterator[torch.Tensor]:
+                 record: Optional[StepRecord] = None, use_cuda_graph=False) -> Iterator[torch.Tensor]:
     """Greedy or sampled decoding; yields the ``[rows]`` tokens of each step (pad once a row ended).
 
     Finished rows read pad tokens, exactly like transformers. In greedy decoding they also stop
@@ -351,13 +423,13 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
     eos = torch.tensor(options["eos_token_id"], dtype=torch.long, device=prompt.device)
     unfinished = torch.ones(rows, dtype=torch.bool, device=prompt.device)
     pad = options["pad_token_id"]
-    may_drop_rows = not options["do_sample"] and scores_out is None and isinstance(decoder, Decoder)
+    may_drop_rows = not options["do_sample"] and record is None and isinstance(decoder, Decoder)
     computed = torch.arange(rows, device=prompt.device)  # rows the decoder still runs
     tokens = sequences[:, :prompt_length]
     # Greedy steps whose only processor forbids eos need the argmax alone: the LM head screen finds
     # it without computing every logit (None: not for this model).
     only_eos_processor = options["repetition_penalty"] == 1.0 and not options["no_repeat_ngram_size"]
-    screen = (lm_head_screen.screen_for(model) if not options["do_sample"] and scores_out is None
+    screen = (lm_head_screen.screen_for(model) if not options["do_sample"] and record is None
               and only_eos_processor and isinstance(decoder, Decoder) else None)
     undecided_steps = 0
     with torch.no_grad(), contextlib.closing(decoder):
@@ -365,7 +437,7 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
             picked = None
             if screen is not None:
                 hidden = model.lm_head_input(decoder.step_hidden(tokens))
-                forbidden = options["eos_token_id"] if eos_forbidden(options, length, prompt_length) else None
+                forbidden = options["eos_token_id"] if eos_forbidden(options, length) else None
                 picked = screen.argmax(hidden, forbidden)
                 if picked is None:
                     logits = model.lm_head(hidden).float()
@@ -375,9 +447,9 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
             else:
                 logits = decoder.step(tokens)
             if picked is None:
-                scores = process_scores(options, sequences[computed, :length], logits, prompt_length, beam=False)
-                if scores_out is not None:
-                    scores_out.append(scores)
+                scores = process_scores(options, sequences[computed, :length], logits, beam=False)
+                if record is not None:
+                    record.add(scores, logits)
                 if options["do_sample"]:
                     picked = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
                 else:
@@ -398,10 +470,11 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
 
 
 def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options, generator=None,
-                scores_out=None, use_cuda_graph=False):
+                record: Optional[StepRecord] = None, use_cuda_graph=False):
     """transformers' vectorised beam search (its ``_beam_search``), on our static cache.
 
-    Returns ``(sequences [batch * num_return_sequences, T], sequence scores)``.
+    Returns ``(sequences [batch * num_return_sequences, T], sequence scores, beam indices
+    [batch * num_return_sequences, T - prompt length])``.
     """
     num_beams, o = options["num_beams"], options
     batch, prompt_length = prompt.shape
@@ -438,9 +511,9 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
         while True:
             flat = running.view(batch * num_beams, max_length)[:, :length]
             logits = decoder.step(tokens)
-            log_probs = process_scores(o, flat, F.log_softmax(logits, dim=-1), prompt_length, beam=True)
-            if scores_out is not None:
-                scores_out.append(log_probs)
+            log_probs = process_scores(o, flat, F.log_softmax(logits, dim=-1), beam=True)
+            if record is not None:
+                record.add(log_probs, logits)
             log_probs = (log_probs.view(batch, num_beams, vocab) + running_scores[:, :, None]).view(batch, -1)
             if o["do_sample"]:
                 top_indices = torch.multinomial(log_probs.softmax(-1), beams_to_keep, generator=generator)
@@ -497,7 +570,7 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
     sequence_scores = finished_scores[:, :n].reshape(-1)
     origin = finished_origin[:, :n].reshape(batch * n, -1)
     generated = int((origin + 1).bool().sum(dim=1).max())
-    return sequences[:, :prompt_length + generated], sequence_scores
+    return sequences[:, :prompt_length + generated], sequence_scores, origin[:, :generated]
 
 
 def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=None, generation_config=None,
@@ -520,19 +593,22 @@ def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=No
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
     encoder_states, mask, prompt, max_length = prepare(model, input_ids, attention_mask, decoder_input_ids, options)
-    scores = [] if options["output_scores"] and options["return_dict_in_generate"] else None
-    sequence_scores = None
+    record = None
+    if options["return_dict_in_generate"] and (options["output_scores"] or options["output_logits"]):
+        record = StepRecord(scores=[] if options["output_scores"] else None,
+                            logits=[] if options["output_logits"] else None)
+    sequence_scores = beam_indices = None
     if options["num_beams"] > 1:
         if streamer is not None:
             raise ValueError("streamer cannot be used with beam search (num_beams > 1)")
-        sequences, sequence_scores = beam_search(model, encoder_states, mask, prompt, max_length, options,
-                                                 generator, scores, use_cuda_graph)
+        sequences, sequence_scores, beam_indices = beam_search(model, encoder_states, mask, prompt, max_length,
+                                                               options, generator, record, use_cuda_graph)
     else:
         expand = options["num_return_sequences"] if options["do_sample"] else 1
         if streamer is not None:  # one stream per returned sequence
             streamer.put(prompt.repeat_interleave(expand, dim=0).cpu())
         steps = []
-        for tokens in sample_steps(model, encoder_states, mask, prompt, max_length, options, generator, scores,
+        for tokens in sample_steps(model, encoder_states, mask, prompt, max_length, options, generator, record,
                                    use_cuda_graph):
             steps.append(tokens)
             if streamer is not None:
@@ -541,8 +617,10 @@ def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=No
             streamer.end()
         sequences = torch.cat([prompt.repeat_interleave(expand, dim=0), torch.stack(steps, dim=1)], dim=1)
     if options["return_dict_in_generate"]:
-        return GenerateOutput(sequences=sequences, scores=tuple(scores) if scores is not None else None,
-                              sequences_scores=sequence_scores if options["output_scores"] else None)
+        kept = record or StepRecord()
+        return GenerateOutput(sequences=sequences,
+                              sequences_scores=sequence_scores if options["output_scores"] else None,
+                              scores=kept.steps("scores"), logits=kept.steps("logits"), beam_indices=beam_indices)
     return sequences
 
 

@@ -33,14 +33,33 @@ def test_feed_forward_proj_forms(proj, act, gated):
     assert (ours.dense_act_fn, ours.is_gated_act) == (hf.dense_act_fn, hf.is_gated_act) == (act, gated)
 
 
+def test_explicit_dense_act_fn_and_is_gated_act_override_feed_forward_proj(tmp_path):
+    """A config.json's own dense_act_fn / is_gated_act win over feed_forward_proj, as in
+    transformers; overriding feed_forward_proj at load re-derives them."""
+    from transformers import UMT5Config as HFConfig
+    HFConfig(feed_forward_proj="gated-gelu").save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data.update(dense_act_fn="relu", is_gated_act=False)
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    ours, hf = UMT5Config.from_pretrained(tmp_path), HFConfig.from_pretrained(tmp_path)
+    assert (ours.dense_act_fn, ours.is_gated_act) == (hf.dense_act_fn, hf.is_gated_act) == ("relu", False)
+    assert UMT5Config.from_pretrained(tmp_path, feed_forward_proj="gated-silu").dense_act_fn == "silu"
+    assert UMT5Config.from_pretrained(tmp_path, dense_act_fn="mish").dense_act_fn == "mish"
+    assert UMT5Config.from_dict(ours.to_dict()) == ours
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("num_heads", 0, "num_heads"), ("d_kv", -3, "d_kv"), ("vocab_size", 2.5, "vocab_size"),
     ("feed_forward_proj", "gated-gelu-x", "feed_forward_proj"), ("feed_forward_proj", "swiglu", "not supported"),
     ("feed_forward_proj", "fancy-gelu", "feed_forward_proj"), ("layer_norm_epsilon", 0, "layer_norm_epsilon"),
     ("relative_attention_num_buckets", 1, "relative_attention_num_buckets"),
     ("relative_attention_num_buckets", 3, "relative_attention_num_buckets must be >= 4"),  # no exact bucket
-    ("relative_attention_max_distance", 3, "relative_attention_max_distance"),
-    ("relative_attention_max_distance", 16, "relative_attention_max_distance"),  # 32 buckets: empty log span
+    ("relative_attention_max_distance", 0, "relative_attention_max_distance"),
+    ("tie_word_embeddings", "false", "tie_word_embeddings must be true or false"),
+    ("scale_decoder_outputs", "false", "scale_decoder_outputs"), ("use_cache", "maybe", "use_cache"),
+    ("is_encoder_decoder", 1, "is_encoder_decoder"), ("is_gated_act", "yes", "is_gated_act"),
+    ("dense_act_fn", "prelu", "dense_act_fn='prelu'"), ("dense_act_fn", ["relu"], "dense_act_fn"),
+    ("dropout_rate", "x", "dropout_rate"), ("output_hidden_states", "yes", "output_hidden_states"),
     ("pad_token_id", 10**9, "pad_token_id"), ("eos_token_id", -1, "eos_token_id"),
     ("problem_type", "ranking", "problem_type"), ("classifier_dropout", 3, "classifier_dropout")])
 def test_bad_fields_are_named(field, value, match):

@@ -232,3 +232,56 @@ def test_tie_weights_reties_the_head_to_new_input_embeddings(checkpoint_factory)
     model.set_input_embeddings(embedding)
     model.tie_weights()
     assert model.lm_head.weight is embedding.weight
+
+
+NEW_ACTIVATIONS = ["gelu_accurate", "gelu_python", "gelu_python_tanh", "gelu_10", "relu2", "laplace"]
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpu"])
+@pytest.mark.parametrize("overrides", [dict(feed_forward_proj=f"gated-{act}") for act in NEW_ACTIVATIONS]
+                         + [dict(feed_forward_proj="gated-gelu", dense_act_fn="relu", is_gated_act=False)])
+def test_every_transformers_ffn_activation_matches(checkpoint_factory, backend, overrides):
+    """Every activation transformers' ACT2FN offers a T5 FFN, and a config.json whose own
+    dense_act_fn / is_gated_act override feed_forward_proj (transformers honours them)."""
+    if backend not in umt5_fast.ops.available_backends():
+        pytest.skip(f"backend {backend} not built")
+    ours, hf = load_pair(checkpoint_factory, "UMT5ForConditionalGeneration", "gated-silu", backend, **overrides)
+    assert (ours.config.dense_act_fn, ours.config.is_gated_act) == (hf.config.dense_act_fn, hf.config.is_gated_act)
+    ids, mask, dec, dec_mask = inputs(ours.config.vocab_size, seed=31, length=21, dec_length=9)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
+    out = ours(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
+    assert_close(out.logits, ref.logits, TOL, "logits")
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpu"])
+def test_max_distance_below_the_log_buckets_works_where_buckets_are_defined(checkpoint_factory, backend):
+    """relative_attention_max_distance not above where the log buckets start (32 buckets: 8 in the
+    encoder, 16 in the decoder) leaves only the exact buckets defined: distances below that point
+    match transformers, and longer sequences are refused with the reason, never computed wrong."""
+    if backend not in umt5_fast.ops.available_backends():
+        pytest.skip(f"backend {backend} not built")
+    shape = dict(relative_attention_num_buckets=32, relative_attention_max_distance=12, num_layers=1,
+                 num_decoder_layers=2)
+    encoder, hf_encoder = load_pair(checkpoint_factory, "UMT5EncoderModel", "odd-untied", backend, **shape)
+    ids, mask = random_batch(encoder.config.vocab_size, 2, 60, seed=4)  # past max_distance: log buckets
+    with torch.no_grad():
+        ref = hf_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert_close(encoder(input_ids=ids, attention_mask=mask).last_hidden_state, ref, TOL, "encoder")
+
+    ours, hf = load_pair(checkpoint_factory, "UMT5ForConditionalGeneration", "odd-untied", backend, **shape)
+    dec = torch.randint(2, ours.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    assert_close(ours(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits, ref, TOL, "logits")
+    long_dec = torch.cat([dec, dec[:, :1]], dim=1)
+    with pytest.raises(ValueError, match="relative_attention_max_distance=12 .* at most 16 tokens"):
+        ours(input_ids=ids, attention_mask=mask, decoder_input_ids=long_dec)
+    with torch.no_grad():  # 16 new tokens: the decoder reads 16 (the last one is never fed back)
+        expected = hf.generate(ids, attention_mask=mask, max_new_tokens=16, eos_token_id=None, use_cache=False)
+    assert torch.equal(ours.generate(ids, attention_mask=mask, max_new_tokens=16, eos_token_id=None), expected)
+    with pytest.raises(ValueError, match="at most 16 tokens"):
+        ours.generate(ids, attention_mask=mask, max_new_tokens=17, eos_token_id=None)
+    with pytest.raises(ValueError, match="the encoder input may hold at most 8 tokens"):
+        load_pair(checkpoint_factory, "UMT5EncoderModel", "odd-untied", backend,
+                  **dict(shape, relative_attention_max_distance=7))[0](input_ids=ids)

@@ -39,6 +39,30 @@ def relative_position_bucket(relative_position: torch.Tensor, bidirectional: boo
     return relative_buckets
 
 
+def longest_defined_distance(num_buckets: int, max_distance: int, bidirectional: bool):
+    """The longest distance whose bucket is defined, or None when every distance's is.
+
+    The log-scale buckets span ``(max_exact, max_distance)``. A config whose ``max_distance`` is not
+    above ``max_exact`` leaves that span empty or reversed: the formula divides by ``log(1) = 0`` or
+    a negative log, and transformers' buckets turn into undefined float->int casts or negative
+    table indices. Only the exact buckets, distances below ``max_exact``, are defined then.
+    """
+    max_exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
+    return None if max_distance > max_exact else max_exact - 1
+
+
+def check_distance(longest: int, num_buckets: int, max_distance: int, bidirectional: bool):
+    """Raise ValueError when a relative distance of ``longest`` has no defined bucket."""
+    limit = longest_defined_distance(num_buckets, max_distance, bidirectional)
+    if limit is not None and longest > limit:
+        raise ValueError(
+            f"relative_attention_max_distance={max_distance} is not above where the "
+            f"{'bidirectional' if bidirectional else 'causal'} log-scale buckets start ({limit + 1}, with "
+            f"relative_attention_num_buckets={num_buckets}): buckets are defined only for distances up to "
+            f"{limit}, so {'the encoder input' if bidirectional else 'the decoder sequence'} may hold at most "
+            f"{limit + 1} tokens; got a distance of {longest}")
+
+
 def position_bias(bias_table: torch.Tensor, query_positions: torch.Tensor, key_length: int,
                   bidirectional: bool, num_buckets: int, max_distance: int) -> torch.Tensor:
     """Bias ``[1, H, Lq, Lk]`` for queries at ``query_positions`` (``[Lq]``) and keys ``0..Lk-1``."""

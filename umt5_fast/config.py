@@ -47,8 +47,10 @@ _POSITIVE_INTS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_lay
                   "num_decoder_layers", "relative_attention_num_buckets",
                   "relative_attention_max_distance")
 # Keys transformers writes that are derived here (and so not kept as separate facts).
-_DERIVED = ("dense_act_fn", "is_gated_act", "model_type", "transformers_version", "return_dict",
-            "dtype")
+_DERIVED = ("model_type", "transformers_version", "return_dict", "dtype")
+# Fields that must be JSON booleans: a string such as "false" would read as true.
+_BOOLS = ("is_encoder_decoder", "use_cache", "tie_word_embeddings", "scale_decoder_outputs",
+          "output_hidden_states", "output_attentions", "use_return_dict", "is_gated_act")
 
 
 class UMT5Config:
@@ -71,6 +73,11 @@ class UMT5Config:
             setattr(self, key, copy.deepcopy(kwargs.pop(key, default)))
         for key in _DERIVED:
             kwargs.pop(key, None)
+        # transformers derives the FFN activation from feed_forward_proj, and a config.json's own
+        # dense_act_fn / is_gated_act override that (PretrainedConfig sets leftover keys last)
+        act, gated = self._activation_of(self.feed_forward_proj)
+        self.dense_act_fn = kwargs.pop("dense_act_fn", act)
+        self.is_gated_act = kwargs.pop("is_gated_act", gated)
         self.extra = kwargs  # everything else, preserved for save_pretrained
         if self.num_decoder_layers is None:
             self.num_decoder_layers = self.num_layers
@@ -98,15 +105,15 @@ class UMT5Config:
         if self.label2id is None or len(self.label2id) != self.num_labels:
             self.label2id = {v: k for k, v in self.id2label.items()}
 
-    @property
-    def dense_act_fn(self) -> str:
-        if self.feed_forward_proj == "gated-gelu":
-            return "gelu_new"  # T5 v1.1 checkpoints mean the tanh approximation
-        return self.feed_forward_proj.split("-")[-1]
-
-    @property
-    def is_gated_act(self) -> bool:
-        return self.feed_forward_proj.split("-")[0] == "gated"
+    @staticmethod
+    def _activation_of(feed_forward_proj):
+        """(dense_act_fn, is_gated_act) that ``feed_forward_proj`` names (None, None if it is not a string)."""
+        if not isinstance(feed_forward_proj, str):
+            return None, None
+        if feed_forward_proj == "gated-gelu":
+            return "gelu_new", True  # T5 v1.1 checkpoints mean the tanh approximation
+        parts = feed_forward_proj.split("-")
+        return parts[-1], parts[0] == "gated"
 
     def __getattr__(self, name):
         alias = type(self).attribute_map.get(name)
@@ -129,13 +136,6 @@ class UMT5Config:
             raise ValueError("UMT5Config.relative_attention_num_buckets must be >= 4 (half of them per "
                              "direction in the encoder, each half split into exact and log-scale buckets), "
                              f"got {self.relative_attention_num_buckets}")
-        if self.relative_attention_max_distance <= self.relative_attention_num_buckets // 2:
-            # the decoder's log buckets span (num_buckets // 2, max_distance): an empty span divides
-            # by log(1) = 0 and turns transformers' buckets into undefined float->int casts
-            raise ValueError(
-                "UMT5Config.relative_attention_max_distance must be > relative_attention_num_buckets // 2 "
-                f"(where the causal log buckets start), got {self.relative_attention_max_distance} with "
-                f"{self.relative_attention_num_buckets} buckets")
         if not isinstance(self.layer_norm_epsilon, (int, float)) or not self.layer_norm_epsilon > 0:
             raise ValueError(f"UMT5Config.layer_norm_epsilon must be a positive number, got "
                              f"{self.layer_norm_epsilon!r}")
@@ -145,9 +145,15 @@ class UMT5Config:
         if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
             raise ValueError(f"UMT5Config.feed_forward_proj={self.feed_forward_proj!r} is not valid: use "
                              "'gated-{ACT}' or '{ACT}', e.g. 'gated-gelu' or 'relu'")
-        if self.dense_act_fn not in ACTIVATIONS:
-            raise ValueError(f"UMT5Config.feed_forward_proj={self.feed_forward_proj!r}: activation "
-                             f"{self.dense_act_fn!r} is not supported (supported: {sorted(ACTIVATIONS)})")
+        for field in _BOOLS:
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"UMT5Config.{field} must be true or false, got {getattr(self, field)!r}")
+        if not isinstance(self.dense_act_fn, str) or self.dense_act_fn not in ACTIVATIONS:
+            raise ValueError(f"UMT5Config.dense_act_fn={self.dense_act_fn!r} (feed_forward_proj="
+                             f"{self.feed_forward_proj!r}) is not supported (supported: {sorted(ACTIVATIONS)})")
+        if not isinstance(self.dropout_rate, (int, float)) or isinstance(self.dropout_rate, bool) \
+                or not 0 <= self.dropout_rate <= 1:
+            raise ValueError(f"UMT5Config.dropout_rate must be a number in [0, 1], got {self.dropout_rate!r}")
         for field in ("pad_token_id", "decoder_start_token_id", "bos_token_id"):
             value = getattr(self, field)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -210,7 +216,11 @@ class UMT5Config:
         file = path / CONFIG_NAME if path.is_dir() else path
         config = cls.from_json_file(file)
         if overrides:
-            config = cls.from_dict(dict(config.to_dict(), **overrides))
+            data = config.to_dict()
+            if "feed_forward_proj" in overrides:  # the activation follows the new value unless also given
+                for derived in ("dense_act_fn", "is_gated_act"):
+                    data.pop(derived)
+            config = cls.from_dict(dict(data, **overrides))
         return config
 
     def save_pretrained(self, directory):

@@ -14,7 +14,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from umt5_fast import decode_step, lm_head_screen, validation
+from umt5_fast import buckets, decode_step, lm_head_screen, validation
 from umt5_fast.cache import StaticCache
 from umt5_fast.outputs import ModelOutput
 
@@ -315,6 +315,9 @@ class Decoder:
         """Feed ``tokens`` ``[rows, L]`` (the prompt, then one token a step); the final hidden states
         of the last position."""
         if self.cpu_step is not None and self.cpu_step.accepts(tokens, self.cache, self.encoder_states):
+            cfg = self.model.config  # (the Python path checks this in its attention layers)
+            buckets.check_distance(self.cache.length + tokens.shape[1] - 1, cfg.relative_attention_num_buckets,
+                                   cfg.relative_attention_max_distance, bidirectional=False)
             hidden = self.cpu_step.run(tokens, self.cache, self.encoder_mask)
         else:
             hidden = next_token_hidden(self.model, tokens, self.encoder_states, self.encoder_mask, self.cache,

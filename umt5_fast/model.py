@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from umt5_fast import validation
+from umt5_fast import buckets, validation
 from umt5_fast.cache import DynamicCache, StaticCache
 from umt5_fast.config import UMT5Config
 from umt5_fast.ops import eager, get_ops
@@ -217,6 +217,9 @@ class Attention(nn.Module):
             k, v = self.heads(self.k(kv_source)), self.heads(self.v(kv_source))
             if cache is not None:  # owned, contiguous copies, as the caches keep (DynamicCache.update)
                 k, v = cache.cross_kv[layer_idx] = (k.contiguous(), v.contiguous())
+        if kv_source is None and isinstance(past_length, int):  # (a CUDA graph replays a tensor)
+            buckets.check_distance(max(past_length + length, k.shape[2]) - 1, self.num_buckets,
+                                   self.max_distance, self.bidirectional)
         options = dict(bidirectional=self.bidirectional, num_buckets=self.num_buckets,
                        max_distance=self.max_distance, key_padding_mask=key_padding_mask,
                        causal=causal, query_offset=past_length if kv_source is None else 0)

@@ -59,6 +59,7 @@ import torch.nn.functional as F
 
 # After torch: the extension then shares torch's bundled OpenMP runtime (one thread pool).
 import umt5_fast._C as _C
+from umt5_fast import buckets
 from umt5_fast.ops import eager
 from umt5_fast.quant import QuantizedWeight, W8A8RowWeight, W8A8Weight
 
@@ -162,18 +163,17 @@ def add_rms_norm(x, residual, weight, eps):
 # ----------------------------------------------------------------------------------------------
 # Attention
 
-def _check_bucket_args(bias_table, heads, bidirectional, num_buckets, max_distance):
+def _check_bucket_args(bias_table, heads, bidirectional, num_buckets, max_distance, longest_distance):
     if bias_table is None:
         return None
     _check_tensor("bias_table", bias_table, dim=2)
     if tuple(bias_table.shape) != (num_buckets, heads):
         raise ValueError(f"bias_table must be [num_buckets, heads] = [{num_buckets}, {heads}], "
                          f"got {tuple(bias_table.shape)}")
-    max_exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
-    if max_exact < 1 or max_distance <= max_exact:
-        raise ValueError(f"num_buckets={num_buckets}, max_distance={max_distance} leave no log-scale "
-                         f"buckets (need {'4' if bidirectional else '2'} <= num_buckets and "
-                         f"max_distance > {max_exact})")
+    if (num_buckets // 2 if bidirectional else num_buckets) // 2 < 1:
+        raise ValueError(f"num_buckets={num_buckets} leaves no exact bucket (need "
+                         f"{'4' if bidirectional else '2'} <= num_buckets)")
+    buckets.check_distance(longest_distance, num_buckets, max_distance, bidirectional)
     return bias_table.to(torch.float32).contiguous()
 
 
@@ -215,7 +215,8 @@ def attention(q, k, v, bias_table, *, bidirectional, num_buckets, max_distance,
     _check_qkv(q, k, v, "k", "v")
     batch, heads, query_length, head_dim = q.shape
     key_length = k.shape[2]
-    table = _check_bucket_args(bias_table, heads, bidirectional, num_buckets, max_distance)
+    table = _check_bucket_args(bias_table, heads, bidirectional, num_buckets, max_distance,
+                               max(int(query_offset) + query_length, key_length) - 1)
     mask = _check_key_padding_mask(key_padding_mask, batch, key_length)
     if mask is not None and mask.shape[1] != key_length:
         raise ValueError(f"key_padding_mask must have {key_length} keys, got {mask.shape[1]}")
@@ -251,7 +252,7 @@ def decode_attention(q, k_cache, v_cache, cache_length, bias_table, *, num_bucke
     if not 1 <= length <= k_cache.shape[2]:
         raise ValueError(f"cache_length must be in [1, {k_cache.shape[2]}] (the cache size), "
                          f"got {length}")
-    table = _check_bucket_args(bias_table, heads, False, num_buckets, max_distance)
+    table = _check_bucket_args(bias_table, heads, False, num_buckets, max_distance, length - 1)
     mask = _check_key_padding_mask(key_padding_mask, batch, length)
     if _half_precision(q, k_cache, v_cache) and q.numel() > 0:
         # A bf16 / fp16 model: the one query row through ``attention`` on the written part of the

@@ -22,12 +22,32 @@ def rms_norm(x, weight, eps):
     return weight * x
 
 
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
 def _gelu_new(x):
-    return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * torch.pow(x, 3.0))))
+    return 0.5 * x * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
+def _gelu_python_tanh(x):
+    # transformers' GELUTanh(use_gelu_tanh_python=True): gelu_new's terms in another order
+    return x * 0.5 * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def _laplace(x, mu=0.707107, sigma=0.282095):
+    return 0.5 * (1.0 + torch.erf((x - mu).div(sigma * math.sqrt(2.0))))
+
+
+# transformers' ACT2FN entries, each with its op order (fp32 results agree to rounding); the two
+# with learned parameters (prelu, xielu) have no place in a T5 FFN checkpoint.
 ACTIVATIONS = {
     "gelu_new": _gelu_new,
+    "gelu_accurate": _gelu_new,
+    "gelu_python_tanh": _gelu_python_tanh,
+    "gelu_python": lambda x: x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0))),
+    "gelu_10": lambda x: torch.clip(F.gelu(x), -10.0, 10.0),
+    "relu2": lambda x: torch.square(F.relu(x)),
+    "laplace": _laplace,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
     "gelu": F.gelu,

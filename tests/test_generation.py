@@ -410,3 +410,23 @@ def test_special_token_arguments_in_transformers_forms(checkpoint_factory):
         options = dict(dict(eos_token_id=eos), max_new_tokens=8, **kwargs)
         expected = reference(hf, ids, mask, **options)
         assert torch.equal(ours.generate(ids, attention_mask=mask, **options), expected), kwargs
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpu"])
+def test_generation_buffers_grow_with_the_sequences(checkpoint_factory, backend):
+    """The KV cache and sequence buffers start short and double: past their first size, greedy and
+    beam results still equal transformers', and a huge max_new_tokens costs only what is reached."""
+    if backend not in umt5_fast.ops.available_backends():
+        pytest.skip(f"backend {backend} not built")
+    path, hf = checkpoint_factory("UMT5ForConditionalGeneration", **CONFIGS["tied-shallow-decoder"])
+    ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend=backend)
+    ids, mask = random_batch(ours.config.vocab_size, 2, 9, seed=14)
+    new_tokens = generation._INITIAL_CACHE_LENGTH + 40
+    for kwargs in (dict(), dict(num_beams=2)):
+        expected = reference(hf, ids, mask, max_new_tokens=new_tokens, eos_token_id=None, **kwargs)
+        got = ours.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, eos_token_id=None, **kwargs)
+        assert got.shape == (2, 1 + new_tokens) and torch.equal(got, expected), kwargs
+    every_token_ends = list(range(ours.config.vocab_size))
+    for kwargs in (dict(), dict(num_beams=3)):  # ~10**14 bytes if allocated for max_length
+        out = ours.generate(ids, attention_mask=mask, max_new_tokens=10**9, eos_token_id=every_token_ends, **kwargs)
+        assert out.shape == (2, 2)

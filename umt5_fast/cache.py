@@ -64,15 +64,19 @@ class DynamicCache:
 
 
 class StaticCache:
-    """Preallocated decoder cache for ``max_length`` positions of ``batch_size`` rows.
+    """Preallocated decoder cache for up to ``max_length`` positions of ``batch_size`` rows.
 
-    ``fixed_buffers=True`` keeps the same storage for the cache's whole life (beam reorders copy
-    back instead of swapping buffers), which a captured CUDA graph needs.
+    ``initial_length`` (default: all of ``max_length``) is how many positions are allocated at
+    first; past them the buffers double (at most to ``max_length``), so that a generous
+    ``max_new_tokens`` costs memory only for the positions a generation reaches.
+    ``fixed_buffers=True`` keeps the same storage for the cache's whole life (all ``max_length``
+    positions; beam reorders copy back instead of swapping buffers), which a captured CUDA graph needs.
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_heads: int, max_length: int, d_kv: int,
-                 dtype: torch.dtype, device, fixed_buffers: bool = False):
-        shape = (num_layers, batch_size, num_heads, max_length, d_kv)
+                 dtype: torch.dtype, device, fixed_buffers: bool = False, initial_length: Optional[int] = None):
+        capacity = max_length if fixed_buffers or initial_length is None else min(max_length, initial_length)
+        shape = (num_layers, batch_size, num_heads, capacity, d_kv)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self._spare: Optional[KV] = None  # reorder target, allocated on the first beam reorder
@@ -81,6 +85,27 @@ class StaticCache:
         self.max_length = max_length
         self.fixed_buffers = fixed_buffers
         self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        """Positions allocated now."""
+        return self.keys.shape[3]
+
+    def reserve(self, length: int):
+        """Make room for ``length`` positions (at most ``max_length``)."""
+        if length > self.max_length:
+            raise ValueError(f"the decoder sequence ({length} positions) is longer than the cache allows "
+                             f"({self.max_length}); allocate a larger StaticCache")
+        if length <= self.capacity:
+            return
+        capacity = min(self.max_length, max(length, 2 * self.capacity))
+        grown = []
+        for old in (self.keys, self.values):
+            new = old.new_zeros(old.shape[:3] + (capacity, old.shape[4]))
+            new[:, :, :, :self.length] = old[:, :, :, :self.length]
+            grown.append(new)
+        self.keys, self.values = grown
+        self._spare = None
 
     def get_seq_length(self) -> int:
         return self.length
@@ -96,9 +121,7 @@ class StaticCache:
             self.values[layer].index_copy_(2, positions, values)
             return self.keys[layer], self.values[layer]
         end = start + keys.shape[2]
-        if end > self.max_length:
-            raise ValueError(f"the decoder sequence ({end} positions) is longer than the cache allows "
-                             f"({self.max_length}); allocate a larger StaticCache")
+        self.reserve(end)
         self.keys[layer, :, :, start:end] = keys
         self.values[layer, :, :, start:end] = values
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
@@ -110,7 +133,7 @@ class StaticCache:
         self.cross_kv = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.cross_kv]
 
     def layer_buffers(self, layer: int) -> KV:
-        """The full ``[B, H, S_max, D]`` buffers of a layer (for the decode-attention kernels)."""
+        """The full ``[B, H, capacity, D]`` buffers of a layer (for the decode-attention kernels)."""
         return self.keys[layer], self.values[layer]
 
     def reorder(self, index: torch.Tensor):

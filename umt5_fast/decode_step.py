@@ -91,7 +91,7 @@ class CpuDecodeStep:
         """Whether this step (``tokens`` ``[rows, 1]``) runs here, exactly as the Python path would."""
         rows = tokens.shape[0]
         return (tokens.shape[1] == 1 and rows > 0 and isinstance(cache, StaticCache)
-                and 0 < cache.length < cache.max_length and cache.keys.dtype == self.dtype
+                and 0 < cache.length < cache.capacity and cache.keys.dtype == self.dtype
                 and cache.keys.shape == cache.values.shape and cache.keys.shape[1] == rows
                 and cache.keys.is_contiguous() and cache.values.is_contiguous()
                 and encoder_states.dtype == self.dtype and encoder_states.shape[0] == rows

@@ -300,6 +300,11 @@ def next_token_logits(model, tokens, encoder_states, encoder_mask, cache, past_l
     return model.logits(next_token_hidden(model, tokens, encoder_states, encoder_mask, cache, past_length)).float()
 
 
+# Decoder positions a generation's cache holds at first: enough for most calls without regrowth,
+# while max_new_tokens in the thousands allocates only what the sequences reach (doubling).
+_INITIAL_CACHE_LENGTH = 256
+
+
 class Decoder:
     """Encoder output + static cache for its rows; ``step`` returns next-token logits."""
 
@@ -308,12 +313,14 @@ class Decoder:
         self.encoder_states, self.encoder_mask = encoder_states, encoder_mask
         cfg = model.config
         self.cache = StaticCache(cfg.num_decoder_layers, encoder_states.shape[0], cfg.num_heads, max_length,
-                                 cfg.d_kv, model.shared.weight.dtype, encoder_states.device)
+                                 cfg.d_kv, model.shared.weight.dtype, encoder_states.device,
+                                 initial_length=_INITIAL_CACHE_LENGTH)
         self.cpu_step = decode_step.build(model)  # None unless the cpu backend covers the model
 
     def step_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed ``tokens`` ``[rows, L]`` (the prompt, then one token a step); the final hidden states
         of the last position."""
+        self.cache.reserve(self.cache.length + tokens.shape[1])
         if self.cpu_step is not None and self.cpu_step.accepts(tokens, self.cache, self.encoder_states):
             cfg = self.model.config  # (the Python path checks this in its attention layers)
             buckets.check_distance(self.cache.length + tokens.shape[1] - 1, cfg.relative_attention_num_buckets,
@@ -419,8 +426,10 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
     """
     expand = options["num_return_sequences"] if options["do_sample"] else 1
     rows = prompt.shape[0] * expand
-    sequences = torch.full((rows, max_length), options["pad_token_id"], dtype=torch.long, device=prompt.device)
     prompt_length = prompt.shape[1]
+    # grows as the cache does (see beam_search)
+    sequences = torch.full((rows, min(max_length, prompt_length + _INITIAL_CACHE_LENGTH)), options["pad_token_id"],
+                           dtype=torch.long, device=prompt.device)
     sequences[:, :prompt_length] = prompt.repeat_interleave(expand, dim=0)
     decoder = make_decoder(model, encoder_states, encoder_mask, expand, max_length, use_cuda_graph)
     eos = torch.tensor(options["eos_token_id"], dtype=torch.long, device=prompt.device)
@@ -437,6 +446,8 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
     undecided_steps = 0
     with torch.no_grad(), contextlib.closing(decoder):
         for length in range(prompt_length, max_length):
+            if length == sequences.shape[1]:
+                sequences = widened(sequences, min(max_length, 2 * length), pad)
             picked = None
             if screen is not None:
                 hidden = model.lm_head_input(decoder.step_hidden(tokens))
@@ -472,6 +483,13 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
             tokens = sequences[computed, length:length + 1]
 
 
+def widened(buffer: torch.Tensor, width: int, fill) -> torch.Tensor:
+    """``buffer`` ``[..., w]`` continued with ``fill`` to ``[..., width]``."""
+    grown = buffer.new_full(buffer.shape[:-1] + (width,), fill)
+    grown[..., :buffer.shape[-1]] = buffer
+    return grown
+
+
 def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options, generator=None,
                 record: Optional[StepRecord] = None, use_cuda_graph=False):
     """transformers' vectorised beam search (its ``_beam_search``), on our static cache.
@@ -484,12 +502,16 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
     vocab = model.config.vocab_size
     device = prompt.device
     eos = torch.tensor(o["eos_token_id"], dtype=torch.long, device=device)
-    beams_to_keep = max(2, 1 + len(eos)) * num_beams
+    # (at most every candidate: with more eos ids than the vocabulary leaves, transformers' topk fails)
+    beams_to_keep = min(max(2, 1 + len(eos)) * num_beams, num_beams * vocab)
     top_num_beam_mask = torch.arange(beams_to_keep, device=device) < num_beams
     length_penalty, early_stopping = o["length_penalty"], o["early_stopping"]
     fill = (o["pad_token_id"] or o["eos_token_id"][0]) if len(eos) else -1  # transformers' fill value
 
-    running = torch.full((batch, num_beams, max_length), fill, dtype=torch.long, device=device)
+    # Sequence buffers start at the cache's initial length and double as the beams grow (as the
+    # cache does), so a generous max_length costs only the positions reached.
+    width = min(max_length, prompt_length + _INITIAL_CACHE_LENGTH)
+    running = torch.full((batch, num_beams, width), fill, dtype=torch.long, device=device)
     running[:, :, :prompt_length] = prompt[:, None, :]
     finished = running.clone()
     running_scores = torch.zeros(batch, num_beams, device=device)
@@ -497,7 +519,7 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
     finished_scores = torch.full((batch, num_beams), _NO_HYPOTHESIS, device=device)
     is_finished = torch.zeros(batch, num_beams, dtype=torch.bool, device=device)
     improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
-    running_origin = torch.full((batch, num_beams, max_length - prompt_length), -1, dtype=torch.long,
+    running_origin = torch.full((batch, num_beams, width - prompt_length), -1, dtype=torch.long,
                                 device=device)
     finished_origin = running_origin.clone()
     decoder = make_decoder(model, encoder_states, encoder_mask, num_beams, max_length, use_cuda_graph)
@@ -509,10 +531,15 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
         return torch.take_along_dim(tensor, index, dim=1)
 
     length = prompt_length
-    tokens = running.view(batch * num_beams, max_length)[:, :prompt_length]
+    tokens = running.view(batch * num_beams, width)[:, :prompt_length]
     with torch.no_grad(), contextlib.closing(decoder):
         while True:
-            flat = running.view(batch * num_beams, max_length)[:, :length]
+            if length == width:
+                width = min(max_length, 2 * width)
+                running, finished = widened(running, width, fill), widened(finished, width, fill)
+                running_origin = widened(running_origin, width - prompt_length, -1)
+                finished_origin = widened(finished_origin, width - prompt_length, -1)
+            flat = running.view(batch * num_beams, width)[:, :length]
             logits = decoder.step(tokens)
             log_probs = process_scores(o, flat, F.log_softmax(logits, dim=-1), beam=True)
             if record is not None:
@@ -554,7 +581,7 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
 
             decoder.reorder(running_origin[:, :, length - prompt_length].reshape(-1))
             length += 1
-            tokens = running.view(batch * num_beams, max_length)[:, length - 1:length]
+            tokens = running.view(batch * num_beams, width)[:, length - 1:length]
 
             # can a running beam still beat the worst finished one?
             if early_stopping == "never" and length_penalty > 0.0:
@@ -569,7 +596,7 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
                 break
 
     n = o["num_return_sequences"]
-    sequences = finished[:, :n].reshape(batch * n, max_length)
+    sequences = finished[:, :n].reshape(batch * n, width)
     sequence_scores = finished_scores[:, :n].reshape(-1)
     origin = finished_origin[:, :n].reshape(batch * n, -1)
     generated = int((origin + 1).bool().sum(dim=1).max())

@@ -349,6 +349,8 @@ def test_inferred_config_and_config_json_next_to_the_file(tmp_path):
     ("no-bias", r"cannot infer.*num_heads.*relative attention bias"),
     ("nvfp4", r"not supported.*nvfp4"),
     ("row-scale", r"scale_weight.*per-tensor"),
+    ("nan-scale", r"weight scale 'encoder\.block\.0\.layer\.0\.SelfAttention\.q\.scale_weight' is nan"),
+    ("zero-scale", r"weight scale .* is 0\.0 .*finite positive"),
     ("quant-list", r"quantisation entries of \['encoder\.block\.0\.layer\.0\.SelfAttention\.q'\] are not JSON objects"),
     ("quant-string", r"quantisation entries of .* are not JSON objects"),
 ])
@@ -367,6 +369,9 @@ def test_bad_files_raise_errors_naming_the_problem(hf_encoder, tmp_path, damage,
                                                                      {"format": "nvfp4"}}})}
     elif damage == "row-scale":
         state["encoder.block.0.layer.0.SelfAttention.q.scale_weight"] = torch.ones(120)
+    elif damage in ("nan-scale", "zero-scale"):
+        state["encoder.block.0.layer.0.SelfAttention.q.scale_weight"] = torch.tensor(
+            float("nan") if damage == "nan-scale" else 0.0)
     elif damage == "quant-list":
         state["encoder.block.0.layer.0.SelfAttention.q.comfy_quant"] = torch.tensor(list(b"[1, 2]"), dtype=torch.uint8)
     elif damage == "quant-string":

@@ -277,3 +277,62 @@ def test_tied_model_quantised_at_load_saves_as_it_runs(checkpoint_factory, tmp_p
         with torch.no_grad():
             assert_close(back(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits,
                          model(ids, attention_mask=mask, decoder_input_ids=dec).logits, TOL, "logits")
+
+
+def test_use_safetensors_picks_the_weight_files(checkpoint_factory, tmp_path):
+    """transformers' use_safetensors: False reads pytorch_model.bin even beside model.safetensors,
+    True only safetensors files; each missing form is named."""
+    import shutil
+    path, _ = checkpoint_factory("UMT5EncoderModel")
+    _, other = checkpoint_factory("UMT5EncoderModel", seed=1)
+    shutil.copytree(path, tmp_path / "both")
+    other.save_pretrained(tmp_path / "other", safe_serialization=False)
+    shutil.copy(tmp_path / "other" / "pytorch_model.bin", tmp_path / "both")
+    load = umt5_fast.UMT5EncoderModel.from_pretrained
+    ids = torch.randint(2, 100, (1, 9))
+    with torch.no_grad():
+        expected_bin = other(input_ids=ids).last_hidden_state
+    assert_close(load(tmp_path / "both", use_safetensors=False)(ids).last_hidden_state, expected_bin, TOL, "bin")
+    assert not torch.allclose(load(tmp_path / "both")(ids).last_hidden_state, expected_bin)
+    with pytest.raises(FileNotFoundError, match="use_safetensors=False"):
+        load(path, use_safetensors=False)
+    with pytest.raises(FileNotFoundError, match="use_safetensors=True"):
+        load(tmp_path / "other", use_safetensors=True)
+    with pytest.raises(ValueError, match="use_safetensors"):
+        load(path, use_safetensors="no")
+
+
+def test_conflicting_dtype_arguments_are_refused(checkpoint_factory):
+    path, _ = checkpoint_factory("UMT5EncoderModel")
+    with pytest.raises(ValueError, match="disagree"):
+        umt5_fast.UMT5EncoderModel.from_pretrained(path, dtype=torch.float16, torch_dtype=torch.bfloat16)
+    model = umt5_fast.UMT5EncoderModel.from_pretrained(path, dtype=torch.float16, torch_dtype=torch.float16)
+    assert model.shared.weight.dtype == torch.float16
+
+
+@pytest.mark.parametrize("text,match", [("{oops", "not valid JSON"), ("[1, 2]", "JSON object")])
+def test_corrupt_generation_config_is_named(seq2seq, tmp_path, text, match):
+    path, hf = seq2seq
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text(text)
+    with pytest.raises(ValueError, match=f"generation_config.json .*{match}"):
+        umt5_fast.UMT5ForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_triton_backend_off_cuda_is_refused_unless_interpreted(checkpoint_factory, monkeypatch):
+    """Every op would quietly fall back to eager otherwise."""
+    pytest.importorskip("triton")
+    path, _ = checkpoint_factory("UMT5EncoderModel")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend='triton' runs its kernels on CUDA tensors"):
+        umt5_fast.UMT5EncoderModel.from_pretrained(path, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert umt5_fast.UMT5EncoderModel.from_pretrained(path, backend="triton").backend == "triton"
+
+
+def test_a_t5_directory_is_named_as_such(tmp_path):
+    import transformers
+    transformers.MT5ForConditionalGeneration(transformers.MT5Config(
+        vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4)).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="this is a T5 / mT5 checkpoint"):
+        umt5_fast.UMT5ForConditionalGeneration.from_pretrained(tmp_path)

@@ -285,3 +285,55 @@ def test_max_distance_below_the_log_buckets_works_where_buckets_are_defined(chec
     with pytest.raises(ValueError, match="the encoder input may hold at most 8 tokens"):
         load_pair(checkpoint_factory, "UMT5EncoderModel", "odd-untied", backend,
                   **dict(shape, relative_attention_max_distance=7))[0](input_ids=ids)
+
+
+def _layout(value):
+    """A tuple output's structure: tensors by shape, nested tuples recursively, caches by kind."""
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, (tuple, list)):
+        return [_layout(v) for v in value]
+    return "cache" if hasattr(value, "get_seq_length") else type(value).__name__
+
+
+def _flat_tensors(value):
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _flat_tensors(v)]
+    return []
+
+
+@pytest.mark.parametrize("class_name,extra", [
+    ("UMT5ForConditionalGeneration", dict(labels=True)), ("UMT5Model", {}), ("UMT5EncoderModel", {}),
+    ("UMT5ForSequenceClassification", dict(num_labels=3, labels=True)),
+    ("UMT5ForTokenClassification", dict(num_labels=4, labels=True)),
+    ("UMT5ForQuestionAnswering", dict(num_labels=2, labels=True))])
+@pytest.mark.parametrize("flags", [dict(), dict(output_hidden_states=True),
+                                   dict(output_hidden_states=True, output_attentions=True)])
+def test_tuple_outputs_have_transformers_layout(checkpoint_factory, class_name, extra, flags):
+    """return_dict=False: the same items in the same order and nesting as transformers (its
+    token classifier's odd (loss, logits, ()) included), each equal to its counterpart."""
+    extra = dict(extra)
+    with_labels = extra.pop("labels", False)
+    ours, hf = load_pair(checkpoint_factory, class_name, "tied-relu", **extra)
+    ids, mask = random_batch(ours.config.vocab_size, 2, 13, seed=17, padding=("right", None))
+    kwargs = dict(input_ids=ids, attention_mask=mask, return_dict=False, **flags)
+    if class_name in ("UMT5ForConditionalGeneration", "UMT5Model"):
+        kwargs["decoder_input_ids"] = ids[:, :6]
+    if with_labels:
+        if class_name == "UMT5ForQuestionAnswering":
+            kwargs.update(start_positions=torch.tensor([1, 4]), end_positions=torch.tensor([3, 7]))
+        elif class_name == "UMT5ForSequenceClassification":
+            kwargs["labels"] = torch.tensor([0, 2])
+        elif class_name == "UMT5ForTokenClassification":
+            kwargs["labels"] = torch.randint(0, 4, ids.shape)
+        else:
+            kwargs["labels"] = ids[:, :6].contiguous()
+            del kwargs["decoder_input_ids"]
+    with torch.no_grad():
+        ref = hf(**kwargs)
+    out = ours(**kwargs)
+    assert _layout(out) == _layout(ref)
+    for ours_t, ref_t in zip(_flat_tensors(out), _flat_tensors(ref)):
+        assert_close(ours_t, ref_t, TOL, class_name)

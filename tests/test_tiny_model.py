@@ -47,6 +47,10 @@ def test_cli_generate_and_encode():
     encoded = subprocess.run([sys.executable, "-m", "umt5_fast", "encode", "en: 12", "de: 12"],
                              capture_output=True, text=True, timeout=120)
     assert encoded.returncode == 0 and encoded.stdout.count("dim=") == 2, encoded.stderr
+    single_file = subprocess.run([sys.executable, "-m", "umt5_fast", "generate", "--model",
+                                  str(TINY / "model.safetensors"), example["input"]],
+                                 capture_output=True, text=True, timeout=120)  # tokenizer from its directory
+    assert single_file.returncode == 0 and single_file.stdout.strip() == example["target"], single_file.stderr
     missing = subprocess.run([sys.executable, "-m", "umt5_fast", "generate", "--model", "/nonexistent", "x"],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "nonexistent" in missing.stderr
@@ -76,6 +80,10 @@ def test_quantized_weights_agree_with_fp32_on_the_tiny_model():
     (["encode", "--output", "/nonexistent/dir/e.pt", "x"], "cannot write --output /nonexistent/dir/e.pt"),
     (["bench", "--threads", "0"], "--threads: must be >= 1"),
     (["bench", "--new-tokens", "x"], "invalid int value: 'x'"),
+    (["generate", "--top-p", "0.5", "--seed", "3", "x"], "--seed, --top-p only act with --do-sample"),
+    (["generate", "--stream", "--num-beams", "2", "x"], "--stream prints one greedy or sampled sequence"),
+    (["generate", "--stream", "a", "b"], "--stream prints one sequence, got 2 inputs"),
+    (["generate", "--max-new-tokens", "0", "x"], "max_new_tokens must be an integer >= 1"),
 ])
 def test_cli_bad_arguments_get_one_line_errors(args, message):
     result = subprocess.run([sys.executable, "-m", "umt5_fast", *args], capture_output=True, text=True, timeout=120)

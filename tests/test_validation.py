@@ -184,3 +184,12 @@ def test_a_nan_weight_gives_nan_outputs_not_errors(checkpoint_factory, backend):
         model.encoder.block[0].layer[0].SelfAttention.q.weight[0, 0] = float("nan")
     logits = model(input_ids=GOOD, attention_mask=MASK, decoder_input_ids=DEC).logits
     assert logits.isnan().all()
+
+
+def test_a_cache_of_another_encoder_input_is_refused(model):
+    past = model(input_ids=GOOD[:, :3], decoder_input_ids=DEC, use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="cross-attention K/V of 3 encoder positions, but attention_mask covers 4"):
+        model(input_ids=GOOD, attention_mask=MASK, decoder_input_ids=DEC[:, 1:], past_key_values=past)
+    # the cache of this input continues it
+    past = model(input_ids=GOOD, attention_mask=MASK, decoder_input_ids=DEC[:, :1], use_cache=True).past_key_values
+    assert model(input_ids=GOOD, attention_mask=MASK, decoder_input_ids=DEC[:, 1:], past_key_values=past).logits.shape == (2, 1, 131)

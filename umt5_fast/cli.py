@@ -37,7 +37,9 @@ def check_device(device: str):
 def add_common(parser):
     parser.add_argument("text", nargs="*", help="input texts (default: --file, else stdin, one per line)")
     parser.add_argument("--file", help="read one input per line from this file")
-    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint directory (default: shipped tiny model)")
+    parser.add_argument("--model", default=str(DEFAULT_MODEL),
+                        help="checkpoint directory or single file (default: shipped tiny model)")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: --model's directory)")
     parser.add_argument("--backend", default="auto", choices=["auto", "cpu", "eager", "triton"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--device", default="cpu")
@@ -48,7 +50,9 @@ def load(cls, args, **kwargs):
     import torch
     from umt5_fast.tokenizer import UMT5Tokenizer
     check_device(args.device)
-    tokenizer = UMT5Tokenizer.from_pretrained(args.model)
+    model_path = Path(args.model)
+    tokenizer = UMT5Tokenizer.from_pretrained(args.tokenizer or (model_path.parent if model_path.is_file()
+                                                                 else model_path))
     model = cls.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device,
                                 backend=args.backend, **kwargs)
     return tokenizer, model
@@ -59,18 +63,36 @@ def batches(items, size):
         yield items[start:start + size]
 
 
+SAMPLING_DEFAULTS = dict(seed=0, temperature=1.0, top_k=50, top_p=1.0)
+
+
+def sampling_options(args) -> dict:
+    return {name: getattr(args, name) for name in SAMPLING_DEFAULTS}
+
+
+def check_generate_args(parser, args):
+    given = [f"--{name.replace('_', '-')}" for name, value in sampling_options(args).items() if value is not None]
+    if given and not args.do_sample:
+        parser.error(f"{', '.join(given)} only act with --do-sample")
+    if args.stream and args.num_beams > 1:
+        parser.error("--stream prints one greedy or sampled sequence: it does not work with --num-beams > 1")
+
+
 def cmd_generate(args):
     from umt5_fast import UMT5ForConditionalGeneration
     from umt5_fast.streamers import TextStreamer
     texts = read_texts(args)
+    if args.stream and len(texts) > 1:
+        raise SystemExit(f"umt5-fast: error: --stream prints one sequence, got {len(texts)} inputs")
     tokenizer, model = load(UMT5ForConditionalGeneration, args, quantize=args.quantize)
     options = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample)
     if args.do_sample:
-        options.update(seed=args.seed, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        options.update({name: value if value is not None else SAMPLING_DEFAULTS[name]
+                        for name, value in sampling_options(args).items()})
     for chunk in batches(texts, args.batch_size):
         enc = tokenizer(chunk, padding=True, return_tensors="pt")
         ids, mask = enc["input_ids"].to(args.device), enc["attention_mask"].to(args.device)
-        if args.stream and len(chunk) == 1 and args.num_beams == 1:
+        if args.stream:
             model.generate(ids, attention_mask=mask, streamer=TextStreamer(tokenizer), **options)
             continue
         out = model.generate(ids, attention_mask=mask, **options)
@@ -117,10 +139,9 @@ def main(argv=None):
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--num-beams", type=int, default=1)
     gen.add_argument("--do-sample", action="store_true")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=50)
-    gen.add_argument("--top-p", type=float, default=1.0)
+    for name, kind in (("seed", int), ("temperature", float), ("top_k", int), ("top_p", float)):
+        gen.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None,
+                         help=f"with --do-sample (default {SAMPLING_DEFAULTS[name]})")
     gen.add_argument("--quantize", choices=["int8", "w8a8", "bf16"], default=None)
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated (one input)")
     enc = sub.add_parser("encode", help="encoder embeddings (mean-pooled over real tokens)")
@@ -130,9 +151,11 @@ def main(argv=None):
     if argv[:1] == ["bench"]:
         return cmd_bench(argv[1:])
     args = parser.parse_args(argv)
+    if args.command == "generate":
+        check_generate_args(gen, args)
     try:
         return {"generate": cmd_generate, "encode": cmd_encode}[args.command](args)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:  # bad input, a missing file, out of memory
         raise SystemExit(f"umt5-fast: error: {exc}") from exc
 
 

@@ -215,13 +215,15 @@ class UMT5Config:
         path = Path(path)
         file = path / CONFIG_NAME if path.is_dir() else path
         config = cls.from_json_file(file)
-        if overrides:
-            data = config.to_dict()
-            if "feed_forward_proj" in overrides:  # the activation follows the new value unless also given
-                for derived in ("dense_act_fn", "is_gated_act"):
-                    data.pop(derived)
-            config = cls.from_dict(dict(data, **overrides))
-        return config
+        return config.updated(**overrides) if overrides else config
+
+    def updated(self, **overrides) -> "UMT5Config":
+        """A copy with ``overrides`` (field names or aliases) applied and validated."""
+        data = self.to_dict()
+        if "feed_forward_proj" in overrides:  # the activation follows the new value unless also given
+            for derived in ("dense_act_fn", "is_gated_act"):
+                data.pop(derived)
+        return type(self).from_dict(dict(data, **overrides))
 
     def save_pretrained(self, directory):
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True)  # a bad value fails before the file opens

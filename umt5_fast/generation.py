@@ -160,11 +160,16 @@ def check_options(o: dict, vocab_size: int):
     if o["num_beams"] == 1 and o["num_return_sequences"] > 1 and not o["do_sample"]:
         raise ValueError(f"greedy decoding returns one sequence per input: num_return_sequences "
                          f"({o['num_return_sequences']}) needs do_sample=True or num_beams >= it")
-    if o["do_sample"] and not (isinstance(o["temperature"], (int, float)) and o["temperature"] > 0):
+    for name in ("do_sample", "output_scores", "return_dict_in_generate"):
+        if not isinstance(o[name], bool):
+            raise ValueError(f"{name} must be True or False, got {o[name]!r}")
+    if not is_finite_number(o["length_penalty"]):
+        raise ValueError(f"length_penalty must be a finite number, got {o['length_penalty']!r}")
+    if o["do_sample"] and not (is_finite_number(o["temperature"]) and o["temperature"] > 0):
         raise ValueError(f"temperature must be a number > 0, got {o['temperature']!r}")
     if not (isinstance(o["top_p"], (int, float)) and 0 <= o["top_p"] <= 1):
         raise ValueError(f"top_p must be in [0, 1], got {o['top_p']!r}")
-    if not (isinstance(o["repetition_penalty"], (int, float)) and o["repetition_penalty"] > 0):
+    if not (is_finite_number(o["repetition_penalty"]) and o["repetition_penalty"] > 0):
         raise ValueError(f"repetition_penalty must be a number > 0, got {o['repetition_penalty']!r}")
     if o["early_stopping"] not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {o['early_stopping']!r}")
@@ -188,6 +193,10 @@ def check_options(o: dict, vocab_size: int):
     if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size for i in start_ids):
         raise ValueError(f"decoder_start_token_id must be a token id in [0, {vocab_size}) (or a tensor of them, "
                          f"one per row), got {start!r}")
+
+
+def is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def token_id_list(ids) -> list:

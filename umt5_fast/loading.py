@@ -143,23 +143,23 @@ def _numel(shape) -> int:
 class CheckpointReader:
     """Name -> tensor over every file of a checkpoint directory (or one file)."""
 
-    def __init__(self, path):
+    def __init__(self, path, use_safetensors: Optional[bool] = None):
+        """``use_safetensors`` (transformers' option): True reads only safetensors files, False only
+        ``.bin`` ones, None prefers safetensors."""
         path = Path(path)
         self.sources: Dict[str, Callable[[], torch.Tensor]] = {}
         self.shapes: Dict[str, tuple] = {}
+        forms = {True: ((SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME),), False: ((BIN_NAME, BIN_INDEX_NAME),),
+                 None: ((SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME), (BIN_NAME, BIN_INDEX_NAME))}[use_safetensors]
+        names = [name for pair in forms for name in pair]
         if path.is_file():
             files = [path]
-        elif (path / SAFETENSORS_NAME).is_file():
-            files = [path / SAFETENSORS_NAME]
-        elif (path / SAFETENSORS_INDEX_NAME).is_file():
-            files = self._sharded(path, SAFETENSORS_INDEX_NAME)
-        elif (path / BIN_NAME).is_file():
-            files = [path / BIN_NAME]
-        elif (path / BIN_INDEX_NAME).is_file():
-            files = self._sharded(path, BIN_INDEX_NAME)
         else:
-            raise FileNotFoundError(f"no weights in {path}: expected {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME}, "
-                                    f"{BIN_NAME} or {BIN_INDEX_NAME}")
+            found = next((name for name in names if (path / name).is_file()), None)
+            if found is None:
+                raise FileNotFoundError(f"no weights in {path}: expected {', '.join(names)}"
+                                        + ("" if use_safetensors is None else f" (use_safetensors={use_safetensors})"))
+            files = self._sharded(path, found) if found.endswith(".json") else [path / found]
         for file in files:
             if file.suffix == ".safetensors":
                 st = SafetensorsFile(file)
@@ -351,6 +351,9 @@ def _check(model, params, renamed, shapes) -> list:
     missing = [n for n in params if n not in renamed]
     if missing:
         problems.append(f"missing tensors: {missing}")
+        if all(".relative_attention_bias." in n and ".block.0." not in n for n in missing):
+            problems.append("only block 0 holds a relative_attention_bias table: this is a T5 / mT5 "
+                            "checkpoint (one table shared by all layers), not UMT5 (one per layer)")
     for name, key in renamed.items():
         expected = tuple(params[name].shape)
         if tuple(shapes[key]) != expected:
@@ -422,12 +425,12 @@ def quantize_linear(module, mode: str, name: str):
 # ---------------------------------------------------------------------------------------------
 # transformers' from_pretrained options that change nothing when loading local files.
 _IGNORED_HF_OPTIONS = ("low_cpu_mem_usage", "local_files_only", "trust_remote_code", "attn_implementation",
-                       "use_safetensors", "revision", "cache_dir", "token")
+                       "revision", "cache_dir", "token")
 
 
 def from_pretrained(cls, path, *, dtype=None, torch_dtype=None, device="cpu", backend="auto", quantize=None,
                     config: Optional[UMT5Config] = None, keep_in_fp32=("wo",), progress=None, gguf_file=None,
-                    subfolder: str = "", **config_overrides):
+                    subfolder: str = "", use_safetensors: Optional[bool] = None, **config_overrides):
     """Load a UMT5 checkpoint (a transformers directory, or one file) into ``cls``.
 
     ``dtype`` (or transformers' ``torch_dtype``): float32 (default), float16, bfloat16 or "auto";
@@ -445,6 +448,10 @@ def from_pretrained(cls, path, *, dtype=None, torch_dtype=None, device="cpu", ba
     """
     for option in _IGNORED_HF_OPTIONS:
         config_overrides.pop(option, None)
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree: pass one of them")
+    if use_safetensors not in (None, True, False):
+        raise ValueError(f"use_safetensors must be True, False or None, got {use_safetensors!r}")
     unknown = sorted(key for key in config_overrides if not UMT5Config.is_field(key))
     if unknown:
         raise TypeError(f"from_pretrained() got unexpected keyword arguments {unknown}: neither loading "
@@ -461,14 +468,16 @@ def from_pretrained(cls, path, *, dtype=None, torch_dtype=None, device="cpu", ba
         elif path.is_dir():
             raise FileNotFoundError(f"config.json not found in {config_file.parent}")
     if path.is_dir():
-        reader = CheckpointReader(path)
+        reader = CheckpointReader(path, use_safetensors)
         sources, shapes, packed = reader.sources, reader.shapes, ()
     else:
         from umt5_fast import formats
         reader = None  # "auto" dtype then comes from the config (formats infer it from the file)
         config, sources, shapes, packed = formats.read(path, config)
     if config_overrides:
-        config = UMT5Config.from_dict(dict(config.to_dict(), **config_overrides))
+        config = config.updated(**config_overrides)
+    generation_file = path / "generation_config.json" if path.is_dir() else None
+    generation_settings = read_generation_config(generation_file) if generation_file else None
     dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config, reader)
     total = sum(_numel(s) for s in shapes.values())
     show = progress if progress is not None else total > 200_000_000
@@ -477,10 +486,22 @@ def from_pretrained(cls, path, *, dtype=None, torch_dtype=None, device="cpu", ba
                             quantize=quantize, keep_in_fp32=keep_in_fp32, progress=show, packed=packed)
     except CheckpointError as exc:  # name the checkpoint (tensor names are transformers', as mapped)
         raise CheckpointError(f"{path}: {exc}") from None
-    generation_config = path / "generation_config.json" if path.is_dir() else None
-    if generation_config is not None and generation_config.is_file():
-        model.generation_config = GenerationSettings(json.loads(generation_config.read_text(encoding="utf-8")))
+    if generation_settings is not None:
+        model.generation_config = generation_settings
     return model
+
+
+def read_generation_config(path: Path) -> Optional[GenerationSettings]:
+    """A checkpoint's generation_config.json (None if there is none)."""
+    if not path.is_file():
+        return None
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(settings).__name__}")
+    return GenerationSettings(settings)
 
 
 def from_hf(cls, hf_model, backend="auto"):

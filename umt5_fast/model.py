@@ -403,6 +403,13 @@ class DecoderStack(nn.Module):
             validation.same_batch("decoder inputs", batch, "encoder outputs", encoder_hidden_states.shape[0])
             encoder_mask = validation.check_mask("attention_mask", encoder_attention_mask,
                                                  encoder_hidden_states.shape[:2], h.device)
+            # cached cross-attention K/V stand in for the encoder states (as in transformers): the
+            # mask must then cover them
+            cached = cache.cross_kv[0] if cache is not None and cache.cross_kv else None
+            if cached is not None and encoder_mask is not None and cached[0].shape[2] != encoder_mask.shape[1]:
+                raise ValueError(f"past_key_values holds cross-attention K/V of {cached[0].shape[2]} encoder "
+                                 f"positions, but attention_mask covers {encoder_mask.shape[1]}: pass the cache "
+                                 "that decoding this input returned")
         num_layers, num_heads = len(self.block), self.config.num_heads
         out = self.run(h, self_mask=self_mask, encoder_states=encoder_hidden_states, encoder_mask=encoder_mask,
                        cache=cache, past_length=past_length,
@@ -856,9 +863,13 @@ class UMT5ForTokenClassification(UMT5PreTrainedModel):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.view(-1, self.config.num_labels), labels.view(-1).long())
-        result = TokenClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
-                                       attentions=out.attentions)
-        return result if return_dict else result.to_tuple()
+        if not return_dict:
+            # transformers' tuple for this class: (loss?, logits, encoder tuple[2:-1]), a slice that
+            # holds neither hidden states nor attentions (always empty); kept for drop-in unpacking
+            output = (logits, out.to_tuple()[2:-1])
+            return ((loss,) + output) if loss is not None else output
+        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                     attentions=out.attentions)
 
 
 class UMT5ForQuestionAnswering(_EncoderDecoder):

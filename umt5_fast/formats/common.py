@@ -111,13 +111,22 @@ def tensor_sources(file: TensorFile, renamed: Dict[str, str], scales: Optional[D
         scale = scales.get(theirs)
         if file.dtypes[theirs] in FLOAT8_DTYPES:
             sources[ours] = (lambda t=theirs, s=scale: Float8Weight(
-                file.tensor(t), None if s is None else file.tensor(s).reshape(())))
+                file.tensor(t), None if s is None else weight_scale(file, s)))
             packed.add(ours)
         elif scale is not None:
-            sources[ours] = lambda t=theirs, s=scale: file.tensor(t).float() * file.tensor(s).float().reshape(())
+            sources[ours] = lambda t=theirs, s=scale: file.tensor(t).float() * weight_scale(file, s).float()
         else:
             sources[ours] = lambda t=theirs: file.tensor(t)
     return sources, shapes, packed
+
+
+def weight_scale(file: TensorFile, name: str) -> torch.Tensor:
+    """A per-tensor weight scale (0-d): a finite positive float, else the file is corrupt."""
+    scale = file.tensor(name).reshape(())
+    if not scale.is_floating_point() or not bool(torch.isfinite(scale)) or not float(scale) > 0:
+        raise CheckpointError(f"weight scale {name!r} is {scale.item()!r} ({scale.dtype}); "
+                              "expected a finite positive float")
+    return scale
 
 
 def compute_dtype_name(dtype: Optional[torch.dtype]) -> Optional[str]:

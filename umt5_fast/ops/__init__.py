@@ -87,6 +87,11 @@ def get_ops(backend: str, device: torch.device):
     if not _triton_importable():
         raise RuntimeError("backend='triton' needs the `triton` package (pip install triton)")
     from umt5_fast.ops import triton as triton_ops
+    if device.type != "cuda" and not triton_ops.interpreted():
+        # every op would quietly run in eager
+        raise ValueError(f"backend='triton' runs its kernels on CUDA tensors, but the model is on {device} "
+                         "(on a CPU use backend='cpu', or set TRITON_INTERPRET=1 to run the kernels in "
+                         "Triton's interpreter)")
     return triton_ops
 
 

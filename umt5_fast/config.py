@@ -53,6 +53,17 @@ _BOOLS = ("is_encoder_decoder", "use_cache", "tie_word_embeddings", "scale_decod
           "output_hidden_states", "output_attentions", "use_return_dict", "is_gated_act")
 
 
+def read_json_object(path: Path, what: str) -> dict:
+    """The JSON object in ``path``; ValueError naming ``what`` and the file if it is not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what} {path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
 class UMT5Config:
     """Hyper-parameters of a UMT5 model, with transformers' field names and defaults.
 
@@ -202,13 +213,7 @@ class UMT5Config:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"config file {path} is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path} must hold a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(path, "config file"))
 
     @classmethod
     def from_pretrained(cls, path, **overrides) -> "UMT5Config":

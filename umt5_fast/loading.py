@@ -17,7 +17,7 @@ from typing import Callable, Collection, Dict, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from umt5_fast.config import CONFIG_NAME, UMT5Config
+from umt5_fast.config import CONFIG_NAME, UMT5Config, read_json_object
 from umt5_fast.generation import GenerationSettings, settings_dict
 from umt5_fast.quant import PackedWeight
 
@@ -493,15 +493,7 @@ def from_pretrained(cls, path, *, dtype=None, torch_dtype=None, device="cpu", ba
 
 def read_generation_config(path: Path) -> Optional[GenerationSettings]:
     """A checkpoint's generation_config.json (None if there is none)."""
-    if not path.is_file():
-        return None
-    try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(settings, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(settings).__name__}")
-    return GenerationSettings(settings)
+    return GenerationSettings(read_json_object(path, "generation config")) if path.is_file() else None
 
 
 def from_hf(cls, hf_model, backend="auto"):

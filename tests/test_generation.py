@@ -432,3 +432,26 @@ def test_generation_buffers_grow_with_the_sequences(checkpoint_factory, backend)
     for kwargs in (dict(), dict(num_beams=3)):  # ~10**14 bytes if allocated for max_length
         out = ours.generate(ids, attention_mask=mask, max_new_tokens=10**9, eos_token_id=every_token_ends, **kwargs)
         assert out.shape == (2, 2)
+
+
+def test_the_source_may_be_embeddings_or_encoder_outputs(checkpoint_factory):
+    """As in transformers: inputs_embeds, or encoder_outputs computed beforehand (the encoder is
+    skipped), decode to the ids of input_ids."""
+    ours, hf = pair(checkpoint_factory, "tied-shallow-decoder")
+    ids, mask = random_batch(ours.config.vocab_size, 3, 17, seed=15)
+    embeds = ours.shared(ids)
+    encoded = ours.encoder(input_ids=ids, attention_mask=mask)
+    for kwargs in (dict(max_new_tokens=7), dict(max_new_tokens=7, num_beams=2)):
+        expected = reference(hf, ids, mask, **kwargs)
+        with torch.no_grad():
+            assert torch.equal(hf.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs), expected)
+        assert torch.equal(ours.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs), expected)
+        assert torch.equal(ours.generate(encoder_outputs=encoded, attention_mask=mask, **kwargs), expected)
+        assert torch.equal(ours.generate(encoder_outputs=(encoded.last_hidden_state,), attention_mask=mask,
+                                         **kwargs), expected)
+    with pytest.raises(ValueError, match="one of input_ids and inputs_embeds"):
+        ours.generate(ids, inputs_embeds=embeds, max_new_tokens=2)
+    with pytest.raises(ValueError, match="attention_mask must have shape"):
+        ours.generate(encoder_outputs=encoded, attention_mask=mask[:, :5], max_new_tokens=2)
+    with pytest.raises(ValueError, match="encoder_outputs"):
+        ours.generate(encoder_outputs=(encoded.last_hidden_state[..., :-1],), max_new_tokens=2)

@@ -384,23 +384,40 @@ def decoder_start_column(start, batch: int, device) -> torch.Tensor:
     return start.reshape(batch, 1).to(device=device, dtype=torch.long)
 
 
-def prepare(model, input_ids, attention_mask, decoder_input_ids, options):
-    """Validate inputs, run the encoder; return (encoder states, mask, decoder prompt, max_length)."""
+def prepare(model, input_ids, attention_mask, decoder_input_ids, options, inputs_embeds=None,
+            encoder_outputs=None):
+    """Validate inputs, run the encoder (unless ``encoder_outputs`` are given); return (encoder
+    states, mask, decoder prompt, max_length). The source is ``input_ids`` or ``inputs_embeds``."""
     cfg = model.config
-    validation.check_ids("input_ids", input_ids, cfg.vocab_size, model.device, allow_none=False)
-    pad = options["pad_token_id"]
-    if attention_mask is None and bool((input_ids == pad).any()) and pad not in options["eos_token_id"]:
-        # transformers' rule: without a mask, ids holding the pad token (when it is not an eos
-        # token) are padded there
-        attention_mask = input_ids.ne(pad)
-    mask = validation.check_mask("attention_mask", attention_mask, input_ids.shape, model.device)
-    batch = input_ids.shape[0]
+    if encoder_outputs is not None:
+        encoder_states = encoder_outputs[0]
+        # Not required finite: a model's own encoder may give NaN (transformers lets it flow on).
+        validation.check_embeds("encoder_outputs (last_hidden_state)", encoder_states, cfg.d_model, model.device,
+                                model.shared.weight.dtype, require_finite=False)
+        if encoder_states.dim() != 3:
+            raise ValueError("encoder_outputs' last_hidden_state must have shape [batch, length, d_model], got "
+                             f"{tuple(encoder_states.shape)}")
+        source_shape = encoder_states.shape[:2]
+    elif inputs_embeds is not None:
+        if input_ids is not None:
+            raise ValueError("pass one of input_ids and inputs_embeds, not both")
+        source_shape = inputs_embeds.shape[:2]
+    else:
+        validation.check_ids("input_ids", input_ids, cfg.vocab_size, model.device, allow_none=False)
+        source_shape = input_ids.shape
+        pad = options["pad_token_id"]
+        if attention_mask is None and bool((input_ids == pad).any()) and pad not in options["eos_token_id"]:
+            # transformers' rule: without a mask, ids holding the pad token (when it is not an eos
+            # token) are padded there
+            attention_mask = input_ids.ne(pad)
+    mask = validation.check_mask("attention_mask", attention_mask, source_shape, model.device)
+    batch = source_shape[0]
     start = decoder_start_column(options["decoder_start_token_id"], batch, model.device)
     if decoder_input_ids is None:
         prompt = start
     else:
         validation.check_ids("decoder_input_ids", decoder_input_ids, cfg.vocab_size, model.device, allow_none=False)
-        validation.same_batch("decoder_input_ids", decoder_input_ids.shape[0], "input_ids", batch)
+        validation.same_batch("decoder_input_ids", decoder_input_ids.shape[0], "the encoder input", batch)
         prompt = decoder_input_ids.long()
         if bool((prompt[:, 0] != start[:, 0]).all()):
             # transformers prepends the start token unless some row's prompt begins with it
@@ -415,8 +432,10 @@ def prepare(model, input_ids, attention_mask, decoder_input_ids, options):
         if max_length <= prompt_length:
             raise ValueError(f"max_length ({max_length}) leaves no room to generate after the decoder prompt "
                              f"({prompt_length} tokens); set max_new_tokens")
-    with torch.no_grad():
-        encoder_states = model.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    if encoder_outputs is None:
+        with torch.no_grad():
+            encoder_states = model.encoder(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                                           attention_mask=mask).last_hidden_state
     return encoder_states, mask, prompt, max_length
 
 
@@ -612,11 +631,12 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
     return sequences[:, :prompt_length + generated], sequence_scores, origin[:, :generated]
 
 
-def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=None, generation_config=None,
-             streamer=None, generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
-             use_cuda_graph: bool = False, **kwargs):
+def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=None, inputs_embeds=None,
+             encoder_outputs=None, generation_config=None, streamer=None, generator: Optional[torch.Generator] = None,
+             seed: Optional[int] = None, use_cuda_graph: bool = False, **kwargs):
     """Decode like transformers' ``generate``; returns ids ``[batch * num_return_sequences, T]``.
 
+    The source is ``input_ids``, ``inputs_embeds`` or (the encoder skipped) ``encoder_outputs``.
     Sampling draws from ``generator`` (or a fresh one seeded with ``seed``; else torch's global RNG).
     ``use_cuda_graph=True`` (CUDA only; opt-in) replays single-token steps from a captured CUDA graph.
     ``streamer``: an object with ``put(ids)`` / ``end()`` (transformers' streamer protocol): it
@@ -631,7 +651,8 @@ def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=No
     check_options(options, model.config.vocab_size)
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
-    encoder_states, mask, prompt, max_length = prepare(model, input_ids, attention_mask, decoder_input_ids, options)
+    encoder_states, mask, prompt, max_length = prepare(model, input_ids, attention_mask, decoder_input_ids, options,
+                                                       inputs_embeds, encoder_outputs)
     record = None
     if options["return_dict_in_generate"] and (options["output_scores"] or options["output_logits"]):
         record = StepRecord(scores=[] if options["output_scores"] else None,

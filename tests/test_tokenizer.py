@@ -4,6 +4,7 @@ A small multilingual sentencepiece model is trained here (T5's special ids: pad 
 bos; byte fallback so emoji encode) and both tokenizers load it the way users do, with
 from_pretrained on a directory.
 """
+import copy
 import json
 import random
 import warnings
@@ -162,10 +163,96 @@ def test_unequal_lengths_cannot_become_one_tensor(model_dir):
         ours(["short", "a much longer text than the first one"], return_tensors="pt")
 
 
-def test_truncation_too_short_for_the_eos_token_is_an_error(model_dir):
-    _, ours = load_pair(model_dir)
-    with pytest.raises(ValueError, match="max_length=1"):
-        ours("some text to truncate", truncation=True, max_length=1)
+def test_truncation_too_short_for_the_eos_token_leaves_the_text_as_transformers_does(model_dir):
+    """transformers logs an error and returns the sequence untruncated: so do we, with a warning."""
+    reference, ours = load_pair(model_dir)
+    with pytest.warns(UserWarning, match="max_length leaves no room"):
+        got = ours(["some text to truncate", "more"], truncation=True, max_length=1)
+    assert got == dict(reference(["some text to truncate", "more"], truncation=True, max_length=1))
+
+
+def as_plain(value):
+    """Tensors and arrays as (kind, nested lists), so that the return type is compared too."""
+    if isinstance(value, tuple):
+        return value
+    return {k: (type(v).__name__, str(getattr(v, "dtype", "")), v.tolist()) if hasattr(v, "tolist") else v
+            for k, v in value.items()}
+
+
+@pytest.mark.filterwarnings("ignore:This sequence already")
+def test_pairs_targets_and_call_options_match_transformers(model_dir, texts):
+    """text_pair (A </s> B </s>) under every truncation strategy, text_target (labels), padding to a
+    multiple, numpy tensors, special-token masks and lengths: the same as T5Tokenizer, on a random
+    sample of the option grid."""
+    reference, ours = load_pair(model_dir)
+    rng = random.Random(7)
+    for _ in range(300):
+        size = rng.choice([None, 1, 3])
+        first = rng.choice(texts) if size is None else rng.sample(texts, size)
+        second = rng.choice(texts) if size is None else rng.sample(texts, size)
+        inputs = rng.choice([dict(text=first, text_pair=second), dict(text=first, text_target=second),
+                             dict(text_target=first), dict(text=first, text_pair=second, text_target=second,
+                                                           text_pair_target=first)])
+        options = dict(truncation=rng.choice([None, True, "longest_first", "only_first", "only_second", False]),
+                       max_length=rng.choice([None, 3, 7, 20]), padding=rng.choice([False, True, "max_length"]),
+                       padding_side=rng.choice(["right", "left"]), pad_to_multiple_of=rng.choice([None, 8]),
+                       return_tensors=rng.choice([None, "pt", "np"]), add_special_tokens=rng.random() < 0.8,
+                       return_special_tokens_mask=rng.random() < 0.5, return_length=rng.random() < 0.5)
+        expected, got = quiet(reference, **inputs, **options), quiet(ours, **inputs, **options)
+        if not isinstance(expected, tuple) and any(str(getattr(v, "dtype", "")) == "object" for v in expected.values()):
+            expected = ("raised", ValueError)  # ragged rows: numpy object arrays there, as for "pt" an error here
+        assert as_plain(got) == as_plain(expected), (inputs, options)
+
+
+@pytest.mark.filterwarnings("ignore:This sequence already")
+def test_transformers_helper_methods_and_attributes(model_dir, texts):
+    reference, ours = load_pair(model_dir)
+    pair = (texts[10], texts[11])
+    assert ours.encode(*pair) == reference.encode(*pair)
+    assert dict(ours.encode_plus(*pair, max_length=9, truncation=True)) == dict(
+        reference.encode_plus(*pair, max_length=9, truncation=True))
+    batch = [pair, (texts[12], texts[13])]
+    assert dict(ours.batch_encode_plus(batch, padding=True)) == dict(reference.batch_encode_plus(batch, padding=True))
+    assert dict(ours.batch_encode_plus(texts[:4])) == dict(reference.batch_encode_plus(texts[:4]))
+    a, b = ours.encode(texts[14], add_special_tokens=False), ours.encode(texts[15], add_special_tokens=False)
+    for args in ((a,), (a, b)):
+        assert ours.build_inputs_with_special_tokens(*args) == reference.build_inputs_with_special_tokens(*args)
+        assert ours.get_special_tokens_mask(*args) == reference.get_special_tokens_mask(*args)
+    with_specials = ours.encode(texts[16] + " <extra_id_3>")
+    assert ours.get_special_tokens_mask(with_specials, already_has_special_tokens=True) == \
+        reference.get_special_tokens_mask(with_specials, already_has_special_tokens=True)
+    assert [ours.num_special_tokens_to_add(p) for p in (False, True)] == \
+        [reference.num_special_tokens_to_add(p) for p in (False, True)]
+    assert sorted(ours.get_sentinel_tokens()) == sorted(reference.get_sentinel_tokens())
+    assert sorted(ours.get_sentinel_token_ids()) == sorted(reference.get_sentinel_token_ids())
+    for name in ("bos_token", "bos_token_id", "sep_token_id", "cls_token_id", "mask_token_id",
+                 "additional_special_tokens_ids", "special_tokens_map"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert getattr(ours, name) == getattr(reference, name), name
+    assert ours.batch_decode([a, b], True) == reference.batch_decode([a, b], True)
+    # pad: per-example dicts (a data collator's input) and a dict of rows, to a multiple, as tensors
+    examples = [dict(ours(t)) for t in texts[20:24]]
+    for kwargs in (dict(), dict(padding="max_length", max_length=64, return_tensors="pt"),
+                   dict(pad_to_multiple_of=8, padding_side="left")):
+        assert as_plain(ours.pad(examples, **kwargs)) == as_plain(reference.pad(examples, **kwargs)), kwargs
+    rows = {"input_ids": [e["input_ids"] for e in examples]}
+    assert as_plain(ours.pad(rows)) == as_plain(reference.pad(copy.deepcopy(rows)))
+    assert rows == {"input_ids": [e["input_ids"] for e in examples]}  # (transformers pads its input in place)
+
+
+def test_added_tokens_json_of_older_saves_is_read(model_dir, tmp_path):
+    """Before transformers 4.34, added tokens lived only in added_tokens.json."""
+    import shutil
+    shutil.copy(model_dir / "spiece.model", tmp_path / "spiece.model")
+    reference, _ = load_pair(tmp_path)
+    size = len(reference)
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"hundred": size, "<new>": size + 1}))
+    reference, ours = load_pair(tmp_path)
+    assert len(ours) == len(reference) == size + 2
+    text = "one hundred <new> two"
+    assert ours.encode(text) == reference.encode(text)
+    assert ours.decode([size, size + 1]) == reference.decode([size, size + 1])
 
 
 def random_id_sequences(rng, tokenizer, count):

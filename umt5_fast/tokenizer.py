@@ -26,6 +26,7 @@ import sentencepiece as spm
 SENTENCEPIECE_FILE = "spiece.model"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+ADDED_TOKENS_FILE = "added_tokens.json"
 SPIECE_UNDERLINE = "\u2581"
 
 # transformers writes int(1e30) as model_max_length when a model has no length limit, and treats
@@ -35,9 +36,8 @@ _LIMITLESS_ABOVE = int(1e20)
 
 _PADDING_CHOICES = {False: None, "do_not_pad": None, True: "longest", "longest": "longest",
                     "max_length": "max_length"}
-# A single sequence truncates the same under every strategy that may touch the first sequence.
-_TRUNCATION_CHOICES = {None: False, False: False, "do_not_truncate": False, True: True,
-                       "longest_first": True, "only_first": True}
+_TRUNCATION_CHOICES = {None: None, False: None, "do_not_truncate": None, True: "longest_first",
+                       "longest_first": "longest_first", "only_first": "only_first", "only_second": "only_second"}
 _CLEANUP_REPLACEMENTS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
                          (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
@@ -233,6 +233,19 @@ class UMT5Tokenizer:
                     config[key] = merged
                 elif key in ("eos_token", "unk_token", "pad_token"):
                     config[key] = value
+        added_tokens_path = directory / ADDED_TOKENS_FILE
+        if "added_tokens_decoder" not in config and added_tokens_path.is_file():
+            # saves before transformers 4.34 list added tokens only here, as {content: id}; like
+            # transformers, those not named special elsewhere load as normalized non-special tokens
+            added = _read_json(added_tokens_path)
+            if not isinstance(added, dict) or not all(isinstance(i, int) for i in added.values()):
+                raise ValueError(f"{added_tokens_path} must map token strings to integer ids")
+            special = {AddedToken.from_config(token).content for token in (
+                *(config.get(key) for key in ("eos_token", "unk_token", "pad_token")),
+                *(config.get("additional_special_tokens") or [])) if token is not None}
+            config["added_tokens_decoder"] = {
+                str(token_id): {"content": content, "special": content in special, "normalized": content not in special}
+                for content, token_id in added.items()}
         if config.get("sp_model_kwargs"):
             raise ValueError(f"{config_path}: sp_model_kwargs={config['sp_model_kwargs']} (sampling) is not supported")
         settings = {key: config[key] for key in (
@@ -294,6 +307,21 @@ class UMT5Tokenizer:
     unk_token_id = property(lambda self: self.convert_tokens_to_ids(self._unk.content))
     pad_token_id = property(lambda self: self.convert_tokens_to_ids(self._pad.content))
     additional_special_tokens = property(lambda self: [t.content for t in self._additional])
+    additional_special_tokens_ids = property(lambda self: self.convert_tokens_to_ids(self.additional_special_tokens))
+    # T5 has no bos / sep / cls / mask token
+    bos_token = bos_token_id = sep_token = sep_token_id = cls_token = cls_token_id = None
+    mask_token = mask_token_id = None
+
+    @property
+    def special_tokens_map(self):
+        return {"eos_token": self.eos_token, "unk_token": self.unk_token, "pad_token": self.pad_token,
+                "additional_special_tokens": self.additional_special_tokens}
+
+    def get_sentinel_tokens(self):
+        return [t for t in self.additional_special_tokens if re.search(r"<extra_id_\d+>", t)]
+
+    def get_sentinel_token_ids(self):
+        return self.convert_tokens_to_ids(self.get_sentinel_tokens())
 
     def _token_to_id(self, token):
         added_id = self._added_by_content.get(token)
@@ -371,97 +399,221 @@ class UMT5Tokenizer:
         pieces = self._sp.encode(self._unk.content + text, out_type=str)
         return pieces[self._unk_piece_count:] if len(pieces) >= self._unk_piece_count else pieces
 
-    def _encode_one(self, text, add_special_tokens, truncate_to):
+    def _text_ids(self, text):
         if not isinstance(text, str):
             raise TypeError(f"text must be a string or a list of strings, got an item of type {type(text).__name__}")
-        ids = self.convert_tokens_to_ids(self.tokenize(text))
-        special_count = 1 if add_special_tokens else 0
-        excess = len(ids) + special_count - truncate_to if truncate_to else 0
-        if excess > 0:
-            if excess >= len(ids):
-                raise ValueError(f"max_length={truncate_to} leaves no room for text next to the "
-                                 f"{special_count} special token(s) added to each sequence")
-            ids = ids[:-excess] if self.truncation_side == "right" else ids[excess:]
-        if add_special_tokens:
-            if ids and ids[-1] == self.eos_token_id:
-                warnings.warn(f"This sequence already ends with {self.eos_token}; not adding a second one "
-                              "(T5Tokenizer behaviour).", stacklevel=2)
+        return self.convert_tokens_to_ids(self.tokenize(text))
+
+    def _with_eos(self, ids):
+        """T5Tokenizer._add_eos_if_not_present."""
+        if ids and ids[-1] == self.eos_token_id:
+            warnings.warn(f"This sequence already ends with {self.eos_token}; not adding a second one "
+                          "(T5Tokenizer behaviour).", stacklevel=3)
+            return list(ids)
+        return list(ids) + [self.eos_token_id]
+
+    def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
+        """``A </s>`` or ``A </s> B </s>`` (no second ``</s>`` where a sequence already ends with one)."""
+        first = self._with_eos(token_ids_0)
+        return first if token_ids_1 is None else first + self._with_eos(token_ids_1)
+
+    def get_special_tokens_mask(self, token_ids_0, token_ids_1=None, already_has_special_tokens=False):
+        """1 where ``build_inputs_with_special_tokens`` puts a special token (T5Tokenizer's rule)."""
+        if already_has_special_tokens:
+            if token_ids_1 is not None:
+                raise ValueError("already_has_special_tokens=True takes one sequence of ids (with its special tokens)")
+            return [1 if i in self._all_special_id_set else 0 for i in _to_python_ids(token_ids_0)]
+        mask = [0] * len(token_ids_0) + [1]
+        return mask if token_ids_1 is None else mask + [0] * len(token_ids_1) + [1]
+
+    def num_special_tokens_to_add(self, pair=False):
+        return 2 if pair else 1
+
+    def _truncate(self, ids, pair, remove, strategy):
+        """transformers' truncate_sequences (no overflow returned): ``remove`` ids off ``ids`` and
+        ``pair`` by ``strategy``; what cannot be removed is left, with a warning, as transformers does."""
+        def cut(seq, n):
+            return seq[:-n] if self.truncation_side == "right" else seq[n:]
+
+        if remove <= 0:
+            return ids, pair
+        if strategy == "only_first" or (strategy == "longest_first" and pair is None):
+            if len(ids) > remove:
+                return cut(ids, remove), pair
+            warnings.warn(f"max_length leaves no room: {remove} ids would have to go from a first sequence of "
+                          f"{len(ids)}; not truncating it (T5Tokenizer behaviour)", stacklevel=4)
+        elif strategy == "longest_first":
+            first_remove = min(abs(len(pair) - len(ids)), remove)
+            second_remove = remove - first_remove
+            if len(ids) > len(pair):
+                from_ids, from_pair = first_remove + second_remove // 2, second_remove - second_remove // 2
             else:
-                ids = ids + [self.eos_token_id]
-        return ids
+                from_ids, from_pair = second_remove // 2, first_remove + second_remove - second_remove // 2
+            return (cut(ids, from_ids) if from_ids else ids), (cut(pair, from_pair) if from_pair else pair)
+        elif strategy == "only_second" and pair is not None:
+            if len(pair) > remove:
+                return ids, cut(pair, remove)
+            warnings.warn(f"max_length leaves no room: {remove} ids would have to go from a second sequence of "
+                          f"{len(pair)}; not truncating it (T5Tokenizer behaviour)", stacklevel=4)
+        return ids, pair
+
+    def _encode_one(self, text, pair_text, add_special_tokens, truncation, max_length):
+        """(input ids, special tokens mask) of one text (and its pair), truncated as transformers does."""
+        ids = self._text_ids(text)
+        pair = None if pair_text is None else self._text_ids(pair_text)
+        if truncation and max_length is not None:
+            specials = self.num_special_tokens_to_add(pair is not None) if add_special_tokens else 0
+            total = len(ids) + (len(pair) if pair is not None else 0) + specials
+            ids, pair = self._truncate(ids, pair, total - max_length, truncation)
+        if add_special_tokens:
+            return self.build_inputs_with_special_tokens(ids, pair), self.get_special_tokens_mask(ids, pair)
+        combined = ids + (pair or [])
+        return combined, [0] * len(combined)
 
     def _resolve_lengths(self, padding, truncation, max_length):
-        """(padding mode, truncation length) as transformers derives them from the call's arguments."""
+        """(padding mode, truncation strategy or None, max length) as transformers derives them from
+        the call's arguments."""
         if padding not in _PADDING_CHOICES:
             raise ValueError(f"padding must be one of {list(_PADDING_CHOICES)}, got {padding!r}")
         if truncation not in _TRUNCATION_CHOICES:
             raise ValueError(f"truncation must be one of {list(_TRUNCATION_CHOICES)}, got {truncation!r}")
         if max_length is not None and padding is False and truncation is None:
             truncation = True  # transformers truncates when only max_length is given
-        pad_mode, truncate = _PADDING_CHOICES[padding], _TRUNCATION_CHOICES[truncation]
-        if max_length is None and (pad_mode == "max_length" or truncate):
+        pad_mode, strategy = _PADDING_CHOICES[padding], _TRUNCATION_CHOICES[truncation]
+        if max_length is None and (pad_mode == "max_length" or strategy):
             if self.model_max_length > _LIMITLESS_ABOVE:
                 warnings.warn("No max_length given and the tokenizer has no model_max_length: "
-                              "not padding to / truncating at a maximum length.", stacklevel=3)
+                              "not padding to / truncating at a maximum length.", stacklevel=4)
                 pad_mode = None if pad_mode == "max_length" else pad_mode
-                truncate = False
+                strategy = None
             else:
                 max_length = self.model_max_length
-        return pad_mode, max_length if truncate else None, max_length
+        return pad_mode, strategy, max_length
 
-    def __call__(self, text, padding=False, truncation=None, max_length=None, return_tensors=None,
-                 add_special_tokens=True, padding_side=None, return_attention_mask=True):
-        """Encode a string or a list of strings into input_ids (+ attention_mask).
+    def _pad_rows(self, rows, pad_mode, max_length, pad_to_multiple_of, padding_side):
+        """Pad every row of ``rows`` (a dict of per-key lists of rows) in place, as transformers' pad()."""
+        if pad_mode is None or not rows["input_ids"]:
+            return
+        width = max_length if pad_mode == "max_length" else max(len(r) for r in rows["input_ids"])
+        if pad_to_multiple_of and width % pad_to_multiple_of:
+            width = (width // pad_to_multiple_of + 1) * pad_to_multiple_of
+        fills = {"input_ids": self.pad_token_id, "attention_mask": 0, "special_tokens_mask": 1, "token_type_ids": 0}
+        differences = [width - len(ids) for ids in rows["input_ids"]]  # every key grows by input_ids' difference
+        for key, fill_value in fills.items():
+            for i, row in enumerate(rows.get(key, ())):
+                fill = [fill_value] * differences[i]
+                rows[key][i] = list(row) + fill if padding_side == "right" else fill + list(row)
 
-        A single string gives flat lists (or a batch of one with return_tensors="pt").
-        """
-        if return_tensors not in (None, "pt"):
-            raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
+    def __call__(self, text=None, text_pair=None, text_target=None, text_pair_target=None, add_special_tokens=True,
+                 padding=False, truncation=None, max_length=None, *, pad_to_multiple_of=None, padding_side=None,
+                 return_tensors=None, return_attention_mask=True, return_special_tokens_mask=False,
+                 return_length=False, verbose=True):
+        """Encode a string or a list of strings (with ``text_pair``: pairs, ``A </s> B </s>``) into
+        input_ids (+ attention_mask); ``text_target`` encodes the labels the same way (transformers'
+        arguments and rules). A single string gives flat lists (or a batch of one with tensors)."""
+        if text is None and text_target is None:
+            raise ValueError("pass text or text_target")
+        options = dict(add_special_tokens=add_special_tokens, padding=padding, truncation=truncation,
+                       max_length=max_length, pad_to_multiple_of=pad_to_multiple_of, padding_side=padding_side,
+                       return_tensors=return_tensors, return_attention_mask=return_attention_mask,
+                       return_special_tokens_mask=return_special_tokens_mask, return_length=return_length)
+        encoding = self._call_one(text, text_pair, **options) if text is not None else None
+        if text_target is None:
+            return encoding
+        targets = self._call_one(text_target, text_pair_target, **options)
+        if encoding is None:
+            return targets
+        encoding["labels"] = targets["input_ids"]
+        return encoding
+
+    def _call_one(self, text, text_pair, add_special_tokens, padding, truncation, max_length, pad_to_multiple_of,
+                  padding_side, return_tensors, return_attention_mask, return_special_tokens_mask, return_length):
+        if return_tensors not in (None, "pt", "np"):
+            raise ValueError(f"return_tensors must be None, 'pt' or 'np', got {return_tensors!r}")
         padding_side = padding_side or self.padding_side
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         is_batch = isinstance(text, (list, tuple))
         if not is_batch and not isinstance(text, str):
             raise TypeError(f"text must be a string or a list of strings, got {type(text).__name__}")
-        pad_mode, truncate_to, max_length = self._resolve_lengths(padding, truncation, max_length)
-
-        sequences = [self._encode_one(t, add_special_tokens, truncate_to) for t in (text if is_batch else [text])]
-        masks = [[1] * len(s) for s in sequences]
-        if pad_mode is not None and sequences:
-            width = max_length if pad_mode == "max_length" else max(len(s) for s in sequences)
-            for i, ids in enumerate(sequences):
-                fill = width - len(ids)
-                if fill > 0:
-                    if padding_side == "right":
-                        sequences[i], masks[i] = ids + [self.pad_token_id] * fill, masks[i] + [0] * fill
-                    else:
-                        sequences[i], masks[i] = [self.pad_token_id] * fill + ids, [0] * fill + masks[i]
-
-        encoding = BatchEncoding(input_ids=sequences if is_batch else sequences[0])
+        texts = list(text) if is_batch else [text]
+        if text_pair is None:
+            pairs = [None] * len(texts)
+        else:
+            if isinstance(text_pair, (list, tuple)) != is_batch or (is_batch and len(text_pair) != len(texts)):
+                raise ValueError("text_pair must be a string for a string and a list of as many strings for a list")
+            pairs = list(text_pair) if is_batch else [text_pair]
+        pad_mode, strategy, max_length = self._resolve_lengths(padding, truncation, max_length)
+        if strategy and pad_mode and pad_to_multiple_of and max_length is not None and max_length % pad_to_multiple_of:
+            raise ValueError(f"truncation to max_length={max_length} and padding to a multiple of "
+                             f"pad_to_multiple_of={pad_to_multiple_of} contradict each other (as in transformers)")
+        encoded = [self._encode_one(t, p, add_special_tokens, strategy, max_length) for t, p in zip(texts, pairs)]
+        rows = {"input_ids": [ids for ids, _ in encoded]}
+        if return_special_tokens_mask:
+            rows["special_tokens_mask"] = [mask for _, mask in encoded]
         if return_attention_mask:
-            encoding["attention_mask"] = masks if is_batch else masks[0]
-        if return_tensors == "pt":
-            encoding = self._as_tensors(encoding, is_batch)
-        return encoding
+            rows["attention_mask"] = [[1] * len(ids) for ids in rows["input_ids"]]
+        unpadded = [len(ids) for ids in rows["input_ids"]]
+        self._pad_rows(rows, pad_mode, max_length, pad_to_multiple_of, padding_side)
+        if return_length:  # transformers: a batch's lengths before padding, a single text's after
+            rows["length"] = unpadded if is_batch else [len(rows["input_ids"][0])]
+        encoding = BatchEncoding({key: value if is_batch else value[0] for key, value in rows.items()})
+        return self._as_tensors(encoding, is_batch, return_tensors) if return_tensors else encoding
 
     @staticmethod
-    def _as_tensors(encoding, is_batch):
-        import torch  # only needed for return_tensors="pt"
-
+    def _as_tensors(encoding, is_batch, kind):
         lengths = {len(row) for row in encoding["input_ids"]} if is_batch else set()
         if len(lengths) > 1:
             raise ValueError("cannot make one tensor from sequences of different lengths "
                              f"({sorted(lengths)}); pass padding=True (and truncation=True if needed)")
-        return BatchEncoding({key: torch.tensor(value if is_batch else [value], dtype=torch.long)
+        if kind == "pt":
+            import torch  # only needed for return_tensors="pt"
+            make = lambda rows: torch.tensor(rows, dtype=torch.long)  # noqa: E731
+        else:
+            import numpy
+            make = lambda rows: numpy.array(rows, dtype=numpy.int64)  # noqa: E731
+        return BatchEncoding({key: make(value if is_batch else [value])
                               for key, value in encoding.items()})
 
-    def encode(self, text, add_special_tokens=True, truncation=None, max_length=None, padding=False,
-               return_tensors=None):
-        """Ids of one string (a [1, length] tensor with return_tensors="pt")."""
+    def encode(self, text, text_pair=None, add_special_tokens=True, padding=False, truncation=None, max_length=None,
+               return_tensors=None, **kwargs):
+        """Ids of one string (or pair; a [1, length] tensor with return_tensors="pt")."""
         if not isinstance(text, str):
             raise TypeError(f"encode takes one string, got {type(text).__name__}; call the tokenizer for batches")
-        return self(text, padding=padding, truncation=truncation, max_length=max_length,
-                    return_tensors=return_tensors, add_special_tokens=add_special_tokens)["input_ids"]
+        return self(text, text_pair, add_special_tokens=add_special_tokens, padding=padding, truncation=truncation,
+                    max_length=max_length, return_tensors=return_tensors, **kwargs)["input_ids"]
+
+    def encode_plus(self, text, text_pair=None, **kwargs):
+        return self(text, text_pair, **kwargs)
+
+    def batch_encode_plus(self, batch_text_or_text_pairs, **kwargs):
+        """A list of strings, or of (text, pair) tuples."""
+        items = list(batch_text_or_text_pairs)
+        if items and all(isinstance(item, (list, tuple)) and len(item) == 2 for item in items):
+            return self([a for a, _ in items], [b for _, b in items], **kwargs)
+        return self(items, **kwargs)
+
+    def pad(self, encoded_inputs, padding=True, max_length=None, pad_to_multiple_of=None, padding_side=None,
+            return_attention_mask=None, return_tensors=None):
+        """Pad encodings (a dict of rows, or a list of per-example dicts, as data collators pass
+        them): input_ids with pad, attention_mask with 0 (made if missing), special_tokens_mask with 1."""
+        if isinstance(encoded_inputs, (list, tuple)):
+            if not encoded_inputs or not all(isinstance(e, dict) for e in encoded_inputs):
+                raise ValueError("pad takes a dict of rows or a non-empty list of dicts with input_ids")
+            encoded_inputs = {key: [e[key] for e in encoded_inputs] for key in encoded_inputs[0]}
+        if "input_ids" not in encoded_inputs:
+            raise ValueError(f"pad needs input_ids, got keys {list(encoded_inputs)}")
+        rows = {key: _to_python_ids(value) for key, value in encoded_inputs.items()}
+        rows = {key: list(value) if isinstance(value, (list, tuple)) else value for key, value in rows.items()}
+        is_batch = bool(rows["input_ids"]) and isinstance(rows["input_ids"][0], (list, tuple))
+        if not is_batch:
+            rows = {key: [value] for key, value in rows.items()}
+        if return_attention_mask is not False and "attention_mask" not in rows:
+            rows["attention_mask"] = [[1] * len(ids) for ids in rows["input_ids"]]
+        pad_mode, _, max_length = self._resolve_lengths(padding, None, max_length)
+        self._pad_rows(rows, pad_mode, max_length, pad_to_multiple_of, padding_side or self.padding_side)
+        encoding = BatchEncoding({key: value if is_batch else value[0] for key, value in rows.items()})
+        return self._as_tensors(encoding, is_batch, return_tensors) if return_tensors else encoding
 
     # --- decoding ------------------------------------------------------------------------------
 
@@ -512,8 +664,10 @@ class UMT5Tokenizer:
                 text = text.replace(old, new)
         return text
 
-    def batch_decode(self, sequences, **decode_options):
-        return [self.decode(ids, **decode_options) for ids in _to_python_ids(sequences)]
+    def batch_decode(self, sequences, skip_special_tokens=False, clean_up_tokenization_spaces=None, **decode_options):
+        return [self.decode(ids, skip_special_tokens=skip_special_tokens,
+                            clean_up_tokenization_spaces=clean_up_tokenization_spaces, **decode_options)
+                for ids in _to_python_ids(sequences)]
 
     def __repr__(self):
         return (f"UMT5Tokenizer(vocab_file={str(self.vocab_file)!r}, vocab_size={self.vocab_size}, "

@@ -131,6 +131,8 @@ def _launch(x, weight, w_up, residual, activation, out):
         out = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
     out_rows = out.view(num_rows, out_features)
     residual_rows = None if residual is None else residual.reshape(num_rows, out_features)
+    if residual_rows is not None and residual_rows.stride(-1) != 1:  # the epilogue reads columns contiguously
+        residual_rows = residual_rows.contiguous()
     grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"]),)  # noqa: E731
     _matmul_epilogue_kernel[grid](
         rows, weight, weight if w_up is None else w_up, rows if residual_rows is None else residual_rows, out_rows,

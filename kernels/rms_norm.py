@@ -43,6 +43,7 @@ def _launch(x, residual, weight, eps, out, summed):
     # Rows may be strided (views of a bigger buffer) but each row must be contiguous.
     rows, residual_rows = (None if t is None else t.reshape(-1, n_cols) for t in (x, residual))
     rows, residual_rows = (t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (rows, residual_rows))
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()  # the kernel reads weight_ptr + cols
     if out is None:
         out = torch.empty(x.shape, dtype=weight.dtype, device=x.device)
     out_rows = out.view(-1, n_cols)

@@ -4,6 +4,8 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 from umt5_fast.ops.eager import ACTIVATIONS
 
 CONFIG_NAME = "config.json"
@@ -47,7 +49,7 @@ _POSITIVE_INTS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_lay
                   "num_decoder_layers", "relative_attention_num_buckets",
                   "relative_attention_max_distance")
 # Keys transformers writes that are derived here (and so not kept as separate facts).
-_DERIVED = ("model_type", "transformers_version", "return_dict", "dtype")
+_DERIVED = ("model_type", "transformers_version")
 # Fields that must be JSON booleans: a string such as "false" would read as true.
 _BOOLS = ("is_encoder_decoder", "use_cache", "tie_word_embeddings", "scale_decoder_outputs",
           "output_hidden_states", "output_attentions", "use_return_dict", "is_gated_act")
@@ -72,14 +74,14 @@ class UMT5Config:
     """
     model_type = "umt5"
     attribute_map = {"hidden_size": "d_model", "num_attention_heads": "num_heads",
-                     "num_hidden_layers": "num_layers", "head_dim": "d_kv", "return_dict": "use_return_dict"}
+                     "num_hidden_layers": "num_layers", "head_dim": "d_kv", "return_dict": "use_return_dict",
+                     "dtype": "torch_dtype"}
+    is_decoder = False  # (the whole model is an encoder-decoder; transformers' flag for decoder-only use)
 
     def __init__(self, **kwargs):
         for alias, field in self.attribute_map.items():
             if alias in kwargs:
                 kwargs.setdefault(field, kwargs.pop(alias))
-        if "dtype" in kwargs and "torch_dtype" not in kwargs:
-            kwargs["torch_dtype"] = kwargs["dtype"]
         for key, default in _DEFAULTS.items():
             setattr(self, key, copy.deepcopy(kwargs.pop(key, default)))
         for key in _DERIVED:
@@ -89,7 +91,11 @@ class UMT5Config:
         act, gated = self._activation_of(self.feed_forward_proj)
         self.dense_act_fn = kwargs.pop("dense_act_fn", act)
         self.is_gated_act = kwargs.pop("is_gated_act", gated)
+        self.name_or_path = str(kwargs.pop("_name_or_path", kwargs.pop("name_or_path", "")))
         self.extra = kwargs  # everything else, preserved for save_pretrained
+        if isinstance(self.torch_dtype, str):  # as transformers: a torch.dtype once read
+            dtype = getattr(torch, self.torch_dtype.removeprefix("torch."), None)
+            self.torch_dtype = dtype if isinstance(dtype, torch.dtype) else self.torch_dtype
         if self.num_decoder_layers is None:
             self.num_decoder_layers = self.num_layers
         if self.scale_decoder_outputs is None:
@@ -193,6 +199,8 @@ class UMT5Config:
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict:
         out = {key: copy.deepcopy(getattr(self, key)) for key in _DEFAULTS}
+        if isinstance(self.torch_dtype, torch.dtype):
+            out["torch_dtype"] = str(self.torch_dtype).removeprefix("torch.")
         out["return_dict"] = out.pop("use_return_dict")
         out["id2label"] = {str(k): v for k, v in self.id2label.items()}
         out.update(copy.deepcopy(self.extra))
@@ -230,8 +238,11 @@ class UMT5Config:
                 data.pop(derived)
         return type(self).from_dict(dict(data, **overrides))
 
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
     def save_pretrained(self, directory):
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)  # a bad value fails before the file opens
+        text = self.to_json_string()  # a bad value fails before the file opens
         os.makedirs(directory, exist_ok=True)
         (Path(directory) / CONFIG_NAME).write_text(text, encoding="utf-8")
 

@@ -106,6 +106,15 @@ class LMHeadScreen:
         self._approx = torch.empty(0, vocab)  # the integer product's rows, reused across calls
         self._approx_lock = threading.Lock()
 
+    # copy.deepcopy / pickle of a model that has generated (torch.save of a whole model): the lock
+    # and the scratch rows are rebuilt, not copied
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("_approx", "_approx_lock")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._approx, self._approx_lock = torch.empty(0, self.weight.shape[0]), threading.Lock()
+
     def argmax(self, x: torch.Tensor, forbidden: Optional[Sequence[int]] = None) -> Optional[torch.Tensor]:
         """Per row of ``x`` ``[rows, d_model]`` (the LM head's input): the index of the largest logit
         ``ops.cpu.linear(x, weight)`` gives, ids in ``forbidden`` excluded (their logits -inf, as

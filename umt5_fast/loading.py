@@ -461,6 +461,10 @@ def from_pretrained(cls, path, *, dtype=None, torch_dtype=None, device="cpu", ba
         path = path / gguf_file
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path does not exist: {path}")
+    if config is not None and not isinstance(config, UMT5Config):
+        if not hasattr(config, "to_dict"):
+            raise TypeError(f"config must be a UMT5Config (ours or transformers'), got {type(config).__name__}")
+        config = UMT5Config.from_dict(config.to_dict())
     if config is None:
         config_file = path / CONFIG_NAME if path.is_dir() else path.parent / CONFIG_NAME
         if config_file.is_file():
@@ -476,7 +480,7 @@ def from_pretrained(cls, path, *, dtype=None, torch_dtype=None, device="cpu", ba
         config, sources, shapes, packed = formats.read(path, config)
     if config_overrides:
         config = config.updated(**config_overrides)
-    generation_file = path / "generation_config.json" if path.is_dir() else None
+    generation_file = path / "generation_config.json" if path.is_dir() and cls.can_generate() else None
     generation_settings = read_generation_config(generation_file) if generation_file else None
     dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config, reader)
     total = sum(_numel(s) for s in shapes.values())
@@ -488,7 +492,9 @@ def from_pretrained(cls, path, *, dtype=None, torch_dtype=None, device="cpu", ba
         raise CheckpointError(f"{path}: {exc}") from None
     if generation_settings is not None:
         model.generation_config = generation_settings
-    return model
+    model.config.torch_dtype = model.dtype  # as transformers records the dtype it loaded
+    model.config.name_or_path = str(path)
+    return model.eval()
 
 
 def read_generation_config(path: Path) -> Optional[GenerationSettings]:
@@ -506,9 +512,9 @@ def from_hf(cls, hf_model, backend="auto"):
     # dtype=None keeps each weight's own dtype (e.g. wo in fp32 inside an fp16 model)
     model = build_model(cls, config, sources, shapes, dtype=None, device=device, backend=backend)
     hf_generation = getattr(hf_model, "generation_config", None)
-    if hf_generation is not None:
+    if hf_generation is not None and cls.can_generate():
         model.generation_config = GenerationSettings(hf_generation.to_diff_dict())
-    return model
+    return model.eval()
 
 
 def save_pretrained(model, directory, max_shard_size=None):
@@ -527,6 +533,7 @@ def save_pretrained(model, directory, max_shard_size=None):
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config.to_dict()
     config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    config["architectures"] = [type(model).__name__]  # what transformers' save records
     state = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()}
     for name, module in model.named_modules():
         if isinstance(module, (Linear, PackedEmbedding)) and module.qweight is not None:

@@ -37,10 +37,22 @@ class Runtime:
         self.ops = get_ops(backend, device)
         self._thread_state = threading.local()
 
+    @property
+    def ops(self):
+        # torch.jit.trace records torch ops only: the C++ kernels write through raw pointers, so a
+        # traced graph would replay uninitialised outputs. Tracing runs the eager ops (same math).
+        if self._ops.name == "cpu" and torch.jit.is_tracing():
+            return eager
+        return self._ops
+
+    @ops.setter
+    def ops(self, ops):
+        self._ops = ops
+
     # copy.deepcopy / pickle (torch.save of a whole model): the ops module and the per-thread
     # buffers are rebuilt, not copied.
     def __getstate__(self):
-        return {"backend": self.backend, "ops_name": self.ops.name}
+        return {"backend": self.backend, "ops_name": self._ops.name}
 
     def __setstate__(self, state):
         self.backend = state["backend"]
@@ -65,7 +77,20 @@ class Runtime:
 # ---------------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------------
-class Linear(nn.Module):
+class HoldsPackedWeight(nn.Module):
+    """A module whose packed weight lives in the buffers ``qweight`` and ``qscale``: ``.to(dtype)`` /
+    ``.half()`` move them but keep the scales' dtype (fp32 for int8, as the checkpoint for fp8 /
+    GGUF): rounded to fp16 / bf16 they would change every dequantised weight."""
+
+    def _apply(self, fn, *args, **kwargs):
+        scale = getattr(self, "qscale", None)
+        result = super()._apply(fn, *args, **kwargs)
+        if scale is not None and self.qscale is not None and self.qscale.dtype != scale.dtype:
+            self.qscale = scale.to(self.qscale.device)
+        return result
+
+
+class Linear(HoldsPackedWeight):
     """``y = x @ W.T (+ b)``; W is a float parameter or a packed 8-bit weight (``umt5_fast.quant``):
     int8 + scales after ``quantize_int8``, or fp8 / GGUF Q8_0 as a checkpoint stores them."""
 
@@ -136,7 +161,7 @@ def frozen_embedding(num_embeddings: int, dim: int) -> nn.Embedding:
     return nn.Embedding(num_embeddings, dim, _weight=torch.empty(num_embeddings, dim), _freeze=True)
 
 
-class PackedEmbedding(nn.Module):
+class PackedEmbedding(HoldsPackedWeight):
     """A token embedding kept as a checkpoint stores it in 8 bits (a GGUF Q8_0 ``token_embd``: half the
     bytes of bf16 for umt5-xxl's 256384 x 4096 table); a lookup expands only the rows it reads, to
     ``dtype``. Same interface as the ``nn.Embedding`` it replaces, except that there is no ``weight``."""
@@ -479,6 +504,7 @@ def as_cache(past_key_values, config: UMT5Config, dtype: torch.dtype, device):
 class UMT5PreTrainedModel(nn.Module):
     """Shared plumbing: config, backend, dtype/device, loading and saving."""
     config_class = UMT5Config
+    _generates = False  # whether the class has generate()
 
     def __init__(self, config: UMT5Config, backend: str = "auto"):
         super().__init__()
@@ -487,11 +513,38 @@ class UMT5PreTrainedModel(nn.Module):
         self.config = config
         self.runtime = Runtime(backend)
         from umt5_fast.generation import GenerationSettings
-        self.generation_config = GenerationSettings()  # generation_config.json's, when a checkpoint has one
+        # generation_config.json's, when a checkpoint has one; else, as transformers derives it, the
+        # config's token ids
+        self.generation_config = GenerationSettings(
+            decoder_start_token_id=config.decoder_start_token_id, pad_token_id=config.pad_token_id,
+            eos_token_id=config.eos_token_id) if self._generates else None
+
+    main_input_name = "input_ids"
+    base_model_prefix = "transformer"
 
     @property
     def backend(self) -> str:
         return self.runtime.ops.name
+
+    def train(self, mode: bool = True):
+        """Inference only: train mode (dropout) is refused rather than silently running without
+        dropout; ``eval()`` (``train(False)``) works."""
+        if mode:
+            raise NotImplementedError("umt5_fast is inference-only: train mode (dropout, gradients) is not "
+                                      "implemented; train with transformers and load the checkpoint here")
+        return super().train(False)
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return cls._generates
+
+    @property
+    def base_model(self):
+        return getattr(self, "transformer", self)
+
+    @property
+    def name_or_path(self) -> str:
+        return self.config.name_or_path
 
     def set_backend(self, backend: str):
         """Switch every module to the ops of ``backend`` ("auto", "triton", "cpu", "eager")."""
@@ -522,6 +575,10 @@ class UMT5PreTrainedModel(nn.Module):
                 self.config.vocab_size, self.config.d_model):
             raise ValueError(f"set_input_embeddings takes an nn.Embedding of shape "
                              f"({self.config.vocab_size}, {self.config.d_model})")
+        inner = getattr(self, "transformer", None)  # the classifiers wrap a base model
+        if inner is not None:
+            inner.set_input_embeddings(embedding)
+            return
         self.shared = embedding
         for stack in (getattr(self, "encoder", None), getattr(self, "decoder", None)):
             if stack is not None:
@@ -538,10 +595,12 @@ class UMT5PreTrainedModel(nn.Module):
                 and isinstance(self.shared, nn.Embedding):
             head.weight = self.shared.weight
 
-    def num_parameters(self, only_trainable: bool = False) -> int:
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         """Parameters (and 8-bit packed weights, counted as the entries they hold), as transformers
         counts them."""
-        params = [p for p in self.parameters() if not only_trainable or p.requires_grad]
+        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings \
+            else set()
+        params = [p for p in self.parameters() if (not only_trainable or p.requires_grad) and id(p) not in embeddings]
         packed = [] if only_trainable else [m.packed_weight() for m in self.modules()
                                               if isinstance(m, Linear) and m.qweight is not None]
         return sum(p.numel() for p in params) + sum(math.prod(w.shape) for w in packed)
@@ -583,7 +642,16 @@ class UMT5PreTrainedModel(nn.Module):
         from umt5_fast.loading import from_hf
         return from_hf(cls, hf_model, backend=backend)
 
-    def save_pretrained(self, directory, max_shard_size=None):
+    def save_pretrained(self, directory, max_shard_size=None, safe_serialization: bool = True,
+                        is_main_process: bool = True, push_to_hub: bool = False):
+        """Write a directory transformers loads (safetensors; ``safe_serialization=False`` is refused:
+        pickled ``.bin`` files run code when loaded)."""
+        if push_to_hub:
+            raise NotImplementedError("umt5_fast does not upload: save_pretrained here, then push with huggingface_hub")
+        if not safe_serialization:
+            raise ValueError("save_pretrained writes safetensors only (safe_serialization=True)")
+        if not is_main_process:
+            return
         from umt5_fast.loading import save_pretrained
         save_pretrained(self, directory, max_shard_size=max_shard_size)
 
@@ -666,6 +734,7 @@ class UMT5Model(_EncoderDecoder):
 
 class UMT5ForConditionalGeneration(_EncoderDecoder):
     """Encoder-decoder with the LM head (untied in UMT5 checkpoints); ``generate`` decodes."""
+    _generates = True
 
     # Greedy decoding on the cpu backend finds the argmax through an int8 copy of the LM head (fp32,
     # bf16 or weight-only int8; ``umt5_fast.lm_head_screen``: same ids, a quarter of a float head's

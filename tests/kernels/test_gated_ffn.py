@@ -46,6 +46,8 @@ def test_linear_reads_strided_rows(device):
     x = buffer[:, :40]
     weight = torch.randn(24, 40, device=device)
     torch.testing.assert_close(linear(x, weight), eager.linear(x, weight), atol=1e-4, rtol=1e-4)
+    residual = torch.randn(24, 5, device=device).t()  # columns strided
+    torch.testing.assert_close(linear(x, weight, residual), eager.linear(x, weight, residual), atol=1e-4, rtol=1e-4)
 
 
 def test_unknown_activation_is_refused(device):

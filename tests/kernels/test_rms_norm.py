@@ -24,11 +24,16 @@ def test_rms_norm(shape, x_dtype, weight_dtype, atol, rtol, device, nan_filled):
 
 
 def test_rms_norm_strided_rows(device):
-    """Rows of a wider buffer (e.g. a slice of a fused projection)."""
+    """Rows of a wider buffer (e.g. a slice of a fused projection), and a strided weight view."""
     buffer = torch.randn(6, 100, device=device)
     x = buffer[:, 10:90]
     weight = torch.rand(80, device=device)
     torch.testing.assert_close(rms_norm(x, weight, 1e-6), eager.rms_norm(x, weight, 1e-6), atol=1e-5, rtol=1e-5)
+    strided_weight = torch.rand(160, device=device).add(0.5)[::2]
+    torch.testing.assert_close(rms_norm(x, strided_weight, 1e-6), eager.rms_norm(x, strided_weight, 1e-6),
+                               atol=1e-5, rtol=1e-5)
+    summed, out = add_rms_norm(x, x.t().contiguous().t(), strided_weight, 1e-6)
+    torch.testing.assert_close(out, eager.rms_norm(x + x, strided_weight, 1e-6), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("x_dtype, weight_dtype, atol, rtol", DTYPES[:2])

@@ -1,0 +1,113 @@
+"""The model object around forward: what code written for transformers' PreTrainedModel calls."""
+import copy
+import json
+import pickle
+
+import pytest
+import torch
+
+import umt5_fast
+from umt5_fast.ops import available_backends
+from helpers import assert_close, random_batch
+
+BACKEND = available_backends()[0]
+
+
+@pytest.fixture(scope="module")
+def seq2seq(checkpoint_factory):
+    return checkpoint_factory("UMT5ForConditionalGeneration")
+
+
+@pytest.mark.parametrize("class_name", ["UMT5ForSequenceClassification", "UMT5ForTokenClassification",
+                                        "UMT5ForConditionalGeneration", "UMT5EncoderModel"])
+def test_set_input_embeddings_reaches_every_stack(checkpoint_factory, class_name):
+    path, hf = checkpoint_factory(class_name, num_labels=3)
+    ours = getattr(umt5_fast, class_name).from_pretrained(path, backend=BACKEND)
+    hf = copy.deepcopy(hf)
+    table = torch.nn.Embedding(ours.config.vocab_size, ours.config.d_model)
+    torch.nn.init.normal_(table.weight, std=3.0)
+    ours.set_input_embeddings(table)
+    hf.set_input_embeddings(table)
+    assert ours.get_input_embeddings() is table and set(ours.state_dict()) == set(hf.state_dict())
+    ids, mask = random_batch(ours.config.vocab_size, 2, 11, seed=3)
+    kwargs = dict(input_ids=ids, attention_mask=mask)
+    if class_name == "UMT5ForConditionalGeneration":
+        kwargs["decoder_input_ids"] = ids[:, :4]
+    with torch.no_grad():
+        expected = hf(**kwargs)[0]
+    assert_close(ours(**kwargs)[0], expected, 1e-5, class_name)
+
+
+def test_a_model_that_generated_still_copies_and_pickles(seq2seq):
+    path, _ = seq2seq
+    model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend=BACKEND)
+    ids = torch.tensor([[5, 6, 7, 1]])
+    out = model.generate(ids, max_new_tokens=5)  # builds the LM head screen on the cpu backend
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert torch.equal(clone.generate(ids, max_new_tokens=5), out)
+
+
+def test_inference_only_models_are_in_eval_mode_and_refuse_train_mode(seq2seq):
+    path, hf = seq2seq
+    model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend=BACKEND)
+    assert not model.training and not any(m.training for m in model.modules())
+    assert model.eval() is model and not umt5_fast.UMT5ForConditionalGeneration.from_hf(hf).training
+    with pytest.raises(NotImplementedError, match="inference-only: train mode"):
+        model.train()
+
+
+def test_config_dtype_architectures_and_generation_config(seq2seq, tmp_path):
+    path, hf = seq2seq
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        assert model.config.torch_dtype is dtype and model.config.dtype is dtype and model.dtype == dtype
+    assert umt5_fast.UMT5Config(torch_dtype="bfloat16").torch_dtype is torch.bfloat16
+    assert json.loads(model.config.to_json_string())["torch_dtype"] == "bfloat16"
+    encoder = umt5_fast.UMT5EncoderModel.from_pretrained(path)
+    encoder.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["UMT5EncoderModel"]
+    assert encoder.generation_config is None and not encoder.can_generate()
+    generating = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path)
+    assert generating.can_generate() and generating.main_input_name == "input_ids"
+    for name in ("decoder_start_token_id", "pad_token_id", "eos_token_id"):
+        assert getattr(generating.generation_config, name) == getattr(hf.generation_config, name), name
+    assert generating.name_or_path == str(path)
+
+
+def test_parameter_counts_and_save_options_follow_transformers(seq2seq, tmp_path):
+    path, hf = seq2seq
+    model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path)
+    for kwargs in (dict(), dict(exclude_embeddings=True)):
+        assert model.num_parameters(**kwargs) == hf.num_parameters(**kwargs), kwargs
+    with pytest.raises(ValueError, match="safetensors only"):
+        model.save_pretrained(tmp_path, safe_serialization=False)
+    with pytest.raises(NotImplementedError, match="does not upload"):
+        model.save_pretrained(tmp_path, push_to_hub=True)
+    model.save_pretrained(tmp_path, is_main_process=False)
+    assert not any(tmp_path.iterdir())
+    again = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, config=hf.config)  # transformers' config
+    assert again.config.d_model == hf.config.d_model
+
+
+@pytest.mark.skipif("cpu" not in available_backends(), reason="the C++ extension is not built")
+def test_jit_trace_of_the_cpu_backend_replays_correctly(seq2seq):
+    """The C++ kernels write through raw pointers, which a trace cannot record: tracing runs the
+    eager ops, so the traced module computes the same function."""
+    path, _ = seq2seq
+    model = umt5_fast.UMT5EncoderModel.from_pretrained(path, backend="cpu")
+    ids, other = torch.randint(2, 100, (2, 9)), torch.randint(2, 100, (2, 9))
+    with pytest.warns():  # torch's tracer warnings about Python-side checks
+        traced = torch.jit.trace(lambda x: model(input_ids=x, return_dict=False)[0], (ids,), check_trace=False)
+    assert_close(traced(other), model(input_ids=other).last_hidden_state, 1e-5, "traced")
+    assert model.backend == "cpu"
+
+
+@pytest.mark.parametrize("quantize", ["int8", "w8a8"])
+def test_converting_a_quantized_model_keeps_its_scales(seq2seq, quantize):
+    path, _ = seq2seq
+    model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, quantize=quantize)
+    scales = {name: b.clone() for name, b in model.named_buffers() if name.endswith("qscale")}
+    model.to(torch.bfloat16)
+    for name, buffer in model.named_buffers():
+        if name.endswith("qscale"):
+            assert buffer.dtype == torch.float32 and torch.equal(buffer, scales[name]), name

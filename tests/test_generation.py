@@ -342,7 +342,8 @@ def test_length_defaults_follow_transformers(checkpoint_factory):
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(num_beams=3), dict(num_beams=3, num_return_sequences=2),
-                                    dict(do_sample=True, top_k=5)])
+                                    dict(do_sample=True, top_k=5), dict(min_new_tokens=5),
+                                    dict(num_beams=2, min_new_tokens=5)])
 def test_raw_logits_and_beam_indices_follow_transformers(checkpoint_factory, kwargs):
     """output_logits returns each step's raw logits; beam search returns beam_indices, with which
     transformers' compute_transition_scores reads our scores as it reads its own."""

@@ -87,6 +87,12 @@ def test_parameter_counts_and_save_options_follow_transformers(seq2seq, tmp_path
     assert not any(tmp_path.iterdir())
     again = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, config=hf.config)  # transformers' config
     assert again.config.d_model == hf.config.d_model
+    config = umt5_fast.UMT5Config.from_pretrained(path)
+    half = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, config=config, dtype=torch.bfloat16)
+    full = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, config=config)
+    assert half.config is not config and config.torch_dtype is not torch.bfloat16  # the caller's stays as it was
+    assert (half.config.torch_dtype, full.config.torch_dtype) == (torch.bfloat16, torch.float32)
+    assert umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, dense_act_fn="relu").config.dense_act_fn == "relu"
 
 
 @pytest.mark.skipif("cpu" not in available_backends(), reason="the C++ extension is not built")

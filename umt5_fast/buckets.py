@@ -43,9 +43,10 @@ def longest_defined_distance(num_buckets: int, max_distance: int, bidirectional:
     """The longest distance whose bucket is defined, or None when every distance's is.
 
     The log-scale buckets span ``(max_exact, max_distance)``. A config whose ``max_distance`` is not
-    above ``max_exact`` leaves that span empty or reversed: the formula divides by ``log(1) = 0`` or
-    a negative log, and transformers' buckets turn into undefined float->int casts or negative
-    table indices. Only the exact buckets, distances below ``max_exact``, are defined then.
+    above ``max_exact`` leaves that span empty or reversed: the formula divides by ``log(1) = 0``
+    (undefined float->int casts) or by a negative log, where transformers' buckets fall with the
+    distance and then turn into negative table indices. Only the exact buckets, distances below
+    ``max_exact``, are taken as defined then.
     """
     max_exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
     return None if max_distance > max_exact else max_exact - 1
@@ -59,7 +60,8 @@ def check_distance(longest: int, num_buckets: int, max_distance: int, bidirectio
             f"relative_attention_max_distance={max_distance} is not above where the "
             f"{'bidirectional' if bidirectional else 'causal'} log-scale buckets start ({limit + 1}, with "
             f"relative_attention_num_buckets={num_buckets}): buckets are defined only for distances up to "
-            f"{limit}, so {'the encoder input' if bidirectional else 'the decoder sequence'} may hold at most "
+            f"{limit} (transformers' formula divides by zero or runs backwards past them), so "
+            f"{'the encoder input' if bidirectional else 'the decoder sequence'} may hold at most "
             f"{limit + 1} tokens; got a distance of {longest}")
 
 

@@ -108,7 +108,7 @@ class UMT5Config:
     @classmethod
     def is_field(cls, name: str) -> bool:
         """Whether ``name`` is a field (or an alias of one) that ``from_pretrained`` may override."""
-        return name in _DEFAULTS or name in cls.attribute_map
+        return name in _DEFAULTS or name in cls.attribute_map or name in ("dense_act_fn", "is_gated_act")
 
     def _set_labels(self):
         if self.id2label is not None:

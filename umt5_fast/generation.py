@@ -369,6 +369,9 @@ def make_decoder(model, encoder_states, encoder_mask, rows_per_source: int, max_
         return Decoder(model, encoder_states, encoder_mask, max_length)
     if not encoder_states.is_cuda:
         raise ValueError("use_cuda_graph=True needs the model on a CUDA device")
+    cfg = model.config  # replayed steps get their position as a tensor: check the longest one now
+    buckets.check_distance(max_length - 2, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
+                           bidirectional=False)
     from umt5_fast.cuda_graph import GraphedDecoder
     return GraphedDecoder(model, encoder_states, encoder_mask, max_length)
 
@@ -489,9 +492,11 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
             else:
                 logits = decoder.step(tokens)
             if picked is None:
+                # process_scores may write into the logits it is given (forbid_eos): keep the raw ones
+                raw = logits.clone() if record is not None and record.logits is not None else logits
                 scores = process_scores(options, sequences[computed, :length], logits, beam=False)
                 if record is not None:
-                    record.add(scores, logits)
+                    record.add(scores, raw)
                 if options["do_sample"]:
                     picked = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
                 else:

@@ -461,7 +461,7 @@ def from_pretrained(cls, path, *, dtype=None, torch_dtype=None, device="cpu", ba
         path = path / gguf_file
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path does not exist: {path}")
-    if config is not None and not isinstance(config, UMT5Config):
+    if config is not None:  # a copy: the model records its dtype and path in its own config
         if not hasattr(config, "to_dict"):
             raise TypeError(f"config must be a UMT5Config (ours or transformers'), got {type(config).__name__}")
         config = UMT5Config.from_dict(config.to_dict())

@@ -222,7 +222,7 @@ def test_static_cache_is_allocated_once_and_decode_reads_it(checkpoint_factory, 
     (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
     (dict(do_sample=True, top_p=1.5), "top_p"), (dict(do_sample=True, top_p=-0.1), "top_p"),
     (dict(do_sample=True, num_beams=2, num_return_sequences=3), "num_return_sequences"),
-    (dict(num_return_sequences=2), "num_return_sequences"), (dict(pad_token_id=None, eos_token_id=None), "pad_token_id"),
+    (dict(num_return_sequences=2), "num_return_sequences"), (dict(pad_token_id=-1, eos_token_id=None), "pad_token_id"),
     (dict(decoder_start_token_id=torch.tensor([0, 0, 0])), "decoder_start_token_id"),
     (dict(eos_token_id=torch.tensor([1.0])), "integers"), (dict(pad_token_id=True), "pad_token_id"),
     (dict(num_beams=2, length_penalty="x"), "length_penalty"), (dict(length_penalty=float("nan")), "length_penalty"),
@@ -403,16 +403,20 @@ def test_a_full_generation_config_json_is_read(checkpoint_factory, tmp_path):
 
 def test_special_token_arguments_in_transformers_forms(checkpoint_factory):
     """A decoder start id per row (a tensor), eos ids as a tensor, and no pad id (transformers
-    pads with the first eos id then) decode as in transformers."""
+    pads with the first eos id then; with no eos either no row ends and nothing is padded, nor is
+    a mask inferred) decode as in transformers."""
     ours, hf = pair(checkpoint_factory, "odd")
     ids, mask = random_batch(ours.config.vocab_size, 3, 16, seed=13)
     eos = frequent_token(ours, ids, mask)
     for kwargs in (dict(decoder_start_token_id=torch.tensor([[0], [7], [9]])),
                    dict(decoder_start_token_id=torch.tensor([3, 0, 5]), num_beams=2),
-                   dict(eos_token_id=torch.tensor([eos, 1])), dict(pad_token_id=None, eos_token_id=[eos, 1])):
+                   dict(eos_token_id=torch.tensor([eos, 1])), dict(pad_token_id=None, eos_token_id=[eos, 1]),
+                   dict(pad_token_id=None, eos_token_id=None), dict(pad_token_id=None, eos_token_id=None, num_beams=2)):
         options = dict(dict(eos_token_id=eos), max_new_tokens=8, **kwargs)
         expected = reference(hf, ids, mask, **options)
         assert torch.equal(ours.generate(ids, attention_mask=mask, **options), expected), kwargs
+    unpadded = dict(pad_token_id=None, eos_token_id=None, max_new_tokens=6)
+    assert torch.equal(ours.generate(ids, **unpadded), reference(hf, ids, None, **unpadded))
 
 
 @pytest.mark.parametrize("backend", ["eager", "cpu"])

@@ -186,7 +186,8 @@ def check_options(o: dict, vocab_size: int):
     if o["pad_token_id"] is None and eos:  # transformers pads with the first eos token then
         o["pad_token_id"] = eos[0]
     pad = o["pad_token_id"]
-    if isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < vocab_size:
+    if (pad is not None or eos) and (isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < vocab_size):
+        # (no pad and no eos: no row ever ends, nothing is padded; transformers generates then too)
         raise ValueError(f"pad_token_id must be a token id in [0, {vocab_size}), got {o['pad_token_id']!r}")
     start = o["decoder_start_token_id"]
     start_ids = token_id_list(start) if isinstance(start, torch.Tensor) else [start]
@@ -409,7 +410,8 @@ def prepare(model, input_ids, attention_mask, decoder_input_ids, options, inputs
         validation.check_ids("input_ids", input_ids, cfg.vocab_size, model.device, allow_none=False)
         source_shape = input_ids.shape
         pad = options["pad_token_id"]
-        if attention_mask is None and bool((input_ids == pad).any()) and pad not in options["eos_token_id"]:
+        if (attention_mask is None and pad is not None and bool((input_ids == pad).any())
+                and pad not in options["eos_token_id"]):
             # transformers' rule: without a mask, ids holding the pad token (when it is not an eos
             # token) are padded there
             attention_mask = input_ids.ne(pad)
@@ -458,14 +460,14 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
     expand = options["num_return_sequences"] if options["do_sample"] else 1
     rows = prompt.shape[0] * expand
     prompt_length = prompt.shape[1]
+    pad = options["pad_token_id"] if options["pad_token_id"] is not None else 0  # (None: no row ends, unread)
     # grows as the cache does (see beam_search)
-    sequences = torch.full((rows, min(max_length, prompt_length + _INITIAL_CACHE_LENGTH)), options["pad_token_id"],
+    sequences = torch.full((rows, min(max_length, prompt_length + _INITIAL_CACHE_LENGTH)), pad,
                            dtype=torch.long, device=prompt.device)
     sequences[:, :prompt_length] = prompt.repeat_interleave(expand, dim=0)
     decoder = make_decoder(model, encoder_states, encoder_mask, expand, max_length, use_cuda_graph)
     eos = torch.tensor(options["eos_token_id"], dtype=torch.long, device=prompt.device)
     unfinished = torch.ones(rows, dtype=torch.bool, device=prompt.device)
-    pad = options["pad_token_id"]
     may_drop_rows = not options["do_sample"] and record is None and isinstance(decoder, Decoder)
     computed = torch.arange(rows, device=prompt.device)  # rows the decoder still runs
     tokens = sequences[:, :prompt_length]

@@ -405,3 +405,12 @@ def test_shipped_tiny_model_tokenizer_matches(tmp_path):
         expected = reference(batch, padding=True)
         assert ours(batch, padding=True) == dict(expected)
         assert ours.batch_decode(expected["input_ids"], skip_special_tokens=True) == batch
+
+
+def test_pad_refuses_unknown_output_options_naming_them(model_dir):
+    _, ours = load_pair(model_dir)
+    examples = [dict(ours(t)) for t in ("one", "two three")]
+    with pytest.raises(ValueError, match="padding_side must be 'right' or 'left', got 'middle'"):
+        ours.pad(examples, padding_side="middle")
+    with pytest.raises(ValueError, match="return_tensors must be None, 'pt' or 'np', got 'tf'"):
+        ours.pad(examples, return_tensors="tf")

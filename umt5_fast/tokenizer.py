@@ -526,13 +526,23 @@ class UMT5Tokenizer:
         encoding["labels"] = targets["input_ids"]
         return encoding
 
-    def _call_one(self, text, text_pair, add_special_tokens, padding, truncation, max_length, pad_to_multiple_of,
-                  padding_side, return_tensors, return_attention_mask, return_special_tokens_mask, return_length):
+    def _padding_side(self, padding_side, return_tensors):
+        """The call's padding side (else the tokenizer's), both output options checked."""
         if return_tensors not in (None, "pt", "np"):
             raise ValueError(f"return_tensors must be None, 'pt' or 'np', got {return_tensors!r}")
         padding_side = padding_side or self.padding_side
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        return padding_side
+
+    def _encoding(self, rows, is_batch, return_tensors):
+        """``rows`` (per key, a list of rows) as the call returns them: lists, or tensors."""
+        encoding = BatchEncoding({key: value if is_batch else value[0] for key, value in rows.items()})
+        return self._as_tensors(encoding, is_batch, return_tensors) if return_tensors else encoding
+
+    def _call_one(self, text, text_pair, add_special_tokens, padding, truncation, max_length, pad_to_multiple_of,
+                  padding_side, return_tensors, return_attention_mask, return_special_tokens_mask, return_length):
+        padding_side = self._padding_side(padding_side, return_tensors)
         is_batch = isinstance(text, (list, tuple))
         if not is_batch and not isinstance(text, str):
             raise TypeError(f"text must be a string or a list of strings, got {type(text).__name__}")
@@ -557,8 +567,7 @@ class UMT5Tokenizer:
         self._pad_rows(rows, pad_mode, max_length, pad_to_multiple_of, padding_side)
         if return_length:  # transformers: a batch's lengths before padding, a single text's after
             rows["length"] = unpadded if is_batch else [len(rows["input_ids"][0])]
-        encoding = BatchEncoding({key: value if is_batch else value[0] for key, value in rows.items()})
-        return self._as_tensors(encoding, is_batch, return_tensors) if return_tensors else encoding
+        return self._encoding(rows, is_batch, return_tensors)
 
     @staticmethod
     def _as_tensors(encoding, is_batch, kind):
@@ -597,6 +606,7 @@ class UMT5Tokenizer:
             return_attention_mask=None, return_tensors=None):
         """Pad encodings (a dict of rows, or a list of per-example dicts, as data collators pass
         them): input_ids with pad, attention_mask with 0 (made if missing), special_tokens_mask with 1."""
+        padding_side = self._padding_side(padding_side, return_tensors)
         if isinstance(encoded_inputs, (list, tuple)):
             if not encoded_inputs or not all(isinstance(e, dict) for e in encoded_inputs):
                 raise ValueError("pad takes a dict of rows or a non-empty list of dicts with input_ids")
@@ -611,9 +621,8 @@ class UMT5Tokenizer:
         if return_attention_mask is not False and "attention_mask" not in rows:
             rows["attention_mask"] = [[1] * len(ids) for ids in rows["input_ids"]]
         pad_mode, _, max_length = self._resolve_lengths(padding, None, max_length)
-        self._pad_rows(rows, pad_mode, max_length, pad_to_multiple_of, padding_side or self.padding_side)
-        encoding = BatchEncoding({key: value if is_batch else value[0] for key, value in rows.items()})
-        return self._as_tensors(encoding, is_batch, return_tensors) if return_tensors else encoding
+        self._pad_rows(rows, pad_mode, max_length, pad_to_multiple_of, padding_side)
+        return self._encoding(rows, is_batch, return_tensors)
 
     # --- decoding ------------------------------------------------------------------------------
 

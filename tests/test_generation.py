@@ -454,9 +454,13 @@ def test_the_source_may_be_embeddings_or_encoder_outputs(checkpoint_factory):
         assert torch.equal(ours.generate(encoder_outputs=encoded, attention_mask=mask, **kwargs), expected)
         assert torch.equal(ours.generate(encoder_outputs=(encoded.last_hidden_state,), attention_mask=mask,
                                          **kwargs), expected)
+        assert torch.equal(ours.generate(encoder_outputs=encoded.last_hidden_state, attention_mask=mask, **kwargs),
+                           expected)  # the bare tensor, as forward takes it
     with pytest.raises(ValueError, match="one of input_ids and inputs_embeds"):
         ours.generate(ids, inputs_embeds=embeds, max_new_tokens=2)
     with pytest.raises(ValueError, match="attention_mask must have shape"):
         ours.generate(encoder_outputs=encoded, attention_mask=mask[:, :5], max_new_tokens=2)
     with pytest.raises(ValueError, match="encoder_outputs"):
         ours.generate(encoder_outputs=(encoded.last_hidden_state[..., :-1],), max_new_tokens=2)
+    with pytest.raises(TypeError, match="encoder_outputs must be"):
+        ours.generate(encoder_outputs="states", max_new_tokens=2)

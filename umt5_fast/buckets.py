@@ -39,6 +39,11 @@ def relative_position_bucket(relative_position: torch.Tensor, bidirectional: boo
     return relative_buckets
 
 
+def exact_bucket_count(num_buckets: int, bidirectional: bool) -> int:
+    """``max_exact``: the buckets holding one distance each, per direction (the rest are log-scale)."""
+    return (num_buckets // 2 if bidirectional else num_buckets) // 2
+
+
 def longest_defined_distance(num_buckets: int, max_distance: int, bidirectional: bool):
     """The longest distance whose bucket is defined, or None when every distance's is.
 
@@ -48,7 +53,7 @@ def longest_defined_distance(num_buckets: int, max_distance: int, bidirectional:
     distance and then turn into negative table indices. Only the exact buckets, distances below
     ``max_exact``, are taken as defined then.
     """
-    max_exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
+    max_exact = exact_bucket_count(num_buckets, bidirectional)
     return None if max_distance > max_exact else max_exact - 1
 
 

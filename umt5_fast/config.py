@@ -55,6 +55,11 @@ _BOOLS = ("is_encoder_decoder", "use_cache", "tie_word_embeddings", "scale_decod
           "output_hidden_states", "output_attentions", "use_return_dict", "is_gated_act")
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """How config.json writes a dtype ("bfloat16")."""
+    return str(dtype).removeprefix("torch.")
+
+
 def read_json_object(path: Path, what: str) -> dict:
     """The JSON object in ``path``; ValueError naming ``what`` and the file if it is not one."""
     try:
@@ -200,7 +205,7 @@ class UMT5Config:
     def to_dict(self) -> dict:
         out = {key: copy.deepcopy(getattr(self, key)) for key in _DEFAULTS}
         if isinstance(self.torch_dtype, torch.dtype):
-            out["torch_dtype"] = str(self.torch_dtype).removeprefix("torch.")
+            out["torch_dtype"] = dtype_name(self.torch_dtype)
         out["return_dict"] = out.pop("use_return_dict")
         out["id2label"] = {str(k): v for k, v in self.id2label.items()}
         out.update(copy.deepcopy(self.extra))

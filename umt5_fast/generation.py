@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from umt5_fast import buckets, decode_step, lm_head_screen, validation
 from umt5_fast.cache import StaticCache
-from umt5_fast.outputs import ModelOutput
+from umt5_fast.outputs import ModelOutput, as_encoder_output
 
 # transformers' GenerationConfig defaults for the options we support.
 DEFAULTS = dict(max_length=20, max_new_tokens=None, min_length=0, min_new_tokens=None, do_sample=False,
@@ -180,20 +180,24 @@ def check_options(o: dict, vocab_size: int):
                                  "return_dict_in_generate=True); run the model's forward on the generated "
                                  f"sequences with {name}=True to get them")
     eos = token_id_list(o["eos_token_id"])
-    if any(isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < vocab_size for e in eos):
+    if not all(is_token_id(e, vocab_size) for e in eos):
         raise ValueError(f"eos_token_id must be token ids in [0, {vocab_size}), got {o['eos_token_id']!r}")
     o["eos_token_id"] = eos
     if o["pad_token_id"] is None and eos:  # transformers pads with the first eos token then
         o["pad_token_id"] = eos[0]
     pad = o["pad_token_id"]
-    if (pad is not None or eos) and (isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < vocab_size):
+    if (pad is not None or eos) and not is_token_id(pad, vocab_size):
         # (no pad and no eos: no row ever ends, nothing is padded; transformers generates then too)
         raise ValueError(f"pad_token_id must be a token id in [0, {vocab_size}), got {o['pad_token_id']!r}")
     start = o["decoder_start_token_id"]
     start_ids = token_id_list(start) if isinstance(start, torch.Tensor) else [start]
-    if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size for i in start_ids):
+    if not all(is_token_id(i, vocab_size) for i in start_ids):
         raise ValueError(f"decoder_start_token_id must be a token id in [0, {vocab_size}) (or a tensor of them, "
                          f"one per row), got {start!r}")
+
+
+def is_token_id(value, vocab_size: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab_size
 
 
 def is_finite_number(value) -> bool:
@@ -394,13 +398,10 @@ def prepare(model, input_ids, attention_mask, decoder_input_ids, options, inputs
     states, mask, decoder prompt, max_length). The source is ``input_ids`` or ``inputs_embeds``."""
     cfg = model.config
     if encoder_outputs is not None:
-        encoder_states = encoder_outputs[0]
+        encoder_states = as_encoder_output(encoder_outputs).last_hidden_state
         # Not required finite: a model's own encoder may give NaN (transformers lets it flow on).
         validation.check_embeds("encoder_outputs (last_hidden_state)", encoder_states, cfg.d_model, model.device,
                                 model.shared.weight.dtype, require_finite=False)
-        if encoder_states.dim() != 3:
-            raise ValueError("encoder_outputs' last_hidden_state must have shape [batch, length, d_model], got "
-                             f"{tuple(encoder_states.shape)}")
         source_shape = encoder_states.shape[:2]
     elif inputs_embeds is not None:
         if input_ids is not None:

@@ -17,7 +17,7 @@ from typing import Callable, Collection, Dict, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from umt5_fast.config import CONFIG_NAME, UMT5Config, read_json_object
+from umt5_fast.config import CONFIG_NAME, UMT5Config, dtype_name, read_json_object
 from umt5_fast.generation import GenerationSettings, settings_dict
 from umt5_fast.quant import PackedWeight
 
@@ -532,7 +532,7 @@ def save_pretrained(model, directory, max_shard_size=None):
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config.to_dict()
-    config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    config["torch_dtype"] = dtype_name(model.dtype)
     config["architectures"] = [type(model).__name__]  # what transformers' save records
     state = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()}
     for name, module in model.named_modules():

@@ -17,7 +17,7 @@ from umt5_fast import buckets, validation
 from umt5_fast.cache import DynamicCache, StaticCache
 from umt5_fast.config import UMT5Config
 from umt5_fast.ops import eager, get_ops
-from umt5_fast.outputs import (BaseModelOutput, BaseModelOutputWithPastAndCrossAttentions,
+from umt5_fast.outputs import (BaseModelOutput, BaseModelOutputWithPastAndCrossAttentions, as_encoder_output,
                                Seq2SeqLMOutput, Seq2SeqModelOutput,
                                Seq2SeqQuestionAnsweringModelOutput,
                                Seq2SeqSequenceClassifierOutput, TokenClassifierOutput)
@@ -663,18 +663,7 @@ def _encode(model, input_ids, attention_mask, inputs_embeds, head_mask, encoder_
         return model.encoder(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                              head_mask=head_mask, output_attentions=output_attentions,
                              output_hidden_states=output_hidden_states)
-    if isinstance(encoder_outputs, BaseModelOutput):
-        return encoder_outputs
-    if isinstance(encoder_outputs, torch.Tensor):
-        encoder_outputs = (encoder_outputs,)
-    if hasattr(encoder_outputs, "to_tuple"):
-        encoder_outputs = encoder_outputs.to_tuple()
-    if not isinstance(encoder_outputs, (tuple, list)) or not encoder_outputs:
-        raise TypeError("encoder_outputs must be an encoder output, a tuple (last_hidden_state, ...) or a "
-                        f"[batch, length, d_model] tensor, got {type(encoder_outputs).__name__}")
-    return BaseModelOutput(last_hidden_state=encoder_outputs[0],
-                           hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
-                           attentions=encoder_outputs[2] if len(encoder_outputs) > 2 else None)
+    return as_encoder_output(encoder_outputs)
 
 
 class _EncoderDecoder(UMT5PreTrainedModel):

@@ -53,6 +53,22 @@ class BaseModelOutput(ModelOutput):
     attentions: Tensors = None
 
 
+def as_encoder_output(encoder_outputs) -> BaseModelOutput:
+    """User-given encoder outputs (an output object, a tuple, or the last hidden state) as ours."""
+    if isinstance(encoder_outputs, BaseModelOutput):
+        return encoder_outputs
+    if isinstance(encoder_outputs, torch.Tensor):
+        encoder_outputs = (encoder_outputs,)
+    if hasattr(encoder_outputs, "to_tuple"):
+        encoder_outputs = encoder_outputs.to_tuple()
+    if not isinstance(encoder_outputs, (tuple, list)) or not encoder_outputs:
+        raise TypeError("encoder_outputs must be an encoder output, a tuple (last_hidden_state, ...) or a "
+                        f"[batch, length, d_model] tensor, got {type(encoder_outputs).__name__}")
+    return BaseModelOutput(last_hidden_state=encoder_outputs[0],
+                           hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
+                           attentions=encoder_outputs[2] if len(encoder_outputs) > 2 else None)
+
+
 @dataclass
 class BaseModelOutputWithPastAndCrossAttentions(ModelOutput):
     last_hidden_state: Tensor = None

@@ -170,7 +170,7 @@ def _check_bucket_args(bias_table, heads, bidirectional, num_buckets, max_distan
     if tuple(bias_table.shape) != (num_buckets, heads):
         raise ValueError(f"bias_table must be [num_buckets, heads] = [{num_buckets}, {heads}], "
                          f"got {tuple(bias_table.shape)}")
-    if (num_buckets // 2 if bidirectional else num_buckets) // 2 < 1:
+    if buckets.exact_bucket_count(num_buckets, bidirectional) < 1:
         raise ValueError(f"num_buckets={num_buckets} leaves no exact bucket (need "
                          f"{'4' if bidirectional else '2'} <= num_buckets)")
     buckets.check_distance(longest_distance, num_buckets, max_distance, bidirectional)

@@ -226,7 +226,7 @@ def test_static_cache_is_allocated_once_and_decode_reads_it(checkpoint_factory, 
     (dict(decoder_start_token_id=torch.tensor([0, 0, 0])), "decoder_start_token_id"),
     (dict(eos_token_id=torch.tensor([1.0])), "integers"), (dict(pad_token_id=True), "pad_token_id"),
     (dict(num_beams=2, length_penalty="x"), "length_penalty"), (dict(length_penalty=float("nan")), "length_penalty"),
-    (dict(do_sample="yes"), "do_sample"), (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+    (dict(do_sample="yes"), "do_sample"), (dict(output_logits="yes"), "output_logits"), (dict(repetition_penalty=float("inf")), "repetition_penalty"),
     (dict(do_sample=True, temperature=0.0), "temperature"), (dict(eos_token_id=10**6), "eos_token_id"),
     (dict(max_length=1), "max_length"), (dict(top_k=-1), "top_k")])
 def test_bad_generation_arguments(checkpoint_factory, kwargs, match):

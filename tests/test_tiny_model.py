@@ -51,6 +51,10 @@ def test_cli_generate_and_encode():
                                   str(TINY / "model.safetensors"), example["input"]],
                                  capture_output=True, text=True, timeout=120)  # tokenizer from its directory
     assert single_file.returncode == 0 and single_file.stdout.strip() == example["target"], single_file.stderr
+    elsewhere = subprocess.run([sys.executable, "-m", "umt5_fast", "generate", "--model", str(TINY / "model.safetensors"),
+                                "--tokenizer", "/nonexistent-tokenizer", example["input"]],
+                               capture_output=True, text=True, timeout=120)  # --tokenizer wins over the file's directory
+    assert elsewhere.returncode != 0 and "/nonexistent-tokenizer" in elsewhere.stderr, elsewhere.stderr
     missing = subprocess.run([sys.executable, "-m", "umt5_fast", "generate", "--model", "/nonexistent", "x"],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "nonexistent" in missing.stderr

@@ -407,8 +407,12 @@ def test_shipped_tiny_model_tokenizer_matches(tmp_path):
         assert ours.batch_decode(expected["input_ids"], skip_special_tokens=True) == batch
 
 
-def test_pad_refuses_unknown_output_options_naming_them(model_dir):
+def test_unknown_options_and_mismatched_pairs_are_named(model_dir):
     _, ours = load_pair(model_dir)
+    with pytest.raises(ValueError, match="text_pair must be a string for a string and a list of as many"):
+        ours(["one", "two"], text_pair=["only one"])
+    with pytest.raises(ValueError, match="text_pair"):
+        ours("one", text_pair=["a list"])
     examples = [dict(ours(t)) for t in ("one", "two three")]
     with pytest.raises(ValueError, match="padding_side must be 'right' or 'left', got 'middle'"):
         ours.pad(examples, padding_side="middle")

@@ -160,8 +160,9 @@ def check_options(o: dict, vocab_size: int):
     if o["num_beams"] == 1 and o["num_return_sequences"] > 1 and not o["do_sample"]:
         raise ValueError(f"greedy decoding returns one sequence per input: num_return_sequences "
                          f"({o['num_return_sequences']}) needs do_sample=True or num_beams >= it")
-    for name in ("do_sample", "output_scores", "return_dict_in_generate"):
-        if not isinstance(o[name], bool):
+    for name in ("do_sample", "output_scores", "return_dict_in_generate", "output_logits", "output_attentions",
+                 "output_hidden_states"):
+        if not isinstance(o[name], bool) and not (o[name] is None and name == "output_logits"):
             raise ValueError(f"{name} must be True or False, got {o[name]!r}")
     if not is_finite_number(o["length_penalty"]):
         raise ValueError(f"length_penalty must be a finite number, got {o['length_penalty']!r}")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import umt5_fast
-from umt5_fast import generation
+from umt5_fast import generation, processors
 from helpers import random_batch
 
 CONFIGS = {
@@ -138,14 +138,14 @@ def test_logits_processors_match_transformers(seed):
     scores = torch.randn(rows, vocab, generator=g) * 3
     sequences = torch.randint(0, 8, (rows, 9), generator=g)  # small range: repeated n-grams
     pairs = [
-        (lambda s: generation.repetition_penalty(sequences, s, 1.7), lp.RepetitionPenaltyLogitsProcessor(1.7)),
-        (lambda s: generation.no_repeat_ngram(sequences, s, 2), lp.NoRepeatNGramLogitsProcessor(2)),
-        (lambda s: generation.no_repeat_ngram(sequences, s, 3), lp.NoRepeatNGramLogitsProcessor(3)),
-        (lambda s: generation.top_k_filter(s, 7), lp.TopKLogitsWarper(7)),
-        (lambda s: generation.top_k_filter(s, 1, 3), lp.TopKLogitsWarper(1, min_tokens_to_keep=3)),
-        (lambda s: generation.top_p_filter(s, 0.6), lp.TopPLogitsWarper(0.6)),
-        (lambda s: generation.top_p_filter(s, 0.05, 2), lp.TopPLogitsWarper(0.05, min_tokens_to_keep=2)),
-        (lambda s: generation.forbid_eos(s, [1, 4]), lp.MinLengthLogitsProcessor(20, [1, 4])),
+        (lambda s: processors.repetition_penalty(sequences, s, 1.7), lp.RepetitionPenaltyLogitsProcessor(1.7)),
+        (lambda s: processors.no_repeat_ngram(sequences, s, 2), lp.NoRepeatNGramLogitsProcessor(2)),
+        (lambda s: processors.no_repeat_ngram(sequences, s, 3), lp.NoRepeatNGramLogitsProcessor(3)),
+        (lambda s: processors.top_k_filter(s, 7), lp.TopKLogitsWarper(7)),
+        (lambda s: processors.top_k_filter(s, 1, 3), lp.TopKLogitsWarper(1, min_tokens_to_keep=3)),
+        (lambda s: processors.top_p_filter(s, 0.6), lp.TopPLogitsWarper(0.6)),
+        (lambda s: processors.top_p_filter(s, 0.05, 2), lp.TopPLogitsWarper(0.05, min_tokens_to_keep=2)),
+        (lambda s: processors.forbid_eos(s, [1, 4]), lp.MinLengthLogitsProcessor(20, [1, 4])),
         (lambda s: s / 0.7, lp.TemperatureLogitsWarper(0.7)),
     ]
     for ours, theirs in pairs:
@@ -268,12 +268,11 @@ def test_finished_rows_stop_costing_work_in_greedy_decoding(checkpoint_factory, 
 
 
 def test_generation_settings_we_do_not_implement_are_refused_not_ignored(checkpoint_factory):
-    """0 and 1 are real values of these options (token ids, an n-gram size): refused, like any
-    other setting we do not implement, never silently dropped."""
+    """Settings we do not implement are refused, never silently dropped (a token id 0 included)."""
     import transformers
     ours, _ = pair(checkpoint_factory, "odd")
     ids, mask = random_batch(ours.config.vocab_size, 2, 10, seed=1)
-    for setting in (dict(forced_eos_token_id=1), dict(forced_bos_token_id=0), dict(encoder_no_repeat_ngram_size=1)):
+    for setting in (dict(forced_decoder_ids=[[1, 0]]), dict(stop_strings=["a"]), dict(guidance_scale=1.5)):
         with pytest.raises(ValueError, match=next(iter(setting))):
             ours.generate(ids, attention_mask=mask, generation_config=transformers.GenerationConfig(**setting))
     ours.generation_config = transformers.GenerationConfig(max_new_tokens=3)  # as transformers users assign it

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from umt5_fast import buckets, decode_step, lm_head_screen, validation
+from umt5_fast.processors import (NO_HYPOTHESIS, Processors, StopCriteria, check_processor_options, eos_forbidden,
+                                   is_finite_number, is_token_id)
 from umt5_fast.cache import StaticCache
 from umt5_fast.outputs import ModelOutput, as_encoder_output
 
@@ -24,13 +26,14 @@ DEFAULTS = dict(max_length=20, max_new_tokens=None, min_length=0, min_new_tokens
                 repetition_penalty=1.0, length_penalty=1.0, no_repeat_ngram_size=0, early_stopping=False,
                 eos_token_id=None, pad_token_id=None, decoder_start_token_id=None, output_scores=False,
                 output_logits=None, output_attentions=False, output_hidden_states=False,
-                return_dict_in_generate=False)
+                return_dict_in_generate=False, sequence_bias=None, encoder_repetition_penalty=1.0,
+                encoder_no_repeat_ngram_size=0, bad_words_ids=None, forced_bos_token_id=None,
+                forced_eos_token_id=None, remove_invalid_values=False, exponential_decay_length_penalty=None,
+                suppress_tokens=None, begin_suppress_tokens=None, min_p=None, typical_p=1.0, epsilon_cutoff=0.0,
+                eta_cutoff=0.0, renormalize_logits=False, max_time=None)
 # transformers' default max_length: when it is neither passed to generate nor changed in a config,
 # it means 20 new tokens (not 20 in all).
 _DEFAULT_MAX_LENGTH = DEFAULTS["max_length"]
-# Beam search's score of a missing hypothesis, and its mask for a beam that may not compete
-# (transformers' -1e9).
-_NO_HYPOTHESIS = -1.0e9
 # Keys of a generation_config.json that do not change decoding here: bookkeeping, cache choices (the
 # static cache is always used; results are the same), and assisted decoding's settings, which only
 # act with an assistant model (generate takes none).
@@ -40,15 +43,10 @@ _IGNORED = {"_from_model_config", "transformers_version", "bos_token_id", "use_c
             "assistant_confidence_threshold", "assistant_early_exit", "assistant_lookbehind", "target_lookbehind",
             "max_matching_ngram_size"}
 # Options we do not implement, with transformers' value that leaves them off: any other value is
-# refused (0 and 1 are meaningful for most: forced_bos_token_id=0, encoder_no_repeat_ngram_size=1).
-_UNSUPPORTED_OFF = dict(forced_bos_token_id=None, forced_eos_token_id=None, forced_decoder_ids=None,
-                        bad_words_ids=None, force_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
-                        encoder_no_repeat_ngram_size=0, encoder_repetition_penalty=1.0, num_beam_groups=1,
-                        diversity_penalty=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, min_p=None,
-                        penalty_alpha=None, renormalize_logits=False, constraints=None, sequence_bias=None,
-                        exponential_decay_length_penalty=None, guidance_scale=None, max_time=None,
-                        stop_strings=None, remove_invalid_values=False, low_memory=None, dola_layers=None,
-                        watermarking_config=None, prompt_lookup_num_tokens=None, token_healing=False)
+# refused.
+_UNSUPPORTED_OFF = dict(forced_decoder_ids=None, force_words_ids=None, num_beam_groups=1, diversity_penalty=0.0,
+                        penalty_alpha=None, constraints=None, guidance_scale=None, stop_strings=None, low_memory=None, dola_layers=None, watermarking_config=None,
+                        prompt_lookup_num_tokens=None, token_healing=False)
 
 
 def settings_dict(generation_config) -> dict:
@@ -195,14 +193,7 @@ def check_options(o: dict, vocab_size: int):
     if not all(is_token_id(i, vocab_size) for i in start_ids):
         raise ValueError(f"decoder_start_token_id must be a token id in [0, {vocab_size}) (or a tensor of them, "
                          f"one per row), got {start!r}")
-
-
-def is_token_id(value, vocab_size: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab_size
-
-
-def is_finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    check_processor_options(o, vocab_size)
 
 
 def token_id_list(ids) -> list:
@@ -214,87 +205,6 @@ def token_id_list(ids) -> list:
             raise ValueError(f"token ids must be integers, got a {ids.dtype} tensor")
         return ids.reshape(-1).tolist()
     return list(ids) if isinstance(ids, (list, tuple)) else [ids]
-
-
-# ---------------------------------------------------------------------------------------------
-# Logits processors (same definitions as transformers' RepetitionPenalty, NoRepeatNGram,
-# MinLength, MinNewTokensLength, Temperature, TopK and TopP processors)
-# ---------------------------------------------------------------------------------------------
-def repetition_penalty(sequences, scores, penalty: float):
-    picked = torch.gather(scores, 1, sequences)
-    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
-    return scores.scatter(1, sequences, picked)
-
-
-def no_repeat_ngram(sequences, scores, n: int):
-    """Ban every token that would complete an n-gram already present in the row (vectorised)."""
-    length = sequences.shape[1]
-    if length < n:  # no complete n-gram yet
-        return scores
-    if n == 1:
-        return scores.scatter(1, sequences, -math.inf)
-    windows = sequences.unfold(1, n, 1)  # [rows, length - n + 1, n]
-    prefix = sequences[:, length - n + 1:]  # the n-1 last tokens
-    matches = (windows[:, :, :-1] == prefix[:, None, :]).all(-1)
-    # scatter_add: several windows may name the same next token (scatter_ would keep any one write)
-    banned = torch.zeros_like(scores).scatter_add_(1, windows[:, :, -1], matches.to(scores.dtype))
-    return scores.masked_fill(banned > 0, -math.inf)
-
-
-def forbid_eos(scores, eos_ids):
-    """In place (min_length / min_new_tokens): a copy of [rows, vocab] scores per step cost more than the
-    rest of the processors; ``process_scores`` owns the scores it is given."""
-    scores[:, eos_ids] = -math.inf
-    return scores
-
-
-def eos_forbidden(o: dict, length: int) -> bool:
-    """Whether min_length (which ``prepare`` derives from min_new_tokens where that is set) forbids
-    eos at a step after ``length`` ids."""
-    return bool(o["eos_token_id"]) and length < o["min_length"]
-
-
-def top_k_filter(scores, top_k: int, min_tokens_to_keep: int = 1):
-    top_k = min(max(top_k, min_tokens_to_keep), scores.size(-1))
-    return scores.masked_fill(scores < torch.topk(scores, top_k)[0][..., -1, None], -math.inf)
-
-
-def top_p_filter(scores, top_p: float, min_tokens_to_keep: int = 1):
-    sorted_logits, sorted_indices = torch.sort(scores, descending=False)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove = cumulative <= (1 - top_p)
-    remove[..., -min_tokens_to_keep:] = 0
-    return scores.masked_fill(remove.scatter(1, sorted_indices, remove), -math.inf)
-
-
-def process_scores(o: dict, sequences, scores, beam: bool):
-    """Apply the configured processors in transformers' order; ``sequences`` = ids so far. ``scores``
-    belongs to this call (a decoder step's fresh logits, or their log-softmax) and may be modified."""
-    if o["repetition_penalty"] != 1.0:
-        scores = repetition_penalty(sequences, scores, o["repetition_penalty"])
-    if o["no_repeat_ngram_size"]:
-        scores = no_repeat_ngram(sequences, scores, o["no_repeat_ngram_size"])
-    eos = o["eos_token_id"]
-    if eos_forbidden(o, sequences.shape[1]):
-        scores = forbid_eos(scores, eos)
-    if o["do_sample"]:
-        keep = (len(eos) + 1 if eos else 2) if beam else 1
-        if o["temperature"] != 1.0:
-            scores = scores / o["temperature"]
-            if not bool(torch.isfinite(scores.max(dim=-1).values).all()):
-                raise ValueError(f"temperature={o['temperature']!r} is so small that the scaled scores "
-                                 "overflow; use a larger temperature or greedy decoding (do_sample=False)")
-            if beam and bool((scores.topk(min(o["num_beams"], scores.shape[-1])).values < _NO_HYPOTHESIS).any()):
-                # the beams' scores would lose to the placeholders of empty hypotheses, and the
-                # result would be the prompt alone (as transformers returns it)
-                raise ValueError(f"temperature={o['temperature']!r} scales the beam scores below "
-                                 f"{_NO_HYPOTHESIS:g}, the score beam search gives a missing hypothesis; use "
-                                 "a larger temperature")
-        if o["top_k"]:
-            scores = top_k_filter(scores, o["top_k"], keep)
-        if o["top_p"] < 1.0:
-            scores = top_p_filter(scores, o["top_p"], keep)
-    return scores
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,14 +360,16 @@ def prepare(model, input_ids, attention_mask, decoder_input_ids, options, inputs
 _SCREEN_PATIENCE = 3
 
 
-def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, options, generator=None,
-                 record: Optional[StepRecord] = None, use_cuda_graph=False) -> Iterator[torch.Tensor]:
+def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, options, processors: Processors,
+                 stops: StopCriteria, generator=None, record: Optional[StepRecord] = None,
+                 use_cuda_graph=False) -> Iterator[torch.Tensor]:
     """Greedy or sampled decoding; yields the ``[rows]`` tokens of each step (pad once a row ended).
 
     Finished rows read pad tokens, exactly like transformers. In greedy decoding they also stop
     costing work: once a quarter of the computed rows have finished, the decoder drops them (the
     choice of the other rows does not depend on them). Sampling keeps every row so that its random
-    draws, and ``output_scores``, stay those of transformers.
+    draws, and ``output_scores``, stay those of transformers; so do the caller's processors and
+    stopping criteria, which see every row as in transformers.
     """
     expand = options["num_return_sequences"] if options["do_sample"] else 1
     rows = prompt.shape[0] * expand
@@ -470,14 +382,14 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
     decoder = make_decoder(model, encoder_states, encoder_mask, expand, max_length, use_cuda_graph)
     eos = torch.tensor(options["eos_token_id"], dtype=torch.long, device=prompt.device)
     unfinished = torch.ones(rows, dtype=torch.bool, device=prompt.device)
-    may_drop_rows = not options["do_sample"] and record is None and isinstance(decoder, Decoder)
+    may_drop_rows = (not options["do_sample"] and record is None and isinstance(decoder, Decoder)
+                     and not processors.custom and processors.prefix_allowed_tokens_fn is None and not stops.custom)
     computed = torch.arange(rows, device=prompt.device)  # rows the decoder still runs
     tokens = sequences[:, :prompt_length]
     # Greedy steps whose only processor forbids eos need the argmax alone: the LM head screen finds
     # it without computing every logit (None: not for this model).
-    only_eos_processor = options["repetition_penalty"] == 1.0 and not options["no_repeat_ngram_size"]
-    screen = (lm_head_screen.screen_for(model) if not options["do_sample"] and record is None
-              and only_eos_processor and isinstance(decoder, Decoder) else None)
+    screen = (lm_head_screen.screen_for(model) if processors.picks_raw_argmax and record is None
+              and isinstance(decoder, Decoder) else None)
     undecided_steps = 0
     with torch.no_grad(), contextlib.closing(decoder):
         for length in range(prompt_length, max_length):
@@ -496,9 +408,9 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
             else:
                 logits = decoder.step(tokens)
             if picked is None:
-                # process_scores may write into the logits it is given (forbid_eos): keep the raw ones
+                # the processors may write into the logits they are given (forbid_eos): keep the raw ones
                 raw = logits.clone() if record is not None and record.logits is not None else logits
-                scores = process_scores(options, sequences[computed, :length], logits, beam=False)
+                scores = processors(sequences[computed, :length], logits, computed)
                 if record is not None:
                     record.add(scores, raw)
                 if options["do_sample"]:
@@ -511,6 +423,9 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
             yield next_tokens
             if len(eos):
                 unfinished &= ~torch.isin(next_tokens, eos)
+            if stops:
+                unfinished &= ~stops(sequences[:, :length + 1], record.steps("scores") if record else None)
+            if len(eos) or stops:
                 if not bool(unfinished.any()):
                     return
                 if may_drop_rows and 4 * int((~unfinished[computed]).sum()) >= len(computed):
@@ -527,8 +442,8 @@ def widened(buffer: torch.Tensor, width: int, fill) -> torch.Tensor:
     return grown
 
 
-def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options, generator=None,
-                record: Optional[StepRecord] = None, use_cuda_graph=False):
+def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options, processors: Processors,
+                stops: StopCriteria, generator=None, record: Optional[StepRecord] = None, use_cuda_graph=False):
     """transformers' vectorised beam search (its ``_beam_search``), on our static cache.
 
     Returns ``(sequences [batch * num_return_sequences, T], sequence scores, beam indices
@@ -552,8 +467,8 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
     running[:, :, :prompt_length] = prompt[:, None, :]
     finished = running.clone()
     running_scores = torch.zeros(batch, num_beams, device=device)
-    running_scores[:, 1:] = _NO_HYPOTHESIS
-    finished_scores = torch.full((batch, num_beams), _NO_HYPOTHESIS, device=device)
+    running_scores[:, 1:] = NO_HYPOTHESIS
+    finished_scores = torch.full((batch, num_beams), NO_HYPOTHESIS, device=device)
     is_finished = torch.zeros(batch, num_beams, dtype=torch.bool, device=device)
     improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
     running_origin = torch.full((batch, num_beams, width - prompt_length), -1, dtype=torch.long,
@@ -561,6 +476,7 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
     finished_origin = running_origin.clone()
     decoder = make_decoder(model, encoder_states, encoder_mask, num_beams, max_length, use_cuda_graph)
     batch_offset = torch.arange(batch, device=device)[:, None] * num_beams
+    every_row = torch.arange(batch * num_beams, device=device)
 
     def gather(tensor, index):
         while index.dim() < tensor.dim():
@@ -578,7 +494,7 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
                 finished_origin = widened(finished_origin, width - prompt_length, -1)
             flat = running.view(batch * num_beams, width)[:, :length]
             logits = decoder.step(tokens)
-            log_probs = process_scores(o, flat, F.log_softmax(logits, dim=-1), beam=True)
+            log_probs = processors(flat, F.log_softmax(logits, dim=-1), every_row)
             if record is not None:
                 record.add(log_probs, logits)
             log_probs = (log_probs.view(batch, num_beams, vocab) + running_scores[:, :, None]).view(batch, -1)
@@ -595,9 +511,13 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
             hits_eos = torch.isin(top_sequences[:, :, length], eos) if len(eos) else \
                 torch.zeros_like(top_log_probs, dtype=torch.bool)
             hits_stop = hits_eos | (length + 1 >= max_length)
+            if stops:
+                candidates = top_sequences[:, :, :length + 1].reshape(batch * beams_to_keep, length + 1)
+                hits_stop = hits_stop | stops(candidates, record.steps("scores") if record else None).view(
+                    batch, beams_to_keep)
 
             # the best num_beams continuations that did not stop keep running
-            continuing = top_log_probs + hits_stop.float() * _NO_HYPOTHESIS
+            continuing = top_log_probs + hits_stop.float() * NO_HYPOTHESIS
             keep = torch.topk(continuing, num_beams)[1]
             running, running_scores, running_origin = (gather(top_sequences, keep), gather(continuing, keep),
                                                        gather(top_origin, keep))
@@ -606,9 +526,9 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
             just_finished = hits_stop & top_num_beam_mask[None, :]
             candidate_scores = top_log_probs / ((length + 1 - prompt_length) ** length_penalty)
             batch_full = is_finished.all(dim=-1, keepdim=True) & (early_stopping is True)
-            candidate_scores = candidate_scores + batch_full.float() * _NO_HYPOTHESIS
-            candidate_scores = candidate_scores + (~improvable).float() * _NO_HYPOTHESIS
-            candidate_scores = candidate_scores + (~just_finished).float() * _NO_HYPOTHESIS
+            candidate_scores = candidate_scores + batch_full.float() * NO_HYPOTHESIS
+            candidate_scores = candidate_scores + (~improvable).float() * NO_HYPOTHESIS
+            candidate_scores = candidate_scores + (~just_finished).float() * NO_HYPOTHESIS
             merged_scores = torch.cat([finished_scores, candidate_scores], dim=1)
             best = torch.topk(merged_scores, num_beams)[1]
             finished = gather(torch.cat([finished, top_sequences], dim=1), best)
@@ -626,7 +546,7 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
             else:
                 best_length = length - prompt_length
             best_running = running_scores[:, :1] / (best_length ** length_penalty)
-            worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], _NO_HYPOTHESIS)
+            worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], NO_HYPOTHESIS)
             improvable = improvable & (best_running > worst_finished).any(dim=-1, keepdim=True)
             open_beams = ~(is_finished.all() & (early_stopping is True))
             if not bool(improvable.any() & open_beams & ~hits_stop.all()):
@@ -640,13 +560,27 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
     return sequences[:, :prompt_length + generated], sequence_scores, origin[:, :generated]
 
 
+def make_processors(model, options, prompt, max_length, input_ids, logits_processor=None,
+                    prefix_allowed_tokens_fn=None) -> Processors:
+    beam = options["num_beams"] > 1
+    rows_per_source = options["num_beams"] if beam else (options["num_return_sequences"] if options["do_sample"] else 1)
+    return Processors(options, model.config.vocab_size, prompt.shape[1], max_length, beam, rows_per_source,
+                      source_ids=input_ids, logits_processor=logits_processor,
+                      prefix_allowed_tokens_fn=prefix_allowed_tokens_fn)
+
+
 def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=None, inputs_embeds=None,
              encoder_outputs=None, generation_config=None, streamer=None, generator: Optional[torch.Generator] = None,
-             seed: Optional[int] = None, use_cuda_graph: bool = False, **kwargs):
+             seed: Optional[int] = None, use_cuda_graph: bool = False, logits_processor=None,
+             prefix_allowed_tokens_fn=None, stopping_criteria=None, **kwargs):
     """Decode like transformers' ``generate``; returns ids ``[batch * num_return_sequences, T]``.
 
     The source is ``input_ids``, ``inputs_embeds`` or (the encoder skipped) ``encoder_outputs``.
     Sampling draws from ``generator`` (or a fresh one seeded with ``seed``; else torch's global RNG).
+    ``logits_processor``: callables ``(ids so far, scores) -> scores`` run after the built-in processors
+    and before the sampling warpers, as in transformers; ``prefix_allowed_tokens_fn(batch_id, ids)``
+    lists the tokens allowed next; ``stopping_criteria``: callables ``(ids so far, scores) -> [rows]
+    bool`` that end rows, besides eos, max_length and ``max_time``.
     ``use_cuda_graph=True`` (CUDA only; opt-in) replays single-token steps from a captured CUDA graph.
     ``streamer``: an object with ``put(ids)`` / ``end()`` (transformers' streamer protocol): it
     receives the decoder prompt, then each step's tokens.
@@ -662,6 +596,9 @@ def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=No
         generator = torch.Generator(device=model.device).manual_seed(seed)
     encoder_states, mask, prompt, max_length = prepare(model, input_ids, attention_mask, decoder_input_ids, options,
                                                        inputs_embeds, encoder_outputs)
+    processors = make_processors(model, options, prompt, max_length, input_ids if encoder_outputs is None else None,
+                                 logits_processor, prefix_allowed_tokens_fn)
+    stops = StopCriteria(options["max_time"], stopping_criteria)
     record = None
     if options["return_dict_in_generate"] and (options["output_scores"] or options["output_logits"]):
         record = StepRecord(scores=[] if options["output_scores"] else None,
@@ -671,14 +608,15 @@ def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=No
         if streamer is not None:
             raise ValueError("streamer cannot be used with beam search (num_beams > 1)")
         sequences, sequence_scores, beam_indices = beam_search(model, encoder_states, mask, prompt, max_length,
-                                                               options, generator, record, use_cuda_graph)
+                                                               options, processors, stops, generator, record,
+                                                               use_cuda_graph)
     else:
         expand = options["num_return_sequences"] if options["do_sample"] else 1
         if streamer is not None:  # one stream per returned sequence
             streamer.put(prompt.repeat_interleave(expand, dim=0).cpu())
         steps = []
-        for tokens in sample_steps(model, encoder_states, mask, prompt, max_length, options, generator, record,
-                                   use_cuda_graph):
+        for tokens in sample_steps(model, encoder_states, mask, prompt, max_length, options, processors, stops,
+                                   generator, record, use_cuda_graph):
             steps.append(tokens)
             if streamer is not None:
                 streamer.put(tokens.cpu())
@@ -699,6 +637,9 @@ def generate_stream(model, input_ids=None, attention_mask=None, **kwargs) -> Ite
     seed = kwargs.pop("seed", None)
     decoder_input_ids = kwargs.pop("decoder_input_ids", None)
     use_cuda_graph = kwargs.pop("use_cuda_graph", False)
+    logits_processor = kwargs.pop("logits_processor", None)
+    prefix_allowed_tokens_fn = kwargs.pop("prefix_allowed_tokens_fn", None)
+    stopping_criteria = kwargs.pop("stopping_criteria", None)
     options = resolve_options(model, kwargs.pop("generation_config", None), **kwargs)
     check_options(options, model.config.vocab_size)
     if options["num_beams"] > 1:
@@ -706,5 +647,8 @@ def generate_stream(model, input_ids=None, attention_mask=None, **kwargs) -> Ite
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
     encoder_states, mask, prompt, max_length = prepare(model, input_ids, attention_mask, decoder_input_ids, options)
-    yield from sample_steps(model, encoder_states, mask, prompt, max_length, options, generator,
+    processors = make_processors(model, options, prompt, max_length, input_ids, logits_processor,
+                                 prefix_allowed_tokens_fn)
+    yield from sample_steps(model, encoder_states, mask, prompt, max_length, options, processors,
+                            StopCriteria(options["max_time"], stopping_criteria), generator,
                             use_cuda_graph=use_cuda_graph)

@@ -1,0 +1,309 @@
+"""Every logits processor and warper generate supports, against transformers' own: exactly equal
+scores on random inputs, then generate() with each option token-for-token against transformers'
+generate (greedy, beam, and sampling from the same global RNG state)."""
+import math
+
+import pytest
+import torch
+
+import umt5_fast
+from umt5_fast import generation
+from umt5_fast.processors import Processors
+from helpers import random_batch
+
+VOCAB = 40
+
+
+def our_processors(options, prompt_length=1, max_length=12, beam=False, rows_per_source=1, source_ids=None,
+                   **extra):
+    o = dict(generation.DEFAULTS, eos_token_id=[1, 3], pad_token_id=0, decoder_start_token_id=0)
+    o.update(options)
+    generation.check_options(o, VOCAB)
+    return Processors(o, VOCAB, prompt_length, max_length, beam, rows_per_source, source_ids=source_ids, **extra)
+
+
+def transformers_processors(options, prompt_length=1, max_length=12, source_ids=None, **extra):
+    import transformers
+    config = transformers.GenerationConfig(eos_token_id=[1, 3], pad_token_id=0, decoder_start_token_id=0,
+                                           max_length=max_length, **options)
+    config._eos_token_tensor = torch.tensor([1, 3])
+    model = transformers.UMT5ForConditionalGeneration(transformers.UMT5Config(vocab_size=VOCAB, d_model=8, d_kv=4,
+                                                                              d_ff=8, num_layers=1, num_heads=1))
+    return model._get_logits_processor(config, input_ids_seq_length=prompt_length, encoder_input_ids=source_ids,
+                                       device="cpu", **extra)
+
+
+def random_step(seed, rows=6, length=7, with_specials=False):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(rows, VOCAB, generator=g) * 3
+    sequences = torch.randint(2, 9, (rows, length), generator=g)  # small range: repeated n-grams
+    sequences[:, 0] = 0
+    if with_specials:
+        scores[0, 5], scores[1, 6], scores[2, 7] = math.inf, -math.inf, math.nan
+    return sequences, scores
+
+
+SOURCE = torch.tensor([[4, 5, 6, 4, 5, 7, 0, 0], [8, 2, 8, 2, 3, 6, 5, 4]])
+OPTIONS = [
+    dict(sequence_bias={(5,): 2.5, (4, 6): -1.5, (2, 3, 7): 4.0, (6, 6): -math.inf}),
+    dict(sequence_bias=[[[7], 1.0], [[2, 5], -2.0]]),
+    dict(bad_words_ids=[[5], [3], [4, 6], [2, 3, 8], [6, 1]]),
+    dict(encoder_repetition_penalty=1.7),
+    dict(encoder_repetition_penalty=0.6),
+    dict(encoder_no_repeat_ngram_size=1),
+    dict(encoder_no_repeat_ngram_size=2),
+    dict(encoder_no_repeat_ngram_size=3),
+    dict(forced_bos_token_id=9),
+    dict(forced_eos_token_id=3),
+    dict(forced_eos_token_id=[3, 5]),
+    dict(remove_invalid_values=True),
+    dict(exponential_decay_length_penalty=(2, 1.4)),
+    dict(suppress_tokens=[2, 5, 39]),
+    dict(begin_suppress_tokens=[4, 6]),
+    dict(forced_bos_token_id=9, begin_suppress_tokens=[4, 6]),
+    dict(renormalize_logits=True),
+    dict(do_sample=True, min_p=0.2),
+    dict(do_sample=True, typical_p=0.7),
+    dict(do_sample=True, epsilon_cutoff=0.05),
+    dict(do_sample=True, eta_cutoff=0.02),
+    dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, min_p=0.1, typical_p=0.9, epsilon_cutoff=3e-3,
+         eta_cutoff=3e-3, renormalize_logits=True),
+    dict(repetition_penalty=1.3, no_repeat_ngram_size=2, sequence_bias={(5,): 1.0}, bad_words_ids=[[6]],
+         encoder_repetition_penalty=1.2, encoder_no_repeat_ngram_size=2, min_length=9, suppress_tokens=[8],
+         exponential_decay_length_penalty=(1, 1.1), remove_invalid_values=True),
+]
+
+
+@pytest.mark.parametrize("case", range(len(OPTIONS)))
+@pytest.mark.parametrize("length", [1, 2, 3, 7, 11])
+@pytest.mark.parametrize("beam", [False, True])
+def test_processors_match_transformers(case, length, beam):
+    options = OPTIONS[case]
+    if beam:  # 2 sources x 3 beams: the encoder processors pick each row's source
+        options = dict(options, num_beams=3)
+    # inf / nan scores only where a processor is there to remove them (sampling warpers refuse nan, as
+    # transformers' do)
+    sequences, scores = random_step(case * 100 + length, length=length,
+                                    with_specials=options.get("remove_invalid_values", False))
+    source = SOURCE if beam else SOURCE.repeat(3, 1)
+    ours = our_processors(options, max_length=12, beam=beam, rows_per_source=3 if beam else 1, source_ids=source)
+    # transformers gives its encoder processors the unexpanded source; its repetition penalty then
+    # gathers for the first `batch` rows only, with the wrong sources (not so in generate with
+    # num_beams=1): its reference here reads one source row per beam
+    theirs = transformers_processors(options, max_length=12,
+                                     source_ids=source.repeat_interleave(3, dim=0) if beam else source)
+    rows = torch.arange(scores.shape[0])
+    got = ours(sequences, scores.clone(), rows)
+    expected = theirs(sequences, scores.clone())
+    assert torch.equal(got.isnan(), expected.isnan())
+    assert torch.equal(got.nan_to_num(), expected.nan_to_num()), options
+
+
+def test_encoder_processors_pick_each_row_source_among_a_subset_of_rows():
+    """Greedy decoding drops finished rows: the rows left must still read their own source."""
+    options = dict(encoder_repetition_penalty=1.5, encoder_no_repeat_ngram_size=2)
+    sequences, scores = random_step(3, rows=4)
+    source = torch.randint(2, 30, (4, 9))
+    ours = our_processors(options, source_ids=source)
+    theirs = transformers_processors(options, source_ids=source)
+    full = theirs(sequences, scores.clone())
+    kept = torch.tensor([1, 3])
+    assert torch.equal(ours(sequences[kept], scores[kept].clone(), kept), full[kept])
+
+
+def test_prefix_allowed_tokens_fn_and_custom_processors_match_transformers():
+    from transformers.generation import logits_process as lp
+    allowed = lambda batch_id, ids: [int(ids[-1]) % 7 + batch_id, 30 + batch_id]  # noqa: E731
+    custom = lp.RepetitionPenaltyLogitsProcessor(1.9)
+    sequences, scores = random_step(5)
+    ours = our_processors(dict(num_beams=3), beam=True, rows_per_source=3, prefix_allowed_tokens_fn=allowed,
+                          logits_processor=[custom])
+    theirs = transformers_processors(dict(num_beams=3), prefix_allowed_tokens_fn=allowed,
+                                     logits_processor=lp.LogitsProcessorList([custom]))
+    assert torch.equal(ours(sequences, scores.clone(), torch.arange(6)), theirs(sequences, scores.clone()))
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(sequence_bias={(5,): "high"}), "sequence_bias"),
+    (dict(sequence_bias={}), "sequence_bias"),
+    (dict(sequence_bias={(5, 40): 1.0}), r"sequence_bias.*\[0, 40\)"),
+    (dict(bad_words_ids=[[]]), "bad_words_ids"),
+    (dict(bad_words_ids=[5]), "bad_words_ids"),
+    (dict(bad_words_ids=[[-1]]), "bad_words_ids"),
+    (dict(encoder_repetition_penalty=0.0), "encoder_repetition_penalty"),
+    (dict(encoder_no_repeat_ngram_size=-1), "encoder_no_repeat_ngram_size"),
+    (dict(encoder_no_repeat_ngram_size=1.5), "encoder_no_repeat_ngram_size"),
+    (dict(forced_bos_token_id=40), "forced_bos_token_id"),
+    (dict(forced_eos_token_id=[]), "forced_eos_token_id"),
+    (dict(forced_eos_token_id="1"), "forced_eos_token_id"),
+    (dict(exponential_decay_length_penalty=(2,)), "exponential_decay_length_penalty"),
+    (dict(exponential_decay_length_penalty=(2, -1.0)), "exponential_decay_length_penalty"),
+    (dict(suppress_tokens=[1, 40]), "suppress_tokens"),
+    (dict(begin_suppress_tokens=3), "begin_suppress_tokens"),
+    (dict(remove_invalid_values="yes"), "remove_invalid_values"),
+    (dict(renormalize_logits=1), "renormalize_logits"),
+    (dict(min_p=1.5), "min_p"),
+    (dict(typical_p=0.0), "typical_p"),
+    (dict(epsilon_cutoff=1.0), "epsilon_cutoff"),
+    (dict(eta_cutoff=-0.1), "eta_cutoff"),
+    (dict(exponential_decay_length_penalty=(2, 1.5), eos_token_id=None), "eos_token_id"),
+])
+def test_bad_processor_options_are_named(options, match):
+    with pytest.raises(ValueError, match=match):
+        our_processors(options)
+
+
+def test_bad_custom_processors_are_named():
+    with pytest.raises(TypeError, match="logits_processor"):
+        our_processors({}, logits_processor=[3])
+    with pytest.raises(TypeError, match="prefix_allowed_tokens_fn"):
+        our_processors({}, prefix_allowed_tokens_fn=[1, 2])
+    sequences, scores = random_step(0)
+    with pytest.raises(ValueError, match="must return scores of shape"):
+        our_processors({}, logits_processor=[lambda ids, s: s[:, :3]])(sequences, scores, torch.arange(6))
+    with pytest.raises(ValueError, match="returned no token"):
+        our_processors({}, prefix_allowed_tokens_fn=lambda b, ids: [])(sequences, scores, torch.arange(6))
+
+
+# ---------------------------------------------------------------------------------------------
+# generate() with each option against transformers' generate
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def models(checkpoint_factory):
+    path, hf = checkpoint_factory("UMT5ForConditionalGeneration", num_layers=3, num_decoder_layers=2)
+    return {backend: umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend=backend)
+            for backend in ("eager", "cpu")}, hf
+
+
+# c: the tokens greedy decoding emits most, most first (c[0] serves as an eos): so that banning or
+# biasing them changes the result
+GENERATE_CASES = [
+    lambda c: dict(sequence_bias={(c[1],): -3.0, (c[2], c[2]): -5.0, (c[3],): 2.0}),
+    lambda c: dict(bad_words_ids=[[c[1]], [c[2], c[3]]]),
+    lambda c: dict(encoder_repetition_penalty=2.0),
+    lambda c: dict(encoder_no_repeat_ngram_size=2),
+    lambda c: dict(forced_bos_token_id=5, forced_eos_token_id=1),
+    lambda c: dict(exponential_decay_length_penalty=(2, 1.5)),
+    lambda c: dict(suppress_tokens=[c[1], 2, 3], begin_suppress_tokens=[c[2]]),
+    lambda c: dict(remove_invalid_values=True, renormalize_logits=True),
+]
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpu"])
+@pytest.mark.parametrize("num_beams", [1, 3])
+@pytest.mark.parametrize("case", range(len(GENERATE_CASES)))
+def test_generate_with_each_processor_matches_transformers(models, backend, num_beams, case):
+    ours, hf = models[0][backend], models[1]
+    ids, mask = random_batch(ours.config.vocab_size, 3, 23, seed=case)
+    emitted = ours.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None)[:, 1:]
+    common = (torch.bincount(emitted.flatten(), minlength=ours.config.vocab_size)[2:].argsort(descending=True)
+              + 2).tolist()
+    eos = common[0]  # an eos the model emits often: rows end at different steps
+    kwargs = dict(GENERATE_CASES[case](common), max_new_tokens=12, num_beams=num_beams, eos_token_id=[eos, 1],
+                  return_dict_in_generate=True, output_scores=True)
+    if num_beams > 1:
+        kwargs.update(num_return_sequences=2)
+    reference_kwargs = dict(kwargs)
+    if num_beams > 1 and "encoder_repetition_penalty" in kwargs:
+        # transformers' own gives the unexpanded source to the beams (see above); its processor with
+        # one source row per beam replaces it
+        from transformers.generation import logits_process as lp
+        reference_kwargs["logits_processor"] = lp.LogitsProcessorList([lp.EncoderRepetitionPenaltyLogitsProcessor(
+            kwargs["encoder_repetition_penalty"], ids.repeat_interleave(num_beams, dim=0))])
+    with torch.no_grad():
+        expected = hf.generate(ids, attention_mask=mask, **reference_kwargs)
+    got = ours.generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    # without scores to return, greedy steps may take the LM head screen's argmax: not with a processor
+    plain = {k: v for k, v in kwargs.items() if k not in ("return_dict_in_generate", "output_scores")}
+    assert torch.equal(ours.generate(ids, attention_mask=mask, **plain), expected.sequences)
+    assert len(got.scores) == len(expected.scores)
+    for step, (a, b) in enumerate(zip(got.scores, expected.scores)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {step}")
+
+
+@pytest.mark.parametrize("options", [dict(min_p=0.1), dict(typical_p=0.8), dict(epsilon_cutoff=0.01),
+                                     dict(eta_cutoff=0.01), dict(top_k=0, min_p=0.05, typical_p=0.95)])
+def test_sampling_warpers_draw_what_transformers_draws(models, options):
+    ours, hf = models[0]["eager"], models[1]
+    ids, mask = random_batch(ours.config.vocab_size, 2, 19, seed=4)
+    kwargs = dict(options, do_sample=True, max_new_tokens=10, num_return_sequences=2)
+    torch.manual_seed(11)
+    with torch.no_grad():
+        expected = hf.generate(ids, attention_mask=mask, **kwargs)
+    torch.manual_seed(11)
+    assert torch.equal(ours.generate(ids, attention_mask=mask, **kwargs), expected)
+
+
+def test_custom_processor_and_prefix_fn_in_generate(models):
+    from transformers.generation import logits_process as lp
+    ours, hf = models[0]["cpu"], models[1]
+    ids, mask = random_batch(ours.config.vocab_size, 3, 17, seed=6)
+    allowed = lambda batch_id, sent: list(range(2, 40, 2 + batch_id))  # noqa: E731
+    for num_beams in (1, 2):
+        kwargs = dict(max_new_tokens=9, num_beams=num_beams, prefix_allowed_tokens_fn=allowed,
+                      logits_processor=lp.LogitsProcessorList([lp.NoRepeatNGramLogitsProcessor(2)]))
+        with torch.no_grad():
+            expected = hf.generate(ids, attention_mask=mask, **kwargs)
+        got = ours.generate(ids, attention_mask=mask, **kwargs)
+        assert torch.equal(got, expected)
+        assert all((int(t) - 2) % (2 + b) == 0 for b in range(3) for t in got[b, 1:])
+
+
+def test_encoder_processors_without_input_ids_warn_and_are_skipped(models):
+    ours = models[0]["eager"]
+    ids, mask = random_batch(ours.config.vocab_size, 2, 11, seed=2)
+    embeds = ours.get_input_embeddings()(ids)
+    plain = ours.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=6)
+    with pytest.warns(UserWarning, match="encoder_repetition_penalty"):
+        got = ours.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=6,
+                            encoder_repetition_penalty=3.0)
+    assert torch.equal(got, plain)
+
+
+class StopAfterToken:
+    """A caller's stopping criterion: a row ends once it emitted ``token`` twice, row r after 4 + 2r
+    tokens at the latest (rows end at different steps, and all end early)."""
+
+    def __init__(self, token):
+        self.token = token
+
+    def __call__(self, input_ids, scores, **kwargs):
+        latest = 5 + 2 * torch.arange(input_ids.shape[0]) % 6
+        return ((input_ids == self.token).sum(dim=1) >= 2) | (input_ids.shape[1] >= latest)
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpu"])
+@pytest.mark.parametrize("num_beams", [1, 2])
+@pytest.mark.parametrize("with_eos", [True, False])
+def test_stopping_criteria_match_transformers(models, backend, num_beams, with_eos):
+    from transformers.generation.stopping_criteria import StoppingCriteriaList
+    ours, hf = models[0][backend], models[1]
+    ids, mask = random_batch(ours.config.vocab_size, 3, 21, seed=9)
+    emitted = ours.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None)[:, 1:]
+    token = int(torch.bincount(emitted.flatten())[2:].argmax()) + 2
+    kwargs = dict(max_new_tokens=14, num_beams=num_beams, stopping_criteria=StoppingCriteriaList([StopAfterToken(token)]))
+    if not with_eos:
+        kwargs.update(eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        expected = hf.generate(ids, attention_mask=mask, **kwargs)
+    got = ours.generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(got, expected)
+    assert got.shape[1] < 15, "the criterion should end the rows early"
+
+
+def test_max_time(models):
+    ours = models[0]["cpu"]
+    ids, mask = random_batch(ours.config.vocab_size, 2, 9, seed=1)
+    for num_beams in (1, 2):
+        assert ours.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None, num_beams=num_beams,
+                             max_time=0.0).shape == (2, 2)  # the first step already took longer than 0 s
+        untimed = ours.generate(ids, attention_mask=mask, max_new_tokens=8, num_beams=num_beams)
+        assert torch.equal(ours.generate(ids, attention_mask=mask, max_new_tokens=8, num_beams=num_beams,
+                                         max_time=600.0), untimed)
+    with pytest.raises(ValueError, match="max_time"):
+        ours.generate(ids, attention_mask=mask, max_time=-1.0)
+    with pytest.raises(ValueError, match="must return a bool tensor"):
+        ours.generate(ids, attention_mask=mask, stopping_criteria=[lambda ids, scores: torch.ones(5)])
+    with pytest.raises(TypeError, match="stopping_criteria"):
+        ours.generate(ids, attention_mask=mask, stopping_criteria=[None])

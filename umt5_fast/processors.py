@@ -1,0 +1,466 @@
+"""transformers' logits processors and warpers, same definitions and order (its
+``_get_logits_processor``): what ``generate`` does to each step's scores before it picks tokens.
+
+``Processors`` is built once per ``generate`` call from the resolved options; calling it on a step's
+``[rows, vocab]`` scores applies, in order: sequence_bias, encoder_repetition_penalty,
+repetition_penalty, no_repeat_ngram_size, encoder_no_repeat_ngram_size, bad_words_ids, min_length /
+min_new_tokens, prefix_allowed_tokens_fn, forced_bos_token_id, forced_eos_token_id,
+remove_invalid_values, exponential_decay_length_penalty, suppress_tokens, begin_suppress_tokens, the
+caller's ``logits_processor`` list; then, when sampling, temperature, top_k, top_p, min_p, typical_p,
+epsilon_cutoff and eta_cutoff; and renormalize_logits last.
+"""
+import math
+import time
+import warnings
+from typing import Callable, Optional, Sequence
+
+import torch
+
+# Beam search's score of a missing hypothesis (transformers' -1e9): scaled scores below it would lose
+# to the placeholders of empty hypotheses.
+NO_HYPOTHESIS = -1.0e9
+
+
+# ---------------------------------------------------------------------------------------------
+# The processors, one function each (``sequences``: the ids so far, ``[rows, length]``)
+# ---------------------------------------------------------------------------------------------
+def repetition_penalty(sequences, scores, penalty: float):
+    picked = torch.gather(scores, 1, sequences)
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return scores.scatter(1, sequences, picked)
+
+
+def encoder_repetition_penalty(source_ids, scores, penalty: float):
+    """Raise the scores of tokens the row's source holds (``source_ids`` ``[rows, source length]``):
+    transformers stores 1 / penalty and applies it as the repetition penalty applies its penalty."""
+    inverse = 1 / penalty
+    picked = torch.gather(scores, 1, source_ids)
+    picked = torch.where(picked < 0, picked * inverse, picked / inverse)
+    return scores.scatter(1, source_ids, picked)
+
+
+def banned_continuations(windows, sequences, scores) -> torch.Tensor:
+    """``[rows, vocab]`` bool: the last tokens of those n-gram ``windows`` ``[rows, count, n]`` whose
+    first n-1 tokens equal the last n-1 ids of the row (vectorised n-gram lookup)."""
+    n = windows.shape[-1]
+    prefix = sequences[:, sequences.shape[1] - n + 1:]
+    matches = (windows[:, :, :-1] == prefix[:, None, :]).all(-1)
+    # scatter_add: several windows may name the same next token (scatter_ would keep any one write)
+    banned = torch.zeros_like(scores).scatter_add_(1, windows[:, :, -1], matches.to(scores.dtype))
+    return banned > 0
+
+
+def no_repeat_ngram(sequences, scores, n: int):
+    """Ban every token that would complete an n-gram already present in the row."""
+    length = sequences.shape[1]
+    if length < n:  # no complete n-gram yet
+        return scores
+    if n == 1:
+        return scores.scatter(1, sequences, -math.inf)
+    return scores.masked_fill(banned_continuations(sequences.unfold(1, n, 1), sequences, scores), -math.inf)
+
+
+def encoder_no_repeat_ngram(source_ids, sequences, scores, n: int):
+    """Ban every token that would complete an n-gram of the row's source (``source_ids``
+    ``[rows, source length]``, padding included, as transformers reads it)."""
+    if sequences.shape[1] < n - 1 or source_ids.shape[1] < n:  # no prefix to match yet / no n-gram
+        return scores
+    if n == 1:
+        return scores.scatter(1, source_ids, -math.inf)
+    return scores.masked_fill(banned_continuations(source_ids.unfold(1, n, 1), sequences, scores), -math.inf)
+
+
+def forbid_eos(scores, eos_ids):
+    """In place (min_length / min_new_tokens): a copy of [rows, vocab] scores per step cost more than the
+    rest of the processors; ``Processors`` owns the scores it is given."""
+    scores[:, eos_ids] = -math.inf
+    return scores
+
+
+def only_tokens(scores, token_ids):
+    """forced_bos / forced_eos: every score -inf but ``token_ids``' (0)."""
+    forced = torch.full_like(scores, -math.inf)
+    forced[:, token_ids] = 0
+    return forced
+
+
+def remove_invalid_values(scores):
+    finfo = torch.finfo(scores.dtype)
+    cleaned = torch.where(scores != scores, 0.0, scores)
+    cleaned = torch.where(scores == math.inf, finfo.max, cleaned)
+    return torch.where(scores == -math.inf, finfo.min, cleaned)
+
+
+def suppress(scores, token_mask):
+    """``token_mask`` ``[vocab]`` bool: those tokens' scores become -inf."""
+    return torch.where(token_mask, -math.inf, scores)
+
+
+def top_k_filter(scores, top_k: int, min_tokens_to_keep: int = 1):
+    top_k = min(max(top_k, min_tokens_to_keep), scores.size(-1))
+    return scores.masked_fill(scores < torch.topk(scores, top_k)[0][..., -1, None], -math.inf)
+
+
+def top_p_filter(scores, top_p: float, min_tokens_to_keep: int = 1):
+    sorted_logits, sorted_indices = torch.sort(scores, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= (1 - top_p)
+    remove[..., -min_tokens_to_keep:] = 0
+    return scores.masked_fill(remove.scatter(1, sorted_indices, remove), -math.inf)
+
+
+def min_p_filter(scores, min_p: float, min_tokens_to_keep: int = 1):
+    """Drop tokens less likely than min_p times the most likely one."""
+    probs = torch.softmax(scores, dim=-1)
+    remove = probs < min_p * probs.max(dim=-1, keepdim=True)[0]
+    order = torch.argsort(scores, descending=True, dim=-1)
+    sorted_remove = torch.gather(remove, -1, order)
+    sorted_remove[..., :min_tokens_to_keep] = False
+    return scores.masked_fill(sorted_remove.scatter(1, order, sorted_remove), -math.inf)
+
+
+def typical_filter(scores, mass: float, min_tokens_to_keep: int = 1):
+    """Keep the tokens whose surprise is closest to the entropy, up to ``mass`` of probability."""
+    normalized = torch.nn.functional.log_softmax(scores, dim=-1)
+    p = torch.exp(normalized)
+    entropy = -(normalized * p).nansum(-1, keepdim=True)
+    shifted = torch.abs((-normalized) - entropy)
+    sorted_shifted, order = torch.sort(shifted, descending=False)
+    cumulative = scores.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
+    last = (cumulative < mass).sum(dim=1).clamp_(max=sorted_shifted.shape[-1] - 1)
+    sorted_remove = sorted_shifted > sorted_shifted.gather(1, last.view(-1, 1))
+    sorted_remove[..., :min_tokens_to_keep] = 0
+    return scores.masked_fill(sorted_remove.scatter(1, order, sorted_remove), -math.inf)
+
+
+def probability_cutoff(scores, cutoff, min_tokens_to_keep: int = 1):
+    """epsilon / eta sampling: drop tokens whose probability is below ``cutoff`` (a number or a
+    ``[rows, 1]`` tensor), keeping the ``min_tokens_to_keep`` most likely."""
+    remove = scores.softmax(dim=-1) < cutoff
+    top_k = min(min_tokens_to_keep, scores.size(-1))
+    remove = remove & (scores < torch.topk(scores, top_k)[0][..., -1, None])
+    return scores.masked_fill(remove, -math.inf)
+
+
+def eta_cutoff(scores, eta: float):
+    """eta sampling's cutoff: min(eta, sqrt(eta) * exp(-entropy)) per row."""
+    eta_tensor = torch.tensor(eta, device=scores.device)
+    entropy = torch.distributions.Categorical(logits=scores).entropy()
+    return torch.min(eta_tensor, torch.sqrt(eta_tensor) * torch.exp(-entropy))[..., None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Options: normalisation and checks
+# ---------------------------------------------------------------------------------------------
+def token_id_sequences(name: str, value, vocab_size: int) -> list:
+    """bad_words_ids (and sequence_bias keys): non-empty lists of token ids."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{name} must be a non-empty list of lists of token ids, got {value!r}")
+    sequences = []
+    for sequence in value:
+        if (not isinstance(sequence, (list, tuple)) or not sequence
+                or not all(is_token_id(t, vocab_size) for t in sequence)):
+            raise ValueError(f"{name} must be a non-empty list of non-empty lists of token ids in "
+                             f"[0, {vocab_size}), got {value!r}")
+        sequences.append(tuple(int(t) for t in sequence))
+    return sequences
+
+
+def sequence_bias_dict(value, vocab_size: int) -> dict:
+    """sequence_bias as transformers takes it, ``{(ids...): bias}`` or ``[[ids], bias]`` pairs (the
+    form a generation_config.json stores), as a dict."""
+    pairs = value.items() if isinstance(value, dict) else value
+    if not isinstance(pairs, (list, tuple, type({}.items()))) or not pairs or not all(
+            isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
+        raise ValueError(f"sequence_bias must be a non-empty dict {{(token ids): bias}} or a list of "
+                         f"[[token ids], bias] pairs, got {value!r}")
+    keys = token_id_sequences("sequence_bias's token sequences", [list(k) for k, _ in pairs], vocab_size)
+    biases = [b for _, b in pairs]
+    if not all(isinstance(b, (int, float)) and not isinstance(b, bool) and not math.isnan(b) for b in biases):
+        raise ValueError(f"sequence_bias's biases must be numbers, got {biases!r}")
+    return dict(zip(keys, (float(b) for b in biases)))
+
+
+def is_token_id(value, vocab_size: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab_size
+
+
+def is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_processor_options(o: dict, vocab_size: int):
+    """Refuse option values transformers refuses (or that would fail inside a step), naming them;
+    normalise the token-id lists in ``o``."""
+    def in_range(name, low, high, low_open=False, high_open=False):
+        value = o[name]
+        ok = is_finite_number(value) and (low < value if low_open else low <= value) and (
+            value < high if high_open else value <= high)
+        if not ok:
+            raise ValueError(f"{name} must be a number in {'(' if low_open else '['}{low}, {high}"
+                             f"{')' if high_open else ']'}, got {value!r}")
+
+    def token_ids(name):
+        value = o[name]
+        ids = list(value) if isinstance(value, (list, tuple)) else value
+        if not isinstance(ids, list) or not all(is_token_id(t, vocab_size) for t in ids):
+            raise ValueError(f"{name} must be a list of token ids in [0, {vocab_size}), got {value!r}")
+        o[name] = ids
+
+    if o["sequence_bias"] is not None:
+        o["sequence_bias"] = sequence_bias_dict(o["sequence_bias"], vocab_size)
+    if o["bad_words_ids"] is not None:
+        o["bad_words_ids"] = token_id_sequences("bad_words_ids", o["bad_words_ids"], vocab_size)
+    if not (is_finite_number(o["encoder_repetition_penalty"]) and o["encoder_repetition_penalty"] > 0):
+        raise ValueError(f"encoder_repetition_penalty must be a number > 0, got {o['encoder_repetition_penalty']!r}")
+    size = o["encoder_no_repeat_ngram_size"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"encoder_no_repeat_ngram_size must be an integer >= 0, got {size!r}")
+    if o["forced_bos_token_id"] is not None and not is_token_id(o["forced_bos_token_id"], vocab_size):
+        raise ValueError(f"forced_bos_token_id must be a token id in [0, {vocab_size}), got "
+                         f"{o['forced_bos_token_id']!r}")
+    forced_eos = o["forced_eos_token_id"]
+    if forced_eos is not None:
+        forced_eos = list(forced_eos) if isinstance(forced_eos, (list, tuple)) else [forced_eos]
+        if not forced_eos or not all(is_token_id(t, vocab_size) for t in forced_eos):
+            raise ValueError(f"forced_eos_token_id must be a token id in [0, {vocab_size}) or a list of them, got "
+                             f"{o['forced_eos_token_id']!r}")
+        o["forced_eos_token_id"] = forced_eos
+    decay = o["exponential_decay_length_penalty"]
+    if decay is not None and not (isinstance(decay, (list, tuple)) and len(decay) == 2
+                                  and isinstance(decay[0], int) and not isinstance(decay[0], bool) and decay[0] >= 0
+                                  and is_finite_number(decay[1]) and decay[1] > 0):
+        raise ValueError("exponential_decay_length_penalty must be (start index >= 0, decay factor > 0), got "
+                         f"{decay!r}")
+    for name in ("suppress_tokens", "begin_suppress_tokens"):
+        if o[name] is not None:
+            token_ids(name)
+    for name in ("remove_invalid_values", "renormalize_logits"):
+        if not isinstance(o[name], bool):
+            raise ValueError(f"{name} must be True or False, got {o[name]!r}")
+    if o["min_p"] is not None:
+        in_range("min_p", 0, 1)
+    in_range("typical_p", 0, 1, low_open=True)
+    in_range("epsilon_cutoff", 0, 1, high_open=True)
+    in_range("eta_cutoff", 0, 1, high_open=True)
+    if o["max_time"] is not None and not (is_finite_number(o["max_time"]) and o["max_time"] >= 0):
+        raise ValueError(f"max_time must be a number of seconds >= 0, got {o['max_time']!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# One generate call's processors
+# ---------------------------------------------------------------------------------------------
+class Processors:
+    """The processors one ``generate`` call's options ask for.
+
+    ``rows_per_source``: rows of the decoded batch per source row (beams, or sampled return
+    sequences); ``source_ids``: the encoder's input ids ``[batch, source length]``, None when the
+    source came as embeddings (the encoder processors are then skipped with a warning, as
+    transformers skips them); ``logits_processor``: the caller's ``(input_ids, scores) -> scores``
+    callables; ``prefix_allowed_tokens_fn(batch_id, ids) -> allowed ids``.
+    """
+
+    def __init__(self, o: dict, vocab_size: int, prompt_length: int, max_length: int, beam: bool,
+                 rows_per_source: int, source_ids: Optional[torch.Tensor] = None,
+                 logits_processor: Sequence[Callable] = (), prefix_allowed_tokens_fn: Optional[Callable] = None):
+        self.o, self.vocab_size, self.beam = o, vocab_size, beam
+        self.prompt_length, self.max_length = prompt_length, max_length
+        self.rows_per_source = rows_per_source
+        self.custom = list(logits_processor or ())
+        if not all(callable(p) for p in self.custom):
+            raise TypeError("logits_processor must be a list of callables (input_ids, scores) -> scores")
+        if prefix_allowed_tokens_fn is not None and not callable(prefix_allowed_tokens_fn):
+            raise TypeError("prefix_allowed_tokens_fn must be a callable (batch_id, input_ids) -> allowed token ids")
+        self.prefix_allowed_tokens_fn = prefix_allowed_tokens_fn
+        eos = o["eos_token_id"]
+        self.eos = eos
+        self.source_ids = None
+        if o["encoder_repetition_penalty"] != 1.0 or o["encoder_no_repeat_ngram_size"]:
+            if source_ids is None:
+                warnings.warn("encoder_repetition_penalty and encoder_no_repeat_ngram_size need input_ids; "
+                              "generating from inputs_embeds or encoder_outputs, they are ignored (as in "
+                              "transformers)", UserWarning, stacklevel=3)
+            else:
+                self.source_ids = source_ids.long()
+        self.sequence_bias = self.bias_tables(o["sequence_bias"])
+        bad_words = o["bad_words_ids"]
+        if bad_words is not None:  # a bad word that is an eos token alone is not banned
+            bad_words = [w for w in bad_words if not (len(w) == 1 and w[0] in eos)]
+        self.bad_words = self.bias_tables(None if bad_words is None else dict.fromkeys(bad_words, -math.inf))
+        self.suppressed = self.token_mask(o["suppress_tokens"])
+        self.begin_suppressed = self.token_mask(o["begin_suppress_tokens"])
+        # transformers: the first generated position, one later when forced_bos takes a 1-token prompt's
+        self.begin_index = prompt_length + (1 if prompt_length == 1 and o["forced_bos_token_id"] is not None else 0)
+        decay = o["exponential_decay_length_penalty"]
+        if decay is not None and not eos:
+            raise ValueError("exponential_decay_length_penalty raises the eos tokens' scores: it needs an eos_token_id")
+        self.decay = None if decay is None else (decay[0] + prompt_length, float(decay[1]))
+        # whether a greedy step's pick is the argmax of its raw logits, but for min_length's ban of eos
+        # (the LM head screen finds that without computing every logit)
+        self.picks_raw_argmax = not (
+            self.sequence_bias or self.source_ids is not None or o["repetition_penalty"] != 1.0
+            or o["no_repeat_ngram_size"] or self.bad_words or self.prefix_allowed_tokens_fn
+            or o["forced_bos_token_id"] is not None or o["forced_eos_token_id"] is not None
+            or o["remove_invalid_values"] or self.decay or self.suppressed is not None
+            or self.begin_suppressed is not None or self.custom or o["do_sample"] or o["renormalize_logits"])
+
+    def bias_tables(self, biases: Optional[dict]):
+        """(length-1 biases as a [vocab] tensor, [(prefix, last token, bias)] of longer sequences)."""
+        if biases is None:
+            return None
+        single = torch.zeros(self.vocab_size, dtype=torch.float)
+        longer = []
+        for sequence, bias in biases.items():
+            if len(sequence) == 1:
+                single[sequence[0]] = bias
+            else:
+                longer.append((sequence[:-1], sequence[-1], bias))
+        return single, longer
+
+    def token_mask(self, ids):
+        if ids is None:
+            return None
+        mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+        mask[list(ids)] = True
+        return mask
+
+    @staticmethod
+    def add_bias(tables, sequences, scores):
+        """transformers' SequenceBiasLogitsProcessor (NoBadWords is it with -inf biases)."""
+        single, longer = tables
+        bias = torch.zeros_like(scores)
+        bias += single.to(scores.device)
+        for prefix, last, value in longer:
+            if len(prefix) + 1 > sequences.shape[1]:  # longer than the ids so far
+                continue
+            tail = torch.tensor(prefix, dtype=sequences.dtype, device=sequences.device)
+            matching = torch.eq(sequences[:, -len(prefix):], tail).prod(dim=1)
+            bias[:, last] += torch.where(matching.bool(), torch.tensor(value, device=scores.device),
+                                         torch.tensor(0.0, device=scores.device))
+        return scores + bias
+
+    def allowed_by_prefix_fn(self, sequences, scores, rows):
+        mask = torch.full_like(scores, -math.inf)
+        for i, row in enumerate(rows.tolist()):
+            # transformers' batch id: the row's index over num_beams (with sampled return sequences,
+            # the expanded row index)
+            batch_id = row // self.o["num_beams"]
+            allowed = self.prefix_allowed_tokens_fn(batch_id, sequences[i])
+            if len(allowed) == 0:
+                raise ValueError(f"prefix_allowed_tokens_fn returned no token for batch id {batch_id}: the "
+                                 "constraint cannot be met")
+            mask[i, allowed] = 0
+        return scores + mask
+
+    def __call__(self, sequences, scores, rows: torch.Tensor):
+        """Process ``scores`` ``[len(rows), vocab]`` (a step's fresh logits, or their log-softmax; may be
+        modified in place) for the rows ``rows`` of the decoded batch, whose ids so far are
+        ``sequences``."""
+        o = self.o
+        length = sequences.shape[1]
+        if self.sequence_bias is not None:
+            scores = self.add_bias(self.sequence_bias, sequences, scores)
+        source_ids = None if self.source_ids is None else self.source_ids[rows // self.rows_per_source]
+        if source_ids is not None and o["encoder_repetition_penalty"] != 1.0:
+            scores = encoder_repetition_penalty(source_ids, scores, o["encoder_repetition_penalty"])
+        if o["repetition_penalty"] != 1.0:
+            scores = repetition_penalty(sequences, scores, o["repetition_penalty"])
+        if o["no_repeat_ngram_size"]:
+            scores = no_repeat_ngram(sequences, scores, o["no_repeat_ngram_size"])
+        if source_ids is not None and o["encoder_no_repeat_ngram_size"]:
+            scores = encoder_no_repeat_ngram(source_ids, sequences, scores, o["encoder_no_repeat_ngram_size"])
+        if self.bad_words is not None:
+            scores = self.add_bias(self.bad_words, sequences, scores)
+        if eos_forbidden(o, length):
+            scores = forbid_eos(scores, self.eos)
+        if self.prefix_allowed_tokens_fn is not None:
+            scores = self.allowed_by_prefix_fn(sequences, scores, rows)
+        if o["forced_bos_token_id"] is not None and length == 1:
+            scores = only_tokens(scores, o["forced_bos_token_id"])
+        if o["forced_eos_token_id"] is not None and length == self.max_length - 1:
+            scores = only_tokens(scores, o["forced_eos_token_id"])
+        if o["remove_invalid_values"]:
+            scores = remove_invalid_values(scores)
+        if self.decay is not None and length > self.decay[0]:
+            penalties = torch.zeros_like(scores)
+            penalties[:, self.eos] = torch.abs(scores[:, self.eos]) * (pow(self.decay[1], length - self.decay[0]) - 1)
+            scores = scores + penalties
+        if self.suppressed is not None:
+            scores = suppress(scores, self.suppressed.to(scores.device))
+        if self.begin_suppressed is not None and length == self.begin_index:
+            scores = suppress(scores, self.begin_suppressed.to(scores.device))
+        for processor in self.custom:
+            processed = processor(sequences, scores)
+            if not isinstance(processed, torch.Tensor) or processed.shape != scores.shape:
+                raise ValueError(f"logits_processor {processor!r} must return scores of shape {list(scores.shape)}, "
+                                 f"got {processed!r:.200}")
+            scores = processed
+        if o["do_sample"]:
+            scores = self.warp(scores)
+        if o["renormalize_logits"]:
+            scores = scores.log_softmax(dim=-1)
+        return scores
+
+    def warp(self, scores):
+        o, eos = self.o, self.eos
+        # beam sampling keeps a token besides the eos ones, to have a continuation to explore
+        keep = (len(eos) + 1 if eos else 2) if self.beam else 1
+        if o["temperature"] != 1.0:
+            scores = scores / o["temperature"]
+            if not bool(torch.isfinite(scores.max(dim=-1).values).all()):
+                raise ValueError(f"temperature={o['temperature']!r} is so small that the scaled scores "
+                                 "overflow; use a larger temperature or greedy decoding (do_sample=False)")
+            if self.beam and bool((scores.topk(min(o["num_beams"], scores.shape[-1])).values < NO_HYPOTHESIS).any()):
+                # the beams' scores would lose to the placeholders of empty hypotheses, and the
+                # result would be the prompt alone (as transformers returns it)
+                raise ValueError(f"temperature={o['temperature']!r} scales the beam scores below "
+                                 f"{NO_HYPOTHESIS:g}, the score beam search gives a missing hypothesis; use "
+                                 "a larger temperature")
+        if o["top_k"]:
+            scores = top_k_filter(scores, o["top_k"], keep)
+        if o["top_p"] < 1.0:
+            scores = top_p_filter(scores, o["top_p"], keep)
+        if o["min_p"] is not None:
+            scores = min_p_filter(scores, o["min_p"], keep)
+        if o["typical_p"] < 1.0:
+            scores = typical_filter(scores, o["typical_p"], keep)
+        if 0.0 < o["epsilon_cutoff"] < 1.0:
+            scores = probability_cutoff(scores, o["epsilon_cutoff"], keep)
+        if 0.0 < o["eta_cutoff"] < 1.0:
+            scores = probability_cutoff(scores, eta_cutoff(scores, o["eta_cutoff"]), keep)
+        return scores
+
+
+def eos_forbidden(o: dict, length: int) -> bool:
+    """Whether min_length (which ``generation.prepare`` derives from min_new_tokens where that is
+    set) forbids eos at a step after ``length`` ids."""
+    return bool(o["eos_token_id"]) and length < o["min_length"]
+
+
+class StopCriteria:
+    """transformers' stopping criteria beyond eos and max_length: ``max_time`` (seconds from the
+    end of the encoder pass) and the caller's ``stopping_criteria``, callables ``(ids so far,
+    scores) -> [rows] bool`` (scores: the steps' processed scores when generate returns them, else
+    None, as transformers passes them)."""
+
+    def __init__(self, max_time: Optional[float] = None, stopping_criteria: Sequence[Callable] = ()):
+        self.custom = list(stopping_criteria or ())
+        if not all(callable(c) for c in self.custom):
+            raise TypeError("stopping_criteria must be a list of callables (input_ids, scores) -> bool per row")
+        self.deadline = None if max_time is None else time.time() + max_time
+
+    def __bool__(self):
+        return bool(self.custom) or self.deadline is not None
+
+    def __call__(self, sequences, scores) -> torch.Tensor:
+        rows = sequences.shape[0]
+        done = torch.full((rows,), self.deadline is not None and time.time() > self.deadline, dtype=torch.bool,
+                          device=sequences.device)
+        for criterion in self.custom:
+            hit = criterion(sequences, scores)
+            hit = torch.as_tensor(hit, device=sequences.device)
+            if hit.dtype != torch.bool or hit.shape not in ((), (rows,)):
+                raise ValueError(f"stopping criterion {criterion!r} must return a bool tensor of shape [{rows}], "
+                                 f"got {hit!r:.200}")
+            done = done | hit
+        return done

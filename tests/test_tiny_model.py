@@ -60,6 +60,24 @@ def test_cli_generate_and_encode():
     assert missing.returncode != 0 and "nonexistent" in missing.stderr
 
 
+def test_cli_passes_other_generate_options():
+    """--option NAME=VALUE reaches generate (JSON values): the same ids as the Python call."""
+    from umt5_fast.tokenizer import UMT5Tokenizer
+    tokenizer = UMT5Tokenizer.from_pretrained(TINY)
+    model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(TINY)
+    example = heldout()[1]
+    batch = tokenizer([example["input"]], return_tensors="pt")
+    plain = model.generate(**batch, max_new_tokens=64)[0, 1:]
+    banned = [[int(plain[1])], [int(plain[3])]]
+    kwargs = dict(bad_words_ids=banned, num_beams=2, num_return_sequences=2, max_new_tokens=64)
+    expected = tokenizer.batch_decode(model.generate(**batch, **kwargs), skip_special_tokens=True)
+    result = subprocess.run([sys.executable, "-m", "umt5_fast", "generate", "--num-beams", "2", "--option",
+                             f"bad_words_ids={json.dumps(banned)}", "--option", "num_return_sequences=2",
+                             example["input"]], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == expected and expected[0] != example["target"]
+
+
 def test_quantized_weights_agree_with_fp32_on_the_tiny_model():
     """Top-1 agreement of the reduced-precision modes with fp32 on real (trained) weights."""
     from umt5_fast.tokenizer import UMT5Tokenizer
@@ -88,6 +106,10 @@ def test_quantized_weights_agree_with_fp32_on_the_tiny_model():
     (["generate", "--stream", "--num-beams", "2", "x"], "--stream prints one greedy or sampled sequence"),
     (["generate", "--stream", "a", "b"], "--stream prints one sequence, got 2 inputs"),
     (["generate", "--max-new-tokens", "0", "x"], "max_new_tokens must be an integer >= 1"),
+    (["generate", "--option", "x", "y"], "--option: expected NAME=VALUE"),
+    (["generate", "--option", "num_beams=2", "y"], "--option num_beams: use its own flag (--num-beams)"),
+    (["generate", "--option", "no_such_option=2", "y"], "unexpected argument 'no_such_option'"),
+    (["generate", "--option", "bad_words_ids=5", "y"], "bad_words_ids must be a non-empty list"),
 ])
 def test_cli_bad_arguments_get_one_line_errors(args, message):
     result = subprocess.run([sys.executable, "-m", "umt5_fast", *args], capture_output=True, text=True, timeout=120)

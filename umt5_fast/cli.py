@@ -1,5 +1,6 @@
 """``umt5-fast`` / ``python -m umt5_fast``: generate, encode and bench from the command line."""
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -70,7 +71,25 @@ def sampling_options(args) -> dict:
     return {name: getattr(args, name) for name in SAMPLING_DEFAULTS}
 
 
+# generate options with a flag of their own
+FLAGGED_OPTIONS = {"max_new_tokens", "num_beams", "do_sample", "streamer", *SAMPLING_DEFAULTS}
+
+
+def generate_option(text: str):
+    """``--option NAME=VALUE``: VALUE read as JSON (numbers, lists, true / false, null), else as text."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. no_repeat_ngram_size=3), got {text!r}")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
 def check_generate_args(parser, args):
+    flagged = sorted(name for name, _ in args.option if name in FLAGGED_OPTIONS)
+    if flagged:
+        parser.error(f"--option {flagged[0]}: use its own flag (--{flagged[0].replace('_', '-')})")
     given = [f"--{name.replace('_', '-')}" for name, value in sampling_options(args).items() if value is not None]
     if given and not args.do_sample:
         parser.error(f"{', '.join(given)} only act with --do-sample")
@@ -89,6 +108,7 @@ def cmd_generate(args):
     if args.do_sample:
         options.update({name: value if value is not None else SAMPLING_DEFAULTS[name]
                         for name, value in sampling_options(args).items()})
+    options.update(args.option)
     for chunk in batches(texts, args.batch_size):
         enc = tokenizer(chunk, padding=True, return_tensors="pt")
         ids, mask = enc["input_ids"].to(args.device), enc["attention_mask"].to(args.device)
@@ -142,6 +162,9 @@ def main(argv=None):
     for name, kind in (("seed", int), ("temperature", float), ("top_k", int), ("top_p", float)):
         gen.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None,
                          help=f"with --do-sample (default {SAMPLING_DEFAULTS[name]})")
+    gen.add_argument("--option", type=generate_option, action="append", default=[], metavar="NAME=VALUE",
+                     help="any other option of generate, VALUE as JSON (repeatable), e.g. --option "
+                          "no_repeat_ngram_size=3 --option 'bad_words_ids=[[5]]' --option num_return_sequences=2")
     gen.add_argument("--quantize", choices=["int8", "w8a8", "bf16"], default=None)
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated (one input)")
     enc = sub.add_parser("encode", help="encoder embeddings (mean-pooled over real tokens)")
@@ -155,7 +178,8 @@ def main(argv=None):
         check_generate_args(gen, args)
     try:
         return {"generate": cmd_generate, "encode": cmd_encode}[args.command](args)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:  # bad input, a missing file, out of memory
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError) as exc:
+        # bad input (an unknown --option: TypeError), a missing file, out of memory
         raise SystemExit(f"umt5-fast: error: {exc}") from exc
 
 

@@ -463,3 +463,29 @@ def test_the_source_may_be_embeddings_or_encoder_outputs(checkpoint_factory):
         ours.generate(encoder_outputs=(encoded.last_hidden_state[..., :-1],), max_new_tokens=2)
     with pytest.raises(TypeError, match="encoder_outputs must be"):
         ours.generate(encoder_outputs="states", max_new_tokens=2)
+
+
+def test_generation_options_in_config_json_apply_without_generation_config_json(checkpoint_factory, tmp_path):
+    """Saves from before generation_config.json kept generation options in config.json: transformers
+    derives its generation config from them (GenerationConfig.from_model_config), so do we."""
+    import json
+    import shutil
+    import transformers
+    path, _ = checkpoint_factory("UMT5ForConditionalGeneration", **CONFIGS["tied-shallow-decoder"])
+    config = json.loads((path / "config.json").read_text())
+    config.update(num_beams=3, no_repeat_ngram_size=2, max_length=9, bad_words_ids=[[7]], length_penalty=0.5)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    shutil.copy(path / "model.safetensors", tmp_path)
+    assert not (tmp_path / "generation_config.json").exists()
+    hf = transformers.UMT5ForConditionalGeneration.from_pretrained(tmp_path)
+    ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(tmp_path)
+    assert ours.generation_config.num_beams == 3 and ours.generation_config.max_length == 9
+    ids, mask = random_batch(ours.config.vocab_size, 3, 15, seed=4)
+    got = ours.generate(ids, attention_mask=mask)
+    assert got.shape[1] == 9 and torch.equal(got, reference(hf, ids, mask))
+    assert torch.equal(ours.generate(ids, attention_mask=mask, num_beams=1, max_new_tokens=4),
+                       reference(hf, ids, mask, num_beams=1, max_new_tokens=4))
+    config["forced_decoder_ids"] = [[1, 5]]  # an option we do not implement: named, not ignored
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="forced_decoder_ids"):
+        umt5_fast.UMT5ForConditionalGeneration.from_pretrained(tmp_path).generate(ids, attention_mask=mask)

@@ -49,6 +49,18 @@ _UNSUPPORTED_OFF = dict(forced_decoder_ids=None, force_words_ids=None, num_beam_
                         prompt_lookup_num_tokens=None, token_healing=False)
 
 
+def settings_from_model_config(config) -> "GenerationSettings":
+    """What transformers' ``GenerationConfig.from_model_config`` derives for a checkpoint without a
+    generation_config.json: the config's token ids, and the generation options its config.json sets
+    (saves from before generation configs kept num_beams, max_length, no_repeat_ngram_size... there;
+    an option we do not implement is refused when generate reads it)."""
+    settings = {key: value for key, value in config.extra.items()
+                if (key in DEFAULTS or key in _UNSUPPORTED_OFF) and value is not None}
+    settings.update(decoder_start_token_id=config.decoder_start_token_id, pad_token_id=config.pad_token_id,
+                    eos_token_id=config.eos_token_id)
+    return GenerationSettings(settings)
+
+
 def settings_dict(generation_config) -> dict:
     """A generation config as a dict of its settings: a dict, or a transformers GenerationConfig
     (only what differs from its defaults)."""

@@ -512,12 +512,10 @@ class UMT5PreTrainedModel(nn.Module):
             raise TypeError(f"config must be a umt5_fast.UMT5Config, got {type(config).__name__}")
         self.config = config
         self.runtime = Runtime(backend)
-        from umt5_fast.generation import GenerationSettings
-        # generation_config.json's, when a checkpoint has one; else, as transformers derives it, the
-        # config's token ids
-        self.generation_config = GenerationSettings(
-            decoder_start_token_id=config.decoder_start_token_id, pad_token_id=config.pad_token_id,
-            eos_token_id=config.eos_token_id) if self._generates else None
+        from umt5_fast.generation import settings_from_model_config
+        # generation_config.json's, when a checkpoint has one (set by from_pretrained); else derived
+        # from the config, as transformers derives it
+        self.generation_config = settings_from_model_config(config) if self._generates else None
 
     main_input_name = "input_ids"
     base_model_prefix = "transformer"

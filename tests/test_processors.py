@@ -307,3 +307,23 @@ def test_max_time(models):
         ours.generate(ids, attention_mask=mask, stopping_criteria=[lambda ids, scores: torch.ones(5)])
     with pytest.raises(TypeError, match="stopping_criteria"):
         ours.generate(ids, attention_mask=mask, stopping_criteria=[None])
+
+
+def test_sequence_bias_as_transformers_saves_it(models, tmp_path):
+    """transformers' GenerationConfig.save_pretrained writes sequence_bias's tuple keys as text
+    ("(5,)"), which transformers itself then refuses to read: read here as the tuples they were."""
+    import transformers
+    ours, hf = models[0]["cpu"], models[1]
+    settings = dict(sequence_bias={(5,): 2.0, (6, 7): -3.0}, max_new_tokens=7, decoder_start_token_id=0,
+                    pad_token_id=0, eos_token_id=1)
+    transformers.GenerationConfig(**settings).save_pretrained(tmp_path)
+    saved = transformers.GenerationConfig.from_pretrained(tmp_path).to_diff_dict()
+    assert "(6, 7)" in saved["sequence_bias"]
+    ids, mask = random_batch(ours.config.vocab_size, 3, 14, seed=5)
+    with torch.no_grad():
+        expected = hf.generate(ids, attention_mask=mask, **settings)
+    assert torch.equal(ours.generate(ids, attention_mask=mask, generation_config=saved), expected)
+    assert torch.equal(ours.generate(ids, attention_mask=mask, **dict(settings, sequence_bias={"5": 2.0, "[6, 7]": -3.0})),
+                       expected)
+    with pytest.raises(ValueError, match="sequence_bias"):
+        ours.generate(ids, attention_mask=mask, sequence_bias={"(5, x)": 1.0})

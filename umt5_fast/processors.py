@@ -9,6 +9,7 @@ remove_invalid_values, exponential_decay_length_penalty, suppress_tokens, begin_
 caller's ``logits_processor`` list; then, when sampling, temperature, top_k, top_p, min_p, typical_p,
 epsilon_cutoff and eta_cutoff; and renormalize_logits last.
 """
+import ast
 import math
 import time
 import warnings
@@ -174,11 +175,24 @@ def sequence_bias_dict(value, vocab_size: int) -> dict:
             isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
         raise ValueError(f"sequence_bias must be a non-empty dict {{(token ids): bias}} or a list of "
                          f"[[token ids], bias] pairs, got {value!r}")
-    keys = token_id_sequences("sequence_bias's token sequences", [list(k) for k, _ in pairs], vocab_size)
+    keys = token_id_sequences("sequence_bias's token sequences", [token_sequence_key(k) for k, _ in pairs],
+                              vocab_size)
     biases = [b for _, b in pairs]
     if not all(isinstance(b, (int, float)) and not isinstance(b, bool) and not math.isnan(b) for b in biases):
         raise ValueError(f"sequence_bias's biases must be numbers, got {biases!r}")
     return dict(zip(keys, (float(b) for b in biases)))
+
+
+def token_sequence_key(key):
+    """A sequence_bias key as a list: a tuple, a list, or the text "(5, 7)" that transformers'
+    GenerationConfig.save_pretrained writes for a tuple key (and cannot read back itself)."""
+    if isinstance(key, str):
+        try:
+            key = ast.literal_eval(key)
+        except (ValueError, SyntaxError):
+            return key  # refused by the caller's check, named
+        key = [key] if isinstance(key, int) else key
+    return list(key) if isinstance(key, (list, tuple)) else key
 
 
 def is_token_id(value, vocab_size: int) -> bool:

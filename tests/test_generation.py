@@ -1,4 +1,5 @@
 """generate() against transformers' generate: token-for-token in fp32 (greedy and beam)."""
+import math
 import types
 
 import pytest
@@ -489,3 +490,24 @@ def test_generation_options_in_config_json_apply_without_generation_config_json(
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="forced_decoder_ids"):
         umt5_fast.UMT5ForConditionalGeneration.from_pretrained(tmp_path).generate(ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_top_candidates_equal_torch_topk_over_all_beams(seed):
+    """Beam search takes each beam's own best first: the result is torch.topk's over the flattened
+    beams, ties included (there it falls back on torch.topk)."""
+    g = torch.Generator().manual_seed(seed)
+    batch, num_beams, vocab, k = 3, 4, 1000, 8
+    scores = torch.randn(batch, num_beams * vocab, generator=g)
+    cases = [scores, scores.round(decimals=1)]  # distinct scores; many ties
+    banned = scores.clone()
+    banned[0, : num_beams * vocab - 5] = -math.inf  # fewer than k finite candidates in row 0
+    cases.append(banned)
+    first_step = scores.view(batch, num_beams, vocab).clone()
+    first_step[:, 1:] += -1.0e9  # beam search's first step: beams 1.. hold placeholder scores
+    cases.append(first_step.view(batch, -1))
+    for case in cases:
+        got_values, got_indices = generation.top_candidates(case, k, num_beams)
+        values, indices = torch.topk(case, k)
+        assert torch.equal(got_values, values) and torch.equal(got_indices, indices)
+    assert generation.top_candidates(scores[:, :12], 8, 4)[1].shape == (3, 8)  # k + 1 > vocab: torch.topk

@@ -84,3 +84,28 @@ def test_auto_backend_picks_the_cpu_kernels_when_built(checkpoint_factory):
     path, _ = checkpoint_factory("UMT5EncoderModel", **CONFIGS["odd"])
     model = umt5_fast.UMT5EncoderModel.from_pretrained(path)
     assert model.backend == available_backends()[0]
+
+
+@pytest.mark.parametrize("backend", ["eager", *backends()])
+def test_rows_and_queries_that_see_no_key_match_transformers(checkpoint_factory, backend):
+    """A row of padding only (encoder), a decoder row of padding only and left-padded decoder rows
+    (queries before the first real token see no key): transformers' additive finfo.min mask makes
+    such a query attend to every key alike; ours too, on every backend, in forward and generate."""
+    ours, hf, device = load(checkpoint_factory, "odd", "UMT5ForConditionalGeneration", backend)
+    interpreted = backend == "triton" and device == "cpu"
+    ids, mask = random_batch(ours.config.vocab_size, 4, 19 if interpreted else 45, seed=6)
+    mask[1] = 0
+    dec, dec_mask = random_batch(ours.config.vocab_size, 4, 7, seed=7, padding=(None,))
+    dec_mask[0] = 0
+    dec_mask[2, :3] = 0
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
+    out = ours(input_ids=ids.to(device), attention_mask=mask.to(device), decoder_input_ids=dec.to(device),
+               decoder_attention_mask=dec_mask.to(device))
+    tolerance = TOLERANCE.get(backend, 0.0)  # eager: transformers' own ops, the same bits
+    assert_close(out.encoder_last_hidden_state.cpu(), ref.encoder_last_hidden_state, tolerance, "encoder")
+    assert_close(out.logits.cpu(), ref.logits, tolerance, "logits")
+    for kwargs in (dict(max_new_tokens=3 if interpreted else 8), dict(max_new_tokens=3, num_beams=2)):
+        with torch.no_grad():
+            expected = hf.generate(ids, attention_mask=mask, use_cache=False, **kwargs)
+        assert torch.equal(ours.generate(ids.to(device), attention_mask=mask.to(device), **kwargs).cpu(), expected)

@@ -43,8 +43,10 @@ def check_embeds(name: str, embeds, d_model: int, device=None, dtype=None, requi
         raise ValueError(f"{name} holds NaN or infinite values")
 
 
-def check_mask(name: str, mask, shape, device=None, require_visible=True) -> torch.Tensor:
-    """Validate a 0/1 padding mask of ``shape``; return it as bool (True = attend)."""
+def check_mask(name: str, mask, shape, device=None) -> torch.Tensor:
+    """Validate a 0/1 padding mask of ``shape``; return it as bool (True = attend). A row of padding
+    only is allowed: as in transformers (its additive mask, finfo.min, swamps every score alike), a
+    query that sees no key attends to all keys uniformly, which every backend's attention does."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
@@ -55,11 +57,7 @@ def check_mask(name: str, mask, shape, device=None, require_visible=True) -> tor
         raise ValueError(f"{name} is on {mask.device} but the model is on {device}")
     if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
         raise ValueError(f"{name} must hold only 0 and 1 (1 = attend), got other values")
-    keep = mask.bool()
-    if require_visible and not bool(keep.any(dim=-1).all()):
-        row = int((~keep.any(dim=-1)).nonzero()[0, 0])
-        raise ValueError(f"{name} row {row} is all padding: every sequence needs at least one token")
-    return keep
+    return mask.bool()
 
 
 def check_labels(labels, num_classes: int, expected_shape=None):

@@ -73,13 +73,20 @@ def settings_dict(generation_config) -> dict:
 class GenerateOutput(ModelOutput):
     """``return_dict_in_generate=True``: transformers' fields in its order (index, key and tuple
     access over those that are set): sequences, beam scores, per-step processed scores, per-step raw
-    logits, and for beam search each generated token's beam (``batch * num_beams`` numbering, -1
-    after a sequence ended), which ``compute_transition_scores`` reads."""
+    logits, for beam search each generated token's beam (``batch * num_beams`` numbering, -1
+    after a sequence ended), which ``compute_transition_scores`` reads; with output_attentions /
+    output_hidden_states (greedy and sampling) the encoder's, and per step and layer the decoder's
+    self- and cross-attention probabilities ``[rows, heads, step queries, keys]`` and hidden states."""
     sequences: torch.Tensor = None
     sequences_scores: Optional[torch.Tensor] = None
     scores: Optional[Tuple[torch.Tensor, ...]] = None
     logits: Optional[Tuple[torch.Tensor, ...]] = None
     beam_indices: Optional[torch.Tensor] = None
+    encoder_attentions: Optional[Tuple[torch.Tensor, ...]] = None
+    encoder_hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+    decoder_attentions: Optional[Tuple[Tuple[torch.Tensor, ...], ...]] = None
+    cross_attentions: Optional[Tuple[Tuple[torch.Tensor, ...], ...]] = None
+    decoder_hidden_states: Optional[Tuple[Tuple[torch.Tensor, ...], ...]] = None
 
 
 @dataclass
@@ -184,12 +191,12 @@ def check_options(o: dict, vocab_size: int):
         raise ValueError(f"repetition_penalty must be a number > 0, got {o['repetition_penalty']!r}")
     if o["early_stopping"] not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {o['early_stopping']!r}")
-    if o["return_dict_in_generate"]:
+    if o["return_dict_in_generate"] and o["num_beams"] > 1:
         for name in ("output_attentions", "output_hidden_states"):
             if o[name]:
-                raise ValueError(f"generate does not return {name[len('output_'):]} ({name}=True with "
-                                 "return_dict_in_generate=True); run the model's forward on the generated "
-                                 f"sequences with {name}=True to get them")
+                raise ValueError(f"beam search does not return {name[len('output_'):]} ({name}=True with "
+                                 "return_dict_in_generate=True and num_beams > 1); run the model's forward on "
+                                 f"the generated sequences with {name}=True to get them")
     eos = token_id_list(o["eos_token_id"])
     if not all(is_token_id(e, vocab_size) for e in eos):
         raise ValueError(f"eos_token_id must be token ids in [0, {vocab_size}), got {o['eos_token_id']!r}")
@@ -318,10 +325,12 @@ def decoder_start_column(start, batch: int, device) -> torch.Tensor:
 def prepare(model, input_ids, attention_mask, decoder_input_ids, options, inputs_embeds=None,
             encoder_outputs=None):
     """Validate inputs, run the encoder (unless ``encoder_outputs`` are given); return (encoder
-    states, mask, decoder prompt, max_length). The source is ``input_ids`` or ``inputs_embeds``."""
+    output, mask, decoder prompt, max_length). The source is ``input_ids`` or ``inputs_embeds``; the
+    encoder returns its attentions / hidden states when the options ask generate for them."""
     cfg = model.config
     if encoder_outputs is not None:
-        encoder_states = as_encoder_output(encoder_outputs).last_hidden_state
+        encoder_output = as_encoder_output(encoder_outputs)
+        encoder_states = encoder_output.last_hidden_state
         # Not required finite: a model's own encoder may give NaN (transformers lets it flow on).
         validation.check_embeds("encoder_outputs (last_hidden_state)", encoder_states, cfg.d_model, model.device,
                                 model.shared.weight.dtype, require_finite=False)
@@ -362,10 +371,12 @@ def prepare(model, input_ids, attention_mask, decoder_input_ids, options, inputs
             raise ValueError(f"max_length ({max_length}) leaves no room to generate after the decoder prompt "
                              f"({prompt_length} tokens); set max_new_tokens")
     if encoder_outputs is None:
+        returned = options["return_dict_in_generate"]
         with torch.no_grad():
-            encoder_states = model.encoder(input_ids=input_ids, inputs_embeds=inputs_embeds,
-                                           attention_mask=mask).last_hidden_state
-    return encoder_states, mask, prompt, max_length
+            encoder_output = model.encoder(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask,
+                                           output_attentions=returned and options["output_attentions"],
+                                           output_hidden_states=returned and options["output_hidden_states"])
+    return encoder_output, mask, prompt, max_length
 
 
 # Steps the LM head screen may fail to decide before a generate call stops trying it.
@@ -636,8 +647,9 @@ def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=No
     check_options(options, model.config.vocab_size)
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
-    encoder_states, mask, prompt, max_length = prepare(model, input_ids, attention_mask, decoder_input_ids, options,
+    encoder_output, mask, prompt, max_length = prepare(model, input_ids, attention_mask, decoder_input_ids, options,
                                                        inputs_embeds, encoder_outputs)
+    encoder_states = encoder_output.last_hidden_state
     processors = make_processors(model, options, prompt, max_length, input_ids if encoder_outputs is None else None,
                                  logits_processor, prefix_allowed_tokens_fn)
     stops = StopCriteria(options["max_time"], stopping_criteria)
@@ -667,10 +679,35 @@ def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=No
         sequences = torch.cat([prompt.repeat_interleave(expand, dim=0), torch.stack(steps, dim=1)], dim=1)
     if options["return_dict_in_generate"]:
         kept = record or StepRecord()
-        return GenerateOutput(sequences=sequences,
-                              sequences_scores=sequence_scores if options["output_scores"] else None,
-                              scores=kept.steps("scores"), logits=kept.steps("logits"), beam_indices=beam_indices)
+        output = GenerateOutput(sequences=sequences,
+                                sequences_scores=sequence_scores if options["output_scores"] else None,
+                                scores=kept.steps("scores"), logits=kept.steps("logits"), beam_indices=beam_indices)
+        if options["output_attentions"] or options["output_hidden_states"]:
+            add_step_outputs(output, model, encoder_output, mask, prompt.shape[1], options)
+        return output
     return sequences
+
+
+def add_step_outputs(output: GenerateOutput, model, encoder_output, encoder_mask, prompt_length: int, options):
+    """transformers' per-step attentions and hidden states of greedy / sampled decoding, from one
+    decoder pass over the generated sequences: step 0 is the prompt's positions, step i > 0 the
+    position that fed token i; causal attention gives each position what its step computed."""
+    attentions, hidden = options["output_attentions"], options["output_hidden_states"]
+    output.encoder_attentions = encoder_output.attentions if attentions else None
+    output.encoder_hidden_states = encoder_output.hidden_states if hidden else None
+    sequences = output.sequences
+    rows_per_source = sequences.shape[0] // encoder_output.last_hidden_state.shape[0]
+    states = encoder_output.last_hidden_state.repeat_interleave(rows_per_source, dim=0)
+    mask = None if encoder_mask is None else encoder_mask.repeat_interleave(rows_per_source, dim=0)
+    with torch.no_grad():
+        decoded = model.decoder(input_ids=sequences[:, :-1], encoder_hidden_states=states, encoder_attention_mask=mask,
+                                output_attentions=attentions, output_hidden_states=hidden)
+    steps = [(0, prompt_length)] + [(p, p + 1) for p in range(prompt_length, sequences.shape[1] - 1)]
+    if attentions:
+        output.decoder_attentions = tuple(tuple(a[:, :, q0:q1, :q1] for a in decoded.attentions) for q0, q1 in steps)
+        output.cross_attentions = tuple(tuple(a[:, :, q0:q1] for a in decoded.cross_attentions) for q0, q1 in steps)
+    if hidden:
+        output.decoder_hidden_states = tuple(tuple(h[:, q0:q1] for h in decoded.hidden_states) for q0, q1 in steps)
 
 
 def generate_stream(model, input_ids=None, attention_mask=None, **kwargs) -> Iterator[torch.Tensor]:
@@ -688,7 +725,8 @@ def generate_stream(model, input_ids=None, attention_mask=None, **kwargs) -> Ite
         raise ValueError("generate_stream supports greedy and sampled decoding (num_beams=1)")
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
-    encoder_states, mask, prompt, max_length = prepare(model, input_ids, attention_mask, decoder_input_ids, options)
+    encoder_output, mask, prompt, max_length = prepare(model, input_ids, attention_mask, decoder_input_ids, options)
+    encoder_states = encoder_output.last_hidden_state
     processors = make_processors(model, options, prompt, max_length, input_ids, logits_processor,
                                  prefix_allowed_tokens_fn)
     yield from sample_steps(model, encoder_states, mask, prompt, max_length, options, processors,

@@ -273,7 +273,7 @@ def test_generation_settings_we_do_not_implement_are_refused_not_ignored(checkpo
     import transformers
     ours, _ = pair(checkpoint_factory, "odd")
     ids, mask = random_batch(ours.config.vocab_size, 2, 10, seed=1)
-    for setting in (dict(forced_decoder_ids=[[1, 0]]), dict(stop_strings=["a"]), dict(guidance_scale=1.5)):
+    for setting in (dict(forced_decoder_ids=[[1, 0]]), dict(dola_layers="low"), dict(guidance_scale=1.5)):
         with pytest.raises(ValueError, match=next(iter(setting))):
             ours.generate(ids, attention_mask=mask, generation_config=transformers.GenerationConfig(**setting))
     ours.generation_config = transformers.GenerationConfig(max_new_tokens=3)  # as transformers users assign it

@@ -327,3 +327,64 @@ def test_sequence_bias_as_transformers_saves_it(models, tmp_path):
                        expected)
     with pytest.raises(ValueError, match="sequence_bias"):
         ours.generate(ids, attention_mask=mask, sequence_bias={"(5, x)": 1.0})
+
+
+def tiny_model_and_tokenizers():
+    """The shipped tiny model, and (tokenizer generate gets, tokenizer transformers' criterion gets)
+    pairs: ours mirrors transformers' slow T5Tokenizer (whose token texts drop a trailing space the
+    fast one keeps), and transformers' fast tokenizer given to both."""
+    import transformers
+    from umt5_fast.tokenizer import UMT5Tokenizer
+    tiny = umt5_fast.__path__[0] + "/assets/tiny-umt5"
+    fast = transformers.AutoTokenizer.from_pretrained(tiny)
+    pairs = [(UMT5Tokenizer.from_pretrained(tiny), transformers.T5Tokenizer.from_pretrained(tiny)), (fast, fast)]
+    return tiny, umt5_fast.UMT5ForConditionalGeneration.from_pretrained(tiny), pairs
+
+
+def test_stop_strings_match_transformers_criterion():
+    """Our stop_strings check against transformers' StopStringCriteria on random id sequences (its
+    tensor algorithm: a stop string in the text reaching into the last token, overhangs at both ends)."""
+    from transformers.generation.stopping_criteria import StopStringCriteria
+    from umt5_fast.processors import StopStrings
+    _, _, pairs = tiny_model_and_tokenizers()
+    ours_tokenizer = pairs[0][0]
+    g = torch.Generator().manual_seed(0)
+    vocab = ours_tokenizer.vocab_size
+    sequences = torch.randint(0, vocab, (400, 6), generator=g)
+    # stop strings cut from the texts of random tokens, so that they occur
+    pieces = [ours_tokenizer.convert_tokens_to_string(["a", t]) for t in
+              ours_tokenizer.convert_ids_to_tokens(torch.randint(3, vocab, (40,), generator=g).tolist())]
+    strings = sorted({p[1 + i: 1 + i + n] for p in pieces for i in range(2) for n in (1, 2, 4) if len(p) > i + n})
+    hits = 0
+    for start in range(0, len(strings), 3):
+        stops = strings[start:start + 3]
+        for tokenizer, reference in pairs:
+            expected = StopStringCriteria(reference, stops)(sequences, None)
+            assert torch.equal(StopStrings(stops, tokenizer)(sequences, None), expected), (stops, type(tokenizer))
+            hits += int(expected.sum())
+    assert 0 < hits < len(sequences) * len(range(0, len(strings), 3)) * len(pairs)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_stop_strings_in_generate_match_transformers(num_beams):
+    """transformers 4.57's generate(stop_strings=...) passes its tokenizer on to UMT5's forward and
+    fails: its StopStringCriteria, passed as a criterion, is the reference."""
+    import json
+    import transformers
+    from transformers.generation.stopping_criteria import StopStringCriteria, StoppingCriteriaList
+    tiny, model, pairs = tiny_model_and_tokenizers()
+    hf = transformers.UMT5ForConditionalGeneration.from_pretrained(tiny)
+    lines = open(tiny + "/heldout.jsonl", encoding="utf-8").read().splitlines()[:12]
+    batch = pairs[0][0]([json.loads(line)["input"] for line in lines], padding=True, return_tensors="pt")
+    for stops in ["und", "ty", ["-", "zig"], " t"]:
+        for tokenizer, reference in pairs:
+            criteria = StoppingCriteriaList([StopStringCriteria(reference, stops)])
+            with torch.no_grad():
+                expected = hf.generate(**batch, max_new_tokens=30, num_beams=num_beams, stopping_criteria=criteria)
+            got = model.generate(**batch, max_new_tokens=30, num_beams=num_beams, stop_strings=stops,
+                                 tokenizer=tokenizer)
+            assert torch.equal(got, expected), stops
+    with pytest.raises(ValueError, match="tokenizer"):
+        model.generate(**batch, stop_strings="und")
+    with pytest.raises(ValueError, match="stop_strings"):
+        model.generate(**batch, stop_strings=["", "x"], tokenizer=pairs[0][0])

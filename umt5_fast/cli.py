@@ -108,7 +108,7 @@ def cmd_generate(args):
     if args.do_sample:
         options.update({name: value if value is not None else SAMPLING_DEFAULTS[name]
                         for name, value in sampling_options(args).items()})
-    options.update(args.option)
+    options.update(args.option, tokenizer=tokenizer)  # (stop_strings reads the tokens' text through it)
     for chunk in batches(texts, args.batch_size):
         enc = tokenizer(chunk, padding=True, return_tensors="pt")
         ids, mask = enc["input_ids"].to(args.device), enc["attention_mask"].to(args.device)

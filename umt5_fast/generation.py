@@ -30,7 +30,8 @@ DEFAULTS = dict(max_length=20, max_new_tokens=None, min_length=0, min_new_tokens
                 encoder_no_repeat_ngram_size=0, bad_words_ids=None, forced_bos_token_id=None,
                 forced_eos_token_id=None, remove_invalid_values=False, exponential_decay_length_penalty=None,
                 suppress_tokens=None, begin_suppress_tokens=None, min_p=None, typical_p=1.0, epsilon_cutoff=0.0,
-                eta_cutoff=0.0, renormalize_logits=False, max_time=None)
+                eta_cutoff=0.0, renormalize_logits=False, max_time=None,
+                stop_strings=None)
 # transformers' default max_length: when it is neither passed to generate nor changed in a config,
 # it means 20 new tokens (not 20 in all).
 _DEFAULT_MAX_LENGTH = DEFAULTS["max_length"]
@@ -45,7 +46,7 @@ _IGNORED = {"_from_model_config", "transformers_version", "bos_token_id", "use_c
 # Options we do not implement, with transformers' value that leaves them off: any other value is
 # refused.
 _UNSUPPORTED_OFF = dict(forced_decoder_ids=None, force_words_ids=None, num_beam_groups=1, diversity_penalty=0.0,
-                        penalty_alpha=None, constraints=None, guidance_scale=None, stop_strings=None, low_memory=None, dola_layers=None, watermarking_config=None,
+                        penalty_alpha=None, constraints=None, guidance_scale=None, low_memory=None, dola_layers=None, watermarking_config=None,
                         prompt_lookup_num_tokens=None, token_healing=False)
 
 
@@ -625,7 +626,7 @@ def make_processors(model, options, prompt, max_length, input_ids, logits_proces
 def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=None, inputs_embeds=None,
              encoder_outputs=None, generation_config=None, streamer=None, generator: Optional[torch.Generator] = None,
              seed: Optional[int] = None, use_cuda_graph: bool = False, logits_processor=None,
-             prefix_allowed_tokens_fn=None, stopping_criteria=None, **kwargs):
+             prefix_allowed_tokens_fn=None, stopping_criteria=None, tokenizer=None, **kwargs):
     """Decode like transformers' ``generate``; returns ids ``[batch * num_return_sequences, T]``.
 
     The source is ``input_ids``, ``inputs_embeds`` or (the encoder skipped) ``encoder_outputs``.
@@ -633,7 +634,8 @@ def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=No
     ``logits_processor``: callables ``(ids so far, scores) -> scores`` run after the built-in processors
     and before the sampling warpers, as in transformers; ``prefix_allowed_tokens_fn(batch_id, ids)``
     lists the tokens allowed next; ``stopping_criteria``: callables ``(ids so far, scores) -> [rows]
-    bool`` that end rows, besides eos, max_length and ``max_time``.
+    bool`` that end rows, besides eos, max_length, ``max_time`` and ``stop_strings`` (which reads the
+    tokens' text through ``tokenizer``).
     ``use_cuda_graph=True`` (CUDA only; opt-in) replays single-token steps from a captured CUDA graph.
     ``streamer``: an object with ``put(ids)`` / ``end()`` (transformers' streamer protocol): it
     receives the decoder prompt, then each step's tokens.
@@ -652,7 +654,7 @@ def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=No
     encoder_states = encoder_output.last_hidden_state
     processors = make_processors(model, options, prompt, max_length, input_ids if encoder_outputs is None else None,
                                  logits_processor, prefix_allowed_tokens_fn)
-    stops = StopCriteria(options["max_time"], stopping_criteria)
+    stops = StopCriteria(options["max_time"], stopping_criteria, options["stop_strings"], tokenizer)
     record = None
     if options["return_dict_in_generate"] and (options["output_scores"] or options["output_logits"]):
         record = StepRecord(scores=[] if options["output_scores"] else None,
@@ -719,6 +721,7 @@ def generate_stream(model, input_ids=None, attention_mask=None, **kwargs) -> Ite
     logits_processor = kwargs.pop("logits_processor", None)
     prefix_allowed_tokens_fn = kwargs.pop("prefix_allowed_tokens_fn", None)
     stopping_criteria = kwargs.pop("stopping_criteria", None)
+    tokenizer = kwargs.pop("tokenizer", None)
     options = resolve_options(model, kwargs.pop("generation_config", None), **kwargs)
     check_options(options, model.config.vocab_size)
     if options["num_beams"] > 1:
@@ -730,5 +733,6 @@ def generate_stream(model, input_ids=None, attention_mask=None, **kwargs) -> Ite
     processors = make_processors(model, options, prompt, max_length, input_ids, logits_processor,
                                  prefix_allowed_tokens_fn)
     yield from sample_steps(model, encoder_states, mask, prompt, max_length, options, processors,
-                            StopCriteria(options["max_time"], stopping_criteria), generator,
+                            StopCriteria(options["max_time"], stopping_criteria, options["stop_strings"], tokenizer),
+                            generator,
                             use_cuda_graph=use_cuda_graph)

@@ -451,16 +451,65 @@ def eos_forbidden(o: dict, length: int) -> bool:
     return bool(o["eos_token_id"]) and length < o["min_length"]
 
 
+class StopStrings:
+    """transformers' StopStringCriteria: a row stops once one of ``stop_strings`` is in its text and
+    reaches into its last token, judged on each token's own text as transformers cleans it (the
+    token decoded after a fixed prefix, the prefix removed)."""
+    PREFIX = "abcdef"
+
+    def __init__(self, stop_strings, tokenizer):
+        strings = [stop_strings] if isinstance(stop_strings, str) else stop_strings
+        if not isinstance(strings, (list, tuple)) or not strings or not all(isinstance(t, str) and t for t in strings):
+            raise ValueError(f"stop_strings must be a non-empty string or a list of them, got {stop_strings!r}")
+        if tokenizer is None:
+            raise ValueError("stop_strings needs the model's tokenizer to read the tokens' text: pass "
+                             "generate(..., tokenizer=tokenizer)")
+        self.strings, self.tokenizer = tuple(strings), tokenizer
+        self.window = max(len(t) for t in strings)  # every token has >= 1 character: enough tokens
+        self.prefix_tokens = tokenizer.convert_ids_to_tokens(
+            tokenizer(self.PREFIX, add_special_tokens=False)["input_ids"])
+        self.texts = {}
+
+    def token_text(self, token_id: int) -> str:
+        text = self.texts.get(token_id)
+        if text is None:
+            try:
+                token = self.tokenizer.convert_ids_to_tokens(token_id)
+            except (IndexError, KeyError):  # an id past the tokenizer's vocabulary: no text
+                token = None
+            if token is None:
+                text = ""
+            else:
+                decoded = self.tokenizer.convert_tokens_to_string(self.prefix_tokens + [token])
+                text = decoded[decoded.index(self.PREFIX) + len(self.PREFIX):]
+            self.texts[token_id] = text
+        return text
+
+    def row_stops(self, ids) -> bool:
+        texts = [self.token_text(t) for t in ids]
+        before, last = "".join(texts[:-1]), texts[-1]
+        text = before + last
+        # an occurrence that reaches into the last token (earlier ones were judged at earlier steps)
+        return any(stop in text[max(0, len(before) - len(stop) + 1):] for stop in self.strings)
+
+    def __call__(self, sequences, scores) -> torch.Tensor:
+        rows = sequences[:, -self.window:].tolist()
+        return torch.tensor([self.row_stops(ids) for ids in rows], dtype=torch.bool, device=sequences.device)
+
+
 class StopCriteria:
     """transformers' stopping criteria beyond eos and max_length: ``max_time`` (seconds from the
-    end of the encoder pass) and the caller's ``stopping_criteria``, callables ``(ids so far,
-    scores) -> [rows] bool`` (scores: the steps' processed scores when generate returns them, else
-    None, as transformers passes them)."""
+    end of the encoder pass), ``stop_strings`` (with the ``tokenizer``) and the caller's
+    ``stopping_criteria``, callables ``(ids so far, scores) -> [rows] bool`` (scores: the steps'
+    processed scores when generate returns them, else None, as transformers passes them)."""
 
-    def __init__(self, max_time: Optional[float] = None, stopping_criteria: Sequence[Callable] = ()):
+    def __init__(self, max_time: Optional[float] = None, stopping_criteria: Sequence[Callable] = (),
+                 stop_strings=None, tokenizer=None):
         self.custom = list(stopping_criteria or ())
         if not all(callable(c) for c in self.custom):
             raise TypeError("stopping_criteria must be a list of callables (input_ids, scores) -> bool per row")
+        if stop_strings is not None:
+            self.custom.append(StopStrings(stop_strings, tokenizer))
         self.deadline = None if max_time is None else time.time() + max_time
 
     def __bool__(self):

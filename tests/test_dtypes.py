@@ -133,3 +133,39 @@ def test_half_precision_decoding_is_as_accurate_as_transformers(checkpoint_facto
     print(f"{dtype} decoding vs fp32: umt5_fast cpu {ours_error:.2e}, transformers {their_error:.2e}")
     assert ours_error <= max(1.25 * their_error, 1e-3)
     assert_close(steps, full, FP32_TOL[dtype], f"{dtype} decoding vs fp32")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("class_name,field", [("UMT5ForSequenceClassification", "logits"),
+                                              ("UMT5ForQuestionAnswering", "start_logits"),
+                                              ("UMT5ForTokenClassification", "logits")])
+def test_half_precision_task_heads_round_their_bias_as_transformers(checkpoint_factory, dtype, class_name, field):
+    """The biased head layers round x @ W.T + b once (F.linear), as transformers: eager is bit-exact."""
+    import transformers
+    path, _ = checkpoint_factory(class_name)
+    ours = getattr(umt5_fast, class_name).from_pretrained(path, dtype=dtype, backend="eager")
+    hf = getattr(transformers, class_name).from_pretrained(path, torch_dtype=dtype).eval()
+    ids, mask = random_batch(ours.config.vocab_size, 2, 13, 3, padding=(None,))
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask)
+    assert torch.equal(ours(input_ids=ids, attention_mask=mask)[field], ref[field])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp32_inputs_embeds_on_a_half_precision_model(checkpoint_factory, dtype):
+    """transformers takes fp32 embeddings into a bf16 / fp16 model (its first norm casts them; its
+    residual stream then stays fp32, ours is the model's dtype): same-dtype tolerance of that dtype."""
+    import transformers
+    path, _ = checkpoint_factory("UMT5ForConditionalGeneration")
+    ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, dtype=dtype, backend="eager")
+    hf = transformers.UMT5ForConditionalGeneration.from_pretrained(path, torch_dtype=dtype).eval()
+    embeds = torch.randn(2, 9, ours.config.d_model, generator=torch.Generator().manual_seed(0))
+    dec = torch.tensor([[0, 5, 6], [0, 7, 8]])
+    with torch.no_grad():
+        ref = hf(inputs_embeds=embeds, decoder_input_ids=dec, decoder_inputs_embeds=None).logits
+        ref_dec = hf(input_ids=dec, decoder_inputs_embeds=hf.shared(dec).float()).logits
+    assert_close(ours(inputs_embeds=embeds, decoder_input_ids=dec).logits.float(), ref.float(), 3e-2, "encoder embeds")
+    assert_close(ours(input_ids=dec, decoder_inputs_embeds=ours.shared(dec).float()).logits.float(), ref_dec.float(),
+                 3e-2, "decoder embeds")
+    with pytest.raises(TypeError, match="dtype"):  # other float dtypes stay refused, as transformers fails on them
+        ours(inputs_embeds=embeds.double(), decoder_input_ids=dec)

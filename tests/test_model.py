@@ -337,3 +337,62 @@ def test_tuple_outputs_have_transformers_layout(checkpoint_factory, class_name, 
     assert _layout(out) == _layout(ref)
     for ours_t, ref_t in zip(_flat_tensors(out), _flat_tensors(ref)):
         assert_close(ours_t, ref_t, TOL, class_name)
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpu"])
+@pytest.mark.parametrize("start", ["transformers-prefill", "empty"])
+def test_a_transformers_cache_object_is_updated_in_place(checkpoint_factory, backend, start):
+    """Loops that pass one transformers EncoderDecoderCache on, as transformers updates it in place
+    (and an empty one the caller made), give the full pass's logits; the object is returned."""
+    from transformers.cache_utils import DynamicCache as HFDynamicCache, EncoderDecoderCache
+    ours, hf = load_pair(checkpoint_factory, "UMT5ForConditionalGeneration", "odd-untied", backend=backend,
+                         num_decoder_layers=2)
+    ids, mask, dec, _ = inputs(ours.config.vocab_size, seed=8, length=23, dec_length=7)
+    with torch.no_grad():
+        full = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        if start == "empty":
+            cache, first = EncoderDecoderCache(HFDynamicCache(), HFDynamicCache()), 0
+        else:
+            cache = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec[:, :2], use_cache=True).past_key_values
+            first = 2
+    for t in range(first, 7):
+        out = ours(input_ids=ids, attention_mask=mask, decoder_input_ids=dec[:, t:t + 1], past_key_values=cache,
+                   use_cache=True)
+        assert out.past_key_values is cache and cache.get_seq_length() == t + 1
+        assert_close(out.logits[:, 0], full[:, t], TOL, f"step {t}")
+    # use_cache=False with a cache passed: transformers still returns (and extends) it
+    out = ours(input_ids=ids, attention_mask=mask, decoder_input_ids=dec[:, :1], past_key_values=cache,
+               use_cache=False, return_dict=False)
+    assert len(out) == 3 and out[1] is cache
+
+
+def test_our_cache_has_transformers_cache_methods(checkpoint_factory):
+    """reorder_cache / batch_select_indices / batch_repeat_interleave / crop / indexing, as a
+    hand-written beam search calls them on transformers' caches."""
+    ours, hf = load_pair(checkpoint_factory, "UMT5ForConditionalGeneration", "odd-untied")
+    ids, mask, dec, _ = inputs(ours.config.vocab_size, seed=9, length=15, dec_length=6)
+    enc = ours.get_encoder()(input_ids=ids, attention_mask=mask)
+    full = ours(encoder_outputs=enc, attention_mask=mask, decoder_input_ids=dec).logits
+
+    def prefill(n):
+        return ours(encoder_outputs=enc, attention_mask=mask, decoder_input_ids=dec[:, :n], use_cache=True).past_key_values
+
+    def step(cache, rows, t):
+        return ours(encoder_outputs=type(enc)(enc.last_hidden_state[rows]), attention_mask=mask[rows],
+                    decoder_input_ids=dec[rows, t:t + 1], past_key_values=cache).logits[:, 0]
+
+    order = torch.tensor([2, 0, 2])
+    cache = prefill(4)
+    cache.reorder_cache(order)
+    assert_close(step(cache, order, 4), full[order, 4], TOL, "reorder_cache")
+    cache = prefill(4)
+    cache.batch_repeat_interleave(2)
+    assert_close(step(cache, torch.arange(3).repeat_interleave(2), 4), full[:, 4].repeat_interleave(2, dim=0),
+                 TOL, "batch_repeat_interleave")
+    cache = prefill(5)
+    cache.crop(-2)
+    assert cache.get_seq_length() == 3
+    assert_close(step(cache, torch.arange(3), 3), full[:, 3], TOL, "crop")
+    cache.batch_select_indices(torch.tensor([1]))
+    assert len(cache) == ours.config.num_decoder_layers and len(cache[0]) == 4 and cache[0][0].shape[0] == 1
+    assert len(list(cache)) == len(cache)

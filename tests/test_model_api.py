@@ -117,3 +117,21 @@ def test_converting_a_quantized_model_keeps_its_scales(seq2seq, quantize):
     for name, buffer in model.named_buffers():
         if name.endswith("qscale"):
             assert buffer.dtype == torch.float32 and torch.equal(buffer, scales[name]), name
+
+
+def test_set_output_embeddings_replaces_the_lm_head_as_in_transformers(checkpoint_factory):
+    import transformers
+    path, _ = checkpoint_factory("UMT5ForConditionalGeneration")
+    ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path)
+    hf = transformers.UMT5ForConditionalGeneration.from_pretrained(path).eval()
+    head = torch.nn.Linear(ours.config.d_model, ours.config.vocab_size, bias=False)
+    torch.nn.init.normal_(head.weight, std=0.3)
+    ours.set_output_embeddings(head)
+    hf.set_output_embeddings(head)
+    ids, dec = torch.tensor([[5, 6, 7, 1]]), torch.tensor([[0, 9, 10]])
+    with torch.no_grad():
+        ref = hf(input_ids=ids, decoder_input_ids=dec).logits
+    torch.testing.assert_close(ours(input_ids=ids, decoder_input_ids=dec).logits, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ours.generate(ids, max_new_tokens=5), hf.generate(ids, max_new_tokens=5, use_cache=False))
+    with pytest.raises(ValueError, match="set_output_embeddings"):
+        ours.set_output_embeddings(torch.nn.Linear(3, 4))

@@ -43,8 +43,40 @@ class DynamicCache:
         return self.self_kv[layer]
 
     def reorder(self, index: torch.Tensor):
+        """Keep rows ``index`` (in that order, repeats allowed), self- and cross-attention alike."""
         self.self_kv = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.self_kv]
         self.cross_kv = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.cross_kv]
+
+    # transformers' Cache methods that hand-written decoding loops call
+    def reorder_cache(self, beam_idx: torch.Tensor):
+        self.reorder(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        self.reorder(indices)
+
+    def batch_repeat_interleave(self, repeats: int):
+        rows = self.batch_size()
+        if rows is not None:
+            self.reorder(torch.arange(rows, device=self.self_kv[0][0].device).repeat_interleave(repeats))
+
+    def crop(self, max_length: int):
+        """Keep the first ``max_length`` positions (negative: drop that many from the end)."""
+        if max_length < 0:
+            max_length = self.length + max_length
+        if max_length >= self.length:
+            return
+        self.self_kv = [None if kv is None else (kv[0][:, :, :max_length].contiguous(),
+                                                 kv[1][:, :, :max_length].contiguous()) for kv in self.self_kv]
+        self.length = max(max_length, 0)
+
+    def __len__(self):
+        return self.num_layers
+
+    def __getitem__(self, layer: int):
+        return self.to_legacy_cache()[layer]
+
+    def __iter__(self):
+        return iter(self.to_legacy_cache())
 
     def to_legacy_cache(self):
         """transformers' tuple format: per layer (self_k, self_v, cross_k, cross_v)."""

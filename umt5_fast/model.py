@@ -134,7 +134,13 @@ class Linear(HoldsPackedWeight):
         return self.qweight.dtype if self.qweight is not None else self.weight.dtype
 
     def forward(self, x, residual=None):
-        y = self.runtime.ops.linear(x, self.kernel_weight(x.dtype), None if self.bias is not None else residual)
+        weight = self.kernel_weight(x.dtype)
+        if self.bias is not None and isinstance(weight, torch.Tensor) and weight.dtype == x.dtype:
+            # the task heads (the only layers with a bias, off the hot path): one rounding of the biased
+            # product, as transformers' F.linear rounds it (in bf16 / fp16 adding b after rounds twice)
+            y = F.linear(x, weight, self.bias.to(x.dtype))
+            return y if residual is None else residual + y
+        y = self.runtime.ops.linear(x, weight, None if self.bias is not None else residual)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
             if residual is not None:
@@ -443,7 +449,12 @@ class DecoderStack(nn.Module):
                        output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         if cache is not None:
             cache.length = past_length + length
-        out.past_key_values = cache if use_cache else None
+        if is_transformers_cache(past_key_values):
+            # transformers updates the cache object it is given: loops that pass one object on rely on it
+            write_back(past_key_values, cache, past_length)
+            cache = past_key_values
+        # (a cache that was passed in is returned even with use_cache=False, as transformers returns it)
+        out.past_key_values = cache if use_cache or past_key_values is not None else None
         return out
 
     def run(self, h, *, self_mask, encoder_states, encoder_mask, cache, past_length, head_masks=None,
@@ -481,21 +492,48 @@ def embed(table: nn.Embedding, ids, embeds, ids_name: str, embeds_name: str) -> 
         raise ValueError(f"pass exactly one of {ids_name} and {embeds_name}")
     device, dtype = table_device_dtype(table)
     if embeds is not None:
+        if isinstance(embeds, torch.Tensor) and embeds.dtype == torch.float32 and dtype in (torch.bfloat16,
+                                                                                          torch.float16):
+            # transformers takes them too: its first RMSNorm casts to the weights' dtype (its residual
+            # stream then stays fp32; ours is the model's dtype from here, as with the model's own embeddings)
+            embeds = embeds.to(dtype)
         validation.check_embeds(embeds_name, embeds, table.embedding_dim, device, dtype)
         return embeds
     validation.check_ids(ids_name, ids, table.num_embeddings, device)
     return table(ids.long())
 
 
+def is_transformers_cache(past_key_values) -> bool:
+    """A transformers Cache object (EncoderDecoderCache, DynamicCache): told apart without importing
+    transformers."""
+    return hasattr(past_key_values, "to_legacy_cache") and not isinstance(past_key_values, DynamicCache)
+
+
 def as_cache(past_key_values, config: UMT5Config, dtype: torch.dtype, device):
-    """Accept our caches, transformers' legacy tuples, or a transformers Cache object."""
+    """Accept our caches, transformers' legacy tuples, or a transformers Cache object (an empty one
+    starts a new cache)."""
     if past_key_values is None or isinstance(past_key_values, (DynamicCache, StaticCache)):
         return past_key_values
-    if hasattr(past_key_values, "to_legacy_cache"):
+    if is_transformers_cache(past_key_values):
         past_key_values = past_key_values.to_legacy_cache()
+        if len(past_key_values) == 0:
+            return DynamicCache(config.num_decoder_layers)
     validation.check_legacy_cache(past_key_values, config.num_decoder_layers, config.num_heads, config.d_kv,
                                   dtype, device)
     return DynamicCache.from_legacy_cache(past_key_values)
+
+
+def write_back(target, cache: DynamicCache, past_length: int):
+    """Append the positions this call added to a transformers cache object (its EncoderDecoderCache's
+    self-attention part, or a plain DynamicCache), and the cross-attention K/V it did not hold yet."""
+    self_part = getattr(target, "self_attention_cache", target)
+    cross_part = getattr(target, "cross_attention_cache", None)
+    for layer, (keys, values) in enumerate(cache.self_kv):
+        self_part.update(keys[:, :, past_length:], values[:, :, past_length:], layer)
+        updated = getattr(target, "is_updated", {})
+        if cross_part is not None and cache.cross_kv[layer] is not None and not updated.get(layer, False):
+            cross_part.update(*cache.cross_kv[layer], layer)
+            updated[layer] = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -584,6 +622,21 @@ class UMT5PreTrainedModel(nn.Module):
 
     def get_output_embeddings(self):
         return getattr(self, "lm_head", None)
+
+    def set_output_embeddings(self, new_embeddings):
+        """Use ``new_embeddings``' weight (an ``nn.Linear`` or our ``Linear`` without bias, ``[vocab_size,
+        d_model]``) as the LM head, as transformers replaces its ``lm_head``."""
+        head = getattr(self, "lm_head", None)
+        if head is None:
+            raise AttributeError(f"{type(self).__name__} has no LM head")
+        weight = getattr(new_embeddings, "weight", None)
+        shape = (self.config.vocab_size, self.config.d_model)
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != shape \
+                or getattr(new_embeddings, "bias", None) is not None:
+            raise ValueError(f"set_output_embeddings takes a linear layer without bias whose weight has shape {shape}")
+        head.qweight = head.qscale = None
+        head.packed_format = QuantizedWeight
+        head.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
 
     def tie_weights(self):
         """As transformers: with ``tie_word_embeddings``, the LM head reads the input embedding (again,

@@ -298,7 +298,7 @@ def test_generate_output_follows_transformers(checkpoint_factory):
     kwargs = dict(max_new_tokens=4, num_beams=2, return_dict_in_generate=True, output_scores=True)
     out, ref = ours.generate(ids, attention_mask=mask, **kwargs), reference(hf, ids, mask, **kwargs)
     assert torch.equal(out[0], ref[0]) and torch.allclose(out[1], ref[1], atol=1e-5)  # sequences_scores second
-    assert "scores" in out and out.keys()[:3] == ["sequences", "sequences_scores", "scores"]
+    assert "scores" in out and list(out.keys())[:3] == ["sequences", "sequences_scores", "scores"]
     greedy = ours.generate(ids, attention_mask=mask, max_new_tokens=4, return_dict_in_generate=True)
     assert greedy.to_tuple() == (greedy.sequences,)
     assert torch.equal(ours.generate(inputs=ids, attention_mask=mask, max_new_tokens=4, use_cache=False),
@@ -362,9 +362,9 @@ def test_raw_logits_and_beam_indices_follow_transformers(checkpoint_factory, kwa
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     if "num_beams" in kwargs:
         assert torch.equal(out.beam_indices, ref.beam_indices)
-        assert out.keys() == ["sequences", "sequences_scores", "scores", "logits", "beam_indices"]
+        assert list(out.keys()) == ["sequences", "sequences_scores", "scores", "logits", "beam_indices"]
     else:
-        assert out.beam_indices is None and out.keys() == ["sequences", "scores", "logits"]
+        assert out.beam_indices is None and list(out.keys()) == ["sequences", "scores", "logits"]
     torch.testing.assert_close(hf.compute_transition_scores(out.sequences, out.scores, out.beam_indices),
                                hf.compute_transition_scores(ref.sequences, ref.scores, getattr(ref, "beam_indices", None)),
                                rtol=1e-5, atol=1e-5)
@@ -403,7 +403,7 @@ def test_greedy_and_sampled_attentions_and_hidden_states_match_transformers(chec
     torch.manual_seed(3)
     out = ours.generate(ids, attention_mask=mask, **kwargs)
     assert torch.equal(out.sequences, ref.sequences)
-    assert out.keys() == ["sequences", "scores", "encoder_attentions", "encoder_hidden_states", "decoder_attentions",
+    assert list(out.keys()) == ["sequences", "scores", "encoder_attentions", "encoder_hidden_states", "decoder_attentions",
                           "cross_attentions", "decoder_hidden_states"]
     close = dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.encoder_attentions, ref.encoder_attentions, **close)
@@ -541,3 +541,24 @@ def test_top_candidates_equal_torch_topk_over_all_beams(seed):
         values, indices = torch.topk(case, k)
         assert torch.equal(got_values, values) and torch.equal(got_indices, indices)
     assert generation.top_candidates(scores[:, :12], 8, 4)[1].shape == (3, 8)  # k + 1 > vocab: torch.topk
+
+
+def test_output_flags_in_config_json_ask_for_the_output_dict(checkpoint_factory, tmp_path):
+    """transformers' GenerationConfig.from_model_config: an output flag of config.json (or the
+    config's output_attentions / output_hidden_states) sets return_dict_in_generate."""
+    import json
+    import shutil
+    import transformers
+    path, _ = checkpoint_factory("UMT5ForConditionalGeneration", **CONFIGS["tied-shallow-decoder"])
+    shutil.copy(path / "model.safetensors", tmp_path)
+    ids, mask = random_batch(131, 2, 9, seed=2)
+    for flags in (dict(output_scores=True), dict(output_attentions=True)):
+        config = json.loads((path / "config.json").read_text())
+        config.update(flags)
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        hf = transformers.UMT5ForConditionalGeneration.from_pretrained(tmp_path)
+        ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(tmp_path)
+        with torch.no_grad():
+            ref = hf.generate(ids, attention_mask=mask, max_new_tokens=4)
+        out = ours.generate(ids, attention_mask=mask, max_new_tokens=4)
+        assert list(out.keys()) == list(ref.keys())[:len(out.keys())] and torch.equal(out.sequences, ref.sequences)

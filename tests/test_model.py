@@ -396,3 +396,19 @@ def test_our_cache_has_transformers_cache_methods(checkpoint_factory):
     cache.batch_select_indices(torch.tensor([1]))
     assert len(cache) == ours.config.num_decoder_layers and len(cache[0]) == 4 and cache[0][0].shape[0] == 1
     assert len(list(cache)) == len(cache)
+
+
+def test_transformers_caches_made_from_a_config_start_empty(checkpoint_factory):
+    import transformers
+    from transformers.cache_utils import DynamicCache as HFDynamicCache, EncoderDecoderCache
+    ours, hf = load_pair(checkpoint_factory, "UMT5ForConditionalGeneration", "odd-untied", num_decoder_layers=2)
+    ids, mask, dec, _ = inputs(ours.config.vocab_size, seed=10, length=9, dec_length=3)
+    hf_config = transformers.UMT5Config.from_pretrained(ours.config.name_or_path)
+    cache = EncoderDecoderCache(HFDynamicCache(config=hf_config), HFDynamicCache(config=hf_config))
+    out = ours(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, past_key_values=cache, use_cache=True)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    assert out.past_key_values is cache and cache.get_seq_length() == 3
+    assert_close(out.logits, ref, TOL, "logits")
+    empty = umt5_fast.cache.DynamicCache(2)
+    assert len(empty) == 0 and list(empty) == []

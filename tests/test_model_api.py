@@ -135,3 +135,31 @@ def test_set_output_embeddings_replaces_the_lm_head_as_in_transformers(checkpoin
     assert torch.equal(ours.generate(ids, max_new_tokens=5), hf.generate(ids, max_new_tokens=5, use_cache=False))
     with pytest.raises(ValueError, match="set_output_embeddings"):
         ours.set_output_embeddings(torch.nn.Linear(3, 4))
+
+
+def test_outputs_are_ordered_dicts_like_transformers(checkpoint_factory):
+    """isinstance dict, item assignment, a field set after construction staying out of the keys,
+    no key removal, pickling and deep copies: as transformers' ModelOutput."""
+    import transformers
+    path, _ = checkpoint_factory("UMT5ForConditionalGeneration")
+    ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path)
+    hf = transformers.UMT5ForConditionalGeneration.from_pretrained(path).eval()
+    ids, dec = torch.tensor([[5, 6, 7, 1]]), torch.tensor([[0, 9, 10]])
+    with torch.no_grad():
+        ref = hf(input_ids=ids, decoder_input_ids=dec)
+    out = ours(input_ids=ids, decoder_input_ids=dec)
+    for o in (out, ref):
+        assert isinstance(o, dict) and list(o.keys()) == list(ref.keys())
+        o.decoder_hidden_states = (o.logits,)  # None at construction: an attribute, not a key
+        assert "decoder_hidden_states" not in o and len(o.to_tuple()) == len(ref.keys())
+        o["logits"] = o.logits * 2  # item assignment updates the attribute too
+        assert o.logits is o["logits"]
+        with pytest.raises(Exception):
+            del o["logits"]
+    for copied, ref_copied in ((copy.deepcopy(out), copy.deepcopy(ref)),
+                               (pickle.loads(pickle.dumps(out)), pickle.loads(pickle.dumps(ref)))):
+        # (both rebuild from the fields: the attribute set above becomes a key of the copy)
+        assert type(copied) is type(out) and list(copied.keys()) == list(ref_copied.keys())
+        assert torch.equal(copied.logits, out.logits) and torch.equal(copied[0], out[0])
+    logits, *_ = out  # unpacking iterates over the keys, as a dict does
+    assert logits == "logits"

@@ -388,3 +388,71 @@ def test_stop_strings_in_generate_match_transformers(num_beams):
         model.generate(**batch, stop_strings="und")
     with pytest.raises(ValueError, match="stop_strings"):
         model.generate(**batch, stop_strings=["", "x"], tokenizer=pairs[0][0])
+
+
+def test_encoder_processors_read_input_ids_given_with_encoder_outputs(models):
+    ours, hf = models[0]["cpu"], models[1]
+    ids, mask = random_batch(ours.config.vocab_size, 3, 15, seed=12)
+    encoder_outputs = ours.get_encoder()(input_ids=ids, attention_mask=mask)
+    kwargs = dict(max_new_tokens=8, encoder_repetition_penalty=3.0, encoder_no_repeat_ngram_size=2)
+    with torch.no_grad():
+        expected = hf.generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(ours.generate(ids, attention_mask=mask, encoder_outputs=encoder_outputs, **kwargs), expected)
+
+
+def test_a_callers_processor_of_a_built_in_class_takes_its_place(models):
+    """transformers' _merge_criteria_processor_list: a caller's RepetitionPenaltyLogitsProcessor
+    replaces repetition_penalty's (at its position); warpers are not replaced (both run)."""
+    from transformers.generation import logits_process as lp
+    ours, hf = models[0]["eager"], models[1]
+    ids, mask = random_batch(ours.config.vocab_size, 2, 13, seed=13)
+    cases = [dict(repetition_penalty=0.05, no_repeat_ngram_size=3,
+                  logits_processor=lp.LogitsProcessorList([lp.RepetitionPenaltyLogitsProcessor(5.0)])),
+             dict(min_new_tokens=4, logits_processor=lp.LogitsProcessorList([lp.MinLengthLogitsProcessor(6, [1])])),
+             dict(do_sample=True, top_k=7, logits_processor=lp.LogitsProcessorList([lp.TopKLogitsWarper(3)]))]
+    for kwargs in cases:
+        kwargs = dict(kwargs, max_new_tokens=10, return_dict_in_generate=True, output_scores=True)
+        torch.manual_seed(5)
+        with torch.no_grad():
+            expected = hf.generate(ids, attention_mask=mask, **kwargs)
+        torch.manual_seed(5)
+        got = ours.generate(ids, attention_mask=mask, **kwargs)
+        assert torch.equal(got.sequences, expected.sequences), kwargs
+        for a, b in zip(got.scores, expected.scores):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_criteria_of_built_in_classes(models):
+    from transformers.generation import stopping_criteria as sc
+    ours = models[0]["cpu"]
+    ids, mask = random_batch(ours.config.vocab_size, 2, 9, seed=1)
+    with pytest.raises(ValueError, match="MaxLengthCriteria"):
+        ours.generate(ids, attention_mask=mask, stopping_criteria=sc.StoppingCriteriaList([sc.MaxLengthCriteria(30)]))
+    with pytest.raises(ValueError, match="EosTokenCriteria"):
+        ours.generate(ids, attention_mask=mask, stopping_criteria=[sc.EosTokenCriteria(5)])
+    # a caller's MaxTimeCriteria replaces max_time's
+    out = ours.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None, max_time=0.0,
+                        stopping_criteria=[sc.MaxTimeCriteria(600.0)])
+    assert out.shape == (2, 7)
+
+
+def test_beam_search_gives_callers_processors_scores_they_may_keep(models):
+    """A processor that keeps the scores it sees (stateful processors do) sees transformers' values."""
+    ours, hf = models[0]["cpu"], models[1]
+    ids, mask = random_batch(ours.config.vocab_size, 2, 11, seed=3)
+
+    class Keep:
+        def __init__(self):
+            self.seen = []
+
+        def __call__(self, input_ids, scores):
+            self.seen.append(scores)
+            return scores
+
+    keep_ours, keep_theirs = Keep(), Keep()
+    with torch.no_grad():
+        hf.generate(ids, attention_mask=mask, max_new_tokens=5, num_beams=3, logits_processor=[keep_theirs])
+    ours.generate(ids, attention_mask=mask, max_new_tokens=5, num_beams=3, logits_processor=[keep_ours])
+    assert len(keep_ours.seen) == len(keep_theirs.seen)
+    for a, b in zip(keep_ours.seen, keep_theirs.seen):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -110,6 +110,8 @@ def test_quantized_weights_agree_with_fp32_on_the_tiny_model():
     (["generate", "--option", "num_beams=2", "y"], "--option num_beams: use its own flag (--num-beams)"),
     (["generate", "--option", "no_such_option=2", "y"], "unexpected argument 'no_such_option'"),
     (["generate", "--option", "bad_words_ids=5", "y"], "bad_words_ids must be a non-empty list"),
+    (["generate", "--option", "streamer=1", "y"], "--option streamer: use its own flag (--stream)"),
+    (["generate", "--option", "return_dict_in_generate=true", "y"], "use generate() from Python"),
 ])
 def test_cli_bad_arguments_get_one_line_errors(args, message):
     result = subprocess.run([sys.executable, "-m", "umt5_fast", *args], capture_output=True, text=True, timeout=120)

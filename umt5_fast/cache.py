@@ -69,8 +69,8 @@ class DynamicCache:
                                                  kv[1][:, :, :max_length].contiguous()) for kv in self.self_kv]
         self.length = max(max_length, 0)
 
-    def __len__(self):
-        return self.num_layers
+    def __len__(self):  # layers holding K/V, as transformers counts them
+        return len(self.to_legacy_cache())
 
     def __getitem__(self, layer: int):
         return self.to_legacy_cache()[layer]
@@ -79,9 +79,10 @@ class DynamicCache:
         return iter(self.to_legacy_cache())
 
     def to_legacy_cache(self):
-        """transformers' tuple format: per layer (self_k, self_v, cross_k, cross_v)."""
+        """transformers' tuple format: per layer (self_k, self_v, cross_k, cross_v), for the layers that
+        hold K/V."""
         return tuple(tuple(self.self_kv[i]) + (tuple(self.cross_kv[i]) if self.cross_kv[i] else ())
-                     for i in range(self.num_layers))
+                     for i in range(self.num_layers) if self.self_kv[i] is not None)
 
     @classmethod
     def from_legacy_cache(cls, legacy) -> "DynamicCache":

@@ -65,14 +65,19 @@ def batches(items, size):
 
 
 SAMPLING_DEFAULTS = dict(seed=0, temperature=1.0, top_k=50, top_p=1.0)
+DEFAULT_MAX_NEW_TOKENS = 64
 
 
 def sampling_options(args) -> dict:
     return {name: getattr(args, name) for name in SAMPLING_DEFAULTS}
 
 
-# generate options with a flag of their own
-FLAGGED_OPTIONS = {"max_new_tokens", "num_beams", "do_sample", "streamer", *SAMPLING_DEFAULTS}
+# generate options with a flag of their own, and ones the command cannot take (it prints text)
+FLAGGED_OPTIONS = {"max_new_tokens": "--max-new-tokens", "num_beams": "--num-beams", "do_sample": "--do-sample",
+                   "streamer": "--stream", **{name: f"--{name.replace('_', '-')}" for name in SAMPLING_DEFAULTS}}
+PYTHON_ONLY_OPTIONS = {"return_dict_in_generate", "output_scores", "output_logits", "output_attentions",
+                       "output_hidden_states", "tokenizer", "logits_processor", "stopping_criteria",
+                       "prefix_allowed_tokens_fn", "generator"}
 
 
 def generate_option(text: str):
@@ -87,9 +92,11 @@ def generate_option(text: str):
 
 
 def check_generate_args(parser, args):
-    flagged = sorted(name for name, _ in args.option if name in FLAGGED_OPTIONS)
-    if flagged:
-        parser.error(f"--option {flagged[0]}: use its own flag (--{flagged[0].replace('_', '-')})")
+    for name, _ in args.option:
+        if name in FLAGGED_OPTIONS:
+            parser.error(f"--option {name}: use its own flag ({FLAGGED_OPTIONS[name]})")
+        if name in PYTHON_ONLY_OPTIONS:
+            parser.error(f"--option {name}: the command prints text; use generate() from Python for it")
     given = [f"--{name.replace('_', '-')}" for name, value in sampling_options(args).items() if value is not None]
     if given and not args.do_sample:
         parser.error(f"{', '.join(given)} only act with --do-sample")
@@ -104,7 +111,9 @@ def cmd_generate(args):
     if args.stream and len(texts) > 1:
         raise SystemExit(f"umt5-fast: error: --stream prints one sequence, got {len(texts)} inputs")
     tokenizer, model = load(UMT5ForConditionalGeneration, args, quantize=args.quantize)
-    options = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample)
+    options = dict(num_beams=args.num_beams, do_sample=args.do_sample)
+    if args.max_new_tokens is not None or "max_length" not in dict(args.option):
+        options["max_new_tokens"] = args.max_new_tokens if args.max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS
     if args.do_sample:
         options.update({name: value if value is not None else SAMPLING_DEFAULTS[name]
                         for name, value in sampling_options(args).items()})
@@ -156,7 +165,8 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="seq2seq generation (greedy, beam or sampled)")
     add_common(gen)
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--max-new-tokens", type=int, default=None,
+                     help=f"default {DEFAULT_MAX_NEW_TOKENS}, unless --option max_length=N is given")
     gen.add_argument("--num-beams", type=int, default=1)
     gen.add_argument("--do-sample", action="store_true")
     for name, kind in (("seed", int), ("temperature", float), ("top_k", int), ("top_p", float)):

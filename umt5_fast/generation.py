@@ -50,6 +50,9 @@ _UNSUPPORTED_OFF = dict(forced_decoder_ids=None, force_words_ids=None, num_beam_
                         prompt_lookup_num_tokens=None, token_healing=False)
 
 
+_OUTPUT_FLAGS = ("output_attentions", "output_hidden_states", "output_scores", "output_logits")
+
+
 def settings_from_model_config(config) -> "GenerationSettings":
     """What transformers' ``GenerationConfig.from_model_config`` derives for a checkpoint without a
     generation_config.json: the config's token ids, and the generation options its config.json sets
@@ -59,6 +62,11 @@ def settings_from_model_config(config) -> "GenerationSettings":
                 if (key in DEFAULTS or key in _UNSUPPORTED_OFF) and value is not None}
     settings.update(decoder_start_token_id=config.decoder_start_token_id, pad_token_id=config.pad_token_id,
                     eos_token_id=config.eos_token_id)
+    for flag in ("output_attentions", "output_hidden_states"):  # config fields of ours (forward's defaults)
+        if getattr(config, flag, False):
+            settings[flag] = True
+    if not settings.get("return_dict_in_generate") and any(settings.get(flag) for flag in _OUTPUT_FLAGS):
+        settings["return_dict_in_generate"] = True  # as transformers: an output flag asks for the dict
     return GenerationSettings(settings)
 
 
@@ -332,6 +340,9 @@ def prepare(model, input_ids, attention_mask, decoder_input_ids, options, inputs
     if encoder_outputs is not None:
         encoder_output = as_encoder_output(encoder_outputs)
         encoder_states = encoder_output.last_hidden_state
+        if input_ids is not None:  # (transformers' encoder processors still read them)
+            validation.check_ids("input_ids", input_ids, cfg.vocab_size, model.device, allow_none=False)
+            validation.same_batch("input_ids", input_ids.shape[0], "encoder_outputs", encoder_states.shape[0])
         # Not required finite: a model's own encoder may give NaN (transformers lets it flow on).
         validation.check_embeds("encoder_outputs (last_hidden_state)", encoder_states, cfg.d_model, model.device,
                                 model.shared.weight.dtype, require_finite=False)
@@ -541,13 +552,14 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
                 finished_origin = widened(finished_origin, width - prompt_length, -1)
             flat = running.view(batch * num_beams, width)[:, :length]
             logits = decoder.step(tokens)
-            if record is None:  # nothing keeps this step's scores: they go to the reused buffer
+            if record is None and not processors.custom:  # nothing keeps this step's scores: reuse a buffer
                 if scratch is None or scratch.shape != logits.shape:
                     scratch = torch.empty_like(logits)
                 log_probs = processors(flat, torch.log_softmax(logits, dim=-1, out=scratch), every_row)
-            else:
+            else:  # (the caller's processors may keep the scores they are given)
                 log_probs = processors(flat, F.log_softmax(logits, dim=-1), every_row)
-                record.add(log_probs, logits)
+                if record is not None:
+                    record.add(log_probs, logits)
             if log_probs is scratch:
                 log_probs = log_probs.view(batch, num_beams, vocab).add_(running_scores[:, :, None]).view(batch, -1)
             else:
@@ -652,9 +664,10 @@ def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=No
     encoder_output, mask, prompt, max_length = prepare(model, input_ids, attention_mask, decoder_input_ids, options,
                                                        inputs_embeds, encoder_outputs)
     encoder_states = encoder_output.last_hidden_state
-    processors = make_processors(model, options, prompt, max_length, input_ids if encoder_outputs is None else None,
-                                 logits_processor, prefix_allowed_tokens_fn)
-    stops = StopCriteria(options["max_time"], stopping_criteria, options["stop_strings"], tokenizer)
+    processors = make_processors(model, options, prompt, max_length, input_ids, logits_processor,
+                                 prefix_allowed_tokens_fn)
+    stops = StopCriteria(options["max_time"], stopping_criteria, options["stop_strings"], tokenizer,
+                         has_eos=bool(options["eos_token_id"]))
     record = None
     if options["return_dict_in_generate"] and (options["output_scores"] or options["output_logits"]):
         record = StepRecord(scores=[] if options["output_scores"] else None,
@@ -681,23 +694,25 @@ def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=No
         sequences = torch.cat([prompt.repeat_interleave(expand, dim=0), torch.stack(steps, dim=1)], dim=1)
     if options["return_dict_in_generate"]:
         kept = record or StepRecord()
-        output = GenerateOutput(sequences=sequences,
-                                sequences_scores=sequence_scores if options["output_scores"] else None,
-                                scores=kept.steps("scores"), logits=kept.steps("logits"), beam_indices=beam_indices)
+        step_outputs = {}
         if options["output_attentions"] or options["output_hidden_states"]:
-            add_step_outputs(output, model, encoder_output, mask, prompt.shape[1], options)
-        return output
+            step_outputs = attentions_and_hidden_states(model, sequences, encoder_output, mask, prompt.shape[1],
+                                                        options)
+        return GenerateOutput(sequences=sequences,
+                              sequences_scores=sequence_scores if options["output_scores"] else None,
+                              scores=kept.steps("scores"), logits=kept.steps("logits"), beam_indices=beam_indices,
+                              **step_outputs)
     return sequences
 
 
-def add_step_outputs(output: GenerateOutput, model, encoder_output, encoder_mask, prompt_length: int, options):
-    """transformers' per-step attentions and hidden states of greedy / sampled decoding, from one
-    decoder pass over the generated sequences: step 0 is the prompt's positions, step i > 0 the
-    position that fed token i; causal attention gives each position what its step computed."""
+def attentions_and_hidden_states(model, sequences, encoder_output, encoder_mask, prompt_length: int, options) -> dict:
+    """transformers' encoder and per-step decoder attentions and hidden states of greedy / sampled
+    decoding (GenerateOutput's fields), from one decoder pass over the generated sequences: step 0
+    is the prompt's positions, step i > 0 the position that fed token i; causal attention gives each
+    position what its step computed."""
     attentions, hidden = options["output_attentions"], options["output_hidden_states"]
-    output.encoder_attentions = encoder_output.attentions if attentions else None
-    output.encoder_hidden_states = encoder_output.hidden_states if hidden else None
-    sequences = output.sequences
+    fields = dict(encoder_attentions=encoder_output.attentions if attentions else None,
+                  encoder_hidden_states=encoder_output.hidden_states if hidden else None)
     rows_per_source = sequences.shape[0] // encoder_output.last_hidden_state.shape[0]
     states = encoder_output.last_hidden_state.repeat_interleave(rows_per_source, dim=0)
     mask = None if encoder_mask is None else encoder_mask.repeat_interleave(rows_per_source, dim=0)
@@ -706,10 +721,11 @@ def add_step_outputs(output: GenerateOutput, model, encoder_output, encoder_mask
                                 output_attentions=attentions, output_hidden_states=hidden)
     steps = [(0, prompt_length)] + [(p, p + 1) for p in range(prompt_length, sequences.shape[1] - 1)]
     if attentions:
-        output.decoder_attentions = tuple(tuple(a[:, :, q0:q1, :q1] for a in decoded.attentions) for q0, q1 in steps)
-        output.cross_attentions = tuple(tuple(a[:, :, q0:q1] for a in decoded.cross_attentions) for q0, q1 in steps)
+        fields["decoder_attentions"] = tuple(tuple(a[:, :, q0:q1, :q1] for a in decoded.attentions) for q0, q1 in steps)
+        fields["cross_attentions"] = tuple(tuple(a[:, :, q0:q1] for a in decoded.cross_attentions) for q0, q1 in steps)
     if hidden:
-        output.decoder_hidden_states = tuple(tuple(h[:, q0:q1] for h in decoded.hidden_states) for q0, q1 in steps)
+        fields["decoder_hidden_states"] = tuple(tuple(h[:, q0:q1] for h in decoded.hidden_states) for q0, q1 in steps)
+    return fields
 
 
 def generate_stream(model, input_ids=None, attention_mask=None, **kwargs) -> Iterator[torch.Tensor]:
@@ -733,6 +749,7 @@ def generate_stream(model, input_ids=None, attention_mask=None, **kwargs) -> Ite
     processors = make_processors(model, options, prompt, max_length, input_ids, logits_processor,
                                  prefix_allowed_tokens_fn)
     yield from sample_steps(model, encoder_states, mask, prompt, max_length, options, processors,
-                            StopCriteria(options["max_time"], stopping_criteria, options["stop_strings"], tokenizer),
+                            StopCriteria(options["max_time"], stopping_criteria, options["stop_strings"], tokenizer,
+                                         has_eos=bool(options["eos_token_id"])),
                             generator,
                             use_cuda_graph=use_cuda_graph)

@@ -515,9 +515,9 @@ def as_cache(past_key_values, config: UMT5Config, dtype: torch.dtype, device):
     if past_key_values is None or isinstance(past_key_values, (DynamicCache, StaticCache)):
         return past_key_values
     if is_transformers_cache(past_key_values):
-        past_key_values = past_key_values.to_legacy_cache()
-        if len(past_key_values) == 0:
+        if past_key_values.get_seq_length() == 0:  # e.g. EncoderDecoderCache(DynamicCache(config=...), ...)
             return DynamicCache(config.num_decoder_layers)
+        past_key_values = past_key_values.to_legacy_cache()
     validation.check_legacy_cache(past_key_values, config.num_decoder_layers, config.num_heads, config.d_kv,
                                   dtype, device)
     return DynamicCache.from_legacy_cache(past_key_values)
@@ -634,9 +634,12 @@ class UMT5PreTrainedModel(nn.Module):
         if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != shape \
                 or getattr(new_embeddings, "bias", None) is not None:
             raise ValueError(f"set_output_embeddings takes a linear layer without bias whose weight has shape {shape}")
+        if weight.dtype != self.dtype or weight.device != self.device:
+            raise ValueError(f"set_output_embeddings: the weight is {weight.dtype} on {weight.device}, the model "
+                             f"{self.dtype} on {self.device}")
         head.qweight = head.qscale = None
         head.packed_format = QuantizedWeight
-        head.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        head.weight = nn.Parameter(weight.detach(), requires_grad=False)  # (shares the caller's storage)
 
     def tie_weights(self):
         """As transformers: with ``tie_word_embeddings``, the LM head reads the input embedding (again,

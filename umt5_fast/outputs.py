@@ -1,45 +1,51 @@
 """Output containers with transformers' field names and access rules.
 
-Like transformers' ``ModelOutput``: attribute access, key access (``out["logits"]``), and tuple
-access (``out[0]``, unpacking) over the fields that are not None, in declaration order.
+Like transformers' ``ModelOutput``: a dataclass that is also an ordered dict of the fields that are
+not None, in declaration order: attribute access, key access (``out["logits"]``), tuple access
+(``out[0]``, unpacking), ``isinstance(out, dict)``. As there, a field that was None at
+construction stays out of the keys when it is set later, and keys cannot be removed.
 """
-from dataclasses import dataclass, fields
+from collections import OrderedDict
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Optional, Tuple
 
 import torch
 
 
-class ModelOutput:
-    def to_tuple(self) -> Tuple[Any, ...]:
-        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
+class ModelOutput(OrderedDict):
+    def __post_init__(self):
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if value is not None:
+                super().__setitem__(field.name, value)
 
-    def keys(self):
-        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+    def __setattr__(self, name, value):
+        if name in self.keys() and value is not None:
+            super().__setitem__(name, value)
+        super().__setattr__(name, value)
 
-    def values(self):
-        return [getattr(self, k) for k in self.keys()]
-
-    def items(self):
-        return [(k, getattr(self, k)) for k in self.keys()]
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        super().__setattr__(key, value)
 
     def __getitem__(self, key):
         if isinstance(key, str):
-            if key not in self.keys():
-                raise KeyError(key)
-            return getattr(self, key)
+            return super().__getitem__(key)
         return self.to_tuple()[key]
 
-    def __contains__(self, key):
-        return key in self.keys()
+    def _refuse(self, *args, **kwargs):
+        raise TypeError(f"a {type(self).__name__} cannot drop or merge keys (as transformers' ModelOutput)")
 
-    def __iter__(self):
-        return iter(self.keys())
+    __delitem__ = setdefault = pop = popitem = update = _refuse
 
-    def __len__(self):
-        return len(self.keys())
+    def __reduce__(self):  # pickling / deepcopy rebuild the dataclass from its fields
+        if not is_dataclass(self):
+            return super().__reduce__()
+        rebuild, _, *rest = super().__reduce__()
+        return (rebuild, tuple(getattr(self, f.name) for f in fields(self)), *rest)
 
-    def get(self, key, default=None):
-        return getattr(self, key) if key in self.keys() else default
+    def to_tuple(self) -> Tuple[Any, ...]:
+        return tuple(self[k] for k in self.keys())
 
 
 Tensor = Optional[torch.Tensor]
@@ -59,8 +65,10 @@ def as_encoder_output(encoder_outputs) -> BaseModelOutput:
         return encoder_outputs
     if isinstance(encoder_outputs, torch.Tensor):
         encoder_outputs = (encoder_outputs,)
-    if hasattr(encoder_outputs, "to_tuple"):
-        encoder_outputs = encoder_outputs.to_tuple()
+    if hasattr(encoder_outputs, "last_hidden_state"):  # transformers' output (its tuple drops None fields)
+        return BaseModelOutput(last_hidden_state=encoder_outputs.last_hidden_state,
+                               hidden_states=getattr(encoder_outputs, "hidden_states", None),
+                               attentions=getattr(encoder_outputs, "attentions", None))
     if not isinstance(encoder_outputs, (tuple, list)) or not encoder_outputs:
         raise TypeError("encoder_outputs must be an encoder output, a tuple (last_hidden_state, ...) or a "
                         f"[batch, length, d_model] tensor, got {type(encoder_outputs).__name__}")

@@ -257,6 +257,8 @@ def check_processor_options(o: dict, vocab_size: int):
     in_range("typical_p", 0, 1, low_open=True)
     in_range("epsilon_cutoff", 0, 1, high_open=True)
     in_range("eta_cutoff", 0, 1, high_open=True)
+    if o["exponential_decay_length_penalty"] is not None and not o["eos_token_id"]:
+        raise ValueError("exponential_decay_length_penalty raises the eos tokens' scores: it needs an eos_token_id")
     if o["max_time"] is not None and not (is_finite_number(o["max_time"]) and o["max_time"] >= 0):
         raise ValueError(f"max_time must be a number of seconds >= 0, got {o['max_time']!r}")
 
@@ -265,23 +267,25 @@ def check_processor_options(o: dict, vocab_size: int):
 # One generate call's processors
 # ---------------------------------------------------------------------------------------------
 class Processors:
-    """The processors one ``generate`` call's options ask for.
+    """The processors one ``generate`` call's options ask for, as a list of steps in transformers'
+    order.
 
     ``rows_per_source``: rows of the decoded batch per source row (beams, or sampled return
     sequences); ``source_ids``: the encoder's input ids ``[batch, source length]``, None when the
-    source came as embeddings (the encoder processors are then skipped with a warning, as
+    source came as embeddings alone (the encoder processors are then skipped with a warning, as
     transformers skips them); ``logits_processor``: the caller's ``(input_ids, scores) -> scores``
-    callables; ``prefix_allowed_tokens_fn(batch_id, ids) -> allowed ids``.
+    callables, run after the built-in steps, except that one of the class transformers would build
+    for an active option takes that step's place (transformers' ``_merge_criteria_processor_list``);
+    ``prefix_allowed_tokens_fn(batch_id, ids) -> allowed ids``.
     """
 
     def __init__(self, o: dict, vocab_size: int, prompt_length: int, max_length: int, beam: bool,
                  rows_per_source: int, source_ids: Optional[torch.Tensor] = None,
                  logits_processor: Sequence[Callable] = (), prefix_allowed_tokens_fn: Optional[Callable] = None):
         self.o, self.vocab_size, self.beam = o, vocab_size, beam
-        self.prompt_length, self.max_length = prompt_length, max_length
-        self.rows_per_source = rows_per_source
-        self.custom = list(logits_processor or ())
-        if not all(callable(p) for p in self.custom):
+        self.max_length, self.rows_per_source = max_length, rows_per_source
+        custom = list(logits_processor or ())
+        if not all(callable(p) for p in custom):
             raise TypeError("logits_processor must be a list of callables (input_ids, scores) -> scores")
         if prefix_allowed_tokens_fn is not None and not callable(prefix_allowed_tokens_fn):
             raise TypeError("prefix_allowed_tokens_fn must be a callable (batch_id, input_ids) -> allowed token ids")
@@ -292,7 +296,7 @@ class Processors:
         if o["encoder_repetition_penalty"] != 1.0 or o["encoder_no_repeat_ngram_size"]:
             if source_ids is None:
                 warnings.warn("encoder_repetition_penalty and encoder_no_repeat_ngram_size need input_ids; "
-                              "generating from inputs_embeds or encoder_outputs, they are ignored (as in "
+                              "generating from inputs_embeds or encoder_outputs alone, they are ignored (as in "
                               "transformers)", UserWarning, stacklevel=3)
             else:
                 self.source_ids = source_ids.long()
@@ -300,23 +304,50 @@ class Processors:
         bad_words = o["bad_words_ids"]
         if bad_words is not None:  # a bad word that is an eos token alone is not banned
             bad_words = [w for w in bad_words if not (len(w) == 1 and w[0] in eos)]
-        self.bad_words = self.bias_tables(None if bad_words is None else dict.fromkeys(bad_words, -math.inf))
+        self.bad_words = self.bias_tables(dict.fromkeys(bad_words, -math.inf)) if bad_words else None
         self.suppressed = self.token_mask(o["suppress_tokens"])
         self.begin_suppressed = self.token_mask(o["begin_suppress_tokens"])
         # transformers: the first generated position, one later when forced_bos takes a 1-token prompt's
         self.begin_index = prompt_length + (1 if prompt_length == 1 and o["forced_bos_token_id"] is not None else 0)
         decay = o["exponential_decay_length_penalty"]
-        if decay is not None and not eos:
-            raise ValueError("exponential_decay_length_penalty raises the eos tokens' scores: it needs an eos_token_id")
         self.decay = None if decay is None else (decay[0] + prompt_length, float(decay[1]))
+        has_eos = bool(eos)
+        # (transformers' class, step) for every active option, in its order
+        active = [
+            ("SequenceBiasLogitsProcessor", self.sequence_bias is not None and self.sequence_bias_step),
+            ("EncoderRepetitionPenaltyLogitsProcessor", self.source_ids is not None
+             and o["encoder_repetition_penalty"] != 1.0 and self.encoder_repetition_step),
+            ("RepetitionPenaltyLogitsProcessor", o["repetition_penalty"] != 1.0 and self.repetition_step),
+            ("NoRepeatNGramLogitsProcessor", bool(o["no_repeat_ngram_size"]) and self.no_repeat_ngram_step),
+            ("EncoderNoRepeatNGramLogitsProcessor", self.source_ids is not None
+             and bool(o["encoder_no_repeat_ngram_size"]) and self.encoder_no_repeat_ngram_step),
+            ("NoBadWordsLogitsProcessor", self.bad_words is not None and self.bad_words_step),
+            # (min_new_tokens set min_length to the same length: both ban eos until there)
+            ("MinLengthLogitsProcessor", has_eos and o["min_length"] > 0 and self.min_length_step),
+            ("MinNewTokensLengthLogitsProcessor", has_eos and bool(o["min_new_tokens"]) and self.min_length_step),
+            ("PrefixConstrainedLogitsProcessor", prefix_allowed_tokens_fn is not None and self.prefix_step),
+            ("ForcedBOSTokenLogitsProcessor", o["forced_bos_token_id"] is not None and self.forced_bos_step),
+            ("ForcedEOSTokenLogitsProcessor", o["forced_eos_token_id"] is not None and self.forced_eos_step),
+            ("InfNanRemoveLogitsProcessor", o["remove_invalid_values"] and self.remove_invalid_step),
+            ("ExponentialDecayLengthPenalty", self.decay is not None and self.decay_step),
+            ("SuppressTokensLogitsProcessor", self.suppressed is not None and self.suppress_step),
+            ("SuppressTokensAtBeginLogitsProcessor", self.begin_suppressed is not None and self.begin_suppress_step),
+        ]
+        self.steps = []
+        for class_name, step in active:
+            if not step:
+                continue
+            replacement = next((p for p in custom if type(p).__name__ == class_name), None)
+            if replacement is not None:
+                custom.remove(replacement)
+                step = self.custom_step(replacement)
+            self.steps.append(step)
+        self.steps += [self.custom_step(p) for p in custom]
+        self.custom = list(logits_processor or ())  # all the caller's: they see every row, in transformers' order
         # whether a greedy step's pick is the argmax of its raw logits, but for min_length's ban of eos
         # (the LM head screen finds that without computing every logit)
-        self.picks_raw_argmax = not (
-            self.sequence_bias or self.source_ids is not None or o["repetition_penalty"] != 1.0
-            or o["no_repeat_ngram_size"] or self.bad_words or self.prefix_allowed_tokens_fn
-            or o["forced_bos_token_id"] is not None or o["forced_eos_token_id"] is not None
-            or o["remove_invalid_values"] or self.decay or self.suppressed is not None
-            or self.begin_suppressed is not None or self.custom or o["do_sample"] or o["renormalize_logits"])
+        self.picks_raw_argmax = (all(step == self.min_length_step for step in self.steps) and not o["do_sample"]
+                                 and not o["renormalize_logits"])
 
     def bias_tables(self, biases: Optional[dict]):
         """(length-1 biases as a [vocab] tensor, [(prefix, last token, bias)] of longer sequences)."""
@@ -366,52 +397,78 @@ class Processors:
             mask[i, allowed] = 0
         return scores + mask
 
-    def __call__(self, sequences, scores, rows: torch.Tensor):
-        """Process ``scores`` ``[len(rows), vocab]`` (a step's fresh logits, or their log-softmax; may be
-        modified in place) for the rows ``rows`` of the decoded batch, whose ids so far are
-        ``sequences``."""
-        o = self.o
+    # the steps: (ids so far [rows, length], scores [rows, vocab], rows of the decoded batch) -> scores
+    def sequence_bias_step(self, sequences, scores, rows):
+        return self.add_bias(self.sequence_bias, sequences, scores)
+
+    def encoder_repetition_step(self, sequences, scores, rows):
+        return encoder_repetition_penalty(self.source_ids[rows // self.rows_per_source], scores,
+                                          self.o["encoder_repetition_penalty"])
+
+    def repetition_step(self, sequences, scores, rows):
+        return repetition_penalty(sequences, scores, self.o["repetition_penalty"])
+
+    def no_repeat_ngram_step(self, sequences, scores, rows):
+        return no_repeat_ngram(sequences, scores, self.o["no_repeat_ngram_size"])
+
+    def encoder_no_repeat_ngram_step(self, sequences, scores, rows):
+        return encoder_no_repeat_ngram(self.source_ids[rows // self.rows_per_source], sequences, scores,
+                                       self.o["encoder_no_repeat_ngram_size"])
+
+    def bad_words_step(self, sequences, scores, rows):
+        return self.add_bias(self.bad_words, sequences, scores)
+
+    def min_length_step(self, sequences, scores, rows):
+        return forbid_eos(scores, self.eos) if eos_forbidden(self.o, sequences.shape[1]) else scores
+
+    def prefix_step(self, sequences, scores, rows):
+        return self.allowed_by_prefix_fn(sequences, scores, rows)
+
+    def forced_bos_step(self, sequences, scores, rows):
+        return only_tokens(scores, self.o["forced_bos_token_id"]) if sequences.shape[1] == 1 else scores
+
+    def forced_eos_step(self, sequences, scores, rows):
+        at_end = sequences.shape[1] == self.max_length - 1
+        return only_tokens(scores, self.o["forced_eos_token_id"]) if at_end else scores
+
+    def remove_invalid_step(self, sequences, scores, rows):
+        return remove_invalid_values(scores)
+
+    def decay_step(self, sequences, scores, rows):
+        start, factor = self.decay
         length = sequences.shape[1]
-        if self.sequence_bias is not None:
-            scores = self.add_bias(self.sequence_bias, sequences, scores)
-        source_ids = None if self.source_ids is None else self.source_ids[rows // self.rows_per_source]
-        if source_ids is not None and o["encoder_repetition_penalty"] != 1.0:
-            scores = encoder_repetition_penalty(source_ids, scores, o["encoder_repetition_penalty"])
-        if o["repetition_penalty"] != 1.0:
-            scores = repetition_penalty(sequences, scores, o["repetition_penalty"])
-        if o["no_repeat_ngram_size"]:
-            scores = no_repeat_ngram(sequences, scores, o["no_repeat_ngram_size"])
-        if source_ids is not None and o["encoder_no_repeat_ngram_size"]:
-            scores = encoder_no_repeat_ngram(source_ids, sequences, scores, o["encoder_no_repeat_ngram_size"])
-        if self.bad_words is not None:
-            scores = self.add_bias(self.bad_words, sequences, scores)
-        if eos_forbidden(o, length):
-            scores = forbid_eos(scores, self.eos)
-        if self.prefix_allowed_tokens_fn is not None:
-            scores = self.allowed_by_prefix_fn(sequences, scores, rows)
-        if o["forced_bos_token_id"] is not None and length == 1:
-            scores = only_tokens(scores, o["forced_bos_token_id"])
-        if o["forced_eos_token_id"] is not None and length == self.max_length - 1:
-            scores = only_tokens(scores, o["forced_eos_token_id"])
-        if o["remove_invalid_values"]:
-            scores = remove_invalid_values(scores)
-        if self.decay is not None and length > self.decay[0]:
-            penalties = torch.zeros_like(scores)
-            penalties[:, self.eos] = torch.abs(scores[:, self.eos]) * (pow(self.decay[1], length - self.decay[0]) - 1)
-            scores = scores + penalties
-        if self.suppressed is not None:
-            scores = suppress(scores, self.suppressed.to(scores.device))
-        if self.begin_suppressed is not None and length == self.begin_index:
-            scores = suppress(scores, self.begin_suppressed.to(scores.device))
-        for processor in self.custom:
+        if length <= start:
+            return scores
+        penalties = torch.zeros_like(scores)
+        penalties[:, self.eos] = torch.abs(scores[:, self.eos]) * (pow(factor, length - start) - 1)
+        return scores + penalties
+
+    def suppress_step(self, sequences, scores, rows):
+        return suppress(scores, self.suppressed.to(scores.device))
+
+    def begin_suppress_step(self, sequences, scores, rows):
+        at_begin = sequences.shape[1] == self.begin_index
+        return suppress(scores, self.begin_suppressed.to(scores.device)) if at_begin else scores
+
+    @staticmethod
+    def custom_step(processor):
+        def step(sequences, scores, rows):
             processed = processor(sequences, scores)
             if not isinstance(processed, torch.Tensor) or processed.shape != scores.shape:
                 raise ValueError(f"logits_processor {processor!r} must return scores of shape {list(scores.shape)}, "
                                  f"got {processed!r:.200}")
-            scores = processed
-        if o["do_sample"]:
+            return processed
+        return step
+
+    def __call__(self, sequences, scores, rows: torch.Tensor):
+        """Process ``scores`` ``[len(rows), vocab]`` (a step's fresh logits, or their log-softmax; may be
+        modified in place) for the rows ``rows`` of the decoded batch, whose ids so far are
+        ``sequences``."""
+        for step in self.steps:
+            scores = step(sequences, scores, rows)
+        if self.o["do_sample"]:
             scores = self.warp(scores)
-        if o["renormalize_logits"]:
+        if self.o["renormalize_logits"]:
             scores = scores.log_softmax(dim=-1)
         return scores
 
@@ -504,13 +561,24 @@ class StopCriteria:
     processed scores when generate returns them, else None, as transformers passes them)."""
 
     def __init__(self, max_time: Optional[float] = None, stopping_criteria: Sequence[Callable] = (),
-                 stop_strings=None, tokenizer=None):
+                 stop_strings=None, tokenizer=None, has_eos: bool = True):
         self.custom = list(stopping_criteria or ())
         if not all(callable(c) for c in self.custom):
             raise TypeError("stopping_criteria must be a list of callables (input_ids, scores) -> bool per row")
-        if stop_strings is not None:
+        kinds = {type(c).__name__ for c in self.custom}
+        # transformers puts a caller's criterion of a built-in one's class in its place
+        # (_merge_criteria_processor_list): a max length or eos other than the call's is refused here
+        # (the cache and buffers are sized by max_length), the others replace ours
+        if "MaxLengthCriteria" in kinds:
+            raise ValueError("stopping_criteria holds a MaxLengthCriteria, which transformers uses in place of "
+                             "max_length: pass max_length / max_new_tokens instead")
+        if "EosTokenCriteria" in kinds and has_eos:
+            raise ValueError("stopping_criteria holds an EosTokenCriteria, which transformers uses in place of "
+                             "eos_token_id: pass eos_token_id instead")
+        if stop_strings is not None and "StopStringCriteria" not in kinds:
             self.custom.append(StopStrings(stop_strings, tokenizer))
-        self.deadline = None if max_time is None else time.time() + max_time
+        has_deadline = max_time is not None and "MaxTimeCriteria" not in kinds
+        self.deadline = time.time() + max_time if has_deadline else None
 
     def __bool__(self):
         return bool(self.custom) or self.deadline is not None

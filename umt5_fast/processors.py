@@ -31,15 +31,6 @@ def repetition_penalty(sequences, scores, penalty: float):
     return scores.scatter(1, sequences, picked)
 
 
-def encoder_repetition_penalty(source_ids, scores, penalty: float):
-    """Raise the scores of tokens the row's source holds (``source_ids`` ``[rows, source length]``):
-    transformers stores 1 / penalty and applies it as the repetition penalty applies its penalty."""
-    inverse = 1 / penalty
-    picked = torch.gather(scores, 1, source_ids)
-    picked = torch.where(picked < 0, picked * inverse, picked / inverse)
-    return scores.scatter(1, source_ids, picked)
-
-
 def banned_continuations(windows, sequences, scores) -> torch.Tensor:
     """``[rows, vocab]`` bool: the last tokens of those n-gram ``windows`` ``[rows, count, n]`` whose
     first n-1 tokens equal the last n-1 ids of the row (vectorised n-gram lookup)."""
@@ -402,8 +393,10 @@ class Processors:
         return self.add_bias(self.sequence_bias, sequences, scores)
 
     def encoder_repetition_step(self, sequences, scores, rows):
-        return encoder_repetition_penalty(self.source_ids[rows // self.rows_per_source], scores,
-                                          self.o["encoder_repetition_penalty"])
+        # raises the scores of the source's tokens: transformers applies 1 / penalty as the repetition
+        # penalty applies its penalty
+        return repetition_penalty(self.source_ids[rows // self.rows_per_source], scores,
+                                  1 / self.o["encoder_repetition_penalty"])
 
     def repetition_step(self, sequences, scores, rows):
         return repetition_penalty(sequences, scores, self.o["repetition_penalty"])

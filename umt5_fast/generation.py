@@ -632,7 +632,7 @@ def make_processors(model, options, prompt, max_length, input_ids, logits_proces
     rows_per_source = options["num_beams"] if beam else (options["num_return_sequences"] if options["do_sample"] else 1)
     return Processors(options, model.config.vocab_size, prompt.shape[1], max_length, beam, rows_per_source,
                       source_ids=input_ids, logits_processor=logits_processor,
-                      prefix_allowed_tokens_fn=prefix_allowed_tokens_fn)
+                      prefix_allowed_tokens_fn=prefix_allowed_tokens_fn, device=prompt.device)
 
 
 def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=None, inputs_embeds=None,

@@ -272,8 +272,10 @@ class Processors:
 
     def __init__(self, o: dict, vocab_size: int, prompt_length: int, max_length: int, beam: bool,
                  rows_per_source: int, source_ids: Optional[torch.Tensor] = None,
-                 logits_processor: Sequence[Callable] = (), prefix_allowed_tokens_fn: Optional[Callable] = None):
+                 logits_processor: Sequence[Callable] = (), prefix_allowed_tokens_fn: Optional[Callable] = None,
+                 device=None):
         self.o, self.vocab_size, self.beam = o, vocab_size, beam
+        self.device = device  # where the tables are made: the decoded ids' device
         self.max_length, self.rows_per_source = max_length, rows_per_source
         custom = list(logits_processor or ())
         if not all(callable(p) for p in custom):
@@ -350,7 +352,9 @@ class Processors:
             if len(sequence) == 1:
                 single[sequence[0]] = bias
             else:
-                longer.append((sequence[:-1], sequence[-1], bias))
+                longer.append((torch.tensor(sequence[:-1], dtype=torch.long, device=self.device), sequence[-1],
+                               torch.tensor(bias, device=self.device)))
+        single = single.to(self.device)
         return single, longer
 
     def token_mask(self, ids):
@@ -358,21 +362,19 @@ class Processors:
             return None
         mask = torch.zeros(self.vocab_size, dtype=torch.bool)
         mask[list(ids)] = True
-        return mask
+        return mask.to(self.device)
 
     @staticmethod
     def add_bias(tables, sequences, scores):
         """transformers' SequenceBiasLogitsProcessor (NoBadWords is it with -inf biases)."""
         single, longer = tables
         bias = torch.zeros_like(scores)
-        bias += single.to(scores.device)
+        bias += single
         for prefix, last, value in longer:
             if len(prefix) + 1 > sequences.shape[1]:  # longer than the ids so far
                 continue
-            tail = torch.tensor(prefix, dtype=sequences.dtype, device=sequences.device)
-            matching = torch.eq(sequences[:, -len(prefix):], tail).prod(dim=1)
-            bias[:, last] += torch.where(matching.bool(), torch.tensor(value, device=scores.device),
-                                         torch.tensor(0.0, device=scores.device))
+            matching = torch.eq(sequences[:, -len(prefix):], prefix).prod(dim=1)
+            bias[:, last] += torch.where(matching.bool(), value, 0.0)
         return scores + bias
 
     def allowed_by_prefix_fn(self, sequences, scores, rows):
@@ -437,11 +439,11 @@ class Processors:
         return scores + penalties
 
     def suppress_step(self, sequences, scores, rows):
-        return suppress(scores, self.suppressed.to(scores.device))
+        return suppress(scores, self.suppressed)
 
     def begin_suppress_step(self, sequences, scores, rows):
         at_begin = sequences.shape[1] == self.begin_index
-        return suppress(scores, self.begin_suppressed.to(scores.device)) if at_begin else scores
+        return suppress(scores, self.begin_suppressed) if at_begin else scores
 
     @staticmethod
     def custom_step(processor):

@@ -46,8 +46,8 @@ _IGNORED = {"_from_model_config", "transformers_version", "bos_token_id", "use_c
 # Options we do not implement, with transformers' value that leaves them off: any other value is
 # refused.
 _UNSUPPORTED_OFF = dict(forced_decoder_ids=None, force_words_ids=None, num_beam_groups=1, diversity_penalty=0.0,
-                        penalty_alpha=None, constraints=None, guidance_scale=None, low_memory=None, dola_layers=None, watermarking_config=None,
-                        prompt_lookup_num_tokens=None, token_healing=False)
+                        penalty_alpha=None, constraints=None, guidance_scale=None, low_memory=None, dola_layers=None,
+                        watermarking_config=None, prompt_lookup_num_tokens=None, token_healing=False)
 
 
 _OUTPUT_FLAGS = ("output_attentions", "output_hidden_states", "output_scores", "output_logits")
@@ -626,13 +626,18 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
     return sequences[:, :prompt_length + generated], sequence_scores, origin[:, :generated]
 
 
-def make_processors(model, options, prompt, max_length, input_ids, logits_processor=None,
-                    prefix_allowed_tokens_fn=None) -> Processors:
+def decoding_rules(model, options, prompt, max_length, input_ids, logits_processor=None,
+                   prefix_allowed_tokens_fn=None, stopping_criteria=None, tokenizer=None):
+    """The call's ``Processors`` (what each step does to the scores) and ``StopCriteria`` (what
+    ends rows besides eos and max_length)."""
     beam = options["num_beams"] > 1
     rows_per_source = options["num_beams"] if beam else (options["num_return_sequences"] if options["do_sample"] else 1)
-    return Processors(options, model.config.vocab_size, prompt.shape[1], max_length, beam, rows_per_source,
-                      source_ids=input_ids, logits_processor=logits_processor,
-                      prefix_allowed_tokens_fn=prefix_allowed_tokens_fn, device=prompt.device)
+    processors = Processors(options, model.config.vocab_size, prompt.shape[1], max_length, beam, rows_per_source,
+                            source_ids=input_ids, logits_processor=logits_processor,
+                            prefix_allowed_tokens_fn=prefix_allowed_tokens_fn, device=prompt.device)
+    stops = StopCriteria(options["max_time"], stopping_criteria, options["stop_strings"], tokenizer,
+                         has_eos=bool(options["eos_token_id"]))
+    return processors, stops
 
 
 def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=None, inputs_embeds=None,
@@ -664,10 +669,8 @@ def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=No
     encoder_output, mask, prompt, max_length = prepare(model, input_ids, attention_mask, decoder_input_ids, options,
                                                        inputs_embeds, encoder_outputs)
     encoder_states = encoder_output.last_hidden_state
-    processors = make_processors(model, options, prompt, max_length, input_ids, logits_processor,
-                                 prefix_allowed_tokens_fn)
-    stops = StopCriteria(options["max_time"], stopping_criteria, options["stop_strings"], tokenizer,
-                         has_eos=bool(options["eos_token_id"]))
+    processors, stops = decoding_rules(model, options, prompt, max_length, input_ids, logits_processor,
+                                       prefix_allowed_tokens_fn, stopping_criteria, tokenizer)
     record = None
     if options["return_dict_in_generate"] and (options["output_scores"] or options["output_logits"]):
         record = StepRecord(scores=[] if options["output_scores"] else None,
@@ -746,10 +749,7 @@ def generate_stream(model, input_ids=None, attention_mask=None, **kwargs) -> Ite
         generator = torch.Generator(device=model.device).manual_seed(seed)
     encoder_output, mask, prompt, max_length = prepare(model, input_ids, attention_mask, decoder_input_ids, options)
     encoder_states = encoder_output.last_hidden_state
-    processors = make_processors(model, options, prompt, max_length, input_ids, logits_processor,
-                                 prefix_allowed_tokens_fn)
-    yield from sample_steps(model, encoder_states, mask, prompt, max_length, options, processors,
-                            StopCriteria(options["max_time"], stopping_criteria, options["stop_strings"], tokenizer,
-                                         has_eos=bool(options["eos_token_id"])),
-                            generator,
+    processors, stops = decoding_rules(model, options, prompt, max_length, input_ids, logits_processor,
+                                       prefix_allowed_tokens_fn, stopping_criteria, tokenizer)
+    yield from sample_steps(model, encoder_states, mask, prompt, max_length, options, processors, stops, generator,
                             use_cuda_graph=use_cuda_graph)

@@ -528,9 +528,9 @@ def write_back(target, cache: DynamicCache, past_length: int):
     self-attention part, or a plain DynamicCache), and the cross-attention K/V it did not hold yet."""
     self_part = getattr(target, "self_attention_cache", target)
     cross_part = getattr(target, "cross_attention_cache", None)
+    updated = getattr(target, "is_updated", {})
     for layer, (keys, values) in enumerate(cache.self_kv):
         self_part.update(keys[:, :, past_length:], values[:, :, past_length:], layer)
-        updated = getattr(target, "is_updated", {})
         if cross_part is not None and cache.cross_kv[layer] is not None and not updated.get(layer, False):
             cross_part.update(*cache.cross_kv[layer], layer)
             updated[layer] = True

@@ -135,6 +135,8 @@ def test_set_output_embeddings_replaces_the_lm_head_as_in_transformers(checkpoin
     assert torch.equal(ours.generate(ids, max_new_tokens=5), hf.generate(ids, max_new_tokens=5, use_cache=False))
     with pytest.raises(ValueError, match="set_output_embeddings"):
         ours.set_output_embeddings(torch.nn.Linear(3, 4))
+    with pytest.raises(ValueError, match="set_output_embeddings.*bfloat16"):
+        ours.set_output_embeddings(head.to(torch.bfloat16))
 
 
 def test_outputs_are_ordered_dicts_like_transformers(checkpoint_factory):
@@ -163,3 +165,22 @@ def test_outputs_are_ordered_dicts_like_transformers(checkpoint_factory):
         assert torch.equal(copied.logits, out.logits) and torch.equal(copied[0], out[0])
     logits, *_ = out  # unpacking iterates over the keys, as a dict does
     assert logits == "logits"
+
+
+def test_transformers_encoder_outputs_are_read_by_field(checkpoint_factory):
+    """A transformers BaseModelOutput with attentions but no hidden states: its tuple drops the None
+    field, so reading it by position would file the attentions as hidden states."""
+    import transformers
+    from transformers.modeling_outputs import BaseModelOutput as HFBaseModelOutput
+    path, _ = checkpoint_factory("UMT5ForConditionalGeneration")
+    ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path)
+    hf = transformers.UMT5ForConditionalGeneration.from_pretrained(path).eval()
+    ids, dec = torch.tensor([[5, 6, 7, 1]]), torch.tensor([[0, 9, 10]])
+    with torch.no_grad():
+        enc = hf.get_encoder()(input_ids=ids, output_attentions=True)
+        given = HFBaseModelOutput(last_hidden_state=enc.last_hidden_state, attentions=enc.attentions)
+        ref = hf(encoder_outputs=given, decoder_input_ids=dec)
+    out = ours(encoder_outputs=given, decoder_input_ids=dec)
+    assert list(out.keys()) == list(ref.keys()) and out.encoder_hidden_states is None
+    assert all(torch.equal(a, b) for a, b in zip(out.encoder_attentions, ref.encoder_attentions))
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)

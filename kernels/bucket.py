@@ -50,10 +50,15 @@ def relative_position_bias(table_ptr, stride_bucket, relative_position, bidirect
                            num_buckets: tl.constexpr, max_distance: tl.constexpr):
     """``table[bucket(relative_position)]`` as float32, ``table_ptr`` pointing at one head's column.
 
-    Every bucket lies in ``[0, num_buckets)``, so the gather needs no mask; the table is a few
-    hundred bytes and stays in L1.
+    The bucket is clamped into ``[0, num_buckets)`` so that the gather needs no mask. Callers also
+    evaluate lanes past the sequence (a tile's tail), and a config whose max_distance is not above
+    its exact buckets gives those far distances no defined bucket (negative ones, as transformers'
+    formula does; ``umt5_fast.buckets.check_distance`` refuses such inputs): those lanes' values are
+    discarded, but their loads must stay inside the table. The table is a few hundred bytes and
+    stays in L1.
     """
     bucket = relative_position_bucket(relative_position, bidirectional, num_buckets, max_distance)
+    bucket = tl.minimum(tl.maximum(bucket, 0), num_buckets - 1)
     return tl.load(table_ptr + bucket * stride_bucket).to(tl.float32)
 
 

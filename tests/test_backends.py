@@ -18,6 +18,10 @@ CONFIGS = {
     "tied-silu": dict(feed_forward_proj="gated-silu", tie_word_embeddings=True, num_heads=3, d_kv=80,
                       num_layers=1, num_decoder_layers=2, relative_attention_num_buckets=32,
                       relative_attention_max_distance=17),
+    # max_distance not above the exact buckets (8 per direction in the encoder, 16 in the decoder):
+    # only distances below those are defined, so inputs stay within 8 / 16 tokens
+    "short-max-distance": dict(relative_attention_num_buckets=32, relative_attention_max_distance=7,
+                               num_layers=1, num_decoder_layers=2),
 }
 
 
@@ -55,6 +59,29 @@ def test_seq2seq_logits_match_transformers(checkpoint_factory, backend, config_n
                decoder_attention_mask=dec_mask.to(device))
     assert_close(out.encoder_last_hidden_state.cpu(), ref.encoder_last_hidden_state, TOLERANCE[backend], "encoder")
     assert_close(out.logits.cpu(), ref.logits, TOLERANCE[backend], "logits")
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_a_max_distance_below_the_log_buckets_matches_transformers_within_its_defined_lengths(
+        checkpoint_factory, backend):
+    """Such a config defines no bucket for far distances: inputs up to the longest defined one
+    match transformers (the kernels' tail lanes past the sequence have no bucket and are discarded;
+    tests/kernels/test_bucket.py holds their table reads inside the table), longer ones are refused."""
+    ours, hf, device = load(checkpoint_factory, "short-max-distance", "UMT5ForConditionalGeneration", backend)
+    ids, mask = random_batch(ours.config.vocab_size, 3, 8, seed=8)
+    dec, dec_mask = random_batch(ours.config.vocab_size, 3, 16, seed=9, padding=("right", None))
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
+        expected = hf.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=None, use_cache=False)
+    out = ours(input_ids=ids.to(device), attention_mask=mask.to(device), decoder_input_ids=dec.to(device),
+               decoder_attention_mask=dec_mask.to(device))
+    assert_close(out.encoder_last_hidden_state.cpu(), ref.encoder_last_hidden_state, TOLERANCE[backend], "encoder")
+    assert_close(out.logits.cpu(), ref.logits, TOLERANCE[backend], "logits")
+    got = ours.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=5, eos_token_id=None)
+    assert torch.equal(got.cpu(), expected)
+    longer = torch.cat([ids, ids[:, :1]], dim=1).to(device)
+    with pytest.raises(ValueError, match="the encoder input may hold at most 8 tokens"):
+        ours(input_ids=longer, decoder_input_ids=dec.to(device))
 
 
 @pytest.mark.parametrize("backend", backends())

@@ -412,3 +412,23 @@ def test_transformers_caches_made_from_a_config_start_empty(checkpoint_factory):
     assert_close(out.logits, ref, TOL, "logits")
     empty = umt5_fast.cache.DynamicCache(2)
     assert len(empty) == 0 and list(empty) == []
+
+
+def test_a_transformers_cache_too_small_for_the_decoder_is_refused_before_it_is_written(checkpoint_factory):
+    """DynamicCache(config=...) holds config.num_layers layers (the encoder's 2 here) and cannot grow
+    to the decoder's 3: transformers fails with an IndexError; we name the problem, cache untouched."""
+    import transformers
+    from transformers.cache_utils import DynamicCache as HFDynamicCache, EncoderDecoderCache
+    ours, hf = load_pair(checkpoint_factory, "UMT5ForConditionalGeneration", "odd-untied")
+    assert (ours.config.num_layers, ours.config.num_decoder_layers) == (2, 3)
+    ids, mask, dec, _ = inputs(ours.config.vocab_size, seed=10, length=9, dec_length=3)
+    hf_config = transformers.UMT5Config.from_pretrained(ours.config.name_or_path)
+    for cache in (EncoderDecoderCache(HFDynamicCache(config=hf_config), HFDynamicCache(config=hf_config)),
+                  EncoderDecoderCache(HFDynamicCache(), HFDynamicCache(config=hf_config)),
+                  HFDynamicCache(config=hf_config)):
+        with pytest.raises(ValueError, match="holds 2 layers and cannot grow, but the decoder has 3"):
+            ours(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, past_key_values=cache, use_cache=True)
+        assert cache.get_seq_length() == 0
+    with pytest.raises(IndexError):  # what transformers does with it
+        hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, use_cache=True,
+           past_key_values=EncoderDecoderCache(HFDynamicCache(config=hf_config), HFDynamicCache(config=hf_config)))

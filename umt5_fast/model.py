@@ -515,12 +515,27 @@ def as_cache(past_key_values, config: UMT5Config, dtype: torch.dtype, device):
     if past_key_values is None or isinstance(past_key_values, (DynamicCache, StaticCache)):
         return past_key_values
     if is_transformers_cache(past_key_values):
+        check_layer_capacity(past_key_values, config.num_decoder_layers)
         if past_key_values.get_seq_length() == 0:  # e.g. EncoderDecoderCache(DynamicCache(config=...), ...)
             return DynamicCache(config.num_decoder_layers)
         past_key_values = past_key_values.to_legacy_cache()
     validation.check_legacy_cache(past_key_values, config.num_decoder_layers, config.num_heads, config.d_kv,
                                   dtype, device)
     return DynamicCache.from_legacy_cache(past_key_values)
+
+
+def check_layer_capacity(target, num_layers: int):
+    """Refuse a transformers cache that cannot hold every decoder layer before anything is written to
+    it. ``DynamicCache(config=...)`` makes a fixed list of ``config.num_layers`` layers: the encoder's
+    count, fewer than a decoder with more layers writes (transformers then fails with an IndexError)."""
+    for part in (getattr(target, "self_attention_cache", target), getattr(target, "cross_attention_cache", None)):
+        layers = getattr(part, "layers", None)
+        if layers is not None and getattr(part, "layer_class_to_replicate", None) is None \
+                and len(layers) < num_layers:
+            raise ValueError(
+                f"past_key_values ({type(part).__name__}) holds {len(layers)} layers and cannot grow, but the "
+                f"decoder has {num_layers}: DynamicCache(config=...) sizes itself by config.num_layers (the "
+                "encoder's); pass DynamicCache() (which grows) or None")
 
 
 def write_back(target, cache: DynamicCache, past_length: int):

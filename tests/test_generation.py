@@ -372,45 +372,38 @@ def test_raw_logits_and_beam_indices_follow_transformers(checkpoint_factory, kwa
     assert only_logits.scores is None and len(only_logits.logits) == len(out.logits)
 
 
-def test_beam_search_attentions_and_hidden_states_are_refused_not_ignored(checkpoint_factory):
-    from transformers import GenerationConfig
-    ours, _ = pair(checkpoint_factory, "odd")
-    ids = torch.tensor([[5, 6, 7]])
-    for name in ("output_attentions", "output_hidden_states"):
-        for config, extra in ((None, {name: True}), (GenerationConfig(**{name: True}), {})):
-            with pytest.raises(ValueError, match=name):
-                ours.generate(ids, max_new_tokens=2, num_beams=2, return_dict_in_generate=True,
-                              generation_config=config, **extra)
-            # without return_dict_in_generate transformers returns ids alone, and so do we
-            assert ours.generate(ids, max_new_tokens=2, num_beams=2, generation_config=config, **extra).shape == (1, 3)
-
-
 @pytest.mark.parametrize("backend", ["eager", "cpu"])
-@pytest.mark.parametrize("sampled", [False, True])
-def test_greedy_and_sampled_attentions_and_hidden_states_match_transformers(checkpoint_factory, backend, sampled):
-    """Per step and layer, as transformers' generate returns them (rows end at different steps)."""
+@pytest.mark.parametrize("mode", ["greedy", "sampled", "beam"])
+def test_attentions_and_hidden_states_match_transformers(checkpoint_factory, backend, mode):
+    """Per step and layer, as transformers' generate returns them (rows end at different steps;
+    beam search: the step's running beams)."""
     path, hf = checkpoint_factory("UMT5ForConditionalGeneration", **CONFIGS["tied-shallow-decoder"])
     ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend=backend)
     ids, mask = random_batch(ours.config.vocab_size, 3, 23, seed=5)
     kwargs = dict(max_new_tokens=9, return_dict_in_generate=True, output_attentions=True, output_hidden_states=True,
                   output_scores=True, eos_token_id=frequent_token(ours, ids, mask),
                   decoder_input_ids=torch.tensor([[0, 7], [0, 8], [0, 9]]))
-    if sampled:
+    if mode == "sampled":
         kwargs.update(do_sample=True, num_return_sequences=2, top_k=4)
+    if mode == "beam":
+        kwargs.update(num_beams=3, num_return_sequences=2)
     torch.manual_seed(3)
     with torch.no_grad():
         ref = hf.generate(ids, attention_mask=mask, **kwargs)
     torch.manual_seed(3)
     out = ours.generate(ids, attention_mask=mask, **kwargs)
     assert torch.equal(out.sequences, ref.sequences)
-    assert list(out.keys()) == ["sequences", "scores", "encoder_attentions", "encoder_hidden_states", "decoder_attentions",
-                          "cross_attentions", "decoder_hidden_states"]
+    beam_fields = ["sequences_scores", "scores", "beam_indices"] if mode == "beam" else ["scores"]
+    assert list(out.keys()) == ["sequences", *beam_fields, "encoder_attentions", "encoder_hidden_states",
+                                "decoder_attentions", "cross_attentions", "decoder_hidden_states"]
     close = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.scores, ref.scores, **close)
     torch.testing.assert_close(out.encoder_attentions, ref.encoder_attentions, **close)
     torch.testing.assert_close(out.encoder_hidden_states, ref.encoder_hidden_states, **close)
     for name in ("decoder_attentions", "cross_attentions", "decoder_hidden_states"):
         ours_steps, ref_steps = getattr(out, name), getattr(ref, name)
-        assert len(ours_steps) == len(ref_steps) == out.sequences.shape[1] - 2, name
+        # (beam search runs until no beam can improve: steps after the best hypotheses ended count)
+        assert len(ours_steps) == len(ref_steps) == len(ref.scores) >= out.sequences.shape[1] - 2, name
         for step, (a, b) in enumerate(zip(ours_steps, ref_steps)):
             torch.testing.assert_close(a, b, **close, msg=lambda m: f"{name} step {step}: {m}")
 

@@ -84,8 +84,9 @@ class GenerateOutput(ModelOutput):
     access over those that are set): sequences, beam scores, per-step processed scores, per-step raw
     logits, for beam search each generated token's beam (``batch * num_beams`` numbering, -1
     after a sequence ended), which ``compute_transition_scores`` reads; with output_attentions /
-    output_hidden_states (greedy and sampling) the encoder's, and per step and layer the decoder's
-    self- and cross-attention probabilities ``[rows, heads, step queries, keys]`` and hidden states."""
+    output_hidden_states the encoder's, and per step and layer the decoder's self- and
+    cross-attention probabilities ``[rows, heads, step queries, keys]`` and hidden states (for beam
+    search, of the step's running beams, as transformers returns them)."""
     sequences: torch.Tensor = None
     sequences_scores: Optional[torch.Tensor] = None
     scores: Optional[Tuple[torch.Tensor, ...]] = None
@@ -100,16 +101,31 @@ class GenerateOutput(ModelOutput):
 
 @dataclass
 class StepRecord:
-    """What ``return_dict_in_generate`` keeps of each step: processed scores and / or raw logits
-    (None: not asked for)."""
+    """What ``return_dict_in_generate`` keeps of each step: processed scores and / or raw logits,
+    and (beam search) the decoder's per-layer attentions / hidden states (None: not asked for)."""
     scores: Optional[list] = None
     logits: Optional[list] = None
+    decoder_attentions: Optional[list] = None
+    cross_attentions: Optional[list] = None
+    decoder_hidden_states: Optional[list] = None
 
     def add(self, scores, logits):
         if self.scores is not None:
             self.scores.append(scores)
         if self.logits is not None:
             self.logits.append(logits)
+
+    @property
+    def wants_decoder_outputs(self) -> bool:
+        return self.decoder_attentions is not None or self.decoder_hidden_states is not None
+
+    def add_decoder_outputs(self, out):
+        """A step's decoder output (``Decoder.step_with_outputs``)."""
+        if self.decoder_attentions is not None:
+            self.decoder_attentions.append(out.attentions)
+            self.cross_attentions.append(out.cross_attentions)
+        if self.decoder_hidden_states is not None:
+            self.decoder_hidden_states.append(out.hidden_states)
 
     def steps(self, name: str) -> Optional[Tuple[torch.Tensor, ...]]:
         kept = getattr(self, name)
@@ -200,12 +216,6 @@ def check_options(o: dict, vocab_size: int):
         raise ValueError(f"repetition_penalty must be a number > 0, got {o['repetition_penalty']!r}")
     if o["early_stopping"] not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {o['early_stopping']!r}")
-    if o["return_dict_in_generate"] and o["num_beams"] > 1:
-        for name in ("output_attentions", "output_hidden_states"):
-            if o[name]:
-                raise ValueError(f"beam search does not return {name[len('output_'):]} ({name}=True with "
-                                 "return_dict_in_generate=True and num_beams > 1); run the model's forward on "
-                                 f"the generated sequences with {name}=True to get them")
     eos = token_id_list(o["eos_token_id"])
     if not all(is_token_id(e, vocab_size) for e in eos):
         raise ValueError(f"eos_token_id must be token ids in [0, {vocab_size}), got {o['eos_token_id']!r}")
@@ -238,14 +248,20 @@ def token_id_list(ids) -> list:
 # ---------------------------------------------------------------------------------------------
 # The decoding engine
 # ---------------------------------------------------------------------------------------------
-def next_token_hidden(model, tokens, encoder_states, encoder_mask, cache, past_length) -> torch.Tensor:
+def decoder_pass(model, tokens, encoder_states, encoder_mask, cache, past_length, output_attentions=False,
+                 output_hidden_states=False):
     """One decoder pass over ``tokens`` ``[rows, L]`` at ``past_length`` (an int, or a device tensor
-    when a CUDA graph replays it); the final hidden states ``[rows, d_model]`` of the last position."""
+    when a CUDA graph replays it), through the Python layers; the decoder's output object."""
     decoder = model.decoder
     h = F.embedding(tokens, decoder.embed_tokens.weight)
-    out = decoder.run(h, self_mask=None, encoder_states=encoder_states, encoder_mask=encoder_mask, cache=cache,
-                      past_length=past_length)
-    return out.last_hidden_state[:, -1]
+    return decoder.run(h, self_mask=None, encoder_states=encoder_states, encoder_mask=encoder_mask, cache=cache,
+                       past_length=past_length, output_attentions=output_attentions,
+                       output_hidden_states=output_hidden_states)
+
+
+def next_token_hidden(model, tokens, encoder_states, encoder_mask, cache, past_length) -> torch.Tensor:
+    """``decoder_pass``'s final hidden states ``[rows, d_model]`` of the last position."""
+    return decoder_pass(model, tokens, encoder_states, encoder_mask, cache, past_length).last_hidden_state[:, -1]
 
 
 def next_token_logits(model, tokens, encoder_states, encoder_mask, cache, past_length) -> torch.Tensor:
@@ -288,6 +304,16 @@ class Decoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """``step_hidden``'s fp32 logits."""
         return self.model.logits(self.step_hidden(tokens)).float()
+
+    def step_with_outputs(self, tokens: torch.Tensor, output_attentions: bool, output_hidden_states: bool):
+        """``step``, also returning the decoder's output with the fed positions' per-layer attention
+        probabilities and / or hidden states (through the Python layers: the fused kernels form no
+        probabilities)."""
+        self.cache.reserve(self.cache.length + tokens.shape[1])
+        out = decoder_pass(self.model, tokens, self.encoder_states, self.encoder_mask, self.cache, self.cache.length,
+                           output_attentions, output_hidden_states)
+        self.cache.length += tokens.shape[1]
+        return self.model.logits(out.last_hidden_state[:, -1]).float(), out
 
     def reorder(self, index: torch.Tensor):
         self.cache.reorder(index)
@@ -528,7 +554,9 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
     running_origin = torch.full((batch, num_beams, width - prompt_length), -1, dtype=torch.long,
                                 device=device)
     finished_origin = running_origin.clone()
-    decoder = make_decoder(model, encoder_states, encoder_mask, num_beams, max_length, use_cuda_graph)
+    # (steps that return attentions / hidden states run the Python layers: no graph to replay)
+    decoder = make_decoder(model, encoder_states, encoder_mask, num_beams, max_length,
+                           use_cuda_graph and not (record is not None and record.wants_decoder_outputs))
     batch_offset = torch.arange(batch, device=device)[:, None] * num_beams
     every_row = torch.arange(batch * num_beams, device=device)
 
@@ -551,7 +579,12 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
                 running_origin = widened(running_origin, width - prompt_length, -1)
                 finished_origin = widened(finished_origin, width - prompt_length, -1)
             flat = running.view(batch * num_beams, width)[:, :length]
-            logits = decoder.step(tokens)
+            if record is not None and record.wants_decoder_outputs:
+                logits, step_output = decoder.step_with_outputs(tokens, record.decoder_attentions is not None,
+                                                                record.decoder_hidden_states is not None)
+                record.add_decoder_outputs(step_output)
+            else:
+                logits = decoder.step(tokens)
             if record is None and not processors.custom:  # nothing keeps this step's scores: reuse a buffer
                 if scratch is None or scratch.shape != logits.shape:
                     scratch = torch.empty_like(logits)
@@ -672,11 +705,19 @@ def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=No
     processors, stops = decoding_rules(model, options, prompt, max_length, input_ids, logits_processor,
                                        prefix_allowed_tokens_fn, stopping_criteria, tokenizer)
     record = None
-    if options["return_dict_in_generate"] and (options["output_scores"] or options["output_logits"]):
+    beam = options["num_beams"] > 1
+    # greedy / sampled decoding gets its attentions and hidden states from one pass afterwards
+    # (attentions_and_hidden_states); beam search records them per step, from its running beams
+    beam_attentions, beam_hidden = (beam and options["output_attentions"], beam and options["output_hidden_states"])
+    if options["return_dict_in_generate"] and (options["output_scores"] or options["output_logits"]
+                                               or beam_attentions or beam_hidden):
         record = StepRecord(scores=[] if options["output_scores"] else None,
-                            logits=[] if options["output_logits"] else None)
+                            logits=[] if options["output_logits"] else None,
+                            decoder_attentions=[] if beam_attentions else None,
+                            cross_attentions=[] if beam_attentions else None,
+                            decoder_hidden_states=[] if beam_hidden else None)
     sequence_scores = beam_indices = None
-    if options["num_beams"] > 1:
+    if beam:
         if streamer is not None:
             raise ValueError("streamer cannot be used with beam search (num_beams > 1)")
         sequences, sequence_scores, beam_indices = beam_search(model, encoder_states, mask, prompt, max_length,
@@ -698,7 +739,13 @@ def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=No
     if options["return_dict_in_generate"]:
         kept = record or StepRecord()
         step_outputs = {}
-        if options["output_attentions"] or options["output_hidden_states"]:
+        if beam and (beam_attentions or beam_hidden):
+            step_outputs = dict(encoder_attentions=encoder_output.attentions if beam_attentions else None,
+                                encoder_hidden_states=encoder_output.hidden_states if beam_hidden else None,
+                                decoder_attentions=kept.steps("decoder_attentions"),
+                                cross_attentions=kept.steps("cross_attentions"),
+                                decoder_hidden_states=kept.steps("decoder_hidden_states"))
+        elif options["output_attentions"] or options["output_hidden_states"]:
             step_outputs = attentions_and_hidden_states(model, sequences, encoder_output, mask, prompt.shape[1],
                                                         options)
         return GenerateOutput(sequences=sequences,

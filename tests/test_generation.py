@@ -368,6 +368,17 @@ def test_raw_logits_and_beam_indices_follow_transformers(checkpoint_factory, kwa
     torch.testing.assert_close(hf.compute_transition_scores(out.sequences, out.scores, out.beam_indices),
                                hf.compute_transition_scores(ref.sequences, ref.scores, getattr(ref, "beam_indices", None)),
                                rtol=1e-5, atol=1e-5)
+    for steps in ("scores", "logits"):  # our own compute_transition_scores, as transformers' on the same input
+        for normalize in (False, True):
+            expected = hf.compute_transition_scores(out.sequences, getattr(out, steps), out.beam_indices, normalize)
+            got = ours.compute_transition_scores(out.sequences, getattr(out, steps), out.beam_indices, normalize)
+            # (transformers' log_softmax runs along a strided axis: last-bit differences)
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6 if normalize else 0.0)
+    with pytest.raises(ValueError, match="per-step scores"):
+        ours.compute_transition_scores(out.sequences, None)
+    if "num_beams" in kwargs:
+        with pytest.raises(ValueError, match="beam_indices"):  # beam search's scores need them
+            ours.compute_transition_scores(out.sequences, out.scores)
     only_logits = ours.generate(ids, attention_mask=mask, **dict(options, output_scores=False))
     assert only_logits.scores is None and len(only_logits.logits) == len(out.logits)
 

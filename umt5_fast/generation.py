@@ -778,6 +778,38 @@ def attentions_and_hidden_states(model, sequences, encoder_output, encoder_mask,
     return fields
 
 
+def transition_scores(sequences: torch.Tensor, scores, beam_indices: Optional[torch.Tensor], vocab_size: int,
+                      normalize_logits: bool = False) -> torch.Tensor:
+    """transformers' ``compute_transition_scores``: ``[rows, steps]``, the score each generated token
+    got at its step (from ``scores``, one ``[step rows, vocab]`` tensor a step), read from the
+    beam it grew from (``beam_indices``; None: row i at every step); 0 where a beam had ended
+    (index -1). ``normalize_logits`` first turns each step's scores into log-probabilities."""
+    if not isinstance(scores, (tuple, list)) or not scores:
+        raise ValueError("scores must be the per-step scores generate returned (output_scores=True or "
+                         "output_logits=True with return_dict_in_generate=True)")
+    steps = torch.stack(tuple(scores))  # [steps, step rows, vocab]
+    if steps.shape[-1] != vocab_size:
+        raise ValueError(f"scores have {steps.shape[-1]} entries per row, the model's vocabulary {vocab_size}")
+    if normalize_logits:
+        steps = F.log_softmax(steps, dim=-1)
+    if beam_indices is None:
+        beam_indices = torch.arange(steps.shape[1], device=steps.device)[:, None].expand(-1, steps.shape[0])
+    if beam_indices.dim() != 2 or beam_indices.shape[0] != sequences.shape[0] \
+            or bool((beam_indices >= steps.shape[1]).any()):
+        raise ValueError(f"beam_indices (shape {list(beam_indices.shape)}) must name, for each of the "
+                         f"{sequences.shape[0]} sequences, a row of the scores' {steps.shape[1]} at each step "
+                         "(beam search: pass the beam_indices generate returned)")
+    ended = beam_indices < 0
+    length = int((~ended).sum(dim=1).max())  # steps of the longest returned sequence
+    beam_indices, ended = beam_indices[:, :length], ended[:, :length]
+    if sequences.shape[1] < length:
+        raise ValueError(f"sequences ({sequences.shape[1]} tokens) are shorter than the {length} scored steps")
+    tokens = sequences[:, sequences.shape[1] - length:]  # the generated tokens, step by step
+    step_index = torch.arange(length, device=steps.device)[None, :].expand_as(tokens)
+    picked = steps[step_index, beam_indices.clamp(min=0), tokens]
+    return picked.masked_fill(ended, 0.0)
+
+
 def generate_stream(model, input_ids=None, attention_mask=None, **kwargs) -> Iterator[torch.Tensor]:
     """Greedy/sampled decoding as an iterator: yields each step's ``[rows]`` tokens (pad after eos)."""
     generator = kwargs.pop("generator", None)

@@ -845,6 +845,12 @@ class UMT5ForConditionalGeneration(_EncoderDecoder):
         from umt5_fast.generation import generate
         return generate(self, input_ids, **kwargs)
 
+    def compute_transition_scores(self, sequences, scores, beam_indices=None, normalize_logits: bool = False):
+        """Each generated token's score at its step, as transformers computes it from ``generate``'s
+        ``sequences``, ``scores`` (or ``logits``) and, for beam search, ``beam_indices``."""
+        from umt5_fast.generation import transition_scores
+        return transition_scores(sequences, scores, beam_indices, self.config.vocab_size, normalize_logits)
+
 
 class UMT5EncoderModel(UMT5PreTrainedModel):
     """The encoder alone (e.g. the umt5-xxl text encoder of video pipelines)."""

@@ -133,4 +133,11 @@ def _source(name, tensor, shape):
 def _field(reader: gguf.GGUFReader, key: str):
     """A metadata value as a python scalar / string, or None when the file lacks the key."""
     field = reader.fields.get(key)
-    return None if field is None else field.contents()
+    if field is None:
+        return None
+    value = field.contents()
+    if field.types == [gguf.GGUFValueType.FLOAT32]:
+        # the shortest decimal of the stored float32: the config's 1e-06 comes back as 1e-06, not
+        # as 9.999999974752427e-07 (the same float32, so the same sums either way)
+        value = float(str(np.float32(value)))
+    return value

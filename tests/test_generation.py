@@ -417,6 +417,9 @@ def test_attentions_and_hidden_states_match_transformers(checkpoint_factory, bac
         assert len(ours_steps) == len(ref_steps) == len(ref.scores) >= out.sequences.shape[1] - 2, name
         for step, (a, b) in enumerate(zip(ours_steps, ref_steps)):
             torch.testing.assert_close(a, b, **close, msg=lambda m: f"{name} step {step}: {m}")
+    torch.manual_seed(3)  # without return_dict_in_generate: the ids alone, as transformers returns them
+    ids_only = ours.generate(ids, attention_mask=mask, **dict(kwargs, return_dict_in_generate=False))
+    assert isinstance(ids_only, torch.Tensor) and torch.equal(ids_only, ref.sequences)
 
 
 def test_a_full_generation_config_json_is_read(checkpoint_factory, tmp_path):

@@ -23,6 +23,7 @@ CONFIGS = {
 # distances below those are defined, so inputs stay within 8 / 16 tokens (not in CONFIGS' loops)
 SHORT_MAX_DISTANCE = dict(relative_attention_num_buckets=32, relative_attention_max_distance=7, num_layers=1,
                           num_decoder_layers=2)
+ALL_CONFIGS = dict(CONFIGS, **{"short-max-distance": SHORT_MAX_DISTANCE})
 
 
 def backends():
@@ -39,8 +40,7 @@ def backends():
 
 
 def load(checkpoint_factory, config_name, class_name, backend):
-    config = SHORT_MAX_DISTANCE if config_name == "short-max-distance" else CONFIGS[config_name]
-    path, hf = checkpoint_factory(class_name, **config)
+    path, hf = checkpoint_factory(class_name, **ALL_CONFIGS[config_name])
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     ours = getattr(umt5_fast, class_name).from_pretrained(path, backend=backend, device=device)
     assert ours.backend == backend

@@ -554,9 +554,10 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
     running_origin = torch.full((batch, num_beams, width - prompt_length), -1, dtype=torch.long,
                                 device=device)
     finished_origin = running_origin.clone()
-    # (steps that return attentions / hidden states run the Python layers: no graph to replay)
+    # steps that return attentions / hidden states run the Python layers: no graph to replay
+    records_outputs = record is not None and record.wants_decoder_outputs
     decoder = make_decoder(model, encoder_states, encoder_mask, num_beams, max_length,
-                           use_cuda_graph and not (record is not None and record.wants_decoder_outputs))
+                           use_cuda_graph and not records_outputs)
     batch_offset = torch.arange(batch, device=device)[:, None] * num_beams
     every_row = torch.arange(batch * num_beams, device=device)
 
@@ -579,7 +580,7 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
                 running_origin = widened(running_origin, width - prompt_length, -1)
                 finished_origin = widened(finished_origin, width - prompt_length, -1)
             flat = running.view(batch * num_beams, width)[:, :length]
-            if record is not None and record.wants_decoder_outputs:
+            if records_outputs:
                 logits, step_output = decoder.step_with_outputs(tokens, record.decoder_attentions is not None,
                                                                 record.decoder_hidden_states is not None)
                 record.add_decoder_outputs(step_output)
@@ -739,7 +740,7 @@ def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=No
     if options["return_dict_in_generate"]:
         kept = record or StepRecord()
         step_outputs = {}
-        if beam and (beam_attentions or beam_hidden):
+        if beam_attentions or beam_hidden:
             step_outputs = dict(encoder_attentions=encoder_output.attentions if beam_attentions else None,
                                 encoder_hidden_states=encoder_output.hidden_states if beam_hidden else None,
                                 decoder_attentions=kept.steps("decoder_attentions"),

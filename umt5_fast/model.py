@@ -524,11 +524,17 @@ def as_cache(past_key_values, config: UMT5Config, dtype: torch.dtype, device):
     return DynamicCache.from_legacy_cache(past_key_values)
 
 
+def transformers_cache_parts(target):
+    """(self-attention part, cross-attention part or None) of a transformers EncoderDecoderCache, or
+    (the cache, None) for a plain DynamicCache."""
+    return getattr(target, "self_attention_cache", target), getattr(target, "cross_attention_cache", None)
+
+
 def check_layer_capacity(target, num_layers: int):
     """Refuse a transformers cache that cannot hold every decoder layer before anything is written to
     it. ``DynamicCache(config=...)`` makes a fixed list of ``config.num_layers`` layers: the encoder's
     count, fewer than a decoder with more layers writes (transformers then fails with an IndexError)."""
-    for part in (getattr(target, "self_attention_cache", target), getattr(target, "cross_attention_cache", None)):
+    for part in transformers_cache_parts(target):
         layers = getattr(part, "layers", None)
         if layers is not None and getattr(part, "layer_class_to_replicate", None) is None \
                 and len(layers) < num_layers:
@@ -541,8 +547,7 @@ def check_layer_capacity(target, num_layers: int):
 def write_back(target, cache: DynamicCache, past_length: int):
     """Append the positions this call added to a transformers cache object (its EncoderDecoderCache's
     self-attention part, or a plain DynamicCache), and the cross-attention K/V it did not hold yet."""
-    self_part = getattr(target, "self_attention_cache", target)
-    cross_part = getattr(target, "cross_attention_cache", None)
+    self_part, cross_part = transformers_cache_parts(target)
     updated = getattr(target, "is_updated", {})
     for layer, (keys, values) in enumerate(cache.self_kv):
         self_part.update(keys[:, :, past_length:], values[:, :, past_length:], layer)

@@ -277,8 +277,8 @@ class Processors:
         self.o, self.vocab_size, self.beam = o, vocab_size, beam
         self.device = device  # where the tables are made: the decoded ids' device
         self.max_length, self.rows_per_source = max_length, rows_per_source
-        custom = list(logits_processor or ())
-        if not all(callable(p) for p in custom):
+        self.custom = list(logits_processor or ())  # all the caller's: they see every row, in transformers' order
+        if not all(callable(p) for p in self.custom):
             raise TypeError("logits_processor must be a list of callables (input_ids, scores) -> scores")
         if prefix_allowed_tokens_fn is not None and not callable(prefix_allowed_tokens_fn):
             raise TypeError("prefix_allowed_tokens_fn must be a callable (batch_id, input_ids) -> allowed token ids")
@@ -327,6 +327,7 @@ class Processors:
             ("SuppressTokensAtBeginLogitsProcessor", self.begin_suppressed is not None and self.begin_suppress_step),
         ]
         self.steps = []
+        custom = list(self.custom)  # those not taking a built-in step's place run after the built-in steps
         for class_name, step in active:
             if not step:
                 continue
@@ -336,7 +337,6 @@ class Processors:
                 step = self.custom_step(replacement)
             self.steps.append(step)
         self.steps += [self.custom_step(p) for p in custom]
-        self.custom = list(logits_processor or ())  # all the caller's: they see every row, in transformers' order
         # whether a greedy step's pick is the argmax of its raw logits, but for min_length's ban of eos
         # (the LM head screen finds that without computing every logit)
         self.picks_raw_argmax = (all(step == self.min_length_step for step in self.steps) and not o["do_sample"]

@@ -376,6 +376,12 @@ def test_raw_logits_and_beam_indices_follow_transformers(checkpoint_factory, kwa
             torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6 if normalize else 0.0)
     with pytest.raises(ValueError, match="per-step scores"):
         ours.compute_transition_scores(out.sequences, None)
+    with pytest.raises(ValueError, match="per-step scores"):  # steps of different shapes
+        ours.compute_transition_scores(out.sequences, (out.scores[0], out.scores[0][:1]))
+    with pytest.raises(ValueError, match="sequences must be"):
+        ours.compute_transition_scores(out.sequences.tolist(), out.scores, out.beam_indices)
+    with pytest.raises(ValueError, match="beam_indices"):
+        ours.compute_transition_scores(out.sequences, out.scores, [[0]])
     if "num_beams" in kwargs:
         with pytest.raises(ValueError, match="beam_indices"):  # beam search's scores need them
             ours.compute_transition_scores(out.sequences, out.scores)

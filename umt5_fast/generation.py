@@ -785,9 +785,12 @@ def transition_scores(sequences: torch.Tensor, scores, beam_indices: Optional[to
     got at its step (from ``scores``, one ``[step rows, vocab]`` tensor a step), read from the
     beam it grew from (``beam_indices``; None: row i at every step); 0 where a beam had ended
     (index -1). ``normalize_logits`` first turns each step's scores into log-probabilities."""
-    if not isinstance(scores, (tuple, list)) or not scores:
+    if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2:
+        raise ValueError(f"sequences must be generate's [rows, length] ids, got {sequences!r:.100}")
+    if (not isinstance(scores, (tuple, list)) or not scores
+            or not all(isinstance(s, torch.Tensor) and s.shape == scores[0].shape and s.dim() == 2 for s in scores)):
         raise ValueError("scores must be the per-step scores generate returned (output_scores=True or "
-                         "output_logits=True with return_dict_in_generate=True)")
+                         "output_logits=True with return_dict_in_generate=True): [rows, vocab] tensors alike")
     steps = torch.stack(tuple(scores))  # [steps, step rows, vocab]
     if steps.shape[-1] != vocab_size:
         raise ValueError(f"scores have {steps.shape[-1]} entries per row, the model's vocabulary {vocab_size}")
@@ -795,9 +798,10 @@ def transition_scores(sequences: torch.Tensor, scores, beam_indices: Optional[to
         steps = F.log_softmax(steps, dim=-1)
     if beam_indices is None:
         beam_indices = torch.arange(steps.shape[1], device=steps.device)[:, None].expand(-1, steps.shape[0])
-    if beam_indices.dim() != 2 or beam_indices.shape[0] != sequences.shape[0] \
-            or bool((beam_indices >= steps.shape[1]).any()):
-        raise ValueError(f"beam_indices (shape {list(beam_indices.shape)}) must name, for each of the "
+    if not isinstance(beam_indices, torch.Tensor) or beam_indices.dim() != 2 \
+            or beam_indices.shape[0] != sequences.shape[0] or bool((beam_indices >= steps.shape[1]).any()):
+        given = f"shape {list(beam_indices.shape)}" if isinstance(beam_indices, torch.Tensor) else repr(beam_indices)
+        raise ValueError(f"beam_indices ({given:.100}) must name, for each of the "
                          f"{sequences.shape[0]} sequences, a row of the scores' {steps.shape[1]} at each step "
                          "(beam search: pass the beam_indices generate returned)")
     ended = beam_indices < 0

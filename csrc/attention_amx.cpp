@@ -179,7 +179,7 @@ UMT5_FAST_BF16_TARGET void store_rows(const AttentionBlockBf16& b, const float* 
       __m512 block[kLanes];
       for (int i = 0; i < kLanes; ++i)
         block[i] = _mm512_mul_ps(_mm512_loadu_ps(acc_t + (d0 + i) * kRowStride + v * kLanes), inverse_sum);
-      Vec<CpuIsa::avx512>::transpose16(block);  // block[r]: dims d0.. of row v * kLanes + r
+      Vec<CpuIsa::avx512>::transpose(block);  // block[r]: dims d0.. of row v * kLanes + r
       const auto dims = static_cast<__mmask16>((1u << std::min(kLanes, b.head_dim - d0)) - 1);
       for (int r = 0; r < rows; ++r)
         _mm256_mask_storeu_epi16(b.out + (v * kLanes + r) * b.out_row_stride + d0, dims,

@@ -121,6 +121,18 @@ struct LinearProblem {
 template <CpuIsa ISA, typename WeightT>
 void weight_only_linear(const LinearProblem<WeightT>& problem, int64_t n_begin, int64_t n_end);
 
+// The same product for many rows (kernels_impl.h: panel_linear), the columns [n_begin, n_end)
+// (at most kPanelColumns) in one chunk: their weights widened into `packed` (kPanelColumns *
+// kPanelDepth floats), sums over more than kPanelDepth values of k kept between blocks in
+// `partial` (rows * kPanelColumns floats). Each output is summed in order of k, whatever the rows.
+constexpr int64_t kPanelMinRows = 33;  // fewer: weight_only_linear, which reads the weights once
+constexpr int64_t kPanelColumns = 128;
+constexpr int64_t kPanelDepth = 512;
+
+template <CpuIsa ISA, typename WeightT>
+void panel_linear(const LinearProblem<WeightT>& problem, int64_t n_begin, int64_t n_end, float* packed,
+                  float* partial);
+
 // One row of an int8 weight in blocks (expand_weights.cpp): out[b * block + c] =
 // values[b * block_stride + c] * scale[b] for b < blocks, c < block, in fp32 or rounded once to
 // bf16 (OutT uint16_t).

@@ -644,6 +644,134 @@ void weight_only_linear(const LinearProblem<WeightT>& problem, int64_t n_begin, 
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Panel form of the weight-only linear (kPanelMinRows+ rows): BLIS's scheme. A chunk of output
+// columns is widened once into K-major panels of two vectors' width; then each tile of
+// kPanelTileRows x rows times one panel keeps its outputs in 2 * kPanelTileRows accumulators fed by
+// broadcast x values, so the FMAs need no horizontal reductions and each loaded weight vector
+// serves all the tile's rows. The dot-product kernel above reads each weight vector from L2 once
+// per four rows and reduces its accumulators per output: its rate stays near half the FMA peak
+// from a few rows on.
+
+template <CpuIsa ISA>
+struct PanelShape {
+  static constexpr int width = 2 * Vec<ISA>::width;  // columns of a panel
+  // x rows of a tile: 2 * rows accumulators, two weight vectors and the broadcast fit the vector
+  // registers (32 with AVX-512, 16 with AVX2; the scalar build keeps a few in registers)
+  static constexpr int rows = ISA == CpuIsa::avx512 ? 12 : ISA == CpuIsa::avx2 ? 6 : 4;
+};
+
+// Widens weight rows [n0, n0 + columns) x [k0, k0 + kc) into panels: panel p holds, for each k,
+// the PanelShape::width weights of columns n0 + p * width... contiguously. Columns past n_end
+// repeat row n_end - 1 (their outputs are never stored). Vectors of W rows are transposed in
+// registers.
+template <CpuIsa ISA, typename WeightT>
+inline void pack_panels(const WeightT* weight, int64_t K, int64_t n0, int64_t columns, int64_t n_end,
+                        int64_t k0, int64_t kc, float* packed) {
+  using V = Vec<ISA>;
+  constexpr int W = V::width, PW = PanelShape<ISA>::width;
+  for (int64_t g = 0; g < columns; g += W) {  // W columns: half a panel
+    float* dst = packed + (g / PW) * kc * PW + g % PW;
+    const WeightT* rows[W];
+    for (int i = 0; i < W; ++i) rows[i] = weight + std::min(n0 + g + i, n_end - 1) * K + k0;
+    int64_t k = 0;
+    for (; k + W <= kc; k += W) {
+      typename V::type block[W];
+      for (int i = 0; i < W; ++i) block[i] = V::load_weights(rows[i] + k);
+      V::transpose(block);  // block[j]: column k + j of the W rows
+      for (int j = 0; j < W; ++j) V::store(dst + (k + j) * PW, block[j]);
+    }
+    for (; k < kc; ++k)
+      for (int i = 0; i < W; ++i) dst[k * PW + i] = widen_weight(rows[i][k]);
+  }
+}
+
+// One tile: MR x rows (row stride K) times one packed panel over kc values of k. The sums start
+// at 0 (first) or from `partial`, and go back to `partial` (not last) or, scaled and with the
+// residual added as weight_only_linear does, to y at [m0, n) for the `columns` columns that exist.
+template <CpuIsa ISA, int MR, typename WeightT>
+inline void panel_tile(const LinearProblem<WeightT>& p, const float* x, int64_t kc, const float* panel,
+                       float* partial, int64_t partial_stride, bool first, bool last, int64_t m0, int64_t n,
+                       int columns, const char*& ahead, const char* ahead_end) {
+  using V = Vec<ISA>;
+  constexpr int W = V::width;
+  const int64_t K = p.in_features, N = p.out_features;
+  typename V::type acc[MR][2];
+  for (int m = 0; m < MR; ++m)
+    for (int h = 0; h < 2; ++h)
+      acc[m][h] = first ? V::zero() : V::load(partial + m * partial_stride + h * W);
+  for (int64_t k = 0; k < kc; ++k) {
+    if (ahead < ahead_end) {  // a line of the weights the next chunk packs, into L2
+      __builtin_prefetch(ahead, 0, 1);
+      ahead += 64;
+    }
+    const auto w0 = V::load(panel + k * 2 * W), w1 = V::load(panel + k * 2 * W + W);
+    for (int m = 0; m < MR; ++m) {
+      const auto xm = V::set1(x[m * K + k]);
+      acc[m][0] = V::fma(xm, w0, acc[m][0]);
+      acc[m][1] = V::fma(xm, w1, acc[m][1]);
+    }
+  }
+  if (!last) {
+    for (int m = 0; m < MR; ++m)
+      for (int h = 0; h < 2; ++h) V::store(partial + m * partial_stride + h * W, acc[m][h]);
+    return;
+  }
+  for (int h = 0; h < 2; ++h) {
+    const int lanes = std::min(W, columns - h * W);
+    if (lanes <= 0) break;
+    const int64_t col = n + h * W;
+    for (int m = 0; m < MR; ++m) {
+      auto y = acc[m][h];
+      if (p.scale) y = V::mul(y, load_n<ISA>(p.scale + col, lanes));
+      const int64_t at = (m0 + m) * N + col;
+      if (p.residual) y = V::add(y, load_n<ISA>(p.residual + at, lanes));
+      store_n<ISA>(p.y + at, y, lanes);
+    }
+  }
+}
+
+template <CpuIsa ISA, typename WeightT>
+void panel_linear(const LinearProblem<WeightT>& p, int64_t n_begin, int64_t n_end, float* packed, float* partial) {
+  constexpr int PW = PanelShape<ISA>::width, MR = PanelShape<ISA>::rows;
+  const int64_t K = p.in_features, M = p.rows;
+  const int64_t columns = n_end - n_begin;
+  const int64_t padded = (columns + PW - 1) / PW * PW;
+  const int64_t k_blocks = std::max<int64_t>(1, (K + kPanelDepth - 1) / kPanelDepth);
+  // While the tiles compute, the weight rows of the next chunk (contiguous, whole rows: with one
+  // block of k) are prefetched a line per step of k, so that packing them finds them in L2: it
+  // runs at memory bandwidth otherwise, without the FMAs that could overlap it.
+  const int64_t next_rows = k_blocks == 1 ? std::min(columns, p.out_features - n_end) : 0;
+  const char* ahead = reinterpret_cast<const char*>(p.weight + n_end * K);
+  const char* const ahead_end = ahead + std::max<int64_t>(next_rows, 0) * K * static_cast<int64_t>(sizeof(WeightT));
+  for (int64_t b = 0; b < k_blocks; ++b) {
+    const int64_t k0 = K * b / k_blocks, kc = K * (b + 1) / k_blocks - k0;
+    pack_panels<ISA>(p.weight, K, n_begin, padded, n_end, k0, kc, packed);
+    for (int64_t m0 = 0; m0 < M; m0 += MR) {
+      const int rows = static_cast<int>(std::min<int64_t>(MR, M - m0));
+      for (int64_t c = 0; c < padded; c += PW) {
+        const int valid = static_cast<int>(std::min<int64_t>(PW, columns - c));
+        const float* x = p.x + m0 * K + k0;
+        float* tile_partial = partial + m0 * padded + c;
+        const float* panel = packed + c * kc;
+        const bool first = b == 0, last = b == k_blocks - 1;
+        switch (rows) {
+#define UMT5_PANEL_TILE(R)                                                                             \
+  case R:                                                                                              \
+    if constexpr (R <= MR)                                                                             \
+      panel_tile<ISA, R>(p, x, kc, panel, tile_partial, padded, first, last, m0, n_begin + c, valid, ahead, \
+                         ahead_end);                                                                         \
+    break;
+          UMT5_PANEL_TILE(1) UMT5_PANEL_TILE(2) UMT5_PANEL_TILE(3) UMT5_PANEL_TILE(4) UMT5_PANEL_TILE(5)
+          UMT5_PANEL_TILE(6) UMT5_PANEL_TILE(7) UMT5_PANEL_TILE(8) UMT5_PANEL_TILE(9) UMT5_PANEL_TILE(10)
+          UMT5_PANEL_TILE(11) UMT5_PANEL_TILE(12)
+#undef UMT5_PANEL_TILE
+        }
+      }
+    }
+  }
+}
+
 template <CpuIsa ISA, typename OutT>
 void expand_int8_row(const int8_t* values, int64_t block_stride, const float* scale,
                      int64_t blocks, int64_t block, OutT* out) {
@@ -691,6 +819,11 @@ void expand_int8_row(const int8_t* values, int64_t block_stride, const float* sc
                                                   int64_t);                                   \
   template void weight_only_linear<ISA, Fp16>(const LinearProblem<Fp16>&, int64_t, int64_t);    \
   template void weight_only_linear<ISA, float>(const LinearProblem<float>&, int64_t, int64_t);  \
+  template void panel_linear<ISA, int8_t>(const LinearProblem<int8_t>&, int64_t, int64_t, float*, float*); \
+  template void panel_linear<ISA, uint16_t>(const LinearProblem<uint16_t>&, int64_t, int64_t, float*,     \
+                                            float*);                                                      \
+  template void panel_linear<ISA, Fp16>(const LinearProblem<Fp16>&, int64_t, int64_t, float*, float*);     \
+  template void panel_linear<ISA, float>(const LinearProblem<float>&, int64_t, int64_t, float*, float*);   \
   template void expand_int8_row<ISA, float>(const int8_t*, int64_t, const float*, int64_t,    \
                                             int64_t, float*);                                 \
   template void expand_int8_row<ISA, uint16_t>(const int8_t*, int64_t, const float*, int64_t, \

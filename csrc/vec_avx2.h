@@ -49,6 +49,27 @@ struct Vec<CpuIsa::avx2> {
                                    _mm256_extractf128_ps(pairs, 1)));
   }
 
+  // Transposes the 8 x 8 matrix whose rows are r[0..7] in place (r[i] becomes column i): pairs,
+  // then quadruples within 128-bit lanes, then the lanes themselves.
+  static void transpose(type r[8]) {
+    type t[8];
+    for (int i = 0; i < 4; ++i) {
+      t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; ++i) {
+      r[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+      r[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+      r[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+      r[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int j = 0; j < 4; ++j) {
+      t[j] = _mm256_permute2f128_ps(r[j], r[j + 4], 0x20);
+      t[j + 4] = _mm256_permute2f128_ps(r[j], r[j + 4], 0x31);
+    }
+    for (int j = 0; j < 8; ++j) r[j] = t[j];
+  }
+
   // Cephes expf: exp(x) = 2^n * exp(r), |r| <= ln2 / 2, degree-5 polynomial (about 1 ulp).
   // Overflows to +inf above 88.72; returns 0 below -87.34 (where expf is subnormal).
   static type exp(type x) {

@@ -47,7 +47,7 @@ struct Vec<CpuIsa::avx512> {
 
   // Transposes the 16 x 16 matrix whose rows are r[0..15] in place (r[i] becomes column i):
   // pairs, then quadruples within 128-bit lanes, then the lanes themselves.
-  static void transpose16(type r[16]) {
+  static void transpose(type r[16]) {
     type t[16];
     for (int i = 0; i < 8; ++i) {
       t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);

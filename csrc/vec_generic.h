@@ -40,6 +40,7 @@ struct Vec<CpuIsa::generic> {
   static void reduce4(const type* x, float* sums) {
     for (int i = 0; i < 4; ++i) sums[i] = x[i];
   }
+  static void transpose(type*) {}  // a 1 x 1 matrix
   static type exp(type x) { return std::exp(x); }
   static type tanh(type x) { return std::tanh(x); }
   static type erf(type x) { return std::erf(x); }

@@ -650,18 +650,76 @@ def test_unknown_activation_falls_back_to_eager(generator):
 WEIGHT_FORMS = {"int8": QuantizedWeight.quantize, "bf16": torch.Tensor.bfloat16, "fp16": torch.Tensor.half,
                 "fp32": lambda w: w}
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 6, 17, 64])  # every row-block remainder
+# every row-block remainder of the GEMV; from 33 the panel GEMM, with partial tiles of rows
+@pytest.mark.parametrize("rows", [1, 2, 3, 6, 17, 33, 45, 64])
+# 257: several chunks of columns of the panel GEMM, and a partial panel
 @pytest.mark.parametrize("out_features,in_features", [(71, 133), (257, 64), (5, 7)])
 @pytest.mark.parametrize("weights", ["int8", "bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_weight_only_linear(rows, out_features, in_features, weights, with_residual, generator):
-    """int8 / bf16 / fp16 weights always take the C++ kernel; fp32 weights up to FP32_KERNEL_MAX_ROWS rows."""
+    """int8 / bf16 / fp16 weights always take the C++ kernel; fp32 weights up to fp32_kernel_max_rows() rows."""
     x = randn(rows, in_features, generator=generator)
     weight = randn(out_features, in_features, generator=generator)
     weight = WEIGHT_FORMS[weights](weight)
     residual = randn(rows, out_features, generator=generator) if with_residual else None
     torch.testing.assert_close(cpu.linear(x, weight, residual), eager.linear(x, weight, residual),
                                **LINEAR_TOL)
+
+
+def dequantized(weight) -> torch.Tensor:
+    """An int8 / bf16 / fp16 / fp32 weight's exact values in fp64."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.qweight.double() * weight.scale.double()[:, None]
+    return weight.double()
+
+
+@pytest.mark.parametrize("weights", ["int8", "bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("rows,in_features", [(33, 1100), (45, 513), (70, 1537), (255, 600), (40, 16)])
+def test_panel_gemm_is_within_fp32_summation_error(rows, in_features, weights, generator):
+    """The panel GEMM (33+ rows) against the fp64 product: every output within the error bound of
+    fp32 summation in any order, gamma_(K+2) * (|x| @ |w|^T + |residual|) (gamma_n = n u / (1 - n u),
+    u = 2^-24; two more roundings for the int8 scale and the residual). Past 512 values of k the sums
+    run in blocks (kPanelDepth), kept between them: a lost or doubled block is off by O(1) outputs.
+    (Against eager's fp32 GEMM a fixed 1e-5 fails for either at such depths: both are fp32 sums.)"""
+    x = randn(rows, in_features, generator=generator)
+    weight = WEIGHT_FORMS[weights](randn(141, in_features, generator=generator))
+    residual = randn(rows, 141, generator=generator)
+    got = cpu.kernel_linear(x, weight, residual).double()
+    exact = x.double() @ dequantized(weight).t() + residual.double()
+    n = in_features + 2
+    gamma = n * 2.0 ** -24 / (1 - n * 2.0 ** -24)
+    bound = gamma * (x.double().abs() @ dequantized(weight).abs().t() + residual.double().abs())
+    assert bool(((got - exact).abs() <= bound).all())
+    assert float((got - exact).abs().max()) > 0  # (not an fp64 product)
+
+
+@pytest.mark.parametrize("weights", ["int8", "bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("in_features", [77, 1100])
+def test_panel_gemm_sums_each_output_alone(weights, in_features, generator):
+    """From 33 rows: an output's bits depend on its x row and weight row only (not on the other rows,
+    the columns around it, or how columns fall into chunks and panels), which the LM head screen's
+    candidate logits rely on; and y may be the residual's own memory (the decoder step adds
+    attention and FFN outputs onto the residual stream in place)."""
+    x = randn(70, in_features, generator=generator)
+    weight = WEIGHT_FORMS[weights](randn(300, in_features, generator=generator))
+    full = cpu.kernel_linear(x, weight)
+    rows = torch.tensor([69, 3, 40, 41, 0] + list(range(5, 33)))  # 33 rows in another order
+    columns = torch.tensor([299, 7, 130, 131, 0])
+    subset = (QuantizedWeight(weight.qweight[columns], weight.scale[columns]) if weights == "int8"
+              else weight[columns])
+    assert torch.equal(cpu.kernel_linear(x[rows], subset), full[rows][:, columns])
+    residual = randn(70, 300, generator=generator)
+    expected = cpu.kernel_linear(x, weight, residual.clone())
+    torch.testing.assert_close(expected, full + residual, rtol=0, atol=0)
+    sizes = dict(rows=70, in_features=in_features, out_features=300, num_threads=2)
+    if weights == "int8":
+        _C.int8_linear(x=x.data_ptr(), qweight=weight.qweight.data_ptr(), scale=weight.scale.data_ptr(),
+                       residual=residual.data_ptr(), y=residual.data_ptr(), **sizes)
+    else:
+        kernel = {"bf16": _C.bf16_linear, "fp16": _C.fp16_linear, "fp32": _C.f32_linear}[weights]
+        kernel(x=x.data_ptr(), weight=weight.data_ptr(), residual=residual.data_ptr(), y=residual.data_ptr(),
+               **sizes)
+    assert torch.equal(residual, expected)
 
 
 def test_weight_only_linear_keeps_leading_dims(generator):
@@ -678,8 +736,9 @@ def test_fp32_decode_rows_take_the_kernel(generator, monkeypatch):
     monkeypatch.setattr(cpu._C, "f32_linear", lambda **kw: calls.append(kw["rows"]) or kernel(**kw))
     x, weight = randn(2, 3, 40, generator=generator), randn(67, 40, generator=generator)
     torch.testing.assert_close(cpu.linear(x, weight), eager.linear(x, weight), **LINEAR_TOL)
-    cpu.linear(randn(cpu.FP32_KERNEL_MAX_ROWS + 1, 40, generator=generator), weight)  # torch's GEMM
-    assert calls == [6]
+    cpu.linear(randn(40, 40, generator=generator), weight)  # the panel GEMM (portable build: torch's GEMM)
+    cpu.linear(randn(cpu.fp32_kernel_max_rows() + 1, 40, generator=generator), weight)  # torch's GEMM
+    assert calls == ([6] if _C.cpu_isa() == "generic" else [6, 40])
 
 
 ONEDNN_LINEAR_OPS = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -927,15 +986,15 @@ def test_non_contiguous_weights_are_read_correctly(generator):
 @pytest.mark.parametrize("weights", ["int8", "bf16", "fp32"])
 def test_weight_only_linear_bits_do_not_depend_on_threads(weights, generator):
     """Each thread takes a different block of columns: the sums must not round differently there."""
-    x = randn(6, 333, generator=generator)
-    w = randn(257, 333, generator=generator)
+    x = randn(40, 600, generator=generator)
+    w = randn(257, 600, generator=generator)
     weight = {"int8": QuantizedWeight.quantize(w), "bf16": w.bfloat16(), "fp32": w}[weights]
     threads = torch.get_num_threads()
     try:
         outs = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            outs.append(torch.cat([cpu.linear(x[:rows], weight) for rows in (1, 2, 6)]))
+            outs.append(torch.cat([cpu.linear(x[:rows], weight) for rows in (1, 2, 6, 40)]))  # 40: panels
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])

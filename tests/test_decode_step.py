@@ -127,21 +127,23 @@ def assert_step_declines_or_not(model, rows, seed, accepted):
         assert torch.equal(fast.step(tokens), python.step(tokens))
 
 
-def test_fp32_weights_take_the_step_only_up_to_the_gemv_rows(checkpoint_factory):
-    """Above FP32_KERNEL_MAX_ROWS the Python path multiplies fp32 weights with torch's GEMM: the
-    step declines rather than give other bits. 8-bit weights take the C++ kernels at any size."""
-    from umt5_fast.ops.cpu import FP32_KERNEL_MAX_ROWS
-    for mode, accepted in ((None, False), ("int8", True)):
-        model = load(checkpoint_factory, "relu-ungated", mode)
-        assert_step_declines_or_not(model, FP32_KERNEL_MAX_ROWS + 1, seed=8, accepted=accepted)
+def test_fp32_weights_take_the_step_only_up_to_the_kernel_rows(checkpoint_factory):
+    """Above fp32_kernel_max_rows() the Python path multiplies fp32 weights with torch's GEMM: the
+    step declines rather than give other bits; up to it (the GEMV, then from 33 rows the panel GEMM)
+    it takes them, as it takes 8-bit weights of as many rows."""
+    from umt5_fast.ops.cpu import fp32_kernel_max_rows
+    model = load(checkpoint_factory, "relu-ungated", None)
+    assert_step_declines_or_not(model, fp32_kernel_max_rows(), seed=8, accepted=True)
+    assert_step_declines_or_not(model, fp32_kernel_max_rows() + 1, seed=8, accepted=False)
+    assert_step_declines_or_not(load(checkpoint_factory, "relu-ungated", "int8"), 40, seed=8, accepted=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_a_half_precision_model_takes_the_step_only_up_to_the_half_kernel_rows(checkpoint_factory, dtype):
     """Above HALF_KERNEL_MAX_ROWS the Python path multiplies bf16 / fp16 x with weights of its dtype
     (or int8, expanded) in a GEMM: the step declines there; W8A8 weights take the integer kernel at
-    any size (and an fp16 model's fp32 `wo` the fp32 GEMV up to FP32_KERNEL_MAX_ROWS)."""
-    from umt5_fast.ops.cpu import FP32_KERNEL_MAX_ROWS, HALF_KERNEL_MAX_ROWS
+    any size (and an fp16 model's fp32 `wo` the fp32 kernels up to fp32_kernel_max_rows())."""
+    from umt5_fast.ops.cpu import HALF_KERNEL_MAX_ROWS, fp32_kernel_max_rows
     for mode, accepted in ((None, False), ("int8", False), ("w8a8", True)):
         model = load(checkpoint_factory, "relu-ungated", mode, dtype=dtype)
         assert_step_declines_or_not(model, HALF_KERNEL_MAX_ROWS + 1, seed=8, accepted=accepted)
@@ -151,8 +153,8 @@ def test_a_half_precision_model_takes_the_step_only_up_to_the_half_kernel_rows(c
         model.decoder.block[0].layer[2].DenseReluDense.wo.weight = torch.nn.Parameter(
             torch.randn(model.config.d_model, model.config.d_ff) * 0.1, requires_grad=False)
         model.decoder.block[0].layer[2].DenseReluDense.wo.qweight = None
-        assert_step_declines_or_not(model, FP32_KERNEL_MAX_ROWS + 1, seed=8, accepted=False)
-        assert_step_declines_or_not(model, FP32_KERNEL_MAX_ROWS, seed=8, accepted=True)
+        assert_step_declines_or_not(model, fp32_kernel_max_rows() + 1, seed=8, accepted=False)
+        assert_step_declines_or_not(model, fp32_kernel_max_rows(), seed=8, accepted=True)
 
 
 def test_an_fp16_stream_that_overflows_is_clamped_as_the_python_path_clamps_it(checkpoint_factory):

@@ -78,6 +78,28 @@ def test_a_vocabulary_split_between_threads(dtype, x_dtype):
         assert got is not None and torch.equal(got, full_argmax(x, weight, [0, 69999]))
 
 
+@pytest.mark.usefixtures("every_cpu_isa")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, "int8"], ids=str)
+def test_argmax_at_panel_gemm_rows_equals_the_float_kernels(dtype):
+    """From 33 rows the panel GEMM computes the logits, in another order of summation than the GEMV;
+    the candidates' logits come from the same kernel, so the picks stay the unscreened argmax, also
+    among near-duplicate head rows (several candidates per input row)."""
+    base = random_head(2999, 45, torch.float32, seed=4)
+    base[1000:1040] = base[1000] + 1e-4 * torch.randn(40, 45, generator=torch.Generator().manual_seed(3))
+    weight = QuantizedWeight.quantize(base) if dtype == "int8" else base.to(dtype)  # near duplicates
+    screen = lm_head_screen.LMHeadScreen(weight)
+    g = torch.Generator().manual_seed(5)
+    for rows in (33, 40, 70):
+        x = torch.randn(rows, 45, generator=g)
+        x[::3] = base[1000] * 50 + torch.randn(45, generator=g) * 1e-3  # aimed at the duplicates
+        got = screen.argmax(x, forbidden=[7])
+        kernel = (cpu_ops.int8_kernel_computes(x.dtype, rows) if dtype == "int8"
+                  else cpu_ops.float_kernel_computes(x.dtype, dtype, rows))
+        assert (got is not None) == kernel  # (the portable build's fp32 GEMV stops at 32 rows)
+        if got is not None:
+            assert torch.equal(got, full_argmax(x, weight, [7]))
+
+
 def input_quantisation_error(x):
     """||x - scale q|| per row for the int8 q and scale of W8A8Weight's reference quantiser."""
     x = x.float()
@@ -205,7 +227,7 @@ def test_undecidable_inputs_fall_back():
         x[1, 3] = bad
         assert screen.argmax(x) is None
     assert screen.argmax(torch.randn(1, 16) * 1e30) is None  # logits near fp32 overflow
-    many_rows = torch.randn(cpu_ops.FP32_KERNEL_MAX_ROWS + 1, 16)
+    many_rows = torch.randn(cpu_ops.fp32_kernel_max_rows() + 1, 16)
     assert screen.argmax(many_rows) is None  # torch's GEMM computes those logits
     bf16_screen = lm_head_screen.LMHeadScreen(weight.bfloat16())
     assert bf16_screen.argmax(torch.randn(cpu_ops.HALF_KERNEL_MAX_ROWS + 1, 16).bfloat16()) is None
@@ -401,12 +423,12 @@ def test_a_non_finite_head_takes_the_float_path(checkpoint_factory):
 
 
 def test_a_batch_past_the_float_kernels_rows_keeps_the_ids(checkpoint_factory):
-    """34 rows: torch's GEMM computes those logits, so the screen declines (and is dropped for the
-    call after three steps); ids stay the unscreened path's and transformers'."""
+    """Rows past fp32_kernel_max_rows(): torch's GEMM computes those logits, so the screen declines (and
+    is dropped for the call after three steps); ids stay the unscreened path's and transformers'."""
     path, hf = checkpoint_factory("UMT5ForConditionalGeneration", vocab_size=1201, d_model=36, num_heads=3, d_kv=12,
                                   num_layers=3)
     model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="cpu")
-    ids, mask = random_batch(1201, cpu_ops.FP32_KERNEL_MAX_ROWS + 2, 21, seed=8)
+    ids, mask = random_batch(1201, cpu_ops.fp32_kernel_max_rows() + 2, 21, seed=8)
     got = model.generate(ids, attention_mask=mask, max_new_tokens=12)
     with torch.no_grad():
         assert torch.equal(got, hf.generate(ids, attention_mask=mask, max_new_tokens=12))

@@ -16,7 +16,8 @@ What runs where (fp32 activations):
   half-precision scores, so not bit-equal to it.
 - ``argmax``: greedy decoding's pick, one C++ pass over the rows.
 - ``linear``: a float weight of ``x``'s dtype goes to torch's GEMM, except fp32 weights for up to
-  ``FP32_KERNEL_MAX_ROWS`` rows (decode steps), which take the C++ GEMV. On AVX-512 CPUs products
+  ``fp32_kernel_max_rows()`` rows (decode steps, beams), which take the C++ GEMV (to 32 rows) or
+  panel GEMM. On AVX-512 CPUs products
   of ``WIDE_GEMM_MIN_ROWS`` rows or more run as fp32 GEMMs, int8, bf16 and fp16 weights expanded to fp32
   for the call (``wide_gemm_computes``), in oneDNN where MKL runs AVX2 code (AMD CPUs:
   ``WIDE_GEMMS_IN_ONEDNN``), else in MKL. Otherwise a ``QuantizedWeight`` (int8), bf16 or fp16
@@ -314,10 +315,14 @@ def _check_linear_args(x, weight):
                          f"got x {tuple(x.shape)}")
 
 
-# Up to this many rows (decode steps, small batches) an fp32 weight goes to the C++ GEMV, which
-# streams each weight row once at memory bandwidth; torch's BLAS can run 2-4x slower there (MKL on
-# AMD CPUs), while for larger GEMMs it is the better choice.
-FP32_KERNEL_MAX_ROWS = 32
+# Up to this many rows (decode steps, batches of beams) an fp32 weight goes to the C++ kernels: to
+# 32 rows the GEMV, which streams each weight row once at memory bandwidth (torch's BLAS can run 2-4x
+# slower there: MKL on AMD CPUs), from 33 the panel GEMM (csrc/kernels_impl.h), which widens a chunk
+# of weight rows once and runs near the FMA peak; MKL takes ~2x its time on an LM head at 33-64 rows
+# (its packing of the skinny x dominates), and is about as fast on small weights up to here. The
+# portable build (no AVX2) keeps the GEMV's limit: its scalar panels are no match for a BLAS.
+FP32_KERNEL_MAX_ROWS = 255
+PORTABLE_FP32_KERNEL_MAX_ROWS = 32
 # Likewise bf16 / fp16 x with weights of their dtype: torch's bf16 GEMV reads the LM head ~3x slower
 # than the C++ kernel at one row, as fast at 16, faster above (its fp16 GEMV is slower still).
 HALF_KERNEL_MAX_ROWS = 16
@@ -331,9 +336,14 @@ def float_kernel_computes(x_dtype: torch.dtype, weight_dtype: torch.dtype, rows:
     above."""
     if x_dtype == torch.float32 and weight_dtype in _HALF_DTYPES:
         return True
-    limit = {torch.float32: FP32_KERNEL_MAX_ROWS, torch.bfloat16: HALF_KERNEL_MAX_ROWS,
+    limit = {torch.float32: fp32_kernel_max_rows(), torch.bfloat16: HALF_KERNEL_MAX_ROWS,
              torch.float16: HALF_KERNEL_MAX_ROWS}.get(x_dtype, 0)
     return x_dtype == weight_dtype and 0 < rows <= limit
+
+
+def fp32_kernel_max_rows() -> int:
+    """The most rows an fp32 weight multiplies in the C++ kernels with the instruction set they run."""
+    return PORTABLE_FP32_KERNEL_MAX_ROWS if _C.cpu_isa() == "generic" else FP32_KERNEL_MAX_ROWS
 
 
 def int8_kernel_computes(x_dtype: torch.dtype, rows: int) -> bool:

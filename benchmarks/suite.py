@@ -46,8 +46,9 @@ PRESETS = {
     "quick": SweepPreset("smoke run in a few minutes: umt5-small, greedy bs=1 and one encoder shape",
                          models=("umt5-small",), workloads=("greedy-b1", "enc-1x512"), new_tokens=16,
                          repeats=3, time_budget_s=10.0),
-    "generation": SweepPreset("issue 4: greedy bs=1 / bs=16 and beam 4, 64 source tokens, 32 new tokens",
-                              models=("umt5-small",), workloads=("greedy-b1", "greedy-b16", "beam4-b1"),
+    "generation": SweepPreset("issue 4: greedy bs=1 / bs=16 and beam 4 at bs=1 / bs=16, 64 source tokens, "
+                              "32 new tokens",
+                              models=("umt5-small",), workloads=("greedy-b1", "greedy-b16", "beam4-b1", "beam4-b16"),
                               new_tokens=32),
     "cpu-targets": SweepPreset("issue 6: fp32 / int8 / w8a8 / bf16 at bs=1 and 16, encoder 8x128 and 1x4096",
                                models=("umt5-small",),

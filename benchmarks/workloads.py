@@ -58,6 +58,7 @@ def catalog(source_length: int, new_tokens: int) -> list:
     workloads += [Workload(f"greedy-b{batch}", "generate", batch, source_length, new_tokens)
                   for batch in THROUGHPUT_BATCHES]
     workloads.append(Workload("beam4-b1", "generate", 1, source_length, new_tokens, num_beams=4))
+    workloads.append(Workload("beam4-b16", "generate", 16, source_length, new_tokens, num_beams=4))
     workloads.append(Workload(f"long-{LONG_SOURCE_LENGTH}", "generate", 1, LONG_SOURCE_LENGTH, new_tokens))
     return workloads
 

@@ -140,14 +140,14 @@ def test_fp32_weights_take_the_step_only_up_to_the_kernel_rows(checkpoint_factor
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_a_half_precision_model_takes_the_step_only_up_to_the_half_kernel_rows(checkpoint_factory, dtype):
-    """Above HALF_KERNEL_MAX_ROWS the Python path multiplies bf16 / fp16 x with weights of its dtype
+    """Above half_kernel_max_rows() the Python path multiplies bf16 / fp16 x with weights of its dtype
     (or int8, expanded) in a GEMM: the step declines there; W8A8 weights take the integer kernel at
     any size (and an fp16 model's fp32 `wo` the fp32 kernels up to fp32_kernel_max_rows())."""
-    from umt5_fast.ops.cpu import HALF_KERNEL_MAX_ROWS, fp32_kernel_max_rows
+    from umt5_fast.ops.cpu import fp32_kernel_max_rows, half_kernel_max_rows
     for mode, accepted in ((None, False), ("int8", False), ("w8a8", True)):
         model = load(checkpoint_factory, "relu-ungated", mode, dtype=dtype)
-        assert_step_declines_or_not(model, HALF_KERNEL_MAX_ROWS + 1, seed=8, accepted=accepted)
-        assert_step_declines_or_not(model, HALF_KERNEL_MAX_ROWS, seed=8, accepted=True)
+        assert_step_declines_or_not(model, half_kernel_max_rows(dtype) + 1, seed=8, accepted=accepted)
+        assert_step_declines_or_not(model, half_kernel_max_rows(dtype), seed=8, accepted=True)
     if dtype == torch.float16:
         model = load(checkpoint_factory, "relu-ungated", "w8a8", dtype=dtype)
         model.decoder.block[0].layer[2].DenseReluDense.wo.weight = torch.nn.Parameter(

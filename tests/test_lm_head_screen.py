@@ -230,7 +230,7 @@ def test_undecidable_inputs_fall_back():
     many_rows = torch.randn(cpu_ops.fp32_kernel_max_rows() + 1, 16)
     assert screen.argmax(many_rows) is None  # torch's GEMM computes those logits
     bf16_screen = lm_head_screen.LMHeadScreen(weight.bfloat16())
-    assert bf16_screen.argmax(torch.randn(cpu_ops.HALF_KERNEL_MAX_ROWS + 1, 16).bfloat16()) is None
+    assert bf16_screen.argmax(torch.randn(cpu_ops.half_kernel_max_rows(torch.bfloat16) + 1, 16).bfloat16()) is None
     assert screen.argmax(torch.randn(1, 16).half()) is None  # fp16 x with an fp32 head: eager's GEMM
     for seed in range(40):  # logits in fp32's subnormal range, where relative rounding bounds fail
         g = torch.Generator().manual_seed(seed)
@@ -347,10 +347,12 @@ def test_w8a8_heads_and_many_bf16_rows_at_int8_heads_are_not_screened(checkpoint
     model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="cpu", quantize="w8a8")
     assert lm_head_screen.screen_for(model) is None  # its logits are the integer kernel's already
     screen = lm_head_screen.LMHeadScreen(make_head("int8", 300, 16, seed=2))
-    many_bf16_rows = torch.randn(cpu_ops.HALF_KERNEL_MAX_ROWS + 1, 16).bfloat16()
-    assert screen.argmax(many_bf16_rows) is None  # eager's bf16 GEMM computes those logits
+    many_bf16_rows = torch.randn(cpu_ops.half_kernel_max_rows(torch.bfloat16) + 1, 16).bfloat16()
+    assert screen.argmax(many_bf16_rows) is None  # eager's bf16 GEMM (or the fp32 one) computes those logits
     assert screen.argmax(many_bf16_rows[:-1]) is not None
-    assert screen.argmax(many_bf16_rows.half()) is None  # likewise fp16 rows
+    many_fp16_rows = torch.randn(cpu_ops.half_kernel_max_rows(torch.float16) + 1, 16).half()
+    assert screen.argmax(many_fp16_rows) is None  # likewise fp16 rows
+    assert screen.argmax(many_fp16_rows[:-1]) is not None
     fp16_rows = torch.randn(2, 16).half()
     assert torch.equal(screen.argmax(fp16_rows), full_argmax(fp16_rows, screen.weight))
     assert screen.argmax(torch.randn(2, 16)) is not None

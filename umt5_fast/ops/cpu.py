@@ -31,14 +31,15 @@ What runs where (fp32 activations):
   place.
 - bf16 / fp16 models: ``rms_norm`` (transformers' rounding points; for fp16 also on the fp32
   residual stream an fp32 ``wo`` leaves) and the gated activation (fp32 math, rounded once) in
-  C++; linears of bf16 / fp16 x and weights of up to ``HALF_KERNEL_MAX_ROWS`` rows through the C++
-  kernel on the widened x (torch's half-precision GEMVs are slower there), larger ones through
+  C++; linears of bf16 / fp16 x and weights of up to ``half_kernel_max_rows()`` rows through the C++
+  kernels on the widened x (torch's half-precision GEMVs are slower there; without bf16 / fp16
+  instructions as many rows as fp32 x, else ``HALF_KERNEL_MAX_ROWS``), larger ones through
   torch's GEMM in that dtype where it runs on bf16 / fp16 instructions (``NATIVE_BF16_GEMM``:
   AVX512-BF16 / AMX; ``NATIVE_FP16_GEMM``: AVX512-FP16 / AMX-FP16), else through torch's fp32
   GEMM on the exactly widened operands, rounded once (what torch's own fallback computes, 3-10x
   faster).
 - bf16 / fp16 x with weight-only int8: the C++ int8 kernel on the widened x up to
-  ``HALF_KERNEL_MAX_ROWS`` rows; above, torch's GEMM in x's dtype on the expanded weight (eager)
+  ``half_kernel_max_rows()`` rows; above, torch's GEMM in x's dtype on the expanded weight (eager)
   where it runs on that dtype's instructions, else the fp32 GEMM of the widened operands (the
   weight expanded to fp32 a slice at a time), rounded once.
 
@@ -323,8 +324,11 @@ def _check_linear_args(x, weight):
 # portable build (no AVX2) keeps the GEMV's limit: its scalar panels are no match for a BLAS.
 FP32_KERNEL_MAX_ROWS = 255
 PORTABLE_FP32_KERNEL_MAX_ROWS = 32
-# Likewise bf16 / fp16 x with weights of their dtype: torch's bf16 GEMV reads the LM head ~3x slower
-# than the C++ kernel at one row, as fast at 16, faster above (its fp16 GEMV is slower still).
+# Likewise bf16 / fp16 x with weights of their dtype (or int8) where torch's GEMM in that dtype runs
+# on its instructions (AVX512-BF16 / AMX): its bf16 GEMV reads the LM head ~3x slower than the C++
+# kernel at one row, as fast at 16, faster above (its fp16 GEMV is slower still). Elsewhere the
+# alternative is torch's fp32 GEMM of the widened operands, which the C++ kernels beat as they beat
+# it for fp32 x: there bf16 / fp16 x go as far as fp32 x (``half_kernel_max_rows``).
 HALF_KERNEL_MAX_ROWS = 16
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -336,8 +340,7 @@ def float_kernel_computes(x_dtype: torch.dtype, weight_dtype: torch.dtype, rows:
     above."""
     if x_dtype == torch.float32 and weight_dtype in _HALF_DTYPES:
         return True
-    limit = {torch.float32: fp32_kernel_max_rows(), torch.bfloat16: HALF_KERNEL_MAX_ROWS,
-             torch.float16: HALF_KERNEL_MAX_ROWS}.get(x_dtype, 0)
+    limit = fp32_kernel_max_rows() if x_dtype == torch.float32 else half_kernel_max_rows(x_dtype)
     return x_dtype == weight_dtype and 0 < rows <= limit
 
 
@@ -346,11 +349,18 @@ def fp32_kernel_max_rows() -> int:
     return PORTABLE_FP32_KERNEL_MAX_ROWS if _C.cpu_isa() == "generic" else FP32_KERNEL_MAX_ROWS
 
 
+def half_kernel_max_rows(dtype: torch.dtype) -> int:
+    """The most rows of bf16 / fp16 x (0 for other dtypes) the C++ kernels multiply, on the widened x."""
+    if dtype not in _HALF_DTYPES:
+        return 0
+    return HALF_KERNEL_MAX_ROWS if _native_half_gemm(dtype) or _C.cpu_isa() == "generic" else FP32_KERNEL_MAX_ROWS
+
+
 def int8_kernel_computes(x_dtype: torch.dtype, rows: int) -> bool:
     """Whether ``linear`` multiplies ``rows`` rows of x with a weight-only int8 weight in the C++
     kernel, unless a wide GEMM takes them (``wide_gemm_computes``): fp32 x, or a bf16 / fp16 model's
-    x up to HALF_KERNEL_MAX_ROWS rows (on the exactly widened x, the sums rounded to x's dtype once)."""
-    return x_dtype == torch.float32 or (x_dtype in _HALF_DTYPES and 0 < rows <= HALF_KERNEL_MAX_ROWS)
+    x up to half_kernel_max_rows() rows (on the exactly widened x, the sums rounded to x's dtype once)."""
+    return x_dtype == torch.float32 or 0 < rows <= half_kernel_max_rows(x_dtype)
 
 
 # Whether torch's bf16 GEMM runs on bf16 dot products: oneDNN on AVX512-BF16 / AMX CPUs.

@@ -163,6 +163,20 @@ def test_decode_step_linear(benchmark, ops, weight_kind):
     bench(benchmark, ops, f"linear 1x{D_MODEL} @ {LM_HEAD_ROWS}x{D_MODEL} {weight_kind}", call, call, tol)
 
 
+@pytest.mark.parametrize("rows", [48, 64, 128])
+@pytest.mark.parametrize("weight_kind", ["fp32", "int8", "bf16"])
+@pytest.mark.parametrize("ops", OPS)
+def test_beam_rows_linear(benchmark, ops, weight_kind, rows):
+    """Beams and larger batches (16 x 4 beams = 64 rows) times an LM-head-sized weight: FLOP-bound,
+    the panel GEMM (cpu) against torch's GEMM on the weight (eager: expanded to fp32 first)."""
+    x, weight = randn(rows, D_MODEL), lm_head_weight(weight_kind)
+
+    def call(o):
+        return o.linear(x, weight)
+    tol = 1e-4 if weight_kind == "fp32" else 1e-3
+    bench(benchmark, ops, f"linear {rows}x{D_MODEL} @ {LM_HEAD_ROWS}x{D_MODEL} {weight_kind}", call, call, tol)
+
+
 @pytest.mark.skipif(cpu_ops is None, reason=CPU_MISSING or "")
 @pytest.mark.parametrize("isa", cpu_ops._C.supported_cpu_isas() if cpu_ops else ["none"])
 @pytest.mark.parametrize("rows,out_features", [(1, LM_HEAD_ROWS), (16, LM_HEAD_ROWS), (1024, D_FF)])

@@ -18,6 +18,8 @@ void register_argmax(py::module_& m);
 void register_decoder_step(py::module_& m);
 void register_quantize_weights(py::module_& m);
 void register_screen_candidates(py::module_& m);
+void register_float_env(py::module_& m);
+void register_top_k(py::module_& m);
 }  // namespace umt5_fast
 
 PYBIND11_MODULE(_C, m) {
@@ -36,4 +38,6 @@ PYBIND11_MODULE(_C, m) {
   umt5_fast::register_decoder_step(m);
   umt5_fast::register_quantize_weights(m);
   umt5_fast::register_screen_candidates(m);
+  umt5_fast::register_float_env(m);
+  umt5_fast::register_top_k(m);
 }

@@ -11,6 +11,7 @@ Every kernel runs on each instruction set this CPU supports (the portable "gener
 """
 import math
 import os
+import platform
 
 import pytest
 import torch
@@ -910,6 +911,71 @@ def test_bindings_refuse_unknown_element_kinds_naming_them():
                          largest_norm=1.0, min_norm=0.0, head_kind=0, head=0, head_scale=0, logits_kind=2,
                          slack=0.0, slack_floor=0.0, forbidden=[], max_candidates=1, approx=0, out=0,
                          num_threads=1)
+
+
+@pytest.mark.parametrize("rows,cols,k", [(1, 1, 1), (3, 7, 7), (4, 1000, 9), (64, 30011, 9), (2, 50, 1)])
+def test_top_k_equals_torch_topk(rows, cols, k, generator):
+    """Values and order as torch.topk; indices too where values are distinct; among equal values
+    (rounded scores, -inf) the lower index first, each index a true position of its value."""
+    distinct = torch.randn(rows, cols, generator=generator)
+    values, indices = cpu.top_k(distinct, k)
+    expected_values, expected_indices = torch.topk(distinct, k)
+    assert torch.equal(values, expected_values) and torch.equal(indices, expected_indices)
+    tied = distinct.round()
+    tied[0, ::2] = -math.inf
+    values, indices = cpu.top_k(tied, k)
+    assert torch.equal(values, torch.topk(tied, k).values)
+    assert torch.equal(tied.gather(1, indices), values)
+    for row in range(rows):  # ties: ascending indices within each run of equal values
+        for j in range(k - 1):
+            if values[row, j] == values[row, j + 1]:
+                assert indices[row, j] < indices[row, j + 1]
+    assert len(set(indices[0].tolist())) == k
+    strided = torch.randn(rows, cols + 3, generator=generator)[:, 1:1 + cols]
+    assert torch.equal(cpu.top_k(strided, k)[1], torch.topk(strided, k)[1])
+    if cols > 1:
+        with_nan = distinct.clone()
+        with_nan[-1, cols // 2] = math.nan  # torch's rule (NaN is the largest) through torch.topk
+        nan_values, nan_indices = cpu.top_k(with_nan, k)
+        torch.testing.assert_close(nan_values, torch.topk(with_nan, k).values, equal_nan=True)
+        assert int(nan_indices[-1, 0]) == cols // 2
+
+
+def flush_to_zero_is_on() -> bool:
+    """The calling thread's flush-to-zero mode, read by setting it back to what it was."""
+    was_on = _C.set_flush_to_zero(on=False, num_threads=1)
+    _C.set_flush_to_zero(on=was_on, num_threads=1)
+    return was_on
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (2, 7), (64, 30011)])
+@pytest.mark.parametrize("spread", [1.0, 40.0])  # 40: most of exp(x - max) subnormal
+def test_log_softmax_is_torch_bit_for_bit(rows, cols, spread, generator):
+    scores = torch.randn(rows, cols, generator=generator) * spread
+    scores[0, ::5] = -math.inf
+    if rows > 1:
+        scores[1, 1] = 1e-40  # a subnormal score
+    expected = torch.log_softmax(scores, dim=-1).view(torch.int32)  # bits (a row of -inf only: NaN)
+    assert not flush_to_zero_is_on()
+    assert torch.equal(cpu.log_softmax(scores).view(torch.int32), expected)
+    out = torch.empty_like(scores)
+    assert cpu.log_softmax(scores, out=out) is out and torch.equal(out.view(torch.int32), expected)
+    assert not flush_to_zero_is_on()  # the caller's mode is back
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86's MXCSR")
+def test_flush_to_zero_reaches_the_threads_torch_runs_on():
+    """The mode is per thread: set_flush_to_zero sets it in an OpenMP team, which must be the pool
+    torch's parallel ops run on (the extension shares torch's OpenMP runtime)."""
+    tiny = torch.full((1 << 22,), 1e-30)  # times 1e-10: subnormal products
+    threads = torch.get_num_threads()
+    assert bool((tiny * 1e-10 > 0).all())
+    was_on = _C.set_flush_to_zero(on=True, num_threads=threads)
+    try:
+        assert not bool((tiny * 1e-10).any())  # every thread's share flushed
+    finally:
+        _C.set_flush_to_zero(on=was_on, num_threads=threads)
+    assert bool((tiny * 1e-10 > 0).all())
 
 
 @pytest.mark.parametrize("rows,cols", [(1, 1), (1, 1001), (3, 7), (16, 5000)])

@@ -536,9 +536,14 @@ def test_generation_options_in_config_json_apply_without_generation_config_json(
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_top_candidates_equal_torch_topk_over_all_beams(seed):
-    """Beam search takes each beam's own best first: the result is torch.topk's over the flattened
-    beams, ties included (there it falls back on torch.topk)."""
+@pytest.mark.parametrize("backend", ["eager", "cpu"])
+def test_top_candidates_equal_torch_topk_over_all_beams(seed, backend):
+    """Beam search takes each beam's own best first (the backend's top_k: the cpu one may keep
+    another of equal values): the result is torch.topk's over the flattened beams, ties included
+    (there it falls back on torch.topk)."""
+    import importlib
+    ops = importlib.import_module(f"umt5_fast.ops.{backend}") if backend == "eager" else \
+        pytest.importorskip("umt5_fast.ops.cpu")
     g = torch.Generator().manual_seed(seed)
     batch, num_beams, vocab, k = 3, 4, 1000, 8
     scores = torch.randn(batch, num_beams * vocab, generator=g)
@@ -550,10 +555,10 @@ def test_top_candidates_equal_torch_topk_over_all_beams(seed):
     first_step[:, 1:] += -1.0e9  # beam search's first step: beams 1.. hold placeholder scores
     cases.append(first_step.view(batch, -1))
     for case in cases:
-        got_values, got_indices = generation.top_candidates(case, k, num_beams)
+        got_values, got_indices = generation.top_candidates(case, k, num_beams, ops)
         values, indices = torch.topk(case, k)
         assert torch.equal(got_values, values) and torch.equal(got_indices, indices)
-    assert generation.top_candidates(scores[:, :12], 8, 4)[1].shape == (3, 8)  # k + 1 > vocab: torch.topk
+    assert generation.top_candidates(scores[:, :12], 8, 4, ops)[1].shape == (3, 8)  # k + 1 > vocab: torch.topk
 
 
 def test_output_flags_in_config_json_ask_for_the_output_dict(checkpoint_factory, tmp_path):

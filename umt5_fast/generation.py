@@ -503,18 +503,19 @@ def widened(buffer: torch.Tensor, width: int, fill) -> torch.Tensor:
     return grown
 
 
-def top_candidates(log_probs: torch.Tensor, k: int, num_beams: int):
+def top_candidates(log_probs: torch.Tensor, k: int, num_beams: int, ops):
     """``torch.topk(log_probs, k)`` of ``[batch, num_beams * vocab]`` scores, exactly, through each
-    beam's own k + 1 best first: torch.topk gives a whole row to one thread and runs slower on one
-    long row than on several short ones (7.3 against 1.9 ms for 4 beams of umt5's vocabulary on 2
-    cores). Both give the same answer whenever the k best are distinct and the k-th beats the
-    (k + 1)-th, for the answer is then unique; otherwise (tied scores, e.g. tokens banned to -inf)
-    torch.topk's own choice among the ties is kept by running it."""
+    beam's own k + 1 best first (``ops.top_k``): torch.topk gives a whole row to one thread and runs
+    slower on one long row than on several short ones (7.3 against 1.9 ms for 4 beams of umt5's
+    vocabulary on 2 cores). Both give the same answer whenever the k best are distinct and the k-th
+    beats the (k + 1)-th, for the answer is then unique (whichever of equal values each beam's top
+    k + 1 kept at its end); otherwise (tied scores, e.g. tokens banned to -inf) torch.topk's own
+    choice among the ties is kept by running it."""
     batch, width = log_probs.shape
     vocab = width // num_beams
     if num_beams == 1 or k + 1 > vocab:
         return torch.topk(log_probs, k)
-    per_beam_values, per_beam_indices = log_probs.view(batch, num_beams, vocab).topk(k + 1, dim=-1)
+    per_beam_values, per_beam_indices = ops.top_k(log_probs.view(batch * num_beams, vocab), k + 1)
     values, picked = per_beam_values.view(batch, -1).topk(k + 1, dim=-1)
     if not bool((values[:, :-1] > values[:, 1:]).all()):
         return torch.topk(log_probs, k)
@@ -589,9 +590,9 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
             if record is None and not processors.custom:  # nothing keeps this step's scores: reuse a buffer
                 if scratch is None or scratch.shape != logits.shape:
                     scratch = torch.empty_like(logits)
-                log_probs = processors(flat, torch.log_softmax(logits, dim=-1, out=scratch), every_row)
+                log_probs = processors(flat, model.runtime.ops.log_softmax(logits, out=scratch), every_row)
             else:  # (the caller's processors may keep the scores they are given)
-                log_probs = processors(flat, F.log_softmax(logits, dim=-1), every_row)
+                log_probs = processors(flat, model.runtime.ops.log_softmax(logits), every_row)
                 if record is not None:
                     record.add(log_probs, logits)
             if log_probs is scratch:
@@ -602,7 +603,7 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
                 top_indices = torch.multinomial(log_probs.softmax(-1), beams_to_keep, generator=generator)
                 top_log_probs = torch.gather(log_probs, 1, top_indices)
             else:
-                top_log_probs, top_indices = top_candidates(log_probs, beams_to_keep, num_beams)
+                top_log_probs, top_indices = top_candidates(log_probs, beams_to_keep, num_beams, model.runtime.ops)
             source_beam = top_indices // vocab
             top_sequences = gather(running, source_beam)
             top_sequences[:, :, length] = top_indices % vocab

@@ -40,6 +40,14 @@ Contract (shapes; every tensor on one device; inputs were validated at the API b
     ``scores.argmax(-1)`` of ``[rows, vocab]`` scores (greedy decoding's pick): first maximum on ties,
     NaN counts as the maximum, as in torch.
 
+``log_softmax(scores, out=None) -> log_probs``
+    ``torch.log_softmax(scores, dim=-1, out=out)``, bit for bit (beam search's scores).
+
+``top_k(scores, k) -> (values, indices)``
+    The ``k`` largest of each row of ``[rows, n]`` scores, largest first, as ``torch.topk(scores,
+    k)``; among equal values the choice of index may differ from torch's (it does not specify one
+    either).
+
 ``linear(x, weight, residual=None) -> y``
     ``x @ weight.T (+ residual)``; ``weight`` may be a ``QuantizedWeight`` (int8 + per-row
     scales) or a float tensor of another dtype than ``x`` (computed in ``x``'s dtype unless the

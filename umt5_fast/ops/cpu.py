@@ -15,6 +15,9 @@ What runs where (fp32 activations):
   where several query blocks read them), output rounded once. Both are more accurate than eager's
   half-precision scores, so not bit-equal to it.
 - ``argmax``: greedy decoding's pick, one C++ pass over the rows.
+- ``log_softmax``: torch's, with subnormal results flushed to zero meanwhile (the same bits, without
+  x86's slow path for them).
+- ``top_k``: one C++ pass per row against the current k-th best (beam search's candidates).
 - ``linear``: a float weight of ``x``'s dtype goes to torch's GEMM, except fp32 weights for up to
   ``fp32_kernel_max_rows()`` rows (decode steps, beams), which take the C++ GEMV (to 32 rows) or
   panel GEMM. On AVX-512 CPUs products
@@ -292,6 +295,38 @@ def argmax(scores):
     _C.argmax_rows(x=scores.data_ptr(), rows=scores.shape[0], cols=scores.shape[1],
                    row_stride=scores.stride(0), out=out.data_ptr(), num_threads=_threads())
     return out
+
+
+def log_softmax(scores, out=None):
+    """eager's, bit for bit, run with subnormal results flushed to zero in this thread and the
+    OpenMP threads torch's op runs on (csrc/float_env.cpp): on scores spread past 87 (a random-weight
+    model's logits) most of ``exp(x - max)`` is subnormal, which x86 cores compute through microcode
+    assists (``[64, 256384]`` scores: 27.5 -> 14.1 ms on an Ice Lake Xeon). Such terms cannot change
+    the fp32 sum, which is at least 1, nor can any output be subnormal."""
+    if scores.device.type != "cpu":
+        return eager.log_softmax(scores, out)
+    threads = _threads()
+    was_on = _C.set_flush_to_zero(on=True, num_threads=threads)
+    try:
+        return eager.log_softmax(scores, out)
+    finally:
+        if not was_on:
+            _C.set_flush_to_zero(on=False, num_threads=threads)
+
+
+def top_k(scores, k):
+    """One C++ pass per row (csrc/top_k.cpp; equal values: the lower index first) for fp32 rows with
+    unit stride; other scores, a k outside [1, n], or a row holding a NaN: torch.topk."""
+    _check_tensor("scores", scores, dim=2)
+    rows, cols = scores.shape
+    if scores.dtype != torch.float32 or scores.stride(1) != 1 or not 0 < k <= cols or rows == 0:
+        return eager.top_k(scores, k)
+    values = torch.empty(rows, k)
+    indices = torch.empty(rows, k, dtype=torch.long)
+    if not _C.top_k_rows(x=scores.data_ptr(), rows=rows, cols=cols, row_stride=scores.stride(0), k=k,
+                         values=values.data_ptr(), indices=indices.data_ptr(), num_threads=_threads()):
+        return eager.top_k(scores, k)  # a NaN: torch's rule for it
+    return values, indices
 
 
 # ----------------------------------------------------------------------------------------------

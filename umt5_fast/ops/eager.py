@@ -82,6 +82,14 @@ def argmax(scores):
     return scores.argmax(-1)
 
 
+def log_softmax(scores, out=None):
+    return torch.log_softmax(scores, dim=-1, out=out)
+
+
+def top_k(scores, k):
+    return torch.topk(scores, k, dim=-1)
+
+
 def gated_ffn_in(x, w_gate, w_up, activation, linear=linear):
     """``act(x @ w_gate.T) * (x @ w_up.T)``; ``linear``: another backend's linear, for a backend that
     keeps this op's activation math but runs the projections itself."""

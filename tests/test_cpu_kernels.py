@@ -729,6 +729,30 @@ def test_panel_gemm_sums_each_output_alone(weights, in_features, generator):
     assert torch.equal(residual, expected)
 
 
+@pytest.mark.parametrize("weights", ["fp32", "int8", "bf16"])
+@pytest.mark.parametrize("rows", [5, 40])
+def test_linear_writes_into_out_where_it_can(weights, rows, generator):
+    """``out`` (a decode step's reused logits memory) receives the C++ kernels' result when it is a
+    contiguous fp32 tensor of the result's shape; anything else, or torch's GEMM, ignores it and
+    never writes it."""
+    x = randn(rows, 77, generator=generator)
+    weight = WEIGHT_FORMS[weights](randn(67, 77, generator=generator))
+    expected = cpu.linear(x, weight)
+    out = torch.full((rows, 67), math.nan)
+    got = cpu.linear(x, weight, out=out)
+    assert torch.equal(got, expected)
+    if weights == "fp32" and rows > cpu.fp32_kernel_max_rows():  # (the portable build's GEMM)
+        assert got.data_ptr() != out.data_ptr() and bool(out.isnan().all())
+        return
+    assert got.data_ptr() == out.data_ptr()
+    for unusable in (torch.full((rows, 68), math.nan), torch.full((67, rows), math.nan).t(),
+                     torch.full((rows, 67), math.nan, dtype=torch.float64)):
+        got = cpu.linear(x, weight, out=unusable)
+        assert got.data_ptr() != unusable.data_ptr() and torch.equal(got, expected)
+        assert bool(unusable.isnan().all())
+    assert torch.equal(eager.linear(x, weight, out=out), eager.linear(x, weight))  # eager: a hint it ignores
+
+
 def test_weight_only_linear_keeps_leading_dims(generator):
     x = randn(2, 3, 133, generator=generator)
     weight = QuantizedWeight.quantize(randn(71, 133, generator=generator))

@@ -194,6 +194,30 @@ def test_weights_a_wide_gemm_would_take_decline_from_its_rows(checkpoint_factory
                                 accepted=mode == "w8a8" or not cpu.WIDE_GEMMS)
 
 
+@pytest.mark.parametrize("mode", [None, "int8"])
+def test_steps_that_reuse_memory_write_the_same_logits_into_it(checkpoint_factory, mode):
+    """Decoding loops that keep no logits past a step let the decoder write them into the previous
+    step's memory (cpu backend: no fresh [rows, vocab] pages a step); the values are those of a
+    step into fresh memory."""
+    model = load(checkpoint_factory, "relu-ungated", mode)
+    states, mask = encoded(model, 40, seed=4)
+    reusing = generation.Decoder(model, states, mask, max_length=4)
+    fresh = generation.Decoder(model, states, mask, max_length=4)
+    tokens = torch.zeros(40, 1, dtype=torch.long)
+    with torch.inference_mode():
+        first = reusing.step(tokens, reuse_memory=True)
+        expected = fresh.step(tokens)
+        assert torch.equal(first, expected) and first.data_ptr() != expected.data_ptr()
+        kept = first.clone()
+        second = reusing.step(tokens, reuse_memory=True)
+        assert second.data_ptr() == first.data_ptr()  # the same memory, overwritten
+        assert torch.equal(second, fresh.step(tokens)) and not torch.equal(second, kept)
+        reusing.keep_rows(torch.arange(0, 40, 2))  # fewer rows: the front of the same memory
+        fresh.keep_rows(torch.arange(0, 40, 2))
+        third = reusing.step(tokens[:20], reuse_memory=True)
+        assert third.data_ptr() == first.data_ptr() and torch.equal(third, fresh.step(tokens[:20]))
+
+
 def test_a_full_cache_is_an_error_not_an_overwrite(checkpoint_factory):
     model = load(checkpoint_factory, "relu-ungated", None)
     states, mask = encoded(model, 2, seed=9)

@@ -103,7 +103,7 @@ class GraphedDecoder:
         self.cache = step.cache
         self.pad_rows = torch.zeros(bucket - self.rows, dtype=torch.long, device=encoder_states.device)
 
-    def step(self, tokens):
+    def step(self, tokens, reuse_memory=False):  # (the graph's own output buffer is copied out anyway)
         if self.pad_rows.numel():
             tokens = torch.cat([tokens, self.pad_rows[:, None].expand(-1, tokens.shape[1])])
         state = self.step_state

@@ -285,6 +285,7 @@ class Decoder:
                                  cfg.d_kv, model.shared.weight.dtype, encoder_states.device,
                                  initial_length=_INITIAL_CACHE_LENGTH)
         self.cpu_step = decode_step.build(model)  # None unless the cpu backend covers the model
+        self._logits = None  # [rows, vocab] fp32 memory ``step`` reuses (see there)
 
     def step_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed ``tokens`` ``[rows, L]`` (the prompt, then one token a step); the final hidden states
@@ -301,9 +302,18 @@ class Decoder:
         self.cache.length += tokens.shape[1]
         return hidden
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``step_hidden``'s fp32 logits."""
-        return self.model.logits(self.step_hidden(tokens)).float()
+    def step(self, tokens: torch.Tensor, reuse_memory: bool = False) -> torch.Tensor:
+        """``step_hidden``'s fp32 logits. ``reuse_memory``: the caller keeps no reference to them past
+        its step, so they may go into this decoder's memory of the previous step's (the cpu backend
+        then skips the page faults of fresh [rows, vocab] memory)."""
+        hidden = self.step_hidden(tokens)
+        out = None
+        if reuse_memory:
+            rows, vocab = hidden.shape[0], self.model.config.vocab_size
+            if self._logits is None or self._logits.shape[0] < rows or self._logits.device != hidden.device:
+                self._logits = torch.empty(rows, vocab, device=hidden.device)
+            out = self._logits[:rows]
+        return self.model.logits(hidden, out=out).float()
 
     def step_with_outputs(self, tokens: torch.Tensor, output_attentions: bool, output_hidden_states: bool):
         """``step``, also returning the decoder's output with the fed positions' per-layer attention
@@ -466,8 +476,8 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
                     undecided_steps += 1
                     if undecided_steps == _SCREEN_PATIENCE:  # e.g. a head with too many close rows
                         screen = None
-            else:
-                logits = decoder.step(tokens)
+            else:  # (logits only the caller's processors or the record could keep past the step)
+                logits = decoder.step(tokens, reuse_memory=record is None and not processors.custom)
             if picked is None:
                 # the processors may write into the logits they are given (forbid_eos): keep the raw ones
                 raw = logits.clone() if record is not None and record.logits is not None else logits
@@ -586,7 +596,7 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
                                                                 record.decoder_hidden_states is not None)
                 record.add_decoder_outputs(step_output)
             else:
-                logits = decoder.step(tokens)
+                logits = decoder.step(tokens, reuse_memory=record is None and not processors.custom)
             if record is None and not processors.custom:  # nothing keeps this step's scores: reuse a buffer
                 if scratch is None or scratch.shape != logits.shape:
                     scratch = torch.empty_like(logits)

@@ -133,14 +133,16 @@ class Linear(HoldsPackedWeight):
     def weight_dtype(self) -> torch.dtype:
         return self.qweight.dtype if self.qweight is not None else self.weight.dtype
 
-    def forward(self, x, residual=None):
+    def forward(self, x, residual=None, out=None):
+        """``out``: memory the backend may write the product into (``ops.linear``); without a bias."""
         weight = self.kernel_weight(x.dtype)
         if self.bias is not None and isinstance(weight, torch.Tensor) and weight.dtype == x.dtype:
             # the task heads (the only layers with a bias, off the hot path): one rounding of the biased
             # product, as transformers' F.linear rounds it (in bf16 / fp16 adding b after rounds twice)
             y = F.linear(x, weight, self.bias.to(x.dtype))
             return y if residual is None else residual + y
-        y = self.runtime.ops.linear(x, weight, None if self.bias is not None else residual)
+        y = self.runtime.ops.linear(x, weight, None if self.bias is not None else residual,
+                                    out=None if self.bias is not None else out)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
             if residual is not None:
@@ -816,8 +818,9 @@ class UMT5ForConditionalGeneration(_EncoderDecoder):
             return decoder_hidden * (self.config.d_model ** -0.5)
         return decoder_hidden
 
-    def logits(self, decoder_hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.lm_head_input(decoder_hidden))
+    def logits(self, decoder_hidden: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The LM head's output; ``out``: memory it may be written into (``ops.linear``)."""
+        return self.lm_head(self.lm_head_input(decoder_hidden), out=out)
 
     @torch.no_grad()
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,

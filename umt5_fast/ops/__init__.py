@@ -48,8 +48,9 @@ Contract (shapes; every tensor on one device; inputs were validated at the API b
     k)``; among equal values the choice of index may differ from torch's (it does not specify one
     either).
 
-``linear(x, weight, residual=None) -> y``
-    ``x @ weight.T (+ residual)``; ``weight`` may be a ``QuantizedWeight`` (int8 + per-row
+``linear(x, weight, residual=None, out=None) -> y``
+    ``x @ weight.T (+ residual)``; ``out``: memory of the result's shape and dtype the backend may
+    write it into and return (a buffer reused across decode steps), or ignore; ``weight`` may be a ``QuantizedWeight`` (int8 + per-row
     scales) or a float tensor of another dtype than ``x`` (computed in ``x``'s dtype unless the
     backend says otherwise).
 """

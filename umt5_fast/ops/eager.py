@@ -70,7 +70,7 @@ def _weight_as(weight, dtype):
     return weight if weight.dtype == dtype else weight.to(dtype)
 
 
-def linear(x, weight, residual=None):
+def linear(x, weight, residual=None, out=None):  # (out: a hint eager does not take)
     if isinstance(weight, W8A8Weight):
         y = weight.linear(x).to(x.dtype)
     else:

@@ -647,8 +647,8 @@ void weight_only_linear(const LinearProblem<WeightT>& problem, int64_t n_begin, 
 // ---------------------------------------------------------------------------------------------
 // Panel form of the weight-only linear (kPanelMinRows+ rows): BLIS's scheme. A chunk of output
 // columns is widened once into K-major panels of two vectors' width; then each tile of
-// kPanelTileRows x rows times one panel keeps its outputs in 2 * kPanelTileRows accumulators fed by
-// broadcast x values, so the FMAs need no horizontal reductions and each loaded weight vector
+// PanelShape::rows x rows times one panel keeps its outputs in 2 * PanelShape::rows accumulators fed
+// by broadcast x values, so the FMAs need no horizontal reductions and each loaded weight vector
 // serves all the tile's rows. The dot-product kernel above reads each weight vector from L2 once
 // per four rows and reduces its accumulators per output: its rate stays near half the FMA peak
 // from a few rows on.

@@ -53,17 +53,16 @@ void register_top_k(py::module_& m) {
           const auto* scores = reinterpret_cast<const float*>(x);
           auto* top_values = reinterpret_cast<float*>(values);
           auto* top_indices = reinterpret_cast<int64_t*>(indices);
-          bool finite_order = true;
+          std::vector<char> without_nan(rows, 1);
           {
             py::gil_scoped_release no_gil;
-            std::vector<char> ok(rows, 1);
             parallel_for_ranges(rows, 1, num_threads, [&](int64_t begin, int64_t end) {
               for (int64_t r = begin; r < end; ++r)
-                ok[r] = top_k_row(scores + r * row_stride, cols, k, top_values + r * k, top_indices + r * k);
+                without_nan[r] =
+                    top_k_row(scores + r * row_stride, cols, k, top_values + r * k, top_indices + r * k);
             });
-            finite_order = std::all_of(ok.begin(), ok.end(), [](char c) { return c != 0; });
           }
-          return finite_order;
+          return std::all_of(without_nan.begin(), without_nan.end(), [](char c) { return c != 0; });
         },
         py::kw_only(), py::arg("x"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"), py::arg("k"),
         py::arg("values"), py::arg("indices"), py::arg("num_threads"),

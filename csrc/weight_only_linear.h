@@ -45,13 +45,13 @@ void run_panel_linear(const kernels::LinearProblem<WeightT>& problem, int num_th
 
 template <typename WeightT>
 void run_weight_only_linear(const kernels::LinearProblem<WeightT>& problem, int num_threads) {
-  const int64_t K = std::max<int64_t>(problem.in_features, 1);
   if (problem.rows >= kernels::kPanelMinRows) {
     run_panel_linear(problem, num_threads);
     return;
   }
   void (*linear)(const kernels::LinearProblem<WeightT>&, int64_t, int64_t) = nullptr;
   UMT5_DISPATCH_ISA(ISA, linear = &kernels::weight_only_linear<ISA, WeightT>);
+  const int64_t K = std::max<int64_t>(problem.in_features, 1);
   // Columns whose weight rows fill about 16 KiB (48 KiB for fp32 rows of 512), in multiples of 24
   // so that every block size (8, 6, 4, 3 rows) tiles them: they stay in cache while every x row
   // uses them.

@@ -567,6 +567,8 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
     finished_origin = running_origin.clone()
     # steps that return attentions / hidden states run the Python layers: no graph to replay
     records_outputs = record is not None and record.wants_decoder_outputs
+    # neither the output record nor the caller's processors keep a step's logits or scores
+    step_scores_kept_by_nobody = record is None and not processors.custom
     decoder = make_decoder(model, encoder_states, encoder_mask, num_beams, max_length,
                            use_cuda_graph and not records_outputs)
     batch_offset = torch.arange(batch, device=device)[:, None] * num_beams
@@ -596,8 +598,8 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
                                                                 record.decoder_hidden_states is not None)
                 record.add_decoder_outputs(step_output)
             else:
-                logits = decoder.step(tokens, reuse_memory=record is None and not processors.custom)
-            if record is None and not processors.custom:  # nothing keeps this step's scores: reuse a buffer
+                logits = decoder.step(tokens, reuse_memory=step_scores_kept_by_nobody)
+            if step_scores_kept_by_nobody:  # reuse a buffer
                 if scratch is None or scratch.shape != logits.shape:
                     scratch = torch.empty_like(logits)
                 log_probs = processors(flat, model.runtime.ops.log_softmax(logits, out=scratch), every_row)

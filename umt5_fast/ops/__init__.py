@@ -49,10 +49,10 @@ Contract (shapes; every tensor on one device; inputs were validated at the API b
     either).
 
 ``linear(x, weight, residual=None, out=None) -> y``
-    ``x @ weight.T (+ residual)``; ``out``: memory of the result's shape and dtype the backend may
-    write it into and return (a buffer reused across decode steps), or ignore; ``weight`` may be a ``QuantizedWeight`` (int8 + per-row
-    scales) or a float tensor of another dtype than ``x`` (computed in ``x``'s dtype unless the
-    backend says otherwise).
+    ``x @ weight.T (+ residual)``; ``weight`` may be a ``QuantizedWeight`` (int8 + per-row scales)
+    or a float tensor of another dtype than ``x`` (computed in ``x``'s dtype unless the backend says
+    otherwise). ``out``: memory of the result's shape and dtype the backend may write it into and
+    return (a buffer reused across decode steps), or ignore.
 """
 import torch
 

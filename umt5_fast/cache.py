@@ -175,14 +175,15 @@ class StaticCache:
         ``index`` must keep every row within its source's group of beams."""
         if self._spare is None:
             self._spare = (torch.empty_like(self.keys), torch.empty_like(self.values))
-        spare_k, spare_v = self._spare
-        torch.index_select(self.keys, 1, index, out=spare_k)
-        torch.index_select(self.values, 1, index, out=spare_v)
+        # Only the positions written so far move: the rest are never read before a step writes
+        # them (the whole capacity would cost up to capacity / length times the copy).
+        live = slice(0, self.length)
+        for source, spare in zip((self.keys, self.values), self._spare):
+            torch.index_select(source[:, :, :, live], 1, index, out=spare[:, :, :, live])
         if self.fixed_buffers:
-            self.keys.copy_(spare_k)
-            self.values.copy_(spare_v)
+            for target, spare in zip((self.keys, self.values), self._spare):
+                target[:, :, :, live].copy_(spare[:, :, :, live])
             return
-        self._spare = (self.keys, self.values)
-        self.keys, self.values = spare_k, spare_v
+        self._spare, (self.keys, self.values) = (self.keys, self.values), self._spare
         # Cross-attention K/V are not reordered: beams only ever move within one source row, whose
         # beams all hold the same encoder output.

@@ -644,6 +644,21 @@ void weight_only_linear(const LinearProblem<WeightT>& problem, int64_t n_begin, 
   }
 }
 
+template <CpuIsa ISA>
+float exp_sum(const float* x, int64_t n, float shift) {
+  using V = Vec<ISA>;
+  constexpr int W = V::width;
+  const auto s = V::set1(shift);
+  typename V::type acc[4] = {V::zero(), V::zero(), V::zero(), V::zero()};  // four chains of adds
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W)
+    for (int j = 0; j < 4; ++j) acc[j] = V::add(acc[j], V::exp(V::sub(V::load(x + i + j * W), s)));
+  for (; i + W <= n; i += W) acc[0] = V::add(acc[0], V::exp(V::sub(V::load(x + i), s)));
+  float sum = V::reduce_sum(V::add(V::add(acc[0], acc[1]), V::add(acc[2], acc[3])));
+  for (; i < n; ++i) sum += std::exp(x[i] - shift);
+  return sum;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Panel form of the weight-only linear (kPanelMinRows+ rows): BLIS's scheme. A chunk of output
 // columns is widened once into K-major panels of two vectors' width; then each tile of
@@ -811,6 +826,7 @@ void expand_int8_row(const int8_t* values, int64_t block_stride, const float* sc
   template void convert_values<ISA>(const float*, uint16_t*, int64_t);                        \
   template void convert_values<ISA>(const Fp16*, float*, int64_t);                            \
   template void convert_values<ISA>(const float*, Fp16*, int64_t);                            \
+  template float exp_sum<ISA>(const float*, int64_t, float);                                  \
   template void gated_activation_rows<ISA>(Activation, const float*, int64_t, const float*,   \
                                            int64_t, float*, int64_t, int64_t, int64_t);       \
   template void weight_only_linear<ISA, int8_t>(const LinearProblem<int8_t>&, int64_t,        \

@@ -3,11 +3,15 @@
 // the rare insertions into the sorted k cost nothing next to the scan. torch.topk sorts partially
 // and took 6x amax's time on [64, 256384] scores (24 against 4 ms on an Ice Lake Xeon).
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include "cpu_isa.h"
+#include "kernels.h"
 #include "parallel.h"
 
 namespace py = pybind11;
@@ -43,6 +47,29 @@ bool top_k_row(const float* x, int64_t cols, int64_t k, float* values, int64_t* 
   return true;
 }
 
+// Beam search's step without its [rows, vocab] log-probabilities: the k best of log_softmax(x)
+// with the `banned` ids left out (transformers bans them after the log-softmax: they still count
+// in its normaliser), each computed as torch's log_softmax does, (x - max) - log(sum(exp(x - max))).
+// `held` / `held_indices`: room for k + banned.size() entries. False (outputs undefined) when the
+// row holds a NaN or its maximum is infinite: the caller takes torch's path.
+bool log_softmax_top_k_row(const float* x, int64_t cols, int64_t k, const std::vector<int64_t>& banned,
+                           float* values, int64_t* indices, float* held, int64_t* held_indices) {
+  const int64_t kept = k + static_cast<int64_t>(banned.size());
+  if (!top_k_row(x, cols, kept, held, held_indices)) return false;
+  const float max = held[0];
+  if (!std::isfinite(max)) return false;
+  float sum = 0.0f;
+  UMT5_DISPATCH_ISA(ISA, sum = kernels::exp_sum<ISA>(x, cols, max));
+  const float log_sum = std::log(sum);
+  int64_t out = 0;
+  for (int64_t i = 0; i < kept && out < k; ++i) {
+    if (std::find(banned.begin(), banned.end(), held_indices[i]) != banned.end()) continue;
+    values[out] = (held[i] - max) - log_sum;
+    indices[out++] = held_indices[i];
+  }
+  return true;
+}
+
 }  // namespace
 
 void register_top_k(py::module_& m) {
@@ -68,6 +95,35 @@ void register_top_k(py::module_& m) {
         py::arg("values"), py::arg("indices"), py::arg("num_threads"),
         "values / indices [rows, k] = the k largest of each fp32 row, largest first (equal values: lower "
         "index first); returns False, leaving them undefined, when a row holds a NaN.");
+  m.def("log_softmax_top_k_rows",
+        [](uintptr_t x, int64_t rows, int64_t cols, int64_t row_stride, int64_t k, std::vector<int64_t> banned,
+           uintptr_t values, uintptr_t indices, int num_threads) {
+          std::sort(banned.begin(), banned.end());
+          banned.erase(std::unique(banned.begin(), banned.end()), banned.end());
+          if (k < 1 || k + static_cast<int64_t>(banned.size()) > cols)
+            throw py::value_error("log_softmax_top_k_rows needs 1 <= k and k + len(banned) <= cols");
+          const auto* scores = reinterpret_cast<const float*>(x);
+          auto* top_values = reinterpret_cast<float*>(values);
+          auto* top_indices = reinterpret_cast<int64_t*>(indices);
+          std::vector<char> usable(rows, 1);
+          {
+            py::gil_scoped_release no_gil;
+            parallel_for_ranges(rows, 1, num_threads, [&](int64_t begin, int64_t end) {
+              const int64_t kept = k + static_cast<int64_t>(banned.size());
+              std::vector<float> held(kept);
+              std::vector<int64_t> held_indices(kept);
+              for (int64_t r = begin; r < end; ++r)
+                usable[r] = log_softmax_top_k_row(scores + r * row_stride, cols, k, banned, top_values + r * k,
+                                                  top_indices + r * k, held.data(), held_indices.data());
+            });
+          }
+          return std::all_of(usable.begin(), usable.end(), [](char c) { return c != 0; });
+        },
+        py::kw_only(), py::arg("x"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"), py::arg("k"),
+        py::arg("banned"), py::arg("values"), py::arg("indices"), py::arg("num_threads"),
+        "values / indices [rows, k] = the k best of each fp32 row's log_softmax without the banned ids "
+        "(which still count in its normaliser), best first (equal values: lower index first); returns False, "
+        "leaving them undefined, when a row holds a NaN or an infinite maximum.");
 }
 
 }  // namespace umt5_fast

@@ -71,10 +71,12 @@ struct Vec<CpuIsa::avx2> {
   }
 
   // Cephes expf: exp(x) = 2^n * exp(r), |r| <= ln2 / 2, degree-5 polynomial (about 1 ulp).
-  // Overflows to +inf above 88.72; returns 0 below -87.34 (where expf is subnormal).
+  // Overflows to +inf above 88.72; returns 0 below -87 (e^-87 = 1.6e-38): nearer the subnormal
+  // range (from e^-87.34) the product by 2^n would round to subnormals, which x86 cores compute
+  // through microcode assists (a clamp at -87.34 made every masked or far-below-max score one).
   static type exp(type x) {
     // x second: max/min return their second operand when one is NaN, so NaN stays NaN.
-    const type clamped = _mm256_min_ps(set1(88.3762626f), _mm256_max_ps(set1(-87.3365447f), x));
+    const type clamped = _mm256_min_ps(set1(88.3762626f), _mm256_max_ps(set1(-87.0f), x));
     const type n = _mm256_round_ps(_mm256_mul_ps(clamped, set1(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     type r = _mm256_fnmadd_ps(n, set1(0.693359375f), clamped);
@@ -88,7 +90,7 @@ struct Vec<CpuIsa::avx2> {
     p = add(fma(p, mul(r, r), r), set1(1.0f));
     const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
     type y = mul(p, _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23)));
-    y = _mm256_blendv_ps(y, zero(), _mm256_cmp_ps(x, set1(-87.3365447f), _CMP_LT_OQ));
+    y = _mm256_blendv_ps(y, zero(), _mm256_cmp_ps(x, set1(-87.0f), _CMP_LT_OQ));
     return _mm256_blendv_ps(y, set1(__builtin_inff()),
                             _mm256_cmp_ps(x, set1(88.7228394f), _CMP_GT_OQ));
   }

@@ -73,7 +73,7 @@ struct Vec<CpuIsa::avx512> {
   // Cephes expf (see Vec<avx2>::exp).
   static type exp(type x) {
     // x second: max/min return their second operand when one is NaN, so NaN stays NaN.
-    const type clamped = _mm512_min_ps(set1(88.3762626f), _mm512_max_ps(set1(-87.3365447f), x));
+    const type clamped = _mm512_min_ps(set1(88.3762626f), _mm512_max_ps(set1(-87.0f), x));
     const type n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, set1(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     type r = _mm512_fnmadd_ps(n, set1(0.693359375f), clamped);
@@ -87,7 +87,7 @@ struct Vec<CpuIsa::avx512> {
     p = add(fma(p, mul(r, r), r), set1(1.0f));
     const __m512i biased = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
     type y = mul(p, _mm512_castsi512_ps(_mm512_slli_epi32(biased, 23)));
-    y = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, set1(-87.3365447f), _CMP_LT_OQ), y, zero());
+    y = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, set1(-87.0f), _CMP_LT_OQ), y, zero());
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, set1(88.7228394f), _CMP_GT_OQ), y,
                                 set1(__builtin_inff()));
   }

@@ -965,6 +965,45 @@ def test_top_k_equals_torch_topk(rows, cols, k, generator):
         assert int(nan_indices[-1, 0]) == cols // 2
 
 
+@pytest.mark.parametrize("rows,cols,k", [(1, 3, 1), (3, 7, 4), (5, 1000, 9), (64, 30011, 9)])
+@pytest.mark.parametrize("spread", [1.0, 40.0])  # 40: most of exp(x - max) under e^-87
+def test_log_softmax_top_k_is_log_softmax_then_ban_then_top_k(rows, cols, k, spread, generator):
+    """Values within rounding of torch's log_softmax (its normaliser summed in other lanes: ulps of
+    it), the same ids where the values are apart; banned ids still count in the normaliser and are
+    never picked, even when they hold the maximum."""
+    logits = torch.randn(rows, cols, generator=generator) * spread
+    logits[0, ::3] = -math.inf
+    banned = [0, cols - 1] if cols > k + 2 else []
+    if banned and rows > 1:
+        logits[1, cols - 1] = logits[1].max() + 5.0  # a banned id holds the maximum
+    log_probs = torch.log_softmax(logits.double(), dim=-1)
+    log_probs[:, banned] = -math.inf
+    expected_values, expected_indices = torch.topk(log_probs, k)
+    values, indices = cpu.log_softmax_top_k(logits, k, banned)
+    torch.testing.assert_close(values.double(), expected_values, rtol=1e-6, atol=4e-6)
+    apart = (expected_values[:, :-1] - expected_values[:, 1:]).abs() > 1e-4
+    assert torch.equal(indices[:, :-1][apart], expected_indices[:, :-1][apart])
+    assert not any(i in banned for i in indices.flatten().tolist())
+    strided = torch.randn(rows, cols + 2, generator=generator)[:, 1:1 + cols]
+    torch.testing.assert_close(cpu.log_softmax_top_k(strided, k)[0],
+                               torch.topk(torch.log_softmax(strided, -1), k).values, rtol=1e-6, atol=4e-6)
+
+
+def test_log_softmax_top_k_leaves_nan_and_infinite_maxima_to_torch(generator):
+    logits = torch.randn(3, 50, generator=generator)
+    logits[1, 7] = math.nan
+    logits[2, 9] = math.inf
+    values, indices = cpu.log_softmax_top_k(logits, 4, [3])
+    expected = torch.log_softmax(logits, dim=-1)
+    expected[:, 3] = -math.inf
+    expected_values, expected_indices = torch.topk(expected, 4)  # (NaN rows: torch's choice)
+    torch.testing.assert_close(values, expected_values, equal_nan=True, rtol=0, atol=0)
+    assert torch.equal(indices, expected_indices)
+    with pytest.raises(ValueError, match="logits must have 2 dimensions"):
+        cpu.log_softmax_top_k(logits[0], 4)
+    assert cpu.log_softmax_top_k(logits.double(), 2)[0].dtype == torch.float64  # eager's
+
+
 def flush_to_zero_is_on() -> bool:
     """The calling thread's flush-to-zero mode, read by setting it back to what it was."""
     was_on = _C.set_flush_to_zero(on=False, num_threads=1)

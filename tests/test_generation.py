@@ -561,6 +561,42 @@ def test_top_candidates_equal_torch_topk_over_all_beams(seed, backend):
     assert generation.top_candidates(scores[:, :12], 8, 4, ops)[1].shape == (3, 8)  # k + 1 > vocab: torch.topk
 
 
+@pytest.mark.parametrize("backend", ["eager", "cpu"])
+@pytest.mark.parametrize("kwargs", [dict(num_beams=4),
+                                    dict(num_beams=3, min_new_tokens=7, num_return_sequences=2),
+                                    dict(num_beams=2, min_length=6, length_penalty=0.5, early_stopping=True)])
+def test_beam_steps_that_ban_at_most_eos_select_from_the_logits(checkpoint_factory, monkeypatch, backend, kwargs):
+    """Steps whose processors ban nothing but eos (min_length) take each beam's best straight from
+    its logits (ops.log_softmax_top_k: no log-probabilities written): the ids of transformers and of
+    the full path (log_softmax, processors, top k over every score), with eos banned for a while."""
+    if backend == "cpu":
+        pytest.importorskip("umt5_fast.ops.cpu")
+    path, hf = checkpoint_factory("UMT5ForConditionalGeneration", **CONFIGS["odd"])
+    ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend=backend)
+    ids, mask = random_batch(ours.config.vocab_size, 3, 30, seed=11)
+    eos = frequent_token(ours, ids, mask)
+    kwargs = dict(kwargs, max_new_tokens=12, eos_token_id=[eos, 1])
+    ops = ours.runtime.ops
+    calls = []
+    fused = ops.log_softmax_top_k
+
+    def counted(logits, k, banned=()):
+        calls.append(tuple(banned))
+        return fused(logits, k, banned)
+    monkeypatch.setattr(ops, "log_softmax_top_k", counted)
+    got = ours.generate(ids, attention_mask=mask, **kwargs)
+    assert calls and (any(calls) == ("min_new_tokens" in kwargs or "min_length" in kwargs))
+    assert torch.equal(got, reference(hf, ids, mask, **kwargs))
+    init = processors.Processors.__init__
+
+    def full_path(self, *args, **kw):
+        init(self, *args, **kw)
+        self.bans_eos_only = False
+    monkeypatch.setattr(processors.Processors, "__init__", full_path)
+    calls.clear()
+    assert torch.equal(ours.generate(ids, attention_mask=mask, **kwargs), got) and not calls
+
+
 def test_output_flags_in_config_json_ask_for_the_output_dict(checkpoint_factory, tmp_path):
     """transformers' GenerationConfig.from_model_config: an output flag of config.json (or the
     config's output_attentions / output_hidden_states) sets return_dict_in_generate."""

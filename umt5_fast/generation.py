@@ -459,7 +459,7 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
     tokens = sequences[:, :prompt_length]
     # Greedy steps whose only processor forbids eos need the argmax alone: the LM head screen finds
     # it without computing every logit (None: not for this model).
-    screen = (lm_head_screen.screen_for(model) if processors.picks_raw_argmax and record is None
+    screen = (lm_head_screen.screen_for(model) if processors.bans_eos_only and record is None
               and isinstance(decoder, Decoder) else None)
     undecided_steps = 0
     with torch.no_grad(), contextlib.closing(decoder):
@@ -513,24 +513,33 @@ def widened(buffer: torch.Tensor, width: int, fill) -> torch.Tensor:
     return grown
 
 
+def best_of_beams(values: torch.Tensor, indices: torch.Tensor, k: int, batch: int, vocab: int):
+    """``torch.topk(scores, k)`` of ``[batch, num_beams * vocab]`` scores from each beam's best
+    ``k + 1`` (``values`` / ``indices`` ``[batch * num_beams, k + 1]``, indices within the beam's
+    vocabulary), or None unless the k best are distinct and the k-th beats the (k + 1)-th: the
+    answer is then unique (whichever of equal values each beam's list kept at its end), while
+    otherwise (tied scores, e.g. tokens banned to -inf) only torch.topk over all the scores gives
+    its own choice among the ties."""
+    merged, picked = values.view(batch, -1).topk(k + 1, dim=-1)
+    if not bool((merged[:, :-1] > merged[:, 1:]).all()):
+        return None
+    per_beam = values.shape[1]
+    merged_indices = (picked // per_beam) * vocab + indices.view(batch, -1).gather(1, picked)
+    return merged[:, :k], merged_indices[:, :k]
+
+
 def top_candidates(log_probs: torch.Tensor, k: int, num_beams: int, ops):
     """``torch.topk(log_probs, k)`` of ``[batch, num_beams * vocab]`` scores, exactly, through each
-    beam's own k + 1 best first (``ops.top_k``): torch.topk gives a whole row to one thread and runs
-    slower on one long row than on several short ones (7.3 against 1.9 ms for 4 beams of umt5's
-    vocabulary on 2 cores). Both give the same answer whenever the k best are distinct and the k-th
-    beats the (k + 1)-th, for the answer is then unique (whichever of equal values each beam's top
-    k + 1 kept at its end); otherwise (tied scores, e.g. tokens banned to -inf) torch.topk's own
-    choice among the ties is kept by running it."""
+    beam's own k + 1 best first (``ops.top_k``, then ``best_of_beams``; torch.topk where that does
+    not decide): torch.topk gives a whole row to one thread and runs slower on one long row than on
+    several short ones (7.3 against 1.9 ms for 4 beams of umt5's vocabulary on 2 cores)."""
     batch, width = log_probs.shape
     vocab = width // num_beams
     if num_beams == 1 or k + 1 > vocab:
         return torch.topk(log_probs, k)
     per_beam_values, per_beam_indices = ops.top_k(log_probs.view(batch * num_beams, vocab), k + 1)
-    values, picked = per_beam_values.view(batch, -1).topk(k + 1, dim=-1)
-    if not bool((values[:, :-1] > values[:, 1:]).all()):
-        return torch.topk(log_probs, k)
-    indices = (picked // (k + 1)) * vocab + per_beam_indices.view(batch, -1).gather(1, picked)
-    return values[:, :k], indices[:, :k]
+    best = best_of_beams(per_beam_values, per_beam_indices, k, batch, vocab)
+    return torch.topk(log_probs, k) if best is None else best
 
 
 def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options, processors: Processors,
@@ -569,6 +578,10 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
     records_outputs = record is not None and record.wants_decoder_outputs
     # neither the output record nor the caller's processors keep a step's logits or scores
     step_scores_kept_by_nobody = record is None and not processors.custom
+    # ... nor is anything but eos banned: each beam's best come from its logits in one pass
+    # (ops.log_softmax_top_k), with no [rows, vocab] log-probabilities written and read back
+    selects_from_logits = (step_scores_kept_by_nobody and processors.bans_eos_only
+                           and beams_to_keep + 1 + len(eos) <= vocab)
     decoder = make_decoder(model, encoder_states, encoder_mask, num_beams, max_length,
                            use_cuda_graph and not records_outputs)
     batch_offset = torch.arange(batch, device=device)[:, None] * num_beams
@@ -599,23 +612,32 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
                 record.add_decoder_outputs(step_output)
             else:
                 logits = decoder.step(tokens, reuse_memory=step_scores_kept_by_nobody)
-            if step_scores_kept_by_nobody:  # reuse a buffer
-                if scratch is None or scratch.shape != logits.shape:
-                    scratch = torch.empty_like(logits)
-                log_probs = processors(flat, model.runtime.ops.log_softmax(logits, out=scratch), every_row)
-            else:  # (the caller's processors may keep the scores they are given)
-                log_probs = processors(flat, model.runtime.ops.log_softmax(logits), every_row)
-                if record is not None:
-                    record.add(log_probs, logits)
-            if log_probs is scratch:
-                log_probs = log_probs.view(batch, num_beams, vocab).add_(running_scores[:, :, None]).view(batch, -1)
+            best = None
+            if selects_from_logits:
+                banned = o["eos_token_id"] if eos_forbidden(o, length) else ()
+                values, indices = model.runtime.ops.log_softmax_top_k(logits, beams_to_keep + 1, banned)
+                best = best_of_beams(values + running_scores.view(-1, 1), indices, beams_to_keep, batch, vocab)
+            if best is not None:
+                top_log_probs, top_indices = best
             else:
-                log_probs = (log_probs.view(batch, num_beams, vocab) + running_scores[:, :, None]).view(batch, -1)
-            if o["do_sample"]:
-                top_indices = torch.multinomial(log_probs.softmax(-1), beams_to_keep, generator=generator)
-                top_log_probs = torch.gather(log_probs, 1, top_indices)
-            else:
-                top_log_probs, top_indices = top_candidates(log_probs, beams_to_keep, num_beams, model.runtime.ops)
+                if step_scores_kept_by_nobody:  # reuse a buffer
+                    if scratch is None or scratch.shape != logits.shape:
+                        scratch = torch.empty_like(logits)
+                    log_probs = processors(flat, model.runtime.ops.log_softmax(logits, out=scratch), every_row)
+                else:  # (the caller's processors may keep the scores they are given)
+                    log_probs = processors(flat, model.runtime.ops.log_softmax(logits), every_row)
+                    if record is not None:
+                        record.add(log_probs, logits)
+                if log_probs is scratch:
+                    log_probs = log_probs.view(batch, num_beams, vocab).add_(running_scores[:, :, None]).view(batch, -1)
+                else:
+                    log_probs = (log_probs.view(batch, num_beams, vocab) + running_scores[:, :, None]).view(batch, -1)
+                if o["do_sample"]:
+                    top_indices = torch.multinomial(log_probs.softmax(-1), beams_to_keep, generator=generator)
+                    top_log_probs = torch.gather(log_probs, 1, top_indices)
+                else:
+                    top_log_probs, top_indices = top_candidates(log_probs, beams_to_keep, num_beams,
+                                                                model.runtime.ops)
             source_beam = top_indices // vocab
             top_sequences = gather(running, source_beam)
             top_sequences[:, :, length] = top_indices % vocab

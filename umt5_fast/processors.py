@@ -337,10 +337,12 @@ class Processors:
                 step = self.custom_step(replacement)
             self.steps.append(step)
         self.steps += [self.custom_step(p) for p in custom]
-        # whether a greedy step's pick is the argmax of its raw logits, but for min_length's ban of eos
-        # (the LM head screen finds that without computing every logit)
-        self.picks_raw_argmax = (all(step == self.min_length_step for step in self.steps) and not o["do_sample"]
-                                 and not o["renormalize_logits"])
+        # whether the processed scores are the raw ones (a greedy step's logits, a beam step's log-softmax)
+        # but for min_length's ban of eos: a greedy pick is then the raw argmax outside eos (which the
+        # LM head screen finds without computing every logit), a beam step's best the log-softmax's
+        # best outside eos (ops.log_softmax_top_k, which writes no log-probabilities)
+        self.bans_eos_only = (all(step == self.min_length_step for step in self.steps) and not o["do_sample"]
+                              and not o["renormalize_logits"])
 
     def bias_tables(self, biases: Optional[dict]):
         """(length-1 biases as a [vocab] tensor, [(prefix, last token, bias)] of longer sequences)."""

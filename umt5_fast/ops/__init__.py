@@ -43,6 +43,13 @@ Contract (shapes; every tensor on one device; inputs were validated at the API b
 ``log_softmax(scores, out=None) -> log_probs``
     ``torch.log_softmax(scores, dim=-1, out=out)``, bit for bit (beam search's scores).
 
+``log_softmax_top_k(logits, k, banned=()) -> (values, indices)``
+    Beam search's step without its ``[rows, vocab]`` log-probabilities: the ``k`` best of
+    ``log_softmax(logits)`` for each row of fp32 ``logits``, leaving out the ``banned`` ids (set to
+    -inf after the log-softmax, as transformers' processors ban tokens: they still count in the
+    normaliser), best first; ``k + len(banned) <= vocab``. Each value within rounding of
+    ``log_softmax``'s (its normaliser may be summed in another order: an ulp or two of it).
+
 ``top_k(scores, k) -> (values, indices)``
     The ``k`` largest of each row of ``[rows, n]`` scores, largest first, as ``torch.topk(scores,
     k)``; among equal values the choice of index may differ from torch's (it does not specify one

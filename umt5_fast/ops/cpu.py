@@ -329,6 +329,25 @@ def top_k(scores, k):
     return values, indices
 
 
+def log_softmax_top_k(logits, k, banned=()):
+    """One C++ pass per row for the best k + len(banned) logits (csrc/top_k.cpp), one more for the
+    normaliser's sum of exp (vector lanes: it may differ from torch's sum in its last bits); no
+    [rows, vocab] output. Other logits, a row holding a NaN or an infinite maximum: eager's."""
+    _check_tensor("logits", logits, dim=2)
+    rows, cols = logits.shape
+    banned = sorted({int(i) for i in banned})
+    if (logits.dtype != torch.float32 or logits.stride(1) != 1
+            or not 0 < k <= cols - len(banned) or rows == 0):
+        return eager.log_softmax_top_k(logits, k, banned)
+    values = torch.empty(rows, k)
+    indices = torch.empty(rows, k, dtype=torch.long)
+    if not _C.log_softmax_top_k_rows(x=logits.data_ptr(), rows=rows, cols=cols, row_stride=logits.stride(0), k=k,
+                                     banned=banned, values=values.data_ptr(), indices=indices.data_ptr(),
+                                     num_threads=_threads()):
+        return eager.log_softmax_top_k(logits, k, banned)
+    return values, indices
+
+
 # ----------------------------------------------------------------------------------------------
 # Linear layers
 

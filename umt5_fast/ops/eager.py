@@ -90,6 +90,13 @@ def top_k(scores, k):
     return torch.topk(scores, k, dim=-1)
 
 
+def log_softmax_top_k(logits, k, banned=()):
+    log_probs = log_softmax(logits)
+    if len(banned):
+        log_probs[:, list(banned)] = -math.inf
+    return top_k(log_probs, k)
+
+
 def gated_ffn_in(x, w_gate, w_up, activation, linear=linear):
     """``act(x @ w_gate.T) * (x @ w_up.T)``; ``linear``: another backend's linear, for a backend that
     keeps this op's activation math but runs the projections itself."""

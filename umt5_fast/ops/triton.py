@@ -44,6 +44,7 @@ def _kernels_run(*tensors) -> bool:
 argmax = eager.argmax  # one read of the logits: torch's reduction is as good as a kernel on a GPU
 log_softmax = eager.log_softmax  # likewise
 top_k = eager.top_k
+log_softmax_top_k = eager.log_softmax_top_k
 
 
 def rms_norm(x, weight, eps):

@@ -597,6 +597,27 @@ def test_beam_steps_that_ban_at_most_eos_select_from_the_logits(checkpoint_facto
     assert torch.equal(ours.generate(ids, attention_mask=mask, **kwargs), got) and not calls
 
 
+@pytest.mark.parametrize("backend", ["eager", "cpu"])
+def test_rows_of_one_source_share_its_cross_attention_projections(checkpoint_factory, backend):
+    """Beams (and returned sequences) of a source hold the cross-attention K/V projected once from
+    its encoder output: those of each row's own copy of that output, without projecting it per row."""
+    if backend == "cpu":
+        pytest.importorskip("umt5_fast.ops.cpu")
+    path, _ = checkpoint_factory("UMT5ForConditionalGeneration", **CONFIGS["tied-shallow-decoder"])
+    ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend=backend)
+    ids, mask = random_batch(ours.config.vocab_size, 3, 11, seed=5)
+    states = ours.get_encoder()(ids, attention_mask=mask).last_hidden_state
+    decoder = generation.make_decoder(ours, states, mask, 4, 20)
+    rows = states.repeat_interleave(4, dim=0)
+    assert torch.equal(decoder.encoder_states, rows) and torch.equal(decoder.encoder_mask, mask.repeat_interleave(4, 0))
+    for layer, block in enumerate(ours.decoder.block):
+        attention = block.layer[1].EncDecAttention
+        for cached, projection in zip(decoder.cache.cross_kv[layer], (attention.k, attention.v)):
+            assert cached.is_contiguous() and cached.shape == (12, attention.num_heads, 11, attention.d_kv)
+            torch.testing.assert_close(cached, attention.heads(projection(rows)), rtol=1e-6, atol=1e-6)
+            assert torch.equal(cached, cached[::4].repeat_interleave(4, dim=0))  # one projection per source
+
+
 def test_output_flags_in_config_json_ask_for_the_output_dict(checkpoint_factory, tmp_path):
     """transformers' GenerationConfig.from_model_config: an output flag of config.json (or the
     config's output_attentions / output_hidden_states) sets return_dict_in_generate."""

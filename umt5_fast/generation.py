@@ -325,6 +325,17 @@ class Decoder:
         self.cache.length += tokens.shape[1]
         return self.model.logits(out.last_hidden_state[:, -1]).float(), out
 
+    def share_cross_attention(self, source_states: torch.Tensor, rows_per_source: int):
+        """Fill the cache's cross-attention K/V from ``source_states`` (one row per source): each
+        source's projections computed once and copied to its ``rows_per_source`` rows (beams,
+        returned sequences), which would otherwise project the same encoder output each."""
+        with torch.no_grad():
+            for layer, block in enumerate(self.model.decoder.block):
+                attention = block.layer[1].EncDecAttention
+                self.cache.cross_kv[layer] = tuple(
+                    attention.heads(projection(source_states)).contiguous().repeat_interleave(rows_per_source, dim=0)
+                    for projection in (attention.k, attention.v))
+
     def reorder(self, index: torch.Tensor):
         self.cache.reorder(index)
 
@@ -342,11 +353,15 @@ def make_decoder(model, encoder_states, encoder_mask, rows_per_source: int, max_
                  use_cuda_graph: bool = False):
     """A ``Decoder`` for ``rows_per_source`` rows per source (beams, returned sequences), or with
     ``use_cuda_graph`` one whose single-token steps replay a CUDA graph."""
+    source_states = encoder_states
     if rows_per_source > 1:
         encoder_states = encoder_states.repeat_interleave(rows_per_source, dim=0)
         encoder_mask = None if encoder_mask is None else encoder_mask.repeat_interleave(rows_per_source, dim=0)
     if not use_cuda_graph:  # opt-in until the captured path has passed tests/test_cuda.py on a GPU
-        return Decoder(model, encoder_states, encoder_mask, max_length)
+        decoder = Decoder(model, encoder_states, encoder_mask, max_length)
+        if rows_per_source > 1:
+            decoder.share_cross_attention(source_states, rows_per_source)
+        return decoder
     if not encoder_states.is_cuda:
         raise ValueError("use_cuda_graph=True needs the model on a CUDA device")
     cfg = model.config  # replayed steps get their position as a tensor: check the longest one now

@@ -131,6 +131,67 @@ def test_sampling_is_reproducible_and_follows_transformers(checkpoint_factory):
     assert torch.equal(ours.generate(ids, attention_mask=mask, **kwargs), expected)
 
 
+def test_multinomial_draw_is_torch_multinomial():
+    """The same ids as torch.multinomial(probs, 1) from the same generator state, which it leaves
+    where torch does: filtered and full distributions, ties, a single token, underflowing ratios
+    (torch's draw), the default generator, and torch's errors for invalid probabilities."""
+    g = torch.Generator().manual_seed(0)
+
+    def same(probs, seed, default=False):
+        if default:
+            torch.manual_seed(seed)
+            expected, after = torch.multinomial(probs, 1), torch.get_rng_state()
+            torch.manual_seed(seed)
+            assert torch.equal(generation.multinomial_draw(probs), expected)
+            assert torch.equal(torch.get_rng_state(), after)
+            return
+        ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        assert torch.equal(generation.multinomial_draw(probs, ours), torch.multinomial(probs, 1, generator=theirs))
+        assert torch.equal(ours.get_state(), theirs.get_state())
+
+    for seed in range(12):
+        scores = torch.randn(5, 3001, generator=g) * 3
+        kept = scores.topk(1 + seed).values[:, -1:]
+        same(scores.masked_fill(scores < kept, -math.inf).softmax(-1), seed, default=seed % 3 == 0)
+        same(scores.softmax(-1), seed)  # every entry possible (torch draws)
+        single = torch.zeros(3, 100)
+        single[:, seed] = 1.0
+        same(single, seed)
+        ties = torch.zeros(2, 640)
+        ties[:, ::80] = 0.125
+        same(ties, seed)
+        tiny = torch.zeros(2, 500)
+        tiny[:, 7] = 1e-45  # its ratio underflows to 0 against most draws: torch's argmax over zeros
+        tiny[1, 3] = 1.0
+        same(tiny, seed)
+    for bad in (torch.tensor([[0.5, math.nan]]), torch.tensor([[0.5, -0.1]]), torch.zeros(1, 40)):
+        with pytest.raises(RuntimeError) as ours:
+            generation.multinomial_draw(bad, torch.Generator().manual_seed(0))
+        with pytest.raises(RuntimeError) as theirs:
+            torch.multinomial(bad, 1, generator=torch.Generator().manual_seed(0))
+        assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpu"])
+def test_sampled_steps_with_few_candidates_draw_what_transformers_draws(checkpoint_factory, monkeypatch, backend):
+    """top_k / top_p leaving a few tokens: multinomial_draw picks them without torch.multinomial,
+    and the ids are transformers' from the same global seed."""
+    if backend == "cpu":
+        pytest.importorskip("umt5_fast.ops.cpu")
+    path, hf = checkpoint_factory("UMT5ForConditionalGeneration", **CONFIGS["tied-shallow-decoder"])
+    ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend=backend)
+    ids, mask = random_batch(ours.config.vocab_size, 3, 17, seed=4)
+    for kwargs in (dict(top_k=4), dict(top_k=3, top_p=0.6, temperature=0.7, num_return_sequences=2)):
+        kwargs = dict(kwargs, do_sample=True, max_new_tokens=10)
+        torch.manual_seed(21)
+        expected = reference(hf, ids, mask, **kwargs)
+        draws = []
+        monkeypatch.setattr(torch, "multinomial", lambda *a, **k: draws.append(1) or pytest.fail("torch drew"))
+        torch.manual_seed(21)
+        assert torch.equal(ours.generate(ids, attention_mask=mask, **kwargs), expected)
+        monkeypatch.undo()
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_logits_processors_match_transformers(seed):
     from transformers.generation import logits_process as lp

@@ -500,7 +500,7 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
                 if record is not None:
                     record.add(scores, raw)
                 if options["do_sample"]:
-                    picked = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+                    picked = multinomial_draw(scores.softmax(-1), generator).squeeze(1)
                 else:
                     picked = model.runtime.ops.argmax(scores)
             next_tokens = torch.full((rows,), pad, dtype=torch.long, device=prompt.device)
@@ -526,6 +526,41 @@ def widened(buffer: torch.Tensor, width: int, fill) -> torch.Tensor:
     grown = buffer.new_full(buffer.shape[:-1] + (width,), fill)
     grown[..., :buffer.shape[-1]] = buffer
     return grown
+
+
+# torch.multinomial(probs, 1) on the CPU draws q ~ Exp(1) for every entry and picks argmax(probs / q);
+# each q is -log1p(-x) (in double, then fp32) of x = the low 53 bits of one 64-bit draw / 2^53.
+_UNIFORM_BITS = (1 << 53) - 1
+
+
+def multinomial_draw(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``torch.multinomial(probs, 1, generator=generator)`` of ``[rows, n]`` fp32 CPU probabilities:
+    the same ids, leaving the generator in the same state. torch fills a ``[rows, n]`` tensor of
+    exponential draws one entry at a time (a log1p in double each: 100 ms for 16 x 256384 entries,
+    most of a sampled step); here the same 64-bit draws come from ``random_`` (3x faster) and only
+    the entries of nonzero probability take the log, when top-k / top-p leave few (else torch draws).
+    Where torch's rule matters beyond that (a draw of exactly 0, ratios that underflow, invalid
+    probabilities), the generator is rewound and torch draws."""
+    if probs.device.type != "cpu" or probs.dtype != torch.float32 or probs.dim() != 2 or not probs.is_contiguous():
+        return torch.multinomial(probs, 1, generator=generator)
+    low, high = torch.aminmax(probs)
+    if not (bool(high < math.inf) and bool(low >= 0) and bool((probs.sum(1) > 0).all())):
+        return torch.multinomial(probs, 1, generator=generator)  # (its errors, before any draw)
+    if int(torch.count_nonzero(probs)) > probs.numel() // 16:  # (most entries take the log: torch's loop is as fast)
+        return torch.multinomial(probs, 1, generator=generator)
+    rows, cols = probs.nonzero(as_tuple=True)
+    source = torch.default_generator if generator is None else generator
+    state = source.get_state()
+    bits = torch.empty(probs.shape, dtype=torch.long).random_(generator=source).bitwise_and_(_UNIFORM_BITS)
+    x = bits[rows, cols].double() * 2.0 ** -53
+    ratio = probs[rows, cols] / (-1.0 * torch.log1p(-x)).float()
+    best = torch.zeros(probs.shape[0]).scatter_reduce_(0, rows, ratio, "amax", include_self=True)
+    if not bool((best > 0).all() & torch.isfinite(best).all()) or bool((bits == 0).any()):
+        source.set_state(state)
+        return torch.multinomial(probs, 1, generator=generator)
+    first = ratio == best[rows]  # torch.argmax: the first of equal maxima
+    picked = torch.full((probs.shape[0],), probs.shape[1], dtype=torch.long)
+    return picked.scatter_reduce_(0, rows[first], cols[first], "amin", include_self=True)[:, None]
 
 
 def best_of_beams(values: torch.Tensor, indices: torch.Tensor, k: int, batch: int, vocab: int):

@@ -456,3 +456,38 @@ def test_beam_search_gives_callers_processors_scores_they_may_keep(models):
     assert len(keep_ours.seen) == len(keep_theirs.seen)
     for a, b in zip(keep_ours.seen, keep_theirs.seen):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+
+@pytest.mark.parametrize("vocab", [1000, 3001, 32128, 256384])
+def test_top_p_over_the_last_window_of_the_sort_equals_the_full_sort(vocab, monkeypatch):
+    """After top-k, top-p sorts only the window of the row that holds its finite scores: the same
+    cumulative probabilities, bit for bit, as the whole sort's over that window (softmax sums each
+    value in the same vector lane), and the same filtered scores; with tied finite scores, NaN or
+    +inf it sorts the whole row."""
+    from umt5_fast import processors
+    g = torch.Generator().manual_seed(vocab)
+    cases = []
+    for k, top_p, keep, scale in [(5, 0.9, 1, 1.0), (50, 0.5, 1, 4.0), (125, 0.99, 3, 0.3), (1, 0.1, 1, 1.0)]:
+        scores = processors.top_k_filter(torch.randn(3, vocab, generator=g) * scale, k)
+        scores[2, : vocab // 2] = -math.inf
+        cases.append((scores, top_p, keep))
+    whole_sort = []
+    for scores, top_p, keep in cases:
+        cumulative, indices = processors.ascending_cumulative_probabilities(scores, keep)
+        width = cumulative.shape[1]
+        assert width < vocab // 4  # the window, not the row
+        full_cumulative, full_indices = torch.sort(scores)[0].softmax(-1).cumsum(-1), torch.sort(scores)[1]
+        assert torch.equal(cumulative.view(torch.int32), full_cumulative[:, -width:].view(torch.int32))
+        finite = torch.isfinite(scores.gather(1, indices))
+        assert torch.equal(indices[finite], full_indices[:, -width:][finite])
+        whole_sort.append(processors.top_p_filter(scores.clone(), top_p, keep))
+    tied = processors.top_k_filter(torch.randn(2, vocab, generator=g).round(decimals=1), 40)
+    odd = processors.top_k_filter(torch.randn(2, vocab, generator=g), 30)
+    odd[0, 5], odd[1, 9] = math.nan, math.inf
+    for scores in (tied, odd):
+        assert processors.ascending_cumulative_probabilities(scores)[0].shape[1] == vocab
+    monkeypatch.setattr(processors, "_SOFTMAX_LANE_ALIGNMENT", vocab)  # every window: the whole row
+    for (scores, top_p, keep), got in zip(cases, whole_sort):
+        expected = processors.top_p_filter(scores.clone(), top_p, keep)
+        assert torch.equal(got.view(torch.int32), expected.view(torch.int32))

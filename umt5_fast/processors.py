@@ -93,12 +93,38 @@ def top_k_filter(scores, top_k: int, min_tokens_to_keep: int = 1):
     return scores.masked_fill(scores < torch.topk(scores, top_k)[0][..., -1, None], -math.inf)
 
 
+# Windows of a sorted row start at multiples of this: softmax then sums every value in the vector
+# lane it takes in the whole row (lanes of 8 or 16 values; -inf entries add exact zeros).
+_SOFTMAX_LANE_ALIGNMENT = 256
+
+
 def top_p_filter(scores, top_p: float, min_tokens_to_keep: int = 1):
-    sorted_logits, sorted_indices = torch.sort(scores, descending=False)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    """transformers' TopPLogitsWarper: -inf for the entries of each row whose ascending cumulative
+    softmax stays within 1 - top_p (but the last ``min_tokens_to_keep``)."""
+    cumulative, sorted_indices = ascending_cumulative_probabilities(scores, min_tokens_to_keep)
     remove = cumulative <= (1 - top_p)
     remove[..., -min_tokens_to_keep:] = 0
-    return scores.masked_fill(remove.scatter(1, sorted_indices, remove), -math.inf)
+    dropped = torch.zeros_like(scores, dtype=torch.bool).scatter(1, sorted_indices, remove)
+    return scores.masked_fill(dropped, -math.inf)
+
+
+def ascending_cumulative_probabilities(scores, min_length: int = 1):
+    """``(softmax(sorted).cumsum(-1), indices)`` of each row sorted ascending, as transformers forms
+    them for top-p; at least the last ``min_length`` positions. When few scores are finite (after
+    top-k: 50 of umt5's 256384), the sort's last window that holds them all is formed alone
+    (torch.topk; 20 against 75 ms for 16 rows): its sums are the whole sort's from the window on (the
+    zeros before it add nothing), when its finite scores are distinct (else their order is the full
+    sort's to choose, which then runs)."""
+    vocab = scores.shape[1]
+    finite = torch.isfinite(scores).sum(1)
+    start = (vocab - int(finite.max())) // _SOFTMAX_LANE_ALIGNMENT * _SOFTMAX_LANE_ALIGNMENT
+    # (NaN or +inf: only the full sort knows their place)
+    if min_length <= vocab - start < vocab // 4 and bool((finite + (scores == -math.inf).sum(1) == vocab).all()):
+        values, indices = (t.flip(1) for t in torch.topk(scores, vocab - start, dim=1))
+        if not bool((torch.isfinite(values[:, 1:]) & (values[:, 1:] == values[:, :-1])).any()):
+            return values.softmax(dim=-1).cumsum(dim=-1), indices
+    values, indices = torch.sort(scores, descending=False)
+    return values.softmax(dim=-1).cumsum(dim=-1), indices
 
 
 def min_p_filter(scores, min_p: float, min_tokens_to_keep: int = 1):

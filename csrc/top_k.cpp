@@ -70,6 +70,19 @@ bool log_softmax_top_k_row(const float* x, int64_t cols, int64_t k, const std::v
   return true;
 }
 
+// Runs row_ok(r) for every row on the OpenMP team, without the GIL; whether it held for all.
+template <class RowOk>
+bool every_row(int64_t rows, int num_threads, const RowOk& row_ok) {
+  std::vector<char> ok(rows, 1);
+  {
+    py::gil_scoped_release no_gil;
+    parallel_for_ranges(rows, 1, num_threads, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) ok[r] = row_ok(r);
+    });
+  }
+  return std::all_of(ok.begin(), ok.end(), [](char c) { return c != 0; });
+}
+
 }  // namespace
 
 void register_top_k(py::module_& m) {
@@ -80,16 +93,9 @@ void register_top_k(py::module_& m) {
           const auto* scores = reinterpret_cast<const float*>(x);
           auto* top_values = reinterpret_cast<float*>(values);
           auto* top_indices = reinterpret_cast<int64_t*>(indices);
-          std::vector<char> without_nan(rows, 1);
-          {
-            py::gil_scoped_release no_gil;
-            parallel_for_ranges(rows, 1, num_threads, [&](int64_t begin, int64_t end) {
-              for (int64_t r = begin; r < end; ++r)
-                without_nan[r] =
-                    top_k_row(scores + r * row_stride, cols, k, top_values + r * k, top_indices + r * k);
-            });
-          }
-          return std::all_of(without_nan.begin(), without_nan.end(), [](char c) { return c != 0; });
+          return every_row(rows, num_threads, [&](int64_t r) {
+            return top_k_row(scores + r * row_stride, cols, k, top_values + r * k, top_indices + r * k);
+          });
         },
         py::kw_only(), py::arg("x"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"), py::arg("k"),
         py::arg("values"), py::arg("indices"), py::arg("num_threads"),
@@ -100,30 +106,26 @@ void register_top_k(py::module_& m) {
            uintptr_t values, uintptr_t indices, int num_threads) {
           std::sort(banned.begin(), banned.end());
           banned.erase(std::unique(banned.begin(), banned.end()), banned.end());
-          if (k < 1 || k + static_cast<int64_t>(banned.size()) > cols)
+          const int64_t kept = k + static_cast<int64_t>(banned.size());
+          if (k < 1 || kept > cols)
             throw py::value_error("log_softmax_top_k_rows needs 1 <= k and k + len(banned) <= cols");
           const auto* scores = reinterpret_cast<const float*>(x);
           auto* top_values = reinterpret_cast<float*>(values);
           auto* top_indices = reinterpret_cast<int64_t*>(indices);
-          std::vector<char> usable(rows, 1);
-          {
-            py::gil_scoped_release no_gil;
-            parallel_for_ranges(rows, 1, num_threads, [&](int64_t begin, int64_t end) {
-              const int64_t kept = k + static_cast<int64_t>(banned.size());
-              std::vector<float> held(kept);
-              std::vector<int64_t> held_indices(kept);
-              for (int64_t r = begin; r < end; ++r)
-                usable[r] = log_softmax_top_k_row(scores + r * row_stride, cols, k, banned, top_values + r * k,
-                                                  top_indices + r * k, held.data(), held_indices.data());
-            });
-          }
-          return std::all_of(usable.begin(), usable.end(), [](char c) { return c != 0; });
+          return every_row(rows, num_threads, [&](int64_t r) {
+            thread_local std::vector<float> held;
+            thread_local std::vector<int64_t> held_indices;
+            held.resize(kept);
+            held_indices.resize(kept);
+            return log_softmax_top_k_row(scores + r * row_stride, cols, k, banned, top_values + r * k,
+                                         top_indices + r * k, held.data(), held_indices.data());
+          });
         },
         py::kw_only(), py::arg("x"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"), py::arg("k"),
         py::arg("banned"), py::arg("values"), py::arg("indices"), py::arg("num_threads"),
         "values / indices [rows, k] = the k best of each fp32 row's log_softmax without the banned ids "
-        "(which still count in its normaliser), best first (equal values: lower index first); returns False, "
-        "leaving them undefined, when a row holds a NaN or an infinite maximum.");
+        "(which still count in its normaliser), in the logits' order (equal logits: lower index first); "
+        "returns False, leaving them undefined, when a row holds a NaN or an infinite maximum.");
 }
 
 }  // namespace umt5_fast

@@ -115,9 +115,9 @@ def ascending_cumulative_probabilities(scores, min_length: int = 1):
     (torch.topk; 20 against 75 ms for 16 rows): its sums are the whole sort's from the window on (the
     zeros before it add nothing), when its finite scores are distinct (else their order is the full
     sort's to choose, which then runs)."""
-    vocab = scores.shape[1]
+    rows, vocab = scores.shape
     finite = torch.isfinite(scores).sum(1)
-    start = (vocab - int(finite.max())) // _SOFTMAX_LANE_ALIGNMENT * _SOFTMAX_LANE_ALIGNMENT
+    start = (vocab - int(finite.max()) if rows else 0) // _SOFTMAX_LANE_ALIGNMENT * _SOFTMAX_LANE_ALIGNMENT
     # (NaN or +inf: only the full sort knows their place)
     if min_length <= vocab - start < vocab // 4 and bool((finite + (scores == -math.inf).sum(1) == vocab).all()):
         values, indices = (t.flip(1) for t in torch.topk(scores, vocab - start, dim=1))

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <stdexcept>
 #include <vector>
@@ -95,13 +96,14 @@ void row_norms(const WeightT* w, const int8_t* q, const float* scale, int64_t ro
 }
 
 
-// Columns c (ascending) that may hold some row's largest logit: a + margin >= best_lower - slack.
+// Columns c (ascending) that may hold one of some row's `rank` largest logits (rank <= chunks):
+// a + margin >= best_lower - slack, best_lower the rank-th largest lower bound of a chunk's maximum.
 // Pass 1: per row and chunk the largest lower and upper bounds. Pass 2 reads only the chunks whose
 // largest upper bound reaches a row's threshold (a few, where the screen decides): the same sums,
 // so a chunk holds a candidate iff its maximum reaches.
 std::vector<int64_t> find_candidates(const float* a, const std::vector<float>& norm, const float* bound,
                                      const std::vector<float>& norm2, const float* bound2, int64_t rows,
-                                     int64_t cols, float slack, float slack_floor, int num_threads) {
+                                     int64_t cols, int64_t rank, float slack, float slack_floor, int num_threads) {
   const auto margin_of_row = [&](int64_t r) { return Margin{bound, bound2, norm[r], norm2[r]}; };
   const int64_t chunks = (cols + kChunk - 1) / kChunk, grain = 32;
   std::vector<float> lower(static_cast<size_t>(rows) * chunks), upper(lower.size());
@@ -111,9 +113,13 @@ std::vector<int64_t> find_candidates(const float* a, const std::vector<float>& n
         margin_maxima(a + r * cols, margin_of_row(r), k * kChunk, std::min(cols, (k + 1) * kChunk),
                       &lower[r * chunks + k], &upper[r * chunks + k]);
   });
-  std::vector<float> best_lower(rows);
+  // The rank-th largest of a row's chunk maxima: `rank` columns (one per chunk) have lower bounds at
+  // least this, so the rank-th largest logit does too (rank 1: the best lower bound).
+  std::vector<float> best_lower(rows), row_lower(chunks);
   for (int64_t r = 0; r < rows; ++r) {
-    const float best = *std::max_element(lower.begin() + r * chunks, lower.begin() + (r + 1) * chunks);
+    std::copy_n(lower.begin() + r * chunks, chunks, row_lower.begin());
+    std::nth_element(row_lower.begin(), row_lower.begin() + (rank - 1), row_lower.end(), std::greater<float>());
+    const float best = row_lower[rank - 1];
     best_lower[r] = slack > 0 ? best - slack * (std::fabs(best) + slack_floor) : best;
   }
   std::vector<std::vector<int64_t>> found(chunks);  // each chunk's candidates, ascending
@@ -178,7 +184,10 @@ struct ScreenCall {
   const std::vector<int64_t>& forbidden;
   int64_t max_candidates;
   float* approx;  // [rows, vocab] scratch: the integer product
-  int64_t* out;   // [rows]
+  int64_t* out;   // [rows] the picks (argmax), or null
+  int64_t rank;   // candidates for the `rank` largest logits of each row (1: the argmax)
+  int64_t* candidate_ids;   // [max_candidates] the candidates' ids, or null
+  float* candidate_logits;  // [rows, max_candidates] their exact logits (row stride max_candidates), or null
   int num_threads;
 };
 
@@ -203,10 +212,11 @@ int64_t screen_argmax(const ScreenCall& s) {
   std::vector<double> input_error(s.rows);
   w8a8_quantisation_error(s.x, s.rows, s.cols, input_error.data(), s.num_threads);
   for (int64_t r = 0; r < s.rows; ++r) norm2[r] = static_cast<float>(input_error[r]);
+  if (s.rank > (s.vocab + kChunk - 1) / kChunk) return -1;  // more than one per chunk: the float path
   const std::vector<int64_t> candidates = find_candidates(approx, norm, s.bound, norm2, s.bound2, s.rows,
-                                                          s.vocab, s.slack, s.slack_floor, s.num_threads);
+                                                          s.vocab, s.rank, s.slack, s.slack_floor, s.num_threads);
   const int64_t n = static_cast<int64_t>(candidates.size());
-  if (n > s.max_candidates || n == 0) return -1;
+  if (n > s.max_candidates || n < s.rank) return -1;
   std::vector<float> logits;
   switch (s.head_kind) {
     case kFp32Head:
@@ -229,13 +239,19 @@ int64_t screen_argmax(const ScreenCall& s) {
     for (float& logit : logits) logit = bf16_to_float(float_to_bf16(logit));
   if (s.logits_kind == kFp16Head)
     for (float& logit : logits) logit = fp16_to_float(float_to_fp16(logit));
-  for (int64_t r = 0; r < s.rows; ++r) {
+  // A logit rounded to +-inf (fp16 overflows past 65504): ids outside the candidates may round to
+  // the same inf (the first of them the pick, or among the `rank` largest): the float path decides.
+  for (int64_t r = 0; s.out && r < s.rows; ++r) {
     const float* row = logits.data() + r * n;
     const float* best = std::max_element(row, row + n);  // the first of equal maxima
-    // A best logit rounded to +-inf (fp16 overflows past 65504): rows outside the candidates may
-    // round to the same inf, and the first of them is the pick: the float path decides.
     if (!std::isfinite(*best)) return -1;
     s.out[r] = candidates[best - row];
+  }
+  if (s.candidate_ids) {
+    if (!std::all_of(logits.begin(), logits.end(), [](float v) { return std::isfinite(v); })) return -1;
+    std::copy(candidates.begin(), candidates.end(), s.candidate_ids);
+    for (int64_t r = 0; r < s.rows; ++r)
+      std::copy_n(logits.data() + r * n, n, s.candidate_logits + r * s.max_candidates);
   }
   return n;
 }
@@ -269,12 +285,14 @@ void register_screen_candidates(py::module_& m) {
            int64_t vocab, uintptr_t bound, uintptr_t bound2, double largest_norm, double min_norm,
            int head_kind, uintptr_t head, uintptr_t head_scale, int logits_kind, float slack, float slack_floor,
            const std::vector<int64_t>& forbidden, int64_t max_candidates, uintptr_t approx, uintptr_t out,
-           int num_threads) {
+           int64_t rank, uintptr_t candidate_ids, uintptr_t candidate_logits, int num_threads) {
           if (cols < 1 || cols > 65536 || head_kind < kFp32Head || head_kind > kFp16Head ||
               (logits_kind != kFp32Head && logits_kind != kBf16Head && logits_kind != kFp16Head))
             throw std::invalid_argument("screen_argmax: cols must be in [1, 65536], head_kind 0-3, logits_kind 0, 1 or 3");
           for (const int64_t id : forbidden)
             if (id < 0 || id >= vocab) throw std::invalid_argument("screen_argmax: forbidden id out of range");
+          if (rank < 1 || (candidate_ids == 0) != (candidate_logits == 0) || (out == 0 && candidate_ids == 0))
+            throw std::invalid_argument("screen_argmax: rank must be >= 1, with out and / or both candidate outputs");
           const ScreenCall call{reinterpret_cast<const float*>(x), rows, cols,
                                 reinterpret_cast<const int8_t*>(screen_qweight),
                                 reinterpret_cast<const float*>(screen_scale), vocab,
@@ -282,7 +300,8 @@ void register_screen_candidates(py::module_& m) {
                                 largest_norm, min_norm, head_kind, reinterpret_cast<const void*>(head),
                                 reinterpret_cast<const float*>(head_scale), logits_kind, slack, slack_floor, forbidden,
                                 max_candidates, reinterpret_cast<float*>(approx), reinterpret_cast<int64_t*>(out),
-                                num_threads};
+                                rank, reinterpret_cast<int64_t*>(candidate_ids),
+                                reinterpret_cast<float*>(candidate_logits), num_threads};
           py::gil_scoped_release no_gil;
           return screen_argmax(call);
         },
@@ -290,11 +309,14 @@ void register_screen_candidates(py::module_& m) {
         py::arg("screen_scale"), py::arg("vocab"), py::arg("bound"), py::arg("bound2"),
         py::arg("largest_norm"), py::arg("min_norm"), py::arg("head_kind"), py::arg("head"),
         py::arg("head_scale"), py::arg("logits_kind"), py::arg("slack"), py::arg("slack_floor"), py::arg("forbidden"),
-        py::arg("max_candidates"), py::arg("approx"), py::arg("out"), py::arg("num_threads"),
+        py::arg("max_candidates"), py::arg("approx"), py::arg("out"), py::arg("rank") = 1,
+        py::arg("candidate_ids") = 0, py::arg("candidate_logits") = 0, py::arg("num_threads"),
         "LMHeadScreen.argmax's pick for fp32 x [rows, cols] (see screen_argmax in "
-        "screen_candidates.cpp): out[r] (int64) = the first largest logit's id of row r, ids in "
-        "`forbidden` excluded (approx: fp32 scratch [rows, vocab]); returns the number of candidates, "
-        "or -1 where the screen cannot decide.");
+        "screen_candidates.cpp): out[r] (int64; 0: not wanted) = the first largest logit's id of row r, ids "
+        "in `forbidden` excluded (approx: fp32 scratch [rows, vocab]); with `rank`, the candidates for "
+        "each row's `rank` largest logits go to candidate_ids [max_candidates] (int64) and their exact "
+        "logits to candidate_logits [rows, max_candidates]; returns the number of candidates, or -1 "
+        "where the screen cannot decide.");
 }
 
 }  // namespace umt5_fast

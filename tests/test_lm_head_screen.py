@@ -460,3 +460,67 @@ def test_threads_sharing_a_screen_get_their_own_picks():
     for t in threads:
         t.join()
     assert failures == []
+
+
+@pytest.mark.usefixtures("every_cpu_isa")
+@pytest.mark.parametrize("dtype,x_dtype", DTYPES)
+def test_top_logits_are_the_float_kernels_logits_at_every_top_k_id(dtype, x_dtype):
+    """top_logits keeps, bit for bit, the float kernel's logit of every id among a row's k largest
+    (ties at the k-th included) and -inf for forbidden ids; what else it keeps is exact too."""
+    vocab, dim = 30011, 48
+    weight = make_head(dtype, vocab, dim, seed=5)
+    screen = lm_head_screen.LMHeadScreen(weight)
+    g = torch.Generator().manual_seed(6)
+    decided = 0
+    for trial in range(12):
+        k = [1, 5, 50, 17][trial % 4]
+        x = (torch.randn(1 + trial % 4, dim, generator=g) * 3).to(x_dtype)
+        forbidden = [1, 7] if trial % 2 else None
+        scores = screen.top_logits(x, k, forbidden)
+        if scores is None:
+            continue
+        decided += 1
+        full = cpu_ops.linear(x, weight).float()
+        if forbidden:
+            full[:, forbidden] = -math.inf
+        kept = torch.isfinite(scores)
+        assert torch.equal(scores[kept], full[kept])
+        top = full >= full.topk(k).values[:, -1:]
+        assert bool(kept[top].all()) and not bool(kept[:, forbidden or []].any())
+    assert decided >= 10
+    assert screen.top_logits(torch.randn(2, dim).to(x_dtype), vocab // 512 + 2) is None  # more than a chunk each
+
+
+@pytest.mark.parametrize("dtype,quantize", [(None, None), (torch.bfloat16, None), (None, "int8")])
+def test_top_k_sampling_uses_the_screen_and_draws_the_same_ids(checkpoint_factory, monkeypatch, dtype, quantize):
+    path, hf = checkpoint_factory("UMT5ForConditionalGeneration", vocab_size=6007)
+    model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="cpu", dtype=dtype,
+                                                                   quantize=quantize)
+    ids, mask = random_batch(model.config.vocab_size, 3, 21, seed=9)
+    for sampling in (dict(top_k=5), dict(top_k=8, top_p=0.7, temperature=0.6, min_new_tokens=6)):
+        kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=True, **sampling)
+        decided = []
+        top_logits = lm_head_screen.LMHeadScreen.top_logits
+        def counted(self, *args):
+            scores = top_logits(self, *args)
+            decided.append(scores is not None)
+            return scores
+        monkeypatch.setattr(lm_head_screen.LMHeadScreen, "top_logits", counted)
+        torch.manual_seed(3)
+        screened = model.generate(ids, **kwargs)
+        assert len(decided) == 12 and all(decided)  # every step from the screen's candidates
+        monkeypatch.undo()
+        model.screen_lm_head = False
+        torch.manual_seed(3)
+        assert torch.equal(screened, model.generate(ids, **kwargs))
+        model.screen_lm_head = True
+        if dtype is None and quantize is None:
+            use_cache = hf.config.num_decoder_layers <= hf.config.num_layers
+            torch.manual_seed(3)
+            with torch.no_grad():
+                assert torch.equal(screened, hf.generate(ids, use_cache=use_cache, **kwargs))
+    calls = []  # rows x top_k past TOP_LOGITS_MAX_IDS: every logit from the first step
+    monkeypatch.setattr(lm_head_screen.LMHeadScreen, "top_logits", lambda self, *a: calls.append(1))
+    model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=True,
+                   top_k=lm_head_screen.TOP_LOGITS_MAX_IDS // 3 + 1)
+    assert not calls

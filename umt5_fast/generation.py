@@ -472,10 +472,13 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
                      and not processors.custom and processors.prefix_allowed_tokens_fn is None and not stops.custom)
     computed = torch.arange(rows, device=prompt.device)  # rows the decoder still runs
     tokens = sequences[:, :prompt_length]
-    # Greedy steps whose only processor forbids eos need the argmax alone: the LM head screen finds
-    # it without computing every logit (None: not for this model).
-    screen = (lm_head_screen.screen_for(model) if processors.bans_eos_only and record is None
-              and isinstance(decoder, Decoder) else None)
+    # Greedy steps whose only processor forbids eos need the argmax alone, top-k sampling the top_k
+    # largest logits: the LM head screen finds them without computing every logit (None: not for
+    # this model).
+    screens_samples = (processors.samples_from_top_k
+                       and rows * options["top_k"] <= lm_head_screen.TOP_LOGITS_MAX_IDS)
+    screen = (lm_head_screen.screen_for(model) if (processors.bans_eos_only or screens_samples)
+              and record is None and isinstance(decoder, Decoder) else None)
     undecided_steps = 0
     with torch.no_grad(), contextlib.closing(decoder):
         for length in range(prompt_length, max_length):
@@ -485,8 +488,13 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
             if screen is not None:
                 hidden = model.lm_head_input(decoder.step_hidden(tokens))
                 forbidden = options["eos_token_id"] if eos_forbidden(options, length) else None
-                picked = screen.argmax(hidden, forbidden)
-                if picked is None:
+                if options["do_sample"]:  # -inf but at the candidates for the top_k: the same draw
+                    logits = screen.top_logits(hidden, options["top_k"], forbidden)
+                    undecided = logits is None
+                else:
+                    picked = screen.argmax(hidden, forbidden)
+                    undecided = picked is None
+                if undecided:
                     logits = model.lm_head(hidden).float()
                     undecided_steps += 1
                     if undecided_steps == _SCREEN_PATIENCE:  # e.g. a head with too many close rows

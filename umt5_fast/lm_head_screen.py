@@ -1,4 +1,4 @@
-"""Greedy argmax of the LM head without reading all of it (cpu backend).
+"""Greedy argmax, and top-k sampling's logits, of the LM head without reading all of it (cpu backend).
 
 At batch 1 the LM head (256384 x d_model) is ~85% of the bytes a decode step reads, and greedy
 decoding needs only the argmax of its logits. ``LMHeadScreen`` multiplies the input with an int8
@@ -22,7 +22,11 @@ maxima) is the unscreened argmax, bit for bit (bf16 / fp16 logits are rounded af
 _LOGIT_ROUNDING). On a random umt5-small a handful of the 256384 rows are candidates; a step
 reads the int8 head plus a few rows of the head. When the bound cannot decide cheaply (non-finite
 input, too many candidates) ``argmax`` returns None and the caller computes every logit.
+``top_logits`` does the same for the k largest logits (top-k sampling needs no others): the
+threshold is then the k-th largest of the chunks' best lower bounds (k columns reach it, so the
+k-th largest logit does), and the candidates' exact logits are returned instead of a pick.
 """
+import math
 import threading
 from typing import Optional, Sequence
 
@@ -58,6 +62,10 @@ _FLOAT_HEAD_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 3}
 _MIN_NORM = 2.0 ** -60
 # More candidates than this and computing them exactly would cost about as much as the whole head.
 _MAX_CANDIDATES = 1024
+# top_logits' candidates for rows x k ids: ~10 per id asked for (a random umt5-small, k = 50: 440-600
+# at one row); past this many ids the screen would rarely decide, and top-k sampling computes every
+# logit from its first step.
+TOP_LOGITS_MAX_IDS = 64
 
 
 class LMHeadScreen:
@@ -119,6 +127,27 @@ class LMHeadScreen:
         """Per row of ``x`` ``[rows, d_model]`` (the LM head's input): the index of the largest logit
         ``ops.cpu.linear(x, weight)`` gives, ids in ``forbidden`` excluded (their logits -inf, as
         min_new_tokens sets them); None when the screen cannot decide."""
+        picks = torch.empty(x.shape[0], dtype=torch.int64)
+        return picks if self._screen(x, forbidden, 1, picks=picks) else None
+
+    def top_logits(self, x: torch.Tensor, k: int, forbidden: Optional[Sequence[int]] = None) -> Optional[torch.Tensor]:
+        """Per row of ``x``: the logits ``ops.cpu.linear(x, weight)`` gives, bit for bit, at every id
+        that may be among the row's ``k`` largest (the ids of the k largest of any row, ids in
+        ``forbidden`` left out), -inf at the others: ``[rows, vocab]`` fp32 scores whose k largest,
+        ties included, are the full logits'. Sampling with top-k needs no more. None when the screen
+        cannot decide."""
+        ids = torch.empty(_MAX_CANDIDATES, dtype=torch.int64)
+        logits = torch.empty(x.shape[0], _MAX_CANDIDATES)
+        count = self._screen(x, forbidden, k, ids=ids, logits=logits)
+        if not count:
+            return None
+        scores = torch.full((x.shape[0], self.weight.shape[0]), -math.inf)
+        scores[:, ids[:count]] = logits[:, :count]
+        return scores
+
+    def _screen(self, x, forbidden, rank: int, picks=None, ids=None, logits=None) -> int:
+        """screen_argmax's candidates for each row's ``rank`` largest logits into ``picks`` (the
+        argmax) and / or ``ids`` / ``logits``; their number, or 0 when the screen cannot decide."""
         if x.dim() != 2 or x.shape[1] != self.weight.shape[1]:
             raise ValueError(f"the LM head screen takes x [rows, {self.weight.shape[1]}], got {tuple(x.shape)}")
         if not x.is_contiguous():
@@ -128,14 +157,13 @@ class LMHeadScreen:
                 or cpu_ops.wide_gemm_computes(x.dtype, self.weight, x.shape[0]) \
                 or not (cpu_ops.int8_kernel_computes(x.dtype, x.shape[0]) if int8_head
                         else cpu_ops.float_kernel_computes(x.dtype, self.weight.dtype, x.shape[0])):
-            return None  # (torch's GEMM computes those logits: a subset of rows may sum differently)
-        if forbidden and len(set(forbidden)) >= self.weight.shape[0]:
-            return None  # every id forbidden: the float path's argmax of all -inf
+            return 0  # (torch's GEMM computes those logits: a subset of rows may sum differently)
+        if len(set(forbidden or ())) + rank > self.weight.shape[0]:
+            return 0  # fewer ids than asked for left: the float path's choice among -inf
         # One C++ call from here: the integer product, the threshold, the candidates' logits by the
         # unscreened path's C++ kernel (not ``linear``, which may send a few rows to a wide GEMM), on
         # the exactly widened x of a bf16 / fp16 model, rounded to its dtype after as ``linear`` rounds.
         x32 = x if x.dtype == torch.float32 else x.float()
-        picks = torch.empty(x.shape[0], dtype=torch.int64)
         with self._approx_lock:  # one buffer: concurrent calls (threads sharing a model) take turns
             if self._approx.shape[0] < x.shape[0]:  # kept: a new 16-row buffer costs ~2 ms of page faults
                 self._approx = torch.empty(x.shape[0], self.weight.shape[0])
@@ -149,11 +177,13 @@ class LMHeadScreen:
                 slack=slack,
                 slack_floor=slack_floor,
                 forbidden=sorted(set(forbidden)) if forbidden else [], max_candidates=_MAX_CANDIDATES,
-                approx=self._approx.data_ptr(), out=picks.data_ptr(), num_threads=torch.get_num_threads())
+                approx=self._approx.data_ptr(), out=0 if picks is None else picks.data_ptr(), rank=rank,
+                candidate_ids=0 if ids is None else ids.data_ptr(),
+                candidate_logits=0 if logits is None else logits.data_ptr(), num_threads=torch.get_num_threads())
         if count < 0:
-            return None  # inf / NaN input, logits near fp32 (fp16) overflow or underflow, too many candidates
+            return 0  # inf / NaN input, logits near fp32 (fp16) overflow or underflow, too many candidates
         self.last_candidates = count
-        return picks
+        return count
 
 
 def _fingerprint(weight) -> tuple:

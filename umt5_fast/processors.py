@@ -369,6 +369,13 @@ class Processors:
         # best outside eos (ops.log_softmax_top_k, which writes no log-probabilities)
         self.bans_eos_only = (all(step == self.min_length_step for step in self.steps) and not o["do_sample"]
                               and not o["renormalize_logits"])
+        # whether a sampled step's distribution depends on nothing but the top_k largest logits outside
+        # eos: min_length's ban, then temperature, top-k and top-p (the LM head screen finds those
+        # logits without computing every one)
+        self.samples_from_top_k = (all(step == self.min_length_step for step in self.steps) and o["do_sample"]
+                                   and not beam and not o["renormalize_logits"] and o["top_k"] > 0
+                                   and o["min_p"] is None and o["typical_p"] >= 1.0
+                                   and not 0.0 < o["epsilon_cutoff"] < 1.0 and not 0.0 < o["eta_cutoff"] < 1.0)
 
     def bias_tables(self, biases: Optional[dict]):
         """(length-1 biases as a [vocab] tensor, [(prefix, last token, bias)] of longer sequences)."""

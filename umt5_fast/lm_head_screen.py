@@ -60,12 +60,15 @@ _FLOAT_HEAD_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 3}
 # Inputs with a smaller norm (and so logits near fp32's subnormal range) go to the float path: the
 # bound's underflow term is relative to this.
 _MIN_NORM = 2.0 ** -60
-# More candidates than this and computing them exactly would cost about as much as the whole head.
+# More candidates than this and computing them exactly would cost about as much as the whole head
+# (for an argmax; top_logits' rows take candidates for k ids each, and the gathered rows of the head
+# still cost a fraction of it: 16 rows x top_k 50, ~8600 candidates: 31 against 59 ms).
 _MAX_CANDIDATES = 1024
-# top_logits' candidates for rows x k ids: ~10 per id asked for (a random umt5-small, k = 50: 440-600
-# at one row); past this many ids the screen would rarely decide, and top-k sampling computes every
-# logit from its first step.
-TOP_LOGITS_MAX_IDS = 64
+_MAX_TOP_CANDIDATES = 16384
+# top_logits' candidates run ~10 per id asked for (a random umt5-small, top_k 50: 440-600 at one
+# row); past this many ids (rows x k) the screen would rarely decide, and top-k sampling computes
+# every logit from its first step.
+TOP_LOGITS_MAX_IDS = 1024
 
 
 class LMHeadScreen:
@@ -136,8 +139,8 @@ class LMHeadScreen:
         ``forbidden`` left out), -inf at the others: ``[rows, vocab]`` fp32 scores whose k largest,
         ties included, are the full logits'. Sampling with top-k needs no more. None when the screen
         cannot decide."""
-        ids = torch.empty(_MAX_CANDIDATES, dtype=torch.int64)
-        logits = torch.empty(x.shape[0], _MAX_CANDIDATES)
+        ids = torch.empty(_MAX_TOP_CANDIDATES, dtype=torch.int64)
+        logits = torch.empty(x.shape[0], _MAX_TOP_CANDIDATES)
         count = self._screen(x, forbidden, k, ids=ids, logits=logits)
         if not count:
             return None
@@ -176,7 +179,8 @@ class LMHeadScreen:
                 head_kind=head_kind, head=head, head_scale=head_scale, logits_kind=_FLOAT_HEAD_KINDS[x.dtype],
                 slack=slack,
                 slack_floor=slack_floor,
-                forbidden=sorted(set(forbidden)) if forbidden else [], max_candidates=_MAX_CANDIDATES,
+                forbidden=sorted(set(forbidden)) if forbidden else [],
+                max_candidates=_MAX_CANDIDATES if ids is None else _MAX_TOP_CANDIDATES,
                 approx=self._approx.data_ptr(), out=0 if picks is None else picks.data_ptr(), rank=rank,
                 candidate_ids=0 if ids is None else ids.data_ptr(),
                 candidate_logits=0 if logits is None else logits.data_ptr(), num_threads=torch.get_num_threads())

@@ -20,6 +20,7 @@ void register_quantize_weights(py::module_& m);
 void register_screen_candidates(py::module_& m);
 void register_float_env(py::module_& m);
 void register_top_k(py::module_& m);
+void register_mt19937(py::module_& m);
 }  // namespace umt5_fast
 
 PYBIND11_MODULE(_C, m) {
@@ -40,4 +41,5 @@ PYBIND11_MODULE(_C, m) {
   umt5_fast::register_screen_candidates(m);
   umt5_fast::register_float_env(m);
   umt5_fast::register_top_k(m);
+  umt5_fast::register_mt19937(m);
 }

@@ -131,10 +131,17 @@ def test_sampling_is_reproducible_and_follows_transformers(checkpoint_factory):
     assert torch.equal(ours.generate(ids, attention_mask=mask, **kwargs), expected)
 
 
-def test_multinomial_draw_is_torch_multinomial():
+@pytest.mark.parametrize("draws", ["c++ twister", "random_"])
+def test_multinomial_draw_is_torch_multinomial(draws, monkeypatch):
     """The same ids as torch.multinomial(probs, 1) from the same generator state, which it leaves
     where torch does: filtered and full distributions, ties, a single token, underflowing ratios
-    (torch's draw), the default generator, and torch's errors for invalid probabilities."""
+    (torch's draw), the default generator, and torch's errors for invalid probabilities; with the
+    64-bit draws from the C++ twister and from torch's random_."""
+    if draws == "c++ twister":
+        pytest.importorskip("umt5_fast.ops.cpu")
+        assert generation._twister_reproduces_torch()
+    else:
+        monkeypatch.setitem(generation._TWISTER_CHECKED, "ok", False)
     g = torch.Generator().manual_seed(0)
 
     def same(probs, seed, default=False):
@@ -170,6 +177,31 @@ def test_multinomial_draw_is_torch_multinomial():
         with pytest.raises(RuntimeError) as theirs:
             torch.multinomial(bad, 1, generator=torch.Generator().manual_seed(0))
         assert str(ours.value) == str(theirs.value)
+
+
+def test_the_cpp_twister_draws_what_torch_draws():
+    """csrc/mt19937.cpp on get_state()'s bytes: the low 53 bits of random_'s int64 draws at the asked
+    positions and the state after, from states mid-block and across many regenerations of the words;
+    positions that do not ascend within the draws are refused, the state untouched."""
+    _C = pytest.importorskip("umt5_fast.ops.cpu")._C
+    for seed, offset, entries in [(0, 0, 1), (1, 311, 623), (2, 1, 5000), (3, 623, 2 * 4096 + 7)]:
+        generator = torch.Generator().manual_seed(seed)
+        torch.empty(offset, dtype=torch.long).random_(generator=generator)
+        state = generator.get_state()
+        positions = torch.unique(torch.randint(0, entries, (max(1, entries // 7),), generator=generator.clone_state()))
+        low = torch.empty(len(positions), dtype=torch.long)
+        drew_zero = _C.mt19937_low53_draws(state=state.data_ptr(), entries=entries, positions=positions.data_ptr(),
+                                           count=len(positions), out=low.data_ptr())
+        expected = torch.empty(entries, dtype=torch.long).random_(generator=generator) & ((1 << 53) - 1)
+        assert torch.equal(low, expected[positions]) and torch.equal(state, generator.get_state())
+        assert drew_zero == bool((expected == 0).any())
+    state = torch.Generator().manual_seed(4).get_state()
+    for bad in ([3, 2], [0, 10]):
+        positions = torch.tensor(bad)
+        with pytest.raises(ValueError, match="positions must ascend"):
+            _C.mt19937_low53_draws(state=state.data_ptr(), entries=10, positions=positions.data_ptr(), count=2,
+                                   out=torch.empty(2, dtype=torch.long).data_ptr())
+    assert torch.equal(state, torch.Generator().manual_seed(4).get_state())
 
 
 @pytest.mark.parametrize("backend", ["eager", "cpu"])

@@ -539,16 +539,55 @@ def widened(buffer: torch.Tensor, width: int, fill) -> torch.Tensor:
 # torch.multinomial(probs, 1) on the CPU draws q ~ Exp(1) for every entry and picks argmax(probs / q);
 # each q is -log1p(-x) (in double, then fp32) of x = the low 53 bits of one 64-bit draw / 2^53.
 _UNIFORM_BITS = (1 << 53) - 1
+_TWISTER_CHECKED = {}  # whether csrc/mt19937.cpp reproduces this torch's generator (checked once)
+
+
+def _twister_reproduces_torch() -> bool:
+    """Whether the C++ Mersenne twister, run on get_state()'s bytes, draws what this torch draws and
+    leaves the state torch leaves (its layout is torch's internal one: checked, not assumed)."""
+    if "ok" not in _TWISTER_CHECKED:
+        try:
+            from umt5_fast.ops.cpu import _C
+            generator = torch.Generator().manual_seed(20261207)
+            torch.empty(3, dtype=torch.long).random_(generator=generator)  # mid-block
+            state, entries = generator.get_state(), 1000  # (crosses a regeneration of the words)
+            positions, low = torch.arange(0, entries, 3), torch.empty((entries + 2) // 3, dtype=torch.long)
+            _C.mt19937_low53_draws(state=state.data_ptr(), entries=entries, positions=positions.data_ptr(),
+                                   count=len(positions), out=low.data_ptr())
+            draws = torch.empty(entries, dtype=torch.long).random_(generator=generator) & _UNIFORM_BITS
+            _TWISTER_CHECKED["ok"] = bool(torch.equal(low, draws[positions])
+                                          and torch.equal(state, generator.get_state()))
+        except (ImportError, AttributeError, ValueError, RuntimeError):
+            _TWISTER_CHECKED["ok"] = False
+    return _TWISTER_CHECKED["ok"]
+
+
+def _low_53_bits(source: torch.Generator, entries: int, flat: torch.Tensor):
+    """The low 53 bits of ``source``'s next ``entries`` 64-bit draws at the ascending positions
+    ``flat``, whether any of the ``entries`` draws had them all 0, and the generator state after the
+    draws; ``source`` itself is left as it was."""
+    before = source.get_state()
+    if _twister_reproduces_torch():  # C++, on a copy of the state: only the wanted draws are stored
+        from umt5_fast.ops.cpu import _C
+        after, low = before.clone(), torch.empty(len(flat), dtype=torch.long)
+        drew_zero = _C.mt19937_low53_draws(state=after.data_ptr(), entries=entries, positions=flat.data_ptr(),
+                                           count=len(flat), out=low.data_ptr())
+        return low, drew_zero, after
+    bits = torch.empty(entries, dtype=torch.long).random_(generator=source).bitwise_and_(_UNIFORM_BITS)
+    after = source.get_state()
+    source.set_state(before)
+    return bits[flat], bool((bits == 0).any()), after
 
 
 def multinomial_draw(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """``torch.multinomial(probs, 1, generator=generator)`` of ``[rows, n]`` fp32 CPU probabilities:
     the same ids, leaving the generator in the same state. torch fills a ``[rows, n]`` tensor of
-    exponential draws one entry at a time (a log1p in double each: 100 ms for 16 x 256384 entries,
-    most of a sampled step); here the same 64-bit draws come from ``random_`` (3x faster) and only
-    the entries of nonzero probability take the log, when top-k / top-p leave few (else torch draws).
-    Where torch's rule matters beyond that (a draw of exactly 0, ratios that underflow, invalid
-    probabilities), the generator is rewound and torch draws."""
+    exponential draws one entry at a time (a 64-bit draw and a log1p in double each: 100 ms for 16 x
+    256384 entries, most of a sampled step). Here the same 64-bit draws come from a C++ copy of its
+    generator (csrc/mt19937.cpp; 5 ms; else from ``random_``, 30 ms) and only the entries of nonzero
+    probability take the log, when top-k / top-p leave few (else torch draws). Where torch's rule
+    matters beyond that (a draw of exactly 0, ratios that underflow, invalid probabilities), torch
+    draws from the untouched generator."""
     if probs.device.type != "cpu" or probs.dtype != torch.float32 or probs.dim() != 2 or not probs.is_contiguous():
         return torch.multinomial(probs, 1, generator=generator)
     low, high = torch.aminmax(probs)
@@ -558,14 +597,13 @@ def multinomial_draw(probs: torch.Tensor, generator: Optional[torch.Generator] =
         return torch.multinomial(probs, 1, generator=generator)
     rows, cols = probs.nonzero(as_tuple=True)
     source = torch.default_generator if generator is None else generator
-    state = source.get_state()
-    bits = torch.empty(probs.shape, dtype=torch.long).random_(generator=source).bitwise_and_(_UNIFORM_BITS)
-    x = bits[rows, cols].double() * 2.0 ** -53
+    bits, drew_zero, state_after = _low_53_bits(source, probs.numel(), rows * probs.shape[1] + cols)
+    x = bits.double() * 2.0 ** -53
     ratio = probs[rows, cols] / (-1.0 * torch.log1p(-x)).float()
     best = torch.zeros(probs.shape[0]).scatter_reduce_(0, rows, ratio, "amax", include_self=True)
-    if not bool((best > 0).all() & torch.isfinite(best).all()) or bool((bits == 0).any()):
-        source.set_state(state)
+    if drew_zero or not bool((best > 0).all() & torch.isfinite(best).all()):
         return torch.multinomial(probs, 1, generator=generator)
+    source.set_state(state_after)
     first = ratio == best[rows]  # torch.argmax: the first of equal maxima
     picked = torch.full((probs.shape[0],), probs.shape[1], dtype=torch.long)
     return picked.scatter_reduce_(0, rows[first], cols[first], "amin", include_self=True)[:, None]

@@ -104,16 +104,16 @@ void gated_activation_rows(Activation activation, const float* a, int64_t a_row_
                            const float* b, int64_t b_row_stride, float* out,
                            int64_t out_row_stride, int64_t rows, int64_t cols);
 
-// ---------------------------------------------------------------------------------------------
-// Weight-only linear: y[m, n] = scale[n] * sum_k x[m, k] * w[n, k] (+ residual[m, n]) for the
-// output columns [n_begin, n_end). WeightT is int8_t (scale per output row), uint16_t holding
-// bf16 bits, Fp16 or float (scale null). x: [M, K], w: [N, K], y and residual: [M, N], all contiguous.
 // Sum of exp(x[i] - shift) over i < n, shift >= every x (the vector exp takes terms under e^-87
 // as 0: x86 computes subnormal results through microcode assists), in vector lanes: log_softmax's
 // normaliser without writing the log-probabilities.
 template <CpuIsa ISA>
 float exp_sum(const float* x, int64_t n, float shift);
 
+// ---------------------------------------------------------------------------------------------
+// Weight-only linear: y[m, n] = scale[n] * sum_k x[m, k] * w[n, k] (+ residual[m, n]) for the
+// output columns [n_begin, n_end). WeightT is int8_t (scale per output row), uint16_t holding
+// bf16 bits, Fp16 or float (scale null). x: [M, K], w: [N, K], y and residual: [M, N], all contiguous.
 template <typename WeightT>
 struct LinearProblem {
   const float* x;

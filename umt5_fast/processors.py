@@ -363,17 +363,17 @@ class Processors:
                 step = self.custom_step(replacement)
             self.steps.append(step)
         self.steps += [self.custom_step(p) for p in custom]
+        # whether no step but min_length's ban of eos touches the scores, and none renormalises them
+        only_eos_ban = all(step == self.min_length_step for step in self.steps) and not o["renormalize_logits"]
         # whether the processed scores are the raw ones (a greedy step's logits, a beam step's log-softmax)
         # but for min_length's ban of eos: a greedy pick is then the raw argmax outside eos (which the
         # LM head screen finds without computing every logit), a beam step's best the log-softmax's
         # best outside eos (ops.log_softmax_top_k, which writes no log-probabilities)
-        self.bans_eos_only = (all(step == self.min_length_step for step in self.steps) and not o["do_sample"]
-                              and not o["renormalize_logits"])
+        self.bans_eos_only = only_eos_ban and not o["do_sample"]
         # whether a sampled step's distribution depends on nothing but the top_k largest logits outside
         # eos: min_length's ban, then temperature, top-k and top-p (the LM head screen finds those
-        # logits without computing every one)
-        self.samples_from_top_k = (all(step == self.min_length_step for step in self.steps) and o["do_sample"]
-                                   and not beam and not o["renormalize_logits"] and o["top_k"] > 0
+        # logits without computing every one; the other warpers of ``warp`` are off)
+        self.samples_from_top_k = (only_eos_ban and o["do_sample"] and not beam and o["top_k"] > 0
                                    and o["min_p"] is None and o["typical_p"] >= 1.0
                                    and not 0.0 < o["epsilon_cutoff"] < 1.0 and not 0.0 < o["eta_cutoff"] < 1.0)
 

@@ -363,6 +363,20 @@ class Processors:
                 step = self.custom_step(replacement)
             self.steps.append(step)
         self.steps += [self.custom_step(p) for p in custom]
+        # beam sampling keeps a token besides the eos ones, to have a continuation to explore
+        keep = (len(eos) + 1 if eos else 2) if beam else 1
+        # (name, warp) for every active warper, in transformers' order
+        self.warpers = [(name, warp) for name, warp in [
+            ("temperature", o["temperature"] != 1.0 and self.temperature_warp),
+            ("top_k", bool(o["top_k"]) and (lambda s: top_k_filter(s, o["top_k"], keep))),
+            ("top_p", o["top_p"] < 1.0 and (lambda s: top_p_filter(s, o["top_p"], keep))),
+            ("min_p", o["min_p"] is not None and (lambda s: min_p_filter(s, o["min_p"], keep))),
+            ("typical_p", o["typical_p"] < 1.0 and (lambda s: typical_filter(s, o["typical_p"], keep))),
+            ("epsilon_cutoff", 0.0 < o["epsilon_cutoff"] < 1.0
+             and (lambda s: probability_cutoff(s, o["epsilon_cutoff"], keep))),
+            ("eta_cutoff", 0.0 < o["eta_cutoff"] < 1.0
+             and (lambda s: probability_cutoff(s, eta_cutoff(s, o["eta_cutoff"]), keep))),
+        ] if warp]
         # whether no step but min_length's ban of eos touches the scores, and none renormalises them
         only_eos_ban = all(step == self.min_length_step for step in self.steps) and not o["renormalize_logits"]
         # whether the processed scores are the raw ones (a greedy step's logits, a beam step's log-softmax)
@@ -372,10 +386,9 @@ class Processors:
         self.bans_eos_only = only_eos_ban and not o["do_sample"]
         # whether a sampled step's distribution depends on nothing but the top_k largest logits outside
         # eos: min_length's ban, then temperature, top-k and top-p (the LM head screen finds those
-        # logits without computing every one; the other warpers of ``warp`` are off)
+        # logits without computing every one)
         self.samples_from_top_k = (only_eos_ban and o["do_sample"] and not beam and o["top_k"] > 0
-                                   and o["min_p"] is None and o["typical_p"] >= 1.0
-                                   and not 0.0 < o["epsilon_cutoff"] < 1.0 and not 0.0 < o["eta_cutoff"] < 1.0)
+                                   and {name for name, _ in self.warpers} <= {"temperature", "top_k", "top_p"})
 
     def bias_tables(self, biases: Optional[dict]):
         """(length-1 biases as a [vocab] tensor, [(prefix, last token, bias)] of longer sequences)."""
@@ -503,32 +516,22 @@ class Processors:
         return scores
 
     def warp(self, scores):
-        o, eos = self.o, self.eos
-        # beam sampling keeps a token besides the eos ones, to have a continuation to explore
-        keep = (len(eos) + 1 if eos else 2) if self.beam else 1
-        if o["temperature"] != 1.0:
-            scores = scores / o["temperature"]
-            if not bool(torch.isfinite(scores.max(dim=-1).values).all()):
-                raise ValueError(f"temperature={o['temperature']!r} is so small that the scaled scores "
-                                 "overflow; use a larger temperature or greedy decoding (do_sample=False)")
-            if self.beam and bool((scores.topk(min(o["num_beams"], scores.shape[-1])).values < NO_HYPOTHESIS).any()):
-                # the beams' scores would lose to the placeholders of empty hypotheses, and the
-                # result would be the prompt alone (as transformers returns it)
-                raise ValueError(f"temperature={o['temperature']!r} scales the beam scores below "
-                                 f"{NO_HYPOTHESIS:g}, the score beam search gives a missing hypothesis; use "
-                                 "a larger temperature")
-        if o["top_k"]:
-            scores = top_k_filter(scores, o["top_k"], keep)
-        if o["top_p"] < 1.0:
-            scores = top_p_filter(scores, o["top_p"], keep)
-        if o["min_p"] is not None:
-            scores = min_p_filter(scores, o["min_p"], keep)
-        if o["typical_p"] < 1.0:
-            scores = typical_filter(scores, o["typical_p"], keep)
-        if 0.0 < o["epsilon_cutoff"] < 1.0:
-            scores = probability_cutoff(scores, o["epsilon_cutoff"], keep)
-        if 0.0 < o["eta_cutoff"] < 1.0:
-            scores = probability_cutoff(scores, eta_cutoff(scores, o["eta_cutoff"]), keep)
+        for _, warp in self.warpers:
+            scores = warp(scores)
+        return scores
+
+    def temperature_warp(self, scores):
+        o = self.o
+        scores = scores / o["temperature"]
+        if not bool(torch.isfinite(scores.max(dim=-1).values).all()):
+            raise ValueError(f"temperature={o['temperature']!r} is so small that the scaled scores "
+                             "overflow; use a larger temperature or greedy decoding (do_sample=False)")
+        if self.beam and bool((scores.topk(min(o["num_beams"], scores.shape[-1])).values < NO_HYPOTHESIS).any()):
+            # the beams' scores would lose to the placeholders of empty hypotheses, and the
+            # result would be the prompt alone (as transformers returns it)
+            raise ValueError(f"temperature={o['temperature']!r} scales the beam scores below "
+                             f"{NO_HYPOTHESIS:g}, the score beam search gives a missing hypothesis; use "
+                             "a larger temperature")
         return scores
 
 

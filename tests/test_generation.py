@@ -179,6 +179,77 @@ def test_multinomial_draw_is_torch_multinomial(draws, monkeypatch):
         assert str(ours.value) == str(theirs.value)
 
 
+@pytest.mark.parametrize("draws", ["c++ twister", "random_"])
+def test_draw_from_candidates_is_the_full_rows_draw(draws, monkeypatch):
+    """Rows of scores that are -inf but at a few ascending ids (the LM head screen's top-k
+    candidates): draw_from_candidates gives the ids torch.multinomial draws from the softmax of the
+    processed full rows (temperature, top-k, top-p) and leaves the generator where it does; odd
+    vocabularies (every tail of a vector), candidates at the last ids, narrowly spread scores (whose
+    sums depend on their order), more top_k than candidates, the default generator, equal scores;
+    where top-p keeps some and drops others of equal scores, the full rows decide (None)."""
+    if draws == "c++ twister":
+        pytest.importorskip("umt5_fast.ops.cpu")
+    else:
+        monkeypatch.setitem(generation._TWISTER_CHECKED, "ok", False)
+    assert generation.softmax_lanes() is not None
+    g = torch.Generator().manual_seed(11)
+    drawn = 0
+    for trial in range(40):
+        vocab = [997, 4099, 30011, 256384, 65536][trial % 5]
+        rows = 1 + trial % 4
+        n = int(torch.randint(8, min(3000, vocab // 2), (1,), generator=g))
+        ids = torch.randperm(vocab, generator=g)[:n].sort().values
+        if trial % 3 == 0:
+            ids[-1] = vocab - 1
+        spread = [8.0, 0.01, 1.0][trial % 3]
+        logits = torch.randn(rows, n, generator=g) * spread
+        sampling = [dict(top_k=50), dict(top_k=7, top_p=0.9), dict(top_k=n + 5, top_p=0.5, temperature=0.7),
+                    dict(top_k=1, temperature=1.3), dict(top_k=200, top_p=0.95, temperature=1.1)][trial % 5]
+        tied = trial % 7 == 6
+        if tied:  # (at the largest: kept by top-k; top-p cuts between them or not)
+            logits[:, 1] = logits.max(dim=1).values
+        split = trial % 9 == 8  # equal scores on both sides of top-p's cut: the full sort decides
+        if split:
+            logits[0] = 1.5
+            sampling = dict(top_k=n, top_p=0.5)
+        o = dict(generation.DEFAULTS, eos_token_id=[1], pad_token_id=0, decoder_start_token_id=0, do_sample=True)
+        o.update(sampling)
+        generation.check_options(o, vocab)
+        rules = generation.Processors(o, vocab, 1, 10, False, 1)
+        assert rules.samples_from_top_k
+        full = torch.full((rows, vocab), -math.inf)
+        full[:, ids] = logits
+        processed = rules(torch.zeros(rows, 1, dtype=torch.long), full, torch.arange(rows))
+        expected_probs = processed.softmax(-1)
+        # the probabilities themselves, bit for bit (a draw rarely shows a last-bit change)
+        lanes = generation.softmax_lanes()
+        assert torch.equal(generation.lane_softmax(ids, processed[:, ids], lanes), expected_probs[:, ids])
+        # and top-p's sums on rows of narrow_width (their last n: the sorted finite scores)
+        narrow = full.new_full((rows, processors.narrow_width(n, vocab, o["top_k"])), -math.inf)
+        narrow[:, :n] = logits
+        assert torch.equal(processors.ascending_cumulative_probabilities(narrow)[0][:, -n:],
+                           processors.ascending_cumulative_probabilities(full)[0][:, -n:])
+        seed = 100 + trial
+        default = trial % 4 == 3
+        ours = None if default else torch.Generator().manual_seed(seed)
+        theirs = None if default else torch.Generator().manual_seed(seed)
+        if default:
+            torch.manual_seed(seed)
+        before = torch.get_rng_state() if default else ours.get_state()
+        picked = generation.draw_from_candidates(ids, logits, vocab, rules, ours)
+        after = torch.get_rng_state() if default else ours.get_state()
+        if split:
+            assert picked is None and torch.equal(after, before)
+            continue
+        if default:
+            torch.manual_seed(seed)
+        expected = torch.multinomial(expected_probs, 1, generator=theirs).squeeze(1)
+        assert torch.equal(picked, expected)
+        assert torch.equal(after, torch.get_rng_state() if default else theirs.get_state())
+        drawn += 1
+    assert drawn >= 34
+
+
 def test_the_cpp_twister_draws_what_torch_draws():
     """csrc/mt19937.cpp on get_state()'s bytes: the low 53 bits of random_'s int64 draws at the asked
     positions and the state after, from states mid-block and across many regenerations of the words;

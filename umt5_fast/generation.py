@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from umt5_fast import buckets, decode_step, lm_head_screen, validation
 from umt5_fast.processors import (NO_HYPOTHESIS, Processors, StopCriteria, check_processor_options, eos_forbidden,
-                                   is_finite_number, is_token_id)
+                                   is_finite_number, is_token_id, narrow_width)
 from umt5_fast.cache import StaticCache
 from umt5_fast.outputs import ModelOutput, as_encoder_output
 
@@ -476,10 +476,11 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
     # largest logits: the LM head screen finds them without computing every logit (None: not for
     # this model).
     screens_samples = (processors.samples_from_top_k
-                       and rows * options["top_k"] <= lm_head_screen.TOP_LOGITS_MAX_IDS)
+                       and rows * options["top_k"] <= lm_head_screen.TOP_CANDIDATES_MAX_IDS)
     screen = (lm_head_screen.screen_for(model) if (processors.bans_eos_only or screens_samples)
               and record is None and isinstance(decoder, Decoder) else None)
     undecided_steps = 0
+    vocab = model.config.vocab_size
     with torch.no_grad(), contextlib.closing(decoder):
         for length in range(prompt_length, max_length):
             if length == sequences.shape[1]:
@@ -488,9 +489,15 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
             if screen is not None:
                 hidden = model.lm_head_input(decoder.step_hidden(tokens))
                 forbidden = options["eos_token_id"] if eos_forbidden(options, length) else None
-                if options["do_sample"]:  # -inf but at the candidates for the top_k: the same draw
-                    logits = screen.top_logits(hidden, options["top_k"], forbidden)
-                    undecided = logits is None
+                if options["do_sample"]:  # the candidates for the top_k largest logits decide the draw
+                    candidates = screen.top_candidates(hidden, options["top_k"], forbidden)
+                    undecided = candidates is None
+                    if candidates is not None:
+                        ids, candidate_logits = candidates
+                        picked = draw_from_candidates(ids, candidate_logits, vocab, processors, generator)
+                        if picked is None:  # the same draw from full rows: -inf but at the candidates
+                            logits = candidate_logits.new_full((len(hidden), vocab), -math.inf)
+                            logits[:, ids] = candidate_logits
                 else:
                     picked = screen.argmax(hidden, forbidden)
                     undecided = picked is None
@@ -596,17 +603,97 @@ def multinomial_draw(probs: torch.Tensor, generator: Optional[torch.Generator] =
     if int(torch.count_nonzero(probs)) > probs.numel() // 16:  # (most entries take the log: torch's loop is as fast)
         return torch.multinomial(probs, 1, generator=generator)
     rows, cols = probs.nonzero(as_tuple=True)
+    return _draw_among(rows, cols, probs[rows, cols], probs.shape, generator, lambda: probs)
+
+
+def _draw_among(rows, cols, values, shape, generator, full_probs):
+    """``torch.multinomial(full_probs(), 1, generator=generator)`` of ``shape`` valid probabilities,
+    given their nonzero ``values`` at ``(rows, cols)`` in ascending row-major order (see
+    multinomial_draw); ``full_probs`` is called only where torch draws."""
     source = torch.default_generator if generator is None else generator
-    bits, drew_zero, state_after = _low_53_bits(source, probs.numel(), rows * probs.shape[1] + cols)
+    bits, drew_zero, state_after = _low_53_bits(source, shape[0] * shape[1], rows * shape[1] + cols)
     x = bits.double() * 2.0 ** -53
-    ratio = probs[rows, cols] / (-1.0 * torch.log1p(-x)).float()
-    best = torch.zeros(probs.shape[0]).scatter_reduce_(0, rows, ratio, "amax", include_self=True)
+    ratio = values / (-1.0 * torch.log1p(-x)).float()
+    best = torch.zeros(shape[0]).scatter_reduce_(0, rows, ratio, "amax", include_self=True)
     if drew_zero or not bool((best > 0).all() & torch.isfinite(best).all()):
-        return torch.multinomial(probs, 1, generator=generator)
+        return torch.multinomial(full_probs(), 1, generator=generator)
     source.set_state(state_after)
     first = ratio == best[rows]  # torch.argmax: the first of equal maxima
-    picked = torch.full((probs.shape[0],), probs.shape[1], dtype=torch.long)
+    picked = torch.full((shape[0],), shape[1], dtype=torch.long)
     return picked.scatter_reduce_(0, rows[first], cols[first], "amin", include_self=True)[:, None]
+
+
+# torch's CPU softmax sums a row in vector lanes: lane j adds the values at the positions j (mod the
+# lane count) in their order, then the lanes are combined. A shorter row that keeps each value in its
+# lane and in its order there (-inf elsewhere, whose exp adds exact zeros) has the same sum, the same
+# maximum and so the same probabilities.
+_SOFTMAX_LANES = {}
+
+
+def softmax_lanes() -> Optional[int]:
+    """The lane count of torch's CPU softmax sums (found by trial once, not assumed: the first of 8,
+    16, 4, 32, 64 whose lane layouts give the full rows' probabilities in 64 trials that tell them
+    apart), or None when none does."""
+    if "lanes" not in _SOFTMAX_LANES:
+        g = torch.Generator().manual_seed(20261207)
+        trials = []
+        for trial in range(64):
+            length = 4099 + trial  # (every tail length)
+            ids = torch.randperm(length, generator=g)[:100 + 31 * trial].sort().values
+            # e^0 among ~2^-24 values: whether the small ones are added before or after a 1 decides
+            # their rounding, so another order of a lane's values changes the sum
+            small = torch.rand(len(ids), generator=g) < 0.98
+            row = torch.full((1, length), -math.inf)
+            row[0, ids] = torch.where(small, -24 * math.log(2), 0.0)
+            trials.append((ids, row[:, ids], row.softmax(-1)[:, ids]))
+        _SOFTMAX_LANES["lanes"] = next(
+            (lanes for lanes in (8, 16, 4, 32, 64)
+             if all(torch.equal(lane_softmax(ids, scores, lanes), expected) for ids, scores, expected in trials)),
+            None)
+    return _SOFTMAX_LANES["lanes"]
+
+
+def lane_softmax(ids: torch.Tensor, scores: torch.Tensor, lanes: int) -> torch.Tensor:
+    """``softmax`` of rows that hold ``scores`` ``[rows, n]`` at the ascending ``ids`` and -inf
+    elsewhere, at ``ids``: computed on rows that keep each id in its lane (mod ``lanes``) and in its
+    order there, bit-equal where ``lanes`` is torch's (``softmax_lanes``)."""
+    lane = ids % lanes
+    counts = torch.bincount(lane, minlength=lanes)
+    order = torch.argsort(lane, stable=True)  # by lane, ascending ids within each
+    rank = torch.empty_like(ids)
+    rank[order] = torch.arange(len(ids)) - (torch.cumsum(counts, 0) - counts)[lane[order]]
+    positions = rank * lanes + lane
+    laid = torch.full((scores.shape[0], int(counts.max()) * lanes), -math.inf)
+    laid[:, positions] = scores
+    return laid.softmax(-1)[:, positions]
+
+
+def draw_from_candidates(ids: torch.Tensor, logits: torch.Tensor, vocab: int, processors: Processors,
+                         generator: Optional[torch.Generator] = None) -> Optional[torch.Tensor]:
+    """A sampled step's ids from the scores that hold ``logits`` ``[rows, n]`` at the ascending
+    ``ids`` and -inf at the rest of ``vocab`` (the LM head screen's top-k candidates, for processors
+    that ``sample_from_top_k``): ``multinomial_draw(softmax(processors(scores)))``, the same ids and
+    generator state, computed on rows of ~n scores instead of ``vocab``. None where only the full
+    rows decide: top-p keeps some and drops others of equal scores (the full sort orders them), or
+    softmax's lanes are unknown."""
+    lanes = softmax_lanes()
+    if lanes is None or vocab < lanes:  # (rows shorter than a vector sum otherwise)
+        return None
+    rows, n = logits.shape
+    scores = torch.full((rows, narrow_width(n, vocab, processors.o["top_k"])), -math.inf)
+    scores[:, :n] = logits
+    for name, warp in processors.warpers:
+        warped = warp(scores)
+        # top-p drops a row's lowest scores; of equal scores on both sides of its cut, the full
+        # row's sort orders which it drops
+        if name == "top_p" and bool((scores.masked_fill(~torch.isinf(warped), -math.inf).amax(dim=1)
+                                     == warped.masked_fill(torch.isinf(warped), math.inf).amin(dim=1)).any()):
+            return None
+        scores = warped
+    probs = lane_softmax(ids, scores[:, :n], lanes)
+    rows_kept, kept = probs.nonzero(as_tuple=True)
+    return _draw_among(rows_kept, ids[kept], probs[rows_kept, kept], (rows, vocab), generator,
+                       lambda: probs.new_zeros(rows, vocab).index_copy_(1, ids, probs)).squeeze(1)
 
 
 def best_of_beams(values: torch.Tensor, indices: torch.Tensor, k: int, batch: int, vocab: int):

@@ -22,7 +22,7 @@ maxima) is the unscreened argmax, bit for bit (bf16 / fp16 logits are rounded af
 _LOGIT_ROUNDING). On a random umt5-small a handful of the 256384 rows are candidates; a step
 reads the int8 head plus a few rows of the head. When the bound cannot decide cheaply (non-finite
 input, too many candidates) ``argmax`` returns None and the caller computes every logit.
-``top_logits`` does the same for the k largest logits (top-k sampling needs no others): the
+``top_candidates`` does the same for the k largest logits (top-k sampling needs no others): the
 threshold is then the k-th largest of the chunks' best lower bounds (k columns reach it, so the
 k-th largest logit does), and the candidates' exact logits are returned instead of a pick.
 """
@@ -61,14 +61,14 @@ _FLOAT_HEAD_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 3}
 # bound's underflow term is relative to this.
 _MIN_NORM = 2.0 ** -60
 # More candidates than this and computing them exactly would cost about as much as the whole head
-# (for an argmax; top_logits' rows take candidates for k ids each, and the gathered rows of the head
+# (for an argmax; top_candidates' rows take candidates for k ids each, and the gathered rows of the head
 # still cost a fraction of it: 16 rows x top_k 50, ~8600 candidates: 31 against 59 ms).
 _MAX_CANDIDATES = 1024
 _MAX_TOP_CANDIDATES = 16384
-# top_logits' candidates run ~10 per id asked for (a random umt5-small, top_k 50: 440-600 at one
+# top_candidates' candidates run ~10 per id asked for (a random umt5-small, top_k 50: 440-600 at one
 # row); past this many ids (rows x k) the screen would rarely decide, and top-k sampling computes
 # every logit from its first step.
-TOP_LOGITS_MAX_IDS = 1024
+TOP_CANDIDATES_MAX_IDS = 1024
 
 
 class LMHeadScreen:
@@ -133,20 +133,16 @@ class LMHeadScreen:
         picks = torch.empty(x.shape[0], dtype=torch.int64)
         return picks if self._screen(x, forbidden, 1, picks=picks) else None
 
-    def top_logits(self, x: torch.Tensor, k: int, forbidden: Optional[Sequence[int]] = None) -> Optional[torch.Tensor]:
-        """Per row of ``x``: the logits ``ops.cpu.linear(x, weight)`` gives, bit for bit, at every id
-        that may be among the row's ``k`` largest (the ids of the k largest of any row, ids in
-        ``forbidden`` left out), -inf at the others: ``[rows, vocab]`` fp32 scores whose k largest,
-        ties included, are the full logits'. Sampling with top-k needs no more. None when the screen
-        cannot decide."""
+    def top_candidates(self, x: torch.Tensor, k: int, forbidden: Optional[Sequence[int]] = None):
+        """``(ids [n], logits [rows, n])``: ascending ids that hold, for every row of ``x``, each id
+        that may be among its ``k`` largest logits (ties at the k-th included, ids in ``forbidden``
+        left out), and the logits ``ops.cpu.linear(x, weight)`` gives there, bit for bit. With -inf
+        at every other id they are scores whose k largest are the full logits': sampling with top-k
+        needs no more. None when the screen cannot decide."""
         ids = torch.empty(_MAX_TOP_CANDIDATES, dtype=torch.int64)
         logits = torch.empty(x.shape[0], _MAX_TOP_CANDIDATES)
         count = self._screen(x, forbidden, k, ids=ids, logits=logits)
-        if not count:
-            return None
-        scores = torch.full((x.shape[0], self.weight.shape[0]), -math.inf)
-        scores[:, ids[:count]] = logits[:, :count]
-        return scores
+        return (ids[:count], logits[:, :count]) if count else None
 
     def _screen(self, x, forbidden, rank: int, picks=None, ids=None, logits=None) -> int:
         """screen_argmax's candidates for each row's ``rank`` largest logits into ``picks`` (the

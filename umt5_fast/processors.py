@@ -98,6 +98,16 @@ def top_k_filter(scores, top_k: int, min_tokens_to_keep: int = 1):
 _SOFTMAX_LANE_ALIGNMENT = 256
 
 
+def narrow_width(finite: int, vocab: int, top_k: int) -> int:
+    """The narrowest row width, at least ``finite`` and ``top_k`` and congruent to ``vocab`` modulo
+    the lane alignment: ``top_k_filter`` and ``top_p_filter`` of such rows, holding a full row's
+    finite scores (-inf elsewhere), give the full row's results at those scores when they are
+    distinct: the k-th largest is the same, and the sorted row's finite scores take the same lanes
+    in the same order, so its softmax and cumulative sums are the full row's."""
+    wanted = max(finite, min(top_k, vocab))
+    return vocab - (vocab - wanted) // _SOFTMAX_LANE_ALIGNMENT * _SOFTMAX_LANE_ALIGNMENT
+
+
 def top_p_filter(scores, top_p: float, min_tokens_to_keep: int = 1):
     """transformers' TopPLogitsWarper: -inf for the entries of each row whose ascending cumulative
     softmax stays within 1 - top_p (but the last ``min_tokens_to_keep``)."""

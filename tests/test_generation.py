@@ -471,7 +471,8 @@ def test_generate_output_follows_transformers(checkpoint_factory):
 
 def test_beam_sampling_temperature_too_small_for_beam_scores_is_refused(checkpoint_factory):
     """Scaled scores below beam search's -1e9 placeholder would lose to empty hypotheses (transformers
-    then returns the prompt alone): a clear error instead of an empty generation."""
+    then returns the prompt alone): a clear error instead of an empty generation; -inf scores from
+    processors are not refused (transformers' ids)."""
     ours, hf = pair(checkpoint_factory, "odd")
     ids = torch.tensor([[57]])
     with torch.no_grad():
@@ -481,6 +482,15 @@ def test_beam_sampling_temperature_too_small_for_beam_scores_is_refused(checkpoi
     with pytest.raises(ValueError, match="temperature=1e-10 scales the beam scores below"):
         ours.generate(ids, max_new_tokens=1, num_beams=2, do_sample=True, temperature=1e-10, seed=1)
     assert ours.generate(ids, max_new_tokens=1, num_beams=2, do_sample=True, temperature=1e-3, seed=1).shape == (1, 2)
+    # scores a processor sets to -inf (fewer finite scores than beams) are no reason to refuse
+    ids, mask = random_batch(ours.config.vocab_size, 2, 7, seed=3)
+    for options in (dict(forced_bos_token_id=5), dict(forced_eos_token_id=6, top_k=4),
+                    dict(prefix_allowed_tokens_fn=lambda batch_id, sequence: [7, 8])):
+        kwargs = dict(max_new_tokens=4, num_beams=3, do_sample=True, temperature=0.7, **options)
+        torch.manual_seed(2)
+        expected = reference(hf, ids, mask, **kwargs)
+        torch.manual_seed(2)
+        assert torch.equal(ours.generate(ids, attention_mask=mask, **kwargs), expected)
 
 
 def test_length_defaults_follow_transformers(checkpoint_factory):

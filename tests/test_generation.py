@@ -432,6 +432,74 @@ def test_finished_rows_stop_costing_work_in_greedy_decoding(checkpoint_factory, 
     assert min(rows_per_step) < 4 and rows_per_step == sorted(rows_per_step, reverse=True)
 
 
+def test_arguments_transformers_accepts_as_off_or_none_act_as_in_transformers(checkpoint_factory):
+    """transformers' generate takes the "off" value of a feature we do not implement (num_beam_groups=1,
+    assistant_model=None...) and None for an option, which turns the option off (top_k=None: no top-k,
+    which is not our default of 50); ids equal transformers'; other values of those features are refused."""
+    import transformers
+    ours, hf = pair(checkpoint_factory, "odd")
+    ids, mask = random_batch(ours.config.vocab_size, 2, 9, seed=6)
+    for kwargs in (dict(num_beam_groups=1, diversity_penalty=0.0, penalty_alpha=None, low_memory=None),
+                   dict(synced_gpus=False, assistant_model=None, guidance_scale=None, cache_implementation="static",
+                        return_legacy_cache=True),
+                   dict(min_length=None, repetition_penalty=None, length_penalty=None, output_scores=None),
+                   dict(min_length=None, no_repeat_ngram_size=None, num_beams=2),
+                   dict(do_sample=True, top_k=None, top_p=None, typical_p=None, temperature=None),
+                   dict(do_sample=True, top_k=None, temperature=1.4)):
+        kwargs = dict(kwargs, max_new_tokens=5)
+        torch.manual_seed(4)
+        expected = reference(hf, ids, mask, **kwargs)
+        torch.manual_seed(4)
+        assert torch.equal(ours.generate(ids, attention_mask=mask, **kwargs), expected), kwargs
+    # top_k=None in a generation config turns top-k off too (not "unset": 50 would keep 50 ids)
+    config = transformers.GenerationConfig(do_sample=True, top_k=None, max_new_tokens=5, decoder_start_token_id=0,
+                                           pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(5)
+    expected = reference(hf, ids, mask, generation_config=config)
+    torch.manual_seed(5)
+    assert torch.equal(ours.generate(ids, attention_mask=mask, generation_config=config), expected)
+    for bad, match in ((dict(synced_gpus=True), "synced_gpus=True"), (dict(assistant_model=hf), "assistant_model"),
+                       (dict(num_beam_groups=2), "num_beam_groups=2")):
+        with pytest.raises(ValueError, match=match):
+            ours.generate(ids, attention_mask=mask, max_new_tokens=2, **bad)
+    with pytest.raises(TypeError, match="unexpected argument 'no_such_option'"):
+        ours.generate(ids, attention_mask=mask, no_such_option=1)
+
+
+def test_decoding_starts_from_bos_without_a_decoder_start_token(checkpoint_factory):
+    """decoder_start_token_id None: transformers starts from bos_token_id (the config's or one passed);
+    neither set is a clear error."""
+    path, hf = checkpoint_factory("UMT5ForConditionalGeneration", decoder_start_token_id=None, bos_token_id=7)
+    ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="cpu")
+    ids, mask = random_batch(ours.config.vocab_size, 2, 8, seed=2)
+    for kwargs in (dict(), dict(bos_token_id=9)):
+        out = ours.generate(ids, attention_mask=mask, max_new_tokens=4, **kwargs)
+        assert torch.equal(out, reference(hf, ids, mask, max_new_tokens=4, **kwargs))
+        assert bool((out[:, 0] == kwargs.get("bos_token_id", 7)).all())
+    with pytest.raises(ValueError, match="decoder_start_token_id .*bos_token_id"):
+        ours.generate(ids, attention_mask=mask, max_new_tokens=4, bos_token_id=None)
+
+
+def test_decoder_attention_mask_of_an_unpadded_prompt_is_accepted_padding_refused(checkpoint_factory):
+    """generate(decoder_attention_mask=...): all ones (a tokenizer's mask of an unpadded prompt)
+    decodes as without it; 0s (a padded decoder prompt, which the decode steps cannot mask) and a
+    mask without decoder_input_ids are clear errors."""
+    ours, hf = pair(checkpoint_factory, "odd")
+    ids, mask = random_batch(ours.config.vocab_size, 2, 9, seed=8)
+    prompt = torch.tensor([[0, 5, 6], [0, 7, 8]])
+    expected = reference(hf, ids, mask, decoder_input_ids=prompt, decoder_attention_mask=torch.ones_like(prompt),
+                         max_new_tokens=4)
+    assert torch.equal(ours.generate(ids, attention_mask=mask, decoder_input_ids=prompt,
+                                     decoder_attention_mask=torch.ones_like(prompt), max_new_tokens=4), expected)
+    padded = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    with pytest.raises(ValueError, match="decoder_attention_mask pads the decoder prompt"):
+        ours.generate(ids, attention_mask=mask, decoder_input_ids=prompt, decoder_attention_mask=padded)
+    with pytest.raises(ValueError, match="decoder_attention_mask must have shape"):
+        ours.generate(ids, attention_mask=mask, decoder_input_ids=prompt, decoder_attention_mask=padded[:, :2])
+    with pytest.raises(ValueError, match="pass decoder_input_ids"):
+        ours.generate(ids, attention_mask=mask, decoder_attention_mask=padded)
+
+
 def test_generation_settings_we_do_not_implement_are_refused_not_ignored(checkpoint_factory):
     """Settings we do not implement are refused, never silently dropped (a token id 0 included)."""
     import transformers

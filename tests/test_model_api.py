@@ -184,3 +184,33 @@ def test_transformers_encoder_outputs_are_read_by_field(checkpoint_factory):
     assert list(out.keys()) == list(ref.keys()) and out.encoder_hidden_states is None
     assert all(torch.equal(a, b) for a, b in zip(out.encoder_attentions, ref.encoder_attentions))
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_the_stacks_take_transformers_arguments(seq2seq):
+    """get_encoder() / get_decoder() called as transformers' stacks are: return_dict=False gives its
+    tuples; the decoder keeps a cache by default (config.use_cache) whose K/V are transformers'; output
+    flags default to the config's; use_cache=True on the encoder is an error, as in transformers."""
+    path, hf = seq2seq
+    ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend=BACKEND)
+    ids, mask = random_batch(ours.config.vocab_size, 3, 13, seed=4)
+    decoder_ids = torch.randint(2, ours.config.vocab_size, (3, 5), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        theirs_encoded = hf.get_encoder()(input_ids=ids, attention_mask=mask, return_dict=False)
+        theirs = hf.get_decoder()(input_ids=decoder_ids, encoder_hidden_states=theirs_encoded[0],
+                                  encoder_attention_mask=mask, return_dict=False)
+    encoded = ours.get_encoder()(input_ids=ids, attention_mask=mask, return_dict=False)
+    assert isinstance(encoded, tuple) and len(encoded) == len(theirs_encoded)
+    assert_close(encoded[0], theirs_encoded[0], 1e-5, "encoder")
+    decoded = ours.get_decoder()(input_ids=decoder_ids, encoder_hidden_states=encoded[0],
+                                 encoder_attention_mask=mask, return_dict=False)
+    assert isinstance(decoded, tuple) and len(decoded) == len(theirs) == 2  # hidden states, cache
+    assert_close(decoded[0], theirs[0], 1e-5, "decoder")
+    ours_cache, their_cache = decoded[1].to_legacy_cache(), theirs[1].to_legacy_cache()
+    for ours_layer, their_layer in zip(ours_cache, their_cache):
+        for a, b in zip(ours_layer, their_layer):
+            assert_close(a, b, 1e-5, "cache")
+    out = ours.get_decoder()(input_ids=decoder_ids, encoder_hidden_states=encoded[0], encoder_attention_mask=mask,
+                             use_cache=False, output_hidden_states=True)
+    assert out.past_key_values is None and len(out.hidden_states) == ours.config.num_decoder_layers + 1
+    with pytest.raises(ValueError, match="use_cache=True needs the decoder"):
+        ours.get_encoder()(input_ids=ids, attention_mask=mask, use_cache=True)

@@ -31,14 +31,14 @@ DEFAULTS = dict(max_length=20, max_new_tokens=None, min_length=0, min_new_tokens
                 forced_eos_token_id=None, remove_invalid_values=False, exponential_decay_length_penalty=None,
                 suppress_tokens=None, begin_suppress_tokens=None, min_p=None, typical_p=1.0, epsilon_cutoff=0.0,
                 eta_cutoff=0.0, renormalize_logits=False, max_time=None,
-                stop_strings=None)
+                stop_strings=None, bos_token_id=None)
 # transformers' default max_length: when it is neither passed to generate nor changed in a config,
 # it means 20 new tokens (not 20 in all).
 _DEFAULT_MAX_LENGTH = DEFAULTS["max_length"]
 # Keys of a generation_config.json that do not change decoding here: bookkeeping, cache choices (the
 # static cache is always used; results are the same), and assisted decoding's settings, which only
 # act with an assistant model (generate takes none).
-_IGNORED = {"_from_model_config", "transformers_version", "bos_token_id", "use_cache", "cache_implementation",
+_IGNORED = {"_from_model_config", "transformers_version", "use_cache", "cache_implementation",
             "cache_config", "return_legacy_cache", "prefill_chunk_size", "disable_compile", "compile_config",
             "is_assistant", "num_assistant_tokens", "num_assistant_tokens_schedule",
             "assistant_confidence_threshold", "assistant_early_exit", "assistant_lookbehind", "target_lookbehind",
@@ -49,6 +49,18 @@ _UNSUPPORTED_OFF = dict(forced_decoder_ids=None, force_words_ids=None, num_beam_
                         penalty_alpha=None, constraints=None, guidance_scale=None, low_memory=None, dola_layers=None,
                         watermarking_config=None, prompt_lookup_num_tokens=None, token_healing=False)
 
+
+# Options that None turns off in transformers (passed to generate or set in a generation config:
+# its processors skip a None), with the value that does the same here.
+_OFF_WHEN_NONE = dict(top_k=0, top_p=1.0, typical_p=1.0, temperature=1.0, min_length=0, repetition_penalty=1.0,
+                      encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0,
+                      epsilon_cutoff=0.0, eta_cutoff=0.0, length_penalty=1.0, renormalize_logits=False,
+                      remove_invalid_values=False, output_scores=False, output_attentions=False,
+                      output_hidden_states=False, return_dict_in_generate=False)
+# Arguments of transformers' generate for features we do not implement, with the values that leave
+# them off (accepted; any other value is refused).
+_ARGUMENTS_OFF = dict(synced_gpus=(None, False), assistant_model=(None,), assistant_tokenizer=(None,),
+                      negative_prompt_ids=(None,), negative_prompt_attention_mask=(None,), custom_generate=(None,))
 
 _OUTPUT_FLAGS = ("output_attentions", "output_hidden_states", "output_scores", "output_logits")
 
@@ -159,23 +171,27 @@ def resolve_options(model, generation_config=None, **kwargs) -> dict:
     """
     cfg = model.config
     options = dict(DEFAULTS, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
-                   decoder_start_token_id=cfg.decoder_start_token_id)
+                   decoder_start_token_id=cfg.decoder_start_token_id, bos_token_id=cfg.bos_token_id)
     layers = (("model.generation_config", settings_dict(getattr(model, "generation_config", None))),
-              ("generation_config", settings_dict(generation_config)))
+              ("generation_config", settings_dict(generation_config)), ("generate()", kwargs))
     for source, layer in layers:
+        passed = source == "generate()"
         for key, value in layer.items():
             if key in DEFAULTS:
-                if value is not None:
+                if value is None and key in _OFF_WHEN_NONE:
+                    options[key] = _OFF_WHEN_NONE[key]
+                elif value is not None or passed:  # (None in a config: not set)
                     options[key] = value
             elif key in _UNSUPPORTED_OFF:
                 if value != _UNSUPPORTED_OFF[key]:
                     raise ValueError(f"{source} sets {key}={value!r}, which umt5_fast's generate does not support")
+            elif passed and key in _ARGUMENTS_OFF:
+                if not any(value is off for off in _ARGUMENTS_OFF[key]):
+                    raise ValueError(f"generate() got {key}={value!r}, which umt5_fast's generate does not support")
+            elif passed and key not in _IGNORED:
+                raise TypeError(f"generate() got an unexpected argument {key!r}")
             elif key not in _IGNORED and value not in (None, False, [], {}):
                 raise ValueError(f"{source} sets {key}={value!r}, which umt5_fast's generate does not support")
-    for key, value in kwargs.items():
-        if key not in DEFAULTS:
-            raise TypeError(f"generate() got an unexpected argument {key!r}")
-        options[key] = value
     if (options["max_new_tokens"] is None and kwargs.get("max_length") is None
             and options["max_length"] == _DEFAULT_MAX_LENGTH):
         options["max_new_tokens"] = _DEFAULT_MAX_LENGTH
@@ -226,11 +242,13 @@ def check_options(o: dict, vocab_size: int):
     if (pad is not None or eos) and not is_token_id(pad, vocab_size):
         # (no pad and no eos: no row ever ends, nothing is padded; transformers generates then too)
         raise ValueError(f"pad_token_id must be a token id in [0, {vocab_size}), got {o['pad_token_id']!r}")
+    if o["decoder_start_token_id"] is None:  # transformers then starts from bos
+        o["decoder_start_token_id"] = o["bos_token_id"]
     start = o["decoder_start_token_id"]
     start_ids = token_id_list(start) if isinstance(start, torch.Tensor) else [start]
     if not all(is_token_id(i, vocab_size) for i in start_ids):
-        raise ValueError(f"decoder_start_token_id must be a token id in [0, {vocab_size}) (or a tensor of them, "
-                         f"one per row), got {start!r}")
+        raise ValueError(f"decoder_start_token_id (or, when it is None, bos_token_id) must be a token id in "
+                         f"[0, {vocab_size}) (or a tensor of them, one per row), got {start!r}")
     check_processor_options(o, vocab_size)
 
 
@@ -383,10 +401,12 @@ def decoder_start_column(start, batch: int, device) -> torch.Tensor:
 
 
 def prepare(model, input_ids, attention_mask, decoder_input_ids, options, inputs_embeds=None,
-            encoder_outputs=None):
+            encoder_outputs=None, decoder_attention_mask=None):
     """Validate inputs, run the encoder (unless ``encoder_outputs`` are given); return (encoder
     output, mask, decoder prompt, max_length). The source is ``input_ids`` or ``inputs_embeds``; the
-    encoder returns its attentions / hidden states when the options ask generate for them."""
+    encoder returns its attentions / hidden states when the options ask generate for them. A
+    ``decoder_attention_mask`` must leave the decoder prompt unpadded (the decode steps attend to
+    every position of the prompt)."""
     cfg = model.config
     if encoder_outputs is not None:
         encoder_output = as_encoder_output(encoder_outputs)
@@ -415,11 +435,18 @@ def prepare(model, input_ids, attention_mask, decoder_input_ids, options, inputs
     batch = source_shape[0]
     start = decoder_start_column(options["decoder_start_token_id"], batch, model.device)
     if decoder_input_ids is None:
+        if decoder_attention_mask is not None:
+            raise ValueError("decoder_attention_mask masks a decoder prompt: pass decoder_input_ids with it")
         prompt = start
     else:
         validation.check_ids("decoder_input_ids", decoder_input_ids, cfg.vocab_size, model.device, allow_none=False)
         validation.same_batch("decoder_input_ids", decoder_input_ids.shape[0], "the encoder input", batch)
         prompt = decoder_input_ids.long()
+        decoder_mask = validation.check_mask("decoder_attention_mask", decoder_attention_mask, prompt.shape,
+                                             model.device)
+        if decoder_mask is not None and not bool(decoder_mask.all()):
+            raise ValueError("decoder_attention_mask pads the decoder prompt (it holds 0s), which umt5_fast's "
+                             "generate does not support: generate each prompt length in its own call, unpadded")
         if bool((prompt[:, 0] != start[:, 0]).all()):
             # transformers prepends the start token unless some row's prompt begins with it
             prompt = torch.cat([start, prompt], dim=1)
@@ -438,7 +465,8 @@ def prepare(model, input_ids, attention_mask, decoder_input_ids, options, inputs
         with torch.no_grad():
             encoder_output = model.encoder(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask,
                                            output_attentions=returned and options["output_attentions"],
-                                           output_hidden_states=returned and options["output_hidden_states"])
+                                           output_hidden_states=returned and options["output_hidden_states"],
+                                           return_dict=True)
     return encoder_output, mask, prompt, max_length
 
 
@@ -892,7 +920,8 @@ def decoding_rules(model, options, prompt, max_length, input_ids, logits_process
     return processors, stops
 
 
-def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=None, inputs_embeds=None,
+def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=None, decoder_attention_mask=None,
+             inputs_embeds=None,
              encoder_outputs=None, generation_config=None, streamer=None, generator: Optional[torch.Generator] = None,
              seed: Optional[int] = None, use_cuda_graph: bool = False, logits_processor=None,
              prefix_allowed_tokens_fn=None, stopping_criteria=None, tokenizer=None, **kwargs):
@@ -919,7 +948,7 @@ def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=No
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
     encoder_output, mask, prompt, max_length = prepare(model, input_ids, attention_mask, decoder_input_ids, options,
-                                                       inputs_embeds, encoder_outputs)
+                                                       inputs_embeds, encoder_outputs, decoder_attention_mask)
     encoder_states = encoder_output.last_hidden_state
     processors, stops = decoding_rules(model, options, prompt, max_length, input_ids, logits_processor,
                                        prefix_allowed_tokens_fn, stopping_criteria, tokenizer)
@@ -987,7 +1016,8 @@ def attentions_and_hidden_states(model, sequences, encoder_output, encoder_mask,
     mask = None if encoder_mask is None else encoder_mask.repeat_interleave(rows_per_source, dim=0)
     with torch.no_grad():
         decoded = model.decoder(input_ids=sequences[:, :-1], encoder_hidden_states=states, encoder_attention_mask=mask,
-                                output_attentions=attentions, output_hidden_states=hidden)
+                                output_attentions=attentions, output_hidden_states=hidden, use_cache=False,
+                                return_dict=True)
     steps = [(0, prompt_length)] + [(p, p + 1) for p in range(prompt_length, sequences.shape[1] - 1)]
     if attentions:
         fields["decoder_attentions"] = tuple(tuple(a[:, :, q0:q1, :q1] for a in decoded.attentions) for q0, q1 in steps)
@@ -1038,6 +1068,7 @@ def generate_stream(model, input_ids=None, attention_mask=None, **kwargs) -> Ite
     generator = kwargs.pop("generator", None)
     seed = kwargs.pop("seed", None)
     decoder_input_ids = kwargs.pop("decoder_input_ids", None)
+    decoder_attention_mask = kwargs.pop("decoder_attention_mask", None)
     use_cuda_graph = kwargs.pop("use_cuda_graph", False)
     logits_processor = kwargs.pop("logits_processor", None)
     prefix_allowed_tokens_fn = kwargs.pop("prefix_allowed_tokens_fn", None)
@@ -1049,7 +1080,8 @@ def generate_stream(model, input_ids=None, attention_mask=None, **kwargs) -> Ite
         raise ValueError("generate_stream supports greedy and sampled decoding (num_beams=1)")
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
-    encoder_output, mask, prompt, max_length = prepare(model, input_ids, attention_mask, decoder_input_ids, options)
+    encoder_output, mask, prompt, max_length = prepare(model, input_ids, attention_mask, decoder_input_ids, options,
+                                                       decoder_attention_mask=decoder_attention_mask)
     encoder_states = encoder_output.last_hidden_state
     processors, stops = decoding_rules(model, options, prompt, max_length, input_ids, logits_processor,
                                        prefix_allowed_tokens_fn, stopping_criteria, tokenizer)

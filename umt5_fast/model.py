@@ -379,6 +379,13 @@ def layer_head_masks(head_mask, num_layers: int, num_heads: int, dtype) -> List[
 # ---------------------------------------------------------------------------------------------
 # Stacks
 # ---------------------------------------------------------------------------------------------
+def output_choices(config, output_attentions, output_hidden_states, return_dict):
+    """forward's output flags, None standing for the config's (as in transformers)."""
+    return (config.output_attentions if output_attentions is None else output_attentions,
+            config.output_hidden_states if output_hidden_states is None else output_hidden_states,
+            config.use_return_dict if return_dict is None else return_dict)
+
+
 class EncoderStack(nn.Module):
     def __init__(self, config: UMT5Config, embed_tokens: nn.Embedding, runtime: Runtime):
         super().__init__()
@@ -388,7 +395,11 @@ class EncoderStack(nn.Module):
         self.final_layer_norm = RMSNorm(config.d_model, config.layer_norm_epsilon, runtime)
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, head_mask=None,
-                output_attentions=False, output_hidden_states=False) -> BaseModelOutput:
+                output_attentions=None, output_hidden_states=None, return_dict=None, use_cache=None):
+        if use_cache:
+            raise ValueError("use_cache=True needs the decoder: the encoder keeps no cache")
+        output_attentions, output_hidden_states, return_dict = output_choices(
+            self.config, output_attentions, output_hidden_states, return_dict)
         h = embed(self.embed_tokens, input_ids, inputs_embeds, "input_ids", "inputs_embeds")
         mask = validation.check_mask("attention_mask", attention_mask, h.shape[:2], h.device)
         head_masks = layer_head_masks(head_mask, len(self.block), self.config.num_heads, h.dtype)
@@ -402,9 +413,9 @@ class EncoderStack(nn.Module):
         h = self.final_layer_norm(h)
         if output_hidden_states:
             hidden_states.append(h)
-        return BaseModelOutput(last_hidden_state=h,
-                               hidden_states=tuple(hidden_states) if output_hidden_states else None,
-                               attentions=tuple(attentions) if output_attentions else None)
+        out = BaseModelOutput(last_hidden_state=h, hidden_states=tuple(hidden_states) if output_hidden_states else None,
+                              attentions=tuple(attentions) if output_attentions else None)
+        return out if return_dict else out.to_tuple()
 
 
 class DecoderStack(nn.Module):
@@ -416,8 +427,11 @@ class DecoderStack(nn.Module):
         self.final_layer_norm = RMSNorm(config.d_model, config.layer_norm_epsilon, runtime)
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, encoder_hidden_states=None,
-                encoder_attention_mask=None, past_key_values=None, use_cache=False, head_mask=None,
-                cross_attn_head_mask=None, output_attentions=False, output_hidden_states=False):
+                encoder_attention_mask=None, past_key_values=None, use_cache=None, head_mask=None,
+                cross_attn_head_mask=None, output_attentions=None, output_hidden_states=None, return_dict=None):
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        output_attentions, output_hidden_states, return_dict = output_choices(
+            self.config, output_attentions, output_hidden_states, return_dict)
         h = embed(self.embed_tokens, input_ids, inputs_embeds, "decoder_input_ids", "decoder_inputs_embeds")
         cache = as_cache(past_key_values, self.config, h.dtype, h.device)
         if cache is None and use_cache:
@@ -457,7 +471,7 @@ class DecoderStack(nn.Module):
             cache = past_key_values
         # (a cache that was passed in is returned even with use_cache=False, as transformers returns it)
         out.past_key_values = cache if use_cache or past_key_values is not None else None
-        return out
+        return out if return_dict else out.to_tuple()
 
     def run(self, h, *, self_mask, encoder_states, encoder_mask, cache, past_length, head_masks=None,
             cross_head_masks=None, output_attentions=False, output_hidden_states=False):
@@ -700,12 +714,6 @@ class UMT5PreTrainedModel(nn.Module):
     def prepare_decoder_input_ids_from_labels(self, labels):
         return self._shift_right(labels)
 
-    def _flags(self, output_attentions, output_hidden_states, return_dict):
-        cfg = self.config
-        return (cfg.output_attentions if output_attentions is None else output_attentions,
-                cfg.output_hidden_states if output_hidden_states is None else output_hidden_states,
-                cfg.use_return_dict if return_dict is None else return_dict)
-
     @classmethod
     def from_pretrained(cls, path, **kwargs):
         """Load a transformers checkpoint directory; see ``umt5_fast.loading.from_pretrained``."""
@@ -738,7 +746,7 @@ def _encode(model, input_ids, attention_mask, inputs_embeds, head_mask, encoder_
     if encoder_outputs is None:
         return model.encoder(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                              head_mask=head_mask, output_attentions=output_attentions,
-                             output_hidden_states=output_hidden_states)
+                             output_hidden_states=output_hidden_states, return_dict=True)
     return as_encoder_output(encoder_outputs)
 
 
@@ -767,7 +775,7 @@ class _EncoderDecoder(UMT5PreTrainedModel):
                            encoder_attention_mask=attention_mask, past_key_values=past_key_values,
                            use_cache=use_cache, head_mask=decoder_head_mask,
                            cross_attn_head_mask=cross_attn_head_mask, output_attentions=output_attentions,
-                           output_hidden_states=output_hidden_states)
+                           output_hidden_states=output_hidden_states, return_dict=True)
         return enc, dec
 
 
@@ -786,8 +794,8 @@ class UMT5Model(_EncoderDecoder):
                 head_mask=None, decoder_head_mask=None, cross_attn_head_mask=None, encoder_outputs=None,
                 past_key_values=None, inputs_embeds=None, decoder_inputs_embeds=None, use_cache=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None, cache_position=None):
-        output_attentions, output_hidden_states, return_dict = self._flags(
-            output_attentions, output_hidden_states, return_dict)
+        output_attentions, output_hidden_states, return_dict = output_choices(
+            self.config, output_attentions, output_hidden_states, return_dict)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         enc, dec = self._seq2seq(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
                                  head_mask, decoder_head_mask, cross_attn_head_mask, encoder_outputs,
@@ -828,8 +836,8 @@ class UMT5ForConditionalGeneration(_EncoderDecoder):
                 past_key_values=None, inputs_embeds=None, decoder_inputs_embeds=None, labels=None,
                 use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
                 cache_position=None):
-        output_attentions, output_hidden_states, return_dict = self._flags(
-            output_attentions, output_hidden_states, return_dict)
+        output_attentions, output_hidden_states, return_dict = output_choices(
+            self.config, output_attentions, output_hidden_states, return_dict)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if labels is not None:
             decoder_shape = (decoder_input_ids.shape if decoder_input_ids is not None
@@ -878,11 +886,11 @@ class UMT5EncoderModel(UMT5PreTrainedModel):
     @torch.no_grad()
     def forward(self, input_ids=None, attention_mask=None, head_mask=None, inputs_embeds=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None):
-        output_attentions, output_hidden_states, return_dict = self._flags(
-            output_attentions, output_hidden_states, return_dict)
+        output_attentions, output_hidden_states, return_dict = output_choices(
+            self.config, output_attentions, output_hidden_states, return_dict)
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                            head_mask=head_mask, output_attentions=output_attentions,
-                           output_hidden_states=output_hidden_states)
+                           output_hidden_states=output_hidden_states, return_dict=True)
         return out if return_dict else out.to_tuple()
 
 
@@ -917,8 +925,8 @@ class UMT5ForSequenceClassification(UMT5PreTrainedModel):
                 head_mask=None, decoder_head_mask=None, cross_attn_head_mask=None, encoder_outputs=None,
                 inputs_embeds=None, decoder_inputs_embeds=None, labels=None, use_cache=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None):
-        output_attentions, output_hidden_states, return_dict = self._flags(
-            output_attentions, output_hidden_states, return_dict)
+        output_attentions, output_hidden_states, return_dict = output_choices(
+            self.config, output_attentions, output_hidden_states, return_dict)
         if labels is not None:
             use_cache = False
         if input_ids is None and inputs_embeds is not None:
@@ -992,8 +1000,8 @@ class UMT5ForTokenClassification(UMT5PreTrainedModel):
     @torch.no_grad()
     def forward(self, input_ids=None, attention_mask=None, head_mask=None, inputs_embeds=None, labels=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None):
-        output_attentions, output_hidden_states, return_dict = self._flags(
-            output_attentions, output_hidden_states, return_dict)
+        output_attentions, output_hidden_states, return_dict = output_choices(
+            self.config, output_attentions, output_hidden_states, return_dict)
         if labels is not None:
             inputs = input_ids if input_ids is not None else inputs_embeds
             validation.check_labels(labels, self.config.num_labels, None if inputs is None else inputs.shape[:2])
@@ -1023,8 +1031,8 @@ class UMT5ForQuestionAnswering(_EncoderDecoder):
                 head_mask=None, decoder_head_mask=None, cross_attn_head_mask=None, encoder_outputs=None,
                 start_positions=None, end_positions=None, inputs_embeds=None, decoder_inputs_embeds=None,
                 use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None):
-        output_attentions, output_hidden_states, return_dict = self._flags(
-            output_attentions, output_hidden_states, return_dict)
+        output_attentions, output_hidden_states, return_dict = output_choices(
+            self.config, output_attentions, output_hidden_states, return_dict)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if start_positions is not None and end_positions is not None:
             use_cache = False

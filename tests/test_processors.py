@@ -459,17 +459,19 @@ def test_beam_search_gives_callers_processors_scores_they_may_keep(models):
 
 
 
-@pytest.mark.parametrize("vocab", [1000, 3001, 32128, 256384])
+@pytest.mark.parametrize("vocab", [5000, 3001, 32128, 256384, 7 * 256 + 5])
 def test_top_p_over_the_last_window_of_the_sort_equals_the_full_sort(vocab, monkeypatch):
     """After top-k, top-p sorts only the window of the row that holds its finite scores: the same
     cumulative probabilities, bit for bit, as the whole sort's over that window (softmax sums each
-    value in the same vector lane), and the same filtered scores; with tied finite scores, NaN or
+    value in the same vector lane; the window is never shorter than a vector: 7 * 256 + 5 ids and
+    top_k=5 would otherwise leave 5), and the same filtered scores; with tied finite scores, NaN or
     +inf it sorts the whole row."""
     from umt5_fast import processors
     g = torch.Generator().manual_seed(vocab)
     cases = []
-    for k, top_p, keep, scale in [(5, 0.9, 1, 1.0), (50, 0.5, 1, 4.0), (125, 0.99, 3, 0.3), (1, 0.1, 1, 1.0)]:
-        scores = processors.top_k_filter(torch.randn(3, vocab, generator=g) * scale, k)
+    for k, top_p, keep, scale, rows in [(5, 0.9, 1, 1.0, 3), (50, 0.5, 1, 4.0, 3), (125, 0.99, 3, 0.3, 3),
+                                        (1, 0.1, 1, 1.0, 3), (5, 0.9, 1, 0.01, 64)]:
+        scores = processors.top_k_filter(torch.randn(rows, vocab, generator=g) * scale, k)
         scores[2, : vocab // 2] = -math.inf
         cases.append((scores, top_p, keep))
     whole_sort = []
@@ -487,7 +489,7 @@ def test_top_p_over_the_last_window_of_the_sort_equals_the_full_sort(vocab, monk
     odd[0, 5], odd[1, 9] = math.nan, math.inf
     for scores in (tied, odd):
         assert processors.ascending_cumulative_probabilities(scores)[0].shape[1] == vocab
-    monkeypatch.setattr(processors, "_SOFTMAX_LANE_ALIGNMENT", vocab)  # every window: the whole row
+    monkeypatch.setattr(processors, "_SOFTMAX_WINDOW", vocab)  # every window: the whole row
     for (scores, top_p, keep), got in zip(cases, whole_sort):
         expected = processors.top_p_filter(scores.clone(), top_p, keep)
         assert torch.equal(got.view(torch.int32), expected.view(torch.int32))

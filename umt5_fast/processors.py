@@ -93,19 +93,27 @@ def top_k_filter(scores, top_k: int, min_tokens_to_keep: int = 1):
     return scores.masked_fill(scores < torch.topk(scores, top_k)[0][..., -1, None], -math.inf)
 
 
-# Windows of a sorted row start at multiples of this: softmax then sums every value in the vector
-# lane it takes in the whole row (lanes of 8 or 16 values; -inf entries add exact zeros).
-_SOFTMAX_LANE_ALIGNMENT = 256
+# A sorted row's windows (its last positions, where the finite scores are) end where the row ends
+# and hold at least this many positions, and their lengths are congruent to the row's modulo it.
+# torch's CPU softmax sums a row in the lanes of a vector (8 or 16 values), in order within each
+# lane, then combines the lanes in a butterfly that a cyclic shift of the lanes leaves alike; the
+# -inf entries before a window add exact zeros. A row shorter than a vector sums in another order.
+_SOFTMAX_WINDOW = 256
+
+
+def window_length(finite: int, length: int) -> int:
+    """The shortest window of a sorted row of ``length`` that holds its ``finite`` last values and
+    sums them as the whole row does (see _SOFTMAX_WINDOW); the whole row when it is that short."""
+    return length - max(length - max(finite, _SOFTMAX_WINDOW), 0) // _SOFTMAX_WINDOW * _SOFTMAX_WINDOW
 
 
 def narrow_width(finite: int, vocab: int, top_k: int) -> int:
-    """The narrowest row width, at least ``finite`` and ``top_k`` and congruent to ``vocab`` modulo
-    the lane alignment: ``top_k_filter`` and ``top_p_filter`` of such rows, holding a full row's
-    finite scores (-inf elsewhere), give the full row's results at those scores when they are
-    distinct: the k-th largest is the same, and the sorted row's finite scores take the same lanes
-    in the same order, so its softmax and cumulative sums are the full row's."""
-    wanted = max(finite, min(top_k, vocab))
-    return vocab - (vocab - wanted) // _SOFTMAX_LANE_ALIGNMENT * _SOFTMAX_LANE_ALIGNMENT
+    """The narrowest row width, at least ``finite`` and ``top_k``, whose sorted rows' windows are
+    those of rows of ``vocab`` (``window_length``): ``top_k_filter`` and ``top_p_filter`` of such
+    rows, holding a full row's finite scores (-inf elsewhere), give the full row's results at those
+    scores when they are distinct: the k-th largest is the same, and the sorted row's finite scores
+    take the same lanes in the same order, so its softmax and cumulative sums are the full row's."""
+    return window_length(max(finite, min(top_k, vocab)), vocab)
 
 
 def top_p_filter(scores, top_p: float, min_tokens_to_keep: int = 1):
@@ -127,7 +135,7 @@ def ascending_cumulative_probabilities(scores, min_length: int = 1):
     sort's to choose, which then runs)."""
     rows, vocab = scores.shape
     finite = torch.isfinite(scores).sum(1)
-    start = (vocab - int(finite.max()) if rows else 0) // _SOFTMAX_LANE_ALIGNMENT * _SOFTMAX_LANE_ALIGNMENT
+    start = vocab - window_length(int(finite.max()) if rows else vocab, vocab)
     # (NaN or +inf: only the full sort knows their place)
     if min_length <= vocab - start < vocab // 4 and bool((finite + (scores == -math.inf).sum(1) == vocab).all()):
         values, indices = (t.flip(1) for t in torch.topk(scores, vocab - start, dim=1))

@@ -44,7 +44,7 @@ def build_parser():
     parser.add_argument("--engines", type=comma_list,
                         help="engine names or shell patterns, comma-separated (see --list)")
     parser.add_argument("--workloads", type=comma_list,
-                        help="workload names, shell patterns or groups (encoder, greedy, beam, long)")
+                        help="workload names, shell patterns or groups (encoder, greedy, sample, beam, long)")
     parser.add_argument("--new-tokens", type=at_least(1), help="tokens generated per sequence (forced: min == max)")
     parser.add_argument("--source-length", type=at_least(1), help="source tokens of the generation workloads")
     parser.add_argument("--threads", type=at_least(1), default=machine.default_threads(),

@@ -5,7 +5,8 @@ Every adapter has the same interface, used inside the measuring subprocess:
 - ``load(checkpoint_dir, ctranslate2_dir, kind, threads)``: load for a workload kind ("encoder"
   loads the encoder-only class where the engine has one) with ``threads`` compute threads;
 - ``encode(ids, mask) -> np.ndarray [B, L, d_model]`` (float32);
-- ``generate(ids, mask, new_tokens, num_beams) -> np.ndarray [B, new_tokens]`` (the new ids only).
+- ``generate(ids, mask, new_tokens, num_beams, top_k) -> np.ndarray [B, new_tokens]`` (the new ids
+  only; ``top_k > 0``: sampled with top-k, the generator seeded with ``SAMPLING_SEED`` first).
 
 Adapters are cheap descriptions until ``load``; the suite names them by ``name`` across processes.
 """
@@ -13,6 +14,8 @@ import importlib.util
 from typing import Optional
 
 import numpy as np
+
+from .workloads import SAMPLING_SEED
 
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "bf16-model": 2, "fp16-model": 2, "int8": 1, "w8a8": 1}
 # Whole models in half precision (weights and activations), as transformers' dtype=...: precision ->
@@ -61,8 +64,18 @@ class Engine:
     def encode(self, ids, mask) -> np.ndarray:
         raise NotImplementedError
 
-    def generate(self, ids, mask, new_tokens: int, num_beams: int) -> np.ndarray:
+    def generate(self, ids, mask, new_tokens: int, num_beams: int, top_k: int = 0) -> np.ndarray:
         raise NotImplementedError
+
+
+def torch_decoding(new_tokens: int, num_beams: int, top_k: int) -> dict:
+    """generate()'s options for a workload, shared by umt5_fast and transformers (same API); seeds
+    torch's global generator when it samples, so that both draw the same ids."""
+    if top_k:
+        import torch
+        torch.manual_seed(SAMPLING_SEED)
+    return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=num_beams, do_sample=top_k > 0,
+                top_k=top_k or None)
 
 
 class UMT5FastEngine(Engine):
@@ -87,9 +100,8 @@ class UMT5FastEngine(Engine):
     def encode(self, ids, mask):
         return self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float().numpy()
 
-    def generate(self, ids, mask, new_tokens, num_beams):
-        out = self.model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                  num_beams=num_beams, do_sample=False)
+    def generate(self, ids, mask, new_tokens, num_beams, top_k=0):
+        out = self.model.generate(ids, attention_mask=mask, **torch_decoding(new_tokens, num_beams, top_k))
         return out[:, 1:].numpy()  # drop the decoder start token
 
 
@@ -115,11 +127,10 @@ class TransformersEngine(Engine):
         with torch.inference_mode():
             return self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float().numpy()
 
-    def generate(self, ids, mask, new_tokens, num_beams):
+    def generate(self, ids, mask, new_tokens, num_beams, top_k=0):
         import torch
         with torch.inference_mode():
-            out = self.model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                      min_new_tokens=new_tokens, num_beams=num_beams, do_sample=False)
+            out = self.model.generate(ids, attention_mask=mask, **torch_decoding(new_tokens, num_beams, top_k))
         return out[:, 1:].numpy()
 
 
@@ -145,10 +156,14 @@ class CTranslate2Engine(Engine):
         self.vocabulary = ctranslate2_vocabulary(ctranslate2_dir)
         self.token_ids = {token: i for i, token in enumerate(self.vocabulary)}
 
-    def generate(self, ids, mask, new_tokens, num_beams):
+    def generate(self, ids, mask, new_tokens, num_beams, top_k=0):
+        import ctranslate2
         source = [[self.vocabulary[i] for i in row] for row in ids.tolist()]
+        if top_k:
+            ctranslate2.set_random_seed(SAMPLING_SEED)
         results = self.model.translate_batch(source, beam_size=num_beams, max_decoding_length=new_tokens,
-                                             min_decoding_length=new_tokens, max_input_length=0)
+                                             min_decoding_length=new_tokens, max_input_length=0,
+                                             sampling_topk=top_k or 1)
         rows = [[self.token_ids[token] for token in result.hypotheses[0]] for result in results]
         width = max(len(row) for row in rows)
         return np.array([row + [-1] * (width - len(row)) for row in rows], dtype=np.int64)

@@ -2,7 +2,9 @@
 
 Every engine gets the same inputs (random ids ending in ``</s>``, no padding, seeded by the
 workload) and, for generation, ``min_new_tokens == max_new_tokens`` so that every engine produces
-exactly the same number of tokens whatever it predicts.
+exactly the same number of tokens whatever it predicts. Sampled workloads draw with top-k from
+``SAMPLING_SEED`` (torch's global generator: umt5_fast and transformers draw the same ids;
+CTranslate2 draws from its own generator).
 """
 import fnmatch
 from dataclasses import dataclass
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 ENCODER_GRID = ((1, 128), (1, 512), (1, 2048), (1, 4096), (8, 128), (8, 512), (32, 128))  # (batch, length)
 THROUGHPUT_BATCHES = (1, 4, 16, 64)
 LONG_SOURCE_LENGTH = 2048
+SAMPLING_SEED = 2024
 
 
 @dataclass(frozen=True)
@@ -20,14 +23,17 @@ class Workload:
     source_length: int
     new_tokens: int = 0  # generate only
     num_beams: int = 1
+    top_k: int = 0  # > 0: sampled with top-k (do_sample=True) from SAMPLING_SEED
 
     @property
     def group(self) -> str:
-        """encoder, greedy, beam or long: the family a ``--workloads`` filter may name."""
+        """encoder, greedy, sample, beam or long: the family a ``--workloads`` filter may name."""
         if self.kind == "encoder":
             return "encoder"
         if self.num_beams > 1:
             return "beam"
+        if self.top_k:
+            return "sample"
         return "long" if self.name.startswith("long") else "greedy"
 
     @property
@@ -35,6 +41,7 @@ class Workload:
         text = f"{self.batch}x{self.source_length}"
         if self.kind == "generate":
             text += f"->{self.new_tokens}" + (f" beam{self.num_beams}" if self.num_beams > 1 else "")
+            text += f" top-k {self.top_k}" if self.top_k else ""
         return text
 
     @property
@@ -57,6 +64,8 @@ def catalog(source_length: int, new_tokens: int) -> list:
     workloads = [encoder_workload(batch, length) for batch, length in ENCODER_GRID]
     workloads += [Workload(f"greedy-b{batch}", "generate", batch, source_length, new_tokens)
                   for batch in THROUGHPUT_BATCHES]
+    workloads += [Workload(f"sample-top50-b{batch}", "generate", batch, source_length, new_tokens, top_k=50)
+                  for batch in (1, 16)]
     workloads.append(Workload("beam4-b1", "generate", 1, source_length, new_tokens, num_beams=4))
     workloads.append(Workload("beam4-b16", "generate", 16, source_length, new_tokens, num_beams=4))
     workloads.append(Workload(f"long-{LONG_SOURCE_LENGTH}", "generate", 1, LONG_SOURCE_LENGTH, new_tokens))
@@ -71,7 +80,7 @@ def select(workloads: list, patterns) -> list:
     if not chosen:
         names = ", ".join(w.name for w in workloads)
         raise ValueError(f"no workload matches {','.join(patterns)}; workloads: {names} "
-                         "(or a group: encoder, greedy, beam, long)")
+                         "(or a group: encoder, greedy, sample, beam, long)")
     return chosen
 
 

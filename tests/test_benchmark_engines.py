@@ -43,3 +43,24 @@ def test_umt5_fast_half_precision_models_load_in_their_dtype(checkpoint_factory,
     assert engine.model.dtype == dtype
     ids, mask = random_batch(engine.model.config.vocab_size, 2, 13, seed=3)
     assert engine.encode(ids, mask).dtype == np.float32
+
+
+def test_sampled_workloads_draw_the_same_ids_in_umt5_fast_and_transformers(checkpoint_factory):
+    """A sampled workload (top-k 50 from the suite's seed) gives transformers' ids in umt5_fast, call
+    after call, and they are not greedy decoding's; the workloads are their own group."""
+    workloads = pytest.importorskip("benchmarks.workloads")
+    sampled = [w for w in workloads.catalog(64, 32) if w.group == "sample"]
+    assert [w.name for w in sampled] == ["sample-top50-b1", "sample-top50-b16"] and all(w.top_k == 50 for w in sampled)
+    assert workloads.select(workloads.catalog(64, 32), ["sample"]) == sampled
+    path, _ = checkpoint_factory("UMT5ForConditionalGeneration", num_layers=2, num_decoder_layers=2)
+    ours, theirs = engines.engine_by_name("umt5_fast-cpu-fp32"), engines.engine_by_name("transformers-fp32")
+    if ours.missing:
+        pytest.skip(ours.missing)
+    for engine in (ours, theirs):
+        engine.load(path, None, "generate", threads=1)
+    ids, mask = random_batch(theirs.model.config.vocab_size, 3, 11, seed=5)
+    expected = theirs.generate(ids, mask, new_tokens=6, num_beams=1, top_k=50)
+    assert expected.shape == (3, 6)
+    for _ in range(2):
+        assert np.array_equal(ours.generate(ids, mask, new_tokens=6, num_beams=1, top_k=50), expected)
+    assert not np.array_equal(ours.generate(ids, mask, new_tokens=6, num_beams=1), expected)

@@ -1,8 +1,8 @@
 // torch's CPU generator (a Mersenne twister, MT19937) run on a copy of its state: the 64-bit draws
 // that torch.multinomial's exponential loop makes, one per entry of the probabilities, of which
 // generation.multinomial_draw needs the low 53 bits at a few entries and whether any entry drew 0.
-// torch makes them one call at a time (21 ms for 16 x 256384 entries); here a block of the state's
-// words is tempered in one loop the compiler vectorises, and only the asked-for entries are stored.
+// torch makes them one call at a time (21 ms for 16 x 256384 entries); here the state's words are
+// regenerated block by block, and only the asked-for entries are tempered and stored.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -25,6 +25,15 @@ constexpr uint32_t kMatrix = 0x9908b0dfu, kUpper = 0x80000000u, kLower = 0x7ffff
 // before it relies on it.
 constexpr int64_t kStateBytes = 5056, kLeftAt = 8, kNextAt = 16, kWordsAt = 24;
 
+// MT19937's output of a word: an invertible map of 32-bit words with temper(0) == 0, so an output
+// is 0 exactly where its word is.
+inline uint32_t temper(uint32_t y) {
+  y ^= y >> 11;
+  y ^= (y << 7) & 0x9d2c5680u;
+  y ^= (y << 15) & 0xefc60000u;
+  return y ^ (y >> 18);
+}
+
 inline uint32_t twist(uint32_t u, uint32_t v) {
   return (((u & kUpper) | (v & kLower)) >> 1) ^ ((v & 1u) ? kMatrix : 0u);
 }
@@ -42,7 +51,8 @@ struct Twister {
     words[kWords - 1] = words[kShift - 1] ^ twist(words[kWords - 1], words[0]);
   }
 
-  // The next `count` outputs (tempered words) into out, as `count` calls of torch's operator().
+  // The words behind the next `count` outputs into out, untempered (torch's operator() tempers
+  // each: temper() below), as `count` calls would take them.
   void fill(uint32_t* out, int64_t count) {
     while (count > 0) {
       if (left == 1) {  // the call that finds --left == 0 regenerates, then reads words[0]
@@ -51,15 +61,7 @@ struct Twister {
         next = 0;
       }
       const int64_t take = std::min<int64_t>(count, left - 1);
-      const uint32_t* from = words + next;
-      for (int64_t j = 0; j < take; ++j) {
-        uint32_t y = from[j];
-        y ^= y >> 11;
-        y ^= (y << 7) & 0x9d2c5680u;
-        y ^= (y << 15) & 0xefc60000u;
-        y ^= y >> 18;
-        out[j] = y;
-      }
+      std::memcpy(out, words + next, take * sizeof(uint32_t));
       out += take;
       count -= take;
       next += take;
@@ -97,19 +99,21 @@ void register_mt19937(py::module_& m) {
           {
             py::gil_scoped_release no_gil;
             constexpr int64_t kBlock = 4096;  // entries a pass: two outputs each
-            std::vector<uint32_t> outputs(2 * kBlock);
+            std::vector<uint32_t> words(2 * kBlock);
             int64_t k = 0;
             for (int64_t begin = 0; begin < entries; begin += kBlock) {
               const int64_t n = std::min(kBlock, entries - begin);
-              twister.fill(outputs.data(), 2 * n);
-              uint32_t zero_pairs = 0;  // an entry's draw is (high << 32 | low); low 53 bits 0: q = 0
-              for (int64_t e = 0; e < n; ++e)
-                zero_pairs |= static_cast<uint32_t>(((outputs[2 * e] & 0x1fffffu) | outputs[2 * e + 1]) == 0);
-              drew_zero = drew_zero || zero_pairs != 0;
+              twister.fill(words.data(), 2 * n);
+              // an entry's draw is (high << 32 | low); its low 53 bits are 0 (q = 0) only where the low
+              // output, and so its word, is 0: the high output is tempered there alone
+              uint32_t zero_low = 0;
+              for (int64_t e = 0; e < n; ++e) zero_low |= static_cast<uint32_t>(words[2 * e + 1] == 0);
+              for (int64_t e = 0; zero_low && e < n; ++e)
+                drew_zero = drew_zero || (words[2 * e + 1] == 0 && (temper(words[2 * e]) & 0x1fffffu) == 0);
               for (; k < count && wanted[k] < begin + n; ++k) {
                 const int64_t e = wanted[k] - begin;
-                low53[k] = static_cast<int64_t>((static_cast<uint64_t>(outputs[2 * e] & 0x1fffffu) << 32) |
-                                                outputs[2 * e + 1]);
+                low53[k] = static_cast<int64_t>((static_cast<uint64_t>(temper(words[2 * e]) & 0x1fffffu) << 32) |
+                                                temper(words[2 * e + 1]));
               }
             }
           }

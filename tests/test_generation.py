@@ -275,6 +275,37 @@ def test_the_cpp_twister_draws_what_torch_draws():
     assert torch.equal(state, torch.Generator().manual_seed(4).get_state())
 
 
+def test_the_cpp_twister_reports_a_draw_whose_low_53_bits_are_0():
+    """A state whose next words give a draw with its low 53 bits 0 (an exponential draw of 0, where
+    multinomial_draw leaves the choice to torch): reported, as torch's random_ draws it, and only then."""
+    import numpy as np
+    _C = pytest.importorskip("umt5_fast.ops.cpu")._C
+
+    def temper(y):
+        y = y ^ (y >> 11)
+        y = y ^ ((y << 7) & 0x9d2c5680)
+        y = y ^ ((y << 15) & 0xefc60000)
+        return y ^ (y >> 18)
+
+    candidates = np.random.default_rng(0).integers(0, 2 ** 32, 1 << 23, dtype=np.uint64)
+    high = int(candidates[(temper(candidates) & 0x1FFFFF) == 0][0])  # its output's low 21 bits are 0
+    for low, expect_zero in ((0, True), (1, False)):
+        state = torch.Generator().manual_seed(5).get_state()
+        words = state[24:24 + 8 * 624].view(torch.int64)
+        words[3], words[4] = high, low  # entry 1 of the draws: (output of word 3) << 32 | output of word 4
+        state[8:12].view(torch.int32)[0] = 625 - 1  # left: 623 outputs before a regeneration
+        state[16:24].view(torch.int64)[0] = 1  # next: the outputs start at word 1
+        generator = torch.Generator()
+        generator.set_state(state.clone())
+        expected = torch.empty(5, dtype=torch.long).random_(generator=generator) & ((1 << 53) - 1)
+        assert bool((expected == 0).any()) == expect_zero
+        low53 = torch.empty(5, dtype=torch.long)
+        positions = torch.arange(5)
+        assert _C.mt19937_low53_draws(state=state.data_ptr(), entries=5, positions=positions.data_ptr(), count=5,
+                                      out=low53.data_ptr()) == expect_zero
+        assert torch.equal(low53, expected) and torch.equal(state, generator.get_state())
+
+
 @pytest.mark.parametrize("backend", ["eager", "cpu"])
 def test_sampled_steps_with_few_candidates_draw_what_transformers_draws(checkpoint_factory, monkeypatch, backend):
     """top_k / top_p leaving a few tokens: multinomial_draw picks them without torch.multinomial,

@@ -241,6 +241,44 @@ def test_transformers_helper_methods_and_attributes(model_dir, texts):
     assert rows == {"input_ids": [e["input_ids"] for e in examples]}  # (transformers pads its input in place)
 
 
+def test_call_and_loading_arguments_transformers_takes(model_dir, texts, tmp_path):
+    """return_attention_mask / return_token_type_ids None, True, False (None: T5's inputs, a mask
+    included), the off values of overflow / offsets / split words, and from_pretrained's hub and class
+    arguments and subfolder: what T5Tokenizer gives; the features themselves and unknown arguments
+    are clear errors; transformers' attributes and vocabulary helpers."""
+    reference, ours = load_pair(model_dir)
+    # (T5Tokenizer's token types of a text that ends in </s> count a second </s>, one more than its ids)
+    batch = [text for text in texts[30:40] if not text.rstrip().endswith("</s>")][:3]
+    for options in (dict(return_attention_mask=None), dict(return_attention_mask=False),
+                    dict(return_token_type_ids=True), dict(return_token_type_ids=None, return_tensors="pt"),
+                    dict(return_overflowing_tokens=False, stride=0, return_offsets_mapping=False,
+                         is_split_into_words=False)):
+        expected = reference(batch, padding=True, **options)
+        got = ours(batch, padding=True, **options)
+        assert list(got.keys()) == list(expected.keys()) and as_plain(got) == as_plain(expected), options
+    with pytest.raises(NotImplementedError, match="return_offsets_mapping"):
+        ours(batch[0], return_offsets_mapping=True)
+    for options in (dict(return_overflowing_tokens=True), dict(is_split_into_words=True)):
+        with pytest.raises(ValueError, match="not supported"):
+            ours(batch[0], **options)
+    pipeline = tmp_path / "pipeline"
+    ours.save_pretrained(pipeline / "tokenizer")
+    hub = dict(revision="main", cache_dir=str(tmp_path), token=None, local_files_only=True, trust_remote_code=True,
+               use_fast=False, force_download=False)
+    loaded = UMT5Tokenizer.from_pretrained(pipeline, subfolder="tokenizer", **hub)
+    assert loaded(batch)["input_ids"] == reference(batch)["input_ids"]
+    assert loaded.name_or_path == str(pipeline / "tokenizer") and loaded.is_fast is reference.is_fast is False
+    with pytest.raises(TypeError, match=r"from_pretrained\(\) got unexpected arguments \['no_such_option'\]"):
+        UMT5Tokenizer.from_pretrained(model_dir, no_such_option=1)
+    assert ours.sp_model.get_piece_size() == reference.sp_model.get_piece_size()
+    text = "Hello , world ! It 's fine ."
+    assert ours.clean_up_tokenization(text) == reference.clean_up_tokenization(text)
+    (saved,) = ours.save_vocabulary(tmp_path / "vocabulary", filename_prefix="x")
+    (tmp_path / "vocabulary-theirs").mkdir()
+    (their_saved,) = reference.save_vocabulary(str(tmp_path / "vocabulary-theirs"), filename_prefix="x")
+    assert Path(saved).name == Path(their_saved).name and Path(saved).read_bytes() == Path(their_saved).read_bytes()
+
+
 def test_added_tokens_json_of_older_saves_is_read(model_dir, tmp_path):
     """Before transformers 4.34, added tokens lived only in added_tokens.json."""
     import shutil

@@ -14,6 +14,7 @@ replacement must produce the ids the model was trained on:
 * Decoding rebuilds the text piece run by piece run, with a space before special tokens, the way
   `T5Tokenizer.convert_tokens_to_string` and `PreTrainedTokenizer._decode` do.
 """
+import inspect
 import json
 import re
 import shutil
@@ -38,6 +39,9 @@ _PADDING_CHOICES = {False: None, "do_not_pad": None, True: "longest", "longest":
                     "max_length": "max_length"}
 _TRUNCATION_CHOICES = {None: None, False: None, "do_not_truncate": None, True: "longest_first",
                        "longest_first": "longest_first", "only_first": "only_first", "only_second": "only_second"}
+# transformers' from_pretrained arguments about the hub or the tokenizer class: nothing to do here
+_HUB_ARGUMENTS = ("revision", "cache_dir", "token", "use_auth_token", "local_files_only", "force_download",
+                  "resume_download", "proxies", "trust_remote_code", "use_fast", "_from_pipeline")
 _CLEANUP_REPLACEMENTS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
                          (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
@@ -133,6 +137,7 @@ class UMT5Tokenizer:
             if side not in ("right", "left"):
                 raise ValueError(f"{name} must be 'right' or 'left', got {side!r}")
         self.vocab_file = Path(vocab_file)
+        self.name_or_path = str(self.vocab_file.parent)  # (transformers' attribute: where it was loaded from)
         self.legacy = bool(legacy)
         self.add_prefix_space = bool(add_prefix_space)
         self.model_max_length = int(model_max_length)
@@ -210,12 +215,20 @@ class UMT5Tokenizer:
     # --- loading and saving --------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, directory, **overrides):
-        """Load `directory`/spiece.model plus, if present, tokenizer_config.json and special_tokens_map.json.
+    def from_pretrained(cls, directory, *, subfolder: str = "", **overrides):
+        """Load `directory`/spiece.model plus, if present, tokenizer_config.json and special_tokens_map.json
+        (in ``subfolder`` of it: a pipeline's "tokenizer").
 
-        Keyword arguments override the saved settings (e.g. legacy=False, padding_side="left").
+        Keyword arguments override the saved settings (e.g. legacy=False, padding_side="left");
+        transformers' hub and class-choice arguments (revision, token, use_fast...) are accepted and
+        change nothing (files are local, and this is the sentencepiece tokenizer).
         """
-        directory = Path(directory)
+        for name in _HUB_ARGUMENTS:
+            overrides.pop(name, None)
+        unknown = sorted(set(overrides) - set(inspect.signature(cls.__init__).parameters) - {"vocab_file"})
+        if unknown:
+            raise TypeError(f"UMT5Tokenizer.from_pretrained() got unexpected arguments {unknown}")
+        directory = Path(directory) / subfolder
         if not directory.is_dir():
             raise FileNotFoundError(f"tokenizer directory not found: {directory}")
         config_path = directory / TOKENIZER_CONFIG_FILE
@@ -253,15 +266,34 @@ class UMT5Tokenizer:
             "add_prefix_space", "model_max_length", "clean_up_tokenization_spaces", "padding_side",
             "truncation_side", "added_tokens_decoder") if config.get(key) is not None}
         settings.update(overrides)
-        return cls(directory / SENTENCEPIECE_FILE, **settings)
+        tokenizer = cls(directory / SENTENCEPIECE_FILE, **settings)
+        tokenizer.name_or_path = str(directory)
+        return tokenizer
 
-    def save_pretrained(self, directory):
-        """Write spiece.model, tokenizer_config.json and special_tokens_map.json (loadable by transformers)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        target = directory / SENTENCEPIECE_FILE
+    # transformers' PreTrainedTokenizer attributes: a sentencepiece ("slow") tokenizer
+    is_fast = False
+
+    @property
+    def sp_model(self):
+        """The sentencepiece processor (T5Tokenizer's attribute)."""
+        return self._sp
+
+    def save_vocabulary(self, save_directory, filename_prefix=None):
+        """Write the sentencepiece model (as T5Tokenizer: ``[prefix-]spiece.model``); its path, in a tuple."""
+        target = Path(save_directory) / ((f"{filename_prefix}-" if filename_prefix else "") + SENTENCEPIECE_FILE)
+        target.parent.mkdir(parents=True, exist_ok=True)
         if target.resolve() != self.vocab_file.resolve():
             shutil.copyfile(self.vocab_file, target)
+        return (str(target),)
+
+    def save_pretrained(self, directory, **hub_options):
+        """Write spiece.model, tokenizer_config.json and special_tokens_map.json (loadable by transformers);
+        transformers' hub options (push_to_hub=False, token...) change nothing."""
+        if hub_options.get("push_to_hub"):
+            raise ValueError("push_to_hub is not supported: umt5_fast writes local files only")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.save_vocabulary(directory)
         named = {"eos_token": self._eos, "pad_token": self._pad, "unk_token": self._unk}
         additional = [t.content for t in self._additional]
         config = {
@@ -506,16 +538,26 @@ class UMT5Tokenizer:
 
     def __call__(self, text=None, text_pair=None, text_target=None, text_pair_target=None, add_special_tokens=True,
                  padding=False, truncation=None, max_length=None, *, pad_to_multiple_of=None, padding_side=None,
-                 return_tensors=None, return_attention_mask=True, return_special_tokens_mask=False,
-                 return_length=False, verbose=True):
+                 return_tensors=None, return_attention_mask=None, return_token_type_ids=None,
+                 return_special_tokens_mask=False, return_length=False, return_overflowing_tokens=False,
+                 return_offsets_mapping=False, stride=0, is_split_into_words=False, verbose=True):
         """Encode a string or a list of strings (with ``text_pair``: pairs, ``A </s> B </s>``) into
         input_ids (+ attention_mask); ``text_target`` encodes the labels the same way (transformers'
-        arguments and rules). A single string gives flat lists (or a batch of one with tensors)."""
+        arguments and rules: None for return_attention_mask / return_token_type_ids means T5's
+        model inputs, with a mask and without token types). A single string gives flat lists (or a
+        batch of one with tensors)."""
         if text is None and text_target is None:
             raise ValueError("pass text or text_target")
+        if return_offsets_mapping:  # (as transformers' Python tokenizers)
+            raise NotImplementedError("return_offsets_mapping is not available from a sentencepiece (slow) tokenizer")
+        if return_overflowing_tokens or is_split_into_words:
+            raise ValueError("return_overflowing_tokens and is_split_into_words are not supported by "
+                             "UMT5Tokenizer; join pre-split words with spaces")
         options = dict(add_special_tokens=add_special_tokens, padding=padding, truncation=truncation,
                        max_length=max_length, pad_to_multiple_of=pad_to_multiple_of, padding_side=padding_side,
-                       return_tensors=return_tensors, return_attention_mask=return_attention_mask,
+                       return_tensors=return_tensors,
+                       return_attention_mask=return_attention_mask is None or return_attention_mask,
+                       return_token_type_ids=bool(return_token_type_ids),
                        return_special_tokens_mask=return_special_tokens_mask, return_length=return_length)
         encoding = self._call_one(text, text_pair, **options) if text is not None else None
         if text_target is None:
@@ -541,7 +583,8 @@ class UMT5Tokenizer:
         return self._as_tensors(encoding, is_batch, return_tensors) if return_tensors else encoding
 
     def _call_one(self, text, text_pair, add_special_tokens, padding, truncation, max_length, pad_to_multiple_of,
-                  padding_side, return_tensors, return_attention_mask, return_special_tokens_mask, return_length):
+                  padding_side, return_tensors, return_attention_mask, return_token_type_ids,
+                  return_special_tokens_mask, return_length):
         padding_side = self._padding_side(padding_side, return_tensors)
         is_batch = isinstance(text, (list, tuple))
         if not is_batch and not isinstance(text, str):
@@ -559,6 +602,8 @@ class UMT5Tokenizer:
                              f"pad_to_multiple_of={pad_to_multiple_of} contradict each other (as in transformers)")
         encoded = [self._encode_one(t, p, add_special_tokens, strategy, max_length) for t, p in zip(texts, pairs)]
         rows = {"input_ids": [ids for ids, _ in encoded]}
+        if return_token_type_ids:  # T5 has one segment: zeros, as T5Tokenizer gives them
+            rows["token_type_ids"] = [[0] * len(ids) for ids in rows["input_ids"]]
         if return_special_tokens_mask:
             rows["special_tokens_mask"] = [mask for _, mask in encoded]
         if return_attention_mask:
@@ -668,9 +713,13 @@ class UMT5Tokenizer:
         text = (" " if spaces_between_special_tokens else "").join(parts)
         if clean_up_tokenization_spaces is None:
             clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
-        if clean_up_tokenization_spaces:
-            for old, new in _CLEANUP_REPLACEMENTS:
-                text = text.replace(old, new)
+        return self.clean_up_tokenization(text) if clean_up_tokenization_spaces else text
+
+    @staticmethod
+    def clean_up_tokenization(text: str) -> str:
+        """transformers' clean-up of spaces before punctuation and English contractions."""
+        for old, new in _CLEANUP_REPLACEMENTS:
+            text = text.replace(old, new)
         return text
 
     def batch_decode(self, sequences, skip_special_tokens=False, clean_up_tokenization_spaces=None, **decode_options):

@@ -81,3 +81,31 @@ def test_bad_config_files(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="model_type"):
         UMT5Config.from_pretrained(tmp_path)
+
+
+def test_attributes_beyond_the_fields_behave_as_transformers_configs(tmp_path):
+    """Every key of a config.json reads as an attribute; attributes set at run time are saved;
+    PretrainedConfig's other attributes read as its defaults; to_diff_dict keeps what differs from
+    a default config, as transformers' (compared with transformers' own)."""
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.UMT5Config(vocab_size=500, d_model=32, num_heads=3, my_key=3,
+                                     task_specific_params={"translation": {"prefix": "en: "}})
+    theirs.save_pretrained(tmp_path / "saved")
+    ours = UMT5Config.from_pretrained(tmp_path / "saved")
+    assert ours.my_key == 3 and ours.task_specific_params == {"translation": {"prefix": "en: "}}
+    for name in ("max_length", "sep_token_id", "tie_encoder_decoder", "pruned_heads", "chunk_size_feed_forward"):
+        assert getattr(ours, name) == getattr(transformers.UMT5Config(), name), name
+    with pytest.raises(AttributeError, match="no attribute 'no_such_attribute'"):
+        ours.no_such_attribute  # noqa: B018
+    ours.my_field, ours.hidden_size, ours._name_or_path = 7, 48, "somewhere"
+    assert ours.d_model == 48 and ours.name_or_path == "somewhere"
+    ours.save_pretrained(tmp_path / "ours")
+    saved = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert saved["my_field"] == 7 and saved["my_key"] == 3 and saved["d_model"] == 48
+    reloaded = transformers.UMT5Config.from_pretrained(tmp_path / "ours")
+    assert reloaded.my_field == 7 and reloaded.hidden_size == 48
+    diff = ours.to_diff_dict()
+    assert {"my_field", "my_key", "d_model", "vocab_size", "num_heads", "model_type"} <= set(diff)
+    assert "relative_attention_num_buckets" not in diff and "layer_norm_epsilon" not in diff
+    assert set(diff) - {"dense_act_fn", "is_gated_act", "scale_decoder_outputs", "torch_dtype"} <= \
+        set(theirs.to_diff_dict()) | {"my_field", "d_model"}

@@ -336,3 +336,45 @@ def test_a_t5_directory_is_named_as_such(tmp_path):
         vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4)).save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="this is a T5 / mT5 checkpoint"):
         umt5_fast.UMT5ForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_transformers_loading_and_saving_arguments(seq2seq, tmp_path):
+    """device_map to one device, variant files (transformers' names, both ways), a config path,
+    output_loading_info, generation options (they reach the generation config, as in transformers),
+    hub options that change nothing; save_pretrained's state_dict (tied tensors once), variant and
+    hub options; a device map across devices is refused."""
+    import transformers
+    path, hf = seq2seq
+    ids, mask, dec = batch(hf.config.vocab_size)
+    expected = reference_logits(hf, ids, mask, dec)
+    hf.save_pretrained(tmp_path / "variant", variant="v2")
+    assert (tmp_path / "variant" / "model.v2.safetensors").is_file()
+    for kwargs in (dict(device_map="cpu"), dict(device_map={"": "cpu"}), dict(device_map="auto"),
+                   dict(config=str(path), force_download=False, proxies=None, ignore_mismatched_sizes=False)):
+        model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, **kwargs)
+        assert model.device == torch.device("cpu")
+        assert_close(model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits, expected, 1e-5, kwargs)
+    model, info = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(tmp_path / "variant", variant="v2",
+                                                                         output_loading_info=True)
+    assert info == dict(missing_keys=[], unexpected_keys=[], mismatched_keys=[], error_msgs=[])
+    assert_close(model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits, expected, 1e-5, "variant")
+    with pytest.raises(FileNotFoundError, match="model.v3.safetensors"):
+        umt5_fast.UMT5ForConditionalGeneration.from_pretrained(tmp_path / "variant", variant="v3")
+    with pytest.raises(ValueError, match="several devices"):
+        umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, device_map={"encoder": "cpu", "decoder": "cpu"})
+    generating = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, num_beams=2, max_length=5)
+    theirs = transformers.UMT5ForConditionalGeneration.from_pretrained(path, num_beams=2, max_length=5)
+    assert generating.generation_config.num_beams == theirs.generation_config.num_beams == 2
+    with torch.no_grad():
+        use_cache = theirs.config.num_decoder_layers <= theirs.config.num_layers  # (transformers' cache fails else)
+        assert torch.equal(generating.generate(ids, attention_mask=mask),
+                           theirs.generate(ids, attention_mask=mask, use_cache=use_cache))
+    # save: a state_dict as model.state_dict() lists it (tied tensors under each name), a variant
+    model.save_pretrained(tmp_path / "saved", state_dict=model.state_dict(), variant="v2", token=None,
+                          save_peft_format=True)
+    reloaded = transformers.UMT5ForConditionalGeneration.from_pretrained(tmp_path / "saved", variant="v2")
+    assert_close(reference_logits(reloaded, ids, mask, dec), expected, 1e-6, "saved state_dict")
+    halved = {name: tensor * 0.5 for name, tensor in model.state_dict().items()}  # (ties broken: each written)
+    model.save_pretrained(tmp_path / "halved", state_dict=halved)
+    reread = transformers.UMT5ForConditionalGeneration.from_pretrained(tmp_path / "halved")
+    assert torch.equal(reread.lm_head.weight, halved["lm_head.weight"])

@@ -99,6 +99,7 @@ def test_quantized_weights_agree_with_fp32_on_the_tiny_model():
     (["generate", "--batch-size", "0", "x"], "--batch-size: must be a positive integer"),
     (["encode", "--batch-size", "-1", "x"], "--batch-size: must be a positive integer"),
     (["generate", "--device", "foo", "x"], "'foo' is not a torch device"),
+    (["generate", "--model", "/nonexistent", "x"], "--model: no checkpoint directory or file at /nonexistent"),
     (["encode", "--output", "/nonexistent/dir/e.pt", "x"], "cannot write --output /nonexistent/dir/e.pt"),
     (["bench", "--threads", "0"], "--threads: must be >= 1"),
     (["bench", "--new-tokens", "x"], "invalid int value: 'x'"),

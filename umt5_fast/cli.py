@@ -52,6 +52,8 @@ def load(cls, args, **kwargs):
     from umt5_fast.tokenizer import UMT5Tokenizer
     check_device(args.device)
     model_path = Path(args.model)
+    if not model_path.exists():
+        raise FileNotFoundError(f"--model: no checkpoint directory or file at {model_path}")
     tokenizer = UMT5Tokenizer.from_pretrained(args.tokenizer or (model_path.parent if model_path.is_file()
                                                                  else model_path))
     model = cls.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device,

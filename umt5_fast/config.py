@@ -48,6 +48,22 @@ _DEFAULTS = {
 _POSITIVE_INTS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers",
                   "num_decoder_layers", "relative_attention_num_buckets",
                   "relative_attention_max_distance")
+# transformers' PretrainedConfig attributes that no field here models, with its defaults: read as
+# these until set (a set one, as every unknown key of a config.json, is kept in ``extra`` and saved).
+_PRETRAINED_CONFIG_DEFAULTS = {
+    "max_length": 20, "min_length": 0, "do_sample": False, "early_stopping": False, "num_beams": 1,
+    "num_beam_groups": 1, "diversity_penalty": 0.0, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "typical_p": 1.0,
+    "repetition_penalty": 1.0, "length_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None, "num_return_sequences": 1, "output_scores": False, "return_dict_in_generate": False,
+    "forced_bos_token_id": None, "forced_eos_token_id": None, "remove_invalid_values": False,
+    "exponential_decay_length_penalty": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+    "task_specific_params": None, "sep_token_id": None, "tie_encoder_decoder": False, "pruned_heads": {},
+    "chunk_size_feed_forward": 0, "finetuning_task": None, "tokenizer_class": None, "prefix": None,
+    "add_cross_attention": False, "cross_attention_hidden_size": None, "torchscript": False,
+    "tf_legacy_loss": False, "use_bfloat16": False,
+}
+# Attributes of the config object itself besides the fields
+_OWN_ATTRIBUTES = ("dense_act_fn", "is_gated_act", "name_or_path", "extra")
 # Keys transformers writes that are derived here (and so not kept as separate facts).
 _DERIVED = ("model_type", "transformers_version")
 # Fields that must be JSON booleans: a string such as "false" would read as true.
@@ -80,7 +96,7 @@ class UMT5Config:
     model_type = "umt5"
     attribute_map = {"hidden_size": "d_model", "num_attention_heads": "num_heads",
                      "num_hidden_layers": "num_layers", "head_dim": "d_kv", "return_dict": "use_return_dict",
-                     "dtype": "torch_dtype"}
+                     "dtype": "torch_dtype", "_name_or_path": "name_or_path"}
     is_decoder = False  # (the whole model is an encoder-decoder; transformers' flag for decoder-only use)
 
     def __init__(self, **kwargs):
@@ -112,8 +128,10 @@ class UMT5Config:
 
     @classmethod
     def is_field(cls, name: str) -> bool:
-        """Whether ``name`` is a field (or an alias of one) that ``from_pretrained`` may override."""
-        return name in _DEFAULTS or name in cls.attribute_map or name in ("dense_act_fn", "is_gated_act")
+        """Whether ``name`` is a field (or an alias of one), or an attribute of transformers' configs,
+        that ``from_pretrained`` may set."""
+        return (name in _DEFAULTS or name in cls.attribute_map or name in ("dense_act_fn", "is_gated_act")
+                or name in _PRETRAINED_CONFIG_DEFAULTS)
 
     def _set_labels(self):
         if self.id2label is not None:
@@ -141,10 +159,19 @@ class UMT5Config:
         alias = type(self).attribute_map.get(name)
         if alias is not None:
             return getattr(self, alias)
+        extra = self.__dict__.get("extra", {})
+        if name in extra:
+            return extra[name]
+        if name in _PRETRAINED_CONFIG_DEFAULTS:
+            return copy.deepcopy(_PRETRAINED_CONFIG_DEFAULTS[name])
         raise AttributeError(f"UMT5Config has no attribute {name!r}")
 
     def __setattr__(self, name, value):
-        super().__setattr__(type(self).attribute_map.get(name, name), value)
+        name = type(self).attribute_map.get(name, name)
+        if name in _DEFAULTS or name in _OWN_ATTRIBUTES or hasattr(type(self), name):
+            super().__setattr__(name, value)
+        else:  # any other attribute, as transformers' config keeps it: saved with the config
+            self.extra[name] = value
 
     def validate(self):
         """Raise ValueError naming the first bad field."""
@@ -242,6 +269,12 @@ class UMT5Config:
             for derived in ("dense_act_fn", "is_gated_act"):
                 data.pop(derived)
         return type(self).from_dict(dict(data, **overrides))
+
+    def to_diff_dict(self) -> dict:
+        """to_dict() without the values a default UMT5Config has (model_type kept), as transformers'."""
+        defaults = type(self)().to_dict()
+        return {key: value for key, value in self.to_dict().items()
+                if key == "model_type" or key not in defaults or defaults[key] != value}
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"

@@ -18,13 +18,22 @@ import torch
 import torch.nn as nn
 
 from umt5_fast.config import CONFIG_NAME, UMT5Config, dtype_name, read_json_object
-from umt5_fast.generation import GenerationSettings, settings_dict
+from umt5_fast.generation import DEFAULTS as GENERATION_DEFAULTS, GenerationSettings, settings_dict
 from umt5_fast.quant import PackedWeight
 
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 BIN_NAME = "pytorch_model.bin"
 BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+
+
+def with_variant(name: str, variant: Optional[str]) -> str:
+    """transformers' file name of a weights ``variant`` ("model.safetensors" -> "model.fp16.safetensors",
+    "model.safetensors.index.json" -> "model.safetensors.index.fp16.json")."""
+    if not variant:
+        return name
+    parts = name.split(".")
+    return ".".join(parts[:-1] + [variant, parts[-1]])
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -143,15 +152,15 @@ def _numel(shape) -> int:
 class CheckpointReader:
     """Name -> tensor over every file of a checkpoint directory (or one file)."""
 
-    def __init__(self, path, use_safetensors: Optional[bool] = None):
+    def __init__(self, path, use_safetensors: Optional[bool] = None, variant: Optional[str] = None):
         """``use_safetensors`` (transformers' option): True reads only safetensors files, False only
-        ``.bin`` ones, None prefers safetensors."""
+        ``.bin`` ones, None prefers safetensors; ``variant``: the files of that weights variant."""
         path = Path(path)
         self.sources: Dict[str, Callable[[], torch.Tensor]] = {}
         self.shapes: Dict[str, tuple] = {}
         forms = {True: ((SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME),), False: ((BIN_NAME, BIN_INDEX_NAME),),
                  None: ((SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME), (BIN_NAME, BIN_INDEX_NAME))}[use_safetensors]
-        names = [name for pair in forms for name in pair]
+        names = [with_variant(name, variant) for pair in forms for name in pair]
         if path.is_file():
             files = [path]
         else:
@@ -423,14 +432,42 @@ def quantize_linear(module, mode: str, name: str):
 # ---------------------------------------------------------------------------------------------
 # Public entry points
 # ---------------------------------------------------------------------------------------------
-# transformers' from_pretrained options that change nothing when loading local files.
+# transformers' from_pretrained options that change nothing when loading local files (the last
+# two: mismatched shapes are an error here, and .bin files are always read weights-only).
 _IGNORED_HF_OPTIONS = ("low_cpu_mem_usage", "local_files_only", "trust_remote_code", "attn_implementation",
-                       "revision", "cache_dir", "token")
+                       "revision", "cache_dir", "token", "use_auth_token", "force_download", "resume_download",
+                       "proxies", "offload_folder", "offload_state_dict", "_from_auto", "_from_pipeline",
+                       "ignore_mismatched_sizes", "weights_only")
+
+
+def device_of_map(device_map, device):
+    """The one device transformers' ``device_map`` names ("cpu", "cuda:0", {"": "cpu"}, "auto": the
+    GPU when there is one), or ``device`` when there is no map; a map that splits the model across
+    devices is refused."""
+    if device_map is None:
+        return device
+    if isinstance(device_map, dict):
+        if set(device_map) != {""}:
+            raise ValueError(f"device_map={device_map!r} places modules on several devices, which umt5_fast "
+                             "does not support: pass one device (device_map='cpu' or device='cuda')")
+        device_map = device_map[""]
+    if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        device_map = "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(device_map, int):  # (a GPU index)
+        device_map = f"cuda:{device_map}"
+    try:
+        mapped = torch.device(device_map)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device_map={device_map!r} is not a device") from exc
+    if device not in (None, "cpu") and torch.device(device) != mapped:
+        raise ValueError(f"device={device!r} and device_map={device_map!r} disagree: pass one of them")
+    return mapped
 
 
 def from_pretrained(cls, path, *, dtype=None, torch_dtype=None, device="cpu", backend="auto", quantize=None,
                     config: Optional[UMT5Config] = None, keep_in_fp32=("wo",), progress=None, gguf_file=None,
-                    subfolder: str = "", use_safetensors: Optional[bool] = None, **config_overrides):
+                    subfolder: str = "", use_safetensors: Optional[bool] = None, device_map=None,
+                    variant: Optional[str] = None, output_loading_info: bool = False, **config_overrides):
     """Load a UMT5 checkpoint (a transformers directory, or one file) into ``cls``.
 
     ``dtype`` (or transformers' ``torch_dtype``): float32 (default), float16, bfloat16 or "auto";
@@ -441,13 +478,18 @@ def from_pretrained(cls, path, *, dtype=None, torch_dtype=None, device="cpu", ba
     ``path`` may also be one file: a ComfyUI / transformers-named ``.safetensors``, a ``.gguf``
     (``gguf_file=``: a file name inside the directory ``path``, as in transformers) or Wan's ``.pth``
     (``umt5_fast.formats``); a config.json next to it wins over the config inferred from the file.
-    ``subfolder``: the checkpoint's folder inside ``path`` (e.g. a pipeline's "text_encoder").
-    Other keyword arguments override config fields (e.g. ``num_labels=3``); transformers' options
+    ``subfolder``: the checkpoint's folder inside ``path`` (e.g. a pipeline's "text_encoder");
+    ``variant``: its weights variant ("model.fp16.safetensors"); ``device_map``: transformers' map
+    to one device; ``config``: a config object or a path to one; ``output_loading_info``: also
+    return transformers' loading report (empty lists: missing, unexpected and mismatched weights
+    are errors here). Other keyword arguments override config fields (e.g. ``num_labels=3``) or set
+    config attributes (``max_length=5``, as transformers' config keeps them); transformers' options
     that mean nothing for local files (``low_cpu_mem_usage``, ``local_files_only``, ...) are
     accepted and ignored, anything else is a TypeError.
     """
     for option in _IGNORED_HF_OPTIONS:
         config_overrides.pop(option, None)
+    device = device_of_map(device_map, device)
     if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
         raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree: pass one of them")
     if use_safetensors not in (None, True, False):
@@ -461,6 +503,8 @@ def from_pretrained(cls, path, *, dtype=None, torch_dtype=None, device="cpu", ba
         path = path / gguf_file
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path does not exist: {path}")
+    if isinstance(config, (str, Path)):
+        config = UMT5Config.from_pretrained(config)
     if config is not None:  # a copy: the model records its dtype and path in its own config
         if not hasattr(config, "to_dict"):
             raise TypeError(f"config must be a UMT5Config (ours or transformers'), got {type(config).__name__}")
@@ -472,7 +516,7 @@ def from_pretrained(cls, path, *, dtype=None, torch_dtype=None, device="cpu", ba
         elif path.is_dir():
             raise FileNotFoundError(f"config.json not found in {config_file.parent}")
     if path.is_dir():
-        reader = CheckpointReader(path, use_safetensors)
+        reader = CheckpointReader(path, use_safetensors, variant)
         sources, shapes, packed = reader.sources, reader.shapes, ()
     else:
         from umt5_fast import formats
@@ -482,6 +526,8 @@ def from_pretrained(cls, path, *, dtype=None, torch_dtype=None, device="cpu", ba
         config = config.updated(**config_overrides)
     generation_file = path / "generation_config.json" if path.is_dir() and cls.can_generate() else None
     generation_settings = read_generation_config(generation_file) if generation_file else None
+    if generation_settings is not None:  # (as transformers: generation options passed here win over the file's)
+        generation_settings.update({k: v for k, v in config_overrides.items() if k in GENERATION_DEFAULTS})
     dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config, reader)
     total = sum(_numel(s) for s in shapes.values())
     show = progress if progress is not None else total > 200_000_000
@@ -494,6 +540,8 @@ def from_pretrained(cls, path, *, dtype=None, torch_dtype=None, device="cpu", ba
         model.generation_config = generation_settings
     model.config.torch_dtype = model.dtype  # as transformers records the dtype it loaded
     model.config.name_or_path = str(path)
+    if output_loading_info:
+        return model.eval(), dict(missing_keys=[], unexpected_keys=[], mismatched_keys=[], error_msgs=[])
     return model.eval()
 
 
@@ -517,14 +565,16 @@ def from_hf(cls, hf_model, backend="auto"):
     return model.eval()
 
 
-def save_pretrained(model, directory, max_shard_size=None):
+def save_pretrained(model, directory, max_shard_size=None, state_dict=None, variant=None):
     """Write config.json + safetensors weights that transformers' from_pretrained loads.
 
     Tied weights are written once (transformers re-ties them); int8 layers are written dequantised.
     An LM head untied from a tied checkpoint by ``quantize`` is written as an untied head, with the
     decoder-output rescale of tied heads folded into it, so the files hold the model as it runs.
     config.json records the model's dtype. ``max_shard_size`` (bytes, or a string like "200MB")
-    splits the weights into shards plus ``model.safetensors.index.json``.
+    splits the weights into shards plus ``model.safetensors.index.json``. ``state_dict``: the tensors
+    to write instead of the model's (as they are); ``variant``: in the file names, as transformers
+    names a variant.
     """
     from safetensors.torch import save_file
     from umt5_fast.model import Linear, PackedEmbedding
@@ -534,33 +584,48 @@ def save_pretrained(model, directory, max_shard_size=None):
     config = model.config.to_dict()
     config["torch_dtype"] = dtype_name(model.dtype)
     config["architectures"] = [type(model).__name__]  # what transformers' save records
-    state = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()}
-    for name, module in model.named_modules():
-        if isinstance(module, (Linear, PackedEmbedding)) and module.qweight is not None:
-            state[f"{name}.weight"] = module.packed_weight().dequantize().contiguous()
+    if state_dict is not None:
+        if not (isinstance(state_dict, dict) and all(isinstance(t, torch.Tensor) for t in state_dict.values())):
+            raise TypeError("state_dict must map names to tensors")
+        # a tied tensor is written once (model.state_dict() lists it under each of its names), under
+        # the name the model's parameters give it, as transformers writes it
+        own_names, first_of = {name for name, _ in model.named_parameters()}, {}
+        for name in sorted(state_dict, key=lambda n: n not in own_names):
+            t = state_dict[name]
+            first_of.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)), name)
+        state = {name: state_dict[name].detach().to("cpu").contiguous() for name in state_dict
+                 if name in first_of.values()}
+    else:
+        state = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()}
+        for name, module in model.named_modules():
+            if isinstance(module, (Linear, PackedEmbedding)) and module.qweight is not None:
+                state[f"{name}.weight"] = module.packed_weight().dequantize().contiguous()
     head = getattr(model, "lm_head", None)
-    if head is not None and model.config.tie_word_embeddings and head.weight is not model.shared.weight:
+    if state_dict is None and head is not None and model.config.tie_word_embeddings \
+            and head.weight is not model.shared.weight:
         weight = state["lm_head.weight"].float()
         if model.config.scale_decoder_outputs:
             weight = weight * model.config.d_model ** -0.5
         state["lm_head.weight"] = weight.to(state["shared.weight"].dtype)
         config.update(tie_word_embeddings=False, scale_decoder_outputs=False)
     UMT5Config.from_dict(config).save_pretrained(directory)
-    for stale in [directory / SAFETENSORS_NAME, directory / SAFETENSORS_INDEX_NAME,
-                  *directory.glob("model-*-of-*.safetensors")]:  # an earlier save's files would shadow these
+    weights_name, index_name = (with_variant(name, variant) for name in (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME))
+    shard_stem = weights_name.removesuffix(".safetensors")
+    for stale in [directory / weights_name, directory / index_name,
+                  *directory.glob(f"{shard_stem}-*-of-*.safetensors")]:  # an earlier save's files would shadow these
         stale.unlink(missing_ok=True)
     shards = _split(state, shard_limit)
     if len(shards) == 1:
-        save_file(shards[0], str(directory / SAFETENSORS_NAME), metadata={"format": "pt"})
+        save_file(shards[0], str(directory / weights_name), metadata={"format": "pt"})
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
-            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            file = f"{shard_stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, str(directory / file), metadata={"format": "pt"})
             weight_map.update({k: file for k in shard})
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (directory / SAFETENSORS_INDEX_NAME).write_text(json.dumps(index, indent=2))
+        (directory / index_name).write_text(json.dumps(index, indent=2))
     settings = settings_dict(getattr(model, "generation_config", None))
     if settings:
         (directory / "generation_config.json").write_text(json.dumps(settings, indent=2))

@@ -727,9 +727,12 @@ class UMT5PreTrainedModel(nn.Module):
         return from_hf(cls, hf_model, backend=backend)
 
     def save_pretrained(self, directory, max_shard_size=None, safe_serialization: bool = True,
-                        is_main_process: bool = True, push_to_hub: bool = False):
+                        is_main_process: bool = True, push_to_hub: bool = False, state_dict=None,
+                        variant=None, token=None, save_peft_format: bool = True):
         """Write a directory transformers loads (safetensors; ``safe_serialization=False`` is refused:
-        pickled ``.bin`` files run code when loaded)."""
+        pickled ``.bin`` files run code when loaded). ``state_dict``: these tensors instead of the
+        model's; ``variant``: the weights' file names carry it ("model.fp16.safetensors"); ``token``
+        and ``save_peft_format`` (hub and adapter options) change nothing."""
         if push_to_hub:
             raise NotImplementedError("umt5_fast does not upload: save_pretrained here, then push with huggingface_hub")
         if not safe_serialization:
@@ -737,7 +740,7 @@ class UMT5PreTrainedModel(nn.Module):
         if not is_main_process:
             return
         from umt5_fast.loading import save_pretrained
-        save_pretrained(self, directory, max_shard_size=max_shard_size)
+        save_pretrained(self, directory, max_shard_size=max_shard_size, state_dict=state_dict, variant=variant)
 
 
 def _encode(model, input_ids, attention_mask, inputs_embeds, head_mask, encoder_outputs,

@@ -97,11 +97,12 @@ def test_attributes_beyond_the_fields_behave_as_transformers_configs(tmp_path):
         assert getattr(ours, name) == getattr(transformers.UMT5Config(), name), name
     with pytest.raises(AttributeError, match="no attribute 'no_such_attribute'"):
         ours.no_such_attribute  # noqa: B018
-    ours.my_field, ours.hidden_size, ours._name_or_path = 7, 48, "somewhere"
+    ours.my_field, ours.hidden_size, ours._name_or_path, ours._commit_hash = 7, 48, "somewhere", "abc"
     assert ours.d_model == 48 and ours.name_or_path == "somewhere"
     ours.save_pretrained(tmp_path / "ours")
     saved = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert saved["my_field"] == 7 and saved["my_key"] == 3 and saved["d_model"] == 48
+    assert ours._commit_hash == "abc" and "_commit_hash" not in saved  # (a tool's bookkeeping)
     reloaded = transformers.UMT5Config.from_pretrained(tmp_path / "ours")
     assert reloaded.my_field == 7 and reloaded.hidden_size == 48
     diff = ours.to_diff_dict()

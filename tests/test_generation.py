@@ -497,6 +497,35 @@ def test_arguments_transformers_accepts_as_off_or_none_act_as_in_transformers(ch
         ours.generate(ids, attention_mask=mask, no_such_option=1)
 
 
+def test_generation_options_set_on_the_model_config_steer_generate_as_in_transformers(checkpoint_factory):
+    """transformers' legacy rule: while the generation config derived from the model config (no
+    generation_config.json, or one marked _from_model_config) is unchanged, options set on
+    model.config steer generate (with a warning); a changed generation config wins. None for
+    num_beams / num_return_sequences, and no max_length nor max_new_tokens, are clear errors."""
+    import copy
+    import os
+    ours, hf = pair(checkpoint_factory, "odd")
+    hf = copy.deepcopy(hf)  # (the factory's model is shared with other tests)
+    ids, mask = random_batch(ours.config.vocab_size, 2, 9, seed=4)
+    for model in (ours, hf):
+        model.config.num_beams, model.config.max_length = 3, 6
+    with pytest.warns(UserWarning, match="model.config"):
+        expected = reference(hf, ids, mask)
+    with pytest.warns(UserWarning, match="model.config steer generate"):
+        assert torch.equal(ours.generate(ids, attention_mask=mask), expected)
+    ours.generation_config.num_beams = hf.generation_config.num_beams = 1  # changed: it wins, as in transformers
+    assert torch.equal(ours.generate(ids, attention_mask=mask), reference(hf, ids, mask))
+    path = os.path.join(os.path.dirname(ours.config.name_or_path), os.path.basename(ours.config.name_or_path))
+    fresh = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="eager")
+    fresh.config.num_beams = 2  # a generation_config.json that transformers marked _from_model_config
+    with pytest.warns(UserWarning, match="model.config steer generate"):
+        beams = fresh.generate(ids, attention_mask=mask, max_new_tokens=4)
+    assert torch.equal(beams, fresh.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=2))
+    for bad in (dict(num_beams=None), dict(num_return_sequences=None), dict(max_length=None)):
+        with pytest.raises(ValueError, match="must be an integer"):
+            fresh.generate(ids, attention_mask=mask, **bad)
+
+
 def test_decoding_starts_from_bos_without_a_decoder_start_token(checkpoint_factory):
     """decoder_start_token_id None: transformers starts from bos_token_id (the config's or one passed);
     neither set is a clear error."""

@@ -369,12 +369,30 @@ def test_transformers_loading_and_saving_arguments(seq2seq, tmp_path):
         use_cache = theirs.config.num_decoder_layers <= theirs.config.num_layers  # (transformers' cache fails else)
         assert torch.equal(generating.generate(ids, attention_mask=mask),
                            theirs.generate(ids, attention_mask=mask, use_cache=use_cache))
-    # save: a state_dict as model.state_dict() lists it (tied tensors under each name), a variant
+    # save: a state_dict as model.state_dict() lists it (tied tensors under each name: written once,
+    # under the names transformers writes), a variant
+    from safetensors import safe_open
     model.save_pretrained(tmp_path / "saved", state_dict=model.state_dict(), variant="v2", token=None,
                           save_peft_format=True)
+    hf.save_pretrained(tmp_path / "theirs")
+    with safe_open(tmp_path / "saved" / "model.v2.safetensors", "pt") as ours_file, \
+            safe_open(tmp_path / "theirs" / "model.safetensors", "pt") as their_file:
+        assert set(ours_file.keys()) == set(their_file.keys())
     reloaded = transformers.UMT5ForConditionalGeneration.from_pretrained(tmp_path / "saved", variant="v2")
     assert_close(reference_logits(reloaded, ids, mask, dec), expected, 1e-6, "saved state_dict")
     halved = {name: tensor * 0.5 for name, tensor in model.state_dict().items()}  # (ties broken: each written)
     model.save_pretrained(tmp_path / "halved", state_dict=halved)
-    reread = transformers.UMT5ForConditionalGeneration.from_pretrained(tmp_path / "halved")
-    assert torch.equal(reread.lm_head.weight, halved["lm_head.weight"])
+    with safe_open(tmp_path / "halved" / "model.safetensors", "pt") as halved_file:
+        assert set(halved_file.keys()) == set(halved)
+        assert torch.equal(halved_file.get_tensor("encoder.block.0.layer.0.SelfAttention.q.weight"),
+                           halved["encoder.block.0.layer.0.SelfAttention.q.weight"])
+    quantized = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, quantize="int8")
+    with pytest.raises(ValueError, match="packed weights"):
+        quantized.save_pretrained(tmp_path / "quantized", state_dict=quantized.state_dict())
+    # device_map and device: the same device in either spelling; disagreeing or malformed ones refused
+    from umt5_fast.loading import device_of_map
+    assert device_of_map(None, None) == "cpu" and device_of_map("cpu", torch.device("cpu")) == torch.device("cpu")
+    assert device_of_map({"": 0}, "cuda") == torch.device("cuda:0")
+    for device_map, device in ((True, None), ("cuda", "cpu"), ("cuda:1", "cuda")):
+        with pytest.raises(ValueError):
+            device_of_map(device_map, device)

@@ -168,8 +168,8 @@ class UMT5Config:
 
     def __setattr__(self, name, value):
         name = type(self).attribute_map.get(name, name)
-        if name in _DEFAULTS or name in _OWN_ATTRIBUTES or hasattr(type(self), name):
-            super().__setattr__(name, value)
+        if name in _DEFAULTS or name in _OWN_ATTRIBUTES or hasattr(type(self), name) or name.startswith("_"):
+            super().__setattr__(name, value)  # (private names: tools' bookkeeping, not saved)
         else:  # any other attribute, as transformers' config keeps it: saved with the config
             self.extra[name] = value
 

@@ -8,6 +8,7 @@ logits processors and the beam bookkeeping below follow its definitions.
 """
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Optional, Tuple
 
@@ -51,7 +52,8 @@ _UNSUPPORTED_OFF = dict(forced_decoder_ids=None, force_words_ids=None, num_beam_
 
 
 # Options that None turns off in transformers (passed to generate or set in a generation config:
-# its processors skip a None), with the value that does the same here.
+# its processors skip a None), with the value that does the same here (length_penalty: transformers'
+# beam search fails on None, its other modes ignore it; here it means no penalty).
 _OFF_WHEN_NONE = dict(top_k=0, top_p=1.0, typical_p=1.0, temperature=1.0, min_length=0, repetition_penalty=1.0,
                       encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0,
                       epsilon_cutoff=0.0, eta_cutoff=0.0, length_penalty=1.0, renormalize_logits=False,
@@ -79,7 +81,11 @@ def settings_from_model_config(config) -> "GenerationSettings":
             settings[flag] = True
     if not settings.get("return_dict_in_generate") and any(settings.get(flag) for flag in _OUTPUT_FLAGS):
         settings["return_dict_in_generate"] = True  # as transformers: an output flag asks for the dict
-    return GenerationSettings(settings)
+    return GenerationSettings(settings).as_derived_from_config()
+
+
+def _generation_options(settings) -> dict:
+    return {key: value for key, value in settings.items() if key in DEFAULTS or key in _UNSUPPORTED_OFF}
 
 
 def settings_dict(generation_config) -> dict:
@@ -162,6 +168,12 @@ class GenerationSettings(dict):
     def to_diff_dict(self) -> dict:
         return dict(self)
 
+    def as_derived_from_config(self) -> "GenerationSettings":
+        """Marked as derived from the model config (transformers' ``_from_model_config``): while
+        unchanged, it follows generation options set on the model config later (resolve_options)."""
+        object.__setattr__(self, "derived_from_config", dict(self))  # (an attribute, not an option)
+        return self
+
 
 def resolve_options(model, generation_config=None, **kwargs) -> dict:
     """Merge defaults < model config ids < generation_config.json < ``generation_config`` < kwargs.
@@ -172,7 +184,19 @@ def resolve_options(model, generation_config=None, **kwargs) -> dict:
     cfg = model.config
     options = dict(DEFAULTS, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
                    decoder_start_token_id=cfg.decoder_start_token_id, bos_token_id=cfg.bos_token_id)
-    layers = (("model.generation_config", settings_dict(getattr(model, "generation_config", None))),
+    model_settings = getattr(model, "generation_config", None)
+    derived = getattr(model_settings, "derived_from_config", None)
+    if derived is not None and dict(model_settings) == derived and any(
+            key in DEFAULTS and value is not None for key, value in cfg.extra.items()):
+        # transformers' legacy rule: a generation config derived from the model config, and not
+        # changed since, follows generation options the model config holds (set on it afterwards),
+        # and is replaced by the one derived now
+        fresh = settings_from_model_config(cfg)
+        if _generation_options(fresh) != _generation_options(model_settings):
+            warnings.warn("generation options set on model.config steer generate (transformers' deprecated "
+                          "rule); set them on model.generation_config instead", UserWarning, stacklevel=3)
+            model.generation_config = model_settings = fresh
+    layers = (("model.generation_config", settings_dict(model_settings)),
               ("generation_config", settings_dict(generation_config)), ("generate()", kwargs))
     for source, layer in layers:
         passed = source == "generate()"
@@ -199,19 +223,20 @@ def resolve_options(model, generation_config=None, **kwargs) -> dict:
 
 
 def check_options(o: dict, vocab_size: int):
-    def positive_int(name, minimum=1):
+    def positive_int(name, minimum=1, optional=False):
         value = o[name]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        if (value is not None or not optional) and (isinstance(value, bool) or not isinstance(value, int)
+                                                    or value < minimum):
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
-    positive_int("max_new_tokens")
-    positive_int("max_length")
+    positive_int("max_new_tokens", optional=True)
+    positive_int("max_length", optional=o["max_new_tokens"] is not None)  # (max_new_tokens decides then)
     positive_int("num_beams")
     positive_int("num_return_sequences")
     positive_int("top_k", 0)
     positive_int("no_repeat_ngram_size", 0)
     positive_int("min_length", 0)
-    positive_int("min_new_tokens", 0)
+    positive_int("min_new_tokens", 0, optional=True)
     if o["num_beams"] > 1 and o["num_return_sequences"] > o["num_beams"]:
         raise ValueError(f"num_return_sequences ({o['num_return_sequences']}) must be <= num_beams "
                          f"({o['num_beams']})")
@@ -700,7 +725,7 @@ def draw_from_candidates(ids: torch.Tensor, logits: torch.Tensor, vocab: int, pr
                          generator: Optional[torch.Generator] = None) -> Optional[torch.Tensor]:
     """A sampled step's ids from the scores that hold ``logits`` ``[rows, n]`` at the ascending
     ``ids`` and -inf at the rest of ``vocab`` (the LM head screen's top-k candidates, for processors
-    that ``sample_from_top_k``): ``multinomial_draw(softmax(processors(scores)))``, the same ids and
+    that ``samples_from_top_k``): ``multinomial_draw(softmax(processors(scores)))``, the same ids and
     generator state, computed on rows of ~n scores instead of ``vocab``. None where only the full
     rows decide: top-p keeps some and drops others of equal scores (the full sort orders them), or
     softmax's lanes are unknown."""
@@ -938,7 +963,6 @@ def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=No
     ``streamer``: an object with ``put(ids)`` / ``end()`` (transformers' streamer protocol): it
     receives the decoder prompt, then each step's tokens.
     """
-    kwargs.pop("use_cache", None)  # the static KV cache is always used; results are the same either way
     if "inputs" in kwargs:  # transformers' name of the first argument
         if input_ids is not None:
             raise TypeError("generate() got both input_ids and inputs")

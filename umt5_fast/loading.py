@@ -441,11 +441,11 @@ _IGNORED_HF_OPTIONS = ("low_cpu_mem_usage", "local_files_only", "trust_remote_co
 
 
 def device_of_map(device_map, device):
-    """The one device transformers' ``device_map`` names ("cpu", "cuda:0", {"": "cpu"}, "auto": the
-    GPU when there is one), or ``device`` when there is no map; a map that splits the model across
-    devices is refused."""
+    """The one device transformers' ``device_map`` names ("cpu", "cuda:0", {"": 0}, "auto": the GPU
+    when there is one), or ``device`` (default: the CPU) when there is no map; a map that splits the
+    model across devices, or disagrees with ``device``, is refused."""
     if device_map is None:
-        return device
+        return "cpu" if device is None else device
     if isinstance(device_map, dict):
         if set(device_map) != {""}:
             raise ValueError(f"device_map={device_map!r} places modules on several devices, which umt5_fast "
@@ -453,25 +453,27 @@ def device_of_map(device_map, device):
         device_map = device_map[""]
     if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
         device_map = "cuda" if torch.cuda.is_available() else "cpu"
-    if isinstance(device_map, int):  # (a GPU index)
+    if isinstance(device_map, int) and not isinstance(device_map, bool):  # (a GPU index)
         device_map = f"cuda:{device_map}"
     try:
         mapped = torch.device(device_map)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device_map={device_map!r} is not a device") from exc
-    if device not in (None, "cpu") and torch.device(device) != mapped:
-        raise ValueError(f"device={device!r} and device_map={device_map!r} disagree: pass one of them")
+    if device is not None:
+        given = torch.device(device)
+        if (given.type, given.index or 0) != (mapped.type, mapped.index or 0):  # ("cuda" is "cuda:0")
+            raise ValueError(f"device={device!r} and device_map={device_map!r} disagree: pass one of them")
     return mapped
 
 
-def from_pretrained(cls, path, *, dtype=None, torch_dtype=None, device="cpu", backend="auto", quantize=None,
+def from_pretrained(cls, path, *, dtype=None, torch_dtype=None, device=None, backend="auto", quantize=None,
                     config: Optional[UMT5Config] = None, keep_in_fp32=("wo",), progress=None, gguf_file=None,
                     subfolder: str = "", use_safetensors: Optional[bool] = None, device_map=None,
                     variant: Optional[str] = None, output_loading_info: bool = False, **config_overrides):
     """Load a UMT5 checkpoint (a transformers directory, or one file) into ``cls``.
 
     ``dtype`` (or transformers' ``torch_dtype``): float32 (default), float16, bfloat16 or "auto";
-    ``device``: where the weights live; ``backend``: "auto" | "triton" | "cpu" | "eager";
+    ``device``: where the weights live (default: the CPU); ``backend``: "auto" | "triton" | "cpu" | "eager";
     ``quantize="int8"`` / ``"bf16"``: weight-only int8 / bf16 linear layers and LM head; ``"w8a8"``: int8
     weights and per-row int8 activations (integer GEMM; see ``quantize_model``).
 
@@ -482,7 +484,8 @@ def from_pretrained(cls, path, *, dtype=None, torch_dtype=None, device="cpu", ba
     ``variant``: its weights variant ("model.fp16.safetensors"); ``device_map``: transformers' map
     to one device; ``config``: a config object or a path to one; ``output_loading_info``: also
     return transformers' loading report (empty lists: missing, unexpected and mismatched weights
-    are errors here). Other keyword arguments override config fields (e.g. ``num_labels=3``) or set
+    are errors here; the tensors of another task class's stacks or head, which transformers lists
+    as unexpected, are left out silently). Other keyword arguments override config fields (e.g. ``num_labels=3``) or set
     config attributes (``max_length=5``, as transformers' config keeps them); transformers' options
     that mean nothing for local files (``low_cpu_mem_usage``, ``local_files_only``, ...) are
     accepted and ignored, anything else is a TypeError.
@@ -547,7 +550,10 @@ def from_pretrained(cls, path, *, dtype=None, torch_dtype=None, device="cpu", ba
 
 def read_generation_config(path: Path) -> Optional[GenerationSettings]:
     """A checkpoint's generation_config.json (None if there is none)."""
-    return GenerationSettings(read_json_object(path, "generation config")) if path.is_file() else None
+    if not path.is_file():
+        return None
+    settings = GenerationSettings(read_json_object(path, "generation config"))
+    return settings.as_derived_from_config() if settings.get("_from_model_config") else settings
 
 
 def from_hf(cls, hf_model, backend="auto"):
@@ -573,8 +579,8 @@ def save_pretrained(model, directory, max_shard_size=None, state_dict=None, vari
     decoder-output rescale of tied heads folded into it, so the files hold the model as it runs.
     config.json records the model's dtype. ``max_shard_size`` (bytes, or a string like "200MB")
     splits the weights into shards plus ``model.safetensors.index.json``. ``state_dict``: the tensors
-    to write instead of the model's (as they are); ``variant``: in the file names, as transformers
-    names a variant.
+    to write instead of the model's (as they are, but a tied tensor once; packed weights of a
+    quantized model are refused); ``variant``: in the file names, as transformers names a variant.
     """
     from safetensors.torch import save_file
     from umt5_fast.model import Linear, PackedEmbedding
@@ -587,6 +593,11 @@ def save_pretrained(model, directory, max_shard_size=None, state_dict=None, vari
     if state_dict is not None:
         if not (isinstance(state_dict, dict) and all(isinstance(t, torch.Tensor) for t in state_dict.values())):
             raise TypeError("state_dict must map names to tensors")
+        packed = sorted(name for name in state_dict if not name.endswith((".weight", ".bias")))
+        if packed:  # (a quantized model's state_dict: transformers would load without those weights)
+            raise ValueError(f"state_dict holds tensors transformers does not load ({packed[:3]}...): a "
+                             "quantized model's packed weights; save it without state_dict, which writes "
+                             "them dequantised")
         # a tied tensor is written once (model.state_dict() lists it under each of its names), under
         # the name the model's parameters give it, as transformers writes it
         own_names, first_of = {name for name, _ in model.named_parameters()}, {}

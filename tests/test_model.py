@@ -164,6 +164,47 @@ def test_incremental_decoding_with_past_key_values_matches_full_pass(checkpoint_
     assert_close(full, ref, TOL, "full logits")
 
 
+@pytest.mark.parametrize("backend", ["eager", "cpu"])
+def test_four_dimensional_decoder_masks_match_transformers(checkpoint_factory, backend):
+    """A 4-D decoder_attention_mask is added to the scores in place of the causal and padding masks,
+    as transformers adds it: the causal + padding masks in that form, a mask per head of its own, and
+    one over a cache (the queries after the cached positions); a bool (0/1) or mis-shaped one is an
+    error naming its form."""
+    if backend not in umt5_fast.ops.available_backends():
+        pytest.skip(f"no {backend} backend")
+    ours, hf = load_pair(checkpoint_factory, "UMT5ForConditionalGeneration", "odd-untied", backend=backend)
+    heads = ours.config.num_heads
+    ids, mask, dec, _ = inputs(ours.config.vocab_size, seed=8, length=30, dec_length=13)
+    lowest = torch.finfo(torch.float32).min
+    causal = torch.triu(torch.full((13, 13), lowest), 1)[None, None].repeat(3, 1, 1, 1)
+    causal[1, :, :, :2] = lowest  # row 1's decoder input left-padded by two
+    causal[1, :, :2, :2] = torch.triu(torch.full((2, 2), lowest), 1)  # (its padded queries see themselves)
+    own = torch.where(torch.rand(3, heads, 13, 13, generator=torch.Generator().manual_seed(3)) < 0.4, lowest, 0.0)
+    own[..., 0] = 0.0
+    for name, four_d in (("causal + padding", causal), ("per head", own)):
+        with torch.no_grad():
+            expected = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec,
+                          decoder_attention_mask=four_d).logits
+        got = ours(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=four_d)
+        assert_close(got.logits, expected, TOL, name)
+    # over a cache: 8 positions first, then 5 queries against all 13 keys
+    with torch.no_grad():
+        first = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec[:, :8],
+                   decoder_attention_mask=own[:, :, :8, :8], use_cache=True)
+        expected = hf(encoder_outputs=(first.encoder_last_hidden_state,), attention_mask=mask,
+                      decoder_input_ids=dec[:, 8:], decoder_attention_mask=own[:, :, 8:],
+                      past_key_values=first.past_key_values).logits
+    cached = ours(input_ids=ids, attention_mask=mask, decoder_input_ids=dec[:, :8],
+                  decoder_attention_mask=own[:, :, :8, :8], use_cache=True)
+    got = ours(encoder_outputs=(cached.encoder_last_hidden_state,), attention_mask=mask, decoder_input_ids=dec[:, 8:],
+               decoder_attention_mask=own[:, :, 8:], past_key_values=cached.past_key_values).logits
+    assert_close(got, expected, TOL, "over a cache")
+    for bad, match in ((causal == 0, "floating mask"), (causal[:, :, :12], r"\[3 or 1, .* or 1, 13, >= 13\]"),
+                       (causal[:, :, :, :12], ">= 13")):
+        with pytest.raises(ValueError, match=match):
+            ours(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=bad)
+
+
 def test_inputs_embeds_and_encoder_outputs_and_tuple_outputs(checkpoint_factory):
     ours, hf = load_pair(checkpoint_factory, "UMT5ForConditionalGeneration", "tied-relu")
     ids, mask, dec, _ = inputs(ours.config.vocab_size, seed=4, length=19, dec_length=6)

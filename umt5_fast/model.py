@@ -233,10 +233,11 @@ class Attention(nn.Module):
         return None if self.relative_attention_bias is None else self.relative_attention_bias.weight
 
     def forward(self, x, residual, *, kv_source=None, key_padding_mask=None, causal=False, cache=None,
-                layer_idx=0, past_length=0, want_weights=False, head_mask=None):
+                layer_idx=0, past_length=0, want_weights=False, head_mask=None, additive_mask=None):
         """Return ``(residual + attention(x), attention probabilities or None)``.
 
-        ``kv_source``: encoder states for cross-attention (K/V cached once per layer in ``cache``).
+        ``kv_source``: encoder states for cross-attention (K/V cached once per layer in ``cache``);
+        ``additive_mask``: transformers' 4-D mask, added to the scores (eager path).
         """
         batch, length = x.shape[:2]
         q = self.heads(self.q(x))
@@ -258,9 +259,9 @@ class Attention(nn.Module):
                        causal=causal, query_offset=past_length if kv_source is None else 0)
         probs = None
         ops = self.runtime.ops
-        if want_weights or head_mask is not None:
-            # The fused kernels never form the probabilities: this call takes the eager path.
-            probs = eager.attention_probs(q, k, self.bias_table(), **options)
+        if want_weights or head_mask is not None or additive_mask is not None:
+            # The fused kernels never form the probabilities nor add a 4-D mask: the eager path.
+            probs = eager.attention_probs(q, k, self.bias_table(), additive_mask=additive_mask, **options)
             if head_mask is not None:
                 probs = probs * head_mask
             out = torch.matmul(probs, v).transpose(1, 2)
@@ -351,9 +352,11 @@ class DecoderBlock(nn.Module):
 
     def forward(self, h, *, self_mask, encoder_states, encoder_mask, cache, layer_idx, past_length,
                 want_weights, head_mask, cross_head_mask):
-        h, self_weights = self.layer[0](h, key_padding_mask=self_mask, causal=True, cache=cache,
-                                        layer_idx=layer_idx, past_length=past_length,
-                                        want_weights=want_weights, head_mask=head_mask)
+        # a 4-D mask (transformers' additive form) stands in for the causal and padding masks
+        masks = (dict(additive_mask=self_mask) if self_mask is not None and self_mask.dim() == 4
+                 else dict(key_padding_mask=self_mask, causal=True))
+        h, self_weights = self.layer[0](h, cache=cache, layer_idx=layer_idx, past_length=past_length,
+                                        want_weights=want_weights, head_mask=head_mask, **masks)
         h = clamp_fp16(h)
         cross_weights = None
         if encoder_states is not None:
@@ -440,8 +443,13 @@ class DecoderStack(nn.Module):
         batch, length = h.shape[:2]
         if past_length:
             validation.same_batch("decoder inputs", batch, "past_key_values", cache.batch_size())
-        self_mask = validation.check_mask("decoder_attention_mask", attention_mask,
-                                          (batch, past_length + length), h.device)
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+            self_mask = validation.check_additive_mask("decoder_attention_mask", attention_mask,
+                                                       (batch, self.config.num_heads, length, past_length + length),
+                                                       h.device)
+        else:
+            self_mask = validation.check_mask("decoder_attention_mask", attention_mask,
+                                              (batch, past_length + length), h.device)
         encoder_mask = None
         if encoder_hidden_states is not None:
             # Not required finite: a model's own encoder may give NaN (as transformers' does, it flows on).

@@ -60,6 +60,23 @@ def check_mask(name: str, mask, shape, device=None) -> torch.Tensor:
     return mask.bool()
 
 
+def check_additive_mask(name: str, mask: torch.Tensor, shape, device) -> torch.Tensor:
+    """transformers' 4-D decoder mask ``[batch or 1, heads or 1, queries, >= keys]`` of ``shape``'s
+    sizes: added to the attention scores as it is (0 = attend, a large negative value = masked), in
+    place of the causal and padding masks; so a floating dtype, not a 0/1 or bool mask."""
+    batch, heads, queries, keys = shape
+    if not mask.is_floating_point():
+        raise ValueError(f"a 4-D {name} is added to the attention scores, as transformers adds it: pass a "
+                         f"floating mask (0 where attending, a large negative value where masked), got {mask.dtype}")
+    if (mask.shape[0] not in (1, batch) or mask.shape[1] not in (1, heads) or mask.shape[2] != queries
+            or mask.shape[3] < keys):
+        raise ValueError(f"a 4-D {name} must have shape [{batch} or 1, {heads} or 1, {queries}, >= {keys}] "
+                         f"(batch, heads, queries, keys), got {tuple(mask.shape)}")
+    if mask.device != torch.device(device):
+        raise ValueError(f"{name} is on {mask.device} but the model is on {device}")
+    return mask
+
+
 def check_labels(labels, num_classes: int, expected_shape=None):
     """Integer ``[batch, length]`` labels in ``[0, num_classes)`` or -100 (ignored), of
     ``expected_shape`` when it is known."""

@@ -105,16 +105,21 @@ def gated_ffn_in(x, w_gate, w_up, activation, linear=linear):
 
 
 def attention_scores(q, k, bias_table, *, bidirectional, num_buckets, max_distance,
-                     key_padding_mask=None, causal=False, query_offset=0, scale=1.0):
-    """Pre-softmax scores ``[B, H, Lq, Lk]`` with bias and masks applied (the eager reference)."""
+                     key_padding_mask=None, causal=False, query_offset=0, scale=1.0, additive_mask=None):
+    """Pre-softmax scores ``[B, H, Lq, Lk]`` with bias and masks applied (the eager reference).
+    ``additive_mask`` (``[B or 1, H or 1, Lq, >= Lk]``, transformers' 4-D decoder mask) is added to
+    the bias, as transformers adds it."""
     scores = torch.matmul(q, k.transpose(-1, -2))
     if scale != 1.0:
         scores = scores * scale
     lq, lk = q.shape[-2], k.shape[-2]
     query_positions = torch.arange(lq, device=q.device) + query_offset
-    if bias_table is not None:
-        scores = scores + position_bias(bias_table, query_positions, lk, bidirectional,
-                                        num_buckets, max_distance).to(scores.dtype)
+    if bias_table is not None or additive_mask is not None:
+        bias = 0.0 if bias_table is None else position_bias(bias_table, query_positions, lk, bidirectional,
+                                                             num_buckets, max_distance)
+        if additive_mask is not None:
+            bias = bias + additive_mask[..., :lk]
+        scores = scores + bias.to(scores.dtype)
     masked = None
     if key_padding_mask is not None:
         masked = ~key_padding_mask.bool()[:, None, None, :]

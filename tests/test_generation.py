@@ -7,7 +7,7 @@ import torch
 
 import umt5_fast
 from umt5_fast import generation, processors
-from helpers import random_batch
+from helpers import assert_close, random_batch
 
 CONFIGS = {
     # more decoder than encoder layers: transformers' cached generate crashes there, so its
@@ -592,7 +592,7 @@ def test_generate_output_follows_transformers(checkpoint_factory):
     assert torch.equal(out[0], ref[0]) and torch.allclose(out[1], ref[1], atol=1e-5)  # sequences_scores second
     assert "scores" in out and list(out.keys())[:3] == ["sequences", "sequences_scores", "scores"]
     greedy = ours.generate(ids, attention_mask=mask, max_new_tokens=4, return_dict_in_generate=True)
-    assert greedy.to_tuple() == (greedy.sequences,)
+    assert greedy.to_tuple() == (greedy.sequences, greedy.past_key_values)
     assert torch.equal(ours.generate(inputs=ids, attention_mask=mask, max_new_tokens=4, use_cache=False),
                        greedy.sequences)
 
@@ -619,6 +619,38 @@ def test_beam_sampling_temperature_too_small_for_beam_scores_is_refused(checkpoi
         expected = reference(hf, ids, mask, **kwargs)
         torch.manual_seed(2)
         assert torch.equal(ours.generate(ids, attention_mask=mask, **kwargs), expected)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(do_sample=True, top_k=4, num_return_sequences=2)])
+def test_generate_returns_the_cache_as_transformers(checkpoint_factory, kwargs):
+    """return_dict_in_generate: greedy / sampled decoding returns the decoder cache (every position
+    but the last token's, also for rows that ended early) with transformers' K/V, and forward goes on
+    from it as transformers' model goes on from its own; use_cache=False returns none."""
+    path, hf = checkpoint_factory("UMT5ForConditionalGeneration", **CONFIGS["tied-shallow-decoder"])
+    ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="cpu")
+    ids, mask = random_batch(ours.config.vocab_size, 2, 11, seed=6)
+    eos = frequent_token(ours, ids, mask)
+    options = dict(kwargs, max_new_tokens=7, eos_token_id=eos, return_dict_in_generate=True)
+    torch.manual_seed(3)
+    out = ours.generate(ids, attention_mask=mask, **options)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        expected = hf.generate(ids, attention_mask=mask, **options)
+    assert torch.equal(out.sequences, expected.sequences)
+    assert out.past_key_values.get_seq_length() == expected.past_key_values.get_seq_length() == \
+        out.sequences.shape[1] - 1
+    for ours_layer, their_layer in zip(out.past_key_values.to_legacy_cache(),
+                                       expected.past_key_values.to_legacy_cache()):
+        for a, b in zip(ours_layer, their_layer):
+            assert_close(a, b, 1e-5, "cache")
+    assert list(out.keys())[-1] == "past_key_values" and len(out.to_tuple()) == len(expected.to_tuple())
+    rows = out.sequences.shape[0]
+    source = dict(attention_mask=mask.repeat_interleave(rows // 2, dim=0),
+                  input_ids=ids.repeat_interleave(rows // 2, dim=0), decoder_input_ids=out.sequences[:, -1:])
+    with torch.no_grad():
+        their_next = hf(past_key_values=expected.past_key_values, **source).logits
+    assert_close(ours(past_key_values=out.past_key_values, **source).logits, their_next, 1e-5, "next step")
+    assert ours.generate(ids, attention_mask=mask, use_cache=False, **options).past_key_values is None
 
 
 def test_length_defaults_follow_transformers(checkpoint_factory):

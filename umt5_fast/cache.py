@@ -159,6 +159,16 @@ class StaticCache:
         self.values[layer, :, :, start:end] = values
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
+    def as_dynamic(self) -> DynamicCache:
+        """The positions written so far, copied into a ``DynamicCache`` (which forward takes to go on)."""
+        cache = DynamicCache(self.num_layers)
+        for layer in range(self.num_layers):
+            cache.self_kv[layer] = tuple(t[layer, :, :, :self.length].clone(memory_format=torch.contiguous_format)
+                                         for t in (self.keys, self.values))
+        cache.cross_kv = [None if kv is None else tuple(t.clone() for t in kv) for kv in self.cross_kv]
+        cache.length = self.length
+        return cache
+
     def keep_rows(self, index: torch.Tensor):
         """Shrink to rows ``index`` (one copy of the live cache; the dropped rows' memory is freed)."""
         self.keys, self.values = self.keys[:, index], self.values[:, index]

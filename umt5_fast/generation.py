@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from umt5_fast import buckets, decode_step, lm_head_screen, validation
 from umt5_fast.processors import (NO_HYPOTHESIS, Processors, StopCriteria, check_processor_options, eos_forbidden,
                                    is_finite_number, is_token_id, narrow_width)
-from umt5_fast.cache import StaticCache
+from umt5_fast.cache import DynamicCache, StaticCache
 from umt5_fast.outputs import ModelOutput, as_encoder_output
 
 # transformers' GenerationConfig defaults for the options we support.
@@ -104,7 +104,9 @@ class GenerateOutput(ModelOutput):
     after a sequence ended), which ``compute_transition_scores`` reads; with output_attentions /
     output_hidden_states the encoder's, and per step and layer the decoder's self- and
     cross-attention probabilities ``[rows, heads, step queries, keys]`` and hidden states (for beam
-    search, of the step's running beams, as transformers returns them)."""
+    search, of the step's running beams, as transformers returns them); for greedy / sampled
+    decoding (unless ``use_cache=False``) the decoder's cache at the end, every position but the last
+    token's, which forward takes to go on."""
     sequences: torch.Tensor = None
     sequences_scores: Optional[torch.Tensor] = None
     scores: Optional[Tuple[torch.Tensor, ...]] = None
@@ -115,6 +117,7 @@ class GenerateOutput(ModelOutput):
     decoder_attentions: Optional[Tuple[Tuple[torch.Tensor, ...], ...]] = None
     cross_attentions: Optional[Tuple[Tuple[torch.Tensor, ...], ...]] = None
     decoder_hidden_states: Optional[Tuple[Tuple[torch.Tensor, ...], ...]] = None
+    past_key_values: Optional[DynamicCache] = None
 
 
 @dataclass
@@ -501,14 +504,16 @@ _SCREEN_PATIENCE = 3
 
 def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, options, processors: Processors,
                  stops: StopCriteria, generator=None, record: Optional[StepRecord] = None,
-                 use_cuda_graph=False) -> Iterator[torch.Tensor]:
+                 use_cuda_graph=False, kept_cache: Optional[list] = None) -> Iterator[torch.Tensor]:
     """Greedy or sampled decoding; yields the ``[rows]`` tokens of each step (pad once a row ended).
 
     Finished rows read pad tokens, exactly like transformers. In greedy decoding they also stop
     costing work: once a quarter of the computed rows have finished, the decoder drops them (the
     choice of the other rows does not depend on them). Sampling keeps every row so that its random
     draws, and ``output_scores``, stay those of transformers; so do the caller's processors and
-    stopping criteria, which see every row as in transformers.
+    stopping criteria, which see every row as in transformers; and so does a call that keeps the
+    cache: ``kept_cache`` (a list) receives the decoder's cache at the end, every row's K/V of the
+    positions fed (all but the last token), as transformers' generate returns it.
     """
     expand = options["num_return_sequences"] if options["do_sample"] else 1
     rows = prompt.shape[0] * expand
@@ -522,7 +527,8 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
     eos = torch.tensor(options["eos_token_id"], dtype=torch.long, device=prompt.device)
     unfinished = torch.ones(rows, dtype=torch.bool, device=prompt.device)
     may_drop_rows = (not options["do_sample"] and record is None and isinstance(decoder, Decoder)
-                     and not processors.custom and processors.prefix_allowed_tokens_fn is None and not stops.custom)
+                     and not processors.custom and processors.prefix_allowed_tokens_fn is None and not stops.custom
+                     and kept_cache is None)
     computed = torch.arange(rows, device=prompt.device)  # rows the decoder still runs
     tokens = sequences[:, :prompt_length]
     # Greedy steps whose only processor forbids eos need the argmax alone, top-k sampling the top_k
@@ -535,58 +541,62 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
     undecided_steps = 0
     vocab = model.config.vocab_size
     with torch.no_grad(), contextlib.closing(decoder):
-        for length in range(prompt_length, max_length):
-            if length == sequences.shape[1]:
-                sequences = widened(sequences, min(max_length, 2 * length), pad)
-            picked = None
-            if screen is not None:
-                hidden = model.lm_head_input(decoder.step_hidden(tokens))
-                forbidden = options["eos_token_id"] if eos_forbidden(options, length) else None
-                if options["do_sample"]:  # the candidates for the top_k largest logits decide the draw
-                    candidates = screen.top_candidates(hidden, options["top_k"], forbidden)
-                    undecided = candidates is None
-                    if candidates is not None:
-                        ids, candidate_logits = candidates
-                        picked = draw_from_candidates(ids, candidate_logits, vocab, processors, generator)
-                        if picked is None:  # the same draw from full rows: -inf but at the candidates
-                            logits = candidate_logits.new_full((len(hidden), vocab), -math.inf)
-                            logits[:, ids] = candidate_logits
-                else:
-                    picked = screen.argmax(hidden, forbidden)
-                    undecided = picked is None
-                if undecided:
-                    logits = model.lm_head(hidden).float()
-                    undecided_steps += 1
-                    if undecided_steps == _SCREEN_PATIENCE:  # e.g. a head with too many close rows
-                        screen = None
-            else:  # (logits only the caller's processors or the record could keep past the step)
-                logits = decoder.step(tokens, reuse_memory=record is None and not processors.custom)
-            if picked is None:
-                # the processors may write into the logits they are given (forbid_eos): keep the raw ones
-                raw = logits.clone() if record is not None and record.logits is not None else logits
-                scores = processors(sequences[computed, :length], logits, computed)
-                if record is not None:
-                    record.add(scores, raw)
-                if options["do_sample"]:
-                    picked = multinomial_draw(scores.softmax(-1), generator).squeeze(1)
-                else:
-                    picked = model.runtime.ops.argmax(scores)
-            next_tokens = torch.full((rows,), pad, dtype=torch.long, device=prompt.device)
-            next_tokens[computed] = torch.where(unfinished[computed], picked, pad) if len(eos) else picked
-            sequences[:, length] = next_tokens
-            yield next_tokens
-            if len(eos):
-                unfinished &= ~torch.isin(next_tokens, eos)
-            if stops:
-                unfinished &= ~stops(sequences[:, :length + 1], record.steps("scores") if record else None)
-            if len(eos) or stops:
-                if not bool(unfinished.any()):
-                    return
-                if may_drop_rows and 4 * int((~unfinished[computed]).sum()) >= len(computed):
-                    keep = unfinished[computed].nonzero().squeeze(1)
-                    decoder.keep_rows(keep)
-                    computed = computed[keep]
-            tokens = sequences[computed, length:length + 1]
+        try:
+            for length in range(prompt_length, max_length):
+                if length == sequences.shape[1]:
+                    sequences = widened(sequences, min(max_length, 2 * length), pad)
+                picked = None
+                if screen is not None:
+                    hidden = model.lm_head_input(decoder.step_hidden(tokens))
+                    forbidden = options["eos_token_id"] if eos_forbidden(options, length) else None
+                    if options["do_sample"]:  # the candidates for the top_k largest logits decide the draw
+                        candidates = screen.top_candidates(hidden, options["top_k"], forbidden)
+                        undecided = candidates is None
+                        if candidates is not None:
+                            ids, candidate_logits = candidates
+                            picked = draw_from_candidates(ids, candidate_logits, vocab, processors, generator)
+                            if picked is None:  # the same draw from full rows: -inf but at the candidates
+                                logits = candidate_logits.new_full((len(hidden), vocab), -math.inf)
+                                logits[:, ids] = candidate_logits
+                    else:
+                        picked = screen.argmax(hidden, forbidden)
+                        undecided = picked is None
+                    if undecided:
+                        logits = model.lm_head(hidden).float()
+                        undecided_steps += 1
+                        if undecided_steps == _SCREEN_PATIENCE:  # e.g. a head with too many close rows
+                            screen = None
+                else:  # (logits only the caller's processors or the record could keep past the step)
+                    logits = decoder.step(tokens, reuse_memory=record is None and not processors.custom)
+                if picked is None:
+                    # the processors may write into the logits they are given (forbid_eos): keep the raw ones
+                    raw = logits.clone() if record is not None and record.logits is not None else logits
+                    scores = processors(sequences[computed, :length], logits, computed)
+                    if record is not None:
+                        record.add(scores, raw)
+                    if options["do_sample"]:
+                        picked = multinomial_draw(scores.softmax(-1), generator).squeeze(1)
+                    else:
+                        picked = model.runtime.ops.argmax(scores)
+                next_tokens = torch.full((rows,), pad, dtype=torch.long, device=prompt.device)
+                next_tokens[computed] = torch.where(unfinished[computed], picked, pad) if len(eos) else picked
+                sequences[:, length] = next_tokens
+                yield next_tokens
+                if len(eos):
+                    unfinished &= ~torch.isin(next_tokens, eos)
+                if stops:
+                    unfinished &= ~stops(sequences[:, :length + 1], record.steps("scores") if record else None)
+                if len(eos) or stops:
+                    if not bool(unfinished.any()):
+                        return
+                    if may_drop_rows and 4 * int((~unfinished[computed]).sum()) >= len(computed):
+                        keep = unfinished[computed].nonzero().squeeze(1)
+                        decoder.keep_rows(keep)
+                        computed = computed[keep]
+                tokens = sequences[computed, length:length + 1]
+        finally:  # (also when the rows end early, or the caller stops the iteration)
+            if kept_cache is not None:
+                kept_cache.append(decoder.cache.as_dynamic())
 
 
 def widened(buffer: torch.Tensor, width: int, fill) -> torch.Tensor:
@@ -988,7 +998,7 @@ def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=No
                             decoder_attentions=[] if beam_attentions else None,
                             cross_attentions=[] if beam_attentions else None,
                             decoder_hidden_states=[] if beam_hidden else None)
-    sequence_scores = beam_indices = None
+    sequence_scores = beam_indices = kept_cache = None
     if beam:
         if streamer is not None:
             raise ValueError("streamer cannot be used with beam search (num_beams > 1)")
@@ -1000,8 +1010,10 @@ def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=No
         if streamer is not None:  # one stream per returned sequence
             streamer.put(prompt.repeat_interleave(expand, dim=0).cpu())
         steps = []
+        # (transformers returns the cache with the dict unless use_cache=False; beam search: see Limitations)
+        kept_cache = [] if options["return_dict_in_generate"] and kwargs.get("use_cache") is not False else None
         for tokens in sample_steps(model, encoder_states, mask, prompt, max_length, options, processors, stops,
-                                   generator, record, use_cuda_graph):
+                                   generator, record, use_cuda_graph, kept_cache):
             steps.append(tokens)
             if streamer is not None:
                 streamer.put(tokens.cpu())
@@ -1023,7 +1035,7 @@ def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=No
         return GenerateOutput(sequences=sequences,
                               sequences_scores=sequence_scores if options["output_scores"] else None,
                               scores=kept.steps("scores"), logits=kept.steps("logits"), beam_indices=beam_indices,
-                              **step_outputs)
+                              past_key_values=kept_cache[0] if kept_cache else None, **step_outputs)
     return sequences
 
 

@@ -698,7 +698,7 @@ def test_raw_logits_and_beam_indices_follow_transformers(checkpoint_factory, kwa
         assert torch.equal(out.beam_indices, ref.beam_indices)
         assert list(out.keys()) == ["sequences", "sequences_scores", "scores", "logits", "beam_indices"]
     else:
-        assert out.beam_indices is None and list(out.keys()) == ["sequences", "scores", "logits"]
+        assert out.beam_indices is None and list(out.keys()) == ["sequences", "scores", "logits", "past_key_values"]
     torch.testing.assert_close(hf.compute_transition_scores(out.sequences, out.scores, out.beam_indices),
                                hf.compute_transition_scores(ref.sequences, ref.scores, getattr(ref, "beam_indices", None)),
                                rtol=1e-5, atol=1e-5)
@@ -746,7 +746,8 @@ def test_attentions_and_hidden_states_match_transformers(checkpoint_factory, bac
     assert torch.equal(out.sequences, ref.sequences)
     beam_fields = ["sequences_scores", "scores", "beam_indices"] if mode == "beam" else ["scores"]
     assert list(out.keys()) == ["sequences", *beam_fields, "encoder_attentions", "encoder_hidden_states",
-                                "decoder_attentions", "cross_attentions", "decoder_hidden_states"]
+                                "decoder_attentions", "cross_attentions", "decoder_hidden_states",
+                                *(["past_key_values"] if mode != "beam" else [])]
     close = dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.scores, ref.scores, **close)
     torch.testing.assert_close(out.encoder_attentions, ref.encoder_attentions, **close)

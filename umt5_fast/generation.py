@@ -76,6 +76,8 @@ def settings_from_model_config(config) -> "GenerationSettings":
                 if (key in DEFAULTS or key in _UNSUPPORTED_OFF) and value is not None}
     settings.update(decoder_start_token_id=config.decoder_start_token_id, pad_token_id=config.pad_token_id,
                     eos_token_id=config.eos_token_id)
+    if config.bos_token_id is not None:  # (transformers writes it only when set)
+        settings["bos_token_id"] = config.bos_token_id
     for flag in ("output_attentions", "output_hidden_states"):  # config fields of ours (forward's defaults)
         if getattr(config, flag, False):
             settings[flag] = True

@@ -360,6 +360,8 @@ def test_transformers_loading_and_saving_arguments(seq2seq, tmp_path):
     assert_close(model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits, expected, 1e-5, "variant")
     with pytest.raises(FileNotFoundError, match="model.v3.safetensors"):
         umt5_fast.UMT5ForConditionalGeneration.from_pretrained(tmp_path / "variant", variant="v3")
+    with pytest.raises(TypeError, match="variant must be a string"):
+        umt5_fast.UMT5ForConditionalGeneration.from_pretrained(tmp_path / "variant", variant=2)
     with pytest.raises(ValueError, match="several devices"):
         umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, device_map={"encoder": "cpu", "decoder": "cpu"})
     generating = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, num_beams=2, max_length=5)

@@ -262,7 +262,11 @@ def test_call_and_loading_arguments_transformers_takes(model_dir, texts, tmp_pat
         with pytest.raises(ValueError, match="not supported"):
             ours(batch[0], **options)
     pipeline = tmp_path / "pipeline"
-    ours.save_pretrained(pipeline / "tokenizer")
+    ours.save_pretrained(pipeline / "tokenizer", push_to_hub=False, token=None, legacy_format=None)
+    with pytest.raises(ValueError, match="push_to_hub is not supported"):
+        ours.save_pretrained(tmp_path / "elsewhere", push_to_hub=True)
+    with pytest.raises(TypeError, match=r"save_pretrained\(\) got unexpected arguments \['no_such_option'\]"):
+        ours.save_pretrained(tmp_path / "elsewhere", no_such_option=1)
     hub = dict(revision="main", cache_dir=str(tmp_path), token=None, local_files_only=True, trust_remote_code=True,
                use_fast=False, force_download=False)
     loaded = UMT5Tokenizer.from_pretrained(pipeline, subfolder="tokenizer", **hub)

@@ -160,7 +160,8 @@ class StaticCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
     def as_dynamic(self) -> DynamicCache:
-        """The positions written so far, copied into a ``DynamicCache`` (which forward takes to go on)."""
+        """The positions written so far, copied into a ``DynamicCache`` (which forward takes to go on;
+        copies, as a CUDA graph's cache is the next call's)."""
         cache = DynamicCache(self.num_layers)
         for layer in range(self.num_layers):
             cache.self_kv[layer] = tuple(t[layer, :, :, :self.length].clone(memory_format=torch.contiguous_format)

@@ -67,13 +67,16 @@ _ARGUMENTS_OFF = dict(synced_gpus=(None, False), assistant_model=(None,), assist
 _OUTPUT_FLAGS = ("output_attentions", "output_hidden_states", "output_scores", "output_logits")
 
 
+def _generation_options(settings) -> dict:
+    return {key: value for key, value in settings.items() if key in DEFAULTS or key in _UNSUPPORTED_OFF}
+
+
 def settings_from_model_config(config) -> "GenerationSettings":
     """What transformers' ``GenerationConfig.from_model_config`` derives for a checkpoint without a
     generation_config.json: the config's token ids, and the generation options its config.json sets
     (saves from before generation configs kept num_beams, max_length, no_repeat_ngram_size... there;
     an option we do not implement is refused when generate reads it)."""
-    settings = {key: value for key, value in config.extra.items()
-                if (key in DEFAULTS or key in _UNSUPPORTED_OFF) and value is not None}
+    settings = {key: value for key, value in _generation_options(config.extra).items() if value is not None}
     settings.update(decoder_start_token_id=config.decoder_start_token_id, pad_token_id=config.pad_token_id,
                     eos_token_id=config.eos_token_id)
     if config.bos_token_id is not None:  # (transformers writes it only when set)
@@ -84,10 +87,6 @@ def settings_from_model_config(config) -> "GenerationSettings":
     if not settings.get("return_dict_in_generate") and any(settings.get(flag) for flag in _OUTPUT_FLAGS):
         settings["return_dict_in_generate"] = True  # as transformers: an output flag asks for the dict
     return GenerationSettings(settings).as_derived_from_config()
-
-
-def _generation_options(settings) -> dict:
-    return {key: value for key, value in settings.items() if key in DEFAULTS or key in _UNSUPPORTED_OFF}
 
 
 def settings_dict(generation_config) -> dict:

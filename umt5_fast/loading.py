@@ -30,6 +30,8 @@ BIN_INDEX_NAME = "pytorch_model.bin.index.json"
 def with_variant(name: str, variant: Optional[str]) -> str:
     """transformers' file name of a weights ``variant`` ("model.safetensors" -> "model.fp16.safetensors",
     "model.safetensors.index.json" -> "model.safetensors.index.fp16.json")."""
+    if variant is not None and not isinstance(variant, str):
+        raise TypeError(f"variant must be a string such as 'fp16', got {variant!r}")
     if not variant:
         return name
     parts = name.split(".")
@@ -485,8 +487,9 @@ def from_pretrained(cls, path, *, dtype=None, torch_dtype=None, device=None, bac
     to one device; ``config``: a config object or a path to one; ``output_loading_info``: also
     return transformers' loading report (empty lists: missing, unexpected and mismatched weights
     are errors here; the tensors of another task class's stacks or head, which transformers lists
-    as unexpected, are left out silently). Other keyword arguments override config fields (e.g. ``num_labels=3``) or set
-    config attributes (``max_length=5``, as transformers' config keeps them); transformers' options
+    as unexpected, are left out silently). Other keyword arguments override config fields (e.g.
+    ``num_labels=3``) or set config attributes (``max_length=5``, as transformers' config keeps
+    them); transformers' options
     that mean nothing for local files (``low_cpu_mem_usage``, ``local_files_only``, ...) are
     accepted and ignored, anything else is a TypeError.
     """

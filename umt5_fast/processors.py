@@ -544,14 +544,15 @@ class Processors:
         if not bool(torch.isfinite(scores.max(dim=-1).values).all()):
             raise ValueError(f"temperature={o['temperature']!r} is so small that the scaled scores "
                              "overflow; use a larger temperature or greedy decoding (do_sample=False)")
-        best = scores.topk(min(o["num_beams"], scores.shape[-1])).values if self.beam else None
-        if self.beam and bool(((best < NO_HYPOTHESIS) & (best > -math.inf)).any()):
-            # the beams' scores would lose to the placeholders of empty hypotheses, and the
-            # result would be the prompt alone (as transformers returns it); scores a processor
-            # set to -inf are dropped in transformers too
-            raise ValueError(f"temperature={o['temperature']!r} scales the beam scores below "
-                             f"{NO_HYPOTHESIS:g}, the score beam search gives a missing hypothesis; use "
-                             "a larger temperature")
+        if self.beam:
+            best = scores.topk(min(o["num_beams"], scores.shape[-1])).values
+            if bool(((best < NO_HYPOTHESIS) & (best > -math.inf)).any()):
+                # the beams' scores would lose to the placeholders of empty hypotheses, and the
+                # result would be the prompt alone (as transformers returns it); scores a processor
+                # set to -inf are dropped in transformers too
+                raise ValueError(f"temperature={o['temperature']!r} scales the beam scores below "
+                                 f"{NO_HYPOTHESIS:g}, the score beam search gives a missing hypothesis; use "
+                                 "a larger temperature")
         return scores
 
 

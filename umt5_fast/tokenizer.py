@@ -42,6 +42,8 @@ _TRUNCATION_CHOICES = {None: None, False: None, "do_not_truncate": None, True: "
 # transformers' from_pretrained arguments about the hub or the tokenizer class: nothing to do here
 _HUB_ARGUMENTS = ("revision", "cache_dir", "token", "use_auth_token", "local_files_only", "force_download",
                   "resume_download", "proxies", "trust_remote_code", "use_fast", "_from_pipeline")
+# transformers' save_pretrained arguments that change nothing here (no upload; one file format)
+_SAVE_ARGUMENTS = ("push_to_hub", "token", "legacy_format", "safe_serialization", "commit_message", "private")
 _CLEANUP_REPLACEMENTS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
                          (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
@@ -225,7 +227,7 @@ class UMT5Tokenizer:
         """
         for name in _HUB_ARGUMENTS:
             overrides.pop(name, None)
-        unknown = sorted(set(overrides) - set(inspect.signature(cls.__init__).parameters) - {"vocab_file"})
+        unknown = sorted(set(overrides) - set(inspect.signature(cls.__init__).parameters) - {"self", "vocab_file"})
         if unknown:
             raise TypeError(f"UMT5Tokenizer.from_pretrained() got unexpected arguments {unknown}")
         directory = Path(directory) / subfolder
@@ -288,7 +290,10 @@ class UMT5Tokenizer:
 
     def save_pretrained(self, directory, **hub_options):
         """Write spiece.model, tokenizer_config.json and special_tokens_map.json (loadable by transformers);
-        transformers' hub options (push_to_hub=False, token...) change nothing."""
+        transformers' other arguments (push_to_hub=False, token...) change nothing."""
+        unknown = sorted(set(hub_options) - set(_SAVE_ARGUMENTS))
+        if unknown:
+            raise TypeError(f"UMT5Tokenizer.save_pretrained() got unexpected arguments {unknown}")
         if hub_options.get("push_to_hub"):
             raise ValueError("push_to_hub is not supported: umt5_fast writes local files only")
         directory = Path(directory)

@@ -2,6 +2,12 @@
 import torch
 
 
+def check_device(name: str, tensor: torch.Tensor, device):
+    """``tensor`` is on the model's ``device`` (None: not checked)."""
+    if device is not None and tensor.device != torch.device(device):
+        raise ValueError(f"{name} is on {tensor.device} but the model is on {device}")
+
+
 def check_ids(name: str, ids, vocab_size: int, device=None, allow_none=True):
     if ids is None:
         if allow_none:
@@ -17,8 +23,7 @@ def check_ids(name: str, ids, vocab_size: int, device=None, allow_none=True):
         raise ValueError(f"{name} is an empty batch (shape {tuple(ids.shape)})")
     if ids.shape[1] == 0:
         raise ValueError(f"{name} has zero-length sequences (shape {tuple(ids.shape)})")
-    if device is not None and ids.device != torch.device(device):
-        raise ValueError(f"{name} is on {ids.device} but the model is on {device}")
+    check_device(name, ids, device)
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
@@ -37,8 +42,7 @@ def check_embeds(name: str, embeds, d_model: int, device=None, dtype=None, requi
                          f"got {tuple(embeds.shape)}")
     if embeds.shape[0] == 0 or embeds.shape[1] == 0:
         raise ValueError(f"{name} is empty (shape {tuple(embeds.shape)})")
-    if device is not None and embeds.device != torch.device(device):
-        raise ValueError(f"{name} is on {embeds.device} but the model is on {device}")
+    check_device(name, embeds, device)
     if require_finite and not bool(torch.isfinite(embeds).all()):
         raise ValueError(f"{name} holds NaN or infinite values")
 
@@ -53,8 +57,7 @@ def check_mask(name: str, mask, shape, device=None) -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)} (matching the inputs), got {tuple(mask.shape)}")
-    if device is not None and mask.device != torch.device(device):
-        raise ValueError(f"{name} is on {mask.device} but the model is on {device}")
+    check_device(name, mask, device)
     if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
         raise ValueError(f"{name} must hold only 0 and 1 (1 = attend), got other values")
     return mask.bool()
@@ -72,8 +75,7 @@ def check_additive_mask(name: str, mask: torch.Tensor, shape, device) -> torch.T
             or mask.shape[3] < keys):
         raise ValueError(f"a 4-D {name} must have shape [{batch} or 1, {heads} or 1, {queries}, >= {keys}] "
                          f"(batch, heads, queries, keys), got {tuple(mask.shape)}")
-    if mask.device != torch.device(device):
-        raise ValueError(f"{name} is on {mask.device} but the model is on {device}")
+    check_device(name, mask, device)
     return mask
 
 
@@ -111,8 +113,7 @@ def check_legacy_cache(legacy, num_layers: int, num_heads: int, d_kv: int, dtype
                                  f"got {tuple(t.shape)}")
             if t.dtype != dtype:
                 raise TypeError(f"{name} has dtype {t.dtype} but the model computes in {dtype}")
-            if t.device != torch.device(device):
-                raise ValueError(f"{name} is on {t.device} but the model is on {device}")
+            check_device(name, t, device)
         if self_shape is None:
             self_shape = layer[0].shape
         if layer[0].shape != self_shape or layer[1].shape != self_shape:

@@ -148,15 +148,24 @@ inline void score_tile_transposed(const float* q_t, const float* k, int64_t k_ro
   }
 }
 
+// exp(score - running max) to fp32 accuracy (Vec::exp, Cephes expf).
+template <CpuIsa ISA>
+struct ExpOfShifted {
+  typename Vec<ISA>::type operator()(typename Vec<ISA>::type score, typename Vec<ISA>::type max) const {
+    return Vec<ISA>::exp(Vec<ISA>::sub(score, max));
+  }
+};
+
 // softmax_step for RV vectors of rows on a transposed tile: position term of (row r, key c) at
 // position_term_reversed[r - c], key term key_term[c]. running_max, running_sum and rescale hold
-// one float per row. The probabilities go to emit(c, v, p of key c, p of key c + 1, whether
-// key c + 1 is in the tile (else its p is 0)) for even c; by default, in place of the scores.
-template <CpuIsa ISA, int RV, class Emit>
+// one float per row. The probabilities, exp_of_shifted(score, running max), go to emit(c, v, p of
+// key c, p of key c + 1, whether key c + 1 is in the tile (else its p is 0)) for even c; by
+// default, in place of the scores.
+template <CpuIsa ISA, int RV, class Emit, class ExpFn = ExpOfShifted<ISA>>
 inline void softmax_step_transposed(float* scores_t, int num_keys,
                                     const float* position_term_reversed, const float* key_term,
                                     float* running_max, float* running_sum, float* rescale,
-                                    Emit emit) {
+                                    Emit emit, ExpFn exp_of_shifted = {}) {
   using V = Vec<ISA>;
   constexpr int W = V::width;
   typename V::type tile_max[RV];
@@ -184,11 +193,11 @@ inline void softmax_step_transposed(float* scores_t, int num_keys,
   for (int c = 0; c < num_keys; c += 2) {
     const bool has_high = c + 1 < num_keys;
     for (int v = 0; v < RV; ++v) {
-      const auto low = V::exp(V::sub(V::load(scores_t + c * kRowStride + v * W), new_max[v]));
+      const auto low = exp_of_shifted(V::load(scores_t + c * kRowStride + v * W), new_max[v]);
       sum[v] = V::add(sum[v], low);
       auto high = V::zero();
       if (has_high) {
-        high = V::exp(V::sub(V::load(scores_t + (c + 1) * kRowStride + v * W), new_max[v]));
+        high = exp_of_shifted(V::load(scores_t + (c + 1) * kRowStride + v * W), new_max[v]);
         sum[v] = V::add(sum[v], high);
       }
       emit(c, v, low, high, has_high);

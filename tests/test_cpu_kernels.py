@@ -282,6 +282,22 @@ def test_bf16_attention_all_keys_masked_averages_values(generator):
     assert (got[1].double() - expected).abs().max() <= 2.0 ** -8 * expected.abs().max()  # one rounding
 
 
+@pytest.mark.usefixtures("bf16_attention_kernel")
+@pytest.mark.parametrize("score_scale", [8.0, 40.0])
+def test_bf16_attention_wide_score_range(score_scale, generator):
+    """Scores spread over hundreds: many probabilities fall below fp32's normal range (the bf16
+    kernel's exp flushes them to 0), others lie just above it. Within the bound of exact attention,
+    and a padded key adds nothing: huge values at padded keys leave the output bit for bit."""
+    q, k, v = attention_inputs(2, 3, 40, 200, 32, generator)
+    q = q * score_scale
+    mask = padding_mask(2, 200, "left", generator)
+    kwargs = dict(bidirectional=True, num_buckets=16, max_distance=20, key_padding_mask=mask)
+    check_bf16_attention(q, k, v, randn(16, 3, generator=generator), **kwargs)
+    got = cpu.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, **kwargs)
+    v_padded_huge = v.masked_fill(~mask[:, None, :, None], 1e38)
+    assert torch.equal(cpu.attention(q.bfloat16(), k.bfloat16(), v_padded_huge.bfloat16(), None, **kwargs), got)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("query_length,key_length", [(1, 1), (1, 63), (1, 130), (7, 65), (40, 129), (70, 37)])
@@ -592,8 +608,10 @@ def test_int8_weights_in_a_half_precision_model(rows, with_residual, dtype, nati
 @pytest.mark.parametrize("int8_weight", [False, True])
 def test_half_linear_through_fp32_widens_in_chunks(dtype, int8_weight, generator, monkeypatch):
     """A weight (of x's dtype, or weight-only int8) wider than HALF_WIDEN_CHUNK is widened a slice
-    of output features at a time (the last one partial); the slices' results are the unsliced
-    product's, column for column."""
+    of output features at a time (the last one partial); each slice's columns are the fp32 GEMM's
+    of that slice, rounded once, and the unsliced product's where the GEMM's column sums do not
+    depend on how many columns it computes (MKL's on Intel CPUs; on AMD ones its AVX2 kernels sum
+    a 10-column slice in another order, one rounding step apart)."""
     x, weight = randn(2, 19, 40, generator=generator).to(dtype), randn(103, 40, generator=generator)
     weight = QuantizedWeight.quantize(weight) if int8_weight else weight.to(dtype)
     dense = weight.dequantize(torch.float32) if int8_weight else weight
@@ -601,7 +619,11 @@ def test_half_linear_through_fp32_widens_in_chunks(dtype, int8_weight, generator
     monkeypatch.setattr(cpu, "HALF_WIDEN_CHUNK", 40 * 10)
     chunked = cpu._half_linear_through_fp32(x, weight)
     assert chunked.shape == (2, 19, 103) and chunked.dtype == dtype
-    assert torch.equal(chunked, whole)
+    xf = x.reshape(-1, 40).float()
+    sliced = torch.cat([torch.nn.functional.linear(xf, dense[n:n + 10].float()) for n in range(0, 103, 10)], dim=1)
+    assert torch.equal(chunked, sliced.to(dtype).view(2, 19, 103))
+    if torch.equal(sliced, torch.nn.functional.linear(xf, dense.float())):
+        assert torch.equal(chunked, whole)
     assert cpu._half_linear_through_fp32(x, dense[:0]).shape == (2, 19, 0)
     exact = (x.double() @ dense.double().T).to(dtype)
     # one ulp, or fp32 cancellation (~1e-6 of the operands) where the result is near 0

@@ -24,10 +24,11 @@
 namespace umt5_fast {
 namespace {
 
-// Keys per online-softmax step: four times the fp32 kernels' tile. Each step rescales the
-// accumulator and updates the running max and sum, which cost a quarter as much per key here
-// (1 x 6 x 4096 x 64 on a Zen 4: 77 -> 72 ms; 512 keys gain nothing more).
-constexpr int kKeyTile = 4 * kernels::kAttentionKeyTile;
+// Keys per online-softmax step, twice the fp32 kernels' (K is read in place and V as pairs, so a
+// tile needs half the bytes). Each step rescales the accumulator and updates the running max and
+// sum: against 64-key steps that costs a quarter as much per key (1 x 6 x 4096 x 64 on a Zen 4:
+// 77 -> 72 ms; 512 keys gain nothing more).
+constexpr int kKeyTile = 256;
 using namespace bf16_pairs;
 
 UMT5_FAST_BF16_TARGET inline __m512 add_pair_products(__m512 acc, __m512i a, __m512i b) {

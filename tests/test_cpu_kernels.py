@@ -64,6 +64,7 @@ SHAPES = [  # batch, heads, query length, key length, head dim
     (2, 5, 70, 7, 24),
     (3, 3, 200, 200, 64),
     (2, 3, 40, 40, 80),  # longer than max_distance=16: exercises the log buckets and the last one
+    (1, 2, 45, 300, 40),  # keys past two 128-key softmax steps, the last one partial
 ]
 
 

@@ -122,7 +122,7 @@ int64_t query_pair_rows(int head_dim) { return (head_dim + 1) / 2; }
 
 template <int RV>
 void attention_rows_bf16(const AttentionBlockBf16& b, float* scratch_floats) {
-  // Keys per score pass: 16 or 8, so passes tile the 64 keys exactly; 16 accumulators.
+  // Keys per score pass: 16 or 8, so passes tile a step's keys exactly; 16 accumulators.
   constexpr int KG = 16 / RV;
   static_assert(kKeyTile % KG == 0, "score passes cover a key tile exactly");
   const PairScratch s(scratch_floats, query_pair_rows(b.head_dim), b.d_padded, kKeyTile);

@@ -78,9 +78,9 @@ struct PairScratch {
 // bf16 (2^-9): 2^u = 2^n 2^f with u = (score - max) log2(e), n = round(u), f in [-1/2, 1/2] by a
 // degree-4 polynomial (fitted for relative error), times 2^n by vscalefps. 10 operations where
 // Cephes expf takes 22 (its fp32 accuracy costs a two-part ln 2 reduction, a degree-6 polynomial
-// and range fix-ups): the softmax was a third of the bf16 kernel's time. u < -126 gives 0
-// (masked keys' -1e30 included) rather than a subnormal, which x86 cores produce slowly; exp(x)
-// for x below -87.3 is under 2^-126 and rounds to a bf16 subnormal or 0 anyway. NaN stays NaN.
+// and range fix-ups): the softmax and its packing were a third of the bf16 kernel's time. u < -126
+// gives 0 (masked keys' -1e30 included) rather than a subnormal, which x86 cores produce slowly;
+// the bf16 conversion takes subnormals as 0 anyway. NaN stays NaN.
 UMT5_FAST_BF16_TARGET inline __m512 exp_of_shifted_for_bf16(__m512 score, __m512 max) {
   const __m512 u = _mm512_mul_ps(_mm512_sub_ps(score, max), _mm512_set1_ps(1.44269504088896341f));
   const __mmask16 normal = _mm512_cmp_ps_mask(u, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
@@ -120,11 +120,9 @@ struct StoreKeyPairs {
 // without an fp32 pass between. Flattened: the functors' bf16 code can only be inlined into a
 // function compiled for bf16, which softmax_step_transposed is not until it is inlined here.
 template <int RV>
-UMT5_FAST_BF16_TARGET __attribute__((flatten)) void softmax_step_to_pairs(float* scores_t, int num_keys,
-                                                 const float* position_term_reversed,
-                                                 const float* key_term, float* running_max,
-                                                 float* running_sum, float* rescale,
-                                                 uint32_t* p_pairs) {
+UMT5_FAST_BF16_TARGET __attribute__((flatten)) void softmax_step_to_pairs(
+    float* scores_t, int num_keys, const float* position_term_reversed, const float* key_term,
+    float* running_max, float* running_sum, float* rescale, uint32_t* p_pairs) {
   kernels::softmax_step_transposed<CpuIsa::avx512, RV>(
       scores_t, num_keys, position_term_reversed, key_term, running_max, running_sum, rescale,
       StoreKeyPairs{p_pairs}, ExpOfShiftedForBf16{});

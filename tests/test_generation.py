@@ -422,7 +422,8 @@ def test_static_cache_is_allocated_once_and_decode_reads_it(checkpoint_factory, 
     (dict(decoder_start_token_id=torch.tensor([0, 0, 0])), "decoder_start_token_id"),
     (dict(eos_token_id=torch.tensor([1.0])), "integers"), (dict(pad_token_id=True), "pad_token_id"),
     (dict(num_beams=2, length_penalty="x"), "length_penalty"), (dict(length_penalty=float("nan")), "length_penalty"),
-    (dict(do_sample="yes"), "do_sample"), (dict(output_logits="yes"), "output_logits"), (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+    (dict(do_sample="yes"), "do_sample"), (dict(output_logits="yes"), "output_logits"),
+    (dict(use_cache="no"), "use_cache"), (dict(repetition_penalty=float("inf")), "repetition_penalty"),
     (dict(do_sample=True, temperature=0.0), "temperature"), (dict(eos_token_id=10**6), "eos_token_id"),
     (dict(max_length=1), "max_length"), (dict(top_k=-1), "top_k")])
 def test_bad_generation_arguments(checkpoint_factory, kwargs, match):
@@ -625,7 +626,8 @@ def test_beam_sampling_temperature_too_small_for_beam_scores_is_refused(checkpoi
 def test_generate_returns_the_cache_as_transformers(checkpoint_factory, kwargs):
     """return_dict_in_generate: greedy / sampled decoding returns the decoder cache (every position
     but the last token's, also for rows that ended early) with transformers' K/V, and forward goes on
-    from it as transformers' model goes on from its own; use_cache=False returns none."""
+    from it as transformers' model goes on from its own; use_cache=False, passed or in a generation
+    config, returns none."""
     path, hf = checkpoint_factory("UMT5ForConditionalGeneration", **CONFIGS["tied-shallow-decoder"])
     ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="cpu")
     ids, mask = random_batch(ours.config.vocab_size, 2, 11, seed=6)
@@ -651,6 +653,11 @@ def test_generate_returns_the_cache_as_transformers(checkpoint_factory, kwargs):
         their_next = hf(past_key_values=expected.past_key_values, **source).logits
     assert_close(ours(past_key_values=out.past_key_values, **source).logits, their_next, 1e-5, "next step")
     assert ours.generate(ids, attention_mask=mask, use_cache=False, **options).past_key_values is None
+    import transformers
+    no_cache = transformers.GenerationConfig(use_cache=False, **options)
+    with torch.no_grad():
+        assert hf.generate(ids, attention_mask=mask, generation_config=no_cache).past_key_values is None
+    assert ours.generate(ids, attention_mask=mask, generation_config=no_cache).past_key_values is None
 
 
 def test_length_defaults_follow_transformers(checkpoint_factory):

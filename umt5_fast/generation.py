@@ -32,14 +32,14 @@ DEFAULTS = dict(max_length=20, max_new_tokens=None, min_length=0, min_new_tokens
                 forced_eos_token_id=None, remove_invalid_values=False, exponential_decay_length_penalty=None,
                 suppress_tokens=None, begin_suppress_tokens=None, min_p=None, typical_p=1.0, epsilon_cutoff=0.0,
                 eta_cutoff=0.0, renormalize_logits=False, max_time=None,
-                stop_strings=None, bos_token_id=None)
+                stop_strings=None, bos_token_id=None, use_cache=True)
 # transformers' default max_length: when it is neither passed to generate nor changed in a config,
 # it means 20 new tokens (not 20 in all).
 _DEFAULT_MAX_LENGTH = DEFAULTS["max_length"]
 # Keys of a generation_config.json that do not change decoding here: bookkeeping, cache choices (the
-# static cache is always used; results are the same), and assisted decoding's settings, which only
-# act with an assistant model (generate takes none).
-_IGNORED = {"_from_model_config", "transformers_version", "use_cache", "cache_implementation",
+# static cache is always used; results are the same; use_cache only decides whether the dict returns
+# it), and assisted decoding's settings, which only act with an assistant model (generate takes none).
+_IGNORED = {"_from_model_config", "transformers_version", "cache_implementation",
             "cache_config", "return_legacy_cache", "prefill_chunk_size", "disable_compile", "compile_config",
             "is_assistant", "num_assistant_tokens", "num_assistant_tokens_schedule",
             "assistant_confidence_threshold", "assistant_early_exit", "assistant_lookbehind", "target_lookbehind",
@@ -248,8 +248,8 @@ def check_options(o: dict, vocab_size: int):
         raise ValueError(f"greedy decoding returns one sequence per input: num_return_sequences "
                          f"({o['num_return_sequences']}) needs do_sample=True or num_beams >= it")
     for name in ("do_sample", "output_scores", "return_dict_in_generate", "output_logits", "output_attentions",
-                 "output_hidden_states"):
-        if not isinstance(o[name], bool) and not (o[name] is None and name == "output_logits"):
+                 "output_hidden_states", "use_cache"):
+        if not isinstance(o[name], bool) and not (o[name] is None and name in ("output_logits", "use_cache")):
             raise ValueError(f"{name} must be True or False, got {o[name]!r}")
     if not is_finite_number(o["length_penalty"]):
         raise ValueError(f"length_penalty must be a finite number, got {o['length_penalty']!r}")
@@ -1012,7 +1012,7 @@ def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=No
             streamer.put(prompt.repeat_interleave(expand, dim=0).cpu())
         steps = []
         # (transformers returns the cache with the dict unless use_cache=False; beam search: see Limitations)
-        kept_cache = [] if options["return_dict_in_generate"] and kwargs.get("use_cache") is not False else None
+        kept_cache = [] if options["return_dict_in_generate"] and options["use_cache"] is not False else None
         for tokens in sample_steps(model, encoder_states, mask, prompt, max_length, options, processors, stops,
                                    generator, record, use_cuda_graph, kept_cache):
             steps.append(tokens)

@@ -660,6 +660,25 @@ def test_generate_returns_the_cache_as_transformers(checkpoint_factory, kwargs):
     assert ours.generate(ids, attention_mask=mask, generation_config=no_cache).past_key_values is None
 
 
+def test_a_config_with_use_cache_off_returns_no_cache_as_transformers(checkpoint_factory, tmp_path):
+    """config.use_cache=False reaches the generation config transformers derives from it (written to
+    generation_config.json, or derived at load without one): generate's dict has no past_key_values."""
+    import shutil
+    path, hf = checkpoint_factory("UMT5ForConditionalGeneration", **CONFIGS["tied-shallow-decoder"], use_cache=False)
+    ids, mask = random_batch(hf.config.vocab_size, 2, 7, seed=9)
+    options = dict(max_new_tokens=3, return_dict_in_generate=True)
+    with torch.no_grad():
+        assert hf.generate(ids, attention_mask=mask, **options).past_key_values is None
+    ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="cpu")
+    assert ours.generate(ids, attention_mask=mask, **options).past_key_values is None
+    without = shutil.copytree(path, tmp_path / "without-generation-config")  # (the factory's is shared)
+    (without / "generation_config.json").unlink()
+    derived = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(without, backend="cpu")
+    out = derived.generate(ids, attention_mask=mask, **options)
+    assert out.past_key_values is None and torch.equal(out.sequences, hf.generate(ids, attention_mask=mask,
+                                                                                  max_new_tokens=3))
+
+
 def test_length_defaults_follow_transformers(checkpoint_factory):
     """max_length left at its default means 20 new tokens after the decoder prompt (set explicitly,
     20 in all); min_new_tokens takes min_length's place when both are set."""

@@ -81,6 +81,8 @@ def settings_from_model_config(config) -> "GenerationSettings":
                     eos_token_id=config.eos_token_id)
     if config.bos_token_id is not None:  # (transformers writes it only when set)
         settings["bos_token_id"] = config.bos_token_id
+    if not config.use_cache:  # (transformers writes it only when off)
+        settings["use_cache"] = False
     for flag in ("output_attentions", "output_hidden_states"):  # config fields of ours (forward's defaults)
         if getattr(config, flag, False):
             settings[flag] = True

@@ -268,9 +268,7 @@ class UMT5Tokenizer:
             "add_prefix_space", "model_max_length", "clean_up_tokenization_spaces", "padding_side",
             "truncation_side", "added_tokens_decoder") if config.get(key) is not None}
         settings.update(overrides)
-        tokenizer = cls(directory / SENTENCEPIECE_FILE, **settings)
-        tokenizer.name_or_path = str(directory)
-        return tokenizer
+        return cls(directory / SENTENCEPIECE_FILE, **settings)  # (name_or_path: directory)
 
     # transformers' PreTrainedTokenizer attributes: a sentencepiece ("slow") tokenizer
     is_fast = False

@@ -56,7 +56,11 @@ def build_parser():
     parser.add_argument("--repeats", type=at_least(1), help="timed runs (fewer, >= 3, when one run exceeds the budget)")
     parser.add_argument("--time-budget", type=at_least(0.0, float), dest="time_budget_s",
                         help="seconds of timed runs to aim for per measurement")
-    parser.add_argument("--timeout", type=at_least(1.0, float), default=1800.0, help="seconds before a measurement is abandoned")
+    parser.add_argument("--sequential", action="store_true",
+                        help="measure one engine at a time (default: the engines of a workload are loaded side by "
+                             "side and take turns, so that the host's drift cancels out of their ratios)")
+    parser.add_argument("--timeout", type=at_least(1.0, float), default=1800.0,
+                        help="seconds an engine may take to load and warm up, or to run one call, before it is abandoned")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="where JSON and PNGs go")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
                         help="random-weight checkpoints and CTranslate2 conversions")
@@ -116,8 +120,8 @@ def main(argv=None):
     # Every engine, torch or not, gets the same thread count; spawned measurements inherit this.
     os.environ.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                       TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
-    settings = settings_for(preset, args.threads, args.cache_dir, args.timeout, warmup=args.warmup,
-                            repeats=args.repeats, time_budget_s=args.time_budget_s)
+    settings = settings_for(preset, args.threads, args.cache_dir, args.timeout, interleave=not args.sequential,
+                            warmup=args.warmup, repeats=args.repeats, time_budget_s=args.time_budget_s)
 
     progress = report.ProgressBar()
     progress.note(f"probing memory bandwidth and GEMM rate on {args.threads} threads ...")
@@ -133,7 +137,8 @@ def main(argv=None):
     settings_record = dict(preset=args.preset, models=[m.name for m in models],
                            workloads=[w.name for w in workloads], engines=[e.name for e in engines],
                            threads=settings.threads, warmup=settings.warmup, repeats=settings.repeats,
-                           time_budget_s=settings.time_budget_s, argv=sys.argv[1:] if argv is None else argv)
+                           time_budget_s=settings.time_budget_s, interleave=settings.interleave,
+                           argv=sys.argv[1:] if argv is None else argv)
     report.write_json(json_path, info, settings_record, result)
     written = [json_path] + ([] if args.no_plots else report.write_plots(args.out, args.preset, result["rows"]))
     print("\nwrote " + ", ".join(str(p) for p in written))

@@ -31,6 +31,11 @@ class ProgressBar:
         self.label = label
         self._draw()
 
+    def relabel(self, label: str):
+        """The running step's progress, in words."""
+        self.label = label
+        self._draw()
+
     def note(self, text: str):
         self._clear()
         print(text, file=self.stream, flush=True)
@@ -132,11 +137,12 @@ mem MB: peak RSS during the workload minus the RSS before loading (weights + wor
   peak of the timed calls minus the RSS before them (after the warm-up): one call's working memory
 vs HF / vs CT2: that engine's median / this median (>1: faster); int8 and w8a8 rows compare with ctranslate2-int8,
   the others with ctranslate2-fp32
-GB/s: read bandwidth (torch.sum over 512 MiB) probed in the measurement's process right after its
-  timed calls (a shared machine's bandwidth moves within minutes)
+GB/s: the workload's read bandwidth, the median of its engines' probes (torch.sum over 512 MiB in each
+  engine's process after its timed calls; one probe moves by up to 1.5x from process to process)
 /floor: median / floor (weights+KV bytes over that bandwidth, or FLOPs over the GEMM rate measured
   at the start); the floor counts the LM head in the engine's weight precision, while umt5_fast's
-  greedy steps with a float head read its int8 screen (umt5_fast/lm_head_screen.py): below 1x there
+  greedy steps with a float head read its int8 screen (umt5_fast/lm_head_screen.py), so those rows
+  can fall below 1x
 correct: generation: ids identical to transformers (yes), else no + mean fraction of tokens before
   the first divergence; encoder: max |out - ref| / max |ref| vs transformers"""
 

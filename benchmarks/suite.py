@@ -1,9 +1,15 @@
-"""The sweep: presets, one fresh subprocess per measurement, and the comparison columns.
+"""The sweep: presets, one spawned process per engine, the engines of a workload timed in turns.
 
 Each (model, workload, engine) is measured in its own spawned process: load, note the RSS, reset
-the peak-RSS mark, warm up, time the repeats, read the peak. A fresh process is the simplest
+the peak-RSS mark, warm up, then the timed calls, then the peak. A fresh process is the simplest
 honest way to give every engine the same start (no allocator caches or page-cache advantage from
 an earlier engine in the same process) and a peak that belongs to that engine alone.
+
+The engines of one workload are loaded side by side and take turns: round r times one call of
+each (starting from the r-th engine), so every engine samples the same minutes of the host. A
+shared machine's speed drifts by 10-15% over minutes, and engines timed one after another would
+carry that drift into their ratios. ``--sequential`` measures one engine at a time instead (for
+models too large to hold several copies of at once).
 """
 import multiprocessing
 import statistics
@@ -22,6 +28,10 @@ from .models import (BenchModel, checkpoint_ready, ctranslate2_ready, ensure_che
 from .workloads import ModelShape, Rates, Workload, floor_seconds, make_inputs
 
 MIN_REPEATS = 3  # a median and a spread need a few samples, whatever the time budget says
+# A pause before each timed call of the turns: the OpenMP threads of the engine that ran last spin
+# for a few ms before they sleep (libgomp's default, in torch and CTranslate2 alike), which would
+# take cores from the next engine's call.
+SETTLE_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -66,11 +76,12 @@ class Settings:
     time_budget_s: float
     timeout_s: float
     cache_dir: Path
+    interleave: bool = True  # the engines of a workload take turns (False: one engine at a time)
 
 
 @dataclass(frozen=True)
 class Job:
-    """One measurement, sent to a fresh process (everything here pickles)."""
+    """One engine on one workload, sent to its measuring process (everything here pickles)."""
     model: str
     checkpoint_dir: str
     ctranslate2_dir: Optional[str]
@@ -80,7 +91,6 @@ class Job:
     warmup: int
     repeats: int
     time_budget_s: float
-    timed: bool = True  # False: a single run whose output is the correctness reference
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,84 +109,173 @@ def _subprocess_entry(connection, func, args):
         connection.close()
 
 
-def run_in_subprocess(func, *args, timeout_s: Optional[float] = None):
-    """``func(*args)`` in a fresh spawned Python process; its return value, or SubprocessFailed."""
-    context = multiprocessing.get_context("spawn")
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_subprocess_entry, args=(sender, func, args), daemon=True)
-    process.start()
-    sender.close()
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    try:
-        while not receiver.poll(0.5):  # also wakes up when the child dies (end of file)
+class Subprocess:
+    """A spawned Python process running ``target(connection, *args)``, answering over a pipe with
+    ("ok", payload) or ("error", traceback) messages."""
+
+    def __init__(self, target, *args):
+        context = multiprocessing.get_context("spawn")
+        self.connection, child_end = context.Pipe(duplex=True)
+        self.process = context.Process(target=target, args=(child_end, *args), daemon=True)
+        self.process.start()
+        child_end.close()
+
+    def receive(self, timeout_s: Optional[float] = None):
+        """The next payload; SubprocessFailed for an error, a timeout (the process is killed) or a
+        process that died."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not self.connection.poll(0.5):  # also wakes up when the child dies (end of file)
             if deadline is not None and time.monotonic() > deadline:
-                process.kill()
+                self.close(kill=True)
                 raise SubprocessFailed(f"timed out after {timeout_s:.0f} s")
         try:
-            status, payload = receiver.recv()
+            status, payload = self.connection.recv()
         except EOFError:
-            process.join(timeout=10)
-            code = process.exitcode
+            self.process.join(timeout=10)
+            code = self.process.exitcode
             why = " (killed: out of memory?)" if code == -9 else ""
             raise SubprocessFailed(f"process exited with code {code}{why} before reporting") from None
+        if status == "error":
+            raise SubprocessFailed(payload.strip())
+        return payload
+
+    def request(self, command, timeout_s: Optional[float] = None):
+        try:
+            self.connection.send(command)
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            raise SubprocessFailed("the process is gone") from None
+        return self.receive(timeout_s)
+
+    def close(self, kill: bool = False):
+        """Waits for the process to end (10 s at most, then kills it); ``kill``: kills it now."""
+        if not kill:
+            self.process.join(timeout=10)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.connection.close()
+
+
+def run_in_subprocess(func, *args, timeout_s: Optional[float] = None):
+    """``func(*args)`` in a fresh spawned Python process; its return value, or SubprocessFailed."""
+    process = Subprocess(_subprocess_entry, func, args)
+    try:
+        return process.receive(timeout_s)
     finally:
-        process.join(timeout=10)
-        if process.is_alive():
-            process.kill()
-            process.join()
-        receiver.close()
-    if status == "error":
-        raise SubprocessFailed(payload.strip())
-    return payload
+        process.close()
 
 
 # ---------------------------------------------------------------------------------------------
 # Inside the measuring process
 # ---------------------------------------------------------------------------------------------
-def measure(job: Job) -> dict:
-    import torch
-    torch.set_num_threads(job.threads)
-    engine = engine_by_name(job.engine)
-    config = read_config(job.checkpoint_dir)
-    workload = job.workload
-    ids, mask = make_inputs(workload, config["vocab_size"], config.get("eos_token_id", 1))
-    rss_start = machine.current_rss_mb()
-    start = time.perf_counter()
-    engine.load(job.checkpoint_dir, job.ctranslate2_dir, workload.kind, job.threads)
-    load_s = time.perf_counter() - start
-    rss_loaded = machine.current_rss_mb()
-    peak_is_per_workload = machine.reset_peak_rss()
+class Measurement:
+    """One engine on one workload, inside its measuring process: loading (the constructor), the
+    warm-up, timed calls one at a time (so that engines in other processes can take turns), and the
+    memory and bandwidth read at the end."""
 
-    def run():
+    def __init__(self, job: Job):
+        import torch
+        torch.set_num_threads(job.threads)
+        self.job = job
+        self.engine = engine_by_name(job.engine)
+        config = read_config(job.checkpoint_dir)
+        self.ids, self.mask = make_inputs(job.workload, config["vocab_size"], config.get("eos_token_id", 1))
+        self.rss_start = machine.current_rss_mb()
+        start = time.perf_counter()
+        self.engine.load(job.checkpoint_dir, job.ctranslate2_dir, job.workload.kind, job.threads)
+        self.load_s = time.perf_counter() - start
+        self.rss_loaded = machine.current_rss_mb()
+        self.peak_is_per_workload = machine.reset_peak_rss()
+        self.times, self.output = [], None
+
+    def run(self):
+        workload = self.job.workload
         if workload.kind == "encoder":
-            return engine.encode(ids, mask)
-        return engine.generate(ids, mask, workload.new_tokens, workload.num_beams, workload.top_k)
+            return self.engine.encode(self.ids, self.mask)
+        return self.engine.generate(self.ids, self.mask, workload.new_tokens, workload.num_beams, workload.top_k)
 
-    if not job.timed:
-        return dict(output=run())
-    repeats, output = job.repeats, None
-    for _ in range(job.warmup):
+    def warm_up(self) -> int:
+        """The warm-up runs; returns the number of timed calls the time budget allows."""
+        job, repeats = self.job, self.job.repeats
+        for _ in range(job.warmup):
+            start = time.perf_counter()
+            self.output = self.run()
+            one_run = time.perf_counter() - start
+            repeats = max(MIN_REPEATS, min(job.repeats, int(job.time_budget_s / max(one_run, 1e-9))))
+        # Steady state: weights that loading only mapped are resident after the warm-up, so the peak of
+        # the timed calls over the RSS before them is one call's working memory, whatever the loading style.
+        self.peak_through_warmup, self.rss_warm = machine.peak_rss_mb(), machine.current_rss_mb()
+        self.call_peak_is_separate = machine.reset_peak_rss()
+        return repeats
+
+    def timed_call(self) -> float:
         start = time.perf_counter()
-        output = run()
-        one_run = time.perf_counter() - start
-        repeats = max(MIN_REPEATS, min(job.repeats, int(job.time_budget_s / max(one_run, 1e-9))))
-    # Steady state: weights that loading only mapped are resident after the warm-up, so the peak of
-    # the timed calls over the RSS before them is one call's working memory, whatever the loading style.
-    peak_through_warmup, rss_warm = machine.peak_rss_mb(), machine.current_rss_mb()
-    call_peak_is_separate = machine.reset_peak_rss()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        output = run()
-        times.append(time.perf_counter() - start)
-    peak_of_calls = machine.peak_rss_mb()
-    # The memory bandwidth of a shared machine moves by 1.5x within minutes: the floor of this
-    # measurement uses the bandwidth read right after it, in the same process (after the RSS reads).
-    read_bandwidth = machine.measure_read_bandwidth(size_bytes=1 << 29, repeats=3)
-    return dict(times_s=times, output=output, load_s=load_s, rss_start_mb=rss_start, rss_loaded_mb=rss_loaded,
-                read_bandwidth_gbs=read_bandwidth / 1e9,
-                peak_rss_mb=max(peak_through_warmup, peak_of_calls), peak_is_per_workload=peak_is_per_workload,
-                call_extra_mb=peak_of_calls - rss_warm if call_peak_is_separate else None)
+        self.output = self.run()
+        elapsed = time.perf_counter() - start
+        self.times.append(elapsed)
+        return elapsed
+
+    def finish(self) -> dict:
+        peak_of_calls = machine.peak_rss_mb()
+        # The memory bandwidth of a shared machine moves by 1.5x within minutes: the floor of this
+        # measurement uses the bandwidth read right after it, in the same process (after the RSS reads).
+        read_bandwidth = machine.measure_read_bandwidth(size_bytes=1 << 29, repeats=3)
+        return dict(times_s=self.times, output=self.output, load_s=self.load_s, rss_start_mb=self.rss_start,
+                    rss_loaded_mb=self.rss_loaded, read_bandwidth_gbs=read_bandwidth / 1e9,
+                    peak_rss_mb=max(self.peak_through_warmup, peak_of_calls),
+                    peak_is_per_workload=self.peak_is_per_workload,
+                    call_extra_mb=peak_of_calls - self.rss_warm if self.call_peak_is_separate else None)
+
+
+def reference_output(job: Job):
+    """One untimed call's output (transformers' ids or hidden states, to check the others against)."""
+    return Measurement(job).run()
+
+
+def _engine_worker(connection, job: Job):
+    """A measuring process: loads and warms up (answers the number of timed calls), then answers
+    "call" with one call's seconds until "finish", which it answers with ``Measurement.finish``."""
+    try:
+        measurement = Measurement(job)
+        connection.send(("ok", measurement.warm_up()))
+        while (command := connection.recv()) == "call":
+            connection.send(("ok", measurement.timed_call()))
+        if command != "finish":
+            raise ValueError(f"unknown command {command!r}")
+        connection.send(("ok", measurement.finish()))
+    except EOFError:  # the parent went away
+        pass
+    except BaseException:  # noqa: BLE001  (the parent reports it; the child must not hang)
+        connection.send(("error", traceback.format_exc()))
+    finally:
+        connection.close()
+
+
+class EngineProcess:
+    """An engine's measuring process, loaded and warmed up; ``call`` times one call in it."""
+
+    def __init__(self, job: Job, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.process = Subprocess(_engine_worker, job)
+        try:
+            self.repeats = self.process.receive(timeout_s)
+        except SubprocessFailed:
+            self.process.close()
+            raise
+        self.calls = 0
+
+    def call(self):
+        self.process.request("call", self.timeout_s)
+        self.calls += 1
+
+    def finish(self) -> dict:
+        try:
+            return self.process.request("finish", self.timeout_s)
+        finally:
+            self.process.close()
+
+    def abandon(self):
+        self.process.close(kill=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +306,7 @@ def base_row(model: str, workload: Workload, engine) -> dict:
                 family=engine.family, precision=engine.precision)
 
 
-def measured_row(row: dict, result: dict, workload: Workload, floor_s: float) -> dict:
+def measured_row(row: dict, result: dict, workload: Workload, floor_s: float, bandwidth_gbs: float) -> dict:
     times_ms = [t * 1e3 for t in result["times_s"]]
     median = statistics.median(times_ms)
     return dict(row, status="ok", repeats=len(times_ms), times_ms=times_ms, median_ms=median,
@@ -219,7 +318,8 @@ def measured_row(row: dict, result: dict, workload: Workload, floor_s: float) ->
                 peak_extra_mb=result["peak_rss_mb"] - result["rss_loaded_mb"],
                 call_extra_mb=result.get("call_extra_mb"),
                 peak_is_per_workload=result["peak_is_per_workload"],
-                read_bandwidth_gbs=result["read_bandwidth_gbs"], floor_ms=floor_s * 1e3,
+                read_bandwidth_gbs=bandwidth_gbs, own_read_bandwidth_gbs=result["read_bandwidth_gbs"],
+                floor_ms=floor_s * 1e3,
                 time_over_floor=median / (floor_s * 1e3))
 
 
@@ -287,64 +387,134 @@ def prepare_model(model: BenchModel, engines: list, cache_dir: Path, progress) -
     return prepared
 
 
-def plan_jobs(models, workloads, engines):
-    """(model, workload, engine, timed) in run order: transformers first in each workload, so its
-    outputs are there to check the others; an untimed transformers run when it is not selected."""
+def measure_in_turns(jobs: list, timeout_s: float, progress, label: str) -> dict:
+    """Loads every job's engine in its own process, then times them in turns (see the module
+    docstring): ``{engine name: Measurement.finish's dict, or the SubprocessFailed that ended it}``."""
+    results, running = {}, {}
+    try:
+        for job in jobs:
+            progress.step(f"{label} {job.engine}: loading, warming up")
+            try:
+                running[job.engine] = EngineProcess(job, timeout_s)
+            except SubprocessFailed as exc:
+                results[job.engine] = exc
+        names, rounds = list(running), max((p.repeats for p in running.values()), default=0)
+        if names:
+            progress.step(f"{label}: timing {', '.join(names)}" + (" in turns" if len(names) > 1 else ""))
+        for r in range(rounds):
+            progress.relabel(f"{label}: timing {len(names)} engine(s), round {r + 1}/{rounds}")
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                process = running.get(name)
+                if process is None or process.calls >= process.repeats:
+                    continue
+                time.sleep(SETTLE_S)
+                try:
+                    process.call()
+                except SubprocessFailed as exc:
+                    results[name] = exc
+                    running.pop(name).abandon()
+        for name in list(running):
+            try:
+                results[name] = running[name].finish()
+            except SubprocessFailed as exc:
+                results[name] = exc
+            del running[name]
+    finally:  # (an interrupted sweep leaves no loaded engine behind)
+        for process in running.values():
+            process.abandon()
+    return results
+
+
+@dataclass
+class WorkloadPlan:
+    """One model and workload: the engines to time (transformers first, so that its row leads), whether
+    transformers runs once untimed for the reference outputs, and the engines skipped with reasons."""
+    model: BenchModel
+    workload: Workload
+    engines: list
+    reference_only: bool
+    skipped: list
+
+
+def plan_workloads(models, workloads, engines) -> list:
     names = [e.name for e in engines]
     reference = engine_by_name(REFERENCE_ENGINE)
+    plans = []
     for model in models:
         for workload in workloads:
-            runnable = [e for e in engines if not e.unsupported_reason(workload)]
-            if runnable and REFERENCE_ENGINE not in names and not reference.missing:
-                yield model, workload, reference, False
-            for engine in sorted(engines, key=lambda e: e.name != REFERENCE_ENGINE):
-                yield model, workload, engine, True
+            runnable = [e for e in sorted(engines, key=lambda e: e.name != REFERENCE_ENGINE)
+                        if not e.unsupported_reason(workload)]
+            skipped = [dict(model=model.name, workload=workload.name, engine=e.name, reason=e.unsupported_reason(workload))
+                       for e in engines if e.unsupported_reason(workload)]
+            reference_only = bool(runnable) and REFERENCE_ENGINE not in names and not reference.missing
+            plans.append(WorkloadPlan(model, workload, runnable, reference_only, skipped))
+    return plans
 
 
 def run_sweep(models, workloads, engines, settings: Settings, machine_info: dict, progress) -> dict:
     """Measure everything; returns ``{"rows": [...], "skipped": [...]}``."""
     gemm_rates = {dtype: gflops * 1e9 for dtype, gflops in machine_info["gemm_gflops"].items()}
-    jobs = list(plan_jobs(models, workloads, engines))
-    progress.start(sum(1 for _, workload, engine, _ in jobs if not engine.unsupported_reason(workload)))
-    rows, skipped, prepared, references = [], [], {}, {}
-    for model, workload, engine, timed in jobs:
-        reason = engine.unsupported_reason(workload)
-        if reason:
-            skipped.append(dict(model=model.name, workload=workload.name, engine=engine.name, reason=reason))
+    plans = plan_workloads(models, workloads, engines)
+    # steps: each untimed reference run, each engine's loading, each timing phase
+    progress.start(sum(p.reference_only + len(p.engines) + (1 if settings.interleave else len(p.engines))
+                       for p in plans if p.engines))
+    rows, skipped, prepared = [], [], {}
+    for plan in plans:
+        model, workload = plan.model, plan.workload
+        skipped += plan.skipped
+        if not plan.engines:
             continue
         if model.name not in prepared:
             prepared[model.name] = prepare_model(model, engines, settings.cache_dir, progress)
         files = prepared[model.name]
-        progress.step(f"{model.name} {workload.name} {engine.name}" + ("" if timed else " (reference only)"))
-        row = dict(base_row(model.name, workload, engine), timed=timed)
-        try:
-            if files.error_for(engine):
-                raise SubprocessFailed(files.error_for(engine))
-            job = Job(model.name, str(files.checkpoint_dir), files.ctranslate2_dir and str(files.ctranslate2_dir),
-                      workload, engine.name, settings.threads, settings.warmup, settings.repeats,
-                      settings.time_budget_s, timed)
-            result = run_in_subprocess(measure, job, timeout_s=settings.timeout_s)
-        except SubprocessFailed as exc:
-            rows.append(dict(row, status="error", error=_last_line(exc)))
-            continue
-        key = (model.name, workload.name)
-        if engine.name == REFERENCE_ENGINE:
-            references[key] = result["output"]
-        if not timed:
-            continue
-        row_rates = Rates(result["read_bandwidth_gbs"] * 1e9, gemm_rates[engine.gemm_dtype])
-        floor_s = floor_seconds(files.shape, workload, row_rates, engine.weight_bytes, engine.activation_bytes)
-        row = measured_row(row, result, workload, floor_s)
-        if key in references and not (workload.top_k and engine.family == "ctranslate2"):
-            # (CTranslate2 samples from its own generator: its ids are not transformers' to compare)
-            row.update(compare_outputs(workload.kind, result["output"], references[key]))
-        rows.append(row)
+        label = f"{model.name} {workload.name}"
+
+        def job_for(engine):
+            return Job(model.name, str(files.checkpoint_dir), files.ctranslate2_dir and str(files.ctranslate2_dir),
+                       workload, engine.name, settings.threads, settings.warmup, settings.repeats,
+                       settings.time_budget_s)
+
+        reference_output_of_workload = None
+        if plan.reference_only and not files.checkpoint_error:
+            progress.step(f"{label} {REFERENCE_ENGINE} (reference only)")
+            try:
+                reference_output_of_workload = run_in_subprocess(
+                    reference_output, job_for(engine_by_name(REFERENCE_ENGINE)),
+                    timeout_s=settings.timeout_s)
+            except SubprocessFailed:
+                pass  # the rows go without a correctness check
+        measurable = [e for e in plan.engines if not files.error_for(e)]
+        jobs = [job_for(engine) for engine in measurable]
+        results = {}
+        for batch in ([jobs] if settings.interleave else [[job] for job in jobs]):
+            results.update(measure_in_turns(batch, settings.timeout_s, progress, label))
+        reference = results.get(REFERENCE_ENGINE)
+        if isinstance(reference, dict):
+            reference_output_of_workload = reference["output"]
+        # One bandwidth for the workload's floors, the median of its engines' probes: one probe moves
+        # by up to 1.5x from process to process (where its buffer lands), as much as over minutes.
+        probes = [r["read_bandwidth_gbs"] for r in results.values() if isinstance(r, dict)]
+        bandwidth_gbs = statistics.median(probes) if probes else None
+        for engine in plan.engines:
+            row = base_row(model.name, workload, engine)
+            result = results.get(engine.name, SubprocessFailed(files.error_for(engine) or "not measured"))
+            if isinstance(result, SubprocessFailed):
+                rows.append(dict(row, status="error", error=_last_line(result)))
+                continue
+            row_rates = Rates(bandwidth_gbs * 1e9, gemm_rates[engine.gemm_dtype])
+            floor_s = floor_seconds(files.shape, workload, row_rates, engine.weight_bytes, engine.activation_bytes)
+            row = measured_row(row, result, workload, floor_s, bandwidth_gbs)
+            if reference_output_of_workload is not None and not (workload.top_k and engine.family == "ctranslate2"):
+                # (CTranslate2 samples from its own generator: its ids are not transformers' to compare)
+                row.update(compare_outputs(workload.kind, result["output"], reference_output_of_workload))
+            rows.append(row)
     progress.finish()
     add_speedups(rows)
     return dict(rows=rows, skipped=skipped)
 
 
-def settings_for(preset: SweepPreset, threads: int, cache_dir: Path, timeout_s: float, **overrides) -> Settings:
+def settings_for(preset: SweepPreset, threads: int, cache_dir: Path, timeout_s: float, interleave: bool = True,
+                 **overrides) -> Settings:
     values = dict(warmup=preset.warmup, repeats=preset.repeats, time_budget_s=preset.time_budget_s)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return Settings(threads=threads, cache_dir=Path(cache_dir), timeout_s=timeout_s, **values)
+    return Settings(threads=threads, cache_dir=Path(cache_dir), timeout_s=timeout_s, interleave=interleave, **values)

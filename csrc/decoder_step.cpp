@@ -157,7 +157,7 @@ struct HalfStepOps {
   }
   static void activate(kernels::Activation activation, Half* gate, const Half* up, int64_t rows, int64_t cols,
                        int threads) {
-    run_gated_activation_half(activation, gate, cols, up, cols, gate, cols, rows, cols, threads);
+    run_gated_activation(activation, gate, cols, up, cols, gate, cols, rows, cols, threads);
   }
 };
 

@@ -99,13 +99,14 @@ template <CpuIsa ISA, typename From, typename To>
 void convert_values(const From* in, To* out, int64_t n);
 
 // ---------------------------------------------------------------------------------------------
-// Gated activation epilogue: out = act(a) * b, or act(a) when b is null.
+// Gated activation epilogue: out = act(a) * b, or act(a) when b is null; T is float, or bf16
+// (uint16_t) / Fp16, widened exactly in registers, computed in fp32 and rounded once.
 enum class Activation { gelu_tanh, gelu_erf, relu, silu };
 
-template <CpuIsa ISA>
-void gated_activation_rows(Activation activation, const float* a, int64_t a_row_stride,
-                           const float* b, int64_t b_row_stride, float* out,
-                           int64_t out_row_stride, int64_t rows, int64_t cols);
+template <CpuIsa ISA, typename T>
+void gated_activation_rows(Activation activation, const T* a, int64_t a_row_stride, const T* b,
+                           int64_t b_row_stride, T* out, int64_t out_row_stride, int64_t rows,
+                           int64_t cols);
 
 // Sum of exp(x[i] - shift) over i < n, shift >= every x (the vector exp takes terms under e^-87
 // as 0: x86 computes subnormal results through microcode assists), in vector lanes: log_softmax's

@@ -321,15 +321,14 @@ inline typename Vec<ISA>::type activate(typename Vec<ISA>::type x) {
   }
 }
 
-template <CpuIsa ISA, Activation kActivation>
-void gated_activation_rows_as(const float* a, int64_t a_row_stride, const float* b,
-                              int64_t b_row_stride, float* out, int64_t out_row_stride,
-                              int64_t rows, int64_t cols) {
+template <CpuIsa ISA, Activation kActivation, typename T>
+void gated_activation_rows_as(const T* a, int64_t a_row_stride, const T* b, int64_t b_row_stride,
+                              T* out, int64_t out_row_stride, int64_t rows, int64_t cols) {
   using V = Vec<ISA>;
   for (int64_t row = 0; row < rows; ++row) {
-    const float* a_row = a + row * a_row_stride;
-    const float* b_row = b ? b + row * b_row_stride : nullptr;
-    float* out_row = out + row * out_row_stride;
+    const T* a_row = a + row * a_row_stride;
+    const T* b_row = b ? b + row * b_row_stride : nullptr;
+    T* out_row = out + row * out_row_stride;
     for_each_vector<ISA>(cols, [&](int64_t i, int lanes) {
       auto h = activate<ISA, kActivation>(load_n<ISA>(a_row + i, lanes));
       if (b_row) h = V::mul(h, load_n<ISA>(b_row + i, lanes));
@@ -621,10 +620,10 @@ void convert_values(const From* in, To* out, int64_t n) {
   for_each_vector<ISA>(n, [&](int64_t i, int lanes) { store_n<ISA>(out + i, load_n<ISA>(in + i, lanes), lanes); });
 }
 
-template <CpuIsa ISA>
-void gated_activation_rows(Activation activation, const float* a, int64_t a_row_stride,
-                           const float* b, int64_t b_row_stride, float* out,
-                           int64_t out_row_stride, int64_t rows, int64_t cols) {
+template <CpuIsa ISA, typename T>
+void gated_activation_rows(Activation activation, const T* a, int64_t a_row_stride, const T* b,
+                           int64_t b_row_stride, T* out, int64_t out_row_stride, int64_t rows,
+                           int64_t cols) {
   switch (activation) {
 #define UMT5_ACTIVATION_CASE(NAME)                                                            \
   case Activation::NAME:                                                                      \
@@ -838,6 +837,11 @@ void expand_int8_row(const int8_t* values, int64_t block_stride, const float* sc
   template float exp_sum<ISA>(const float*, int64_t, float);                                  \
   template void gated_activation_rows<ISA>(Activation, const float*, int64_t, const float*,   \
                                            int64_t, float*, int64_t, int64_t, int64_t);       \
+  template void gated_activation_rows<ISA>(Activation, const uint16_t*, int64_t,              \
+                                           const uint16_t*, int64_t, uint16_t*, int64_t,      \
+                                           int64_t, int64_t);                                 \
+  template void gated_activation_rows<ISA>(Activation, const Fp16*, int64_t, const Fp16*,     \
+                                           int64_t, Fp16*, int64_t, int64_t, int64_t);        \
   template void weight_only_linear<ISA, int8_t>(const LinearProblem<int8_t>&, int64_t,        \
                                                 int64_t);                                     \
   template void weight_only_linear<ISA, uint16_t>(const LinearProblem<uint16_t>&, int64_t,    \

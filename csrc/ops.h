@@ -29,16 +29,12 @@ void run_convert(const From* in, To* out, int64_t n);
 // "gelu_tanh", "gelu_erf", "relu" or "silu"; std::invalid_argument for any other name.
 kernels::Activation activation_from_name(const std::string& name);
 
-// out = act(a) * b (or act(a) when b is null); out may alias a.
-void run_gated_activation(kernels::Activation activation, const float* a, int64_t a_row_stride,
-                          const float* b, int64_t b_row_stride, float* out,
-                          int64_t out_row_stride, int64_t rows, int64_t cols, int num_threads);
-
-// bf16 (Half uint16_t) or fp16 (Fp16) rows: act(a) * b computed in fp32 and rounded once.
-template <typename Half>
-void run_gated_activation_half(kernels::Activation activation, const Half* a, int64_t a_row_stride,
-                               const Half* b, int64_t b_row_stride, Half* out, int64_t out_row_stride,
-                               int64_t rows, int64_t cols, int num_threads);
+// out = act(a) * b (or act(a) when b is null); out may alias a. T: float, or bf16 (uint16_t) /
+// Fp16 rows, computed in fp32 and rounded once.
+template <typename T>
+void run_gated_activation(kernels::Activation activation, const T* a, int64_t a_row_stride, const T* b,
+                          int64_t b_row_stride, T* out, int64_t out_row_stride, int64_t rows, int64_t cols,
+                          int num_threads);
 
 // y = int8(x) @ qweight^T, rescaled (+ residual): see w8a8_linear.h. in_features in [1, 65536].
 // row_layout: qweight holds plain [out_features, in_features] int8 rows, else the column blocks.

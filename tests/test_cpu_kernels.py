@@ -545,6 +545,7 @@ def test_fp16_weights_widen_exactly():
     assert torch.equal(got, finite.float().T)
 
 
+@pytest.mark.usefixtures("every_cpu_isa")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("cols", [2, 15, 16, 37])
 def test_half_precision_gated_activation_rounds_like_torch(dtype, cols, generator):
@@ -568,6 +569,14 @@ def test_half_precision_gated_activation_rounds_like_torch(dtype, cols, generato
     expected = (a.float().relu() * b.float()).to(dtype)
     assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
     assert expected[:, 0].isinf().all() and (expected[:, 1].abs() < finfo.tiny).all()
+    # gelu_tanh in place (out = a): the fp32 kernel's values on the widened rows, rounded once
+    widened, a_wide, b_wide = torch.empty(9, cols), a.float(), b.float()
+    _C.gated_activation(activation="gelu_tanh", a=a_wide.data_ptr(), a_row_stride=cols, b=b_wide.data_ptr(),
+                        b_row_stride=cols, out=widened.data_ptr(), out_row_stride=cols, rows=9, cols=cols,
+                        num_threads=2)
+    kernel(activation="gelu_tanh", a=a.data_ptr(), a_row_stride=cols, b=b.data_ptr(), b_row_stride=cols,
+           out=a.data_ptr(), out_row_stride=cols, rows=9, cols=cols, num_threads=2)
+    assert torch.equal(a.view(torch.int16), widened.to(dtype).view(torch.int16))
 
 
 @pytest.mark.usefixtures("every_cpu_isa")

@@ -28,8 +28,7 @@ class ProgressBar:
         """A new measurement begins (``done`` counts the finished ones)."""
         if self.label:
             self.done += 1
-        self.label = label
-        self._draw()
+        self.relabel(label)
 
     def relabel(self, label: str):
         """The running step's progress, in words."""

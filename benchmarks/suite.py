@@ -217,8 +217,9 @@ class Measurement:
 
     def finish(self) -> dict:
         peak_of_calls = machine.peak_rss_mb()
-        # The memory bandwidth of a shared machine moves by 1.5x within minutes: the floor of this
-        # measurement uses the bandwidth read right after it, in the same process (after the RSS reads).
+        # The memory bandwidth of a shared machine moves by 1.5x within minutes: probed right after the
+        # calls, in this process (after the RSS reads); the sweep's floors take the median of a
+        # workload's probes (run_sweep).
         read_bandwidth = machine.measure_read_bandwidth(size_bytes=1 << 29, repeats=3)
         return dict(times_s=self.times, output=self.output, load_s=self.load_s, rss_start_mb=self.rss_start,
                     rss_loaded_mb=self.rss_loaded, read_bandwidth_gbs=read_bandwidth / 1e9,
@@ -389,7 +390,8 @@ def prepare_model(model: BenchModel, engines: list, cache_dir: Path, progress) -
 
 def measure_in_turns(jobs: list, timeout_s: float, progress, label: str) -> dict:
     """Loads every job's engine in its own process, then times them in turns (see the module
-    docstring): ``{engine name: Measurement.finish's dict, or the SubprocessFailed that ended it}``."""
+    docstring): ``{engine name: Measurement.finish's dict, or the SubprocessFailed that ended it}``.
+    One progress step per job (its loading); the rounds relabel the last one."""
     results, running = {}, {}
     try:
         for job in jobs:
@@ -399,8 +401,6 @@ def measure_in_turns(jobs: list, timeout_s: float, progress, label: str) -> dict
             except SubprocessFailed as exc:
                 results[job.engine] = exc
         names, rounds = list(running), max((p.repeats for p in running.values()), default=0)
-        if names:
-            progress.step(f"{label}: timing {', '.join(names)}" + (" in turns" if len(names) > 1 else ""))
         for r in range(rounds):
             progress.relabel(f"{label}: timing {len(names)} engine(s), round {r + 1}/{rounds}")
             for name in names[r % len(names):] + names[:r % len(names)]:
@@ -442,10 +442,10 @@ def plan_workloads(models, workloads, engines) -> list:
     plans = []
     for model in models:
         for workload in workloads:
-            runnable = [e for e in sorted(engines, key=lambda e: e.name != REFERENCE_ENGINE)
-                        if not e.unsupported_reason(workload)]
-            skipped = [dict(model=model.name, workload=workload.name, engine=e.name, reason=e.unsupported_reason(workload))
-                       for e in engines if e.unsupported_reason(workload)]
+            reasons = {e.name: e.unsupported_reason(workload) for e in engines}
+            runnable = [e for e in sorted(engines, key=lambda e: e.name != REFERENCE_ENGINE) if not reasons[e.name]]
+            skipped = [dict(model=model.name, workload=workload.name, engine=e.name, reason=reasons[e.name])
+                       for e in engines if reasons[e.name]]
             reference_only = bool(runnable) and REFERENCE_ENGINE not in names and not reference.missing
             plans.append(WorkloadPlan(model, workload, runnable, reference_only, skipped))
     return plans
@@ -455,9 +455,8 @@ def run_sweep(models, workloads, engines, settings: Settings, machine_info: dict
     """Measure everything; returns ``{"rows": [...], "skipped": [...]}``."""
     gemm_rates = {dtype: gflops * 1e9 for dtype, gflops in machine_info["gemm_gflops"].items()}
     plans = plan_workloads(models, workloads, engines)
-    # steps: each untimed reference run, each engine's loading, each timing phase
-    progress.start(sum(p.reference_only + len(p.engines) + (1 if settings.interleave else len(p.engines))
-                       for p in plans if p.engines))
+    # one step per untimed reference run and per engine (its loading, or why it cannot run)
+    progress.start(sum(p.reference_only + len(p.engines) for p in plans))
     rows, skipped, prepared = [], [], {}
     for plan in plans:
         model, workload = plan.model, plan.workload
@@ -475,16 +474,21 @@ def run_sweep(models, workloads, engines, settings: Settings, machine_info: dict
                        settings.time_budget_s)
 
         reference_output_of_workload = None
-        if plan.reference_only and not files.checkpoint_error:
+        if plan.reference_only:
             progress.step(f"{label} {REFERENCE_ENGINE} (reference only)")
             try:
-                reference_output_of_workload = run_in_subprocess(
-                    reference_output, job_for(engine_by_name(REFERENCE_ENGINE)),
-                    timeout_s=settings.timeout_s)
+                if not files.checkpoint_error:
+                    reference_output_of_workload = run_in_subprocess(
+                        reference_output, job_for(engine_by_name(REFERENCE_ENGINE)),
+                        timeout_s=settings.timeout_s)
             except SubprocessFailed:
                 pass  # the rows go without a correctness check
-        measurable = [e for e in plan.engines if not files.error_for(e)]
-        jobs = [job_for(engine) for engine in measurable]
+        jobs = []
+        for engine in plan.engines:
+            if files.error_for(engine):
+                progress.step(f"{label} {engine.name}: cannot run")
+            else:
+                jobs.append(job_for(engine))
         results = {}
         for batch in ([jobs] if settings.interleave else [[job] for job in jobs]):
             results.update(measure_in_turns(batch, settings.timeout_s, progress, label))

@@ -28,9 +28,9 @@ inline int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1)
 // ---------------------------------------------------------------------------------------------
 // Attention: a block of consecutive query rows of one (batch, head) against a range of keys,
 // tiled over keys with an online softmax.
-// Keys per softmax step: a K/V tile stays in L1 (at head_dim 64, 32 KB in fp32), and each step's
-// rescaling of the accumulator is shared by 128 keys (64: 3-5% slower on a Zen 4, AVX-512 and AVX2
-// kernels alike; 256: no faster).
+// Keys per softmax step: a K/V tile stays in L2 (at head_dim 64, 32 KB each of K and V in fp32),
+// and each step's rescaling of the accumulator is shared by 128 keys (64: 3-5% slower on a Zen 4,
+// AVX-512 and AVX2 kernels alike; 256: no faster).
 constexpr int kAttentionKeyTile = 128;
 constexpr int kAttentionMaxRows = 32;  // query rows per block, all reusing each K/V tile
 

@@ -11,12 +11,14 @@ bench_main = pytest.importorskip("benchmarks.__main__")
 
 class RecordingProgress:
     def __init__(self):
-        self.labels = []
+        self.steps, self.labels = [], []
 
     def step(self, label):
+        self.steps.append(label)
         self.labels.append(label)
 
-    relabel = step
+    def relabel(self, label):
+        self.labels.append(label)
 
 
 def fake_job(engine):
@@ -60,7 +62,8 @@ def test_engines_take_turns_and_a_failing_engine_leaves_the_others_measured(monk
     assert set(results) == {"a", "b", "c", "dies", "no-load"}
     assert [len(results[n]["times_s"]) for n in ("a", "b", "c")] == [3, 2, 3]
     assert "cannot load" in str(results["no-load"]) and "out of memory" in str(results["dies"])
-    assert any("round 3/3" in label for label in progress.labels)
+    # one progress step per job (run_sweep's total counts them so), the rounds as relabels
+    assert len(progress.steps) == 5 and any("round 3/3" in label for label in progress.labels)
 
 
 def test_a_measuring_process_reports_its_error():

@@ -4,6 +4,7 @@ The floor of a workload (see ``workloads.floor_seconds``) divides bytes by the *
 read bandwidth and FLOPs by the *measured* GEMM rate, both probed in the same run with the same
 thread count as the engines, so "x floor" compares an engine with this machine, not a datasheet.
 """
+import mmap
 import os
 import platform
 import re
@@ -97,7 +98,7 @@ def package_versions() -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Probes (run in the parent process, with the benchmark's thread count)
+# Probes (the parent's at the start, and the measuring processes' bandwidth between their calls)
 # ---------------------------------------------------------------------------------------------
 def _best_seconds(fn, repeats: int) -> float:
     fn()  # warm-up: page faults, thread pool start
@@ -110,10 +111,19 @@ def _best_seconds(fn, repeats: int) -> float:
 
 
 def measure_read_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Streaming-read bandwidth in bytes/s: best time of ``torch.sum`` over a ``size_bytes`` tensor."""
+    """Streaming-read bandwidth in bytes/s: best time of ``torch.sum`` over a ``size_bytes`` tensor.
+
+    The tensor lives in its own anonymous mapping, not in malloc's memory: freeing a malloc'd block
+    this large raises glibc's mmap threshold to 32 MiB, which would change how the measuring
+    process's later calls get their memory (the suite probes between timed calls)."""
     import torch
-    data = torch.ones(size_bytes // 4, dtype=torch.float32)
-    seconds = _best_seconds(lambda: data.sum(), repeats)
+    buffer = mmap.mmap(-1, size_bytes)
+    try:
+        data = torch.frombuffer(buffer, dtype=torch.float32).fill_(1.0)
+        seconds = _best_seconds(lambda: data.sum(), repeats)
+        del data  # (the mapping closes only once nothing points into it)
+    finally:
+        buffer.close()
     return size_bytes / seconds
 
 

@@ -137,7 +137,7 @@ mem MB: peak RSS during the workload minus the RSS before loading (weights + wor
 vs HF / vs CT2: that engine's median / this median (>1: faster); int8 and w8a8 rows compare with ctranslate2-int8,
   the others with ctranslate2-fp32
 GB/s: the workload's read bandwidth, the median of its engines' probes (torch.sum over 512 MiB in each
-  engine's process after its timed calls; one probe moves by up to 1.5x from process to process)
+  engine's process after each of its timed calls; one probe moves by up to 1.5x from process to process)
 /floor: median / floor (weights+KV bytes over that bandwidth, or FLOPs over the GEMM rate measured
   at the start); the floor counts the LM head in the engine's weight precision, while umt5_fast's
   greedy steps with a float head read its int8 screen (umt5_fast/lm_head_screen.py), so those rows

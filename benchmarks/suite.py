@@ -170,8 +170,8 @@ def run_in_subprocess(func, *args, timeout_s: Optional[float] = None):
 # ---------------------------------------------------------------------------------------------
 class Measurement:
     """One engine on one workload, inside its measuring process: loading (the constructor), the
-    warm-up, timed calls one at a time (so that engines in other processes can take turns), and the
-    memory and bandwidth read at the end."""
+    warm-up, timed calls one at a time (so that engines in other processes can take turns), each
+    followed by a probe of the read bandwidth, and the memory read at the end."""
 
     def __init__(self, job: Job):
         import torch
@@ -206,6 +206,7 @@ class Measurement:
         # the timed calls over the RSS before them is one call's working memory, whatever the loading style.
         self.peak_through_warmup, self.rss_warm = machine.peak_rss_mb(), machine.current_rss_mb()
         self.call_peak_is_separate = machine.reset_peak_rss()
+        self.peak_of_calls, self.bandwidths_gbs = 0.0, []
         return repeats
 
     def timed_call(self) -> float:
@@ -213,16 +214,24 @@ class Measurement:
         self.output = self.run()
         elapsed = time.perf_counter() - start
         self.times.append(elapsed)
+        if self.call_peak_is_separate:
+            # The memory bandwidth of a shared machine moves by 1.5x within minutes, so it is probed
+            # after every call, in the minutes of the calls; the probe's buffer then leaves the
+            # calls' peak RSS (kept so far, then restarted).
+            self.peak_of_calls = max(self.peak_of_calls, machine.peak_rss_mb())
+            self.probe_bandwidth()
+            machine.reset_peak_rss()
         return elapsed
 
+    def probe_bandwidth(self):
+        self.bandwidths_gbs.append(machine.measure_read_bandwidth(size_bytes=1 << 29, repeats=2) / 1e9)
+
     def finish(self) -> dict:
-        peak_of_calls = machine.peak_rss_mb()
-        # The memory bandwidth of a shared machine moves by 1.5x within minutes: probed right after the
-        # calls, in this process (after the RSS reads); the sweep's floors take the median of a
-        # workload's probes (run_sweep).
-        read_bandwidth = machine.measure_read_bandwidth(size_bytes=1 << 29, repeats=3)
+        peak_of_calls = max(self.peak_of_calls, machine.peak_rss_mb())
+        if not self.bandwidths_gbs:  # (no peak reset here: one probe, after the RSS reads)
+            self.probe_bandwidth()
         return dict(times_s=self.times, output=self.output, load_s=self.load_s, rss_start_mb=self.rss_start,
-                    rss_loaded_mb=self.rss_loaded, read_bandwidth_gbs=read_bandwidth / 1e9,
+                    rss_loaded_mb=self.rss_loaded, read_bandwidths_gbs=self.bandwidths_gbs,
                     peak_rss_mb=max(self.peak_through_warmup, peak_of_calls),
                     peak_is_per_workload=self.peak_is_per_workload,
                     call_extra_mb=peak_of_calls - self.rss_warm if self.call_peak_is_separate else None)
@@ -319,7 +328,8 @@ def measured_row(row: dict, result: dict, workload: Workload, floor_s: float, ba
                 peak_extra_mb=result["peak_rss_mb"] - result["rss_loaded_mb"],
                 call_extra_mb=result.get("call_extra_mb"),
                 peak_is_per_workload=result["peak_is_per_workload"],
-                read_bandwidth_gbs=bandwidth_gbs, own_read_bandwidth_gbs=result["read_bandwidth_gbs"],
+                read_bandwidth_gbs=bandwidth_gbs, own_read_bandwidth_gbs=statistics.median(result["read_bandwidths_gbs"]),
+                read_bandwidth_probes_gbs=result["read_bandwidths_gbs"],
                 floor_ms=floor_s * 1e3,
                 time_over_floor=median / (floor_s * 1e3))
 
@@ -495,9 +505,10 @@ def run_sweep(models, workloads, engines, settings: Settings, machine_info: dict
         reference = results.get(REFERENCE_ENGINE)
         if isinstance(reference, dict):
             reference_output_of_workload = reference["output"]
-        # One bandwidth for the workload's floors, the median of its engines' probes: one probe moves
-        # by up to 1.5x from process to process (where its buffer lands), as much as over minutes.
-        probes = [r["read_bandwidth_gbs"] for r in results.values() if isinstance(r, dict)]
+        # One bandwidth for the workload's floors, the median of its engines' probes (one after each
+        # call): one probe moves by up to 1.5x from process to process (where its buffer lands) and
+        # over minutes.
+        probes = [gbs for r in results.values() if isinstance(r, dict) for gbs in r["read_bandwidths_gbs"]]
         bandwidth_gbs = statistics.median(probes) if probes else None
         for engine in plan.engines:
             row = base_row(model.name, workload, engine)

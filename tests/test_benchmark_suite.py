@@ -1,6 +1,7 @@
 """The benchmark sweep (benchmarks/suite.py): engines in their own processes, the engines of a
 workload timed in turns, errors reported per engine, one bandwidth per workload."""
 import json
+import statistics
 
 import pytest
 
@@ -88,6 +89,11 @@ def test_sweep_on_the_tiny_model(tmp_path, order):
     assert set(rows) == {"umt5_fast-cpu-fp32", "transformers-fp32"}
     assert all(row["status"] == "ok" and row["repeats"] == 3 and len(row["times_ms"]) == 3 for row in rows.values())
     assert rows["umt5_fast-cpu-fp32"]["ids_identical"] is True
+    # a probe after each timed call (Linux restarts the peak RSS after it); the floors' bandwidth is
+    # the median of the workload's probes, each row's own the median of its process's
+    probes = {engine: row["read_bandwidth_probes_gbs"] for engine, row in rows.items()}
+    assert all(len(p) == 3 and min(p) > 0 for p in probes.values())
+    assert all(row["own_read_bandwidth_gbs"] == statistics.median(probes[e]) for e, row in rows.items())
+    assert all(row["call_extra_mb"] < 256 and row["peak_extra_mb"] < 256 for row in rows.values())  # not 512 MiB
     bandwidths = {row["read_bandwidth_gbs"] for row in rows.values()}
-    own = sorted(row["own_read_bandwidth_gbs"] for row in rows.values())
-    assert len(bandwidths) == 1 and bandwidths.pop() == pytest.approx(sum(own) / 2)
+    assert bandwidths == {statistics.median(probes["umt5_fast-cpu-fp32"] + probes["transformers-fp32"])}

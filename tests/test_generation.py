@@ -622,12 +622,14 @@ def test_beam_sampling_temperature_too_small_for_beam_scores_is_refused(checkpoi
         assert torch.equal(ours.generate(ids, attention_mask=mask, **kwargs), expected)
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(do_sample=True, top_k=4, num_return_sequences=2)])
+@pytest.mark.parametrize("kwargs", [dict(), dict(do_sample=True, top_k=4, num_return_sequences=2),
+                                    dict(num_beams=3), dict(num_beams=4, num_return_sequences=2, length_penalty=0.5)])
 def test_generate_returns_the_cache_as_transformers(checkpoint_factory, kwargs):
     """return_dict_in_generate: greedy / sampled decoding returns the decoder cache (every position
-    but the last token's, also for rows that ended early) with transformers' K/V, and forward goes on
-    from it as transformers' model goes on from its own; use_cache=False, passed or in a generation
-    config, returns none."""
+    but the last token's, also for rows that ended early), beam search its running beams' cache (in
+    the order of its last step's reorder), with transformers' K/V, and forward goes on from it as
+    transformers' model goes on from its own; use_cache=False, passed or in a generation config,
+    returns none."""
     path, hf = checkpoint_factory("UMT5ForConditionalGeneration", **CONFIGS["tied-shallow-decoder"])
     ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend="cpu")
     ids, mask = random_batch(ours.config.vocab_size, 2, 11, seed=6)
@@ -639,16 +641,21 @@ def test_generate_returns_the_cache_as_transformers(checkpoint_factory, kwargs):
     with torch.no_grad():
         expected = hf.generate(ids, attention_mask=mask, **options)
     assert torch.equal(out.sequences, expected.sequences)
-    assert out.past_key_values.get_seq_length() == expected.past_key_values.get_seq_length() == \
-        out.sequences.shape[1] - 1
+    beam = kwargs.get("num_beams", 1) > 1
+    steps = out.past_key_values.get_seq_length()  # (beam search runs past its best hypotheses' ends)
+    assert steps == expected.past_key_values.get_seq_length() and (steps >= out.sequences.shape[1] - 1 if beam
+                                                                   else steps == out.sequences.shape[1] - 1)
     for ours_layer, their_layer in zip(out.past_key_values.to_legacy_cache(),
                                        expected.past_key_values.to_legacy_cache()):
         for a, b in zip(ours_layer, their_layer):
+            assert a.shape == b.shape
             assert_close(a, b, 1e-5, "cache")
     assert list(out.keys())[-1] == "past_key_values" and len(out.to_tuple()) == len(expected.to_tuple())
-    rows = out.sequences.shape[0]
+    rows = out.past_key_values.to_legacy_cache()[0][0].shape[0]  # beam search: batch * num_beams
+    next_tokens = torch.randint(2, ours.config.vocab_size, (rows, 1), generator=torch.Generator().manual_seed(4))
     source = dict(attention_mask=mask.repeat_interleave(rows // 2, dim=0),
-                  input_ids=ids.repeat_interleave(rows // 2, dim=0), decoder_input_ids=out.sequences[:, -1:])
+                  input_ids=ids.repeat_interleave(rows // 2, dim=0),
+                  decoder_input_ids=next_tokens if beam else out.sequences[:, -1:])
     with torch.no_grad():
         their_next = hf(past_key_values=expected.past_key_values, **source).logits
     assert_close(ours(past_key_values=out.past_key_values, **source).logits, their_next, 1e-5, "next step")
@@ -722,7 +729,8 @@ def test_raw_logits_and_beam_indices_follow_transformers(checkpoint_factory, kwa
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     if "num_beams" in kwargs:
         assert torch.equal(out.beam_indices, ref.beam_indices)
-        assert list(out.keys()) == ["sequences", "sequences_scores", "scores", "logits", "beam_indices"]
+        assert list(out.keys()) == ["sequences", "sequences_scores", "scores", "logits", "beam_indices",
+                                     "past_key_values"]
     else:
         assert out.beam_indices is None and list(out.keys()) == ["sequences", "scores", "logits", "past_key_values"]
     torch.testing.assert_close(hf.compute_transition_scores(out.sequences, out.scores, out.beam_indices),
@@ -773,7 +781,7 @@ def test_attentions_and_hidden_states_match_transformers(checkpoint_factory, bac
     beam_fields = ["sequences_scores", "scores", "beam_indices"] if mode == "beam" else ["scores"]
     assert list(out.keys()) == ["sequences", *beam_fields, "encoder_attentions", "encoder_hidden_states",
                                 "decoder_attentions", "cross_attentions", "decoder_hidden_states",
-                                *(["past_key_values"] if mode != "beam" else [])]
+                                "past_key_values"]
     close = dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.scores, ref.scores, **close)
     torch.testing.assert_close(out.encoder_attentions, ref.encoder_attentions, **close)

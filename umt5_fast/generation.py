@@ -792,11 +792,14 @@ def top_candidates(log_probs: torch.Tensor, k: int, num_beams: int, ops):
 
 
 def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options, processors: Processors,
-                stops: StopCriteria, generator=None, record: Optional[StepRecord] = None, use_cuda_graph=False):
+                stops: StopCriteria, generator=None, record: Optional[StepRecord] = None, use_cuda_graph=False,
+                kept_cache: Optional[list] = None):
     """transformers' vectorised beam search (its ``_beam_search``), on our static cache.
 
     Returns ``(sequences [batch * num_return_sequences, T], sequence scores, beam indices
-    [batch * num_return_sequences, T - prompt length])``.
+    [batch * num_return_sequences, T - prompt length])``. ``kept_cache`` (a list) receives the
+    decoder's cache at the end as transformers returns it: the running beams' (``batch * num_beams``
+    rows, in the order of the last step's reorder) K/V of every position fed.
     """
     num_beams, o = options["num_beams"], options
     batch, prompt_length = prompt.shape
@@ -935,6 +938,8 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
             open_beams = ~(is_finished.all() & (early_stopping is True))
             if not bool(improvable.any() & open_beams & ~hits_stop.all()):
                 break
+        if kept_cache is not None:
+            kept_cache.append(decoder.cache.as_dynamic())
 
     n = o["num_return_sequences"]
     sequences = finished[:, :n].reshape(batch * n, width)
@@ -1001,20 +1006,20 @@ def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=No
                             decoder_attentions=[] if beam_attentions else None,
                             cross_attentions=[] if beam_attentions else None,
                             decoder_hidden_states=[] if beam_hidden else None)
-    sequence_scores = beam_indices = kept_cache = None
+    sequence_scores = beam_indices = None
+    # (transformers returns the cache with the dict unless use_cache=False)
+    kept_cache = [] if options["return_dict_in_generate"] and options["use_cache"] is not False else None
     if beam:
         if streamer is not None:
             raise ValueError("streamer cannot be used with beam search (num_beams > 1)")
         sequences, sequence_scores, beam_indices = beam_search(model, encoder_states, mask, prompt, max_length,
                                                                options, processors, stops, generator, record,
-                                                               use_cuda_graph)
+                                                               use_cuda_graph, kept_cache)
     else:
         expand = options["num_return_sequences"] if options["do_sample"] else 1
         if streamer is not None:  # one stream per returned sequence
             streamer.put(prompt.repeat_interleave(expand, dim=0).cpu())
         steps = []
-        # (transformers returns the cache with the dict unless use_cache=False; beam search: see Limitations)
-        kept_cache = [] if options["return_dict_in_generate"] and options["use_cache"] is not False else None
         for tokens in sample_steps(model, encoder_states, mask, prompt, max_length, options, processors, stops,
                                    generator, record, use_cuda_graph, kept_cache):
             steps.append(tokens)

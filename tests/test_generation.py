@@ -541,20 +541,63 @@ def test_decoding_starts_from_bos_without_a_decoder_start_token(checkpoint_facto
         ours.generate(ids, attention_mask=mask, max_new_tokens=4, bos_token_id=None)
 
 
-def test_decoder_attention_mask_of_an_unpadded_prompt_is_accepted_padding_refused(checkpoint_factory):
-    """generate(decoder_attention_mask=...): all ones (a tokenizer's mask of an unpadded prompt)
-    decodes as without it; 0s (a padded decoder prompt, which the decode steps cannot mask) and a
-    mask without decoder_input_ids are clear errors."""
-    ours, hf = pair(checkpoint_factory, "odd")
-    ids, mask = random_batch(ours.config.vocab_size, 2, 9, seed=8)
-    prompt = torch.tensor([[0, 5, 6], [0, 7, 8]])
-    expected = reference(hf, ids, mask, decoder_input_ids=prompt, decoder_attention_mask=torch.ones_like(prompt),
-                         max_new_tokens=4)
-    assert torch.equal(ours.generate(ids, attention_mask=mask, decoder_input_ids=prompt,
-                                     decoder_attention_mask=torch.ones_like(prompt), max_new_tokens=4), expected)
-    padded = torch.tensor([[1, 1, 1], [0, 1, 1]])
-    with pytest.raises(ValueError, match="decoder_attention_mask pads the decoder prompt"):
-        ours.generate(ids, attention_mask=mask, decoder_input_ids=prompt, decoder_attention_mask=padded)
+@pytest.mark.parametrize("backend", ["eager", "cpu"])
+@pytest.mark.parametrize("config", ["odd", "tied-shallow-decoder"])
+def test_a_padded_decoder_prompt_decodes_as_transformers(checkpoint_factory, backend, config):
+    """generate(decoder_input_ids, decoder_attention_mask with 0s): the masked prompt positions are
+    masked keys in every step, as in transformers: greedy, sampled (several sequences per source) and
+    beam search, left / right / inner padding, a prompt without the start token (generate prepends
+    it, and a 1 to the mask), the returned scores, attentions and cache; all ones decodes as without
+    a mask; a mask of the wrong shape, or without decoder_input_ids, is a clear error."""
+    path, hf = checkpoint_factory("UMT5ForConditionalGeneration", **CONFIGS[config])
+    ours = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(path, backend=backend)
+    vocab = ours.config.vocab_size
+    ids, mask = random_batch(vocab, 3, 9, seed=8)
+    cached = hf.config.num_decoder_layers <= hf.config.num_layers  # (see CONFIGS)
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.cat([torch.zeros(3, 1, dtype=torch.long), torch.randint(2, vocab, (3, 5), generator=g)], dim=1)
+    padded = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 0, 1, 1, 0, 1]])
+    eos = frequent_token(ours, ids, mask)
+    mask_matters = []
+    for options in (dict(), dict(do_sample=True, top_k=6, num_return_sequences=2),
+                    dict(num_beams=3, num_return_sequences=2), dict(num_beams=2, do_sample=True)):
+        for decoder_input_ids in (prompt, prompt[:, 1:]):  # (the second without the start token)
+            kwargs = dict(options, max_new_tokens=6, eos_token_id=eos, decoder_input_ids=decoder_input_ids,
+                          decoder_attention_mask=padded[:, -decoder_input_ids.shape[1]:])
+            torch.manual_seed(2)
+            expected = reference(hf, ids, mask, **kwargs)
+            torch.manual_seed(2)
+            got = ours.generate(ids, attention_mask=mask, **kwargs)
+            assert torch.equal(got, expected), (options, decoder_input_ids.shape)
+            torch.manual_seed(2)
+            unmasked = reference(hf, ids, mask, **{k: v for k, v in kwargs.items() if k != "decoder_attention_mask"})
+            mask_matters.append(not torch.equal(unmasked, expected))
+    assert sum(mask_matters) >= 4  # (the mask changes most of these generations' ids)
+    kwargs = dict(max_new_tokens=5, decoder_input_ids=prompt, decoder_attention_mask=padded,
+                  return_dict_in_generate=True, output_scores=True, output_attentions=True, output_hidden_states=True)
+    # (uncached, transformers returns each step's attentions over every position: cached configs only)
+    for beams in (1, 2) if cached else ():
+        with torch.no_grad():
+            expected = hf.generate(ids, attention_mask=mask, num_beams=beams, **kwargs)
+        got = ours.generate(ids, attention_mask=mask, num_beams=beams, **kwargs)
+        assert torch.equal(got.sequences, expected.sequences)
+        close = dict(rtol=1e-5, atol=1e-5)
+        for name in ("scores", "decoder_attentions", "cross_attentions", "decoder_hidden_states"):
+            torch.testing.assert_close(getattr(got, name), getattr(expected, name), **close,
+                                       msg=lambda m: f"{name}, {beams} beam(s): {m}")
+        for ours_layer, their_layer in zip(got.past_key_values.to_legacy_cache(),
+                                           expected.past_key_values.to_legacy_cache()):
+            torch.testing.assert_close(ours_layer, their_layer, **close)
+    expected = reference(hf, ids, mask, max_new_tokens=5, decoder_input_ids=prompt, decoder_attention_mask=padded)
+    streamed = torch.stack(list(generation.generate_stream(ours, ids, attention_mask=mask, max_new_tokens=5,
+                                                           decoder_input_ids=prompt, decoder_attention_mask=padded)),
+                           dim=1)
+    assert torch.equal(streamed, expected[:, prompt.shape[1]:])
+
+    ones = torch.ones_like(prompt)
+    assert torch.equal(ours.generate(ids, attention_mask=mask, decoder_input_ids=prompt, decoder_attention_mask=ones,
+                                     max_new_tokens=4),
+                       reference(hf, ids, mask, decoder_input_ids=prompt, max_new_tokens=4))
     with pytest.raises(ValueError, match="decoder_attention_mask must have shape"):
         ours.generate(ids, attention_mask=mask, decoder_input_ids=prompt, decoder_attention_mask=padded[:, :2])
     with pytest.raises(ValueError, match="pass decoder_input_ids"):

@@ -298,19 +298,21 @@ def token_id_list(ids) -> list:
 # The decoding engine
 # ---------------------------------------------------------------------------------------------
 def decoder_pass(model, tokens, encoder_states, encoder_mask, cache, past_length, output_attentions=False,
-                 output_hidden_states=False):
+                 output_hidden_states=False, self_mask=None):
     """One decoder pass over ``tokens`` ``[rows, L]`` at ``past_length`` (an int, or a device tensor
-    when a CUDA graph replays it), through the Python layers; the decoder's output object."""
+    when a CUDA graph replays it), through the Python layers; the decoder's output object.
+    ``self_mask``: which of the ``past_length + L`` positions are keys (None: all)."""
     decoder = model.decoder
     h = F.embedding(tokens, decoder.embed_tokens.weight)
-    return decoder.run(h, self_mask=None, encoder_states=encoder_states, encoder_mask=encoder_mask, cache=cache,
+    return decoder.run(h, self_mask=self_mask, encoder_states=encoder_states, encoder_mask=encoder_mask, cache=cache,
                        past_length=past_length, output_attentions=output_attentions,
                        output_hidden_states=output_hidden_states)
 
 
-def next_token_hidden(model, tokens, encoder_states, encoder_mask, cache, past_length) -> torch.Tensor:
+def next_token_hidden(model, tokens, encoder_states, encoder_mask, cache, past_length, self_mask=None) -> torch.Tensor:
     """``decoder_pass``'s final hidden states ``[rows, d_model]`` of the last position."""
-    return decoder_pass(model, tokens, encoder_states, encoder_mask, cache, past_length).last_hidden_state[:, -1]
+    return decoder_pass(model, tokens, encoder_states, encoder_mask, cache, past_length,
+                        self_mask=self_mask).last_hidden_state[:, -1]
 
 
 def next_token_logits(model, tokens, encoder_states, encoder_mask, cache, past_length) -> torch.Tensor:
@@ -324,11 +326,14 @@ _INITIAL_CACHE_LENGTH = 256
 
 
 class Decoder:
-    """Encoder output + static cache for its rows; ``step`` returns next-token logits."""
+    """Encoder output + static cache for its rows; ``step`` returns next-token logits. ``prompt_mask``
+    ``[rows, prompt length]`` (or None): the decoder prompt's padding, masked keys in every step."""
 
-    def __init__(self, model, encoder_states, encoder_mask, max_length: int):
+    def __init__(self, model, encoder_states, encoder_mask, max_length: int,
+                 prompt_mask: Optional[torch.Tensor] = None):
         self.model = model
         self.encoder_states, self.encoder_mask = encoder_states, encoder_mask
+        self.prompt_mask = prompt_mask
         cfg = model.config
         self.cache = StaticCache(cfg.num_decoder_layers, encoder_states.shape[0], cfg.num_heads, max_length,
                                  cfg.d_kv, model.shared.weight.dtype, encoder_states.device,
@@ -340,14 +345,15 @@ class Decoder:
         """Feed ``tokens`` ``[rows, L]`` (the prompt, then one token a step); the final hidden states
         of the last position."""
         self.cache.reserve(self.cache.length + tokens.shape[1])
-        if self.cpu_step is not None and self.cpu_step.accepts(tokens, self.cache, self.encoder_states):
+        if (self.cpu_step is not None and self.prompt_mask is None  # (the C++ step masks no self-attention key)
+                and self.cpu_step.accepts(tokens, self.cache, self.encoder_states)):
             cfg = self.model.config  # (the Python path checks this in its attention layers)
             buckets.check_distance(self.cache.length + tokens.shape[1] - 1, cfg.relative_attention_num_buckets,
                                    cfg.relative_attention_max_distance, bidirectional=False)
             hidden = self.cpu_step.run(tokens, self.cache, self.encoder_mask)
         else:
             hidden = next_token_hidden(self.model, tokens, self.encoder_states, self.encoder_mask, self.cache,
-                                       self.cache.length)
+                                       self.cache.length, self.self_mask(tokens.shape[1]))
         self.cache.length += tokens.shape[1]
         return hidden
 
@@ -370,7 +376,7 @@ class Decoder:
         probabilities)."""
         self.cache.reserve(self.cache.length + tokens.shape[1])
         out = decoder_pass(self.model, tokens, self.encoder_states, self.encoder_mask, self.cache, self.cache.length,
-                           output_attentions, output_hidden_states)
+                           output_attentions, output_hidden_states, self.self_mask(tokens.shape[1]))
         self.cache.length += tokens.shape[1]
         return self.model.logits(out.last_hidden_state[:, -1]).float(), out
 
@@ -385,13 +391,25 @@ class Decoder:
                     attention.heads(projection(source_states)).contiguous().repeat_interleave(rows_per_source, dim=0)
                     for projection in (attention.k, attention.v))
 
+    def self_mask(self, fed: int) -> Optional[torch.Tensor]:
+        """The self-attention keys of a step feeding ``fed`` positions: the prompt's mask, then 1s."""
+        if self.prompt_mask is None:
+            return None
+        rows, prompt_length = self.prompt_mask.shape
+        keys = self.prompt_mask.new_ones(rows, self.cache.length + fed)
+        keys[:, :prompt_length] = self.prompt_mask
+        return keys
+
     def reorder(self, index: torch.Tensor):
         self.cache.reorder(index)
+        if self.prompt_mask is not None:  # (the same rows as the cache's, whatever the index)
+            self.prompt_mask = self.prompt_mask[index]
 
     def keep_rows(self, index: torch.Tensor):
         """Continue with rows ``index`` only (finished rows stop costing work)."""
         self.encoder_states = self.encoder_states[index]
         self.encoder_mask = None if self.encoder_mask is None else self.encoder_mask[index]
+        self.prompt_mask = None if self.prompt_mask is None else self.prompt_mask[index]
         self.cache.keep_rows(index)
 
     def close(self):
@@ -399,20 +417,23 @@ class Decoder:
 
 
 def make_decoder(model, encoder_states, encoder_mask, rows_per_source: int, max_length: int,
-                 use_cuda_graph: bool = False):
+                 use_cuda_graph: bool = False, prompt_mask: Optional[torch.Tensor] = None):
     """A ``Decoder`` for ``rows_per_source`` rows per source (beams, returned sequences), or with
     ``use_cuda_graph`` one whose single-token steps replay a CUDA graph."""
     source_states = encoder_states
     if rows_per_source > 1:
         encoder_states = encoder_states.repeat_interleave(rows_per_source, dim=0)
         encoder_mask = None if encoder_mask is None else encoder_mask.repeat_interleave(rows_per_source, dim=0)
+        prompt_mask = None if prompt_mask is None else prompt_mask.repeat_interleave(rows_per_source, dim=0)
     if not use_cuda_graph:  # opt-in until the captured path has passed tests/test_cuda.py on a GPU
-        decoder = Decoder(model, encoder_states, encoder_mask, max_length)
+        decoder = Decoder(model, encoder_states, encoder_mask, max_length, prompt_mask)
         if rows_per_source > 1:
             decoder.share_cross_attention(source_states, rows_per_source)
         return decoder
     if not encoder_states.is_cuda:
         raise ValueError("use_cuda_graph=True needs the model on a CUDA device")
+    if prompt_mask is not None:
+        raise ValueError("use_cuda_graph=True takes an unpadded decoder prompt (decoder_attention_mask all 1s)")
     cfg = model.config  # replayed steps get their position as a tensor: check the longest one now
     buckets.check_distance(max_length - 2, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
                            bidirectional=False)
@@ -434,10 +455,11 @@ def decoder_start_column(start, batch: int, device) -> torch.Tensor:
 def prepare(model, input_ids, attention_mask, decoder_input_ids, options, inputs_embeds=None,
             encoder_outputs=None, decoder_attention_mask=None):
     """Validate inputs, run the encoder (unless ``encoder_outputs`` are given); return (encoder
-    output, mask, decoder prompt, max_length). The source is ``input_ids`` or ``inputs_embeds``; the
-    encoder returns its attentions / hidden states when the options ask generate for them. A
-    ``decoder_attention_mask`` must leave the decoder prompt unpadded (the decode steps attend to
-    every position of the prompt)."""
+    output, mask, decoder prompt, its mask, max_length). The source is ``input_ids`` or
+    ``inputs_embeds``; the encoder returns its attentions / hidden states when the options ask generate
+    for them. The prompt's mask is ``decoder_attention_mask`` (with a 1 for a start token generate
+    prepends, as transformers does), or None when it pads nothing: the positions it masks are
+    masked keys in every step."""
     cfg = model.config
     if encoder_outputs is not None:
         encoder_output = as_encoder_output(encoder_outputs)
@@ -465,6 +487,7 @@ def prepare(model, input_ids, attention_mask, decoder_input_ids, options, inputs
     mask = validation.check_mask("attention_mask", attention_mask, source_shape, model.device)
     batch = source_shape[0]
     start = decoder_start_column(options["decoder_start_token_id"], batch, model.device)
+    prompt_mask = None
     if decoder_input_ids is None:
         if decoder_attention_mask is not None:
             raise ValueError("decoder_attention_mask masks a decoder prompt: pass decoder_input_ids with it")
@@ -476,11 +499,13 @@ def prepare(model, input_ids, attention_mask, decoder_input_ids, options, inputs
         decoder_mask = validation.check_mask("decoder_attention_mask", decoder_attention_mask, prompt.shape,
                                              model.device)
         if decoder_mask is not None and not bool(decoder_mask.all()):
-            raise ValueError("decoder_attention_mask pads the decoder prompt (it holds 0s), which umt5_fast's "
-                             "generate does not support: generate each prompt length in its own call, unpadded")
+            prompt_mask = decoder_mask.bool()
         if bool((prompt[:, 0] != start[:, 0]).all()):
-            # transformers prepends the start token unless some row's prompt begins with it
+            # transformers prepends the start token unless some row's prompt begins with it (and
+            # its mask a 1)
             prompt = torch.cat([start, prompt], dim=1)
+            if prompt_mask is not None:
+                prompt_mask = torch.cat([prompt_mask.new_ones(batch, 1), prompt_mask], dim=1)
     prompt_length = prompt.shape[1]
     if options["min_new_tokens"] is not None:  # transformers: min_new_tokens takes min_length's place
         options["min_length"] = prompt_length + options["min_new_tokens"]
@@ -498,7 +523,7 @@ def prepare(model, input_ids, attention_mask, decoder_input_ids, options, inputs
                                            output_attentions=returned and options["output_attentions"],
                                            output_hidden_states=returned and options["output_hidden_states"],
                                            return_dict=True)
-    return encoder_output, mask, prompt, max_length
+    return encoder_output, mask, prompt, prompt_mask, max_length
 
 
 # Steps the LM head screen may fail to decide before a generate call stops trying it.
@@ -507,7 +532,8 @@ _SCREEN_PATIENCE = 3
 
 def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, options, processors: Processors,
                  stops: StopCriteria, generator=None, record: Optional[StepRecord] = None,
-                 use_cuda_graph=False, kept_cache: Optional[list] = None) -> Iterator[torch.Tensor]:
+                 use_cuda_graph=False, kept_cache: Optional[list] = None,
+                 prompt_mask: Optional[torch.Tensor] = None) -> Iterator[torch.Tensor]:
     """Greedy or sampled decoding; yields the ``[rows]`` tokens of each step (pad once a row ended).
 
     Finished rows read pad tokens, exactly like transformers. In greedy decoding they also stop
@@ -516,7 +542,8 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
     draws, and ``output_scores``, stay those of transformers; so do the caller's processors and
     stopping criteria, which see every row as in transformers; and so does a call that keeps the
     cache: ``kept_cache`` (a list) receives the decoder's cache at the end, every row's K/V of the
-    positions fed (all but the last token), as transformers' generate returns it.
+    positions fed (all but the last token), as transformers' generate returns it. ``prompt_mask``
+    ``[batch, prompt length]``: the decoder prompt's padding (``prepare``), or None.
     """
     expand = options["num_return_sequences"] if options["do_sample"] else 1
     rows = prompt.shape[0] * expand
@@ -526,7 +553,7 @@ def sample_steps(model, encoder_states, encoder_mask, prompt, max_length, option
     sequences = torch.full((rows, min(max_length, prompt_length + _INITIAL_CACHE_LENGTH)), pad,
                            dtype=torch.long, device=prompt.device)
     sequences[:, :prompt_length] = prompt.repeat_interleave(expand, dim=0)
-    decoder = make_decoder(model, encoder_states, encoder_mask, expand, max_length, use_cuda_graph)
+    decoder = make_decoder(model, encoder_states, encoder_mask, expand, max_length, use_cuda_graph, prompt_mask)
     eos = torch.tensor(options["eos_token_id"], dtype=torch.long, device=prompt.device)
     unfinished = torch.ones(rows, dtype=torch.bool, device=prompt.device)
     may_drop_rows = (not options["do_sample"] and record is None and isinstance(decoder, Decoder)
@@ -793,13 +820,14 @@ def top_candidates(log_probs: torch.Tensor, k: int, num_beams: int, ops):
 
 def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options, processors: Processors,
                 stops: StopCriteria, generator=None, record: Optional[StepRecord] = None, use_cuda_graph=False,
-                kept_cache: Optional[list] = None):
+                kept_cache: Optional[list] = None, prompt_mask: Optional[torch.Tensor] = None):
     """transformers' vectorised beam search (its ``_beam_search``), on our static cache.
 
     Returns ``(sequences [batch * num_return_sequences, T], sequence scores, beam indices
     [batch * num_return_sequences, T - prompt length])``. ``kept_cache`` (a list) receives the
     decoder's cache at the end as transformers returns it: the running beams' (``batch * num_beams``
-    rows, in the order of the last step's reorder) K/V of every position fed.
+    rows, in the order of the last step's reorder) K/V of every position fed. ``prompt_mask``: as in
+    ``sample_steps``.
     """
     num_beams, o = options["num_beams"], options
     batch, prompt_length = prompt.shape
@@ -835,7 +863,7 @@ def beam_search(model, encoder_states, encoder_mask, prompt, max_length, options
     selects_from_logits = (step_scores_kept_by_nobody and processors.bans_eos_only
                            and beams_to_keep + 1 + len(eos) <= vocab)
     decoder = make_decoder(model, encoder_states, encoder_mask, num_beams, max_length,
-                           use_cuda_graph and not records_outputs)
+                           use_cuda_graph and not records_outputs, prompt_mask)
     batch_offset = torch.arange(batch, device=device)[:, None] * num_beams
     every_row = torch.arange(batch * num_beams, device=device)
 
@@ -989,8 +1017,9 @@ def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=No
     check_options(options, model.config.vocab_size)
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
-    encoder_output, mask, prompt, max_length = prepare(model, input_ids, attention_mask, decoder_input_ids, options,
-                                                       inputs_embeds, encoder_outputs, decoder_attention_mask)
+    encoder_output, mask, prompt, prompt_mask, max_length = prepare(
+        model, input_ids, attention_mask, decoder_input_ids, options, inputs_embeds, encoder_outputs,
+        decoder_attention_mask)
     encoder_states = encoder_output.last_hidden_state
     processors, stops = decoding_rules(model, options, prompt, max_length, input_ids, logits_processor,
                                        prefix_allowed_tokens_fn, stopping_criteria, tokenizer)
@@ -1014,14 +1043,14 @@ def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=No
             raise ValueError("streamer cannot be used with beam search (num_beams > 1)")
         sequences, sequence_scores, beam_indices = beam_search(model, encoder_states, mask, prompt, max_length,
                                                                options, processors, stops, generator, record,
-                                                               use_cuda_graph, kept_cache)
+                                                               use_cuda_graph, kept_cache, prompt_mask)
     else:
         expand = options["num_return_sequences"] if options["do_sample"] else 1
         if streamer is not None:  # one stream per returned sequence
             streamer.put(prompt.repeat_interleave(expand, dim=0).cpu())
         steps = []
         for tokens in sample_steps(model, encoder_states, mask, prompt, max_length, options, processors, stops,
-                                   generator, record, use_cuda_graph, kept_cache):
+                                   generator, record, use_cuda_graph, kept_cache, prompt_mask):
             steps.append(tokens)
             if streamer is not None:
                 streamer.put(tokens.cpu())
@@ -1038,8 +1067,8 @@ def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=No
                                 cross_attentions=kept.steps("cross_attentions"),
                                 decoder_hidden_states=kept.steps("decoder_hidden_states"))
         elif options["output_attentions"] or options["output_hidden_states"]:
-            step_outputs = attentions_and_hidden_states(model, sequences, encoder_output, mask, prompt.shape[1],
-                                                        options)
+            step_outputs = attentions_and_hidden_states(model, sequences, encoder_output, mask, prompt_mask,
+                                                        prompt.shape[1], options)
         return GenerateOutput(sequences=sequences,
                               sequences_scores=sequence_scores if options["output_scores"] else None,
                               scores=kept.steps("scores"), logits=kept.steps("logits"), beam_indices=beam_indices,
@@ -1047,27 +1076,42 @@ def generate(model, input_ids=None, attention_mask=None, *, decoder_input_ids=No
     return sequences
 
 
-def attentions_and_hidden_states(model, sequences, encoder_output, encoder_mask, prompt_length: int, options) -> dict:
+def attentions_and_hidden_states(model, sequences, encoder_output, encoder_mask, prompt_mask: Optional[torch.Tensor],
+                                 prompt_length: int, options) -> dict:
     """transformers' encoder and per-step decoder attentions and hidden states of greedy / sampled
     decoding (GenerateOutput's fields), from one decoder pass over the generated sequences: step 0
-    is the prompt's positions, step i > 0 the position that fed token i; causal attention gives each
-    position what its step computed."""
+    is the prompt's positions, step i > 0 the position that fed token i; causal attention (and the
+    prompt's padding, ``prompt_mask``) gives each position what its step computed."""
     attentions, hidden = options["output_attentions"], options["output_hidden_states"]
     fields = dict(encoder_attentions=encoder_output.attentions if attentions else None,
                   encoder_hidden_states=encoder_output.hidden_states if hidden else None)
     rows_per_source = sequences.shape[0] // encoder_output.last_hidden_state.shape[0]
     states = encoder_output.last_hidden_state.repeat_interleave(rows_per_source, dim=0)
     mask = None if encoder_mask is None else encoder_mask.repeat_interleave(rows_per_source, dim=0)
-    with torch.no_grad():
-        decoded = model.decoder(input_ids=sequences[:, :-1], encoder_hidden_states=states, encoder_attention_mask=mask,
-                                output_attentions=attentions, output_hidden_states=hidden, use_cache=False,
-                                return_dict=True)
-    steps = [(0, prompt_length)] + [(p, p + 1) for p in range(prompt_length, sequences.shape[1] - 1)]
+
+    def decode(length, self_mask):
+        with torch.no_grad():
+            return model.decoder(input_ids=sequences[:, :length], attention_mask=self_mask, encoder_hidden_states=states,
+                                 encoder_attention_mask=mask, output_attentions=attentions,
+                                 output_hidden_states=hidden, use_cache=False, return_dict=True)
+
+    self_mask = None
+    if prompt_mask is not None:
+        prompt_mask = prompt_mask.repeat_interleave(rows_per_source, dim=0)
+        self_mask = prompt_mask.new_ones(sequences.shape[0], sequences.shape[1] - 1)
+        self_mask[:, :prompt_length] = prompt_mask
+    decoded = decode(sequences.shape[1] - 1, self_mask)
+    # A padded prompt position with no unmasked key up to it attends uniformly to every key of its
+    # pass (transformers' additive mask), so step 0 comes from a pass over the prompt alone; the
+    # later steps' positions are keys of their own.
+    prompt_pass = decoded if prompt_mask is None else decode(prompt_length, prompt_mask)
+    steps = [(prompt_pass, 0, prompt_length)] + [(decoded, p, p + 1)
+                                                 for p in range(prompt_length, sequences.shape[1] - 1)]
     if attentions:
-        fields["decoder_attentions"] = tuple(tuple(a[:, :, q0:q1, :q1] for a in decoded.attentions) for q0, q1 in steps)
-        fields["cross_attentions"] = tuple(tuple(a[:, :, q0:q1] for a in decoded.cross_attentions) for q0, q1 in steps)
+        fields["decoder_attentions"] = tuple(tuple(a[:, :, q0:q1, :q1] for a in d.attentions) for d, q0, q1 in steps)
+        fields["cross_attentions"] = tuple(tuple(a[:, :, q0:q1] for a in d.cross_attentions) for d, q0, q1 in steps)
     if hidden:
-        fields["decoder_hidden_states"] = tuple(tuple(h[:, q0:q1] for h in decoded.hidden_states) for q0, q1 in steps)
+        fields["decoder_hidden_states"] = tuple(tuple(h[:, q0:q1] for h in d.hidden_states) for d, q0, q1 in steps)
     return fields
 
 
@@ -1124,10 +1168,10 @@ def generate_stream(model, input_ids=None, attention_mask=None, **kwargs) -> Ite
         raise ValueError("generate_stream supports greedy and sampled decoding (num_beams=1)")
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
-    encoder_output, mask, prompt, max_length = prepare(model, input_ids, attention_mask, decoder_input_ids, options,
-                                                       decoder_attention_mask=decoder_attention_mask)
+    encoder_output, mask, prompt, prompt_mask, max_length = prepare(
+        model, input_ids, attention_mask, decoder_input_ids, options, decoder_attention_mask=decoder_attention_mask)
     encoder_states = encoder_output.last_hidden_state
     processors, stops = decoding_rules(model, options, prompt, max_length, input_ids, logits_processor,
                                        prefix_allowed_tokens_fn, stopping_criteria, tokenizer)
     yield from sample_steps(model, encoder_states, mask, prompt, max_length, options, processors, stops, generator,
-                            use_cuda_graph=use_cuda_graph)
+                            use_cuda_graph=use_cuda_graph, prompt_mask=prompt_mask)

@@ -353,7 +353,7 @@ class Decoder:
             hidden = self.cpu_step.run(tokens, self.cache, self.encoder_mask)
         else:
             hidden = next_token_hidden(self.model, tokens, self.encoder_states, self.encoder_mask, self.cache,
-                                       self.cache.length, self.self_mask(tokens.shape[1]))
+                                       self.cache.length, self.step_keys(tokens.shape[1]))
         self.cache.length += tokens.shape[1]
         return hidden
 
@@ -376,7 +376,7 @@ class Decoder:
         probabilities)."""
         self.cache.reserve(self.cache.length + tokens.shape[1])
         out = decoder_pass(self.model, tokens, self.encoder_states, self.encoder_mask, self.cache, self.cache.length,
-                           output_attentions, output_hidden_states, self.self_mask(tokens.shape[1]))
+                           output_attentions, output_hidden_states, self.step_keys(tokens.shape[1]))
         self.cache.length += tokens.shape[1]
         return self.model.logits(out.last_hidden_state[:, -1]).float(), out
 
@@ -391,7 +391,7 @@ class Decoder:
                     attention.heads(projection(source_states)).contiguous().repeat_interleave(rows_per_source, dim=0)
                     for projection in (attention.k, attention.v))
 
-    def self_mask(self, fed: int) -> Optional[torch.Tensor]:
+    def step_keys(self, fed: int) -> Optional[torch.Tensor]:
         """The self-attention keys of a step feeding ``fed`` positions: the prompt's mask, then 1s."""
         if self.prompt_mask is None:
             return None

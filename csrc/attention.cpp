@@ -39,6 +39,8 @@ struct PositionTerms {
 
   PositionTerms(const AttentionProblem& p) {
     if (!p.bias_table && !p.causal) return;
+    if (p.bias_table && !p.distance_buckets)
+      throw std::invalid_argument("attention: a bias table needs its distance_buckets table");
     distances = p.query_length + p.key_length - 1;
     const int64_t rows = p.bias_table ? p.heads : 1;
     const int64_t row_length = distances + kernels::kPad;  // the kernel reads past the last key
@@ -49,8 +51,8 @@ struct PositionTerms {
       if (p.causal && relative_position > 0) {
         for (int64_t h = 0; h < rows; ++h) values[h * row_length + index] = kMaskedScore;
       } else if (p.bias_table) {
-        const int bucket = relative_position_bucket(relative_position, p.bidirectional,
-                                                    p.num_buckets, p.max_distance);
+        const int bucket = relative_position_bucket(relative_position, p.bidirectional, p.num_buckets,
+                                                    p.max_distance, p.distance_buckets);
         for (int64_t h = 0; h < rows; ++h)
           values[h * row_length + index] = p.bias_table[bucket * p.heads + h];
       }
@@ -398,7 +400,7 @@ void register_attention(py::module_& m) {
         [](uintptr_t q, std::array<int64_t, 3> q_strides, uintptr_t k,
            std::array<int64_t, 3> k_strides, uintptr_t v, std::array<int64_t, 3> v_strides,
            uintptr_t out, int64_t batch, int64_t heads, int64_t query_length, int64_t key_length,
-           int head_dim, uintptr_t bias_table, int num_buckets, int max_distance,
+           int head_dim, uintptr_t bias_table, uintptr_t distance_buckets, int num_buckets, int max_distance,
            bool bidirectional, uintptr_t key_padding_mask, int64_t mask_batch_stride, bool causal,
            int64_t query_offset, float scale, int num_threads, const std::string& element) {
           if (element != "float32" && element != "bfloat16" && element != "float16")
@@ -409,8 +411,8 @@ void register_attention(py::module_& m) {
               reinterpret_cast<const void*>(k), k_strides,
               reinterpret_cast<const void*>(v), v_strides,
               reinterpret_cast<void*>(out), batch, heads, query_length, key_length, head_dim,
-              reinterpret_cast<const float*>(bias_table), num_buckets, max_distance,
-              bidirectional, reinterpret_cast<const uint8_t*>(key_padding_mask),
+              reinterpret_cast<const float*>(bias_table), reinterpret_cast<const int32_t*>(distance_buckets),
+              num_buckets, max_distance, bidirectional, reinterpret_cast<const uint8_t*>(key_padding_mask),
               mask_batch_stride, causal, query_offset, scale, num_threads,
               element == "bfloat16"  ? AttentionElement::bf16
               : element == "float16" ? AttentionElement::f16
@@ -421,13 +423,14 @@ void register_attention(py::module_& m) {
         py::kw_only(), py::arg("q"), py::arg("q_strides"), py::arg("k"), py::arg("k_strides"),
         py::arg("v"), py::arg("v_strides"), py::arg("out"), py::arg("batch"), py::arg("heads"),
         py::arg("query_length"), py::arg("key_length"), py::arg("head_dim"),
-        py::arg("bias_table"), py::arg("num_buckets"), py::arg("max_distance"),
+        py::arg("bias_table"), py::arg("distance_buckets"), py::arg("num_buckets"), py::arg("max_distance"),
         py::arg("bidirectional"), py::arg("key_padding_mask"), py::arg("mask_batch_stride"),
         py::arg("causal"), py::arg("query_offset"), py::arg("scale"), py::arg("num_threads"),
         py::arg("element") = "float32",
         "Fused attention on data pointers (q, k, v, out of `element`: 'float32', 'bfloat16' or "
         "'float16'; validated by "
-        "umt5_fast.ops.cpu.attention). Null pointers (0) mean no bias table / no padding mask.");
+        "umt5_fast.ops.cpu.attention). Null pointers (0) mean no bias table / no padding mask; "
+        "distance_buckets: umt5_fast.buckets.distance_buckets, with a bias table.");
   m.def("has_bf16_attention", &cpu_supports_bf16_attention,
         "Whether bf16 attention runs on bf16 products here (AVX512-BF16 and the avx512 ISA "
         "selected); elsewhere it runs the fp32 kernel, which reads the bf16 K/V as they are.");

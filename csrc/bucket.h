@@ -1,43 +1,29 @@
-// T5 relative-position bucket: the C++ mirror of umt5_fast.buckets.relative_position_bucket.
+// T5 relative-position bucket, looked up in umt5_fast.buckets.distance_buckets' table.
 //
-// The log is taken in float32 and truncated toward zero exactly as the torch definition does
-// (float32 division by max_exact, float32 log, division by log(max_distance / max_exact) computed
-// in double and rounded to float, float32 product, truncation), so the integer agrees at every
-// position; tests/test_cpu_kernels.py checks all of [-8192, 8192] for several configurations.
-// Keep this file free of -ffast-math and FMA contraction (nothing here is ISA-specific).
+// The table holds, for each distance d < max_distance, the bucket of relative position -d that
+// umt5_fast.buckets.relative_position_bucket gives, which is transformers' arithmetic in torch
+// (float32 log, truncated). A log computed here would not do: torch's float32 log is not correctly
+// rounded (~5% of values are 1 ulp from the libm one), and where the ratio of logs lands exactly
+// on a bucket boundary (distance 15 with 19 buckets and max distance 25: log(15/9) / log(25/9) =
+// 1/2) the two truncate to different buckets.
 #pragma once
 
-#include <algorithm>
-#include <cmath>
 #include <cstdint>
 
 namespace umt5_fast {
 
-// Bucket of `relative_position = key_position - query_position`. Needs max_exact =
-// (bidirectional ? num_buckets / 2 : num_buckets) / 2 >= 1 and max_distance > max_exact
-// (checked by the Python wrapper).
-inline int relative_position_bucket(int64_t relative_position, bool bidirectional,
-                                    int num_buckets, int max_distance) {
-  int bucket = 0;
-  if (bidirectional) {
-    num_buckets /= 2;
-    if (relative_position > 0) bucket += num_buckets;
-    relative_position = relative_position < 0 ? -relative_position : relative_position;
-  } else {
-    relative_position = relative_position < 0 ? -relative_position : 0;
-  }
-  const int max_exact = num_buckets / 2;
-  if (relative_position < max_exact) return bucket + static_cast<int>(relative_position);
-  // From max_distance on, the formula below yields at least max_exact + (num_buckets - max_exact)
-  // * (1 - ulp), truncated to >= num_buckets - 1, and logf is monotone: the last bucket. Saying
-  // so skips the log for the long tail of distances (decode steps compute one per cached key).
-  if (relative_position >= max_distance) return bucket + num_buckets - 1;
-  const float log_ratio =
-      std::log(static_cast<float>(relative_position) / static_cast<float>(max_exact)) /
-      static_cast<float>(std::log(static_cast<double>(max_distance) / max_exact));
-  const int64_t if_large =
-      max_exact + static_cast<int64_t>(log_ratio * static_cast<float>(num_buckets - max_exact));
-  return bucket + static_cast<int>(std::min<int64_t>(if_large, num_buckets - 1));
+// Bucket of `relative_position = key_position - query_position`. Distances below max_exact (half
+// of a direction's buckets) have a bucket each; from max_distance on every distance takes the
+// last bucket of its direction; distance_buckets ([max_distance], see above) holds those between.
+inline int relative_position_bucket(int64_t relative_position, bool bidirectional, int num_buckets,
+                                    int max_distance, const int32_t* distance_buckets) {
+  const int direction_buckets = bidirectional ? num_buckets / 2 : num_buckets;
+  const int direction = bidirectional && relative_position > 0 ? direction_buckets : 0;
+  const int64_t distance = bidirectional ? (relative_position < 0 ? -relative_position : relative_position)
+                                         : (relative_position < 0 ? -relative_position : 0);
+  if (distance < direction_buckets / 2) return direction + static_cast<int>(distance);
+  if (distance >= max_distance) return direction + direction_buckets - 1;
+  return direction + distance_buckets[distance];
 }
 
 }  // namespace umt5_fast

@@ -236,11 +236,13 @@ class DecoderStep {
  public:
   // activations: "float32", or "bfloat16" / "float16" where the activations (hidden, caches,
   // encoder K/V, norm weights) are a bf16 / fp16 model's.
+  // distance_buckets: umt5_fast.buckets.distance_buckets of the causal buckets, kept alive by the caller.
   DecoderStep(int64_t d_model, int64_t heads, int64_t d_kv, int64_t d_ff, int num_buckets,
-              int max_distance, float eps, const std::string& activation,
+              int max_distance, uintptr_t distance_buckets, float eps, const std::string& activation,
               const std::vector<LayerSpec>& layers, uintptr_t final_norm, const std::string& activations)
       : d_model_(d_model), heads_(heads), d_kv_(d_kv), inner_(heads * d_kv), d_ff_(d_ff),
-        num_buckets_(num_buckets), max_distance_(max_distance), eps_(eps),
+        num_buckets_(num_buckets), max_distance_(max_distance),
+        distance_buckets_(reinterpret_cast<const int32_t*>(distance_buckets)), eps_(eps),
         activation_(activation_from_name(activation)),
         final_norm_(reinterpret_cast<const void*>(final_norm)),
         element_(activations == "bfloat16"  ? AttentionElement::bf16
@@ -248,6 +250,7 @@ class DecoderStep {
                                             : AttentionElement::f32) {
     if (activations != "float32" && activations != "bfloat16" && activations != "float16")
       throw std::invalid_argument("decoder step: activations must be 'float32', 'bfloat16' or 'float16'");
+    if (!distance_buckets_) throw std::invalid_argument("decoder step: distance_buckets is required");
     if (d_model < 1 || heads < 1 || d_kv < 1 || d_ff < 1 || !final_norm_)
       throw std::invalid_argument("decoder step: sizes must be positive and final_norm set");
     for (const auto& [norms, linears] : layers) {
@@ -350,7 +353,7 @@ class DecoderStep {
       const std::array<int64_t, 3> cache_bhs{cache_strides[1], cache_strides[2], cache_strides[3]};
       run_attention({q.data(), q_strides, layer_keys, cache_bhs, layer_values, cache_bhs,
                      attended.data(), rows, heads_, /*query_length=*/1, position + 1,
-                     static_cast<int>(d_kv_), layer.bias_table, num_buckets_, max_distance_,
+                     static_cast<int>(d_kv_), layer.bias_table, distance_buckets_, num_buckets_, max_distance_,
                      /*bidirectional=*/false, /*key_padding_mask=*/nullptr, 0, /*causal=*/true,
                      /*query_offset=*/position, /*scale=*/1.0f, num_threads, Ops::element});
       add_projection(layer.o, attended.data());
@@ -361,7 +364,8 @@ class DecoderStep {
       run_attention({q.data(), q_strides, reinterpret_cast<const T*>(cross_k[i]), k_strides[i],
                      reinterpret_cast<const T*>(cross_v[i]), v_strides[i], attended.data(), rows,
                      heads_, /*query_length=*/1, source_length, static_cast<int>(d_kv_),
-                     /*bias_table=*/nullptr, num_buckets_, max_distance_, /*bidirectional=*/true,
+                     /*bias_table=*/nullptr, /*distance_buckets=*/nullptr, num_buckets_, max_distance_,
+                     /*bidirectional=*/true,
                      encoder_mask, mask_stride, /*causal=*/false, /*query_offset=*/0,
                      /*scale=*/1.0f, num_threads, Ops::element});
       add_projection(layer.cross_o, attended.data());
@@ -379,6 +383,7 @@ class DecoderStep {
 
   int64_t d_model_, heads_, d_kv_, inner_, d_ff_;
   int num_buckets_, max_distance_;
+  const int32_t* distance_buckets_;
   float eps_;
   kernels::Activation activation_;
   const void* final_norm_;
@@ -392,10 +397,10 @@ void register_decoder_step(py::module_& m) {
   py::class_<DecoderStep>(m, "DecoderStep",
                           "A UMT5 decoder stack's single-token step on data pointers (built and "
                           "validated by umt5_fast.decode_step).")
-      .def(py::init<int64_t, int64_t, int64_t, int64_t, int, int, float, const std::string&,
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int, int, uintptr_t, float, const std::string&,
                     const std::vector<LayerSpec>&, uintptr_t, const std::string&>(),
            py::kw_only(), py::arg("d_model"), py::arg("heads"), py::arg("d_kv"), py::arg("d_ff"),
-           py::arg("num_buckets"), py::arg("max_distance"), py::arg("eps"),
+           py::arg("num_buckets"), py::arg("max_distance"), py::arg("distance_buckets"), py::arg("eps"),
            py::arg("activation"), py::arg("layers"), py::arg("final_norm"), py::arg("activations"))
       .def("run", &DecoderStep::run, py::kw_only(), py::arg("hidden"), py::arg("out"),
            py::arg("rows"), py::arg("position"), py::arg("keys"), py::arg("values"),

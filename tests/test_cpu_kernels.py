@@ -18,6 +18,7 @@ import torch
 
 _C = pytest.importorskip("umt5_fast._C", reason="the C++ extension umt5_fast._C is not built")
 
+from umt5_fast import buckets  # noqa: E402
 from umt5_fast.buckets import relative_position_bucket  # noqa: E402
 from umt5_fast.ops import cpu, eager  # noqa: E402
 from umt5_fast.quant import QuantizedWeight  # noqa: E402
@@ -42,16 +43,42 @@ def randn(*shape, generator):
 # ----------------------------------------------------------------------------------------------
 # Buckets
 
-@pytest.mark.parametrize("num_buckets,max_distance", [(32, 128), (20, 40), (8, 16), (64, 256)])
+# (19, 25): log(15 / 9) / log(25 / 9) is exactly 1/2, where torch's float32 log and libm's logf
+# truncate to different buckets; (7, 3): max_distance below where the causal log buckets start
+BUCKET_CONFIGS = [(32, 128), (20, 40), (8, 16), (64, 256), (19, 25), (23, 9), (37, 61), (5, 7), (7, 3)]
+
+
+@pytest.mark.parametrize("num_buckets,max_distance", BUCKET_CONFIGS)
 @pytest.mark.parametrize("bidirectional", [True, False])
 def test_bucket_equals_torch_definition_everywhere(num_buckets, max_distance, bidirectional):
     first, last = -8192, 8192
+    longest = buckets.longest_defined_distance(num_buckets, max_distance, bidirectional)
+    if longest is not None:  # (past it transformers' formula is undefined: refused, see tests/kernels/test_bucket.py)
+        first, last = -longest, longest
     expected = relative_position_bucket(torch.arange(first, last + 1), bidirectional, num_buckets,
                                         max_distance)
-    got = torch.tensor(_C.relative_position_bucket_table(first, last, bidirectional, num_buckets,
-                                                         max_distance))
+    table = buckets.distance_buckets(num_buckets, max_distance, bidirectional)
+    got = torch.tensor(_C.relative_position_bucket_table(first, last, bidirectional, num_buckets, max_distance,
+                                                         table.data_ptr()))
     mismatches = (got != expected).nonzero().flatten() + first
     assert mismatches.numel() == 0, f"buckets differ at relative positions {mismatches[:10].tolist()}"
+
+
+@pytest.mark.parametrize("num_buckets,max_distance", [(19, 25), (37, 61)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_takes_torch_buckets_where_logs_round_differently(num_buckets, max_distance, causal, generator):
+    """Bucket configs with a distance whose float32 log ratio sits on a bucket boundary (where a
+    C++ logf truncated to another bucket than torch's log): the kernels (prefill, decode step)
+    add the eager definition's bias."""
+    q, k, v = attention_inputs(3, 3, 70, 70, 4, generator)
+    table = randn(num_buckets, 3, generator=generator) * 4  # (a wrong bucket moves the output by ~1)
+    for bidirectional in (False, True):
+        check_attention(q, k, v, table, bidirectional=bidirectional, num_buckets=num_buckets,
+                        max_distance=max_distance, causal=causal and not bidirectional)
+    got = cpu.decode_attention(q[:, :, :1], k, v, 60, table, num_buckets=num_buckets, max_distance=max_distance)
+    expected = eager.decode_attention(q[:, :, :1], k, v, 60, table, num_buckets=num_buckets,
+                                      max_distance=max_distance)
+    torch.testing.assert_close(got, expected, **ATTENTION_TOL)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -954,12 +981,13 @@ def test_bindings_refuse_unknown_element_kinds_naming_them():
     any pointer is read: an unknown value is a ValueError naming the argument, never a wrong cast."""
     with pytest.raises(ValueError, match="element must be"):
         _C.attention(q=0, q_strides=[0, 0, 0], k=0, k_strides=[0, 0, 0], v=0, v_strides=[0, 0, 0], out=0,
-                     batch=1, heads=1, query_length=1, key_length=1, head_dim=1, bias_table=0, num_buckets=32,
+                     batch=1, heads=1, query_length=1, key_length=1, head_dim=1, bias_table=0,
+                     distance_buckets=0, num_buckets=32,
                      max_distance=128, bidirectional=True, key_padding_mask=0, mask_batch_stride=0, causal=False,
                      query_offset=0, scale=1.0, num_threads=1, element="float64")
     with pytest.raises(ValueError, match="activations must be"):
-        _C.DecoderStep(d_model=8, heads=2, d_kv=4, d_ff=16, num_buckets=8, max_distance=16, eps=1e-6,
-                       activation="gelu_tanh", layers=[], final_norm=0, activations="int8")
+        _C.DecoderStep(d_model=8, heads=2, d_kv=4, d_ff=16, num_buckets=8, max_distance=16, distance_buckets=1,
+                       eps=1e-6, activation="gelu_tanh", layers=[], final_norm=0, activations="int8")
     with pytest.raises(ValueError, match="weight_kind must be"):
         _C.screen_row_norms(weight=0, weight_kind=2, qweight=0, scale=0, rows=1, cols=1, out=0, num_threads=1)
     with pytest.raises(ValueError, match="logits_kind"):

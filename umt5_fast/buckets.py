@@ -6,10 +6,12 @@ UMT5 gives each self-attention layer its own table ``relative_attention_bias`` o
 distances; the rest cover distances up to ``max_distance`` on a log scale, and everything
 further away shares the last bucket.
 
-The Triton kernel (``umt5_fast.kernels.bucket``) and the C++ kernel (``csrc/bucket.h``) compute
-the same integer with the same float32 operations, so the float truncation of the log formula
-matches; ``tests/test_buckets.py`` and the kernel tests hold them equal over every position.
+The Triton kernel (``umt5_fast.kernels.bucket``) computes the same integer with the same float32
+operations; the C++ kernels (``csrc/bucket.h``) look the log-scale buckets up in
+``distance_buckets``, computed here, since a log of their own rounds differently from torch's.
+``tests/kernels/test_bucket.py`` and ``tests/test_cpu_kernels.py`` hold them equal over every position.
 """
+import functools
 import math
 
 import torch
@@ -37,6 +39,17 @@ def relative_position_bucket(relative_position: torch.Tensor, bidirectional: boo
         relative_position_if_large, torch.full_like(relative_position_if_large, num_buckets - 1))
     relative_buckets += torch.where(is_small, relative_position, relative_position_if_large)
     return relative_buckets
+
+
+@functools.lru_cache(maxsize=32)
+def distance_buckets(num_buckets: int, max_distance: int, bidirectional: bool) -> torch.Tensor:
+    """int32 ``[max_distance]`` (CPU): entry d is the bucket of relative position -d, the table the
+    C++ kernels read (csrc/bucket.h). torch's float32 log is not correctly rounded (~5% of values
+    are 1 ulp from libm's), so a C++ log truncated to other buckets where the ratio of logs falls
+    on a boundary (distance 15 with 19 buckets and max distance 25: log(15/9) / log(25/9) = 1/2).
+    Read-only: shared by every caller with these arguments."""
+    distances = torch.arange(max(max_distance, 0), dtype=torch.long)
+    return relative_position_bucket(-distances, bidirectional, num_buckets, max_distance).to(torch.int32)
 
 
 def exact_bucket_count(num_buckets: int, bidirectional: bool) -> int:

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from umt5_fast import buckets
 from umt5_fast.cache import StaticCache
 from umt5_fast.quant import QuantizedWeight, W8A8RowWeight, W8A8Weight
 
@@ -154,8 +155,11 @@ def build(model) -> Optional[CpuDecodeStep]:
     final_norm = _norm_weight(decoder.final_layer_norm, eps, keep, dtype)
     if final_norm is None or not layers:
         return None
+    distance_buckets = buckets.distance_buckets(config.relative_attention_num_buckets,
+                                                config.relative_attention_max_distance, False)
+    keep.append(distance_buckets)
     native = cpu_ops._C.DecoderStep(
         d_model=config.d_model, heads=config.num_heads, d_kv=config.d_kv, d_ff=config.d_ff,
         num_buckets=config.relative_attention_num_buckets, max_distance=config.relative_attention_max_distance,
-        eps=eps, activation=activation, layers=layers, final_norm=final_norm, activations=str(dtype).removeprefix("torch."))
+        distance_buckets=distance_buckets.data_ptr(), eps=eps, activation=activation, layers=layers, final_norm=final_norm, activations=str(dtype).removeprefix("torch."))
     return CpuDecodeStep(model, native, dtype, kinds, keep)

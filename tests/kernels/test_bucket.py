@@ -20,7 +20,7 @@ def transformers_bucket(relative_position, bidirectional, num_buckets, max_dista
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
-@pytest.mark.parametrize("num_buckets, max_distance", [(32, 128), (20, 40), (8, 16), (64, 256)])
+@pytest.mark.parametrize("num_buckets, max_distance", [(32, 128), (20, 40), (8, 16), (64, 256), (19, 25), (37, 61)])
 def test_bucket_matches_torch_and_transformers(bidirectional, num_buckets, max_distance, device):
     ours = bucket_table(RELATIVE_POSITIONS.to(device), bidirectional, num_buckets, max_distance).cpu().long()
     reference = relative_position_bucket(RELATIVE_POSITIONS, bidirectional, num_buckets, max_distance)

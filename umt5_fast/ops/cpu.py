@@ -182,6 +182,12 @@ def _check_bucket_args(bias_table, heads, bidirectional, num_buckets, max_distan
     return bias_table.to(torch.float32).contiguous()
 
 
+def _distance_buckets(table, num_buckets, max_distance, bidirectional) -> int:
+    """Pointer to the C++ kernels' bucket table (buckets.distance_buckets, cached there), or 0
+    without a bias table."""
+    return 0 if table is None else buckets.distance_buckets(num_buckets, max_distance, bool(bidirectional)).data_ptr()
+
+
 def _check_key_padding_mask(key_padding_mask, batch, min_length):
     """The mask as 0/nonzero bytes with contiguous rows, or None."""
     if key_padding_mask is None:
@@ -236,7 +242,8 @@ def attention(q, k, v, bias_table, *, bidirectional, num_buckets, max_distance,
     _C.attention(q=q.data_ptr(), q_strides=q.stride()[:3], k=k.data_ptr(), k_strides=k.stride()[:3],
                  v=v.data_ptr(), v_strides=v.stride()[:3], out=out.data_ptr(), batch=batch,
                  heads=heads, query_length=query_length, key_length=key_length, head_dim=head_dim,
-                 bias_table=_ptr(table), num_buckets=num_buckets, max_distance=max_distance,
+                 bias_table=_ptr(table), distance_buckets=_distance_buckets(table, num_buckets, max_distance, bidirectional),
+                 num_buckets=num_buckets, max_distance=max_distance,
                  bidirectional=bool(bidirectional), key_padding_mask=_ptr(mask),
                  mask_batch_stride=0 if mask is None else mask.stride(0), causal=bool(causal),
                  query_offset=int(query_offset), scale=float(scale), num_threads=_threads(),
@@ -277,8 +284,8 @@ def decode_attention(q, k_cache, v_cache, cache_length, bias_table, *, num_bucke
                         k_strides=k_cache.stride()[:3], v_cache=v_cache.data_ptr(),
                         v_strides=v_cache.stride()[:3], out=out.data_ptr(), batch=batch,
                         heads=heads, cache_length=length, head_dim=head_dim,
-                        bias_table=_ptr(table), num_buckets=num_buckets, max_distance=max_distance,
-                        key_padding_mask=_ptr(mask),
+                        bias_table=_ptr(table), distance_buckets=_distance_buckets(table, num_buckets, max_distance, False),
+                        num_buckets=num_buckets, max_distance=max_distance, key_padding_mask=_ptr(mask),
                         mask_batch_stride=0 if mask is None else mask.stride(0),
                         num_threads=_threads())
     return out

@@ -23,7 +23,7 @@ struct AttentionProblem {
   int64_t batch, heads, query_length, key_length;
   int head_dim;
   const float* bias_table;  // [num_buckets, H] contiguous, or nullptr (no position bias)
-  const int32_t* distance_buckets;  // [max_distance] (bucket.h) where bias_table is given
+  const int32_t* distance_buckets;  // umt5_fast.buckets.distance_buckets (bucket.h), with bias_table
   int num_buckets, max_distance;
   bool bidirectional;
   const uint8_t* key_padding_mask;  // [B, >= Lk], nonzero keeps the key; nullptr: keep all

@@ -64,6 +64,19 @@ def test_bucket_equals_torch_definition_everywhere(num_buckets, max_distance, bi
     assert mismatches.numel() == 0, f"buckets differ at relative positions {mismatches[:10].tolist()}"
 
 
+def test_a_huge_max_distance_needs_no_huge_table(generator):
+    """The bucket table stops at buckets.MAX_TABLE_DISTANCE: a config with a far larger
+    relative_attention_max_distance runs (as the eager definition) on sequences below it, and a
+    distance past it is a clear error, not a read past the table."""
+    q, k, v = attention_inputs(1, 2, 20, 20, 8, generator)
+    table = randn(32, 2, generator=generator)
+    check_attention(q, k, v, table, bidirectional=True, num_buckets=32, max_distance=10**9)
+    assert buckets.distance_buckets(32, 10**9, True).numel() == buckets.MAX_TABLE_DISTANCE
+    with pytest.raises(ValueError, match="relative distances of 131072 or more are not supported"):
+        buckets.check_distance(buckets.MAX_TABLE_DISTANCE, 32, 10**9, True)
+    buckets.check_distance(buckets.MAX_TABLE_DISTANCE, 32, buckets.MAX_TABLE_DISTANCE, True)  # (no table needed)
+
+
 @pytest.mark.parametrize("num_buckets,max_distance", [(19, 25), (37, 61)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention_takes_torch_buckets_where_logs_round_differently(num_buckets, max_distance, causal, generator):

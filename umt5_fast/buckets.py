@@ -41,14 +41,19 @@ def relative_position_bucket(relative_position: torch.Tensor, bidirectional: boo
     return relative_buckets
 
 
+# Distances the C++ kernels' bucket table covers (512 KiB): check_distance refuses longer ones where
+# max_distance is larger still.
+MAX_TABLE_DISTANCE = 1 << 17
+
+
 @functools.lru_cache(maxsize=32)
 def distance_buckets(num_buckets: int, max_distance: int, bidirectional: bool) -> torch.Tensor:
-    """int32 ``[max_distance]`` (CPU): entry d is the bucket of relative position -d, the table the
-    C++ kernels read (csrc/bucket.h). torch's float32 log is not correctly rounded (~5% of values
-    are 1 ulp from libm's), so a C++ log truncated to other buckets where the ratio of logs falls
-    on a boundary (distance 15 with 19 buckets and max distance 25: log(15/9) / log(25/9) = 1/2).
-    Read-only: shared by every caller with these arguments."""
-    distances = torch.arange(max(max_distance, 0), dtype=torch.long)
+    """int32 ``[min(max_distance, MAX_TABLE_DISTANCE)]`` (CPU): entry d is the bucket of relative
+    position -d, the table the C++ kernels read (csrc/bucket.h). torch's float32 log is not
+    correctly rounded (~5% of values are 1 ulp from libm's), so a C++ log truncated to other buckets
+    where the ratio of logs falls on a boundary (distance 15 with 19 buckets and max distance 25:
+    log(15/9) / log(25/9) = 1/2). Read-only: shared by every caller with these arguments."""
+    distances = torch.arange(min(max(max_distance, 0), MAX_TABLE_DISTANCE), dtype=torch.long)
     return relative_position_bucket(-distances, bidirectional, num_buckets, max_distance).to(torch.int32)
 
 
@@ -72,6 +77,10 @@ def longest_defined_distance(num_buckets: int, max_distance: int, bidirectional:
 
 def check_distance(longest: int, num_buckets: int, max_distance: int, bidirectional: bool):
     """Raise ValueError when a relative distance of ``longest`` has no defined bucket."""
+    if longest >= MAX_TABLE_DISTANCE and max_distance > MAX_TABLE_DISTANCE:
+        raise ValueError(f"relative distances of {MAX_TABLE_DISTANCE} or more are not supported with "
+                         f"relative_attention_max_distance={max_distance} (above {MAX_TABLE_DISTANCE}): "
+                         f"got a distance of {longest}")
     limit = longest_defined_distance(num_buckets, max_distance, bidirectional)
     if limit is not None and longest > limit:
         raise ValueError(

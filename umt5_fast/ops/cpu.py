@@ -182,10 +182,9 @@ def _check_bucket_args(bias_table, heads, bidirectional, num_buckets, max_distan
     return bias_table.to(torch.float32).contiguous()
 
 
-def _distance_buckets(table, num_buckets, max_distance, bidirectional) -> int:
-    """Pointer to the C++ kernels' bucket table (buckets.distance_buckets, cached there), or 0
-    without a bias table."""
-    return 0 if table is None else buckets.distance_buckets(num_buckets, max_distance, bool(bidirectional)).data_ptr()
+def _distance_buckets(table, num_buckets, max_distance, bidirectional):
+    """The C++ kernels' bucket table (buckets.distance_buckets), or None without a bias table."""
+    return None if table is None else buckets.distance_buckets(num_buckets, max_distance, bool(bidirectional))
 
 
 def _check_key_padding_mask(key_padding_mask, batch, min_length):
@@ -239,10 +238,11 @@ def attention(q, k, v, bias_table, *, bidirectional, num_buckets, max_distance,
                                query_offset=query_offset, scale=scale)
     q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
     out = torch.empty(batch, query_length, heads, head_dim, dtype=q.dtype)
+    distance_buckets = _distance_buckets(table, num_buckets, max_distance, bidirectional)
     _C.attention(q=q.data_ptr(), q_strides=q.stride()[:3], k=k.data_ptr(), k_strides=k.stride()[:3],
                  v=v.data_ptr(), v_strides=v.stride()[:3], out=out.data_ptr(), batch=batch,
                  heads=heads, query_length=query_length, key_length=key_length, head_dim=head_dim,
-                 bias_table=_ptr(table), distance_buckets=_distance_buckets(table, num_buckets, max_distance, bidirectional),
+                 bias_table=_ptr(table), distance_buckets=_ptr(distance_buckets),
                  num_buckets=num_buckets, max_distance=max_distance,
                  bidirectional=bool(bidirectional), key_padding_mask=_ptr(mask),
                  mask_batch_stride=0 if mask is None else mask.stride(0), causal=bool(causal),
@@ -280,11 +280,12 @@ def decode_attention(q, k_cache, v_cache, cache_length, bias_table, *, num_bucke
                                       key_padding_mask=key_padding_mask)
     q, k_cache, v_cache = _rows_contiguous(q), _rows_contiguous(k_cache), _rows_contiguous(v_cache)
     out = torch.empty(batch, 1, heads, head_dim, dtype=q.dtype)
+    distance_buckets = _distance_buckets(table, num_buckets, max_distance, False)
     _C.decode_attention(q=q.data_ptr(), q_strides=q.stride()[:3], k_cache=k_cache.data_ptr(),
                         k_strides=k_cache.stride()[:3], v_cache=v_cache.data_ptr(),
                         v_strides=v_cache.stride()[:3], out=out.data_ptr(), batch=batch,
                         heads=heads, cache_length=length, head_dim=head_dim,
-                        bias_table=_ptr(table), distance_buckets=_distance_buckets(table, num_buckets, max_distance, False),
+                        bias_table=_ptr(table), distance_buckets=_ptr(distance_buckets),
                         num_buckets=num_buckets, max_distance=max_distance, key_padding_mask=_ptr(mask),
                         mask_batch_stride=0 if mask is None else mask.stride(0),
                         num_threads=_threads())

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import umt5_fast
+from helpers import assert_close
 
 transformers = pytest.importorskip("transformers")
 
@@ -48,10 +49,6 @@ def padded_batch(rnd: random.Random, generator: torch.Generator, vocab: int, bat
             mask[row, :left] = 0
             mask[row, length - right:] = 0
     return ids, mask
-
-
-def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    return float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-30))
 
 
 @pytest.mark.parametrize("case", range(12))
@@ -96,8 +93,7 @@ def test_a_random_config_matches_transformers(tmp_path, case):
             continue
         for name in OUTPUTS:
             if name in expected and expected[name] is not None:
-                error = relative_error(got[name], expected[name])
-                assert error <= 1e-5, f"{where} {backend} {name}: rel err {error:.2e}"
+                assert_close(got[name], expected[name], 1e-5, f"{where} {backend} {name}")
     if kind != "UMT5ForConditionalGeneration":
         return
     model = umt5_fast.UMT5ForConditionalGeneration.from_pretrained(tmp_path, backend="cpu")
